@@ -1,0 +1,97 @@
+"""Shared plumbing for the scripts in ``benchmarks/``.
+
+Every benchmark follows the convention in DESIGN.md: it runs with no
+arguments on a CPU in a few minutes, accepts ``--quick`` and ``--json PATH``,
+prints a table, and writes ``{"benchmark", "device", "rows"}`` where each row
+has at least ``case``, ``impl``, ``median_s`` and ``ratio``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+  """An argument parser with the convention's ``--quick`` and ``--json``."""
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--quick", action="store_true",
+                 help="small sizes and few repeats (seconds)")
+  p.add_argument("--json", metavar="PATH", default=None,
+                 help="also write the rows as JSON to PATH")
+  return p
+
+
+def device_name() -> str:
+  d = jax.devices()[0]
+  return f"{d.platform}:{getattr(d, 'device_kind', d.platform)}"
+
+
+def median_time(fn: Callable[..., Any], *args: Any, warmup: int = 2,
+                repeats: int = 10) -> float:
+  """Median wall time of ``fn(*args)`` in seconds, synchronised.
+
+  ``fn`` should already be jitted; the warm-up calls absorb compilation.
+  """
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def interleaved_median_times(fns: dict[str, Callable[[], Any]], *,
+                             warmup: int = 2, repeats: int = 10
+                             ) -> dict[str, float]:
+  """Median times of several zero-argument callables, measured round-robin.
+
+  Interleaving the repeats spreads machine noise evenly over the
+  implementations, so their ratios are fair on a shared, noisy machine.
+  """
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _fmt(value: Any) -> str:
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  return str(value)
+
+
+def emit(benchmark: str, rows: Sequence[dict[str, Any]],
+         json_path: str | None, *, note: str = "") -> None:
+  """Prints ``rows`` as a table and writes the JSON file if asked."""
+  columns: list[str] = []
+  for row in rows:
+    for key in row:
+      if key not in columns:
+        columns.append(key)
+  cells = [[_fmt(row.get(c, "")) for c in columns] for row in rows]
+  widths = [max([len(c)] + [len(r[i]) for r in cells])
+            for i, c in enumerate(columns)]
+  print(f"# {benchmark} on {device_name()}" + (f" ({note})" if note else ""))
+  print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+  print("  ".join("-" * w for w in widths))
+  for r in cells:
+    print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump({"benchmark": benchmark, "device": device_name(),
+                 "rows": list(rows)}, f, indent=2)
+    print(f"wrote {json_path}")

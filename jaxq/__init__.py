@@ -1,0 +1,23 @@
+"""jaxq: quantization for JAX and Flax.
+
+Fake-quant for QAT, jit-compiled calibration for PTQ, and real low-bit
+``dot_general`` for serving. See ``DESIGN.md`` in the README for the layers.
+"""
+
+from jaxq import formats
+from jaxq import granularity
+from jaxq.granularity import MX
+from jaxq.granularity import PerBlock
+from jaxq.granularity import PerChannel
+from jaxq.granularity import PerGroup
+from jaxq.granularity import PerTensor
+from jaxq.granularity import PerToken
+from jaxq.quantize import compute_range
+from jaxq.quantize import dequantize
+from jaxq.quantize import fake_quant
+from jaxq.quantize import quantize
+from jaxq.quantize import scale_from_range
+from jaxq.spec import QArray
+from jaxq.spec import QuantSpec
+
+__version__ = "0.1.0"

@@ -1,0 +1,235 @@
+"""Number formats: what a low-bit number is, and how floats are cast into it.
+
+A `Format` is a frozen description of a storage type: its dtype, the range of
+values it can hold (``qmin``, ``qmax``) in *scaled* units, and, for float
+formats, the exponent and mantissa widths needed for Microscaling and for
+stochastic rounding.
+
+Supported names (the jnp dtypes themselves are accepted too):
+
+==================  =========  ======================  =====================
+name                kind       range                   notes
+==================  =========  ======================  =====================
+``int8``            int        [-127, 127]             narrow by default;
+                                                       full [-128, 127]
+``int4``            int        [-7, 7]                 full [-8, 7]
+``uint8``           int        [0, 255]                affine only
+``float8_e4m3fn``   float      [-448, 448]             saturating cast
+``float8_e5m2``     float      [-57344, 57344]         saturating cast
+``float4_e2m1fn``   float      [-6, 6]                 saturating cast
+==================  =========  ======================  =====================
+
+``float8_e8m0fnu`` (e8m0) is not an element format: it is the power-of-two
+scale type of Microscaling, see `to_e8m0`.
+
+Casting (`cast`) takes values that are already divided by their scale, rounds
+them (nearest-even by default, or stochastically with an explicit PRNG key),
+saturates them to ``[qmin, qmax]`` and stores them in the storage dtype.
+Non-finite inputs have a fixed, documented behaviour: ``+-inf`` saturates to
+``+-qmax`` in every format; NaN becomes 0 in the formats that cannot hold it
+(the integer formats and e2m1) and stays NaN in the fp8 formats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+Rounding = Literal["nearest", "stochastic"]
+ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+  """A low-bit storage format.
+
+  Attributes:
+    name: canonical name, equal to the storage dtype's name.
+    dtype: the numpy/ml_dtypes storage dtype.
+    kind: ``"int"`` or ``"float"``.
+    qmin: the smallest representable value, in scaled units.
+    qmax: the largest representable value, in scaled units.
+    emax: exponent of the largest power of two not above ``qmax``
+      (``floor(log2(qmax))``); Microscaling uses it to pick shared exponents.
+    mantissa_bits: explicit mantissa bits (0 for integers).
+    min_normal_exponent: exponent of the smallest normal (floats only).
+    has_nan: whether the storage dtype can represent NaN.
+  """
+
+  name: str
+  dtype: np.dtype
+  kind: Literal["int", "float"]
+  qmin: float
+  qmax: float
+  emax: int
+  mantissa_bits: int = 0
+  min_normal_exponent: int = 0
+  has_nan: bool = False
+
+  @property
+  def bits(self) -> int:
+    """Bits per stored element."""
+    return int(ml_dtypes.iinfo(self.dtype).bits if self.kind == "int"
+               else ml_dtypes.finfo(self.dtype).bits)
+
+  @property
+  def is_signed(self) -> bool:
+    return self.qmin < 0
+
+
+_INT_DTYPES = {
+    "int8": np.dtype(np.int8),
+    "int4": np.dtype(ml_dtypes.int4),
+    "uint8": np.dtype(np.uint8),
+}
+_FLOAT_DTYPES = {
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+    "float4_e2m1fn": np.dtype(ml_dtypes.float4_e2m1fn),
+}
+FORMAT_NAMES: tuple[str, ...] = tuple(_INT_DTYPES) + tuple(_FLOAT_DTYPES)
+
+E8M0_DTYPE = np.dtype(ml_dtypes.float8_e8m0fnu)
+# e8m0 itself spans 2**-127 .. 2**127; we stop at 2**-126 so that the scale
+# stays a normal float32 (XLA on CPU flushes subnormals to zero).
+E8M0_MIN_EXPONENT = -126
+E8M0_MAX_EXPONENT = 127
+
+
+def canonical_name(fmt: str | np.dtype | type) -> str:
+  """Returns the canonical format name for a name or dtype, or raises.
+
+  Raises:
+    ValueError: if ``fmt`` names no supported format.
+  """
+  if isinstance(fmt, str):
+    name = fmt
+  else:
+    try:
+      name = np.dtype(fmt).name
+    except TypeError:
+      name = repr(fmt)
+  if name not in FORMAT_NAMES:
+    raise ValueError(
+        f"Unknown quantization format {fmt!r}; expected one of "
+        f"{', '.join(FORMAT_NAMES)} (or the matching jnp dtype).")
+  return name
+
+
+def get_format(fmt: str | np.dtype | type, *, narrow_range: bool = True
+               ) -> Format:
+  """Returns the `Format` for a name or dtype.
+
+  Args:
+    fmt: a format name such as ``"int8"`` or a dtype such as ``jnp.int8``.
+    narrow_range: for signed integers, use the symmetric range
+      ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` (``[-127, 127]`` for int8) rather
+      than the full two's complement range. Ignored for other formats.
+  """
+  name = canonical_name(fmt)
+  if name in _INT_DTYPES:
+    dtype = _INT_DTYPES[name]
+    info = ml_dtypes.iinfo(dtype)
+    qmin, qmax = float(info.min), float(info.max)
+    if narrow_range and qmin < 0:
+      qmin = -qmax
+    return Format(name=name, dtype=dtype, kind="int", qmin=qmin, qmax=qmax,
+                  emax=int(np.floor(np.log2(qmax))))
+  dtype = _FLOAT_DTYPES[name]
+  finfo = ml_dtypes.finfo(dtype)
+  qmax = float(finfo.max)
+  return Format(name=name, dtype=dtype, kind="float", qmin=-qmax, qmax=qmax,
+                emax=int(np.floor(np.log2(qmax))),
+                mantissa_bits=int(finfo.nmant),
+                min_normal_exponent=int(finfo.minexp),
+                has_nan=name != "float4_e2m1fn")
+
+
+def _stochastic_float_round(x: jax.Array, fmt: Format, key: jax.Array
+                            ) -> jax.Array:
+  """Rounds ``x`` (f32) to the grid of ``fmt`` stochastically.
+
+  Within a binade [2**e, 2**(e+1)) the grid of ``fmt`` is the multiples of
+  ``ulp = 2**(e - mantissa_bits)`` (subnormals share the smallest normal's
+  ulp), so ``floor(|x| / ulp + u) * ulp`` with ``u ~ U[0, 1)`` rounds up
+  with probability equal to the distance from the lower grid point.
+  """
+  mag = jnp.abs(x)
+  exponent = jnp.floor(jnp.log2(jnp.maximum(mag, jnp.finfo(jnp.float32).tiny)))
+  exponent = jnp.maximum(exponent, fmt.min_normal_exponent)
+  ulp = jnp.exp2(exponent - fmt.mantissa_bits)
+  noise = jax.random.uniform(key, x.shape, jnp.float32)
+  rounded = jnp.floor(mag / ulp + noise) * ulp
+  return jnp.where(jnp.isfinite(x), jnp.copysign(rounded, x), x)
+
+
+def _check_rounding(rounding: str, key: jax.Array | None) -> None:
+  if rounding not in ROUNDINGS:
+    raise ValueError(f"Unknown rounding {rounding!r}; expected one of "
+                     f"{ROUNDINGS}.")
+  if rounding == "stochastic" and key is None:
+    raise ValueError("Stochastic rounding needs an explicit PRNG key: pass "
+                     "key=jax.random.key(...).")
+
+
+def round_to_integer(x: jax.Array, rounding: Rounding = "nearest",
+                     key: jax.Array | None = None) -> jax.Array:
+  """Rounds float32 ``x`` to integers (half to even, or stochastically).
+
+  Stochastic rounding is ``floor(x + u)`` with ``u ~ U[0, 1)``: unbiased,
+  ``E[round(x)] = x``.
+  """
+  _check_rounding(rounding, key)
+  if rounding == "nearest":
+    return jnp.round(x)
+  return jnp.floor(x + jax.random.uniform(key, x.shape, jnp.float32))
+
+
+def cast(x: jax.Array, fmt: Format, *, rounding: Rounding = "nearest",
+         key: jax.Array | None = None) -> jax.Array:
+  """Rounds and saturates scaled values into ``fmt``'s storage dtype.
+
+  Args:
+    x: float array of values already divided by their scale (any shape).
+    fmt: the target format.
+    rounding: ``"nearest"`` (round half to even) or ``"stochastic"``.
+    key: PRNG key, required for stochastic rounding.
+
+  Returns:
+    An array of ``x``'s shape in ``fmt.dtype``. ``+-inf`` saturates to
+    ``+-qmax``; NaN stays NaN in fp8 and becomes 0 elsewhere.
+  """
+  _check_rounding(rounding, key)
+  x = x.astype(jnp.float32)
+  is_nan = jnp.isnan(x)
+  if fmt.kind == "int":
+    x = jnp.clip(round_to_integer(x, rounding, key), fmt.qmin, fmt.qmax)
+    return jnp.where(is_nan, 0.0, x).astype(fmt.dtype)
+  # Float formats: saturate first (XLA's casts overflow to NaN/inf), then
+  # let the cast round to nearest-even, or pre-round onto the grid.
+  x = jnp.clip(x, fmt.qmin, fmt.qmax)
+  if rounding == "stochastic":
+    x = jnp.clip(_stochastic_float_round(x, fmt, key), fmt.qmin, fmt.qmax)
+  if not fmt.has_nan:
+    x = jnp.where(is_nan, 0.0, x)
+  return x.astype(fmt.dtype)
+
+
+def to_e8m0(exponent: jax.Array) -> jax.Array:
+  """Stores integer-valued exponents as e8m0 scales ``2**exponent``.
+
+  Exponents are clamped to [-126, 127] (e8m0's range less its one subnormal
+  float32 value), so the result is always a finite, normal power of two.
+  """
+  exponent = jnp.clip(exponent, E8M0_MIN_EXPONENT, E8M0_MAX_EXPONENT)
+  return jnp.exp2(exponent.astype(jnp.float32)).astype(E8M0_DTYPE)
+
+
+def storage_bytes(fmt: Format, num_elements: int) -> int:
+  """Bytes needed to store ``num_elements`` values, sub-byte types packed."""
+  return (num_elements * fmt.bits + 7) // 8

@@ -1,0 +1,264 @@
+"""The primitives: `quantize`, `dequantize` and `fake_quant`.
+
+Shapes: ``x`` has any shape ``S``; the range arrays (``amax``, ``amin``), the
+``scale`` and the ``zero_point`` have the keepdims scale shape of
+``spec.granularity`` for ``S`` (see `jaxq.granularity`).
+
+Numerics:
+
+* Symmetric: ``scale = amax / qmax``; ``q = round(x / scale)`` saturated to
+  ``[qmin, qmax]``; ``x_hat = q * scale``.
+* Affine (integer formats): the range is widened to include 0, then
+  ``scale = (amax - amin) / (qmax - qmin)`` and
+  ``zero_point = round(qmin - amin / scale)``, so 0.0 is exact;
+  ``q = round(x / scale) + zero_point``; ``x_hat = (q - zero_point) * scale``.
+* MX: ``scale = 2 ** (floor(log2(amax)) - emax)`` with ``emax`` the element
+  format's (OCP Microscaling v1.0), stored as e8m0.
+* A zero ``amax`` gives ``scale = 1``: all-zero input quantizes to zeros.
+* Ranges computed from data ignore NaN and +-inf, block by block, so one bad
+  element never poisons the scale of another channel or group (nor of its
+  own). The bad elements themselves follow `jaxq.formats.cast`: +-inf
+  saturates to +-qmax and NaN becomes 0 (NaN in fp8).
+
+All functions are pure, work under ``jit``, ``vmap`` and ``grad``, accept
+float32, bfloat16 and float16, and compute scales in float32. `fake_quant`
+returns ``x``'s dtype and is a straight-through estimator (``custom_vjp``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq import formats as formats_lib
+from jaxq import granularity as granularity_lib
+from jaxq.spec import QArray, QuantSpec
+
+
+def _check_float(x: jax.Array, what: str) -> None:
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{what} expects a floating-point array, got dtype "
+                     f"{x.dtype} with shape {tuple(x.shape)}; integer input is "
+                     f"already quantized or needs a cast to float first.")
+
+
+def _check_range_shape(name: str, value: jax.Array, expected: tuple[int, ...],
+                       spec: QuantSpec, shape: tuple[int, ...]) -> jax.Array:
+  value = jnp.asarray(value, jnp.float32)
+  if value.shape != expected:
+    try:
+      value = jnp.broadcast_to(value, expected)
+    except ValueError:
+      raise ValueError(
+          f"{name} has shape {tuple(value.shape)} but {spec.granularity} on an "
+          f"array of shape {shape} needs scale shape {expected}.") from None
+  return value
+
+
+def compute_range(x: jax.Array, spec: QuantSpec
+                  ) -> tuple[jax.Array | None, jax.Array]:
+  """The data range of each block of ``x``, ignoring non-finite elements.
+
+  Returns:
+    ``(amin, amax)`` in float32 of the scale shape. Symmetric specs give
+    ``amin = None`` and ``amax = max |x|``; affine specs give the minimum and
+    maximum. A block with no finite element gives 0.
+  """
+  _check_float(x, "compute_range")
+  blocks = spec.granularity.block_shape(tuple(x.shape))
+  x = x.astype(jnp.float32)
+  finite = jnp.isfinite(x)
+  if spec.symmetric:
+    amax = granularity_lib.block_reduce(jnp.where(finite, jnp.abs(x), 0.0),
+                                        blocks, jnp.max)
+    return None, amax
+  amin = granularity_lib.block_reduce(jnp.where(finite, x, 0.0), blocks,
+                                      jnp.min)
+  amax = granularity_lib.block_reduce(jnp.where(finite, x, 0.0), blocks,
+                                      jnp.max)
+  return amin, amax
+
+
+def scale_from_range(spec: QuantSpec, amax: jax.Array,
+                     amin: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array | None]:
+  """Turns a range into ``(scale, zero_point)``.
+
+  Args:
+    spec: the quantizer.
+    amax: float array; max |x| (symmetric) or max x (affine).
+    amin: min x, affine only.
+
+  Returns:
+    ``scale`` as float32 (already rounded to a power of two for MX) and
+    ``zero_point`` as int32, or None when symmetric. Always finite and
+    positive.
+  """
+  fmt = spec.fmt
+  amax = jnp.asarray(amax, jnp.float32)
+  tiny = jnp.finfo(jnp.float32).tiny
+  if spec.is_mx:
+    # floor(log2(amax)) exactly, via frexp: amax = m * 2**e, m in [0.5, 1).
+    _, exponent = jnp.frexp(jnp.where(amax > 0, amax, 1.0))
+    exponent = jnp.where(amax > 0, exponent - 1 - fmt.emax,
+                         formats_lib.E8M0_MIN_EXPONENT)
+    exponent = jnp.clip(exponent, formats_lib.E8M0_MIN_EXPONENT,
+                        formats_lib.E8M0_MAX_EXPONENT)
+    return jnp.exp2(exponent.astype(jnp.float32)), None
+  if spec.symmetric:
+    scale = jnp.where(amax > 0, amax / fmt.qmax, 1.0)
+    return jnp.maximum(scale, tiny), None
+  if amin is None:
+    raise ValueError("scale_from_range: an affine spec needs amin as well as "
+                     "amax.")
+  amin = jnp.minimum(jnp.asarray(amin, jnp.float32), 0.0)
+  amax = jnp.maximum(amax, 0.0)
+  span = amax - amin
+  scale = jnp.maximum(jnp.where(span > 0, span / (fmt.qmax - fmt.qmin), 1.0),
+                      tiny)
+  zero_point = jnp.clip(jnp.round(fmt.qmin - amin / scale), fmt.qmin, fmt.qmax)
+  return scale, zero_point.astype(jnp.int32)
+
+
+def _resolve_scale(x: jax.Array, spec: QuantSpec, amax, amin
+                   ) -> tuple[jax.Array, jax.Array | None]:
+  """Scale and zero point from a given range, or from ``x`` itself."""
+  shape = tuple(x.shape)
+  expected = granularity_lib.scale_shape(spec.granularity, shape)
+  if amax is None:
+    if amin is not None:
+      raise ValueError("amin was given without amax.")
+    amin, amax = compute_range(x, spec)
+  else:
+    amax = _check_range_shape("amax", amax, expected, spec, shape)
+    if not spec.symmetric:
+      if amin is None:
+        raise ValueError("An affine spec (symmetric=False) needs amin as well "
+                         "as amax.")
+      amin = _check_range_shape("amin", amin, expected, spec, shape)
+  return scale_from_range(spec, jax.lax.stop_gradient(amax),
+                          None if amin is None else jax.lax.stop_gradient(amin))
+
+
+def _quantize_values(x: jax.Array, spec: QuantSpec, scale: jax.Array,
+                     zero_point: jax.Array | None, key: jax.Array | None
+                     ) -> jax.Array:
+  blocks = spec.granularity.block_shape(tuple(x.shape))
+  scaled = (granularity_lib.split_blocks(x.astype(jnp.float32), blocks) /
+            granularity_lib.split_scale(scale, x.shape, blocks))
+  if zero_point is not None:
+    zero = granularity_lib.split_scale(zero_point, x.shape, blocks)
+    # Round first and add the integer zero point after, so it stays exact;
+    # NaN maps to the zero point, i.e. to 0.0.
+    rounded = formats_lib.round_to_integer(scaled, spec.rounding, key)
+    values = jnp.clip(rounded + zero, spec.fmt.qmin, spec.fmt.qmax)
+    values = jnp.where(jnp.isnan(scaled), zero, values).astype(spec.fmt.dtype)
+  else:
+    values = formats_lib.cast(scaled, spec.fmt, rounding=spec.rounding,
+                              key=key)
+  return granularity_lib.merge_blocks(values, x.shape)
+
+
+def _dequantize_values(values: jax.Array, scale: jax.Array,
+                       zero_point: jax.Array | None, spec: QuantSpec,
+                       dtype) -> jax.Array:
+  blocks = spec.granularity.block_shape(tuple(values.shape))
+  v = granularity_lib.split_blocks(values.astype(jnp.float32), blocks)
+  if zero_point is not None:
+    v = v - granularity_lib.split_scale(zero_point, values.shape,
+                                        blocks).astype(jnp.float32)
+  out = v * granularity_lib.split_scale(scale.astype(jnp.float32),
+                                        values.shape, blocks)
+  return granularity_lib.merge_blocks(out, values.shape).astype(dtype)
+
+
+def quantize(x: jax.Array, spec: QuantSpec, *, amax: jax.Array | None = None,
+             amin: jax.Array | None = None, key: jax.Array | None = None
+             ) -> QArray:
+  """Quantizes ``x`` with ``spec``.
+
+  Args:
+    x: float array of any shape.
+    spec: the quantizer.
+    amax: optional static range (e.g. from calibration) of the scale shape,
+      or broadcastable to it; computed from ``x`` when omitted. Values outside
+      the range saturate.
+    amin: the range's lower end, for affine specs with a static range.
+    key: PRNG key, required when ``spec.rounding == "stochastic"``.
+
+  Returns:
+    A `QArray` with ``values`` in ``spec.fmt.dtype`` and the scale (e8m0 for
+    MX, float32 otherwise).
+
+  Raises:
+    ValueError: for integer input, or when the granularity does not fit
+      ``x.shape`` (axis out of range, size not dividing the axis).
+  """
+  x = jnp.asarray(x)
+  _check_float(x, "quantize")
+  scale, zero_point = _resolve_scale(x, spec, amax, amin)
+  values = _quantize_values(x, spec, scale, zero_point, key)
+  if spec.is_mx:
+    scale = scale.astype(formats_lib.E8M0_DTYPE)
+  return QArray(values=values, scale=scale, zero_point=zero_point, spec=spec,
+                dtype=np.dtype(x.dtype))
+
+
+def dequantize(qa: QArray) -> jax.Array:
+  """``(values - zero_point) * scale`` in the original float dtype."""
+  return _dequantize_values(qa.values, qa.scale, qa.zero_point, qa.spec,
+                            qa.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fake_quant(spec: QuantSpec, x: jax.Array, scale: jax.Array,
+                zero_point: jax.Array | None, key: jax.Array | None
+                ) -> jax.Array:
+  values = _quantize_values(x, spec, scale, zero_point, key)
+  return _dequantize_values(values, scale, zero_point, spec, x.dtype)
+
+
+def _fake_quant_fwd(spec, x, scale, zero_point, key):
+  return _fake_quant(spec, x, scale, zero_point, key), (x, scale, zero_point)
+
+
+def _fake_quant_bwd(spec, residuals, g):
+  x, scale, zero_point = residuals
+  if spec.ste == "identity":
+    return g, None, None, None
+  fmt = spec.fmt
+  blocks = spec.granularity.block_shape(tuple(x.shape))
+  s = granularity_lib.split_scale(scale, x.shape, blocks)
+  zero = 0.0 if zero_point is None else granularity_lib.split_scale(
+      zero_point, x.shape, blocks).astype(jnp.float32)
+  xs = granularity_lib.split_blocks(x.astype(jnp.float32), blocks)
+  inside = (xs >= (fmt.qmin - zero) * s) & (xs <= (fmt.qmax - zero) * s)
+  mask = granularity_lib.merge_blocks(inside, x.shape)
+  return jnp.where(mask, g, jnp.zeros_like(g)), None, None, None
+
+
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+def fake_quant(x: jax.Array, spec: QuantSpec, *,
+               amax: jax.Array | None = None, amin: jax.Array | None = None,
+               key: jax.Array | None = None) -> jax.Array:
+  """``dequantize(quantize(x, spec))`` with a straight-through gradient.
+
+  The forward pass equals ``dequantize(quantize(x, spec, ...))`` exactly and
+  keeps ``x``'s dtype. The gradient with respect to ``x`` is, for
+  ``spec.ste == "clipped"``, the incoming gradient where ``x`` lies inside
+  the representable range ``[(qmin - zero_point) * scale,
+  (qmax - zero_point) * scale]`` and zero outside; for ``"identity"`` it is
+  the incoming gradient unchanged. The range itself receives no gradient
+  (learned ranges are separate quantizers).
+
+  Args: as for `quantize`.
+  """
+  x = jnp.asarray(x)
+  _check_float(x, "fake_quant")
+  scale, zero_point = _resolve_scale(x, spec, amax, amin)
+  return _fake_quant(spec, x, scale, zero_point, key)

@@ -1,0 +1,155 @@
+"""`QuantSpec`, the description of a quantizer, and `QArray`, its output.
+
+A `QuantSpec` is a frozen, hashable value (usable as a static ``jit``
+argument) that says what a low-bit number is (``format``), which elements
+share a scale (``granularity``), whether a zero point is used
+(``symmetric``), how a static range is chosen (``calibration``) and how
+values are rounded (``rounding``) and differentiated (``ste``).
+
+A `QArray` is a pytree holding the quantized ``values`` in the storage dtype,
+the ``scale`` (same rank as ``values``; see `jaxq.granularity`) and the
+``zero_point`` (None when symmetric). The spec and the original float dtype
+are static aux data, so QArrays pass through ``jit``, ``vmap`` and
+``tree_map`` like any other pytree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import jax
+import numpy as np
+
+from jaxq import formats as formats_lib
+from jaxq import granularity as granularity_lib
+
+CALIBRATIONS: tuple[str, ...] = ("max", "percentile", "entropy", "mse")
+STES: tuple[str, ...] = ("clipped", "identity")
+
+
+@functools.lru_cache(maxsize=None)
+def _format(name: str, narrow_range: bool) -> formats_lib.Format:
+  return formats_lib.get_format(name, narrow_range=narrow_range)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+  """What a quantizer does.
+
+  Attributes:
+    format: element format name (``"int8"``, ``"int4"``, ``"uint8"``,
+      ``"float8_e4m3fn"``, ``"float8_e5m2"``, ``"float4_e2m1fn"``) or the jnp
+      dtype; stored as the canonical name.
+    granularity: which elements share a scale (`PerTensor`, `PerChannel`,
+      `PerToken`, `PerGroup`, `PerBlock`, `MX`).
+    symmetric: scale only (True) or scale and zero point (False, "affine").
+      ``uint8`` is affine only; float formats and MX are symmetric only.
+    calibration: how a static range is chosen from observed data: ``"max"``,
+      ``"percentile"`` (at ``percentile``), ``"entropy"`` (KL) or ``"mse"``.
+    percentile: the percentile used when ``calibration == "percentile"``.
+    narrow_range: signed integers use [-qmax, qmax] (e.g. [-127, 127]) when
+      True, the full two's complement range when False.
+    rounding: ``"nearest"`` (half to even) or ``"stochastic"`` (needs a key).
+    ste: gradient of `fake_quant`: ``"clipped"`` (identity inside the
+      representable range, zero outside) or ``"identity"``.
+    dynamic: for activations, compute the range from each batch at run time
+      (True) or use calibrated, static ranges (False). Weights always use
+      their own range.
+  """
+
+  format: str | np.dtype | type = "int8"
+  granularity: granularity_lib.GranularityLike = granularity_lib.PerTensor()
+  symmetric: bool = True
+  calibration: str = "max"
+  percentile: float = 99.99
+  narrow_range: bool = True
+  rounding: formats_lib.Rounding = "nearest"
+  ste: Literal["clipped", "identity"] = "clipped"
+  dynamic: bool = True
+
+  def __post_init__(self):
+    object.__setattr__(self, "format", formats_lib.canonical_name(self.format))
+    if not isinstance(self.granularity, granularity_lib.Granularity):
+      raise ValueError(f"QuantSpec: granularity must be a jaxq granularity "
+                       f"(PerTensor, PerChannel, ...), got {self.granularity!r}.")
+    fmt = self.fmt
+    is_mx = isinstance(self.granularity, granularity_lib.MX)
+    if not self.symmetric and fmt.kind == "float":
+      raise ValueError(f"QuantSpec: affine (symmetric=False) quantization is "
+                       f"for integer formats, not {self.format}.")
+    if self.symmetric and not fmt.is_signed:
+      raise ValueError(f"QuantSpec: {self.format} is unsigned and needs "
+                       f"symmetric=False (affine, with a zero point).")
+    if is_mx and not self.symmetric:
+      raise ValueError("QuantSpec: MX scales are symmetric powers of two; "
+                       "symmetric=False is not supported.")
+    if self.calibration not in CALIBRATIONS:
+      raise ValueError(f"QuantSpec: unknown calibration {self.calibration!r}; "
+                       f"expected one of {CALIBRATIONS}.")
+    if not 0.0 < self.percentile <= 100.0:
+      raise ValueError(f"QuantSpec: percentile must be in (0, 100], got "
+                       f"{self.percentile}.")
+    if self.rounding not in formats_lib.ROUNDINGS:
+      raise ValueError(f"QuantSpec: unknown rounding {self.rounding!r}; "
+                       f"expected one of {formats_lib.ROUNDINGS}.")
+    if self.ste not in STES:
+      raise ValueError(f"QuantSpec: unknown ste {self.ste!r}; expected one of "
+                       f"{STES}.")
+
+  @property
+  def fmt(self) -> formats_lib.Format:
+    """The `jaxq.formats.Format` of the elements."""
+    return _format(self.format, self.narrow_range)
+
+  @property
+  def is_mx(self) -> bool:
+    return isinstance(self.granularity, granularity_lib.MX)
+
+  def replace(self, **changes) -> "QuantSpec":
+    """Returns a copy with ``changes`` applied (validated again)."""
+    return dataclasses.replace(self, **changes)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["values", "scale", "zero_point"],
+    meta_fields=["spec", "dtype"])
+@dataclasses.dataclass(frozen=True)
+class QArray:
+  """A quantized array: ``dequantize = (values - zero_point) * scale``.
+
+  Attributes:
+    values: the quantized elements, shape ``shape``, in ``spec.fmt.dtype``.
+    scale: float32 (e8m0 for MX) of the keepdims scale shape of
+      ``spec.granularity`` for ``shape``.
+    zero_point: int32 of the scale's shape, or None when symmetric.
+    spec: the `QuantSpec` that produced it (static).
+    dtype: the float dtype that `dequantize` returns (static).
+  """
+
+  values: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array | None
+  spec: QuantSpec
+  dtype: np.dtype
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.values.shape)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.values.shape)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of values (sub-byte formats packed), scales and zero points."""
+    total = formats_lib.storage_bytes(self.spec.fmt, math.prod(self.shape))
+    total += math.prod(self.scale.shape) * np.dtype(self.scale.dtype).itemsize
+    if self.zero_point is not None:
+      total += (math.prod(self.zero_point.shape) *
+                np.dtype(self.zero_point.dtype).itemsize)
+    return total
