@@ -72,7 +72,6 @@ def _check_divides(granularity: object, size: int, axis: int, shape: Shape
 
 def _group_blocks(granularity: object, axis: int, size: int, shape: Shape
                   ) -> Shape:
-  _check_size(granularity, size)
   axis = _normalize_axis(granularity, axis, shape)
   _check_divides(granularity, size, axis, shape)
   return tuple(size if i == axis else 1 for i in range(len(shape)))
@@ -133,6 +132,9 @@ class PerGroup:
   axis: int = -1
   size: int = 128
 
+  def __post_init__(self):
+    _check_size(self, self.size)
+
   def block_shape(self, shape: Shape) -> Shape:
     return _group_blocks(self, self.axis, self.size, shape)
 
@@ -152,11 +154,12 @@ class PerBlock:
     object.__setattr__(self, "axes", tuple(self.axes))
     if len(self.shape) != len(self.axes):
       raise ValueError(f"{self}: shape and axes must have the same length.")
+    for size in self.shape:
+      _check_size(self, size, "block size")
 
   def block_shape(self, shape: Shape) -> Shape:
     blocks = [1] * len(shape)
     for size, axis in zip(self.shape, self.axes):
-      _check_size(self, size, "block size")
       axis = _normalize_axis(self, axis, shape)
       _check_divides(self, size, axis, shape)
       blocks[axis] = size
@@ -174,6 +177,9 @@ class MX:
 
   axis: int = -1
   size: int = 32
+
+  def __post_init__(self):
+    _check_size(self, self.size)
 
   def block_shape(self, shape: Shape) -> Shape:
     return _group_blocks(self, self.axis, self.size, shape)
