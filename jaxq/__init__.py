@@ -4,8 +4,10 @@ Fake-quant for QAT, jit-compiled calibration for PTQ, and real low-bit
 ``dot_general`` for serving. See ``DESIGN.md`` in the README for the layers.
 """
 
+from jaxq import calibration
 from jaxq import formats
 from jaxq import granularity
+from jaxq import observers
 from jaxq.granularity import MX
 from jaxq.granularity import PerBlock
 from jaxq.granularity import PerChannel
