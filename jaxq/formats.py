@@ -25,9 +25,10 @@ scale type of Microscaling, see `to_e8m0`.
 Casting (`cast`) takes values that are already divided by their scale, rounds
 them (nearest-even by default, or stochastically with an explicit PRNG key),
 saturates them to ``[qmin, qmax]`` and stores them in the storage dtype.
-Non-finite inputs have a fixed, documented behaviour: ``+-inf`` saturates to
-``+-qmax`` in every format; NaN becomes 0 in the formats that cannot hold it
-(the integer formats and e2m1) and stays NaN in the fp8 formats.
+Non-finite inputs have a fixed, documented behaviour: ``+inf`` saturates to
+``qmax`` and ``-inf`` to ``qmin`` in every format; NaN becomes 0 in the
+formats that cannot hold it (the integer formats and e2m1) and stays NaN in
+the fp8 formats.
 """
 
 from __future__ import annotations
@@ -160,9 +161,11 @@ def _stochastic_float_round(x: jax.Array, fmt: Format, key: jax.Array
   with probability equal to the distance from the lower grid point.
   """
   mag = jnp.abs(x)
-  exponent = jnp.floor(jnp.log2(jnp.maximum(mag, jnp.finfo(jnp.float32).tiny)))
-  exponent = jnp.maximum(exponent, fmt.min_normal_exponent)
-  ulp = jnp.exp2(exponent - fmt.mantissa_bits)
+  # floor(log2(mag)) exactly: frexp gives mag = m * 2**e with m in [0.5, 1),
+  # where a float32 log2 rounds up to the next binade just below a power of two.
+  _, exponent = jnp.frexp(mag)
+  exponent = jnp.maximum(exponent - 1, fmt.min_normal_exponent)
+  ulp = pow2(exponent - fmt.mantissa_bits)
   noise = jax.random.uniform(key, x.shape, jnp.float32)
   rounded = jnp.floor(mag / ulp + noise) * ulp
   return jnp.where(jnp.isfinite(x), jnp.copysign(rounded, x), x)
@@ -201,8 +204,9 @@ def cast(x: jax.Array, fmt: Format, *, rounding: Rounding = "nearest",
     key: PRNG key, required for stochastic rounding.
 
   Returns:
-    An array of ``x``'s shape in ``fmt.dtype``. ``+-inf`` saturates to
-    ``+-qmax``; NaN stays NaN in fp8 and becomes 0 elsewhere.
+    An array of ``x``'s shape in ``fmt.dtype``. ``+inf`` saturates to
+    ``qmax``, ``-inf`` to ``qmin``; NaN stays NaN in fp8 and becomes 0
+    elsewhere.
   """
   _check_rounding(rounding, key)
   x = x.astype(jnp.float32)
@@ -220,14 +224,25 @@ def cast(x: jax.Array, fmt: Format, *, rounding: Rounding = "nearest",
   return x.astype(fmt.dtype)
 
 
+def pow2(exponent: jax.Array) -> jax.Array:
+  """Exactly ``2**exponent`` in float32, for integer-valued exponents.
+
+  Exponents are clamped to [-126, 127], the normal float32 range. The power
+  is built from its bits: XLA's ``exp2`` is an approximation that is off by
+  a few ulps for most integer arguments and flushes ``2**-126`` to zero.
+  """
+  exponent = jnp.clip(jnp.asarray(exponent).astype(jnp.int32),
+                      E8M0_MIN_EXPONENT, E8M0_MAX_EXPONENT)
+  return jax.lax.bitcast_convert_type((exponent + 127) << 23, jnp.float32)
+
+
 def to_e8m0(exponent: jax.Array) -> jax.Array:
   """Stores integer-valued exponents as e8m0 scales ``2**exponent``.
 
   Exponents are clamped to [-126, 127] (e8m0's range less its one subnormal
   float32 value), so the result is always a finite, normal power of two.
   """
-  exponent = jnp.clip(exponent, E8M0_MIN_EXPONENT, E8M0_MAX_EXPONENT)
-  return jnp.exp2(exponent.astype(jnp.float32)).astype(E8M0_DTYPE)
+  return pow2(exponent).astype(E8M0_DTYPE)
 
 
 def storage_bytes(fmt: Format, num_elements: int) -> int:

@@ -17,8 +17,9 @@ Numerics:
 * A zero ``amax`` gives ``scale = 1``: all-zero input quantizes to zeros.
 * Ranges computed from data ignore NaN and +-inf, block by block, so one bad
   element never poisons the scale of another channel or group (nor of its
-  own). The bad elements themselves follow `jaxq.formats.cast`: +-inf
-  saturates to +-qmax and NaN becomes 0 (NaN in fp8).
+  own). The bad elements themselves follow `jaxq.formats.cast`: +inf
+  saturates to qmax, -inf to qmin, and NaN becomes 0 (NaN in fp8); in
+  affine specs NaN is stored as the zero point, so it dequantizes to 0.0.
 
 All functions are pure, work under ``jit``, ``vmap`` and ``grad``, accept
 float32, bfloat16 and float16, and compute scales in float32. `fake_quant`
@@ -105,9 +106,7 @@ def scale_from_range(spec: QuantSpec, amax: jax.Array,
     _, exponent = jnp.frexp(jnp.where(amax > 0, amax, 1.0))
     exponent = jnp.where(amax > 0, exponent - 1 - fmt.emax,
                          formats_lib.E8M0_MIN_EXPONENT)
-    exponent = jnp.clip(exponent, formats_lib.E8M0_MIN_EXPONENT,
-                        formats_lib.E8M0_MAX_EXPONENT)
-    return jnp.exp2(exponent.astype(jnp.float32)), None
+    return formats_lib.pow2(exponent), None
   if spec.symmetric:
     scale = jnp.where(amax > 0, amax / fmt.qmax, 1.0)
     return jnp.maximum(scale, tiny), None
