@@ -14,6 +14,9 @@ from jaxq.granularity import PerChannel
 from jaxq.granularity import PerGroup
 from jaxq.granularity import PerTensor
 from jaxq.granularity import PerToken
+from jaxq.ops import conv
+from jaxq.ops import dot_general
+from jaxq.ops import einsum
 from jaxq.quantize import compute_range
 from jaxq.quantize import dequantize
 from jaxq.quantize import fake_quant
