@@ -16,7 +16,11 @@ from __future__ import annotations
 
 from jaxq.calibration.base import Observer
 from jaxq.calibration.base import nonfinite_count
+from jaxq.calibration.histogram import HistogramState
 from jaxq.calibration.minmax import MaxState
+from jaxq.calibration.observers import entropy
 from jaxq.calibration.observers import max  # pylint: disable=redefined-builtin
 from jaxq.calibration.observers import merge
+from jaxq.calibration.observers import mse
 from jaxq.calibration.observers import observer_for
+from jaxq.calibration.observers import percentile
