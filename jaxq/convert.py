@@ -1,0 +1,208 @@
+"""`convert`: from a calibrated float model to its serving variables.
+
+``serving, report = jaxq.convert(qmodel, variables, stats)`` quantizes every
+weight a rule of ``qmodel`` quantizes into a `QArray` (int8, int4, fp8, ...
+values plus scales and zero points) at the same place in the variables, and
+turns the calibration statistics of static activation specs into ranges
+with the observers' ``finalize``. Load the result into the serve-mode model:
+
+```python
+serve = jaxq.quantize_model(model, rules, mode="serve")
+# linen: stats = the "quant_stats" collection from calibrate mode.
+serving, report = jaxq.convert(qmodel, variables, stats)
+y = serve.apply(serving, x)
+# nnx: stats = nnx.state(calibrated, jaxq.flax.QuantStat).
+serving, report = jaxq.convert(serve, nnx.state(model), stats)
+nnx.update(serve, serving)
+```
+
+The report counts bytes before and after; sub-byte formats (int4, fp4) are
+counted packed, two per byte, as `jaxq.save` stores them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxq import flax as jaxq_flax
+from jaxq.flax import linen as linen_lib
+from jaxq.flax import nnx as nnx_lib
+from jaxq.quantize import quantize
+from jaxq.spec import QArray
+
+_NOT_CONVERTED = (linen_lib.STATS,)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerBytes:
+  """Bytes of one layer's weight before and after conversion."""
+
+  path: str
+  float_bytes: int
+  quantized_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertReport:
+  """What `convert` did.
+
+  Attributes:
+    float_bytes: bytes of every array of the input variables.
+    quantized_bytes: bytes of every array of the serving variables, QArrays
+      counted with `QArray.nbytes` (values packed, scales, zero points).
+    layers: per converted weight, its bytes before and after.
+  """
+
+  float_bytes: int
+  quantized_bytes: int
+  layers: tuple[LayerBytes, ...]
+
+  @property
+  def ratio(self) -> float:
+    """``quantized_bytes / float_bytes``."""
+    return self.quantized_bytes / max(self.float_bytes, 1)
+
+
+def tree_bytes(tree: Any) -> int:
+  """Bytes of all arrays in ``tree``; QArrays as stored (int4 packed)."""
+  leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, QArray))
+  return sum(x.nbytes if isinstance(x, QArray)
+             else int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+             for x in leaves)
+
+
+def _quantize_weight(info, value: Any) -> QArray:
+  if isinstance(value, QArray):
+    raise ValueError(f"convert: the weight {info.weight_name!r} of "
+                     f"{info.path!r} is already a QArray; pass the float "
+                     f"variables.")
+  if tuple(value.shape) != info.weight_shape:
+    raise ValueError(
+        f"convert: the weight {info.weight_name!r} of {info.path!r} has shape "
+        f"{tuple(value.shape)} but the model's is {info.weight_shape}.")
+  return quantize(value, info.weight)
+
+
+def _convert_linen(qmodel: linen_lib.QuantizedLinen, variables: Any,
+                   stats: Any | None) -> tuple[Any, tuple[LayerBytes, ...]]:
+  layers = [info for info in qmodel.layers().values()
+            if info.weight is not None]
+  if not qmodel.layers():
+    raise ValueError("convert: the linen model has not been traced yet; run "
+                     "qmodel.init or qmodel.apply once (jax.eval_shape is "
+                     "enough) so that jaxq knows its layers.")
+  if "params" not in variables:
+    raise ValueError(f"convert: expected linen variables with a 'params' "
+                     f"collection, got collections {sorted(variables)}.")
+  params = jax.tree.map(lambda x: x, dict(variables["params"]),
+                        is_leaf=lambda x: isinstance(x, QArray))
+  missing, report = [], []
+  for info in layers:
+    node = linen_lib._lookup(params, info.path)  # pylint: disable=protected-access
+    if not isinstance(node, dict) or info.weight_name not in node:
+      missing.append(f"{info.path}/{info.weight_name}")
+      continue
+    node = _mutable_node(params, info.path)
+    qa = _quantize_weight(info, node[info.weight_name])
+    report.append(LayerBytes(info.path, tree_bytes(node[info.weight_name]),
+                             qa.nbytes))
+    node[info.weight_name] = qa
+  if missing:
+    raise ValueError(f"convert: the params lack the weights of quantized "
+                     f"layers: {missing}; were they made by another model?")
+  serving = {k: v for k, v in variables.items() if k not in _NOT_CONVERTED}
+  serving["params"] = params
+  ranges = linen_lib.act_ranges(qmodel, stats or {})
+  if ranges:
+    serving[linen_lib.RANGES] = ranges
+  return serving, tuple(report)
+
+
+def _mutable_node(tree: dict, path: str) -> dict:
+  """The dict at ``path``, copying the dicts on the way (no aliasing)."""
+  node = tree
+  for name in path.split("/") if path else []:
+    node[name] = dict(node[name])
+    node = node[name]
+  return node
+
+
+def _convert_nnx(qmodel: nnx.Module, variables: nnx.State,
+                 stats: nnx.State | None
+                 ) -> tuple[nnx.State, tuple[LayerBytes, ...]]:
+  if not isinstance(variables, nnx.State):
+    raise ValueError(f"convert: for an nnx model, variables must be an "
+                     f"nnx.State (e.g. nnx.state(model)), got "
+                     f"{type(variables).__name__}.")
+  flat = dict(nnx.to_flat_state(variables))
+  expected = dict(nnx.to_flat_state(nnx.state(qmodel, nnx.Param)))
+  params = {p: v for p, v in flat.items() if isinstance(v, nnx.Param)}
+  missing = sorted(map(str, set(expected) - set(params)))
+  extra = sorted(map(str, set(params) - set(expected)))
+  shapes = [f"{'/'.join(map(str, p))}: {tuple(v.get_value().shape)} != "
+            f"{tuple(expected[p].get_value().shape)}"
+            for p, v in params.items() if p in expected and
+            tuple(v.get_value().shape) != tuple(expected[p].get_value().shape)]
+  if missing or extra or shapes:
+    raise ValueError(f"convert: the state does not match the model: missing "
+                     f"{missing}, extra {extra}, mismatched shapes {shapes}.")
+  report = []
+  for path, module in nnx_lib._quantized_layers(qmodel):  # pylint: disable=protected-access
+    info = module.jaxq_info
+    if info.weight is None:
+      continue
+    key = tuple(path) + (info.weight_name,)
+    qa = _quantize_weight(info, flat[key].get_value())
+    report.append(LayerBytes(info.path, tree_bytes(flat[key].get_value()),
+                             qa.nbytes))
+    flat[key] = flat[key].replace(qa)
+  flat = {p: v for p, v in flat.items() if not isinstance(v, nnx_lib.QuantStat)}
+  if stats is not None:
+    flat.update(nnx.to_flat_state(nnx_lib.act_ranges(qmodel, stats)))
+  return nnx.State.from_flat_path(flat), tuple(report)
+
+
+def convert(qmodel: jaxq_flax.QuantizedLinen | nnx.Module, variables: Any,
+            stats: Any | None = None) -> tuple[Any, ConvertReport]:
+  """The serving variables of a quantized model, and a `ConvertReport`.
+
+  Args:
+    qmodel: a model from `jaxq.quantize_model`, any mode (for linen, traced
+      at least once so its layers are known).
+    variables: the float variables: linen ``{"params": ...}`` (other
+      collections pass through; ``quant_stats`` is dropped), or an nnx
+      ``nnx.State`` with the model's ``Param`` paths.
+    stats: the calibration statistics, needed when a rule has a static
+      activation spec: linen's ``"quant_stats"`` collection or
+      ``nnx.state(calibrated, QuantStat)``.
+
+  Returns:
+    ``(serving, report)``: the variables with each quantized weight replaced
+    by a `QArray` and, for static act specs, the ranges (linen: a
+    ``"quant_ranges"`` collection; nnx: `QuantRange` variables), and the
+    bytes before and after.
+
+  Raises:
+    ValueError: naming the paths when the variables lack a quantized layer's
+      weight or have a different shape (nnx: any missing or extra ``Param``),
+      or when a static act spec has no statistics.
+  """
+  if isinstance(qmodel, linen_lib.QuantizedLinen):
+    serving, layers = _convert_linen(qmodel, variables, stats)
+  elif isinstance(qmodel, nnx.Module):
+    serving, layers = _convert_nnx(qmodel, variables, stats)
+  else:
+    raise ValueError(f"convert: expected a model from jaxq.quantize_model, "
+                     f"got {type(qmodel).__name__}.")
+  before = {k: v for k, v in variables.items() if k not in _NOT_CONVERTED
+            } if isinstance(variables, dict) else nnx.State.from_flat_path({
+                p: v for p, v in nnx.to_flat_state(variables)
+                if not isinstance(v, nnx_lib.QuantStat)})
+  return serving, ConvertReport(float_bytes=tree_bytes(before),
+                                quantized_bytes=tree_bytes(serving),
+                                layers=layers)

@@ -1,0 +1,138 @@
+"""Flax integration: `quantize_model` with `Rule`s, for linen and nnx.
+
+```python
+rules = [jaxq.Rule(r".*head", skip=True),
+         jaxq.Rule(r".*", weight=QuantSpec("int8", PerChannel(axis=-1)),
+                   act=QuantSpec("int8", PerToken()))]
+
+# linen: a QuantizedLinen with init/apply taking the model's own variables.
+qmodel = jaxq.quantize_model(model, rules, mode="qat")
+y = qmodel.apply(variables, x)
+
+# nnx: a copy of the model whose layers are quantized, sharing its state.
+qmodel = jaxq.quantize_model(nnx_model, rules, mode="qat")
+y = qmodel(x)
+```
+
+Modes (see `jaxq.flax.core` for what each does to weights and inputs):
+
+* ``"qat"``: fake-quant with a straight-through gradient on the weights and
+  input activations of matched layers; trainable with optax.
+* ``"calibrate"``: computes in float and records observer states: linen in
+  the ``"quant_stats"`` collection (``apply(..., mutable=["quant_stats"])``),
+  nnx in `QuantStat` variables. NaN/inf in a batch raises a ValueError
+  naming the layer unless ``on_nonfinite="count"``.
+* ``"serve"``: weights are `QArray`s (from `jaxq.convert`, or quantized on the
+  fly from float) and matmuls and convolutions run on the low-bit values
+  through `jaxq.dot_general`, `jaxq.einsum` and `jaxq.conv`.
+
+Static activation ranges (act specs with ``dynamic=False``) come from
+calibration: `act_ranges` finalizes them from the stats with the observers'
+``finalize``; `jaxq.convert` includes them in the serving variables. The
+per-module docstrings of `jaxq.flax.linen` and `jaxq.flax.nnx` list the
+covered layers and the variable collections.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+from flax import nnx as flax_nnx
+
+from jaxq import calibration
+from jaxq.flax import core
+from jaxq.flax import linen
+from jaxq.flax import nnx
+from jaxq.flax import rules as rules_lib
+from jaxq.flax.core import LayerQuant
+from jaxq.flax.core import Mode
+from jaxq.flax.linen import QuantizedLinen
+from jaxq.flax.nnx import QuantRange
+from jaxq.flax.nnx import QuantStat
+from jaxq.flax.rules import LayerInfo
+from jaxq.flax.rules import Rule
+
+
+def quantize_model(model: nn.Module | flax_nnx.Module,
+                   rules: Sequence[Rule] | Rule, mode: Mode = "qat", *,
+                   on_nonfinite: core.OnNonfinite = "raise",
+                   observer_for: core.ObserverFor = calibration.observer_for
+                   ) -> QuantizedLinen | flax_nnx.Module:
+  """Inserts quantization into a Flax model, by rules.
+
+  Args:
+    model: a linen module (unbound) or an nnx module.
+    rules: `Rule`s tried in order; the first whose regex fully matches a
+      layer's "/"-joined path (and whose ``module_types`` fit) applies.
+    mode: ``"qat"``, ``"calibrate"`` or ``"serve"`` (see the module doc).
+    on_nonfinite: in calibrate mode, ``"raise"`` on NaN/inf in a batch (a
+      ValueError naming the layer; from inside ``jit`` it surfaces as a
+      ``JaxRuntimeError`` carrying that message) or ``"count"`` them.
+    observer_for: picks the activation observer of a static act spec;
+      `jaxq.calibration.observer_for` (from ``spec.calibration``) by default.
+
+  Returns:
+    linen: a `QuantizedLinen` whose ``init``/``apply`` take the original
+    model's variables. nnx: a copy of ``model`` (the original is untouched)
+    whose matched layers are quantized and whose state has the original's
+    paths, plus jaxq variables (`QuantStat`, `QuantRange`).
+
+  Raises:
+    ValueError: for an unknown mode, malformed rules, or (nnx here, linen at
+      the first ``init``/``apply``) a spec that cannot apply to a layer's
+      weight, naming the layer's path and shapes.
+  """
+  core.check_mode(mode)
+  core.check_on_nonfinite(on_nonfinite)
+  rules = rules_lib.check_rules(rules)
+  if isinstance(model, nn.Module):
+    return linen.quantize_linen(model, rules, mode, on_nonfinite, observer_for)
+  if isinstance(model, flax_nnx.Module):
+    return nnx.quantize_nnx(model, rules, mode, on_nonfinite, observer_for)
+  raise ValueError(f"quantize_model: expected a flax.linen or flax.nnx "
+                   f"Module, got {type(model).__name__}.")
+
+
+def layers(qmodel: QuantizedLinen | flax_nnx.Module) -> dict[str, LayerInfo]:
+  """Path -> `LayerInfo` (module type, rule, weight shape) of every layer.
+
+  For linen, the layers traced so far (run ``init`` or ``apply`` once, e.g.
+  under ``jax.eval_shape``); for nnx, every layer of the graph.
+  """
+  if isinstance(qmodel, QuantizedLinen):
+    return qmodel.layers()
+  return nnx.layers(qmodel)
+
+
+def unmatched_rules(qmodel: QuantizedLinen | flax_nnx.Module
+                    ) -> tuple[Rule, ...]:
+  """The rules that matched no layer (see `layers` for linen's timing)."""
+  if isinstance(qmodel, QuantizedLinen):
+    return qmodel.unmatched_rules()
+  return nnx.unmatched_rules(qmodel)
+
+
+def act_ranges(qmodel: QuantizedLinen | flax_nnx.Module, stats: Any) -> Any:
+  """Static activation ranges finalized from calibration statistics.
+
+  Args:
+    qmodel: a quantized model (any mode; linen must have been traced).
+    stats: linen: the ``"quant_stats"`` collection; nnx: the
+      ``nnx.state(calibrated, QuantStat)`` state.
+
+  Returns:
+    linen: the ``"quant_ranges"`` collection, for
+    ``apply({"params": ..., "quant_ranges": ranges}, ...)``. nnx: a state of
+    `QuantRange` variables, for ``nnx.update(qmodel, ranges)``.
+  """
+  if isinstance(qmodel, QuantizedLinen):
+    return linen.act_ranges(qmodel, stats)
+  return nnx.act_ranges(qmodel, stats)
+
+
+__all__ = [
+    "LayerInfo", "LayerQuant", "Mode", "QuantRange", "QuantStat",
+    "QuantizedLinen", "Rule", "act_ranges", "layers", "quantize_model",
+    "unmatched_rules",
+]

@@ -1,0 +1,395 @@
+"""The framework-neutral core: what one quantized layer computes in each mode.
+
+Linen and nnx only differ in how they find layers and where they keep
+variables; given a layer's `LayerQuant` (its path, specs and the mode), the
+functions here transform the layer's weight and input activation:
+
+=============  ===============================  ==============================
+mode           weight ``w``                     input activation ``x``
+=============  ===============================  ==============================
+``"qat"``      ``fake_quant(w, weight)``        ``fake_quant(x, act)``, with
+               (straight-through gradient)      the batch's range when
+                                                ``act.dynamic`` else the
+                                                calibrated static range
+``"calibrate"``  unchanged; a max observer      unchanged; for a static act
+               records its range                spec, ``observer_for(act)``
+                                                records its statistics
+``"serve"``    a `QArray` (converted, or        ``quantize(x, act)``: a QArray
+               quantized on the fly)            with dynamic or static range
+=============  ===============================  ==============================
+
+In serve mode the layer's matmul or convolution receives QArrays and runs
+through `jaxq.dot_general`, `jaxq.einsum` or `jaxq.conv` (`serve_dot_general`
+and friends below), so it multiplies the stored low-bit values. QAT computes
+the float op on the fake-quantized operands, which is what serve computes up
+to float32 accumulation order.
+
+Static activation ranges are dicts ``{"amax": a}`` (``{"amin": a, "amax": b}``
+for affine specs) in the keepdims scale shape of the act spec for the
+layer's input, produced by `finalize_range` from an observer state.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxq import calibration
+from jaxq import ops
+from jaxq.granularity import PerChannel
+from jaxq.quantize import dequantize
+from jaxq.quantize import fake_quant
+from jaxq.quantize import quantize
+from jaxq.spec import QArray
+from jaxq.spec import QuantSpec
+
+Mode = Literal["qat", "calibrate", "serve"]
+MODES: tuple[str, ...] = ("qat", "calibrate", "serve")
+OnNonfinite = Literal["raise", "count"]
+ObserverFor = Callable[[QuantSpec], calibration.Observer]
+ActRange = dict[str, jax.Array]
+
+# Names of the per-layer variables, shared by linen (inside the collections
+# below) and nnx (as attributes of the quantized module, prefixed "jaxq_").
+WEIGHT_STATS = "weight"
+ACT_STATS = "act"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerQuant:
+  """Everything one layer needs to quantize itself; static and hashable.
+
+  Attributes:
+    path: the "/"-joined module path, used in every error message.
+    module_type: the module's class name.
+    weight: the weight quantizer, or None for a float weight.
+    act: the input activation quantizer, or None for a float input.
+    mode: ``"qat"``, ``"calibrate"`` or ``"serve"``.
+    on_nonfinite: in calibrate mode, ``"raise"`` an error naming the layer
+      when a batch holds NaN or inf, or ``"count"`` them (the observers skip
+      them and `jaxq.calibration.nonfinite_count` reads the count).
+    observer_for: picks the activation observer from the act spec.
+  """
+
+  path: str
+  module_type: str
+  weight: QuantSpec | None
+  act: QuantSpec | None
+  mode: Mode
+  on_nonfinite: OnNonfinite = "raise"
+  observer_for: ObserverFor = calibration.observer_for
+
+  @property
+  def static_act(self) -> bool:
+    """Whether the input uses a calibrated (static) range."""
+    return self.act is not None and not self.act.dynamic
+
+
+def check_mode(mode: str) -> None:
+  if mode not in MODES:
+    raise ValueError(f"quantize_model: unknown mode {mode!r}; expected one of "
+                     f"{MODES}.")
+
+
+def check_on_nonfinite(on_nonfinite: str) -> None:
+  if on_nonfinite not in ("raise", "count"):
+    raise ValueError(f"quantize_model: on_nonfinite must be 'raise' or "
+                     f"'count', got {on_nonfinite!r}.")
+
+
+def check_spec(layer: LayerQuant, spec: QuantSpec, shape: tuple[int, ...],
+               what: str) -> None:
+  """Raises a ValueError naming the layer if ``spec`` cannot apply to ``shape``."""
+  try:
+    spec.granularity.block_shape(tuple(shape))
+  except ValueError as e:
+    raise ValueError(
+        f"jaxq: the {what} spec of {layer.path!r} ({layer.module_type}) "
+        f"cannot apply to its {what} of shape {tuple(shape)}: {e}") from None
+
+
+def layer_quant(path: str, module: object, rule: Any | None,
+                weight_shape: tuple[int, ...], *, is_embed: bool, mode: Mode,
+                on_nonfinite: OnNonfinite, observer_for: ObserverFor
+                ) -> LayerQuant | None:
+  """The `LayerQuant` of a layer that ``rule`` (a `jaxq.Rule`) matched.
+
+  Returns None for float layers (no rule, or a skip rule). Embedding tables
+  get `embed_spec` and no act spec (lookups are weight-only). Raises a
+  ValueError naming the layer when the weight spec cannot apply.
+  """
+  if rule is None or rule.skip:
+    return None
+  weight = rule.weight
+  if weight is not None and is_embed:
+    weight = embed_spec(weight, weight_shape)
+  quant = LayerQuant(path=path, module_type=type(module).__name__,
+                     weight=weight, act=None if is_embed else rule.act,
+                     mode=mode, on_nonfinite=on_nonfinite,
+                     observer_for=observer_for)
+  if weight is not None:
+    check_spec(quant, weight, weight_shape, "weight")
+  return quant
+
+
+# Weights.
+
+
+def transform_weight(layer: LayerQuant, w: jax.Array | QArray
+                     ) -> jax.Array | QArray:
+  """The weight as the layer's op sees it in ``layer.mode`` (see the table)."""
+  spec = layer.weight
+  if spec is None or layer.mode == "calibrate":
+    return w
+  if isinstance(w, QArray):
+    if layer.mode != "serve":
+      raise ValueError(f"jaxq: {layer.path!r} holds a quantized (QArray) "
+                       f"weight; {layer.mode} mode needs the float parameters.")
+    if w.spec != spec:
+      raise ValueError(f"jaxq: the QArray weight of {layer.path!r} was made "
+                       f"with {w.spec}, but the rule asks for {spec}.")
+    return w
+  check_spec(layer, spec, w.shape, "weight")
+  if layer.mode == "qat":
+    return fake_quant(w, spec)
+  return quantize(w, spec)
+
+
+def observe_weight(layer: LayerQuant, state: Any | None, w: jax.Array) -> Any:
+  """Folds ``w`` into a max-observer state (weights use their own range)."""
+  check_spec(layer, layer.weight, w.shape, "weight")
+  observer = calibration.max()
+  if state is None:
+    state = observer.init(w, layer.weight)
+  return observer.update(state, w)
+
+
+# Activations.
+
+
+def _static_range(layer: LayerQuant, act_range: ActRange | None, shape
+                  ) -> tuple[jax.Array | None, jax.Array | None]:
+  if layer.act.dynamic:
+    return None, None
+  if not act_range:
+    raise ValueError(
+        f"jaxq: {layer.path!r} ({layer.module_type}) has a static activation "
+        f"spec (dynamic=False) but no calibrated range: run the model in "
+        f"calibrate mode and pass the ranges from jaxq.flax.act_ranges or "
+        f"jaxq.convert (input shape {tuple(shape)}).")
+  return act_range.get("amin"), act_range["amax"]
+
+
+def transform_act(layer: LayerQuant, x: jax.Array,
+                  act_range: ActRange | None) -> jax.Array | QArray:
+  """The input as the layer's op sees it in ``layer.mode`` (see the table)."""
+  spec = layer.act
+  if spec is None or layer.mode == "calibrate":
+    return x
+  check_spec(layer, spec, x.shape, "activation")
+  amin, amax = _static_range(layer, act_range, x.shape)
+  if layer.mode == "qat":
+    return fake_quant(x, spec, amax=amax, amin=amin)
+  return quantize(x, spec, amax=amax, amin=amin)
+
+
+def _raise_nonfinite(path: str, what: str, count: jax.Array) -> None:
+  if int(count) > 0:
+    raise ValueError(
+        f"jaxq calibrate: {int(count)} non-finite value(s) (NaN or inf) in "
+        f"the {what} of {path!r}. Fix the data, or pass "
+        f"on_nonfinite='count' to quantize_model to skip and count them.")
+
+
+def check_finite(layer: LayerQuant, what: str, old: Any | None, new: Any
+                 ) -> None:
+  """Raises (eagerly, or from inside ``jit`` by a host callback) on new NaN/inf."""
+  if layer.on_nonfinite == "count":
+    return
+  seen = calibration.nonfinite_count(new)
+  if old is not None:
+    seen = seen - calibration.nonfinite_count(old)
+  report = functools.partial(_raise_nonfinite, layer.path, what)
+  if isinstance(seen, jax.core.Tracer):
+    jax.debug.callback(report, seen)
+  else:
+    report(seen)
+
+
+def observe_act(layer: LayerQuant, state: Any | None, x: jax.Array) -> Any:
+  """Folds ``x`` into the act observer's state (static act specs only)."""
+  check_spec(layer, layer.act, x.shape, "activation")
+  observer = layer.observer_for(layer.act)
+  new = observer.update(observer.init(x, layer.act) if state is None
+                        else state, x)
+  check_finite(layer, "input activation", state, new)
+  return new
+
+
+def finalize_range(observer: calibration.Observer, state: Any) -> ActRange:
+  """The static range ``{"amax"[, "amin"]}`` an observer state picks."""
+  chosen = observer.finalize(state)
+  if isinstance(chosen, tuple):
+    amin, amax = chosen
+    return {"amin": jnp.asarray(amin, jnp.float32),
+            "amax": jnp.asarray(amax, jnp.float32)}
+  return {"amax": jnp.asarray(chosen, jnp.float32)}
+
+
+class LayerVariables(abc.ABC):
+  """A layer's quantization step on its operands, over some variable store.
+
+  Linen keeps the variables in collections of the module's scope, nnx as
+  attributes of the module; subclasses say how to read and write them and
+  this class does the rest (the table in the module docstring).
+  """
+
+  def __init__(self, quant: LayerQuant):
+    self.quant = quant
+
+  @abc.abstractmethod
+  def get_stats(self, name: str) -> Any | None:
+    """The observer state ``name`` (``WEIGHT_STATS`` or ``ACT_STATS``)."""
+
+  @abc.abstractmethod
+  def put_stats(self, name: str, state: Any) -> None:
+    """Stores the observer state ``name``."""
+
+  @abc.abstractmethod
+  def get_range(self) -> ActRange | None:
+    """The static activation range, if one was loaded."""
+
+  def recording(self) -> bool:
+    """Whether calibrate mode records now (not while initialising)."""
+    return True
+
+  def weight(self, w: jax.Array | QArray) -> jax.Array | QArray:
+    """The weight for the layer's op; records its range in calibrate mode."""
+    if self.quant.weight is None:
+      return w
+    if self.quant.mode == "calibrate" and self.recording():
+      self.put_stats(WEIGHT_STATS, observe_weight(
+          self.quant, self.get_stats(WEIGHT_STATS), w))
+    return transform_weight(self.quant, w)
+
+  def act(self, x: jax.Array) -> jax.Array | QArray:
+    """The input for the layer's op; records its statistics in calibrate."""
+    if self.quant.act is None:
+      return x
+    if self.quant.mode == "calibrate":
+      if self.quant.static_act and self.recording():
+        self.put_stats(ACT_STATS, observe_act(
+            self.quant, self.get_stats(ACT_STATS), x))
+      return x
+    return transform_act(self.quant, x,
+                         self.get_range() if self.quant.static_act else None)
+
+  def embed(self, table: jax.Array | QArray, ids: jax.Array) -> jax.Array:
+    """An embedding lookup (weight-only); records the table's range."""
+    if self.quant.mode == "calibrate" and self.recording():
+      self.put_stats(WEIGHT_STATS, observe_weight(
+          self.quant, self.get_stats(WEIGHT_STATS), table))
+    return embed_lookup(self.quant, table, ids)
+
+
+# The ops of serve mode: the layer's own op when both operands are float,
+# jaxq's low-bit op as soon as one is a QArray.
+
+
+def _is_quantized(*operands: Any) -> bool:
+  return any(isinstance(x, QArray) for x in operands)
+
+
+def serve_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                      preferred_element_type=None, **kwargs) -> jax.Array:
+  """``lax.dot_general``'s signature; `jaxq.dot_general` on QArrays.
+
+  ``precision`` does not apply to the integer path and is ignored there.
+  """
+  if not _is_quantized(lhs, rhs):
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type,
+                           **kwargs)
+  return ops.dot_general(lhs, rhs, dimension_numbers,
+                         preferred_element_type=preferred_element_type)
+
+
+def serve_einsum(subscripts: str, lhs, rhs, precision=None,
+                 preferred_element_type=None, **kwargs) -> jax.Array:
+  """``jnp.einsum``'s two-operand signature; `jaxq.einsum` on QArrays."""
+  if not _is_quantized(lhs, rhs):
+    return jnp.einsum(subscripts, lhs, rhs, precision=precision,
+                      preferred_element_type=preferred_element_type, **kwargs)
+  return ops.einsum(subscripts, lhs, rhs,
+                    preferred_element_type=preferred_element_type)
+
+
+def serve_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
+               rhs_dilation=None, dimension_numbers=None,
+               feature_group_count=1, batch_group_count=1, precision=None,
+               preferred_element_type=None, **kwargs) -> jax.Array:
+  """``lax.conv_general_dilated``'s signature; `jaxq.conv` on QArrays."""
+  if not _is_quantized(lhs, rhs):
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision,
+        preferred_element_type=preferred_element_type, **kwargs)
+  if batch_group_count != 1:
+    raise ValueError("jaxq.conv: batch_group_count != 1 is not supported on "
+                     "quantized operands.")
+  return ops.conv(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                  rhs_dilation=rhs_dilation,
+                  dimension_numbers=dimension_numbers,
+                  feature_group_count=feature_group_count,
+                  preferred_element_type=preferred_element_type)
+
+
+# Embedding lookups: weight-only, reading only the looked-up rows.
+
+
+def embed_spec(spec: QuantSpec, table_shape: tuple[int, ...]) -> QuantSpec:
+  """The spec of an embedding table: scales that never span two rows.
+
+  A lookup reads rows, so the table keeps its rule's granularity when each
+  block lies within one row (per-row channels, groups or MX along the
+  features) and otherwise gets one scale per row, ``PerChannel(axis=0)``.
+  """
+  try:
+    row_local = spec.granularity.block_shape(tuple(table_shape))[0] == 1
+  except ValueError:
+    row_local = False
+  return spec if row_local else spec.replace(granularity=PerChannel(axis=0))
+
+
+def embed_lookup(layer: LayerQuant, table: jax.Array | QArray,
+                 ids: jax.Array) -> jax.Array:
+  """``take(table, ids, axis=0)`` with the table quantized row by row.
+
+  ``layer.weight`` must already be the table's `embed_spec`. QAT
+  fake-quantizes only the looked-up rows (their scales depend on their own
+  row alone, so this equals a lookup in the fake-quantized table); serve
+  gathers the rows of the stored values and of their scales. Returns
+  ``ids.shape + (features,)``.
+  """
+  features = table.shape[-1]
+  flat_ids = jnp.reshape(ids, (-1,))
+  if layer.mode == "serve":
+    qa = transform_weight(layer, table)
+    take = lambda a: None if a is None else jnp.take(a, flat_ids, axis=0)
+    rows = dequantize(QArray(values=take(qa.values), scale=take(qa.scale),
+                             zero_point=take(qa.zero_point), spec=qa.spec,
+                             dtype=qa.dtype))
+  else:
+    check_spec(layer, layer.weight, table.shape, "weight")
+    rows = jnp.take(table, flat_ids, axis=0)
+    if layer.mode == "qat":
+      rows = fake_quant(rows, layer.weight)
+  return rows.reshape(tuple(ids.shape) + (features,))

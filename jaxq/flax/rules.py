@@ -1,0 +1,155 @@
+"""Rules: which layers are quantized, and how.
+
+A `Rule` maps module paths to quantizers. Paths are the "/"-joined names of
+the modules from the root, e.g. ``"encoder/layers_0/attention/query"`` for
+linen or ``"encoder/layers/0/attention/query"`` for nnx (the attribute path).
+Rules are tried in order and the first rule whose ``path_regex`` matches
+the whole path (``re.fullmatch``) and whose ``module_types`` (when given)
+include the module wins; a layer no rule matches stays in float.
+
+```python
+rules = [
+    jaxq.Rule(r".*head", skip=True),                          # leave in float
+    jaxq.Rule(r".*", module_types=("Embed",),
+              weight=QuantSpec("int8", PerChannel(axis=0))),  # one scale per row
+    jaxq.Rule(r".*", weight=QuantSpec("int8", PerChannel(axis=-1)),
+              act=QuantSpec("int8", PerToken())),
+]
+```
+
+`LayerInfo` records which rule each layer got; `unmatched` lists the rules
+that matched no layer (a likely typo in a regex), which `quantize_model`
+also reports with a `UserWarning`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from typing import Iterable, Sequence
+
+from jaxq.spec import QuantSpec
+
+ModuleType = type | str
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """Quantizers for the layers whose path matches ``path_regex``.
+
+  Attributes:
+    path_regex: a regular expression matched against the whole "/"-joined
+      module path with ``re.fullmatch`` (use ``".*name.*"`` to match a
+      substring).
+    weight: the quantizer of the layer's weight (a module parameter: a
+      ``kernel`` or an ``embedding`` table), or None to keep it in float.
+    act: the quantizer of the layer's input activation, or None to keep it
+      in float. ``act.dynamic`` picks per-batch ranges (True) or static
+      ranges calibrated beforehand (False). Embedding lookups are weight-only
+      and ignore ``act``.
+    skip: leave the matching layers in float; ``weight`` and ``act`` must be
+      None.
+    module_types: restrict the rule to these module types: classes (matched
+      with ``isinstance``) or class names (matched against the names of the
+      module's class and its bases, e.g. ``"Dense"`` or ``"Linear"``).
+  """
+
+  path_regex: str
+  weight: QuantSpec | None = None
+  act: QuantSpec | None = None
+  skip: bool = False
+  module_types: tuple[ModuleType, ...] | None = None
+
+  def __post_init__(self):
+    try:
+      re.compile(self.path_regex)
+    except re.error as e:
+      raise ValueError(f"Rule: invalid path_regex {self.path_regex!r}: {e}"
+                       ) from None
+    for name, spec in (("weight", self.weight), ("act", self.act)):
+      if spec is not None and not isinstance(spec, QuantSpec):
+        raise ValueError(f"Rule({self.path_regex!r}): {name} must be a "
+                         f"QuantSpec or None, got {spec!r}.")
+    if self.skip and (self.weight is not None or self.act is not None):
+      raise ValueError(f"Rule({self.path_regex!r}): a skip rule cannot also "
+                       f"carry weight or act specs.")
+    if not self.skip and self.weight is None and self.act is None:
+      raise ValueError(f"Rule({self.path_regex!r}): give a weight spec, an "
+                       f"act spec, or skip=True.")
+    if self.module_types is not None:
+      types = (self.module_types,) if isinstance(
+          self.module_types, (type, str)) else tuple(self.module_types)
+      object.__setattr__(self, "module_types", types)
+
+  def matches(self, path: str, module: object) -> bool:
+    """Whether this rule applies to ``module`` at ``path``."""
+    if re.fullmatch(self.path_regex, path) is None:
+      return False
+    if self.module_types is None:
+      return True
+    names = {cls.__name__ for cls in type(module).__mro__}
+    return any(isinstance(module, t) if isinstance(t, type) else t in names
+               for t in self.module_types)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+  """One quantizable layer and the rule it got.
+
+  Attributes:
+    path: the "/"-joined module path.
+    module_type: the module's class name.
+    rule: the first matching rule, or None when no rule matched.
+    weight_shape: the shape of the layer's weight parameter.
+    weight_name: the weight parameter's name in the layer (``"kernel"``,
+      ``"embedding"``, or a user module's own name).
+    weight: the weight spec applied (the rule's, adapted for embeddings;
+      see `jaxq.flax.core.embed_spec`), or None.
+    act: the input activation spec applied, or None.
+  """
+
+  path: str
+  module_type: str
+  rule: Rule | None
+  weight_shape: tuple[int, ...]
+  weight_name: str = "kernel"
+  weight: QuantSpec | None = None
+  act: QuantSpec | None = None
+
+  @property
+  def quantized(self) -> bool:
+    """Whether a non-skip rule applies."""
+    return self.rule is not None and not self.rule.skip
+
+
+def check_rules(rules: Sequence[Rule] | Rule) -> tuple[Rule, ...]:
+  """Validates ``rules`` and returns them as a tuple."""
+  rules = (rules,) if isinstance(rules, Rule) else tuple(rules)
+  for i, rule in enumerate(rules):
+    if not isinstance(rule, Rule):
+      raise ValueError(f"quantize_model: rules[{i}] must be a jaxq.Rule, got "
+                       f"{rule!r}.")
+  return rules
+
+
+def match(rules: Sequence[Rule], path: str, module: object) -> Rule | None:
+  """The first rule that applies to ``module`` at ``path``, or None."""
+  return next((r for r in rules if r.matches(path, module)), None)
+
+
+def unmatched(rules: Sequence[Rule], layers: Iterable[LayerInfo]
+              ) -> tuple[Rule, ...]:
+  """The rules that no layer got (first match wins, so shadowed rules too)."""
+  used = {id(layer.rule) for layer in layers if layer.rule is not None}
+  return tuple(r for r in rules if id(r) not in used)
+
+
+def warn_unmatched(rules: Sequence[Rule], layers: Iterable[LayerInfo]) -> None:
+  """Warns with a `UserWarning` naming every rule that matched no layer."""
+  missing = unmatched(rules, layers)
+  if missing:
+    names = ", ".join(repr(r.path_regex) for r in missing)
+    warnings.warn(f"jaxq: {len(missing)} rule(s) matched no layer: {names}. "
+                  f"Check the regexes against jaxq.layers(qmodel).",
+                  UserWarning, stacklevel=3)
