@@ -8,6 +8,13 @@ from jaxq import calibration
 from jaxq import formats
 from jaxq import granularity
 from jaxq import observers
+from jaxq.convert import ConvertReport
+from jaxq.convert import convert
+from jaxq.flax import Rule
+from jaxq.flax import act_ranges
+from jaxq.flax import layers
+from jaxq.flax import quantize_model
+from jaxq.flax import unmatched_rules
 from jaxq.granularity import MX
 from jaxq.granularity import PerBlock
 from jaxq.granularity import PerChannel
