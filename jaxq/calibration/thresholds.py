@@ -8,6 +8,7 @@ range beyond the largest value seen only coarsens the grid. An empty
 histogram gives 0. The search over candidate thresholds is vectorised: one
 ``(candidates, num_bins)`` array per channel, channels mapped sequentially
 with `jax.lax.map` to bound memory (about 16 MB per array at 2048 bins).
+The functions are jitted (settings static), so eager calls compile once.
 
 * `percentile_amax`: numpy's default ("linear") percentile, estimated from
   the histogram: the two order statistics around the 0-based rank
@@ -53,6 +54,7 @@ def _per_channel(fn, counts: jax.Array, width: jax.Array, amax: jax.Array
   return jnp.minimum(threshold, amax)
 
 
+@functools.partial(jax.jit, static_argnames=("q",))
 def percentile_amax(counts: jax.Array, width: jax.Array, amax: jax.Array,
                     q: float) -> jax.Array:
   """The ``q``-th percentile of |x| per channel (numpy's "linear" rule)."""
@@ -114,6 +116,7 @@ def _entropy_one(counts: jax.Array, width: jax.Array, *, num_levels: int,
   return candidates[best].astype(jnp.float32) * width
 
 
+@functools.partial(jax.jit, static_argnames=("num_levels", "start_bin"))
 def entropy_amax(counts: jax.Array, width: jax.Array, amax: jax.Array, *,
                  num_levels: int, start_bin: int) -> jax.Array:
   """TensorRT's minimum-KL threshold per channel (see the module docstring)."""
@@ -148,6 +151,7 @@ def _mse_one(counts: jax.Array, width: jax.Array, *,
   return candidates[jnp.argmin(total_error)]
 
 
+@functools.partial(jax.jit, static_argnames=("fmt",))
 def mse_amax(counts: jax.Array, width: jax.Array, amax: jax.Array, *,
              fmt: formats_lib.Format) -> jax.Array:
   """The bin edge minimising the expected quantization MSE, per channel."""

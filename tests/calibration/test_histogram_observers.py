@@ -287,7 +287,8 @@ def test_histogram_rejects_dynamic_grouped_and_affine_specs(spec, match):
 
 def test_observer_for_picks_the_named_method():
   rng = np.random.default_rng(14)
-  batches = [rng.standard_normal(4096).astype(np.float32)]
+  x = rng.standard_normal(4096).astype(np.float32)
+  state = _calibrate(jaxq.observers.entropy(), INT8, [x])
   for method, reference in (
       ("max", jaxq.observers.max()),
       ("percentile", jaxq.observers.percentile(99.9)),
@@ -295,9 +296,11 @@ def test_observer_for_picks_the_named_method():
       ("mse", jaxq.observers.mse())):
     spec = QuantSpec("int8", PerTensor(), calibration=method, percentile=99.9)
     obs = jaxq.observers.observer_for(spec)
-    np.testing.assert_array_equal(
-        obs.finalize(_calibrate(obs, spec, batches)),
-        reference.finalize(_calibrate(reference, spec, batches)))
+    np.testing.assert_array_equal(obs.finalize(state),
+                                  reference.finalize(state))
+  spec = QuantSpec("int8", calibration="mse")
+  assert isinstance(jaxq.observers.observer_for(spec).init(x, spec),
+                    calibration.HistogramState)
 
 
 def test_bad_arguments_are_rejected():
