@@ -15,6 +15,7 @@ from jaxq.flax import act_ranges
 from jaxq.flax import layers
 from jaxq.flax import quantize_model
 from jaxq.flax import unmatched_rules
+from jaxq.fold import fold_batchnorm
 from jaxq.granularity import MX
 from jaxq.granularity import PerBlock
 from jaxq.granularity import PerChannel
