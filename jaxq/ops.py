@@ -497,7 +497,7 @@ def _conv_scale(op: str, side: str, operand: _Operand, kept_axis: int,
     if any(s != 1 for a, s in enumerate(tensor.shape) if a != kept_axis):
       raise ValueError(
           f"{op}: the {side} {label} has shape {tuple(tensor.shape)} for "
-          f"values of shape {tuple(operand.values.shape)}; an integer "
+          f"values of shape {tuple(operand.values.shape)}; a low-bit "
           f"convolution needs it per tensor or per {what} (axis "
           f"{kept_axis}).")
 
