@@ -354,7 +354,7 @@ def _grouped_dot(lhs: _Operand, rhs: _Operand, layout: _DotLayout) -> Array:
   out = acc.astype(jnp.float32)
   for side, operand in ((True, lhs), (False, rhs)):
     if operand.scale is not None:
-      out = out * _to_output_layout(operand.scale, layout, side)
+      out = out * _to_output_layout(operand.scale, layout, lhs=side)
   if not layout.num_grouped:
     return out
   first = len(layout.lhs_batch)
@@ -364,21 +364,20 @@ def _grouped_dot(lhs: _Operand, rhs: _Operand, layout: _DotLayout) -> Array:
 def _zero_point_correction(lhs: _Operand, rhs: _Operand, layout: _DotLayout
                            ) -> Array:
   """``z_a sum b + z_b sum a - g z_a z_b`` per group, in int32."""
-  correction = jnp.zeros((), jnp.int32)
-  lzero = rzero = None
+  terms = []
   if lhs.zero_point is not None:
-    lzero = _to_output_layout(lhs.zero_point, layout, True)
-    correction = correction + lzero * _to_output_layout(
-        _contraction_sums(rhs.values, layout, False), layout, False)
+    lzero = _to_output_layout(lhs.zero_point, layout, lhs=True)
+    terms.append(lzero * _to_output_layout(
+        _contraction_sums(rhs.values, layout, lhs=False), layout, lhs=False))
   if rhs.zero_point is not None:
-    rzero = _to_output_layout(rhs.zero_point, layout, False)
-    correction = correction + rzero * _to_output_layout(
-        _contraction_sums(lhs.values, layout, True), layout, True)
-  if lzero is not None and rzero is not None:
+    rzero = _to_output_layout(rhs.zero_point, layout, lhs=False)
+    terms.append(rzero * _to_output_layout(
+        _contraction_sums(lhs.values, layout, lhs=True), layout, lhs=True))
+  if lhs.zero_point is not None and rhs.zero_point is not None:
     group_size = math.prod(layout.lhs_shape[a] // n for a, n in
                            zip(layout.lhs_contract, layout.groups))
-    correction = correction - group_size * lzero * rzero
-  return correction
+    terms.append(-group_size * lzero * rzero)
+  return functools.reduce(jnp.add, terms)
 
 
 def dot_general(lhs: Operand, rhs: Operand,

@@ -166,8 +166,9 @@ def test_dot_general_batch_dims_with_groups():
 def test_dot_general_two_contractions_and_negative_axes():
   lhs = _quantize(_random(4, (6, 4, 64)), _int8(PerGroup(-1, 32)))
   rhs = _quantize(_random(5, (4, 64, 10)), _int8(PerChannel(-1)))
-  out = jaxq.dot_general(lhs, rhs, (((-2, -1), (0, 1)), ((), ())),
-                         preferred_element_type=jnp.bfloat16)
+  out = jax.jit(functools.partial(
+      jaxq.dot_general, dimension_numbers=(((-2, -1), (0, 1)), ((), ())),
+      preferred_element_type=jnp.bfloat16))(lhs, rhs)
   assert out.dtype == jnp.bfloat16
   _assert_close(out, np.einsum("mab,abn->mn", _dequantize64(lhs),
                                _dequantize64(rhs)), rtol=5e-3)
@@ -191,11 +192,12 @@ def test_weight_only_affine_and_bfloat16():
   x = _random(8, (8, 128)).astype(jnp.bfloat16)
   w = _quantize(_random(9, (128, 16)),
                     QuantSpec("uint8", PerChannel(-1), symmetric=False))
-  out = jaxq.dot_general(x, w, MATMUL)
+  matmul = jax.jit(jaxq.dot_general, static_argnums=(2, 3))
+  out = matmul(x, w, MATMUL)
   assert out.dtype == jnp.bfloat16
   # The bf16 products are exact and accumulate in float32; only the output
   # is rounded to bfloat16.
-  precise = jaxq.dot_general(x, w, MATMUL, preferred_element_type=jnp.float32)
+  precise = matmul(x, w, MATMUL, jnp.float32)
   _assert_close(precise, _dequantize64(x) @ _dequantize64(w))
   _assert_close(out, _dequantize64(x) @ _dequantize64(w), rtol=5e-3)
 
@@ -203,7 +205,7 @@ def test_weight_only_affine_and_bfloat16():
 def test_activation_quantized_weight_float():
   x = _quantize(_random(10, (8, 64)), _int8(PerToken()))
   w = _random(11, (64, 16))
-  _assert_close(jaxq.dot_general(x, w, MATMUL),
+  _assert_close(jax.jit(jaxq.dot_general, static_argnums=2)(x, w, MATMUL),
                 _dequantize64(x) @ _dequantize64(w))
 
 
@@ -286,20 +288,21 @@ def test_conv_nchw_weight_only_and_per_example_scale():
   x = _random(16, (3, 4, 7, 7))
   w = _quantize(_random(17, (8, 4, 3, 3)), _int8(PerChannel(0)))
   dimension_numbers = ("NCHW", "OIHW", "NCHW")
-  out = jaxq.conv(x, w, (1, 1), "SAME", dimension_numbers=dimension_numbers)
+  convolve = jax.jit(functools.partial(jaxq.conv, window_strides=(1, 1),
+                                       padding="SAME",
+                                       dimension_numbers=dimension_numbers))
+  out = convolve(x, w)
   to_nhwc, to_hwio = (0, 2, 3, 1), (2, 3, 1, 0)
   reference = _conv_reference(
       _dequantize64(x).transpose(to_nhwc), _dequantize64(w).transpose(to_hwio),
       (1, 1), ((1, 1), (1, 1)), (1, 1), 1).transpose(0, 3, 1, 2)
   _assert_close(out, reference)
-  _assert_low_bit(functools.partial(jaxq.conv, window_strides=(1, 1),
-                                    padding="SAME",
-                                    dimension_numbers=dimension_numbers),
-                  x, w, operand_dtypes={FLOAT32}, result_dtype=FLOAT32)
+  _assert_low_bit(convolve, x, w, operand_dtypes={FLOAT32},
+                  result_dtype=FLOAT32)
   # An int8 input with one scale per example (a PerChannel over the batch).
   qx = _quantize(x, _int8(PerChannel(0)))
   _assert_close(
-      jaxq.conv(qx, w, (1, 1), "SAME", dimension_numbers=dimension_numbers),
+      convolve(qx, w),
       _conv_reference(
           _dequantize64(qx).transpose(to_nhwc),
           _dequantize64(w).transpose(to_hwio), (1, 1), ((1, 1), (1, 1)),
