@@ -238,10 +238,8 @@ class QuantizedLinen:
     """``nn.Einsum.__call__`` with `jaxq.einsum` (linen's takes no op)."""
     einsum_str = nn.merge_param("einsum_str", module.einsum_str, einsum_str)
     einsum_str = einsum_str.replace(" ", "")
-    kernel = module.param("kernel", module.kernel_init, module.shape,
-                          module.param_dtype)
-    bias = module.param("bias", module.bias_init, (), module.param_dtype
-                        ) if module.use_bias else None
+    kernel = module.get_variable("params", "kernel")
+    bias = module.get_variable("params", "bias") if module.use_bias else None
     float_kernel = jax.ShapeDtypeStruct(tuple(kernel.shape), jnp.float32)
     x, w, bias = promote_dtype(inputs, kernel, bias, dtype=module.dtype)
     y = core.serve_einsum(einsum_str, x, w,
@@ -298,7 +296,8 @@ class _WeightOp:
 
   def __call__(self, lhs, rhs, *args, **kwargs) -> jax.Array:
     params = self.module.variables.get("params", {})
-    name_of = lambda x: next((k for k, p in params.items() if x is p), None)
+    name_of = lambda x: next((k for k, p in params.items() if _same(x, p)),
+                             None)
     if name_of(lhs) is None and name_of(rhs) is None:
       return self.original(lhs, rhs, *args, **kwargs)
     weight_is_rhs = name_of(rhs) is not None
@@ -317,6 +316,17 @@ class _WeightOp:
                        f"but no rule quantizes it.")
     lhs, rhs = (x, w) if weight_is_rhs else (w, x)
     return op(lhs, rhs, *args, **kwargs)
+
+
+def _same(x: Any, param: Any) -> bool:
+  """Whether ``x`` is the parameter ``param`` itself (not a copy or a cast).
+
+  A QArray parameter comes back from the scope as a new pytree node around
+  the same arrays, so QArrays compare by their values array.
+  """
+  if isinstance(x, QArray) and isinstance(param, QArray):
+    return x.values is param.values
+  return x is param
 
 
 def quantize_linen(model: nn.Module, rules: Sequence[rules_lib.Rule],
