@@ -197,7 +197,8 @@ def _accumulation_dtype(kind: str) -> np.dtype:
 # dot_general
 
 
-def _normalize_axes(op: str, side: str, axes: Sequence[int], shape) -> tuple:
+def _normalize_axes(op: str, side: str, axes: Sequence[int],
+                    shape: Sequence[int]) -> tuple[int, ...]:
   ndim = len(shape)
   out = []
   for a in axes:
@@ -242,7 +243,7 @@ class _DotLayout:
   def num_grouped(self) -> int:
     return sum(n > 1 for n in self.groups)
 
-  def side(self, lhs: bool):
+  def side(self, lhs: bool) -> tuple[tuple[int, ...], ...]:
     """(shape, contract, batch, free) of one side."""
     if lhs:
       return (self.lhs_shape, self.lhs_contract, self.lhs_batch,
