@@ -134,3 +134,12 @@ def test_observer_for_max_and_protocol_fields():
   obs = jaxq.observers.observer_for(QuantSpec("int8"))
   assert isinstance(obs, calibration.Observer)
   assert obs._fields == ("init", "update", "finalize")
+
+
+def test_init_needs_only_shape_and_dtype():
+  spec = QuantSpec("int8", PerChannel(axis=-1), calibration="entropy")
+  template = jax.ShapeDtypeStruct((2, 4), jnp.bfloat16)
+  for obs in (jaxq.observers.max(), jaxq.observers.observer_for(spec)):
+    state = obs.init(template, spec)
+    state = obs.update(state, jnp.ones((2, 4), jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(state.amax), [[1.0] * 4])
