@@ -1,15 +1,25 @@
 """Calibration observers: the statistics that pick static quantization ranges.
 
 Every observer is an ``(init, update, finalize)`` triple of pure functions
-(`Observer`); see `jaxq.calibration.base` for the protocol and
-`jaxq.calibration.minmax` for the max observer.
+(`Observer`, see `jaxq.calibration.base`), and ``jaxq.observers`` names them:
+
+* ``max()``: running max |x| (or min/max when affine) per scale block, any
+  granularity (`jaxq.calibration.minmax`).
+* ``percentile(q)``, ``entropy(num_bins=2048, start_bin=128)``, ``mse()``:
+  amax chosen from per-tensor or per-channel |x| histograms that grow their
+  range inside ``jit`` without losing counts (`jaxq.calibration.histogram`,
+  `jaxq.calibration.thresholds`). They share `HistogramState`, so one pass
+  can be finalized by each of them (and by ``max()``).
 
 ```python
-obs = jaxq.observers.max()           # or jaxq.observers.observer_for(spec)
+obs = jaxq.observers.observer_for(spec)    # from spec.calibration
 state = obs.init(x, spec)
-state = jax.jit(obs.update)(state, x)
-amax = obs.finalize(state)           # keepdims scale shape; (amin, amax) if affine
+state = jax.jit(obs.update)(state, x)      # once per batch
+amax = obs.finalize(state)                 # keepdims scale shape
 ```
+
+NaN/Inf are left out of every statistic and counted: `nonfinite_count`.
+States from different devices or runs combine with `merge`.
 """
 
 from __future__ import annotations
