@@ -8,6 +8,8 @@ from jaxq import calibration
 from jaxq import formats
 from jaxq import granularity
 from jaxq import observers
+from jaxq.checkpoint import load
+from jaxq.checkpoint import save
 from jaxq.convert import ConvertReport
 from jaxq.convert import convert
 from jaxq.flax import Rule
