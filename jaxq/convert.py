@@ -164,7 +164,7 @@ def _convert_nnx(qmodel: nnx.Module, variables: nnx.State,
   flat = {p: v for p, v in flat.items() if not isinstance(v, nnx_lib.QuantStat)}
   if stats is not None:
     flat.update(nnx.to_flat_state(nnx_lib.act_ranges(qmodel, stats)))
-  return nnx.State.from_flat_path(flat), tuple(report)
+  return nnx.from_flat_state(flat), tuple(report)
 
 
 def convert(qmodel: jaxq_flax.QuantizedLinen | nnx.Module, variables: Any,
@@ -200,7 +200,7 @@ def convert(qmodel: jaxq_flax.QuantizedLinen | nnx.Module, variables: Any,
     raise ValueError(f"convert: expected a model from jaxq.quantize_model, "
                      f"got {type(qmodel).__name__}.")
   before = {k: v for k, v in variables.items() if k not in _NOT_CONVERTED
-            } if isinstance(variables, dict) else nnx.State.from_flat_path({
+            } if isinstance(variables, dict) else nnx.from_flat_state({
                 p: v for p, v in nnx.to_flat_state(variables)
                 if not isinstance(v, nnx_lib.QuantStat)})
   return serving, ConvertReport(float_bytes=tree_bytes(before),

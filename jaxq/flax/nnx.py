@@ -282,4 +282,4 @@ def act_ranges(qmodel: nnx.Module, stats: nnx.State) -> nnx.State:
                        f"mode on at least one batch.")
     ranges[tuple(path) + ("jaxq_act_range",)] = QuantRange(
         core.finalize_range(quant.observer_for(quant.act), state))
-  return nnx.State.from_flat_path(ranges)
+  return nnx.from_flat_state(ranges)
