@@ -1,0 +1,157 @@
+"""Tests of the float half of `examples/digits_cnn.py`.
+
+Training runs a couple of epochs on the real digits (one compiled epoch,
+shared by every test here through the jit cache): an accuracy floor far below
+what the run reaches, bit-identical parameters across runs with one seed, and
+the structure that BatchNorm folding and quantization rules rely on.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn import datasets
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "examples"))
+import digits_cnn  # noqa: E402
+
+QUICK = digits_cnn.TrainConfig(epochs=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def data() -> digits_cnn.Digits:
+  return digits_cnn.load_digits(seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(data) -> tuple[dict, float]:
+  return digits_cnn.train(data, QUICK, progress=False)
+
+
+def test_split_shapes_dtypes_and_range(data):
+  x_train, y_train, x_test, y_test = data
+  assert x_train.shape == (1437, 8, 8, 1) and x_test.shape == (360, 8, 8, 1)
+  assert y_train.shape == (1437,) and y_test.shape == (360,)
+  assert x_train.dtype == np.float32 and y_train.dtype == np.int32
+  assert x_train.min() == 0.0 and x_train.max() == 1.0
+  assert set(np.unique(y_test)) == set(range(10))
+
+
+def test_split_is_stratified_and_partitions_the_data(data):
+  x_train, y_train, x_test, y_test = data
+  counts = np.bincount(np.concatenate([y_train, y_test]), minlength=10)
+  expected_test = counts * len(y_test) / counts.sum()
+  np.testing.assert_array_less(
+      np.abs(np.bincount(y_test, minlength=10) - expected_test), 1.0 + 1e-9)
+  # Every image lands in exactly one side: the union is the whole data set.
+  images = datasets.load_digits().images.reshape(-1, 64) / 16.0
+  ours = np.concatenate([x_train, x_test]).reshape(-1, 64)
+  np.testing.assert_array_equal(np.unique(ours, axis=0),
+                                np.unique(images.astype(np.float32), axis=0))
+  assert len(ours) == len(images)
+
+
+def test_split_depends_on_seed(data):
+  other = digits_cnn.load_digits(seed=1)
+  assert not np.array_equal(other.y_test, data.y_test)
+  np.testing.assert_array_equal(digits_cnn.load_digits(seed=0).x_test,
+                                data.x_test)
+
+
+def test_load_digits_rejects_bad_test_size():
+  with pytest.raises(ValueError, match="test_size"):
+    digits_cnn.load_digits(test_size=1797)
+
+
+def test_conv_bn_pairs_name_real_modules(trained):
+  variables, _ = trained
+  params, stats = variables["params"], variables["batch_stats"]
+  assert set(params) == set(digits_cnn.CONV_BN_PAIRS) | set(
+      digits_cnn.CONV_BN_PAIRS.values()) | {"head"}
+  for conv, bn in digits_cnn.CONV_BN_PAIRS.items():
+    kernel = params[conv]["kernel"]
+    assert "bias" not in params[conv]  # the folded BatchNorm supplies it
+    for leaf in (params[bn]["scale"], params[bn]["bias"], stats[bn]["mean"],
+                 stats[bn]["var"]):
+      assert leaf.shape == (kernel.shape[-1],)
+  # Depthwise kernels (h, w, in / groups = 1, out = in): one filter a channel.
+  assert params["dw2"]["kernel"].shape == (3, 3, 1, 16)
+  assert params["dw4"]["kernel"].shape == (3, 3, 1, 32)
+
+
+def test_short_training_clears_accuracy_floor(trained, data):
+  variables, accuracy = trained
+  # Two epochs reach about 95%; chance is 10%.
+  assert accuracy > 0.85
+  logits = digits_cnn.predict(variables, data.x_test,
+                              model=digits_cnn.DigitsCNN())
+  reference = np.argmax(np.asarray(logits), axis=-1)
+  assert accuracy == pytest.approx(np.mean(reference == data.y_test))
+
+
+def test_training_is_deterministic(trained, data):
+  variables, accuracy = trained
+  again, again_accuracy = digits_cnn.train(data, QUICK, progress=False)
+  chex.assert_trees_all_equal(variables, again)
+  assert accuracy == again_accuracy
+
+
+def test_evaluate_scores_any_apply_fn():
+  # A classifier that predicts the first pixel's value: right on 7 of 10.
+  predictions = np.arange(10)
+  labels = np.where(np.arange(10) < 7, predictions, (predictions + 1) % 10)
+  x = np.zeros((10, 8, 8, 1), np.float32)
+  x[:, 0, 0, 0] = predictions
+
+  def apply_fn(variables, x):
+    return variables["gain"] * jax.nn.one_hot(x[:, 0, 0, 0].astype(int), 10)
+
+  assert digits_cnn.evaluate(apply_fn, {"gain": 2.0}, x, labels) == (
+      pytest.approx(np.mean(predictions == labels)))
+  assert digits_cnn.evaluate(apply_fn, {"gain": 2.0}, x, predictions) == 1.0
+
+
+def test_evaluate_rejects_misshaped_logits():
+  with pytest.raises(ValueError, match=r"logits of shape \(4, classes\)"):
+    digits_cnn.evaluate(lambda v, x: jnp.zeros((3, 10)), {},
+                        np.zeros((4, 8, 8, 1)), np.zeros(4, np.int32))
+
+
+@pytest.mark.parametrize("field, value", [("epochs", 0), ("batch_size", 0),
+                                          ("learning_rate", 0.0)])
+def test_train_config_rejects_bad_values(field, value):
+  with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
+    digits_cnn.TrainConfig(**{field: value})
+
+
+def test_tree_bytes_counts_every_leaf(trained):
+  variables, _ = trained
+  leaves = jax.tree.leaves(variables)
+  assert digits_cnn.tree_bytes(variables) == 4 * sum(x.size for x in leaves)
+
+
+def test_format_table_rows_relative_to_first():
+  rows = [digits_cnn.Row("float32", 0.99, 4000, 1.0),
+          digits_cnn.Row("int8 per-channel", 0.985, 1000, 2.0)]
+  lines = digits_cnn.format_table(rows).splitlines()
+  assert len(lines) == 3
+  assert lines[1].split() == ["float32", "99.00%", "4000", "1.00", "1.0"]
+  assert lines[2].split()[-4:] == ["98.50%", "1000", "4.00", "2.0"]
+  with pytest.raises(ValueError, match="at least one row"):
+    digits_cnn.format_table([])
+
+
+def test_main_quick_prints_float_row(trained, capsys):
+  _, accuracy = trained
+  digits_cnn.main(["--quick", "--no-progress"])
+  out, err = capsys.readouterr()
+  float_row = next(line for line in out.splitlines()
+                   if line.startswith("float32"))
+  assert float_row.split()[1] == f"{100 * accuracy:.2f}%"
+  assert err == ""  # no progress bar when asked for none
