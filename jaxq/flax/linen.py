@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
@@ -187,7 +186,7 @@ class QuantizedLinen:
     elif isinstance(module, _PROMOTING):
       if context.method_name == "__call__":
         return self._promoting(module, next_fun, args, kwargs)
-    elif any(isinstance(getattr(module, f, None), Callable)
+    elif any(callable(getattr(module, f, None))
              for f in _OP_FIELDS if f in module.__dataclass_fields__):
       return self._custom(module, next_fun, args, kwargs)
     return next_fun(*args, **kwargs)
