@@ -2,8 +2,8 @@
 
 ```python
 report = jaxq.save("model.safetensors", serving, rules, metadata={"a": 1})
-print(report)  # model.safetensors: 0.14 MB on disk, 1.07 MB in float (7.6x
-               # smaller)
+print(report)  # model.safetensors: 140.61 KiB on disk, 1.05 MiB in float
+               # (7.6x smaller)
 loaded = jaxq.load("model.safetensors")
 y = serve.apply(loaded.variables, x)      # linen
 nnx.replace_by_pure_dict(state, loaded.variables)   # nnx
@@ -131,9 +131,15 @@ class SaveReport:
     return self.float_bytes / max(self.file_bytes, 1)
 
   def __str__(self) -> str:
-    return (f"{self.path}: {self.file_bytes / 2**20:.2f} MB on disk, "
-            f"{self.float_bytes / 2**20:.2f} MB in float "
+    return (f"{self.path}: {_human_bytes(self.file_bytes)} on disk, "
+            f"{_human_bytes(self.float_bytes)} in float "
             f"({self.ratio:.1f}x smaller)")
+
+
+def _human_bytes(num_bytes: int) -> str:
+  unit = max((u for u in range(4) if num_bytes >= 1024**u), default=0)
+  return (f"{num_bytes} B" if unit == 0 else
+          f"{num_bytes / 1024**unit:.2f} {('KiB', 'MiB', 'GiB')[unit - 1]}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,18 +204,26 @@ def _unpack_nibbles(packed: np.ndarray, dtype: np.dtype,
 
 
 def _stored_form(dtype: np.dtype, shape: tuple[int, ...]
-                 ) -> tuple[str, np.dtype, tuple[int, ...]]:
-  """``(encoding, stored dtype, stored shape)`` of a logical array."""
+                 ) -> tuple[str, np.dtype, tuple[int, ...]] | None:
+  """``(encoding, stored dtype, stored shape)`` of a logical array.
+
+  None for dtypes that cannot be stored and named again: objects, strings,
+  structured dtypes, and widths with no unsigned integer to carry the bits.
+  """
+  if dtype.kind not in "biufcV" or _dtype(dtype.name) != dtype:
+    return None
   if dtype in _NIBBLE_DTYPES:
     return "nibbles", np.dtype(np.uint8), ((math.prod(shape) + 1) // 2,)
   if _native_code(dtype) is not None:
     return "raw", dtype, shape
-  return "bits", _unsigned(dtype.itemsize), shape
+  if dtype.itemsize in (1, 2, 4, 8):
+    return "bits", _unsigned(dtype.itemsize), shape
+  return None
 
 
 def _encode(x: np.ndarray, where: str) -> tuple[np.ndarray, dict[str, Any]]:
   """The stored tensor and manifest entry of the array ``x``."""
-  if x.dtype.kind not in "biufcV" or x.dtype.itemsize not in (1, 2, 4, 8):
+  if _stored_form(x.dtype, x.shape) is None:
     raise ValueError(f"jaxq.save: cannot store the {x.dtype} array at "
                      f"{where!r}.")
   if x.dtype.byteorder == ">":  # safetensors is little-endian
@@ -230,19 +244,24 @@ def _sha256(stored: np.ndarray | bytes) -> str:
   return hashlib.sha256(stored).hexdigest()
 
 
-def _dtype(name: str) -> np.dtype:
-  """A numpy dtype from its name, ml_dtypes included."""
+def _dtype(name: str) -> np.dtype | None:
+  """A numpy dtype from its name, ml_dtypes included; None if unknown."""
   try:
     return np.dtype(name)
   except TypeError:
-    return np.dtype(getattr(ml_dtypes, name))
+    return np.dtype(getattr(ml_dtypes, name)) if hasattr(
+        ml_dtypes, name) else None
 
 
 def _decode(name: str, code: str, shape: list[int], data: bytes,
             entry: Mapping[str, Any]) -> np.ndarray:
   """Checks a stored tensor against its manifest entry and decodes it."""
   dtype, logical_shape = _dtype(entry["dtype"]), tuple(entry["shape"])
-  encoding, stored_dtype, stored_shape = _stored_form(dtype, logical_shape)
+  form = None if dtype is None else _stored_form(dtype, logical_shape)
+  if form is None:
+    raise CheckpointError(f"tensor {name!r}: unknown dtype "
+                          f"{entry['dtype']!r}.")
+  encoding, stored_dtype, stored_shape = form
   if encoding != entry["encoding"]:
     raise CheckpointError(f"tensor {name!r}: the manifest says encoding "
                           f"{entry['encoding']!r} for {dtype}, which is "
@@ -284,7 +303,11 @@ def _tuples(value: Any) -> Any:
 def _spec_from_json(fields: Mapping[str, Any]) -> QuantSpec:
   fields = dict(fields)
   granularity = dict(fields.pop("granularity"))
-  cls = _GRANULARITIES[granularity.pop("type")]
+  kind = granularity.pop("type")
+  if kind not in _GRANULARITIES:
+    raise CheckpointError(f"unknown granularity {kind!r}; this jaxq knows "
+                          f"{', '.join(_GRANULARITIES)}.")
+  cls = _GRANULARITIES[kind]
   granularity = cls(**{k: _tuples(v) for k, v in granularity.items()})
   return QuantSpec(granularity=granularity, **fields)
 
@@ -424,7 +447,7 @@ class _Encoder:
     if isinstance(node, (jax.Array, np.ndarray, np.generic)):
       self.add(name, node)
       self.num_arrays += 1
-      self.float_bytes += self.tensors[name].nbytes
+      self.float_bytes += np.asarray(node).nbytes
       # NumPy leaves come back as NumPy: jnp.asarray would turn int64 and
       # float64 into 32 bits unless x64 is on.
       return {"type": "array", "name": name,
@@ -434,8 +457,9 @@ class _Encoder:
                      f"or None.")
 
 
-def _decode_tree(node: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+def _decode_tree(node: Mapping[str, Any], arrays: dict[str, np.ndarray]
                  ) -> Any:
+  """Rebuilds the tree of ``node``, taking its tensors out of ``arrays``."""
   kind = node["type"]
   if kind == "dict":
     return {key: _decode_tree(child, arrays) for key, child in node["items"]}
@@ -443,11 +467,11 @@ def _decode_tree(node: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
     return None
   name = node["name"]
   if kind == "array":
-    return np.array(arrays[name]) if node["numpy"] else jnp.asarray(
-        arrays[name])
+    array = arrays.pop(name)
+    return np.array(array) if node["numpy"] else jnp.asarray(array)
   if kind == "qarray":
     spec, dtype = _spec_from_json(node["spec"]), _dtype(node["dtype"])
-    values, scale, zero_point = (arrays.get(f"{name}.{f}")
+    values, scale, zero_point = (arrays.pop(f"{name}.{f}", None)
                                  for f in _QARRAY_FIELDS)
     if values is None or scale is None:
       raise CheckpointError(f"QArray at {name!r}: values or scale missing.")
@@ -537,6 +561,37 @@ def save(path: str | os.PathLike, serving_variables: Mapping[Any, Any],
                     num_qarrays=encoder.num_qarrays)
 
 
+def _manifest(data: bytes) -> dict[str, Any]:
+  """The verified manifest in the header of the file contents ``data``."""
+  if len(data) < _HEADER_LENGTH.size:
+    raise CheckpointError(f"the file is truncated: {len(data)} bytes.")
+  (header_length,) = _HEADER_LENGTH.unpack_from(data)
+  header_end = _HEADER_LENGTH.size + header_length
+  if header_end > len(data):
+    raise CheckpointError(
+        f"the file is truncated or corrupted: its header claims "
+        f"{header_length} bytes but the file has {len(data)}.")
+  header = json.loads(data[_HEADER_LENGTH.size:header_end])
+  metadata = header.get("__metadata__") or {}
+  if MANIFEST_KEY not in metadata or DIGEST_KEY not in metadata:
+    raise CheckpointError("no jaxq manifest in the header: not a jaxq "
+                          "checkpoint, or its header is corrupted.")
+  text = metadata[MANIFEST_KEY]
+  if hashlib.sha256(text.encode()).hexdigest() != metadata[DIGEST_KEY]:
+    raise CheckpointError("the manifest does not match its checksum; the "
+                          "header is corrupted.")
+  manifest = json.loads(text)
+  version = manifest.get("format_version")
+  if not isinstance(version, int) or version < 1:
+    raise CheckpointError(f"invalid format version {version!r}.")
+  if version > FORMAT_VERSION:
+    raise CheckpointError(
+        f"written by jaxq {manifest.get('jaxq_version', '?')} in format "
+        f"version {version}; this jaxq ({jaxq.__version__}) reads up to "
+        f"version {FORMAT_VERSION}. Upgrade jaxq to load it.")
+  return manifest
+
+
 def _read(path: str | os.PathLike) -> tuple[bytes, dict[str, Any]]:
   """The file's bytes and its verified manifest."""
   path = os.fspath(path)
@@ -546,40 +601,14 @@ def _read(path: str | os.PathLike) -> tuple[bytes, dict[str, Any]]:
   except FileNotFoundError:
     raise CheckpointNotFoundError(
         f"jaxq.load: no checkpoint at {path!r}.") from None
-  if len(data) < _HEADER_LENGTH.size:
-    raise CheckpointError(f"jaxq.load: {path!r} is truncated: "
-                          f"{len(data)} bytes.")
-  (header_length,) = _HEADER_LENGTH.unpack_from(data)
-  header_end = _HEADER_LENGTH.size + header_length
-  if header_end > len(data):
-    raise CheckpointError(
-        f"jaxq.load: {path!r} is truncated or corrupted: its header claims "
-        f"{header_length} bytes but the file has {len(data)}.")
   try:
-    header = json.loads(data[_HEADER_LENGTH.size:header_end])
-    metadata = header.get("__metadata__") or {}
-  except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-    raise CheckpointError(f"jaxq.load: {path!r} has a corrupted header: {e}"
-                          ) from None
-  if MANIFEST_KEY not in metadata or DIGEST_KEY not in metadata:
-    raise CheckpointError(f"jaxq.load: {path!r} has no jaxq manifest: not a "
-                          f"jaxq checkpoint, or its header is corrupted.")
-  text = metadata[MANIFEST_KEY]
-  if hashlib.sha256(text.encode()).hexdigest() != metadata[DIGEST_KEY]:
-    raise CheckpointError(f"jaxq.load: {path!r}: the manifest does not match "
-                          f"its checksum; the header is corrupted.")
-  manifest = json.loads(text)
-  version = manifest.get("format_version")
-  if not isinstance(version, int) or version < 1:
-    raise CheckpointError(f"jaxq.load: {path!r}: invalid format version "
-                          f"{version!r}.")
-  if version > FORMAT_VERSION:
-    raise CheckpointError(
-        f"jaxq.load: {path!r} was written by jaxq "
-        f"{manifest.get('jaxq_version', '?')} in format version {version}; "
-        f"this jaxq ({jaxq.__version__}) reads up to version "
-        f"{FORMAT_VERSION}. Upgrade jaxq to load it.")
-  return data, manifest
+    return data, _manifest(data)
+  except CheckpointError as e:
+    raise CheckpointError(f"jaxq.load: {path!r}: {e}") from None
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # Bytes that are not UTF-8 JSON of the expected shape.
+    raise CheckpointError(f"jaxq.load: {path!r}: corrupted header: "
+                          f"{type(e).__name__}: {e}") from None
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -620,6 +649,9 @@ def load(path: str | os.PathLike) -> Loaded:
                             bytes(view["data"]), entries[name])
               for name, view in stored}
     variables = _decode_tree(manifest["tree"], arrays)
+    if arrays:
+      raise CheckpointError(f"tensors {sorted(arrays)} are in no leaf of the "
+                            f"tree.")
     rules = manifest["rules"]
     rules = None if rules is None else tuple(map(_rule_from_json, rules))
     metadata = dict(manifest["metadata"])

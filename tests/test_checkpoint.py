@@ -202,6 +202,19 @@ def test_fp8_and_e8m0_plain_arrays(tmp_path):
   _assert_same(variables, loaded.variables)
 
 
+def test_dtypes_safetensors_lacks_are_stored_as_bits(tmp_path):
+  codes = np.arange(256, dtype=np.uint8)
+  variables = {"e3m4": codes.view(ml_dtypes.float8_e3m4),
+               "b11": codes.view(ml_dtypes.float8_e4m3b11fnuz),
+               "int2": np.array([-2, -1, 0, 1] * 3, ml_dtypes.int2)}
+  _, loaded = _round_trip(tmp_path, variables)
+  _assert_same(variables, loaded.variables)
+  manifest = jaxq.checkpoint.read_manifest(tmp_path / "model.safetensors")
+  assert {e["encoding"] for e in manifest["tensors"].values()} == {"bits"}
+  header, _ = _read_container(tmp_path / "model.safetensors")
+  assert header["e3m4"]["dtype"] == "U8"
+
+
 def test_mixed_tree_keeps_structure(tmp_path):
   qa = _quantize(_weight((8, 4)), QuantSpec("int8", PerChannel(-1)))
   variables = {
@@ -241,6 +254,31 @@ def test_nnx_state_round_trip(tmp_path):
   nnx.replace_by_pure_dict(fresh, loaded.variables)
   np.testing.assert_array_equal(_bits(fresh["bias"].get_value()),
                                 _bits(model.bias[...]))
+
+
+class _MLP(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(16)(x))
+    return nn.Dense(4, name="head")(x)
+
+
+def test_linen_serve_from_loaded_variables_and_rules(tmp_path):
+  model, x = _MLP(), _weight((3, 8))
+  variables = model.init(jax.random.key(0), x)
+  rules = [jaxq.Rule(r".*head", skip=True),
+           jaxq.Rule(r".*", module_types=(nn.Dense,),
+                     weight=QuantSpec("int4", PerChannel(-1)),
+                     act=QuantSpec("int8", PerToken()))]
+  serve = jaxq.quantize_model(model, rules, mode="serve")
+  jax.eval_shape(serve.apply, variables, x)
+  serving, _ = jaxq.convert(serve, variables)
+  _, loaded = _round_trip(tmp_path, serving, rules)
+  # The rules come back with "Dense" for nn.Dense and still match.
+  reloaded = jaxq.quantize_model(model, loaded.rules, mode="serve")
+  np.testing.assert_array_equal(
+      jax.jit(reloaded.apply)(loaded.variables, x), serve.apply(serving, x))
 
 
 def test_save_overwrites_atomically(tmp_path):
@@ -309,7 +347,7 @@ def test_report_sizes_int4_is_an_eighth_of_float32(tmp_path):
   # Packed values (512 KiB) plus 1024 scales and a small header.
   assert 512 * 1024 + 4096 < report.file_bytes < 512 * 1024 + 4096 + 8192
   assert 7.8 < report.ratio < 8.0
-  assert "x smaller" in str(report)
+  assert str(report).endswith("on disk, 4.00 MiB in float (7.9x smaller)")
 
   int8 = jaxq.save(tmp_path / "int8.safetensors",
                    {"params": {"w": _quantize(x, QuantSpec("int8"))}})
@@ -332,6 +370,10 @@ def test_save_rejects_bad_trees(tmp_path):
     jaxq.save(path, {"params": {"name": "dense"}})
   with pytest.raises(ValueError, match="key .* must be a str or an int"):
     jaxq.save(path, {(1, 2): jnp.zeros(2)})
+  with pytest.raises(ValueError, match="cannot store the <U1 array at 'n'"):
+    jaxq.save(path, {"n": np.array(["a"])})
+  with pytest.raises(ValueError, match="cannot store the .* array at 'rec'"):
+    jaxq.save(path, {"rec": np.zeros(2, [("a", np.float32)])})
   with pytest.raises(ValueError, match="must be a mapping"):
     jaxq.save(path, [jnp.zeros(2)])
   with pytest.raises(ValueError, match=r"rules\[1\] must be a jaxq.Rule"):
@@ -493,7 +535,7 @@ def test_spec_that_does_not_match_the_arrays(saved, name, fields, message):
 def test_unknown_granularity_in_manifest(saved):
   _rewrite_manifest(saved, _set_spec("params/a",
                                      granularity={"type": "PerHeads"}))
-  with pytest.raises(CheckpointError, match="invalid manifest.*PerHeads"):
+  with pytest.raises(CheckpointError, match="unknown granularity 'PerHeads'"):
     jaxq.load(saved)
 
 
@@ -516,4 +558,13 @@ def test_missing_tensor_in_manifest(saved):
     del manifest["tensors"]["params/bias"]
   _rewrite_manifest(saved, edit)
   with pytest.raises(CheckpointError, match=r"unexpected \['params/bias'\]"):
+    jaxq.load(saved)
+
+
+def test_tensor_in_no_leaf_of_the_tree(saved):
+  def edit(manifest):
+    del manifest["tree"]["items"][0][1]["items"][-1]  # params/bias
+  _rewrite_manifest(saved, edit)
+  with pytest.raises(CheckpointError,
+                     match=r"tensors \['params/bias'\] are in no leaf"):
     jaxq.load(saved)
