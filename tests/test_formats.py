@@ -181,8 +181,8 @@ def test_stochastic_rounding_is_unbiased(name, x):
   num_keys = 4096
   keys = jax.random.split(jax.random.key(0), num_keys)
   x = np.asarray(x, np.float32)
-  samples = jax.vmap(lambda k: formats.cast(jnp.asarray(x), fmt,
-                                            rounding="stochastic", key=k))(keys)
+  samples = jax.jit(jax.vmap(lambda k: formats.cast(
+      jnp.asarray(x), fmt, rounding="stochastic", key=k)))(keys)
   samples = np.asarray(samples).astype(np.float64)
   for j, xj in enumerate(x.astype(np.float64)):
     lo, hi = _neighbours(xj, fmt)
