@@ -130,6 +130,12 @@ def test_train_config_rejects_bad_values(field, value):
     digits_cnn.TrainConfig(**{field: value})
 
 
+def test_train_rejects_batch_larger_than_data(data):
+  with pytest.raises(ValueError, match="batch_size 5000 exceeds the 1437"):
+    digits_cnn.train(data, digits_cnn.TrainConfig(batch_size=5000),
+                     progress=False)
+
+
 def test_tree_bytes_counts_every_leaf(trained):
   variables, _ = trained
   leaves = jax.tree.leaves(variables)
