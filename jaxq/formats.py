@@ -161,10 +161,7 @@ def _stochastic_float_round(x: jax.Array, fmt: Format, key: jax.Array
   with probability equal to the distance from the lower grid point.
   """
   mag = jnp.abs(x)
-  # floor(log2(mag)) exactly: frexp gives mag = m * 2**e with m in [0.5, 1),
-  # where a float32 log2 rounds up to the next binade just below a power of two.
-  _, exponent = jnp.frexp(mag)
-  exponent = jnp.maximum(exponent - 1, fmt.min_normal_exponent)
+  exponent = jnp.maximum(floor_log2(mag), fmt.min_normal_exponent)
   ulp = pow2(exponent - fmt.mantissa_bits)
   noise = jax.random.uniform(key, x.shape, jnp.float32)
   rounded = jnp.floor(mag / ulp + noise) * ulp
@@ -222,6 +219,17 @@ def cast(x: jax.Array, fmt: Format, *, rounding: Rounding = "nearest",
   if not fmt.has_nan:
     x = jnp.where(is_nan, 0.0, x)
   return x.astype(fmt.dtype)
+
+
+def floor_log2(x: jax.Array) -> jax.Array:
+  """``floor(log2(|x|))`` as int32, read from the float32 exponent bits.
+
+  Exact for every normal float32 (a float32 ``log2`` rounds up to the next
+  integer just below a power of two). Zero and subnormals give -127, below
+  any exponent jaxq uses, so callers clamp; inf and NaN give 128.
+  """
+  bits = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.int32)
+  return ((bits >> 23) & 0xFF) - 127
 
 
 def pow2(exponent: jax.Array) -> jax.Array:

@@ -102,11 +102,10 @@ def scale_from_range(spec: QuantSpec, amax: jax.Array,
   amax = jnp.asarray(amax, jnp.float32)
   tiny = jnp.finfo(jnp.float32).tiny
   if spec.is_mx:
-    # floor(log2(amax)) exactly, via frexp: amax = m * 2**e, m in [0.5, 1).
-    _, exponent = jnp.frexp(jnp.where(amax > 0, amax, 1.0))
-    exponent = jnp.where(amax > 0, exponent - 1 - fmt.emax,
-                         formats_lib.E8M0_MIN_EXPONENT)
-    return formats_lib.pow2(exponent), None
+    # Zero (and NaN) amax gives exponent -127 - emax, which pow2 clamps to
+    # e8m0's smallest normal scale, 2**-126.
+    exponent = formats_lib.floor_log2(jnp.where(amax > 0, amax, 0.0))
+    return formats_lib.pow2(exponent - fmt.emax), None
   if spec.symmetric:
     scale = jnp.where(amax > 0, amax / fmt.qmax, 1.0)
     return jnp.maximum(scale, tiny), None

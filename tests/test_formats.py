@@ -207,6 +207,26 @@ def test_stochastic_rounding_is_a_function_of_the_key(name):
   assert np.any(np.asarray(a) != np.asarray(c))
 
 
+def test_floor_log2_is_exact_at_and_below_powers_of_two():
+  powers = np.ldexp(np.float32(1.0), np.arange(-126, 128)).astype(np.float32)
+  below = np.nextafter(powers, np.float32(0))
+  x = np.concatenate([powers, below[1:], -powers, [3.0, 0.75, 448.0]])
+  x = x.astype(np.float32)
+  _, exponent = np.frexp(x.astype(np.float64))
+  np.testing.assert_array_equal(np.asarray(formats.floor_log2(x)),
+                                exponent - 1)
+  special = np.asarray([0.0, 1e-40, np.inf, np.nan], np.float32)
+  np.testing.assert_array_equal(np.asarray(formats.floor_log2(special)),
+                                [-127, -127, 128, 128])
+
+
+def test_pow2_is_exact_and_clamped_to_normal_float32():
+  exponent = np.arange(-130, 131)
+  got = np.asarray(formats.pow2(jnp.asarray(exponent))).astype(np.float64)
+  np.testing.assert_array_equal(got, np.ldexp(1.0, np.clip(exponent, -126,
+                                                           127)))
+
+
 def test_to_e8m0_stores_clamped_powers_of_two():
   exponent = jnp.asarray([-200, -127, -126, -3, 0, 5, 127, 300])
   got = formats.to_e8m0(exponent)
