@@ -12,11 +12,13 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+import hypothesis
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
 import jaxq
 from jaxq import MX, PerBlock, PerChannel, PerGroup, PerTensor, PerToken
@@ -147,6 +149,23 @@ def test_dot_general_pairings(lhs_spec, rhs_spec, operand_dtypes,
   _assert_close(out, _dequantize64(lhs) @ _dequantize64(rhs))
   _assert_low_bit(matmul, lhs, rhs, operand_dtypes=operand_dtypes,
                   result_dtype=result_dtype)
+
+
+@hypothesis.settings(max_examples=6)
+@hypothesis.given(
+    lhs_group=st.sampled_from([8, 16, 24, 32, 48, 96]),
+    rhs_group=st.sampled_from([8, 16, 24, 32, 48, 96]),
+    m=st.integers(1, 4), n=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_dot_general_any_group_sizes(lhs_group, rhs_group, m, n, seed):
+  lhs = _quantize(_random(seed, (m, 96)), _int8(PerGroup(-1, lhs_group)))
+  rhs = _quantize(_random(seed + 1, (96, n)), _int8(PerGroup(0, rhs_group)))
+  matmul = jax.jit(jaxq.dot_general, static_argnums=2)
+  if max(lhs_group, rhs_group) % min(lhs_group, rhs_group):
+    with pytest.raises(ValueError, match=f"groups of {lhs_group} "):
+      matmul(lhs, rhs, MATMUL)
+  else:
+    _assert_close(matmul(lhs, rhs, MATMUL),
+                  _dequantize64(lhs) @ _dequantize64(rhs))
 
 
 def test_dot_general_batch_dims_with_groups():
