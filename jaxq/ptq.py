@@ -1,0 +1,544 @@
+"""`calibrate`: the jit-compiled post-training calibration pass.
+
+```python
+cal = jaxq.quantize_model(model, rules, mode="calibrate")
+result = jaxq.calibrate(cal, variables, batches)     # linen or nnx
+serving, report = jaxq.convert(serve, variables, result.stats)
+
+# One histogram pass, several ways to pick the ranges (keep the best):
+result = jaxq.calibrate(cal, variables, batches,
+                        methods=("max", "entropy", "percentile:99.99",
+                                 "percentile:99.999", "mse"))
+for method in result.methods:
+  serving, _ = jaxq.convert(serve, variables, ranges=result.ranges(method))
+  ...  # evaluate, keep the best method
+```
+
+What one pass does: each batch goes through the calibrate-mode model in one
+jitted step ``(stats, batch) -> stats`` that runs the float forward and
+folds every matched layer's weight into a max observer and, for static act
+specs (``dynamic=False``), its input activation into the act observer.
+Dynamic act specs record nothing: their ranges are taken per batch when
+serving, so one model can mix static and dynamic layers rule by rule. The
+step is compiled once for all batches of one shape: the stats start from
+empty observer states with the shapes of the first batch's (found with
+``jax.eval_shape``, which traces but compiles nothing), so their pytree is
+the same before and after every step. A batch sharded over devices needs
+nothing more: the observers' reductions inside the jitted step are global.
+
+``stats`` is what the model itself records: linen's ``"quant_stats"``
+collection (``{path...: {"weight": state, "act": state}}``) or the nnx
+``State`` of `jaxq.flax.QuantStat` variables; `jaxq.act_ranges` and
+`jaxq.convert` consume it as they consume stats recorded by hand.
+
+Several methods from one pass (``methods``): every static act layer then
+records the state of the first histogram method (a `HistogramState`; a
+``max``-only list records max states), and `CalibrationResult.ranges`
+finalizes that same state with each method's ``finalize``. The histogram
+keeps the exact running max and per-bin counts whose range grows without
+losing counts (`jaxq.calibration.histogram`), so every method sees exactly
+what a pass of its own would have recorded: the ranges are identical.
+
+Non-finite values: the observers skip NaN/inf and count them. After every
+batch the host reads the per-layer counts of the act observers (one small
+transfer, one batch behind so the device keeps working) and, unless the
+user asked to count them, raises a ValueError naming the batch and each
+layer whose input held NaN or inf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import (Any, Callable, Iterable, Iterator, Mapping, Sequence,
+                    Sized)
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+
+from jaxq import calibration
+from jaxq import flax as jaxq_flax
+from jaxq.flax import core
+from jaxq.flax import linen as linen_lib
+from jaxq.flax import nnx as nnx_lib
+from jaxq.granularity import PerChannel
+from jaxq.granularity import PerTensor
+from jaxq.spec import QuantSpec
+
+Forward = Callable[[Any, Any], Any]
+Methods = Sequence[str] | Mapping[str, calibration.Observer]
+Path = tuple[Any, ...]
+
+# A stand-in spec and input that every jaxq observer can initialise from, to
+# learn which kind of state an observer keeps (see `_recording_observer`).
+_PROBE_SPEC = QuantSpec("int8", dynamic=False)
+_PROBE_INPUT = jax.ShapeDtypeStruct((1,), jnp.float32)
+
+
+def _call(model: Any, batch: Any) -> Any:
+  return model(batch)
+
+
+# Methods.
+
+
+def _named_observer(name: str, num_bins: int) -> calibration.Observer:
+  """``"max"``, ``"entropy"``, ``"mse"``, ``"percentile"`` or ``"percentile:q"``."""
+  kind, _, arg = name.partition(":")
+  if kind == "max" and not arg:
+    return calibration.max()
+  if kind == "entropy" and not arg:
+    return calibration.entropy(num_bins=num_bins)
+  if kind == "mse" and not arg:
+    return calibration.mse(num_bins=num_bins)
+  if kind == "percentile":
+    try:
+      q = float(arg) if arg else QuantSpec.percentile
+    except ValueError:
+      q = None
+    if q is not None:
+      return calibration.percentile(q, num_bins=num_bins)
+  raise ValueError(
+      f"calibrate: unknown method {name!r}; expected 'max', 'entropy', "
+      f"'mse', 'percentile' or 'percentile:Q' (e.g. 'percentile:99.99'), or "
+      f"pass a dict of name -> jaxq.observers.Observer.")
+
+
+def _observers(methods: Methods, num_bins: int
+               ) -> dict[str, calibration.Observer]:
+  if isinstance(methods, str):
+    raise ValueError(f"calibrate: methods must be a sequence of names or a "
+                     f"dict of observers, got the string {methods!r} (write "
+                     f"({methods!r},)).")
+  if isinstance(methods, Mapping):
+    observers = dict(methods)
+    bad = [n for n, o in observers.items()
+           if not isinstance(o, calibration.Observer)]
+    if bad:
+      raise ValueError(f"calibrate: methods {bad} are not observers; build "
+                       f"them with jaxq.observers (max, percentile, entropy, "
+                       f"mse).")
+  else:
+    observers = {name: _named_observer(name, num_bins) for name in methods}
+  if not observers:
+    raise ValueError("calibrate: methods is empty; pass None to use each "
+                     "rule's own calibration, or name at least one method.")
+  return observers
+
+
+def _recording_observer(observers: Mapping[str, calibration.Observer]
+                        ) -> calibration.Observer:
+  """The observer whose state every method in ``observers`` finalizes.
+
+  The first histogram observer's, when there is one (`max` finalizes a
+  histogram state too); otherwise the first observer's. Histogram methods
+  must agree on the number of bins.
+  """
+  probes = {name: obs.init(_PROBE_INPUT, _PROBE_SPEC)
+            for name, obs in observers.items()}
+  bins = {name: state.num_bins for name, state in probes.items()
+          if isinstance(state, calibration.HistogramState)}
+  if len(set(bins.values())) > 1:
+    raise ValueError(
+        f"calibrate: the histogram methods must share one histogram to be "
+        f"finalized from one pass, but their bin counts differ: {bins}.")
+  return observers[next(iter(bins), next(iter(observers)))]
+
+
+# Observer states.
+
+
+def _empty_state(state: Any) -> Any:
+  """The state of ``state``'s observer before any data, with its shapes.
+
+  Histograms start all zero (counts, range, max, non-finite count); max
+  states start from 0 (symmetric) or from the identities of max and min,
+  ``-inf`` and ``+inf`` (affine), as `jaxq.calibration` documents.
+  """
+  zeros = lambda a: jnp.zeros(a.shape, a.dtype)
+  if isinstance(state, calibration.HistogramState):
+    return jax.tree.map(zeros, state)
+  if isinstance(state, calibration.MaxState):
+    if state.amin is None:
+      return jax.tree.map(zeros, state)
+    return dataclasses.replace(
+        state, amax=jnp.full(state.amax.shape, -jnp.inf, state.amax.dtype),
+        amin=jnp.full(state.amin.shape, jnp.inf, state.amin.dtype),
+        nonfinite=zeros(state.nonfinite))
+  raise ValueError(
+      f"calibrate: cannot start an observer state of type "
+      f"{type(state).__name__} empty; observers must keep a MaxState or a "
+      f"HistogramState (build them with jaxq.observers).")
+
+
+def _placed_like(stats: Any, batch: Any) -> Any:
+  """``stats`` replicated over the mesh of a sharded ``batch``.
+
+  The jitted step returns the stats replicated over the batch's devices; the
+  first step must get them placed that way too, or it compiles twice.
+  """
+  for leaf in jax.tree.leaves(batch):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+      return jax.device_put(stats, NamedSharding(sharding.mesh,
+                                                 PartitionSpec()))
+  return stats
+
+
+def _is_state(x: Any) -> bool:
+  return isinstance(x, (calibration.MaxState, calibration.HistogramState))
+
+
+def _path_str(path: Path) -> str:
+  return "/".join(str(p) for p in path)
+
+
+# The two frameworks: where the stats live and how a step runs.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pass:
+  """One model's calibration pass as pure functions over its stats.
+
+  Attributes:
+    step: jitted ``(stats, batch) -> (stats, nonfinite)``, ``nonfinite`` the
+      int32 counts of the act states in ``act_paths`` order.
+    stats: the empty stats to start from.
+    act_states: ``stats -> {module path: act observer state}``.
+    act_paths: the module paths of the static act layers.
+  """
+
+  step: Callable[[Any, Any], tuple[Any, jax.Array]]
+  stats: Any
+  act_states: Callable[[Any], dict[Path, Any]]
+  act_paths: tuple[Path, ...]
+
+
+def _nonfinite_counts(act_states: dict[Path, Any], paths: Sequence[Path]
+                      ) -> jax.Array:
+  return jnp.asarray([calibration.nonfinite_count(act_states[p])
+                      for p in paths], jnp.int32).reshape(len(paths))
+
+
+def _linen_act_states(stats: Any) -> dict[Path, Any]:
+  found = {}
+
+  def visit(node: Any, path: Path) -> None:
+    for name, child in node.items():
+      if name == core.ACT_STATS and _is_state(child):
+        found[path] = child
+      elif isinstance(child, Mapping):
+        visit(child, path + (name,))
+
+  visit(stats, ())
+  return found
+
+
+def _linen_pass(qmodel: linen_lib.QuantizedLinen, variables: Any,
+                batch: Any, forward: Forward,
+                observer_for: core.ObserverFor) -> _Pass:
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    got = (f"collections {sorted(variables)}"
+           if isinstance(variables, Mapping) else type(variables).__name__)
+    raise ValueError(f"calibrate: a linen model needs its variables "
+                     f"{{'params': ...}}, got {got}.")
+  # The calibration copy shares the layer record, so that `jaxq.convert` and
+  # `jaxq.act_ranges` know the layers of the user's model afterwards.
+  model = dataclasses.replace(
+      qmodel, on_nonfinite="count", observer_for=observer_for,
+      _layers=qmodel._layers, _warned=qmodel._warned)  # pylint: disable=protected-access
+  variables = {k: v for k, v in variables.items()
+               if k not in (linen_lib.STATS, linen_lib.RANGES)}
+
+  def run(variables: Any, stats: Any, batch: Any) -> Any:
+    current = [stats]
+
+    def apply(*args, **kwargs):
+      out, updated = model.apply({**variables, linen_lib.STATS: current[0]},
+                                 *args, mutable=[linen_lib.STATS], **kwargs)
+      current[0] = updated[linen_lib.STATS]
+      return out
+
+    forward(apply, batch)
+    return current[0]
+
+  shapes = jax.eval_shape(run, variables, {}, batch)
+  stats = jax.tree.map(_empty_state, shapes, is_leaf=_is_state)
+  # In the order the model calls its layers, so errors list them that way.
+  order = {tuple(p.split("/")): i for i, p in enumerate(qmodel.layers())}
+  paths = tuple(sorted(_linen_act_states(stats), key=order.__getitem__))
+
+  @jax.jit
+  def step(variables: Any, stats: Any, batch: Any):
+    stats = run(variables, stats, batch)
+    return stats, _nonfinite_counts(_linen_act_states(stats), paths)
+
+  return _Pass(step=lambda stats, batch: step(variables, stats, batch),
+               stats=stats, act_states=_linen_act_states, act_paths=paths)
+
+
+def _nnx_layers(model: nnx.Module) -> Iterator[nnx.Module]:
+  for _, module in nnx.iter_graph(model):
+    if isinstance(getattr(module, "jaxq_layer", None), core.LayerQuant):
+      yield module
+
+
+def _nnx_act_states(stats: nnx.State) -> dict[Path, Any]:
+  name = f"jaxq_{core.ACT_STATS}_stats"
+  return {tuple(path[:-1]): var.get_value()
+          for path, var in nnx.to_flat_state(stats) if path[-1] == name}
+
+
+def _nnx_pass(qmodel: nnx.Module, variables: nnx.State | None, batch: Any,
+              forward: Forward, observer_for: core.ObserverFor) -> _Pass:
+  model = nnx.clone(qmodel)
+  if variables is not None:
+    if not isinstance(variables, nnx.State):
+      raise ValueError(f"calibrate: for an nnx model, variables must be an "
+                       f"nnx.State (e.g. nnx.state(model)) or None, got "
+                       f"{type(variables).__name__}.")
+    nnx.update(model, variables)
+  for module in _nnx_layers(model):
+    object.__setattr__(module, "jaxq_layer", dataclasses.replace(
+        module.jaxq_layer, on_nonfinite="count", observer_for=observer_for))
+
+  def record(module: nnx.Module, batch: Any) -> nnx.Module:
+    forward(module, batch)
+    return module
+
+  # The abstract model has the QuantStat variables the first batch creates.
+  graphdef, shapes, rest = nnx.split(nnx.eval_shape(record, model, batch),
+                                     nnx_lib.QuantStat, ...)
+  rest = nnx.state(model, nnx.Not(nnx_lib.QuantStat))
+  stats = jax.tree.map(_empty_state, shapes, is_leaf=_is_state)
+  paths = tuple(_nnx_act_states(stats))
+
+  @jax.jit
+  def step(rest: nnx.State, stats: nnx.State, batch: Any):
+    module = nnx.merge(graphdef, stats, rest)
+    forward(module, batch)
+    stats = nnx.state(module, nnx_lib.QuantStat)
+    return stats, _nonfinite_counts(_nnx_act_states(stats), paths)
+
+  return _Pass(step=lambda stats, batch: step(rest, stats, batch),
+               stats=stats, act_states=_nnx_act_states, act_paths=paths)
+
+
+def _model_settings(qmodel: Any) -> tuple[str, core.OnNonfinite,
+                                          core.ObserverFor]:
+  """(mode, on_nonfinite, observer_for) of a model from `quantize_model`."""
+  if isinstance(qmodel, linen_lib.QuantizedLinen):
+    return qmodel.mode, qmodel.on_nonfinite, qmodel.observer_for
+  if isinstance(qmodel, nnx.Module):
+    layers = [m.jaxq_layer for m in _nnx_layers(qmodel)]
+    if not layers:
+      return "calibrate", "raise", calibration.observer_for
+    return layers[0].mode, layers[0].on_nonfinite, layers[0].observer_for
+  raise ValueError(f"calibrate: expected a model from jaxq.quantize_model "
+                   f"(linen or nnx), got {type(qmodel).__name__}.")
+
+
+def _check_recorded(act_states: Mapping[Path, Any],
+                    recorder: calibration.Observer,
+                    observers: Mapping[str, calibration.Observer]) -> None:
+  """Raises, naming the layers, where the methods' shared state is impossible."""
+  wanted = type(recorder.init(_PROBE_INPUT, _PROBE_SPEC))
+  bad = {_path_str(p): s.spec for p, s in act_states.items()
+         if not isinstance(s, wanted)}
+  if bad:
+    raise ValueError(
+        f"calibrate: methods {tuple(observers)} share one {wanted.__name__} "
+        f"per layer, which these layers' act specs cannot have: {bad}. "
+        f"Histograms need a symmetric per-tensor or per-channel spec; "
+        f"calibrate the other layers with rules of their own (e.g. "
+        f"calibration='max') and methods=None.")
+
+
+# The pass.
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationResult:
+  """What `calibrate` recorded, and the ranges each method picks from it.
+
+  Attributes:
+    model: the calibrated model (from `jaxq.quantize_model`).
+    stats: linen: the ``"quant_stats"`` collection; nnx: a ``State`` of
+      `jaxq.flax.QuantStat` variables. `jaxq.convert` and `jaxq.act_ranges`
+      take it and finalize every static act state with its rule's own
+      calibration method (``spec.calibration``).
+    observers: method name -> observer, for the methods `calibrate` was
+      asked for (empty when ``methods=None``).
+    nonfinite: module path -> the number of NaN/inf input values each
+      static act layer skipped (all zero unless ``on_nonfinite="count"``).
+    num_batches: how many batches the pass saw.
+  """
+
+  model: Any
+  stats: Any
+  observers: Mapping[str, calibration.Observer]
+  nonfinite: Mapping[str, int]
+  num_batches: int
+
+  @property
+  def methods(self) -> tuple[str, ...]:
+    """The method names, in the order they were given."""
+    return tuple(self.observers)
+
+  def ranges(self, method: str | None = None) -> Any:
+    """The static activation ranges that ``method`` picks from the stats.
+
+    Args:
+      method: one of `methods`, or None for each rule's own calibration
+        (the same as ``jaxq.act_ranges(model, stats)``).
+
+    Returns:
+      What `jaxq.act_ranges` returns: linen, a ``"quant_ranges"`` collection;
+      nnx, a ``State`` of `jaxq.flax.QuantRange` variables (for
+      ``nnx.update``). Pass it to ``jaxq.convert(..., ranges=...)``.
+    """
+    if method is None:
+      return jaxq_flax.act_ranges(self.model, self.stats)
+    if method not in self.observers:
+      raise ValueError(f"CalibrationResult.ranges: unknown method {method!r}; "
+                       f"this pass has {self.methods}.")
+    observer = self.observers[method]
+    if isinstance(self.model, linen_lib.QuantizedLinen):
+      ranges: dict[str, Any] = {}
+      for path, state in _linen_act_states(self.stats).items():
+        node = ranges
+        for name in path:
+          node = node.setdefault(name, {})
+        node[core.ACT_STATS] = core.finalize_range(observer, state)
+      return ranges
+    return nnx.from_flat_state({
+        path + ("jaxq_act_range",): nnx_lib.QuantRange(
+            core.finalize_range(observer, state))
+        for path, state in _nnx_act_states(self.stats).items()})
+
+
+def _first(batches: Iterable[Any]) -> tuple[Any, Iterator[Any]]:
+  iterator = iter(batches)
+  try:
+    first = next(iterator)
+  except StopIteration:
+    raise ValueError("calibrate: the batch iterator is empty; calibration "
+                     "needs at least one batch of representative data.") from None
+  return first, itertools.chain([first], iterator)
+
+
+def _raise_nonfinite(index: int, new: np.ndarray,
+                     paths: Sequence[Path]) -> None:
+  where = ", ".join(f"{_path_str(p)!r} ({int(n)})"
+                    for p, n in zip(paths, new) if n > 0)
+  raise ValueError(
+      f"calibrate: batch {index} holds non-finite values (NaN or inf); "
+      f"count per layer input: {where}. Fix the data, or pass "
+      f"on_nonfinite='count' to skip and count them.")
+
+
+def calibrate(qmodel: linen_lib.QuantizedLinen | nnx.Module, variables: Any,
+              batches: Iterable[Any], methods: Methods | None = None,
+              progress: bool = True, *, forward: Forward | None = None,
+              on_nonfinite: core.OnNonfinite | None = None,
+              num_bins: int = calibration.observers.DEFAULT_NUM_BINS
+              ) -> CalibrationResult:
+  """Runs the jit-compiled calibration pass over ``batches``.
+
+  Args:
+    qmodel: a model from ``jaxq.quantize_model(..., mode="calibrate")``.
+    variables: linen: the model's variables ``{"params": ...}``; nnx: an
+      ``nnx.State`` to load into (a copy of) the model, or None to use its
+      own.
+    batches: an iterable of batches (pytrees of arrays, sharded or not);
+      every batch of one shape runs the same compiled step.
+    methods: None to record each static act layer with its rule's own
+      calibration (``spec.calibration``). Or method names, ``"max"``,
+      ``"entropy"``, ``"mse"``, ``"percentile:Q"`` (``"percentile"`` is
+      ``q=99.99``), or a dict name -> observer: one pass then records a
+      state that every method finalizes, see `CalibrationResult.ranges`.
+    progress: show a tqdm progress bar (on a terminal; tqdm stays silent
+      when stderr is not one). False: print nothing.
+    forward: ``(model, batch) -> output``, how a batch runs through the
+      model: for linen ``model`` is ``apply`` with the variables bound (call
+      it as ``model(x, method=..., train=False)``), for nnx the module.
+      Default: ``model(batch)``.
+    on_nonfinite: ``"raise"`` a ValueError naming the batch and the layers
+      whose input holds NaN or inf, or ``"count"`` them (skipped; see
+      `CalibrationResult.nonfinite`). Default: the model's setting.
+    num_bins: the histogram size of the named histogram methods.
+
+  Returns:
+    A `CalibrationResult`: ``stats`` for `jaxq.convert`, and ``ranges(m)``
+    for each method ``m``.
+
+  Raises:
+    ValueError: for an empty ``batches``, a model not in calibrate mode,
+      unknown methods, methods whose shared state a layer's spec cannot
+      have (naming the layers), or non-finite inputs (naming the batch and
+      the layers) unless they are counted.
+  """
+  mode, model_on_nonfinite, observer_for = _model_settings(qmodel)
+  if mode != "calibrate":
+    raise ValueError(f"calibrate: expected a model from jaxq.quantize_model("
+                     f"..., mode='calibrate'), got mode {mode!r}.")
+  on_nonfinite = on_nonfinite or model_on_nonfinite
+  core.check_on_nonfinite(on_nonfinite)
+  forward = forward or _call
+  observers = {} if methods is None else _observers(methods, num_bins)
+  if observers:
+    recorder = _recording_observer(observers)
+    histogram = isinstance(recorder.init(_PROBE_INPUT, _PROBE_SPEC),
+                           calibration.HistogramState)
+
+    def observer_for(spec: QuantSpec) -> calibration.Observer:
+      # Layers that cannot keep the shared state record a max state for
+      # now, so the error below can name them.
+      if histogram and (not spec.symmetric or not isinstance(
+          spec.granularity, (PerTensor, PerChannel))):
+        return calibration.max()
+      return recorder
+
+  total = len(batches) if isinstance(batches, Sized) else None
+  first, batches = _first(batches)
+  build = (_linen_pass if isinstance(qmodel, linen_lib.QuantizedLinen)
+           else _nnx_pass)
+  calibration_pass = build(qmodel, variables, first, forward, observer_for)
+  if observers:
+    _check_recorded(calibration_pass.act_states(calibration_pass.stats),
+                    recorder, observers)
+
+  stats = _placed_like(calibration_pass.stats, first)
+  paths = calibration_pass.act_paths
+  seen = np.zeros(len(paths), np.int64)
+  pending: tuple[int, jax.Array] | None = None
+
+  def check(index: int, counts: jax.Array) -> None:
+    nonlocal seen
+    counts = np.asarray(jax.device_get(counts), np.int64)
+    if on_nonfinite == "raise" and np.any(counts > seen):
+      _raise_nonfinite(index, counts - seen, paths)
+    seen = counts
+
+  num_batches = 0
+  with tqdm.tqdm(total=total, desc="jaxq calibrate", unit="batch",
+                 disable=None if progress else True) as bar:
+    for index, batch in enumerate(batches):
+      stats, counts = calibration_pass.step(stats, batch)
+      # Read the previous batch's counts while this one computes.
+      if pending is not None:
+        check(*pending)
+      pending = (index, counts)
+      num_batches += 1
+      bar.update(1)
+    check(*pending)
+
+  return CalibrationResult(
+      model=qmodel, stats=stats, observers=observers,
+      nonfinite={_path_str(p): int(n) for p, n in zip(paths, seen)},
+      num_batches=num_batches)
