@@ -27,11 +27,16 @@ from jaxq.granularity import PerToken
 from jaxq.ops import conv
 from jaxq.ops import dot_general
 from jaxq.ops import einsum
+from jaxq.ptq import CalibrationResult
+from jaxq.ptq import calibrate
 from jaxq.quantize import compute_range
 from jaxq.quantize import dequantize
 from jaxq.quantize import fake_quant
 from jaxq.quantize import quantize
 from jaxq.quantize import scale_from_range
+from jaxq.report import report
+from jaxq.sensitivity import partial_quantize
+from jaxq.sensitivity import sensitivity
 from jaxq.spec import QArray
 from jaxq.spec import QuantSpec
 

@@ -16,6 +16,11 @@ serving, report = jaxq.convert(serve, nnx.state(model), stats)
 nnx.update(serve, serving)
 ```
 
+Weights of learned specs (``learn="lsq"``/``"pact"``) are quantized with
+their trained scales, read from the variables (linen
+``params/<layer>/jaxq/weight_scale``, nnx ``jaxq_weight_scale``), which
+stay in the serving variables for the activations' learned scales.
+
 The report counts bytes before and after; sub-byte formats (int4, fp4) are
 counted packed, two per byte, as `jaxq.save` stores them.
 """
@@ -30,6 +35,8 @@ import numpy as np
 from flax import nnx
 
 from jaxq import flax as jaxq_flax
+from jaxq import learned
+from jaxq.flax import core
 from jaxq.flax import linen as linen_lib
 from jaxq.flax import nnx as nnx_lib
 from jaxq.quantize import quantize
@@ -76,7 +83,8 @@ def tree_bytes(tree: Any) -> int:
              for x in leaves)
 
 
-def _quantize_weight(info, value: Any) -> QArray:
+def _quantize_weight(info, value: Any, learned_param: Any | None = None
+                     ) -> QArray:
   if isinstance(value, QArray):
     raise ValueError(f"convert: the weight {info.weight_name!r} of "
                      f"{info.path!r} is already a QArray; pass the float "
@@ -85,11 +93,21 @@ def _quantize_weight(info, value: Any) -> QArray:
     raise ValueError(
         f"convert: the weight {info.weight_name!r} of {info.path!r} has shape "
         f"{tuple(value.shape)} but the model's is {info.weight_shape}.")
-  return quantize(value, info.weight)
+  if info.weight.learn is None:
+    return quantize(value, info.weight)
+  if learned_param is None:
+    raise ValueError(
+        f"convert: {info.path!r} has a learned weight range "
+        f"(learn={info.weight.learn!r}) but the variables lack its "
+        f"{core.learned_name('weight', info.weight)!r}; pass the variables "
+        f"of the trained QAT model (see jaxq.qat.init_learned).")
+  return learned.quantize_with_scale(
+      value, learned.scale_of(learned_param, info.weight), info.weight)
 
 
 def _convert_linen(qmodel: linen_lib.QuantizedLinen, variables: Any,
-                   stats: Any | None) -> tuple[Any, tuple[LayerBytes, ...]]:
+                   stats: Any | None, ranges: Any | None
+                   ) -> tuple[Any, tuple[LayerBytes, ...]]:
   layers = [info for info in qmodel.layers().values()
             if info.weight is not None]
   if not qmodel.layers():
@@ -108,7 +126,11 @@ def _convert_linen(qmodel: linen_lib.QuantizedLinen, variables: Any,
       missing.append(f"{info.path}/{info.weight_name}")
       continue
     node = _mutable_node(params, info.path)
-    qa = _quantize_weight(info, node[info.weight_name])
+    learned_param = None
+    if info.weight.learn is not None:
+      learned_param = node.get(linen_lib.LEARNED, {}).get(
+          core.learned_name("weight", info.weight))
+    qa = _quantize_weight(info, node[info.weight_name], learned_param)
     report.append(LayerBytes(info.path, tree_bytes(node[info.weight_name]),
                              qa.nbytes))
     node[info.weight_name] = qa
@@ -117,7 +139,8 @@ def _convert_linen(qmodel: linen_lib.QuantizedLinen, variables: Any,
                      f"layers: {missing}; were they made by another model?")
   serving = {k: v for k, v in variables.items() if k not in _NOT_CONVERTED}
   serving["params"] = params
-  ranges = linen_lib.act_ranges(qmodel, stats or {})
+  if ranges is None:
+    ranges = linen_lib.act_ranges(qmodel, stats or {})
   if ranges:
     serving[linen_lib.RANGES] = ranges
   return serving, tuple(report)
@@ -133,7 +156,7 @@ def _mutable_node(tree: dict, path: str) -> dict:
 
 
 def _convert_nnx(qmodel: nnx.Module, variables: nnx.State,
-                 stats: nnx.State | None
+                 stats: nnx.State | None, ranges: nnx.State | None
                  ) -> tuple[nnx.State, tuple[LayerBytes, ...]]:
   if not isinstance(variables, nnx.State):
     raise ValueError(f"convert: for an nnx model, variables must be an "
@@ -142,8 +165,13 @@ def _convert_nnx(qmodel: nnx.Module, variables: nnx.State,
   flat = dict(nnx.to_flat_state(variables))
   expected = dict(nnx.to_flat_state(nnx.state(qmodel, nnx.Param)))
   params = {p: v for p, v in flat.items() if isinstance(v, nnx.Param)}
-  missing = sorted(map(str, set(expected) - set(params)))
-  extra = sorted(map(str, set(params) - set(expected)))
+  # Learned ranges are created by the first QAT call, so the model given may
+  # not have them yet.
+  is_learned = lambda p: str(p[-1]).startswith("jaxq_")
+  missing = sorted(map(str, {p for p in set(expected) - set(params)
+                             if not is_learned(p)}))
+  extra = sorted(map(str, {p for p in set(params) - set(expected)
+                           if not is_learned(p)}))
   shapes = [f"{'/'.join(map(str, p))}: {tuple(v.get_value().shape)} != "
             f"{tuple(expected[p].get_value().shape)}"
             for p, v in params.items() if p in expected and
@@ -157,18 +185,26 @@ def _convert_nnx(qmodel: nnx.Module, variables: nnx.State,
     if info.weight is None:
       continue
     key = tuple(path) + (info.weight_name,)
-    qa = _quantize_weight(info, flat[key].get_value())
+    learned_param = None
+    if info.weight.learn is not None:
+      held = flat.get(tuple(path) + (
+          f"jaxq_{core.learned_name('weight', info.weight)}",))
+      learned_param = None if held is None else held.get_value()
+    qa = _quantize_weight(info, flat[key].get_value(), learned_param)
     report.append(LayerBytes(info.path, tree_bytes(flat[key].get_value()),
                              qa.nbytes))
     flat[key] = flat[key].replace(qa)
   flat = {p: v for p, v in flat.items() if not isinstance(v, nnx_lib.QuantStat)}
-  if stats is not None:
-    flat.update(nnx.to_flat_state(nnx_lib.act_ranges(qmodel, stats)))
+  if ranges is None and stats is not None:
+    ranges = nnx_lib.act_ranges(qmodel, stats)
+  if ranges is not None:
+    flat.update(nnx.to_flat_state(ranges))
   return nnx.from_flat_state(flat), tuple(report)
 
 
 def convert(qmodel: jaxq_flax.QuantizedLinen | nnx.Module, variables: Any,
-            stats: Any | None = None) -> tuple[Any, ConvertReport]:
+            stats: Any | None = None, *, ranges: Any | None = None
+            ) -> tuple[Any, ConvertReport]:
   """The serving variables of a quantized model, and a `ConvertReport`.
 
   Args:
@@ -180,6 +216,9 @@ def convert(qmodel: jaxq_flax.QuantizedLinen | nnx.Module, variables: Any,
     stats: the calibration statistics, needed when a rule has a static
       activation spec: linen's ``"quant_stats"`` collection or
       ``nnx.state(calibrated, QuantStat)``.
+    ranges: instead of ``stats``, static activation ranges already
+      finalized, as `jaxq.act_ranges` or `jaxq.CalibrationResult.ranges`
+      (one per calibration method) return them.
 
   Returns:
     ``(serving, report)``: the variables with each quantized weight replaced
@@ -192,10 +231,13 @@ def convert(qmodel: jaxq_flax.QuantizedLinen | nnx.Module, variables: Any,
       weight or have a different shape (nnx: any missing or extra ``Param``),
       or when a static act spec has no statistics.
   """
+  if stats is not None and ranges is not None:
+    raise ValueError("convert: pass either stats (finalized here) or ranges "
+                     "(already finalized), not both.")
   if isinstance(qmodel, linen_lib.QuantizedLinen):
-    serving, layers = _convert_linen(qmodel, variables, stats)
+    serving, layers = _convert_linen(qmodel, variables, stats, ranges)
   elif isinstance(qmodel, nnx.Module):
-    serving, layers = _convert_nnx(qmodel, variables, stats)
+    serving, layers = _convert_nnx(qmodel, variables, stats, ranges)
   else:
     raise ValueError(f"convert: expected a model from jaxq.quantize_model, "
                      f"got {type(qmodel).__name__}.")
