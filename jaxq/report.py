@@ -1,0 +1,436 @@
+"""Per-layer quantization report and plots.
+
+``rep = jaxq.report(qmodel, variables, data)`` (or ``jaxq.report(model,
+variables, data, rules=rules)``) measures, for every layer the rules reach:
+
+* ``weight_sqnr_db``: ``10 log10(sum w^2 / sum (w - dequantize(quantize(w,
+  spec)))^2)`` of the weight under its spec (embeddings under their per-row
+  spec, `jaxq.flax.core.embed_spec`);
+* ``act_sqnr_db``: the same for the layer's input activation under its act
+  spec, summed over every call on every calibration batch, with the
+  calibrated static range (``dynamic=False``) or each batch's own range;
+* ``act_amax``: the calibrated static range (its largest entry, for
+  per-channel ranges), None for dynamic or float inputs; ``input_absmax``:
+  the largest |x| seen;
+* ``float_bytes`` / ``quantized_bytes``: the weight's bytes in float and as
+  a `QArray` (values packed, scales, zero points; `QArray.nbytes`).
+
+Inputs are captured from the FLOAT model (`jaxq.sensitivity.capture`), so
+each layer's numbers are its own error, not its predecessors'. The same pass
+fills a per-tensor |x| histogram of each layer's input (``num_bins`` bins,
+`jaxq.calibration.HistogramState`) and finalizes it with the max,
+percentile, entropy and mse observers: the ranges each method would choose
+(``rep.histograms[path].ranges``), for the act format of the layer (int8
+when the layer's input stays in float or its spec is affine).
+
+Plots (matplotlib is imported inside the plotting functions only, and draws
+on the Agg canvas, so no display is needed):
+
+* ``jaxq.report.plot_histograms(rep, "hist.png")``: one panel per layer,
+  the |x| histogram (log counts) with the four ranges as vertical lines;
+* ``jaxq.report.plot_sensitivity(table, "sens.png")``: the metric drop of
+  each layer quantized alone, and its output SQNR, from `jaxq.sensitivity`.
+
+Models: flax.linen (see `jaxq.sensitivity`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from jaxq import granularity as granularity_lib
+from jaxq import observers
+from jaxq.flax import rules as rules_lib
+from jaxq.flax.linen import QuantizedLinen
+from jaxq.flax.rules import Rule
+from jaxq.quantize import dequantize
+from jaxq.quantize import fake_quant
+from jaxq.quantize import quantize
+from jaxq.sensitivity import SensitivityTable
+from jaxq.sensitivity import calibrate_rules
+from jaxq.sensitivity import capture
+from jaxq.sensitivity import check_batches
+from jaxq.sensitivity import check_linen
+from jaxq.sensitivity import error_sums
+from jaxq.sensitivity import sqnr_db
+from jaxq.spec import QArray
+from jaxq.spec import QuantSpec
+
+PathLike = str | os.PathLike
+
+
+def granularity_label(g: granularity_lib.Granularity) -> str:
+  """Short name in the T/C/K/G/B vocabulary: ``"C(-1)"``, ``"G(0,128)"``."""
+  if isinstance(g, granularity_lib.PerTensor):
+    return "T"
+  if isinstance(g, granularity_lib.PerChannel):
+    return f"C({g.axis})"
+  if isinstance(g, granularity_lib.PerToken):
+    return "K"
+  if isinstance(g, granularity_lib.PerGroup):
+    return f"G({g.axis},{g.size})"
+  if isinstance(g, granularity_lib.PerBlock):
+    return f"B({'x'.join(map(str, g.shape))})"
+  if isinstance(g, granularity_lib.MX):
+    return f"MX({g.axis},{g.size})"
+  return type(g).__name__
+
+
+def spec_label(spec: QuantSpec | None) -> str:
+  """``"int8 C(-1)"``; ``"int8 T static"`` for static act specs; ``"-"``."""
+  if spec is None:
+    return "-"
+  static = "" if spec.dynamic else " static"
+  return f"{spec.format} {granularity_label(spec.granularity)}{static}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+  """One layer's row; see the module docstring for each number.
+
+  Float inputs, weights and layers give None for the quantities they lack;
+  a float weight has ``quantized_bytes == float_bytes``.
+  """
+
+  path: str
+  module_type: str
+  weight_spec: QuantSpec | None
+  act_spec: QuantSpec | None
+  weight_sqnr_db: float | None
+  act_sqnr_db: float | None
+  act_amax: float | None
+  input_absmax: float | None
+  float_bytes: int
+  quantized_bytes: int
+
+  @property
+  def weight_format(self) -> str:
+    return spec_label(self.weight_spec)
+
+  @property
+  def act_format(self) -> str:
+    return spec_label(self.act_spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActHistogram:
+  """A layer input's |x| histogram and the ranges each method picks.
+
+  Attributes:
+    counts: int (num_bins,); bin ``i`` holds ``(i w, (i + 1) w]``.
+    bin_width: ``w``.
+    format: the element format the entropy and mse ranges were chosen for.
+    ranges: method name (``"max"``, ``"percentile(99.99)"``, ``"entropy"``,
+      ``"mse"``) -> the amax it chooses.
+  """
+
+  counts: np.ndarray
+  bin_width: float
+  format: str
+  ranges: Mapping[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  """The per-layer table (``rows``, in model order) and the histograms."""
+
+  rows: tuple[LayerReport, ...]
+  histograms: Mapping[str, ActHistogram]
+
+  @property
+  def float_bytes(self) -> int:
+    return sum(r.float_bytes for r in self.rows)
+
+  @property
+  def quantized_bytes(self) -> int:
+    return sum(r.quantized_bytes for r in self.rows)
+
+  def as_dicts(self) -> list[dict[str, Any]]:
+    """The rows as plain dicts (specs as their short labels)."""
+    out = []
+    for r in self.rows:
+      row = dataclasses.asdict(r)
+      row["weight_spec"], row["act_spec"] = r.weight_format, r.act_format
+      out.append(row)
+    return out
+
+  def __str__(self) -> str:
+    def num(x: float | None, fmt: str) -> str:
+      return "-" if x is None else format(x, fmt)
+
+    header = ("layer", "type", "weight", "act", "W SQNR", "A SQNR",
+              "act amax", "max |x|", "bytes", "q bytes")
+    table = [header] + [
+        (r.path, r.module_type, r.weight_format, r.act_format,
+         num(r.weight_sqnr_db, ".1f"), num(r.act_sqnr_db, ".1f"),
+         num(r.act_amax, ".4g"), num(r.input_absmax, ".4g"),
+         str(r.float_bytes), str(r.quantized_bytes)) for r in self.rows]
+    table.append(("total", "", "", "", "", "", "", "", str(self.float_bytes),
+                  str(self.quantized_bytes)))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i < 4 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in table]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _lookup(tree: Mapping[str, Any], path: str) -> Any:
+  for name in path.split("/") if path else []:
+    tree = tree[name]
+  return tree
+
+
+def _weight_numbers(info: rules_lib.LayerInfo, params: Mapping[str, Any]
+                    ) -> tuple[float | None, int, int]:
+  """(weight SQNR dB, float bytes, quantized bytes) of one layer's weight."""
+  try:
+    w = _lookup(params, info.path)[info.weight_name]
+  except (KeyError, TypeError):
+    raise ValueError(f"jaxq.report: the params lack {info.path}/"
+                     f"{info.weight_name} of shape {info.weight_shape}.") from None
+  float_bytes = int(np.prod(np.shape(w))) * np.dtype(w.dtype).itemsize
+  if info.weight is None:
+    return None, float_bytes, float_bytes
+  signal, noise, qa = _weight_error(w, spec=info.weight)
+  return sqnr_db(float(signal), float(noise)), float_bytes, qa.nbytes
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _weight_error(w: jax.Array, *, spec: QuantSpec
+                  ) -> tuple[jax.Array, jax.Array, QArray]:
+  """``(sum w^2, sum (w - w_q)^2, quantize(w, spec))``."""
+  qa = quantize(w, spec)
+  signal, noise, _ = error_sums((w,), (dequantize(qa),))
+  return signal, noise, qa
+
+
+def _histogram_spec(act: QuantSpec | None) -> QuantSpec:
+  fmt = act.format if act is not None and act.symmetric else "int8"
+  return QuantSpec(fmt, granularity_lib.PerTensor(), dynamic=False)
+
+
+def _range_methods(num_bins: int, percentile: float
+                   ) -> dict[str, observers.Observer]:
+  return {"max": observers.max(),
+          f"percentile({percentile:g})": observers.percentile(percentile,
+                                                              num_bins),
+          "entropy": observers.entropy(num_bins),
+          "mse": observers.mse(num_bins)}
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _act_error(x: jax.Array, amin: jax.Array | None, amax: jax.Array | None,
+               *, spec: QuantSpec) -> tuple[jax.Array, ...]:
+  """`error_sums` of ``x`` and its fake-quant (static range when given)."""
+  return error_sums(
+      (x,), (fake_quant(x, spec, amax=amax, amin=amin),))
+
+
+def report(model: Any, variables: Mapping[str, Any], data: Iterable[Any], *,
+           rules: Sequence[Rule] | Rule | None = None, stats: Any | None = None,
+           num_bins: int = 2048, percentile: float = 99.99) -> Report:
+  """The per-layer quantization report of a linen model.
+
+  Args:
+    model: a linen `QuantizedLinen` from `jaxq.quantize_model` (its rules
+      are used), or a float linen module with ``rules``.
+    variables: the float variables (``{"params": ...}``, ...).
+    data: calibration batches, as for `jaxq.sensitivity`.
+    rules: the rules, when ``model`` is a float module.
+    stats: a ``"quant_stats"`` collection from calibrate mode with these
+      rules; calibrated here on ``data`` when None.
+    num_bins: bins of the per-layer |x| histograms.
+    percentile: the percentile marked in the histograms.
+
+  Returns:
+    A `Report`: print it for the table; ``rows`` and ``histograms`` hold
+    the numbers.
+
+  Raises:
+    ValueError: for a non-linen model, missing or unexpected rules, no
+      batches, or params that lack a layer's weight.
+  """
+  what = "jaxq.report"
+  if isinstance(model, QuantizedLinen):
+    if rules is not None:
+      raise ValueError(f"{what}: the quantized model carries its rules; do "
+                       f"not pass rules too.")
+    model, rules = model.model, model.rules
+  check_linen(model, what)
+  if rules is None:
+    raise ValueError(f"{what}: pass rules= with a float model (or a model "
+                     f"from jaxq.quantize_model).")
+  rules = rules_lib.check_rules(rules)
+  batches = check_batches(data, what)
+  calibrated = calibrate_rules(model, variables, rules, batches,
+                                         stats)
+  layers = calibrated.layers
+  # Embedding lookups take ids, not activations: no act or histogram.
+  act_paths = [p for p, info in layers.items() if info.module_type != "Embed"]
+  inputs = capture(model.apply, act_paths, "inputs")
+  methods = _range_methods(num_bins, percentile)
+  hist_observer = methods["entropy"]  # Any histogram observer: same state.
+  update = jax.jit(hist_observer.update)
+
+  states: dict[str, Any] = {}
+  sums = {p: np.zeros(3) for p in act_paths}
+  for batch in batches:
+    captured = inputs(variables, batch)
+    for path in act_paths:
+      info = layers[path]
+      act_range = _lookup(calibrated.ranges, path).get("act", {}) if (
+          info.act is not None and not info.act.dynamic) else {}
+      for x in captured.get(path, ()):
+        if path not in states:
+          states[path] = hist_observer.init(x, _histogram_spec(info.act))
+        states[path] = update(states[path], x)
+        if info.act is not None:
+          sums[path] += np.asarray(_act_error(
+              x, act_range.get("amin"), act_range.get("amax"),
+              spec=info.act))
+
+  histograms = {}
+  for path, state in states.items():
+    histograms[path] = ActHistogram(
+        counts=np.asarray(state.counts).reshape(-1),
+        bin_width=float(np.asarray(state.bin_width).reshape(-1)[0]),
+        format=state.spec.format,
+        ranges={name: float(np.max(obs.finalize(state)))
+                for name, obs in methods.items()})
+
+  rows = []
+  for path, info in layers.items():
+    weight_sqnr, float_bytes, quantized_bytes = _weight_numbers(
+        info, variables["params"])
+    act_sqnr = act_amax = None
+    if info.act is not None and path in states:
+      act_sqnr = sqnr_db(sums[path][0], sums[path][1])
+      if not info.act.dynamic:
+        act_amax = float(np.max(_lookup(calibrated.ranges, path)["act"]["amax"]))
+    rows.append(LayerReport(
+        path=path, module_type=info.module_type, weight_spec=info.weight,
+        act_spec=info.act, weight_sqnr_db=weight_sqnr, act_sqnr_db=act_sqnr,
+        act_amax=act_amax,
+        input_absmax=(float(np.max(states[path].amax)) if path in states
+                      else None),
+        float_bytes=float_bytes, quantized_bytes=quantized_bytes))
+  return Report(rows=tuple(rows), histograms=histograms)
+
+
+# --------------------------------------------------------------------------
+# Plots.
+
+
+def _figure(width: float, height: float):
+  # The object-oriented API on the Agg canvas: no pyplot state, no display.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  figure = Figure(figsize=(width, height), dpi=100)
+  FigureCanvasAgg(figure)
+  return figure
+
+
+_METHOD_STYLES = {"max": ("tab:red", "-"), "entropy": ("tab:green", "--"),
+                  "mse": ("tab:purple", ":")}
+
+
+def plot_histograms(rep: Report, path: PathLike, *,
+                    layers: Sequence[str] | None = None, columns: int = 3,
+                    display_bins: int = 128) -> str:
+  """Saves a PNG of each layer input's |x| histogram with the chosen ranges.
+
+  Args:
+    rep: a `Report`.
+    path: the PNG file to write.
+    layers: the layer paths to plot (default: every layer with a histogram,
+      in model order).
+    columns: panels per row.
+    display_bins: adjacent bins are summed down to at most this many.
+
+  Returns:
+    ``path`` as a string.
+  """
+  names = list(rep.histograms) if layers is None else list(layers)
+  unknown = [n for n in names if n not in rep.histograms]
+  if unknown or not names:
+    raise ValueError(f"plot_histograms: no histogram for {unknown or 'any'} "
+                     f"layer; the report has {sorted(rep.histograms)}.")
+  if columns < 1 or display_bins < 1:
+    raise ValueError(f"plot_histograms: columns and display_bins must be "
+                     f">= 1, got {columns} and {display_bins}.")
+  columns = min(columns, len(names))
+  rows = math.ceil(len(names) / columns)
+  figure = _figure(4.2 * columns, 3.0 * rows)
+  axes = np.asarray(figure.subplots(rows, columns, squeeze=False)).reshape(-1)
+  for ax, name in zip(axes, names):
+    hist = rep.histograms[name]
+    # Merge adjacent bins to at most `display_bins`, so sparse 2048-bin
+    # histograms stay readable; zero-pad to a multiple of the merge factor.
+    factor = max(1, -(-len(hist.counts) // display_bins))
+    counts = np.pad(hist.counts, (0, -len(hist.counts) % factor))
+    counts = counts.reshape(-1, factor).sum(axis=1)
+    edges = np.arange(len(counts) + 1) * hist.bin_width * factor
+    ax.stairs(counts, edges, fill=True, color="0.6")
+    ax.set_yscale("symlog", linthresh=1.0)
+    data_max = edges[np.flatnonzero(counts).max() + 1] if counts.any() else 1.0
+    ax.set_xlim(0.0, 1.08 * max(data_max, *hist.ranges.values()))
+    for method, amax in hist.ranges.items():
+      color, style = _METHOD_STYLES.get(method, ("tab:blue", "-."))
+      ax.axvline(amax, color=color, linestyle=style, linewidth=1.3,
+                 label=f"{method} {amax:.3g}")
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel(f"|x| (ranges for {hist.format})", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7, loc="upper right")
+  for ax in axes[len(names):]:
+    ax.set_visible(False)
+  figure.suptitle("input activation histograms and calibrated ranges")
+  figure.tight_layout()
+  figure.savefig(os.fspath(path))
+  return os.fspath(path)
+
+
+def plot_sensitivity(table: SensitivityTable, path: PathLike
+                     ) -> str:
+  """Saves a PNG bar chart of each layer's metric drop and output SQNR.
+
+  Layers are listed most sensitive first (the table's order). Returns
+  ``path`` as a string.
+  """
+  if not table.rows:
+    raise ValueError("plot_sensitivity: the table has no rows.")
+  names = [r.path for r in table.rows]
+  drops = np.array([r.drop for r in table.rows])
+  sqnrs = np.array([r.sqnr_db for r in table.rows])
+  positions = np.arange(len(names))
+  figure = _figure(11.0, 1.2 + 0.28 * len(names))
+  drop_ax, sqnr_ax = figure.subplots(1, 2, sharey=True)
+  drop_ax.barh(positions, drops, color=np.where(drops > 0, "tab:red",
+                                                "tab:gray"))
+  drop_ax.set_yticks(positions, names, fontsize=8)
+  drop_ax.invert_yaxis()
+  drop_ax.set_xlabel(f"metric drop (float {table.float_metric:.4g})")
+  drop_ax.axvline(0.0, color="black", linewidth=0.8)
+  drop_ax.set_title("one layer quantized, the rest float")
+  finite = np.where(np.isfinite(sqnrs), sqnrs, np.nan)
+  sqnr_ax.barh(positions, finite, color="tab:blue")
+  sqnr_ax.set_xlabel("output SQNR (dB), higher is better")
+  sqnr_ax.set_title("that layer's output vs float")
+  figure.tight_layout()
+  figure.savefig(os.fspath(path))
+  return os.fspath(path)
+
+
+# `jaxq.report` is this module's `report` function (the package exports it);
+# the plots hang off it too, so `jaxq.report.plot_histograms(...)` works.
+report.plot_histograms = plot_histograms
+report.plot_sensitivity = plot_sensitivity

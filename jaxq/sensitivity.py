@@ -1,0 +1,509 @@
+"""Sensitivity analysis: which layers lose accuracy when quantized.
+
+``table = jaxq.sensitivity(model, variables, rules, eval_fn, data)``
+quantizes one layer at a time, as ``rules`` would quantize it, with every
+other layer in float, and ranks the layers by how much the eval metric drops
+(the method of the PTQ literature, e.g. Wu et al. 2020, "Integer
+Quantization for Deep Learning Inference"). ``jaxq.partial_quantize`` then
+leaves the most sensitive layers in float, one at a time, until a metric
+target is met.
+
+Conventions:
+
+* ``eval_fn(apply_fn, variables) -> float`` scores a model; higher is better
+  (accuracy, cosine similarity) unless ``higher_is_better=False`` (a loss).
+  ``apply_fn(variables, *args, **kwargs)`` is linen's ``apply`` of the model
+  being scored (jit-compiled), and ``variables`` are the float variables plus,
+  for static activation specs, the calibrated ``"quant_ranges"`` collection.
+  ``eval_fn`` brings its own evaluation data.
+* ``data`` is an iterable of calibration batches, each the positional
+  arguments of the model's ``apply`` (an array, or a tuple of arrays) or a
+  mapping of keyword arguments. It calibrates static activation ranges (one
+  calibrate-mode pass with the full ``rules``, shared by every
+  configuration; calibrate mode computes in float, so skipping layers never
+  changes another layer's range) and measures the cheap signal below.
+* The cheap signal: each layer's OUTPUT with only that layer quantized is
+  compared with the float model's output of the same layer, on ``data``.
+  Everything upstream is float in both runs, so the difference is exactly
+  that layer's quantization error. Outputs are captured with a
+  ``flax.linen.intercept_methods`` interceptor that sows each captured
+  module's ``__call__`` result (every call, for shared modules):
+  ``sqnr_db = 10 log10(sum y^2 / sum (y_q - y)^2)`` and ``mse = mean (y_q -
+  y)^2`` over all output elements of all batches.
+
+Cost: one float evaluation and one float capture pass (compiled once), then
+per layer one compile of ``eval_fn``'s forward and one of the capture pass.
+
+Models: flax.linen modules (``jaxq.quantize_model``'s linen path). For nnx
+models, wrap them with ``flax.nnx.bridge.to_linen``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import warnings
+from typing import Any, Callable, Collection, Iterable, Literal, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import traverse_util
+
+from jaxq import flax as jaxq_flax
+from jaxq.flax import linen as linen_lib
+from jaxq.flax import rules as rules_lib
+from jaxq.flax.linen import QuantizedLinen
+from jaxq.flax.rules import LayerInfo
+from jaxq.flax.rules import Rule
+
+Batch = Any  # An array, a tuple of positional arguments, or a kwargs mapping.
+ApplyFn = Callable[..., Any]
+EvalFn = Callable[[ApplyFn, Any], float]
+EvalMode = Literal["qat", "serve"]
+
+CAPTURE = "jaxq_capture"
+
+
+# --------------------------------------------------------------------------
+# Shared machinery (also used by `jaxq.report`).
+
+
+def batch_arguments(batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
+  """The ``(args, kwargs)`` of ``apply(variables, *args, **kwargs)``."""
+  if isinstance(batch, Mapping):
+    return (), dict(batch)
+  if isinstance(batch, (tuple, list)):
+    return tuple(batch), {}
+  return (batch,), {}
+
+
+def check_batches(data: Iterable[Batch], what: str) -> list[Batch]:
+  """``data`` as a list (it is read several times); raises if empty."""
+  batches = list(data)
+  if not batches:
+    raise ValueError(f"{what}: data holds no batches; pass at least one "
+                     f"calibration batch (an array, a tuple of arrays or a "
+                     f"mapping of keyword arguments).")
+  return batches
+
+
+def check_linen(model: Any, what: str) -> nn.Module:
+  if isinstance(model, QuantizedLinen):
+    raise ValueError(f"{what}: pass the float model and the rules, not a "
+                     f"model from jaxq.quantize_model.")
+  if not isinstance(model, nn.Module):
+    raise ValueError(f"{what}: expected a flax.linen Module, got "
+                     f"{type(model).__name__} (wrap nnx models with "
+                     f"flax.nnx.bridge.to_linen).")
+  return model
+
+
+def capture(apply: ApplyFn, paths: Collection[str],
+            what: Literal["inputs", "outputs"]
+            ) -> Callable[..., dict[str, tuple[jax.Array, ...]]]:
+  """A jitted ``(variables, batch) -> {path: (array, ...)}`` capture pass.
+
+  Runs ``apply`` (a linen ``apply``, float or quantized) and returns, for
+  each module whose "/"-joined path is in ``paths``, the first positional
+  argument (``"inputs"``) or the result (``"outputs"``) of every call of its
+  ``__call__``, in call order. Under a quantized model's interceptor the
+  outputs are the quantized layer's outputs; inputs are always what the
+  caller passed the module (before any activation quantization).
+  """
+  paths = frozenset(paths)
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if context.method_name == "__call__" and "/".join(module.path) in paths:
+      module.sow(CAPTURE, what, args[0] if what == "inputs" else out)
+    return out
+
+  def run(variables, batch):
+    args, kwargs = batch_arguments(batch)
+    with nn.intercept_methods(interceptor):
+      _, state = apply(variables, *args, mutable=[CAPTURE], **kwargs)
+    flat = traverse_util.flatten_dict(dict(state.get(CAPTURE, {})))
+    return {"/".join(key[:-1]): values for key, values in flat.items()}
+
+  return jax.jit(run)
+
+
+@jax.jit
+def error_sums(reference: Sequence[jax.Array], approx: Sequence[jax.Array]
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(sum ref^2, sum (approx - ref)^2, element count)`` over paired arrays."""
+  signal = sum(jnp.sum(jnp.square(r.astype(jnp.float32))) for r in reference)
+  noise = sum(jnp.sum(jnp.square(a.astype(jnp.float32) - r.astype(jnp.float32)))
+              for r, a in zip(reference, approx))
+  count = sum(r.size for r in reference)
+  return signal, noise, jnp.asarray(count, jnp.float32)
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+  """``10 log10(signal / noise)`` in dB; inf for exact, -inf for no signal."""
+  if noise == 0.0:
+    return math.inf
+  if signal == 0.0:
+    return -math.inf
+  return 10.0 * math.log10(signal / noise)
+
+
+def with_ranges(variables: Mapping[str, Any], ranges: Mapping[str, Any]
+                ) -> dict[str, Any]:
+  """``variables`` plus the ``"quant_ranges"`` collection (when non-empty)."""
+  out = {k: v for k, v in variables.items() if k != linen_lib.STATS}
+  if ranges:
+    out[linen_lib.RANGES] = ranges
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibrated:
+  """What every analysis of one model and rule set shares.
+
+  Attributes:
+    layers: path -> `LayerInfo` of every quantizable layer the model traced
+      (float ones included; ``info.quantized`` tells them apart).
+    stats: the ``"quant_stats"`` collection of the calibration pass.
+    ranges: the ``"quant_ranges"`` collection (empty without static specs).
+  """
+
+  layers: dict[str, LayerInfo]
+  stats: Any
+  ranges: Any
+
+  @property
+  def quantized(self) -> dict[str, LayerInfo]:
+    return {p: info for p, info in self.layers.items() if info.quantized}
+
+
+def calibrate_rules(model: nn.Module, variables: Mapping[str, Any],
+              rules: Sequence[Rule], batches: Sequence[Batch],
+              stats: Any | None = None) -> Calibrated:
+  """Traces ``model`` under ``rules`` and calibrates its static act ranges.
+
+  One jitted calibrate-mode pass over ``batches`` (skipped when ``stats``,
+  a ``"quant_stats"`` collection, is given); the ranges are finalized with
+  `jaxq.flax.act_ranges`.
+  """
+  qmodel = jaxq_flax.quantize_model(model, rules, mode="calibrate")
+  params = {k: v for k, v in variables.items() if k != linen_lib.STATS}
+
+  def step(state, batch):
+    args, kwargs = batch_arguments(batch)
+    _, new = qmodel.apply({**params, linen_lib.STATS: state}, *args,
+                          mutable=[linen_lib.STATS], **kwargs)
+    return new.get(linen_lib.STATS, {})
+
+  if stats is None:
+    step = jax.jit(step)
+    stats = {}
+    for batch in batches:
+      stats = step(stats, batch)
+  else:
+    jax.eval_shape(step, {}, batches[0])  # Traces the layers only.
+  return Calibrated(layers=qmodel.layers(), stats=stats,
+                    ranges=linen_lib.act_ranges(qmodel, stats))
+
+
+# --------------------------------------------------------------------------
+# Sensitivity.
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSensitivity:
+  """One layer quantized alone.
+
+  Attributes:
+    path: the "/"-joined module path.
+    module_type: the module's class name.
+    metric: ``eval_fn``'s value with only this layer quantized.
+    drop: how much worse than float that is, positive when worse:
+      ``float - metric`` (higher is better) or ``metric - float``.
+    sqnr_db: SQNR (dB) of the layer's quantized output against its float
+      output on the calibration data.
+    mse: mean squared error of that output.
+  """
+
+  path: str
+  module_type: str
+  metric: float
+  drop: float
+  sqnr_db: float
+  mse: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SensitivityTable:
+  """Layers ranked by sensitivity, most sensitive first.
+
+  Attributes:
+    rows: one `LayerSensitivity` per quantized layer, sorted by ``drop``
+      (descending), ties by ``sqnr_db`` (ascending).
+    float_metric: ``eval_fn`` on the float model.
+    higher_is_better: the metric's direction.
+  """
+
+  rows: tuple[LayerSensitivity, ...]
+  float_metric: float
+  higher_is_better: bool = True
+
+  @property
+  def paths(self) -> tuple[str, ...]:
+    """The layer paths, most sensitive first."""
+    return tuple(row.path for row in self.rows)
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __str__(self) -> str:
+    width = max([len("layer")] + [len(r.path) for r in self.rows])
+    kind = max([len("type")] + [len(r.module_type) for r in self.rows])
+    lines = [f"float metric {self.float_metric:.6g} ("
+             f"{'higher' if self.higher_is_better else 'lower'} is better); "
+             f"one layer quantized at a time, most sensitive first",
+             f"{'#':>3s}  {'layer':{width}s}  {'type':{kind}s}  "
+             f"{'metric':>10s}  {'drop':>10s}  {'SQNR dB':>8s}  {'MSE':>9s}"]
+    for i, r in enumerate(self.rows):
+      lines.append(f"{i:3d}  {r.path:{width}s}  {r.module_type:{kind}s}  "
+                   f"{r.metric:10.6g}  {r.drop:10.3g}  {r.sqnr_db:8.2f}  "
+                   f"{r.mse:9.3g}")
+    return "\n".join(lines)
+
+
+def _single_layer_rules(info: LayerInfo) -> tuple[Rule, ...]:
+  # Only this layer matches; layers no rule matches stay in float.
+  return (dataclasses.replace(info.rule, path_regex=re.escape(info.path)),)
+
+
+def _check_eval_mode(mode: str, what: str) -> None:
+  if mode not in ("qat", "serve"):
+    raise ValueError(f"{what}: mode must be 'qat' (fake-quant) or 'serve' "
+                     f"(low-bit ops), got {mode!r}.")
+
+
+def _evaluate(eval_fn: EvalFn, apply_fn: ApplyFn, variables: Any,
+              what: str) -> float:
+  value = eval_fn(apply_fn, variables)
+  try:
+    return float(value) + 0.0  # + 0.0 turns -0.0 into 0.0 for printing.
+  except (TypeError, ValueError):
+    raise ValueError(f"{what}: eval_fn must return a scalar float, got "
+                     f"{value!r}.") from None
+
+
+def _quantized_apply(model: nn.Module, rules: Sequence[Rule], mode: EvalMode
+                     ) -> ApplyFn:
+  return jaxq_flax.quantize_model(model, rules, mode=mode).apply
+
+
+def sensitivity(model: nn.Module, variables: Mapping[str, Any],
+                rules: Sequence[Rule] | Rule, eval_fn: EvalFn,
+                data: Iterable[Batch], *, higher_is_better: bool = True,
+                mode: EvalMode = "qat", stats: Any | None = None,
+                progress: bool = True) -> SensitivityTable:
+  """Ranks the layers ``rules`` quantizes by the metric drop each causes alone.
+
+  Args:
+    model: the float flax.linen model.
+    variables: its variables (``{"params": ...}`` and any other collections).
+    rules: the `Rule`s of the full quantization; each layer they quantize is
+      quantized alone with the spec they give it.
+    eval_fn: ``(apply_fn, variables) -> float`` (see the module docstring).
+    data: calibration batches (static ranges and the output SQNR/MSE).
+    higher_is_better: the metric's direction (False for a loss).
+    mode: ``"qat"`` scores the fake-quant model, ``"serve"`` the low-bit ops
+      (same numbers up to float accumulation order).
+    stats: a ``"quant_stats"`` collection from an earlier calibration pass
+      with the same rules, to skip calibrating again.
+    progress: show a tqdm bar over the layers.
+
+  Returns:
+    A `SensitivityTable`, most sensitive layer first.
+
+  Raises:
+    ValueError: for a non-linen model, no batches, rules that quantize no
+      layer, or an ``eval_fn`` that does not return a scalar.
+  """
+  what = "jaxq.sensitivity"
+  check_linen(model, what)
+  _check_eval_mode(mode, what)
+  rules = rules_lib.check_rules(rules)
+  batches = check_batches(data, what)
+  calibrated = calibrate_rules(model, variables, rules, batches, stats)
+  layers = calibrated.quantized
+  if not layers:
+    raise ValueError(f"{what}: the rules quantize none of the model's layers "
+                     f"{sorted(calibrated.layers)}.")
+  qvariables = with_ranges(variables, calibrated.ranges)
+  float_metric = _evaluate(eval_fn, jax.jit(model.apply), variables, what)
+  float_capture = capture(model.apply, layers, "outputs")
+  float_outputs = [float_capture(variables, batch) for batch in batches]
+
+  rows = []
+  for path, info in tqdm.tqdm(layers.items(), desc="sensitivity",
+                              unit="layer", disable=not progress):
+    apply = _quantized_apply(model, _single_layer_rules(info), mode)
+    metric = _evaluate(eval_fn, jax.jit(apply), qvariables, what)
+    layer_capture = capture(apply, (path,), "outputs")
+    sums = np.zeros(3)
+    for batch, reference in zip(batches, float_outputs):
+      out = layer_capture(qvariables, batch)[path]
+      sums += np.asarray(error_sums(reference[path], out), np.float64)
+    signal, noise, count = sums
+    drop = float_metric - metric if higher_is_better else metric - float_metric
+    rows.append(LayerSensitivity(
+        path=path, module_type=info.module_type, metric=metric, drop=drop,
+        sqnr_db=sqnr_db(signal, noise), mse=noise / max(count, 1.0)))
+  rows.sort(key=lambda r: (-r.drop, r.sqnr_db))
+  return SensitivityTable(rows=tuple(rows), float_metric=float_metric,
+                          higher_is_better=higher_is_better)
+
+
+# --------------------------------------------------------------------------
+# Partial quantization.
+
+
+@dataclasses.dataclass(frozen=True)
+class PartialQuantization:
+  """What `partial_quantize` chose.
+
+  Attributes:
+    rules: the rules to use: a skip rule per layer left in float, then the
+      original rules.
+    skipped: the paths left in float, most sensitive first.
+    metric: ``eval_fn`` on the model quantized with ``rules``.
+    float_metric: ``eval_fn`` on the float model.
+    target: the metric the result had to reach (at least, or at most when
+      lower is better).
+    history: the metric with 0, 1, 2, ... layers left in float, as tried.
+    table: the sensitivity ranking the layers were skipped in.
+  """
+
+  rules: tuple[Rule, ...]
+  skipped: tuple[str, ...]
+  metric: float
+  float_metric: float
+  target: float
+  history: tuple[float, ...]
+  table: SensitivityTable
+
+  def __str__(self) -> str:
+    lines = [f"float {self.float_metric:.6g}, target {self.target:.6g}: "
+             f"{len(self.skipped)} of {len(self.table)} layers left in float"
+             f", metric {self.metric:.6g}"]
+    lines += [f"  skip {path}  -> {value:.6g}" for path, value in
+              zip(self.skipped, self.history[1:])]
+    return "\n".join(lines)
+
+
+def metric_target(float_metric: float, max_drop: float, relative: bool,
+                  higher_is_better: bool) -> float:
+  """The worst acceptable metric: float minus (or plus) the allowed drop."""
+  if not max_drop >= 0.0:
+    raise ValueError(f"partial_quantize: max_drop must be >= 0, got "
+                     f"{max_drop}.")
+  allowed = max_drop * abs(float_metric) if relative else max_drop
+  return float_metric - allowed if higher_is_better else float_metric + allowed
+
+
+def skip_rules(paths: Sequence[str], rules: Sequence[Rule]
+               ) -> tuple[Rule, ...]:
+  """``rules`` with the layers at ``paths`` left in float (skip rules first)."""
+  return tuple(Rule(re.escape(p), skip=True) for p in paths) + tuple(rules)
+
+
+def partial_quantize(model: nn.Module, variables: Mapping[str, Any],
+                     rules: Sequence[Rule] | Rule, eval_fn: EvalFn,
+                     data: Iterable[Batch], *, max_drop: float = 0.01,
+                     relative: bool = True, higher_is_better: bool = True,
+                     table: SensitivityTable | None = None,
+                     max_skipped: int | None = None, mode: EvalMode = "qat",
+                     progress: bool = True) -> PartialQuantization:
+  """Leaves the most sensitive layers in float until a metric target is met.
+
+  Greedy, in sensitivity order: evaluates the model quantized with
+  ``rules``; while the metric misses the target, adds a skip rule for the
+  next most sensitive layer and evaluates again. The target is the float
+  metric minus ``max_drop`` (``relative``: times ``|float metric|``, so
+  ``max_drop=0.01`` means within 1% of float), plus instead of minus when
+  lower is better.
+
+  Args:
+    model, variables, rules, eval_fn, data, higher_is_better, mode: as for
+      `sensitivity`.
+    max_drop: the allowed drop from the float metric (>= 0).
+    relative: ``max_drop`` is a fraction of the float metric (True) or an
+      absolute amount (False).
+    table: a `sensitivity` table of the same model, rules and eval_fn; made
+      here when None.
+    max_skipped: the most layers that may stay in float; None for no limit.
+    progress: progress bars.
+
+  Returns:
+    A `PartialQuantization` with the rules, the skipped layers and the
+    metric reached. When only the float model meets the target (every
+    layer skipped), that is the result, with a `UserWarning` saying so.
+
+  Raises:
+    ValueError: when the target is still missed with ``max_skipped``
+      layers in float (naming the best metric reached), or as `sensitivity`.
+  """
+  what = "jaxq.partial_quantize"
+  check_linen(model, what)
+  _check_eval_mode(mode, what)
+  rules = rules_lib.check_rules(rules)
+  batches = check_batches(data, what)
+  if table is None:
+    table = sensitivity(model, variables, rules, eval_fn, batches,
+                        higher_is_better=higher_is_better, mode=mode,
+                        progress=progress)
+  elif table.higher_is_better != higher_is_better:
+    raise ValueError(f"{what}: the table was made with higher_is_better="
+                     f"{table.higher_is_better}, but higher_is_better="
+                     f"{higher_is_better} was passed.")
+  if max_skipped is not None and max_skipped < 0:
+    raise ValueError(f"{what}: max_skipped must be >= 0 or None, got "
+                     f"{max_skipped}.")
+  calibrated = calibrate_rules(model, variables, rules, batches)
+  qvariables = with_ranges(variables, calibrated.ranges)
+  target = metric_target(table.float_metric, max_drop, relative,
+                         higher_is_better)
+  meets = ((lambda m: m >= target) if higher_is_better
+           else (lambda m: m <= target))
+  order = table.paths
+  limit = len(order) if max_skipped is None else min(max_skipped, len(order))
+  history: list[float] = []
+  with tqdm.tqdm(total=limit + 1, desc="partial quantize", unit="model",
+                 disable=not progress) as bar:
+    for k in range(limit + 1):
+      candidate = skip_rules(order[:k], rules)
+      if k == len(order):  # Everything in float: the float model itself.
+        metric = table.float_metric
+      else:
+        metric = _evaluate(eval_fn,
+                           jax.jit(_quantized_apply(model, candidate, mode)),
+                           qvariables, what)
+      history.append(metric)
+      bar.update(1)
+      if meets(metric):
+        if k == len(order):
+          warnings.warn(f"{what}: the target {target:.6g} is met only with "
+                        f"every quantized layer ({k}) left in float.",
+                        UserWarning, stacklevel=2)
+        return PartialQuantization(
+            rules=candidate, skipped=tuple(order[:k]), metric=metric,
+            float_metric=table.float_metric, target=target,
+            history=tuple(history), table=table)
+  best = max(history) if higher_is_better else min(history)
+  raise ValueError(
+      f"{what}: the target {target:.6g} (float {table.float_metric:.6g}, "
+      f"max_drop {max_drop}{' relative' if relative else ''}) is not met "
+      f"with up to {limit} of {len(order)} layers left in float; the best "
+      f"metric reached was {best:.6g} (history {history}). Allow more "
+      f"skipped layers or a larger max_drop.")
