@@ -19,8 +19,8 @@ Conventions:
 * ``data`` is an iterable of calibration batches, each the positional
   arguments of the model's ``apply`` (an array, or a tuple of arrays) or a
   mapping of keyword arguments. It calibrates static activation ranges (one
-  calibrate-mode pass with the full ``rules``, shared by every
-  configuration; calibrate mode computes in float, so skipping layers never
+  `jaxq.calibrate` pass with the full ``rules``, shared by every
+  configuration: calibrate mode computes in float, so skipping layers never
   changes another layer's range) and measures the cheap signal below.
 * The cheap signal: each layer's OUTPUT with only that layer quantized is
   compared with the float model's output of the same layer, on ``data``.
@@ -54,6 +54,7 @@ import tqdm
 from flax import traverse_util
 
 from jaxq import flax as jaxq_flax
+from jaxq import ptq
 from jaxq.flax import linen as linen_lib
 from jaxq.flax import rules as rules_lib
 from jaxq.flax.linen import QuantizedLinen
@@ -183,32 +184,31 @@ class Calibrated:
 
 
 def calibrate_rules(model: nn.Module, variables: Mapping[str, Any],
-              rules: Sequence[Rule], batches: Sequence[Batch],
-              stats: Any | None = None) -> Calibrated:
+                    rules: Sequence[Rule], batches: Sequence[Batch],
+                    stats: Any | None = None) -> Calibrated:
   """Traces ``model`` under ``rules`` and calibrates its static act ranges.
 
-  One jitted calibrate-mode pass over ``batches`` (skipped when ``stats``,
-  a ``"quant_stats"`` collection, is given); the ranges are finalized with
-  `jaxq.flax.act_ranges`.
+  One `jaxq.calibrate` pass over ``batches`` (skipped when ``stats``, a
+  ``"quant_stats"`` collection, is given: the model is then only traced,
+  with ``jax.eval_shape``); the ranges are finalized with each rule's own
+  calibration method (`jaxq.act_ranges`).
   """
   qmodel = jaxq_flax.quantize_model(model, rules, mode="calibrate")
   params = {k: v for k, v in variables.items() if k != linen_lib.STATS}
 
-  def step(state, batch):
+  def forward(apply: ApplyFn, batch: Batch) -> Any:
     args, kwargs = batch_arguments(batch)
-    _, new = qmodel.apply({**params, linen_lib.STATS: state}, *args,
-                          mutable=[linen_lib.STATS], **kwargs)
-    return new.get(linen_lib.STATS, {})
+    return apply(*args, **kwargs)
 
   if stats is None:
-    step = jax.jit(step)
-    stats = {}
-    for batch in batches:
-      stats = step(stats, batch)
+    stats = ptq.calibrate(qmodel, params, batches, progress=False,
+                          forward=forward).stats
   else:
-    jax.eval_shape(step, {}, batches[0])  # Traces the layers only.
+    args, kwargs = batch_arguments(batches[0])
+    jax.eval_shape(lambda v: qmodel.apply(v, *args, mutable=[linen_lib.STATS],
+                                          **kwargs), params)
   return Calibrated(layers=qmodel.layers(), stats=stats,
-                    ranges=linen_lib.act_ranges(qmodel, stats))
+                    ranges=jaxq_flax.act_ranges(qmodel, stats))
 
 
 # --------------------------------------------------------------------------
