@@ -28,6 +28,7 @@ from jaxq import granularity as granularity_lib
 
 CALIBRATIONS: tuple[str, ...] = ("max", "percentile", "entropy", "mse")
 STES: tuple[str, ...] = ("clipped", "identity")
+LEARNS: tuple[str, ...] = ("lsq", "pact")
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,6 +59,14 @@ class QuantSpec:
     dynamic: for activations, compute the range from each batch at run time
       (True) or use calibrated, static ranges (False). Weights always use
       their own range.
+    learn: None for a range computed from data (or calibrated), or a range
+      that is a trainable parameter in QAT (see `jaxq.learned`): ``"lsq"``
+      learns the step size (scale) with the LSQ gradient (Esser et al.,
+      2020), ``"pact"`` learns the clipping value ``scale * qmax`` with the
+      PACT gradient (Choi et al., 2018). Symmetric integer formats with
+      round-to-nearest only. A learned range is a parameter, so ``dynamic``
+      does not apply: a learned activation range starts from calibration
+      (or from the first batch) and is then trained.
   """
 
   format: str | np.dtype | type = "int8"
@@ -69,6 +78,7 @@ class QuantSpec:
   rounding: formats_lib.Rounding = "nearest"
   ste: Literal["clipped", "identity"] = "clipped"
   dynamic: bool = True
+  learn: Literal["lsq", "pact"] | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "format", formats_lib.canonical_name(self.format))
@@ -98,6 +108,19 @@ class QuantSpec:
     if self.ste not in STES:
       raise ValueError(f"QuantSpec: unknown ste {self.ste!r}; expected one of "
                        f"{STES}.")
+    if self.learn is not None:
+      if self.learn not in LEARNS:
+        raise ValueError(f"QuantSpec: unknown learn {self.learn!r}; expected "
+                         f"None or one of {LEARNS}.")
+      if fmt.kind != "int" or is_mx or not self.symmetric:
+        raise ValueError(f"QuantSpec: learn={self.learn!r} learns a symmetric "
+                         f"integer scale; it needs a signed integer format "
+                         f"with symmetric=True and no MX granularity, got "
+                         f"format {self.format}, symmetric={self.symmetric}, "
+                         f"granularity {self.granularity}.")
+      if self.rounding != "nearest":
+        raise ValueError(f"QuantSpec: learn={self.learn!r} needs "
+                         f"rounding='nearest', got {self.rounding!r}.")
 
   @property
   def fmt(self) -> formats_lib.Format:

@@ -27,6 +27,19 @@ to float32 accumulation order.
 Static activation ranges are dicts ``{"amax": a}`` (``{"amin": a, "amax": b}``
 for affine specs) in the keepdims scale shape of the act spec for the
 layer's input, produced by `finalize_range` from an observer state.
+
+Learned ranges (specs with ``learn="lsq"`` or ``"pact"``, see
+`jaxq.learned`) are trainable parameters of the quantized layer, named by
+`learned_name`: ``"weight_scale"`` / ``"act_scale"`` for LSQ,
+``"weight_clip"`` / ``"act_clip"`` for PACT. A weight's has the keepdims
+scale shape of the weight and starts from the weight's own max; an
+activation's has shape ``(k,)``, ``k`` the number of scales along the
+input's last axis (1 for `PerTensor`, the features for
+`PerChannel(axis=-1)`; scales that vary per token cannot be learned), and
+starts from the calibrated range when one is loaded, else from the first
+batch's. In qat mode the layer fake-quantizes with them (`jaxq.learned`,
+whose gradients train them); in serve mode it quantizes with them, and
+`jaxq.convert` builds the serving weights from them.
 """
 
 from __future__ import annotations
@@ -41,8 +54,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxq import calibration
+from jaxq import granularity as granularity_lib
+from jaxq import learned
 from jaxq import ops
 from jaxq.granularity import PerChannel
+from jaxq.quantize import compute_range
 from jaxq.quantize import dequantize
 from jaxq.quantize import fake_quant
 from jaxq.quantize import quantize
@@ -87,8 +103,36 @@ class LayerQuant:
 
   @property
   def static_act(self) -> bool:
-    """Whether the input uses a calibrated (static) range."""
-    return self.act is not None and not self.act.dynamic
+    """Whether the input's range is calibrated beforehand: a static range,
+    or the starting point of a learned one."""
+    return self.act is not None and (not self.act.dynamic or
+                                     self.act.learn is not None)
+
+
+def learned_name(what: str, spec: QuantSpec) -> str:
+  """The name of a learned parameter: ``"weight_scale"``, ``"act_clip"``..."""
+  return f"{what}_{'scale' if spec.learn == 'lsq' else 'clip'}"
+
+
+def learned_act_shape(layer: LayerQuant, shape: tuple[int, ...]
+                      ) -> tuple[int]:
+  """``(k,)``, the shape of a learned act parameter for inputs of ``shape``.
+
+  Raises a ValueError naming the layer when the act spec's scales vary along
+  an axis other than the last (per token, per group of a token), since a
+  parameter cannot follow the batch.
+  """
+  spec = layer.act
+  check_spec(layer, spec, shape, "activation")
+  blocks = spec.granularity.block_shape(tuple(shape))
+  if tuple(blocks[:-1]) != tuple(shape[:-1]):
+    raise ValueError(
+        f"jaxq: the learned (learn={spec.learn!r}) act spec of {layer.path!r} "
+        f"({layer.module_type}) must share its scales across tokens (scales "
+        f"may vary along the last axis only: PerTensor or "
+        f"PerChannel(axis=-1)), but {spec.granularity} on the input of shape "
+        f"{tuple(shape)} has blocks {tuple(blocks)}.")
+  return (shape[-1] // blocks[-1],)
 
 
 def check_mode(mode: str) -> None:
@@ -168,6 +212,13 @@ def observe_weight(layer: LayerQuant, state: Any | None, w: jax.Array) -> Any:
   if state is None:
     state = observer.init(w, layer.weight)
   return observer.update(state, w)
+
+
+def learned_scale_shape(layer: LayerQuant, spec: QuantSpec,
+                        shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The keepdims scale shape of a learned weight parameter."""
+  check_spec(layer, spec, shape, "weight")
+  return granularity_lib.scale_shape(spec.granularity, tuple(shape))
 
 
 # Activations.
@@ -265,6 +316,48 @@ class LayerVariables(abc.ABC):
   def get_range(self) -> ActRange | None:
     """The static activation range, if one was loaded."""
 
+  @abc.abstractmethod
+  def get_learned(self, name: str) -> jax.Array | None:
+    """The learned parameter ``name`` (see `learned_name`), if it exists."""
+
+  @abc.abstractmethod
+  def put_learned(self, name: str, value: jax.Array) -> None:
+    """Creates the learned parameter ``name``, or raises a ValueError naming
+    the layer when parameters cannot be created now."""
+
+  def _learned(self, what: str, spec: QuantSpec, shape: tuple[int, ...],
+               initial: Callable[[], jax.Array]) -> jax.Array:
+    name = learned_name(what, spec)
+    param = self.get_learned(name)
+    if param is None:
+      param = jax.lax.stop_gradient(initial())
+      self.put_learned(name, param)
+    if tuple(param.shape) != tuple(shape):
+      raise ValueError(
+          f"jaxq: the learned {name!r} of {self.quant.path!r} has shape "
+          f"{tuple(param.shape)}, but the layer needs {tuple(shape)}.")
+    return param
+
+  def weight_param(self, w: jax.Array | QArray) -> jax.Array:
+    """The learned weight parameter, created from ``w``'s own range."""
+    spec = self.quant.weight
+    return self._learned(
+        "weight", spec, learned_scale_shape(self.quant, spec, w.shape),
+        lambda: learned.init_param(spec, compute_range(w, spec)[1]))
+
+  def act_param(self, x: jax.Array) -> jax.Array:
+    """The learned act parameter, created from the calibrated range when one
+    is loaded, else from ``x``'s."""
+    spec = self.quant.act
+    shape = learned_act_shape(self.quant, tuple(x.shape))
+
+    def initial() -> jax.Array:
+      act_range = self.get_range()
+      amax = (act_range["amax"] if act_range else compute_range(x, spec)[1])
+      return learned.init_param(spec, jnp.reshape(amax, shape))
+
+    return self._learned("act", spec, shape, initial)
+
   def recording(self) -> bool:
     """Whether calibrate mode records now (not while initialising)."""
     return True
@@ -276,7 +369,18 @@ class LayerVariables(abc.ABC):
     if self.quant.mode == "calibrate" and self.recording():
       self.put_stats(WEIGHT_STATS, observe_weight(
           self.quant, self.get_stats(WEIGHT_STATS), w))
+    if self.quant.weight.learn is not None and self.quant.mode != "calibrate":
+      return self._learned_weight(w)
     return transform_weight(self.quant, w)
+
+  def _learned_weight(self, w: jax.Array | QArray) -> jax.Array | QArray:
+    spec = self.quant.weight
+    if isinstance(w, QArray):  # Converted with the learned scale already.
+      return transform_weight(self.quant, w)
+    param = self.weight_param(w)
+    if self.quant.mode == "qat":
+      return learned.learned_fake_quant(w, param, spec)
+    return learned.quantize_with_scale(w, learned.scale_of(param, spec), spec)
 
   def act(self, x: jax.Array) -> jax.Array | QArray:
     """The input for the layer's op; records its statistics in calibrate."""
@@ -287,6 +391,13 @@ class LayerVariables(abc.ABC):
         self.put_stats(ACT_STATS, observe_act(
             self.quant, self.get_stats(ACT_STATS), x))
       return x
+    spec = self.quant.act
+    if spec.learn is not None:
+      param = self.act_param(x)
+      if self.quant.mode == "qat":
+        return learned.learned_fake_quant(x, param, spec)
+      return learned.quantize_with_scale(x, learned.scale_of(param, spec),
+                                         spec)
     return transform_act(self.quant, x,
                          self.get_range() if self.quant.static_act else None)
 
@@ -295,7 +406,12 @@ class LayerVariables(abc.ABC):
     if self.quant.mode == "calibrate" and self.recording():
       self.put_stats(WEIGHT_STATS, observe_weight(
           self.quant, self.get_stats(WEIGHT_STATS), table))
-    return embed_lookup(self.quant, table, ids)
+    if self.quant.weight.learn is None or self.quant.mode == "calibrate":
+      return embed_lookup(self.quant, table, ids)
+    if self.quant.mode == "serve":
+      return embed_lookup(self.quant, self._learned_weight(table), ids)
+    return embed_lookup(self.quant, table, ids,
+                        learned_param=self.weight_param(table))
 
 
 # The ops of serve mode: the layer's own op when both operands are float,
@@ -370,14 +486,15 @@ def embed_spec(spec: QuantSpec, table_shape: tuple[int, ...]) -> QuantSpec:
 
 
 def embed_lookup(layer: LayerQuant, table: jax.Array | QArray,
-                 ids: jax.Array) -> jax.Array:
+                 ids: jax.Array, learned_param: jax.Array | None = None
+                 ) -> jax.Array:
   """``take(table, ids, axis=0)`` with the table quantized row by row.
 
   ``layer.weight`` must already be the table's `embed_spec`. QAT
   fake-quantizes only the looked-up rows (their scales depend on their own
-  row alone, so this equals a lookup in the fake-quantized table); serve
-  gathers the rows of the stored values and of their scales. Returns
-  ``ids.shape + (features,)``.
+  row alone, so this equals a lookup in the fake-quantized table), with the
+  rows of ``learned_param`` for a learned spec; serve gathers the rows of
+  the stored values and of their scales. Returns ``ids.shape + (features,)``.
   """
   features = table.shape[-1]
   flat_ids = jnp.reshape(ids, (-1,))
@@ -390,6 +507,9 @@ def embed_lookup(layer: LayerQuant, table: jax.Array | QArray,
   else:
     check_spec(layer, layer.weight, table.shape, "weight")
     rows = jnp.take(table, flat_ids, axis=0)
-    if layer.mode == "qat":
+    if layer.mode == "qat" and learned_param is not None:
+      rows = learned.learned_fake_quant(
+          rows, jnp.take(learned_param, flat_ids, axis=0), layer.weight)
+    elif layer.mode == "qat":
       rows = fake_quant(rows, layer.weight)
   return rows.reshape(tuple(ids.shape) + (features,))

@@ -32,6 +32,13 @@ the original model's variables work unchanged in qat and calibrate mode):
 * ``quant_ranges`` (read in qat and serve mode for static act specs): per
   layer, ``{"act": {"amax": a}}`` (plus ``"amin"`` for affine specs), as
   made by `jaxq.flax.act_ranges` or `jaxq.convert`.
+* learned ranges (specs with ``learn="lsq"``/``"pact"``): trainable entries
+  of ``params`` beside the layer's own, ``params/<layer>/jaxq/weight_scale``
+  and ``.../act_scale`` (``weight_clip``/``act_clip`` for PACT; see
+  `jaxq.flax.core`), so an optimizer over ``params`` trains them with the
+  weights. ``init`` creates them, and so does ``apply`` with
+  ``mutable=["params"]`` (what `jaxq.qat.init_learned` runs on float
+  variables), starting an activation's from ``quant_ranges`` when given.
 
 Paths are the "/"-joined linen module names (``"Encoder_0/Dense_1"``), as in
 the ``params`` tree. ``nn.ConvTranspose`` in serve mode raises a ValueError
@@ -56,6 +63,7 @@ from jaxq.spec import QArray
 
 STATS = "quant_stats"
 RANGES = "quant_ranges"
+LEARNED = "jaxq"
 
 _PROMOTING = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.ConvTranspose)
 _OP_FIELDS = ("dot_general", "conv_general_dilated")
@@ -105,6 +113,23 @@ class _Layer(core.LayerVariables):
 
   def recording(self) -> bool:
     return not self.initializing  # Init data is not calibration data.
+
+  def get_learned(self, name: str) -> jax.Array | None:
+    if self.scope.has_variable("params", LEARNED):
+      return self.scope.get_variable("params", LEARNED).get(name)
+    return None
+
+  def put_learned(self, name: str, value: jax.Array) -> None:
+    if not self.scope.is_mutable_collection("params"):
+      raise ValueError(
+          f"jaxq: {self.quant.path!r} has a learned range but the params lack "
+          f"'{self.quant.path}/{LEARNED}/{name}'; create the learned "
+          f"parameters with qmodel.init or jaxq.qat.init_learned(qmodel, "
+          f"variables, *inputs).")
+    learned = {}
+    if self.scope.has_variable("params", LEARNED):
+      learned = dict(self.scope.get_variable("params", LEARNED))
+    self.scope.put_variable("params", LEARNED, {**learned, name: value})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,9 +364,14 @@ def act_ranges(qmodel: QuantizedLinen, stats: Any) -> dict[str, Any]:
   """The ``quant_ranges`` collection finalized from a ``quant_stats`` tree."""
   ranges: dict[str, Any] = {}
   for path, info in qmodel.layers().items():
-    if info.act is None or info.act.dynamic or info.module_type == "Embed":
+    if info.act is None or info.module_type == "Embed":
+      continue
+    if info.act.dynamic and info.act.learn is None:
       continue
     node = _lookup(stats, path)
+    if info.act.learn is not None and (node is None or
+                                       core.ACT_STATS not in node):
+      continue  # A learned range may start from its first batch instead.
     if node is None or core.ACT_STATS not in node:
       raise ValueError(f"jaxq: no activation statistics for {path!r}, which "
                        f"has a static act spec; run it in calibrate mode on "

@@ -25,6 +25,12 @@ Each quantized layer also carries:
 * ``jaxq_act_range``: a `QuantRange` variable ``{"amax": ...}`` for a static
   act spec, loaded with ``nnx.update(qmodel, jaxq.flax.act_ranges(...))`` or
   from `jaxq.convert`'s state.
+* ``jaxq_weight_scale``, ``jaxq_act_scale`` (``jaxq_weight_clip``,
+  ``jaxq_act_clip`` for PACT): ``nnx.Param`` learned ranges of specs with
+  ``learn`` set (see `jaxq.flax.core`), created by the first qat-mode call
+  (run the model once, e.g. `jaxq.qat.init_learned`, before building the
+  optimizer so that it sees them), an activation's from ``jaxq_act_range``
+  when loaded. `jaxq.convert`'s state carries them to the serve model.
 
 Serving weights: after `jaxq.convert`, a quantized layer's ``kernel`` (or
 ``embedding``) ``Param`` holds a `QArray`; float weights are quantized on the
@@ -111,6 +117,18 @@ class _Layer(core.LayerVariables):
   def get_range(self) -> core.ActRange | None:
     held = getattr(self.module, "jaxq_act_range", None)
     return None if held is None else held.get_value()
+
+  def get_learned(self, name: str) -> jax.Array | None:
+    param = getattr(self.module, f"jaxq_{name}", None)
+    return None if param is None else param.get_value()
+
+  def put_learned(self, name: str, value: jax.Array) -> None:
+    if self.quant.mode != "qat":
+      raise ValueError(
+          f"jaxq {self.quant.mode}: {self.quant.path!r} has a learned range "
+          f"but no 'jaxq_{name}' parameter; load the trained state from "
+          f"jaxq.convert (nnx.update(qmodel, serving)).")
+    setattr(self.module, f"jaxq_{name}", nnx.Param(value))
 
 
 def _weight_name(module: nnx.Module) -> str:
@@ -276,6 +294,8 @@ def act_ranges(qmodel: nnx.Module, stats: nnx.State) -> nnx.State:
     if quant is None or not quant.static_act:
       continue
     state = flat_stats.get(tuple(path) + ("jaxq_act_stats",))
+    if state is None and quant.act.learn is not None:
+      continue  # A learned range may start from its first batch instead.
     if state is None:
       raise ValueError(f"jaxq: no activation statistics for {quant.path!r}, "
                        f"which has a static act spec; run it in calibrate "
