@@ -7,7 +7,9 @@ Fake-quant for QAT, jit-compiled calibration for PTQ, and real low-bit
 from jaxq import calibration
 from jaxq import formats
 from jaxq import granularity
+from jaxq import learned
 from jaxq import observers
+from jaxq import qat
 from jaxq.checkpoint import load
 from jaxq.checkpoint import save
 from jaxq.convert import ConvertReport
