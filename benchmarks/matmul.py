@@ -102,8 +102,10 @@ def run(sizes: list[int], repeats: int) -> list[dict[str, Any]]:
   rows = []
   for size in sizes:
     fns, weight_bytes = _cases(size, jax.random.key(size))
+    # The grouped variants take seconds per call from 4096 on, on a CPU.
+    large = size >= 4096
     times = _harness.interleaved_median_times(
-        fns, warmup=2, repeats=repeats if size < 4096 else max(3, repeats // 2))
+        fns, warmup=1 if large else 2, repeats=3 if large else repeats)
     flops = 2.0 * size**3
     for key, seconds in times.items():
       variant, _, act = key.partition("|")
