@@ -49,7 +49,6 @@ import ml_dtypes
 import numpy as np
 from jax import lax
 
-from jaxq import quantize as quantize_lib
 from jaxq.spec import QArray
 
 Array = jax.Array
