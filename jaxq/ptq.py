@@ -442,6 +442,61 @@ def _raise_nonfinite(index: int, new: np.ndarray,
       f"on_nonfinite='count' to skip and count them.")
 
 
+def _build(qmodel: linen_lib.QuantizedLinen | nnx.Module, variables: Any,
+           batch: Any, observers: Mapping[str, calibration.Observer],
+           forward: Forward) -> _Pass:
+  """The calibration pass of ``qmodel``, its stats placed like ``batch``."""
+  mode, _, observer_for = _model_settings(qmodel)
+  if mode != "calibrate":
+    raise ValueError(f"calibrate: expected a model from jaxq.quantize_model("
+                     f"..., mode='calibrate'), got mode {mode!r}.")
+  if observers:
+    recorder = _recording_observer(observers)
+    histogram = isinstance(recorder.init(_PROBE_INPUT, _PROBE_SPEC),
+                           calibration.HistogramState)
+
+    def observer_for(spec: QuantSpec) -> calibration.Observer:
+      # Layers that cannot keep the shared state record a max state for
+      # now, so that `_check_recorded` can name them.
+      if histogram and (not spec.symmetric or not isinstance(
+          spec.granularity, (PerTensor, PerChannel))):
+        return calibration.max()
+      return recorder
+
+  build = (_linen_pass if isinstance(qmodel, linen_lib.QuantizedLinen)
+           else _nnx_pass)
+  calibration_pass = build(qmodel, variables, batch, forward, observer_for)
+  if observers:
+    _check_recorded(calibration_pass.act_states(calibration_pass.stats),
+                    recorder, observers)
+  return dataclasses.replace(
+      calibration_pass, stats=_placed_like(calibration_pass.stats, batch))
+
+
+def calibration_step(qmodel: linen_lib.QuantizedLinen | nnx.Module,
+                     variables: Any, batch: Any,
+                     methods: Methods | None = None, *,
+                     forward: Forward | None = None,
+                     num_bins: int = calibration.observers.DEFAULT_NUM_BINS
+                     ) -> tuple[Callable[[Any, Any], tuple[Any, jax.Array]],
+                                Any]:
+  """The jitted step `calibrate` runs, for loops of one's own.
+
+  Arguments as for `calibrate`; ``batch`` is an example batch (only its
+  shapes are used).
+
+  Returns:
+    ``(step, stats)``: the empty stats, and ``step(stats, batch) -> (stats,
+    nonfinite)``, jitted (compiled once per batch shape), ``nonfinite`` the
+    int32 running NaN/inf counts of the static act layers. NaN/inf are
+    always skipped and counted here; nothing is raised.
+  """
+  observers = {} if methods is None else _observers(methods, num_bins)
+  calibration_pass = _build(qmodel, variables, batch, observers,
+                            forward or _call)
+  return calibration_pass.step, calibration_pass.stats
+
+
 def calibrate(qmodel: linen_lib.QuantizedLinen | nnx.Module, variables: Any,
               batches: Iterable[Any], methods: Methods | None = None,
               progress: bool = True, *, forward: Forward | None = None,
@@ -483,37 +538,16 @@ def calibrate(qmodel: linen_lib.QuantizedLinen | nnx.Module, variables: Any,
       have (naming the layers), or non-finite inputs (naming the batch and
       the layers) unless they are counted.
   """
-  mode, model_on_nonfinite, observer_for = _model_settings(qmodel)
-  if mode != "calibrate":
-    raise ValueError(f"calibrate: expected a model from jaxq.quantize_model("
-                     f"..., mode='calibrate'), got mode {mode!r}.")
+  _, model_on_nonfinite, _ = _model_settings(qmodel)
   on_nonfinite = on_nonfinite or model_on_nonfinite
   core.check_on_nonfinite(on_nonfinite)
-  forward = forward or _call
   observers = {} if methods is None else _observers(methods, num_bins)
-  if observers:
-    recorder = _recording_observer(observers)
-    histogram = isinstance(recorder.init(_PROBE_INPUT, _PROBE_SPEC),
-                           calibration.HistogramState)
-
-    def observer_for(spec: QuantSpec) -> calibration.Observer:
-      # Layers that cannot keep the shared state record a max state for
-      # now, so the error below can name them.
-      if histogram and (not spec.symmetric or not isinstance(
-          spec.granularity, (PerTensor, PerChannel))):
-        return calibration.max()
-      return recorder
-
   total = len(batches) if isinstance(batches, Sized) else None
   first, batches = _first(batches)
-  build = (_linen_pass if isinstance(qmodel, linen_lib.QuantizedLinen)
-           else _nnx_pass)
-  calibration_pass = build(qmodel, variables, first, forward, observer_for)
-  if observers:
-    _check_recorded(calibration_pass.act_states(calibration_pass.stats),
-                    recorder, observers)
+  calibration_pass = _build(qmodel, variables, first, observers,
+                            forward or _call)
 
-  stats = _placed_like(calibration_pass.stats, first)
+  stats = calibration_pass.stats
   paths = calibration_pass.act_paths
   seen = np.zeros(len(paths), np.int64)
   pending: tuple[int, jax.Array] | None = None
