@@ -120,6 +120,26 @@ def test_entropy_int4_uses_eight_levels():
                              rtol=1e-6)
 
 
+def test_entropy_per_channel_equals_numpy_kl_search_on_varied_data():
+  """Light and heavy tails, an outlier and a sparse (rounded) channel."""
+  rng = np.random.default_rng(12)
+  size = 20000
+  outlier = rng.standard_normal(size)
+  outlier[:20] *= 40.0
+  x = np.stack([rng.laplace(size=size), rng.standard_normal(size),
+                rng.standard_t(2, size), outlier,
+                np.round(rng.standard_normal(size) * 4) / 4], axis=-1)
+  spec = QuantSpec("int8", PerChannel(axis=-1))
+  state = _calibrate(jaxq.observers.entropy(), spec, [x.astype(np.float32)])
+  amax = np.asarray(jaxq.observers.entropy().finalize(state))[0]
+  for c in range(x.shape[-1]):
+    best_bin = _kl_threshold_bin(np.asarray(state.counts)[0, c],
+                                 num_levels=128, start_bin=128)
+    expected = min(best_bin * float(state.range[0, c]) / 2048,
+                   float(state.amax[0, c]))
+    np.testing.assert_allclose(amax[c], expected, rtol=1e-6, err_msg=str(c))
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4", "float8_e4m3fn"])
 def test_mse_minimises_brute_force_mse(fmt):
   batches = _laplace_batches(5, n=2)
