@@ -88,7 +88,7 @@ def _call(model: Any, batch: Any) -> Any:
 
 
 def _named_observer(name: str, num_bins: int) -> calibration.Observer:
-  """``"max"``, ``"entropy"``, ``"mse"``, ``"percentile"`` or ``"percentile:q"``."""
+  """The observer a method name (see `calibrate`) stands for."""
   kind, _, arg = name.partition(":")
   if kind == "max" and not arg:
     return calibration.max()
@@ -270,8 +270,10 @@ def _linen_pass(qmodel: linen_lib.QuantizedLinen, variables: Any,
   shapes = jax.eval_shape(run, variables, {}, batch)
   stats = jax.tree.map(_empty_state, shapes, is_leaf=_is_state)
   # In the order the model calls its layers, so errors list them that way.
-  order = {tuple(p.split("/")): i for i, p in enumerate(qmodel.layers())}
-  paths = tuple(sorted(_linen_act_states(stats), key=order.__getitem__))
+  order = {tuple(p.split("/")) if p else (): i
+           for i, p in enumerate(qmodel.layers())}
+  paths = tuple(sorted(_linen_act_states(stats),
+                       key=lambda p: order.get(p, len(order))))
 
   @jax.jit
   def step(variables: Any, stats: Any, batch: Any):
@@ -312,8 +314,8 @@ def _nnx_pass(qmodel: nnx.Module, variables: nnx.State | None, batch: Any,
     return module
 
   # The abstract model has the QuantStat variables the first batch creates.
-  graphdef, shapes, rest = nnx.split(nnx.eval_shape(record, model, batch),
-                                     nnx_lib.QuantStat, ...)
+  graphdef, shapes, _ = nnx.split(nnx.eval_shape(record, model, batch),
+                                  nnx_lib.QuantStat, ...)
   rest = nnx.state(model, nnx.Not(nnx_lib.QuantStat))
   stats = jax.tree.map(_empty_state, shapes, is_leaf=_is_state)
   paths = tuple(_nnx_act_states(stats))
