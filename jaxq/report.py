@@ -15,7 +15,7 @@ variables, data, rules=rules)``) measures, for every layer the rules reach:
 * ``float_bytes`` / ``quantized_bytes``: the weight's bytes in float and as
   a `QArray` (values packed, scales, zero points; `QArray.nbytes`).
 
-Inputs are captured from the FLOAT model (`jaxq.sensitivity.capture`), so
+Inputs are captured from the FLOAT model (`jaxq.sensitivity.Capture`), so
 each layer's numbers are its own error, not its predecessors'. The same pass
 fills a per-tensor |x| histogram of each layer's input (``num_bins`` bins,
 `jaxq.calibration.HistogramState`) and finalizes it with the max,
@@ -55,7 +55,7 @@ from jaxq.quantize import fake_quant
 from jaxq.quantize import quantize
 from jaxq.sensitivity import SensitivityTable
 from jaxq.sensitivity import calibrate_rules
-from jaxq.sensitivity import capture
+from jaxq.sensitivity import Capture
 from jaxq.sensitivity import check_batches
 from jaxq.sensitivity import check_linen
 from jaxq.sensitivity import error_sums
@@ -276,7 +276,7 @@ def report(model: Any, variables: Mapping[str, Any], data: Iterable[Any], *,
   layers = calibrated.layers
   # Embedding lookups take ids, not activations: no act or histogram.
   act_paths = [p for p, info in layers.items() if info.module_type != "Embed"]
-  inputs = capture(model.apply, act_paths, "inputs")
+  capture = Capture(model.apply, act_paths)
   methods = _range_methods(num_bins, percentile)
   hist_observer = methods["entropy"]  # Any histogram observer: same state.
   update = jax.jit(hist_observer.update)
@@ -284,12 +284,14 @@ def report(model: Any, variables: Mapping[str, Any], data: Iterable[Any], *,
   states: dict[str, Any] = {}
   sums = {p: np.zeros(3) for p in act_paths}
   for batch in batches:
-    captured = inputs(variables, batch)
+    captured = capture(variables, batch)
     for path in act_paths:
       info = layers[path]
       act_range = _lookup(calibrated.ranges, path).get("act", {}) if (
           info.act is not None and not info.act.dynamic) else {}
-      for x in captured.get(path, ()):
+      for call, (arrays, _) in zip(capture.calls.get(path, ()),
+                                   captured.get(path, ())):
+        x = call.arguments(arrays)[0][0]  # The layer's input activation.
         if path not in states:
           states[path] = hist_observer.init(x, _histogram_spec(info.act))
         states[path] = update(states[path], x)
@@ -417,7 +419,7 @@ def plot_sensitivity(table: SensitivityTable, path: PathLike
   drop_ax.barh(positions, drops, color=np.where(drops > 0, "tab:red",
                                                 "tab:gray"))
   drop_ax.set_yticks(positions, names, fontsize=8)
-  drop_ax.invert_yaxis()
+  drop_ax.set_ylim(len(names) - 0.5, -0.5)  # Most sensitive on top.
   drop_ax.set_xlabel(f"metric drop (float {table.float_metric:.4g})")
   drop_ax.axvline(0.0, color="black", linewidth=0.8)
   drop_ax.set_title("one layer quantized, the rest float")

@@ -22,17 +22,20 @@ Conventions:
   `jaxq.calibrate` pass with the full ``rules``, shared by every
   configuration: calibrate mode computes in float, so skipping layers never
   changes another layer's range) and measures the cheap signal below.
-* The cheap signal: each layer's OUTPUT with only that layer quantized is
-  compared with the float model's output of the same layer, on ``data``.
-  Everything upstream is float in both runs, so the difference is exactly
-  that layer's quantization error. Outputs are captured with a
-  ``flax.linen.intercept_methods`` interceptor that sows each captured
-  module's ``__call__`` result (every call, for shared modules):
+* The cheap signal: the SQNR and MSE of each layer's quantized OUTPUT
+  against its float output, on ``data``. One float pass records, for every
+  quantized layer, the arguments and result of each of its calls (a
+  ``flax.linen.intercept_methods`` interceptor, see `Capture`); each layer
+  is then run ALONE (an unbound copy of the module with its own variables),
+  quantized, on exactly those float inputs. That is the layer's output in
+  the model with only that layer quantized (everything upstream is float),
+  for the price of compiling one layer instead of the model:
   ``sqnr_db = 10 log10(sum y^2 / sum (y_q - y)^2)`` and ``mse = mean (y_q -
-  y)^2`` over all output elements of all batches.
+  y)^2`` over all output elements of all calls on all batches.
 
-Cost: one float evaluation and one float capture pass (compiled once), then
-per layer one compile of ``eval_fn``'s forward and one of the capture pass.
+Cost: one float evaluation and one float capture pass, then per layer one
+compile of the model for ``eval_fn`` (jit caches it per configuration) and
+one of the layer alone.
 
 Models: flax.linen modules (``jaxq.quantize_model``'s linen path). For nnx
 models, wrap them with ``flax.nnx.bridge.to_linen``.
@@ -103,35 +106,96 @@ def check_linen(model: Any, what: str) -> nn.Module:
   return model
 
 
-def capture(apply: ApplyFn, paths: Collection[str],
-            what: Literal["inputs", "outputs"]
-            ) -> Callable[..., dict[str, tuple[jax.Array, ...]]]:
-  """A jitted ``(variables, batch) -> {path: (array, ...)}`` capture pass.
+_ARRAY = object()  # Marks where a captured call argument was an array.
 
-  Runs ``apply`` (a linen ``apply``, float or quantized) and returns, for
-  each module whose "/"-joined path is in ``paths``, the first positional
-  argument (``"inputs"``) or the result (``"outputs"``) of every call of its
-  ``__call__``, in call order. Under a quantized model's interceptor the
-  outputs are the quantized layer's outputs; inputs are always what the
-  caller passed the module (before any activation quantization).
+
+@dataclasses.dataclass(frozen=True)
+class LayerCall:
+  """One call of a captured layer, replayable on the layer alone.
+
+  Attributes:
+    module: an unbound copy of the layer (``module.clone(parent=None)``): a
+      root module whose variables are the model's variables at its path.
+    treedef: the structure of the call's ``(args, kwargs)``.
+    static: their leaves, with `_ARRAY` where the leaf was an array (the
+      arrays themselves come back from the capture pass).
   """
-  paths = frozenset(paths)
 
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    module = context.module
-    if context.method_name == "__call__" and "/".join(module.path) in paths:
-      module.sow(CAPTURE, what, args[0] if what == "inputs" else out)
-    return out
+  module: nn.Module
+  treedef: Any
+  static: tuple[Any, ...]
 
-  def run(variables, batch):
+  def arguments(self, arrays: Sequence[jax.Array]
+                ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call's ``(args, kwargs)`` with ``arrays`` put back in place."""
+    it = iter(arrays)
+    leaves = [next(it) if leaf is _ARRAY else leaf for leaf in self.static]
+    return self.treedef.unflatten(leaves)
+
+
+Captured = dict[str, tuple[tuple[tuple[jax.Array, ...], Any], ...]]
+
+
+class Capture:
+  """A jitted pass of a linen ``apply`` that records the calls of layers.
+
+  ``captured = Capture(model.apply, paths)(variables, batch)`` maps each
+  path in ``paths`` to ``((arrays, output), ...)``, one entry per call of
+  that module's ``__call__`` in call order: the array arguments of the call
+  and its result. ``capture.calls[path][i]`` (a `LayerCall`, recorded while
+  tracing) rebuilds call ``i``'s arguments from its arrays, so the layer can
+  be run alone on exactly the inputs it saw in the model. The calls are
+  recorded by a ``flax.linen.intercept_methods`` interceptor that sows them
+  into a scratch collection; under a quantized model's ``apply`` the
+  outputs are the quantized layer's, the arguments always what the caller
+  passed (activation quantization happens inside the layer).
+  """
+
+  def __init__(self, apply: ApplyFn, paths: Collection[str]):
+    self.paths = frozenset(paths)
+    self.calls: dict[str, list[LayerCall]] = {}
+    self._apply = apply
+    self._run = jax.jit(self._trace)
+
+  def __call__(self, variables: Any, batch: Batch) -> Captured:
+    return self._run(variables, batch)
+
+  def _trace(self, variables: Any, batch: Batch) -> Captured:
+    self.calls.clear()  # Filled again by this trace, in call order.
+
+    def interceptor(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      module = context.module
+      path = "/".join(module.path)
+      if context.method_name == "__call__" and path in self.paths:
+        leaves, treedef = jax.tree.flatten((args, kwargs))
+        arrays = tuple(x for x in leaves if isinstance(x, jax.Array))
+        static = tuple(_ARRAY if isinstance(x, jax.Array) else x
+                       for x in leaves)
+        self.calls.setdefault(path, []).append(
+            LayerCall(module.clone(parent=None), treedef, static))
+        module.sow(CAPTURE, "calls", (arrays, out))
+      return out
+
     args, kwargs = batch_arguments(batch)
     with nn.intercept_methods(interceptor):
-      _, state = apply(variables, *args, mutable=[CAPTURE], **kwargs)
+      _, state = self._apply(variables, *args, mutable=[CAPTURE], **kwargs)
     flat = traverse_util.flatten_dict(dict(state.get(CAPTURE, {})))
-    return {"/".join(key[:-1]): values for key, values in flat.items()}
+    return {"/".join(key[:-1]): calls for key, calls in flat.items()}
 
-  return jax.jit(run)
+
+def layer_variables(variables: Mapping[str, Any], path: str
+                    ) -> dict[str, Any]:
+  """The collections of the layer at ``path``, as a root module's variables."""
+  out = {}
+  for collection, tree in variables.items():
+    for name in path.split("/") if path else []:
+      if not isinstance(tree, Mapping) or name not in tree:
+        break
+      tree = tree[name]
+    else:
+      out[collection] = tree
+  return out
 
 
 @jax.jit
@@ -247,11 +311,15 @@ class SensitivityTable:
       (descending), ties by ``sqnr_db`` (ascending).
     float_metric: ``eval_fn`` on the float model.
     higher_is_better: the metric's direction.
+    stats: the ``"quant_stats"`` collection the static ranges came from,
+      which `partial_quantize` and `jaxq.report` can reuse (``stats=``)
+      instead of calibrating again.
   """
 
   rows: tuple[LayerSensitivity, ...]
   float_metric: float
   higher_is_better: bool = True
+  stats: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   @property
   def paths(self) -> tuple[str, ...]:
@@ -302,6 +370,36 @@ def _quantized_apply(model: nn.Module, rules: Sequence[Rule], mode: EvalMode
   return jaxq_flax.quantize_model(model, rules, mode=mode).apply
 
 
+def _replay(layer: Any, call: LayerCall) -> ApplyFn:
+  """Jitted ``(variables, arrays) -> output`` of ``layer`` on ``call``'s
+  arguments."""
+
+  def run(variables: Any, arrays: Sequence[jax.Array]) -> Any:
+    args, kwargs = call.arguments(arrays)
+    return layer.apply(variables, *args, **kwargs)
+
+  return jax.jit(run)
+
+
+def _layer_error_sums(calls: Sequence[LayerCall],
+                      captured: Sequence[Captured], path: str,
+                      info: LayerInfo, variables: dict[str, Any],
+                      mode: EvalMode) -> np.ndarray:
+  """``(signal, noise, count)`` of the layer run alone, quantized, on each
+  captured float input, against its captured float output."""
+  alone = dataclasses.replace(info.rule, path_regex="")  # The root module.
+  sums = np.zeros(3)
+  for i, call in enumerate(calls):
+    run = _replay(jaxq_flax.quantize_model(call.module, (alone,), mode=mode),
+                  call)
+    for batch_calls in captured:
+      arrays, reference = batch_calls[path][i]
+      sums += np.asarray(error_sums(jax.tree.leaves(reference),
+                                    jax.tree.leaves(run(variables, arrays))),
+                         np.float64)
+  return sums
+
+
 def sensitivity(model: nn.Module, variables: Mapping[str, Any],
                 rules: Sequence[Rule] | Rule, eval_fn: EvalFn,
                 data: Iterable[Batch], *, higher_is_better: bool = True,
@@ -342,19 +440,17 @@ def sensitivity(model: nn.Module, variables: Mapping[str, Any],
                      f"{sorted(calibrated.layers)}.")
   qvariables = with_ranges(variables, calibrated.ranges)
   float_metric = _evaluate(eval_fn, jax.jit(model.apply), variables, what)
-  float_capture = capture(model.apply, layers, "outputs")
-  float_outputs = [float_capture(variables, batch) for batch in batches]
+  float_capture = Capture(model.apply, layers)
+  float_calls = [float_capture(variables, batch) for batch in batches]
 
   rows = []
   for path, info in tqdm.tqdm(layers.items(), desc="sensitivity",
                               unit="layer", disable=not progress):
-    apply = _quantized_apply(model, _single_layer_rules(info), mode)
+    rules_alone = _single_layer_rules(info)
+    apply = _quantized_apply(model, rules_alone, mode)
     metric = _evaluate(eval_fn, jax.jit(apply), qvariables, what)
-    layer_capture = capture(apply, (path,), "outputs")
-    sums = np.zeros(3)
-    for batch, reference in zip(batches, float_outputs):
-      out = layer_capture(qvariables, batch)[path]
-      sums += np.asarray(error_sums(reference[path], out), np.float64)
+    sums = _layer_error_sums(float_capture.calls[path], float_calls, path,
+                             info, layer_variables(qvariables, path), mode)
     signal, noise, count = sums
     drop = float_metric - metric if higher_is_better else metric - float_metric
     rows.append(LayerSensitivity(
@@ -362,7 +458,8 @@ def sensitivity(model: nn.Module, variables: Mapping[str, Any],
         sqnr_db=sqnr_db(signal, noise), mse=noise / max(count, 1.0)))
   rows.sort(key=lambda r: (-r.drop, r.sqnr_db))
   return SensitivityTable(rows=tuple(rows), float_metric=float_metric,
-                          higher_is_better=higher_is_better)
+                          higher_is_better=higher_is_better,
+                          stats=calibrated.stats)
 
 
 # --------------------------------------------------------------------------
@@ -396,7 +493,8 @@ class PartialQuantization:
   def __str__(self) -> str:
     lines = [f"float {self.float_metric:.6g}, target {self.target:.6g}: "
              f"{len(self.skipped)} of {len(self.table)} layers left in float"
-             f", metric {self.metric:.6g}"]
+             f", metric {self.metric:.6g}",
+             f"  all quantized  -> {self.history[0]:.6g}"]
     lines += [f"  skip {path}  -> {value:.6g}" for path, value in
               zip(self.skipped, self.history[1:])]
     return "\n".join(lines)
@@ -440,8 +538,8 @@ def partial_quantize(model: nn.Module, variables: Mapping[str, Any],
     max_drop: the allowed drop from the float metric (>= 0).
     relative: ``max_drop`` is a fraction of the float metric (True) or an
       absolute amount (False).
-    table: a `sensitivity` table of the same model, rules and eval_fn; made
-      here when None.
+    table: a `sensitivity` table of the same model, rules, eval_fn and data
+      (its ``stats`` give the static ranges); made here when None.
     max_skipped: the most layers that may stay in float; None for no limit.
     progress: progress bars.
 
@@ -470,7 +568,7 @@ def partial_quantize(model: nn.Module, variables: Mapping[str, Any],
   if max_skipped is not None and max_skipped < 0:
     raise ValueError(f"{what}: max_skipped must be >= 0 or None, got "
                      f"{max_skipped}.")
-  calibrated = calibrate_rules(model, variables, rules, batches)
+  calibrated = calibrate_rules(model, variables, rules, batches, table.stats)
   qvariables = with_ranges(variables, calibrated.ranges)
   target = metric_target(table.float_metric, max_drop, relative,
                          higher_is_better)

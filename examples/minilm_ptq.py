@@ -1,0 +1,222 @@
+"""Post-training quantization of all-MiniLM-L6-v2: granularities, sensitivity.
+
+The study of the real pretrained sentence encoder of `examples/minilm.py`:
+
+1. Float against W8A8 at each granularity pairing (activation-weight, see
+   DESIGN.md): T-T and T-C with static per-tensor activation ranges
+   calibrated on the sentences (max), K-C with dynamic per-token
+   activations, G-G with groups of 128 along the contraction axis (hidden
+   384 = 3 x 128, feed-forward 1536 = 12 x 128), and MX (fp8 e4m3 elements
+   sharing an e8m0 scale per 32). Embedding tables are weight-only int8
+   with one scale per row in every configuration. Each model is calibrated
+   with `jaxq.calibrate`, converted with `jaxq.convert` and run in serve
+   mode (the low-bit matmuls). The table gives the cosine similarity of each
+   sentence's embedding to its float embedding (mean and min over the
+   sentences) and the model's bytes from the convert report.
+2. `jaxq.sensitivity` of one configuration (eval metric: the mean cosine to
+   the float embeddings), `jaxq.partial_quantize` to a target, and
+   `jaxq.report`'s per-layer table; with ``--plots DIR``, the activation
+   histograms and the sensitivity bar chart as PNGs.
+
+Calibration and evaluation use the same sentences (examples/data/
+sentences.txt): the point is the error each quantizer adds, not
+generalisation.
+
+Run: python examples/minilm_ptq.py [--quick] [--plots DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+import jaxq
+from jaxq import MX, PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+from jaxq.convert import tree_bytes
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import minilm  # noqa: E402  pylint: disable=wrong-import-position
+
+Rules = tuple[jaxq.Rule, ...]
+
+EMBED = QuantSpec("int8", PerChannel(axis=0))  # weight-only, a scale per row
+# Dense kernels are (in, out): the contraction axis is 0 for weights and the
+# last axis for activations.
+PAIRINGS: dict[str, tuple[QuantSpec, QuantSpec]] = {
+    "W8A8 T-T": (QuantSpec("int8", PerTensor()),
+                 QuantSpec("int8", PerTensor(), dynamic=False)),
+    "W8A8 T-C": (QuantSpec("int8", PerChannel(axis=-1)),
+                 QuantSpec("int8", PerTensor(), dynamic=False)),
+    "W8A8 K-C": (QuantSpec("int8", PerChannel(axis=-1)),
+                 QuantSpec("int8", PerToken())),
+    "W8A8 G-G": (QuantSpec("int8", PerGroup(axis=0, size=128)),
+                 QuantSpec("int8", PerGroup(axis=-1, size=128))),
+    "MX fp8 e4m3": (QuantSpec("float8_e4m3fn", MX(axis=0, size=32)),
+                    QuantSpec("float8_e4m3fn", MX(axis=-1, size=32))),
+}
+# The sensitivity study's configuration, and partial_quantize's target: the
+# mean cosine within this fraction of float's (1.0).
+SENSITIVITY_CONFIG = "W8A8 T-C"
+MAX_DROP = 0.005
+# --quick: these sentences and layers only (a smoke run in seconds).
+QUICK_SENTENCES = 6
+QUICK_LAYERS = r"embeddings/token_type|layers_0/attention/output"
+
+
+def study_rules(weight: QuantSpec, act: QuantSpec, layers: str = r".*"
+                ) -> Rules:
+  """Embeddings weight-only per row, every other layer ``weight``/``act``;
+  only the layers whose path matches ``layers``."""
+  return (jaxq.Rule(layers, module_types=("Embed",), weight=EMBED),
+          jaxq.Rule(layers, weight=weight, act=act))
+
+
+def batches(pretrained: minilm.Pretrained, sentences: Sequence[str],
+            batch_size: int = 64) -> list[minilm.Batch]:
+  return [minilm.tokenize(pretrained.tokenizer,
+                          sentences[i:i + batch_size])
+          for i in range(0, len(sentences), batch_size)]
+
+
+def _forward(apply: Any, batch: minilm.Batch) -> Any:
+  return apply(*batch)
+
+
+def serve_embeddings(pretrained: minilm.Pretrained, rules: Rules,
+                     sentences: Sequence[str]
+                     ) -> tuple[np.ndarray, jaxq.ConvertReport]:
+  """Calibrates, converts and embeds with the serve-mode model: (N, H)."""
+  calibrate = jaxq.quantize_model(pretrained.model, rules, mode="calibrate")
+  result = jaxq.calibrate(calibrate, pretrained.variables,
+                          batches(pretrained, sentences), progress=False,
+                          forward=_forward)
+  serving, convert_report = jaxq.convert(calibrate, pretrained.variables,
+                                         result.stats)
+  serve = jaxq.quantize_model(pretrained.model, rules, mode="serve")
+  embeddings = minilm.embed(pretrained, sentences, variables=serving,
+                            apply_fn=serve.apply)
+  return embeddings, convert_report
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Cosine similarity of each row of ``a`` with the same row of ``b``."""
+  return np.diagonal(np.asarray(minilm.cosine_similarity(a, b)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One configuration of the comparison table."""
+  name: str
+  mean_cosine: float
+  min_cosine: float
+  nbytes: int
+  seconds: float
+
+
+def compare(pretrained: minilm.Pretrained, sentences: Sequence[str],
+            reference: np.ndarray, pairings: Sequence[str],
+            layers: str = r".*") -> list[Row]:
+  """A `Row` per pairing of `PAIRINGS`, after the float row."""
+  rows = [Row("float32", 1.0, 1.0, tree_bytes(pretrained.variables), 0.0)]
+  for name in pairings:
+    start = time.perf_counter()
+    embeddings, convert_report = serve_embeddings(
+        pretrained, study_rules(*PAIRINGS[name], layers=layers), sentences)
+    cosines = row_cosines(embeddings, reference)
+    rows.append(Row(name, float(cosines.mean()), float(cosines.min()),
+                    convert_report.quantized_bytes,
+                    time.perf_counter() - start))
+  return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+  """Markdown table; "x smaller" is against the first (float) row."""
+  lines = ["| model | mean cosine | min cosine | bytes | x smaller | time s |",
+           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+  for row in rows:
+    lines.append(f"| {row.name} | {row.mean_cosine:.5f} | "
+                 f"{row.min_cosine:.5f} | {row.nbytes:,} | "
+                 f"{rows[0].nbytes / row.nbytes:.2f} | {row.seconds:.1f} |")
+  return "\n".join(lines)
+
+
+def cosine_eval_fn(pretrained: minilm.Pretrained, sentences: Sequence[str],
+                   reference: np.ndarray):
+  """``eval_fn`` for `jaxq.sensitivity`: mean cosine to the float
+  embeddings (higher is better)."""
+
+  def eval_fn(apply_fn, variables) -> float:
+    embeddings = minilm.embed(pretrained, sentences, variables=variables,
+                              apply_fn=apply_fn)
+    return float(row_cosines(embeddings, reference).mean())
+
+  return eval_fn
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true",
+                      help=f"{QUICK_SENTENCES} sentences, sensitivity of "
+                           f"{QUICK_LAYERS!r} only")
+  parser.add_argument("--sentences", type=pathlib.Path,
+                      default=minilm.SENTENCES_FILE)
+  parser.add_argument("--pairings", nargs="*", default=list(PAIRINGS),
+                      choices=list(PAIRINGS), metavar="NAME",
+                      help=f"the rows of the comparison, from {list(PAIRINGS)}")
+  parser.add_argument("--config", default=SENSITIVITY_CONFIG,
+                      choices=sorted(PAIRINGS),
+                      help="the configuration of the sensitivity study")
+  parser.add_argument("--plots", type=pathlib.Path, default=None,
+                      help="directory for the PNG plots (none if omitted)")
+  parser.add_argument("--no-progress", action="store_true")
+  args = parser.parse_args(argv)
+  progress = not args.no_progress
+
+  pretrained = minilm.load_pretrained()
+  sentences = minilm.read_sentences(args.sentences)
+  layers = r".*"
+  if args.quick:
+    sentences, layers = sentences[:QUICK_SENTENCES], QUICK_LAYERS
+  reference = minilm.embed(pretrained, sentences)
+  print(f"all-MiniLM-L6-v2, {len(sentences)} sentences; cosine similarity "
+        f"of the quantized (serve-mode) embeddings to float\n")
+  rows = compare(pretrained, sentences, reference, args.pairings, layers)
+  print(format_table(rows))
+
+  rules = study_rules(*PAIRINGS[args.config], layers=layers)
+  eval_fn = cosine_eval_fn(pretrained, sentences, reference)
+  data = batches(pretrained, sentences)
+  print(f"\nsensitivity of {args.config} (metric: mean cosine to float):")
+  table = jaxq.sensitivity(pretrained.model, pretrained.variables, rules,
+                           eval_fn, data, progress=progress)
+  print(table)
+  partial = jaxq.partial_quantize(
+      pretrained.model, pretrained.variables, rules, eval_fn, data,
+      max_drop=MAX_DROP, table=table, progress=progress)
+  print(f"\npartial quantization of {args.config} to within "
+        f"{100 * MAX_DROP:g}% of float:\n{partial}")
+
+  report = jaxq.report(pretrained.model, pretrained.variables, data,
+                       rules=rules, stats=table.stats)
+  print(f"\nper-layer report of {args.config}:\n{report}")
+  if args.plots is not None:
+    args.plots.mkdir(parents=True, exist_ok=True)
+    shown = [p for p in report.histograms if "layers_0/" in p or
+             "ffn_out" in p] or list(report.histograms)
+    print("\nplots:",
+          jaxq.report.plot_histograms(report, args.plots /
+                                      "minilm_histograms.png", layers=shown),
+          jaxq.report.plot_sensitivity(table, args.plots /
+                                       "minilm_sensitivity.png"))
+
+
+if __name__ == "__main__":
+  main()
