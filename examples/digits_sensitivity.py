@@ -22,6 +22,7 @@ import argparse
 import pathlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 
@@ -51,24 +52,14 @@ def calibration_batches(data: digits_cnn.Digits, images: int
           for i in range(0, images, CALIBRATION_BATCH)]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="2 training epochs, 256 calibration images")
-  parser.add_argument("--plots", type=pathlib.Path, default=None,
-                      help="directory for the PNG plots (none if omitted)")
-  parser.add_argument("--no-progress", action="store_true")
-  args = parser.parse_args(argv)
-  progress = not args.no_progress
-  config = digits_cnn.TrainConfig(epochs=2) if args.quick else (
-      digits_cnn.TrainConfig())
-
-  data = digits_cnn.load_digits(seed=config.seed)
-  variables, _ = digits_cnn.train(data, config, progress=progress)
-  model = digits_cnn.DigitsCNN()
+def study(model: digits_cnn.DigitsCNN, variables: digits_cnn.Variables,
+          data: digits_cnn.Digits, calib: Sequence[jax.Array], *,
+          progress: bool = True, plots: pathlib.Path | None = None
+          ) -> tuple[Any, Any, Any]:
+  """Prints the accuracies, the sensitivity, the partial quantization and
+  the report of `STUDY` for trained ``variables`` (BatchNorm folded here);
+  returns the sensitivity table, the partial quantization and the report."""
   folded = jaxq.fold_batchnorm(variables, digits_cnn.CONV_BN_PAIRS)
-  calib = calibration_batches(
-      data, CALIBRATION_BATCH if args.quick else CALIBRATION_IMAGES)
 
   def eval_fn(apply_fn, v) -> float:  # Test accuracy: higher is better.
     return digits_cnn.evaluate(apply_fn, v, data.x_test, data.y_test)
@@ -93,16 +84,33 @@ def main(argv: Sequence[str] | None = None) -> None:
                                   progress=progress)
   print(f"\npartial quantization of {STUDY} to within "
         f"{100 * MAX_DROP:g}% of float:\n{partial}")
-  report = jaxq.report(model, folded, calib, rules=rules,
-                       stats=table.stats)
+  report = jaxq.report(model, folded, calib, rules=rules, stats=table.stats)
   print(f"\nper-layer report of {STUDY}:\n{report}")
-  if args.plots is not None:
-    args.plots.mkdir(parents=True, exist_ok=True)
+  if plots is not None:
+    plots.mkdir(parents=True, exist_ok=True)
     print("\nplots:",
-          jaxq.report.plot_histograms(report, args.plots /
-                                      "digits_histograms.png"),
-          jaxq.report.plot_sensitivity(table, args.plots /
-                                       "digits_sensitivity.png"))
+          jaxq.report.plot_histograms(report, plots / "digits_histograms.png"),
+          jaxq.report.plot_sensitivity(table, plots / "digits_sensitivity.png"))
+  return table, partial, report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="2 training epochs, 256 calibration images")
+  parser.add_argument("--plots", type=pathlib.Path, default=None,
+                      help="directory for the PNG plots (none if omitted)")
+  parser.add_argument("--no-progress", action="store_true")
+  args = parser.parse_args(argv)
+  config = digits_cnn.TrainConfig(epochs=2) if args.quick else (
+      digits_cnn.TrainConfig())
+  data = digits_cnn.load_digits(seed=config.seed)
+  variables, _ = digits_cnn.train(data, config,
+                                  progress=not args.no_progress)
+  calib = calibration_batches(
+      data, CALIBRATION_BATCH if args.quick else CALIBRATION_IMAGES)
+  study(digits_cnn.DigitsCNN(), variables, data, calib,
+        progress=not args.no_progress, plots=args.plots)
 
 
 if __name__ == "__main__":
