@@ -22,7 +22,10 @@ for int8 at 2048 bins): about 2 ms per channel on a CPU.
   ``q / 100 * (N - 1)`` sit at their bins' centres (the largest at the exact
   max) and are interpolated linearly, so the result is within half a bin
   width of ``np.percentile(|x|, q)``.
-* `entropy_amax`: TensorRT's KL-divergence search. For every candidate
+* `entropy_amax`: TensorRT's KL-divergence search, as pytorch-quantization
+  runs it. Bin 0 first takes bin 1's count: it holds the exact zeros, which
+  after a ReLU are half the values and would otherwise pull the threshold
+  far below the bulk of the data. Then for every candidate
   ``i`` in ``[start_bin, num_bins]``: the reference ``P`` is ``counts[:i]``
   with the outliers ``sum(counts[i:])`` added to its last bin; the candidate
   ``Q`` splits ``counts[:i]`` into ``num_levels`` equal runs of bins
@@ -118,6 +121,8 @@ def _entropy_one(counts: jax.Array, width: jax.Array, *, num_levels: int,
   (infinite when ``c == 0 < o``: P has mass where Q has none).
   """
   num_bins = counts.shape[0]
+  if num_bins > 1:  # The zero spike (see the module docstring).
+    counts = counts.at[0].set(counts[1])
   candidates = jnp.arange(start_bin, num_bins + 1, dtype=jnp.int32)  # (T,)
   zero = jnp.zeros(1, jnp.int32)
   prefix = jnp.concatenate([zero, jnp.cumsum(counts)])

@@ -34,8 +34,13 @@ def _laplace_batches(seed=0, n=4, size=8192):
 
 def _kl_threshold_bin(counts: np.ndarray, num_levels: int, start_bin: int
                       ) -> int:
-  """TensorRT's KL search, one candidate at a time, in float64."""
+  """TensorRT's KL search, one candidate at a time, in float64.
+
+  As in pytorch-quantization, bin 0 (the exact zeros) first takes bin 1's
+  count.
+  """
   counts = counts.astype(np.float64)
+  counts[0] = counts[1]
   num_bins = counts.size
   best_bin, best_kl = start_bin, np.inf
   for i in range(start_bin, num_bins + 1):
@@ -105,6 +110,22 @@ def test_entropy_laplace_equals_numpy_kl_search():
   width = float(state.range[0]) / 2048
   expected = min(best_bin * width, np.abs(np.concatenate(batches)).max())
   np.testing.assert_allclose(amax, expected, rtol=1e-6)
+
+
+def test_entropy_relu_zero_spike_equals_numpy_kl_search():
+  """Post-ReLU data, half exact zeros: the spike must not pull amax down."""
+  batches = [np.maximum(b, 0.0) for b in _laplace_batches(5, n=2)]
+  state = _calibrate(jaxq.observers.entropy(), INT8, batches)
+  amax = float(jax.jit(jaxq.observers.entropy().finalize)(state)[0])
+  best_bin = _kl_threshold_bin(np.asarray(state.counts)[0], num_levels=128,
+                               start_bin=128)
+  expected = min(best_bin * float(state.range[0]) / 2048,
+                 float(state.amax[0]))
+  np.testing.assert_allclose(amax, expected, rtol=1e-6)
+  # The bulk: the KL pick clips well under 1% of the positive values.
+  positive = np.concatenate(batches)
+  positive = positive[positive > 0]
+  assert np.mean(positive > amax) < 0.01, amax
 
 
 def test_entropy_int4_uses_eight_levels():
