@@ -48,6 +48,7 @@ CALIBRATION_BATCH = 256
 
 def calibration_batches(data: digits_cnn.Digits, images: int
                         ) -> list[jax.Array]:
+  """The first ``images`` training images in batches of 256."""
   return [data.x_train[i:i + CALIBRATION_BATCH]
           for i in range(0, images, CALIBRATION_BATCH)]
 

@@ -81,6 +81,7 @@ def study_rules(weight: QuantSpec, act: QuantSpec, layers: str = r".*"
 
 def batches(pretrained: minilm.Pretrained, sentences: Sequence[str],
             batch_size: int = 64) -> list[minilm.Batch]:
+  """The sentences tokenized in batches of ``batch_size``."""
   return [minilm.tokenize(pretrained.tokenizer,
                           sentences[i:i + batch_size])
           for i in range(0, len(sentences), batch_size)]

@@ -112,10 +112,12 @@ class LayerReport:
 
   @property
   def weight_format(self) -> str:
+    """The weight spec's short label (`spec_label`)."""
     return spec_label(self.weight_spec)
 
   @property
   def act_format(self) -> str:
+    """The act spec's short label (`spec_label`)."""
     return spec_label(self.act_spec)
 
 
@@ -146,10 +148,12 @@ class Report:
 
   @property
   def float_bytes(self) -> int:
+    """Bytes of all the layers' weights in float."""
     return sum(r.float_bytes for r in self.rows)
 
   @property
   def quantized_bytes(self) -> int:
+    """Bytes of all the layers' weights as served (float ones unchanged)."""
     return sum(r.quantized_bytes for r in self.rows)
 
   def as_dicts(self) -> list[dict[str, Any]]:
@@ -196,7 +200,8 @@ def _weight_numbers(info: rules_lib.LayerInfo, params: Mapping[str, Any]
     w = _lookup(params, info.path)[info.weight_name]
   except (KeyError, TypeError):
     raise ValueError(f"jaxq.report: the params lack {info.path}/"
-                     f"{info.weight_name} of shape {info.weight_shape}.") from None
+                     f"{info.weight_name} of shape {info.weight_shape}."
+                     ) from None
   float_bytes = int(np.prod(np.shape(w))) * np.dtype(w.dtype).itemsize
   if info.weight is None:
     return None, float_bytes, float_bytes
@@ -317,7 +322,8 @@ def report(model: Any, variables: Mapping[str, Any], data: Iterable[Any], *,
     if info.act is not None and path in states:
       act_sqnr = sqnr_db(sums[path][0], sums[path][1])
       if not info.act.dynamic:
-        act_amax = float(np.max(_lookup(calibrated.ranges, path)["act"]["amax"]))
+        act_amax = float(np.max(
+            _lookup(calibrated.ranges, path)["act"]["amax"]))
     rows.append(LayerReport(
         path=path, module_type=info.module_type, weight_spec=info.weight,
         act_spec=info.act, weight_sqnr_db=weight_sqnr, act_sqnr_db=act_sqnr,
@@ -332,10 +338,12 @@ def report(model: Any, variables: Mapping[str, Any], data: Iterable[Any], *,
 # Plots.
 
 
-def _figure(width: float, height: float):
-  # The object-oriented API on the Agg canvas: no pyplot state, no display.
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+def _figure(width: float, height: float) -> Any:
+  """A matplotlib Figure on the Agg canvas (no pyplot state, no display)."""
+  # Imported here so that jaxq imports without matplotlib.
+  # pylint: disable=import-outside-toplevel
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
   figure = Figure(figsize=(width, height), dpi=100)
   FigureCanvasAgg(figure)
   return figure

@@ -37,8 +37,9 @@ Cost: one float evaluation and one float capture pass, then per layer one
 compile of the model for ``eval_fn`` (jit caches it per configuration) and
 one of the layer alone.
 
-Models: flax.linen modules (``jaxq.quantize_model``'s linen path). For nnx
-models, wrap them with ``flax.nnx.bridge.to_linen``.
+Models: flax.linen modules (``jaxq.quantize_model``'s linen path). nnx
+models are not supported here: their layers are found by graph surgery, not
+by an interceptor that can capture calls, and a ValueError says so.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ import dataclasses
 import math
 import re
 import warnings
-from typing import Any, Callable, Collection, Iterable, Literal, Mapping, Sequence
+from typing import (Any, Callable, Collection, Iterable, Literal, Mapping,
+                    Sequence)
 
 import flax.linen as nn
 import jax
@@ -96,13 +98,14 @@ def check_batches(data: Iterable[Batch], what: str) -> list[Batch]:
 
 
 def check_linen(model: Any, what: str) -> nn.Module:
+  """``model`` if it is a float linen module; raises a ValueError otherwise."""
   if isinstance(model, QuantizedLinen):
     raise ValueError(f"{what}: pass the float model and the rules, not a "
                      f"model from jaxq.quantize_model.")
   if not isinstance(model, nn.Module):
     raise ValueError(f"{what}: expected a flax.linen Module, got "
-                     f"{type(model).__name__} (wrap nnx models with "
-                     f"flax.nnx.bridge.to_linen).")
+                     f"{type(model).__name__}; nnx models are not supported "
+                     f"(see the jaxq.sensitivity module docstring).")
   return model
 
 
@@ -244,6 +247,7 @@ class Calibrated:
 
   @property
   def quantized(self) -> dict[str, LayerInfo]:
+    """The layers a non-skip rule quantizes."""
     return {p: info for p, info in self.layers.items() if info.quantized}
 
 
