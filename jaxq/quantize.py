@@ -59,6 +59,22 @@ def _check_range_shape(name: str, value: jax.Array, expected: tuple[int, ...],
   return value
 
 
+def _finite_abs_max(x: jax.Array, blocks: tuple[int, ...]) -> jax.Array:
+  """``max |x|`` of each block over its finite elements (0 if none).
+
+  The plain ``max |x|`` fuses into one reduction with no masked copy of
+  ``x``, and it is the answer whenever it is finite everywhere: a finite
+  block maximum means no inf in the block, and a NaN either propagates (not
+  finite) or is skipped, which is what masking it to 0 does too, as
+  ``|x| >= 0``. Only otherwise is the masked reduction computed.
+  """
+  fast = granularity_lib.block_reduce(jnp.abs(x), blocks, jnp.max)
+  # |x| is recomputed in the branch: shared, it would be materialised.
+  masked = lambda: granularity_lib.block_reduce(
+      jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0), blocks, jnp.max)
+  return jax.lax.cond(jnp.all(jnp.isfinite(fast)), lambda: fast, masked)
+
+
 def compute_range(x: jax.Array, spec: QuantSpec
                   ) -> tuple[jax.Array | None, jax.Array]:
   """The data range of each block of ``x``, ignoring non-finite elements.
@@ -71,11 +87,9 @@ def compute_range(x: jax.Array, spec: QuantSpec
   _check_float(x, "compute_range")
   blocks = spec.granularity.block_shape(tuple(x.shape))
   x = x.astype(jnp.float32)
-  finite = jnp.isfinite(x)
   if spec.symmetric:
-    amax = granularity_lib.block_reduce(jnp.where(finite, jnp.abs(x), 0.0),
-                                        blocks, jnp.max)
-    return None, amax
+    return None, _finite_abs_max(x, blocks)
+  finite = jnp.isfinite(x)
   amin = granularity_lib.block_reduce(jnp.where(finite, x, 0.0), blocks,
                                       jnp.min)
   amax = granularity_lib.block_reduce(jnp.where(finite, x, 0.0), blocks,
@@ -211,22 +225,25 @@ def dequantize(qa: QArray) -> jax.Array:
                             qa.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
 def _fake_quant(spec: QuantSpec, x: jax.Array, scale: jax.Array,
-                zero_point: jax.Array | None, key: jax.Array | None
-                ) -> jax.Array:
+                zero_point: jax.Array | None, key: jax.Array | None,
+                contains_x: bool) -> jax.Array:
   values = _quantize_values(x, spec, scale, zero_point, key)
   return _dequantize_values(values, scale, zero_point, spec, x.dtype)
 
 
-def _fake_quant_fwd(spec, x, scale, zero_point, key):
-  return _fake_quant(spec, x, scale, zero_point, key), (x, scale, zero_point)
+def _fake_quant_fwd(spec, x, scale, zero_point, key, contains_x):
+  out = _fake_quant(spec, x, scale, zero_point, key, contains_x)
+  if spec.ste == "identity" or contains_x:
+    return out, None  # The gradient passes unchanged: keep no residuals.
+  return out, (x, scale, zero_point)
 
 
-def _fake_quant_bwd(spec, residuals, g):
-  x, scale, zero_point = residuals
-  if spec.ste == "identity":
+def _fake_quant_bwd(spec, contains_x, residuals, g):
+  if spec.ste == "identity" or contains_x:
     return g, None, None, None
+  x, scale, zero_point = residuals
   fmt = spec.fmt
   blocks = spec.granularity.block_shape(tuple(x.shape))
   s = granularity_lib.split_scale(scale, x.shape, blocks)
@@ -252,11 +269,18 @@ def fake_quant(x: jax.Array, spec: QuantSpec, *,
   the representable range ``[(qmin - zero_point) * scale,
   (qmax - zero_point) * scale]`` and zero outside; for ``"identity"`` it is
   the incoming gradient unchanged. The range itself receives no gradient
-  (learned ranges are separate quantizers).
+  (learned ranges are separate quantizers, see `jaxq.learned`).
+
+  A range computed from ``x`` itself (no ``amax``; not MX, whose power-of-two
+  scales saturate by design) contains every finite element, so there the
+  clipped estimator is the identity and is applied as such: no mask is
+  computed and no residual kept (elements at the range's ends pass the
+  gradient even when ``qmax * scale`` rounds an ulp below ``amax``).
 
   Args: as for `quantize`.
   """
   x = jnp.asarray(x)
   _check_float(x, "fake_quant")
   scale, zero_point = _resolve_scale(x, spec, amax, amin)
-  return _fake_quant(spec, x, scale, zero_point, key)
+  contains_x = amax is None and not spec.is_mx
+  return _fake_quant(spec, x, scale, zero_point, key, contains_x)
