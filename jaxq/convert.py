@@ -139,7 +139,9 @@ def _convert_linen(qmodel: linen_lib.QuantizedLinen, variables: Any,
                      f"layers: {missing}; were they made by another model?")
   serving = {k: v for k, v in variables.items() if k not in _NOT_CONVERTED}
   serving["params"] = params
-  if ranges is None:
+  if ranges is None and stats is None and linen_lib.RANGES in variables:
+    ranges = variables[linen_lib.RANGES]  # Finalized already (e.g. QAT's).
+  elif ranges is None:
     ranges = linen_lib.act_ranges(qmodel, stats or {})
   if ranges:
     serving[linen_lib.RANGES] = ranges
@@ -214,8 +216,11 @@ def convert(qmodel: jaxq_flax.QuantizedLinen | nnx.Module, variables: Any,
       collections pass through; ``quant_stats`` is dropped), or an nnx
       ``nnx.State`` with the model's ``Param`` paths.
     stats: the calibration statistics, needed when a rule has a static
-      activation spec: linen's ``"quant_stats"`` collection or
-      ``nnx.state(calibrated, QuantStat)``.
+      activation spec and ``variables`` hold no ranges yet: linen's
+      ``"quant_stats"`` collection or ``nnx.state(calibrated, QuantStat)``.
+      Without ``stats`` and ``ranges``, the ranges already in ``variables``
+      (linen's ``"quant_ranges"``, nnx `QuantRange`s, as QAT trains with)
+      are kept.
     ranges: instead of ``stats``, static activation ranges already
       finalized, as `jaxq.act_ranges` or `jaxq.CalibrationResult.ranges`
       (one per calibration method) return them.
