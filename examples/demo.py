@@ -1,66 +1,538 @@
-"""jaxq demo: quantize sample tensors at every format and granularity.
+"""jaxq end to end on a small CNN: train, PTQ, sensitivity, QAT, save, serve.
 
-Prints, for a Gaussian weight matrix with a few outlier channels (the shape
-of real trained weights), the reconstruction SQNR and the bytes of every
-format x granularity pairing. Later issues grow this into the full
-train -> PTQ -> QAT -> serve demo.
+The main job of the README, in one command on a CPU:
 
-Run: python examples/demo.py
+    pip install -e ".[examples]" && python examples/demo.py
+
+Each step is one function below, in the order `main` runs them:
+
+0. `tensor_sqnr`: why granularity matters, on one weight matrix with uneven
+   channel ranges: its int8 SQNR per tensor, per channel, per group, MX.
+1. `train_or_load`: trains the digits CNN of `examples/digits_cnn.py`
+   (scikit-learn's bundled 8x8 digits; about 40 s), or loads it from a cache
+   under ``out/`` written by `jaxq.save` (same seed and epochs: same model).
+2. `calibrate_once` and `ptq_sweep`: folds the BatchNorms into the convs
+   (`jaxq.fold_batchnorm`), records ONE calibration pass (`jaxq.calibrate`
+   with five methods: max, percentile 99.99 and 99.999, entropy, mse) and
+   serves W8A8 (int8 weights, static int8 inputs) with per-tensor and
+   per-channel weights under each method's ranges, then 4-bit weight-only
+   models with per-channel, per-group and MXFP4 weights.
+3. `sensitivity_and_partial`: at W4A8, where PTQ loses accuracy, ranks the
+   layers by the accuracy each loses quantized alone (`jaxq.sensitivity`)
+   and leaves the most sensitive in float until the model is within 1% of
+   float (`jaxq.partial_quantize`).
+4. `qat`: fine-tunes the full W4A8 model with the `jaxq.qat` recipe.
+5. `save_reload_serve`: converts the QAT model (`jaxq.convert`), saves it
+   (`jaxq.save`), reloads it (`jaxq.load`: variables and rules) and serves
+   the reloaded variables; the served accuracy is the QAT model's.
+6. `write_plots`: the sensitivity bar chart and the calibration histograms
+   with each method's range, as PNGs under ``out/``.
+
+Then it prints one table: each setting's test accuracy (360 images), its
+serving bytes (`jaxq.convert`: int4 packed two per byte, scales, ranges,
+biases) and its file size (`jaxq.save`), and the seconds the row took.
+
+Why the granularities look the way they do: the digits CNN has 16, 32 and
+64 channels, so groups are 16 wide (they divide every input-channel count
+of the pointwise convs and the head) and MX groups are 32 wide (OCP), which
+fits pw5 and the head; conv1 and the depthwise convs have one input channel
+per output channel, so per-channel is as fine as they go, and they keep it.
+Group-wise and MX rows are weight-only: `jaxq.conv` multiplies int8 inputs
+by kernels whose scale is constant along the summed axes (per tensor or per
+output channel), so a group-wise kernel is dequantized and run in float.
+
+Run: python examples/demo.py [--quick] [--out DIR] [--retrain]
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import functools
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import tqdm
 
 import jaxq
-from jaxq import MX, PerBlock, PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+import jaxq.qat
+from jaxq import MX, PerChannel, PerGroup, PerTensor, QuantSpec
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import digits_cnn  # noqa: E402  pylint: disable=wrong-import-position
+
+Variables = Mapping[str, Any]
+Rules = tuple[jaxq.Rule, ...]
+
+MODEL = digits_cnn.DigitsCNN()
+# Static (calibrated) per-tensor int8 inputs: the "A8" of W8A8 and W4A8.
+A8 = QuantSpec("int8", PerTensor(), dynamic=False)
+# One calibration pass, five ways to pick the activation ranges.
+METHODS = ("max", "percentile:99.99", "percentile:99.999", "entropy", "mse")
+# The A8 ranges of the W4A8 study (sensitivity, partial, QAT).
+STUDY_METHOD = "mse"
+GROUP_SIZE = 16  # Divides the 16, 32 and 64 input channels of pw3, pw5, head.
+MX_SIZE = 32     # The OCP block size: fits pw5 (32 inputs) and head (64).
+MAX_DROP = 0.01  # partial_quantize: within 1% of the float accuracy.
+CALIBRATION_BATCH = 256
 
 
-def sqnr_db(x: jax.Array, x_hat: jax.Array) -> float:
-  """Signal-to-quantization-noise ratio in decibels."""
-  noise = jnp.sum((x - x_hat) ** 2)
-  return float(10 * jnp.log10(jnp.sum(x ** 2) / jnp.maximum(noise, 1e-30)))
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What a run does; `--quick` shrinks the training and the data."""
+  train: digits_cnn.TrainConfig
+  calibration_images: int = 1024
+  qat_lr_fraction: float = 0.1    # of the float learning rate,
+  qat_steps_fraction: float = 0.2  # over this share of the float schedule.
+  progress: bool = True
 
 
-def sample_weight(key: jax.Array, shape=(512, 512)) -> jax.Array:
-  """Gaussian weights whose output channels have very different ranges."""
-  k1, k2 = jax.random.split(key)
-  channel_scale = jnp.exp(jax.random.normal(k2, (1, shape[1])))
-  return jax.random.normal(k1, shape) * 0.02 * channel_scale
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One line of the summary table.
+
+  Attributes:
+    setting: what was run.
+    accuracy: test accuracy in [0, 1].
+    model_bytes: what serving holds in memory (`jaxq.convert`'s count).
+    disk_bytes: the `jaxq.save` file's size, None when nothing was saved.
+    seconds: wall time of this row's own work.
+  """
+  setting: str
+  accuracy: float
+  model_bytes: int
+  disk_bytes: int | None
+  seconds: float
 
 
-def main() -> None:
-  w = sample_weight(jax.random.key(0))
-  granularities = {
-      "T  per-tensor": PerTensor(),
-      "C  per-channel": PerChannel(axis=-1),
-      "K  per-token (rows)": PerToken(),
-      "G  per-group 128": PerGroup(axis=0, size=128),
-      "B  per-block 128x128": PerBlock((128, 128)),
-      "MX groups of 32": MX(axis=0, size=32),
-  }
-  formats = ["int8", "int4", "float8_e4m3fn", "float8_e5m2", "float4_e2m1fn"]
-  float_bytes = w.size * 4
-  print(f"weight {w.shape} float32, {float_bytes / 1024:.0f} KiB")
-  print(f"{'granularity':24s} {'format':15s} {'SQNR dB':>8s} {'KiB':>7s} "
-        f"{'x smaller':>9s}")
-  for gname, granularity in granularities.items():
-    for fmt in formats:
-      spec = QuantSpec(fmt, granularity)
-      qa = jax.jit(jaxq.quantize, static_argnums=1)(w, spec)
-      err = sqnr_db(w, jaxq.dequantize(qa))
-      print(f"{gname:24s} {fmt:15s} {err:8.2f} {qa.nbytes / 1024:7.1f} "
-            f"{float_bytes / qa.nbytes:9.2f}")
-  affine = QuantSpec("uint8", PerChannel(axis=-1), symmetric=False)
-  relu_act = jax.nn.relu(jax.random.normal(jax.random.key(1), (256, 512)))
-  print(f"\naffine uint8 on ReLU activations: SQNR "
-        f"{sqnr_db(relu_act, jaxq.fake_quant(relu_act, affine)):.2f} dB vs "
-        f"symmetric int8 "
-        f"{sqnr_db(relu_act, jaxq.fake_quant(relu_act, QuantSpec('int8', PerChannel(-1)))):.2f} dB")
+class Timer:
+  """Wall seconds since construction: ``timer()``."""
+
+  def __init__(self) -> None:
+    self.start = time.perf_counter()
+
+  def __call__(self) -> float:
+    return time.perf_counter() - self.start
+
+
+def bar(items: Sequence[Any], desc: str, settings: Settings,
+        unit: str = "model") -> Iterator[Any]:
+  """A tqdm progress bar over ``items`` (silent without ``progress``)."""
+  return tqdm.tqdm(items, desc=desc, unit=unit,
+                   disable=not settings.progress)
+
+
+def accuracy(qmodel: Any, variables: Variables, data: digits_cnn.Digits
+             ) -> float:
+  """Test accuracy of a linen model (float or `jaxq.quantize_model`'s)."""
+  return digits_cnn.evaluate(digits_cnn.make_apply_fn(qmodel), variables,
+                             data.x_test, data.y_test)
+
+
+def file_bytes(serving: Variables, rules: Rules) -> int:
+  """The size of the file `jaxq.save` writes for ``serving``."""
+  with tempfile.TemporaryDirectory() as tmp:
+    return jaxq.save(os.path.join(tmp, "model.safetensors"), serving,
+                     rules).file_bytes
+
+
+def calibration_batches(data: digits_cnn.Digits, images: int
+                        ) -> list[jax.Array]:
+  """The first ``images`` training images in batches of 256."""
+  x = jnp.asarray(data.x_train[:images])
+  return [x[i:i + CALIBRATION_BATCH]
+          for i in range(0, x.shape[0], CALIBRATION_BATCH)]
+
+
+def traced(rules: Rules, mode: str = "qat") -> jaxq.flax.QuantizedLinen:
+  """`jaxq.quantize_model` of the digits CNN, traced once (abstractly, in
+  calibrate mode, which needs no ranges yet) so that `jaxq.convert` knows
+  its layers."""
+  calibrating = jaxq.quantize_model(MODEL, rules, "calibrate")
+  x = jax.ShapeDtypeStruct((1, 8, 8, 1), jnp.float32)
+  jax.eval_shape(functools.partial(calibrating.init, train=False),
+                 jax.random.key(0), x)
+  return calibrating.with_mode(mode)
+
+
+# Step 0.
+
+
+def tensor_sqnr() -> str:
+  """int8 SQNR (dB) and bytes of a 512x512 weight whose columns (output
+  channels) have ranges a few times apart, at four granularities."""
+  k1, k2 = jax.random.split(jax.random.key(0))
+  w = (jax.random.normal(k1, (512, 512)) * 0.02 *
+       jnp.exp(jax.random.normal(k2, (1, 512))))
+  lines = [f"int8 {w.shape} weight, uneven channels ({w.nbytes} B float32):"]
+  for name, granularity in (("per-tensor", PerTensor()),
+                            ("per-channel", PerChannel(axis=-1)),
+                            ("per-group 128", PerGroup(axis=0, size=128)),
+                            ("MX 32", MX(axis=0, size=32))):
+    qa = jaxq.quantize(w, QuantSpec("int8", granularity))
+    noise = jnp.sum((w - jaxq.dequantize(qa)) ** 2)
+    sqnr = 10 * jnp.log10(jnp.sum(w ** 2) / noise)
+    lines.append(f"  {name:14s} SQNR {float(sqnr):5.1f} dB  {qa.nbytes} B")
+  return "\n".join(lines)
+
+
+# Step 1.
+
+
+def train_or_load(out: pathlib.Path, data: digits_cnn.Digits,
+                  settings: Settings, retrain: bool = False
+                  ) -> tuple[dict[str, Any], Row]:
+  """The trained float variables, from ``out`` when cached, else trained.
+
+  The cache is a `jaxq.save` file (plain float arrays) named by the epochs
+  and seed, whose metadata must match the whole training config. Training
+  is deterministic on one machine, so a cache hit is the model a fresh run
+  would train.
+  """
+  config = settings.train
+  cache = out / f"digits_float_e{config.epochs}_s{config.seed}.safetensors"
+  wanted = dataclasses.asdict(config)
+  timer = Timer()
+  if cache.exists() and not retrain:
+    loaded = jaxq.load(cache)
+    if loaded.metadata.get("train_config") == wanted:
+      variables = loaded.variables
+      return variables, Row(f"float32 (loaded from {cache.name})",
+                            accuracy(MODEL, variables, data),
+                            digits_cnn.tree_bytes(variables),
+                            cache.stat().st_size, timer())
+  variables, acc = digits_cnn.train(data, config, progress=settings.progress)
+  saved = jaxq.save(cache, variables, metadata={"train_config": wanted})
+  return variables, Row(f"float32 (trained, {config.epochs} epochs)", acc,
+                        digits_cnn.tree_bytes(variables), saved.file_bytes,
+                        timer())
+
+
+# Step 2.
+
+
+def calibrate_once(folded: Variables, batches: Sequence[jax.Array],
+                   settings: Settings) -> jaxq.CalibrationResult:
+  """ONE `jaxq.calibrate` pass whose histograms every method finalizes.
+
+  Calibrate mode computes in float, so the activation ranges do not depend
+  on the weight specs: the same ranges serve every W8A8 and W4A8 model.
+  """
+  calibrating = jaxq.quantize_model(
+      MODEL, (jaxq.Rule(r".*", weight=QuantSpec("int8", PerChannel(-1)),
+                        act=A8),), "calibrate")
+  return jaxq.calibrate(calibrating, folded, batches, methods=METHODS,
+                        progress=settings.progress)
+
+
+def weight_only_rules(spec_for: Callable[[int], QuantSpec | None],
+                      fallback: QuantSpec) -> Rules:
+  """Weight-only rules: ``spec_for(input_channels)`` for pw3, pw5 and the
+  head (None where it does not fit), ``fallback`` for every other layer."""
+  inputs = {"pw3": 16, "pw5": 32, "head": 64}
+  rules = []
+  for path, channels in inputs.items():
+    spec = spec_for(channels)
+    if spec is not None:
+      rules.append(jaxq.Rule(path, weight=spec))
+  return (*rules, jaxq.Rule(r".*", weight=fallback))
+
+
+INT4_C = QuantSpec("int4", PerChannel(axis=-1))
+# Flax kernels are (..., in, out): the input channels are axis -2.
+WEIGHT_ONLY: dict[str, Rules] = {
+    "W4 C": weight_only_rules(lambda _: None, INT4_C),
+    f"W4 G{GROUP_SIZE}": weight_only_rules(
+        lambda c: QuantSpec("int4", PerGroup(axis=-2, size=GROUP_SIZE)),
+        INT4_C),
+    f"MXFP4 {MX_SIZE}": weight_only_rules(
+        lambda c: QuantSpec("float4_e2m1fn", MX(axis=-2, size=MX_SIZE))
+        if c % MX_SIZE == 0 else None, INT4_C),
+}
+W8A8: dict[str, Rules] = {
+    "T": (jaxq.Rule(r".*", weight=QuantSpec("int8", PerTensor()), act=A8),),
+    "C": (jaxq.Rule(r".*", weight=QuantSpec("int8", PerChannel(-1)),
+                    act=A8),),
+}
+
+
+def serve_row(setting: str, rules: Rules, folded: Variables,
+              data: digits_cnn.Digits, ranges: Any | None = None) -> Row:
+  """Converts ``folded`` under ``rules`` and serves it on the test set."""
+  timer = Timer()
+  qmodel = traced(rules)
+  serving, report = jaxq.convert(qmodel, folded, ranges=ranges)
+  acc = accuracy(qmodel.with_mode("serve"), serving, data)
+  return Row(setting, acc, report.quantized_bytes,
+             file_bytes(serving, rules), timer())
+
+
+def ptq_sweep(folded: Variables, result: jaxq.CalibrationResult,
+              data: digits_cnn.Digits, settings: Settings) -> list[Row]:
+  """W8A8 at each weight granularity x calibration method, then 4-bit
+  weight-only models at each granularity; all served (integer convs for
+  W8A8)."""
+  cases = [(f"PTQ W8A8 {g}, {method}", rules, result.ranges(method))
+           for g, rules in W8A8.items() for method in result.methods]
+  cases += [(f"PTQ {name} (weight-only)", rules, None)
+            for name, rules in WEIGHT_ONLY.items()]
+  return [serve_row(name, rules, folded, data, ranges)
+          for name, rules, ranges in bar(cases, "PTQ", settings)]
+
+
+# Step 3.
+
+W4A8: Rules = (jaxq.Rule(r".*", weight=INT4_C, act=dataclasses.replace(
+    A8, calibration=STUDY_METHOD)),)
+
+
+def sensitivity_and_partial(folded: Variables, result: jaxq.CalibrationResult,
+                            batches: Sequence[jax.Array],
+                            data: digits_cnn.Digits, settings: Settings
+                            ) -> tuple[Any, Any, Row, Row]:
+  """`jaxq.sensitivity` and `jaxq.partial_quantize` of W4A8 (metric: test
+  accuracy), reusing the calibration pass's statistics.
+
+  Returns the sensitivity table, the partial quantization and the rows of
+  W4A8 PTQ and of the partially quantized model, both served.
+  """
+  ranges = result.ranges(STUDY_METHOD)
+  ptq_row = serve_row(f"PTQ W4A8 C, {STUDY_METHOD}", W4A8, folded, data,
+                      ranges)
+  timer = Timer()
+
+  def eval_fn(apply_fn: Callable[..., jax.Array], variables: Variables
+              ) -> float:
+    return digits_cnn.evaluate(apply_fn, variables, data.x_test, data.y_test)
+
+  table = jaxq.sensitivity(MODEL, folded, W4A8, eval_fn, batches,
+                           stats=result.stats, progress=settings.progress)
+  partial = jaxq.partial_quantize(MODEL, folded, W4A8, eval_fn, batches,
+                                  max_drop=MAX_DROP, table=table,
+                                  progress=settings.progress)
+  seconds = timer()
+  row = serve_row(f"partial W4A8: {', '.join(partial.skipped) or 'none'} "
+                  f"in float", partial.rules, folded, data, ranges)
+  return table, partial, ptq_row, dataclasses.replace(
+      row, seconds=row.seconds + seconds)
+
+
+# Step 4.
+
+
+def qat(folded: Variables, ranges: Any, data: digits_cnn.Digits,
+        settings: Settings) -> tuple[jaxq.flax.QuantizedLinen, dict[str, Any],
+                                     float, float]:
+  """Fine-tunes the W4A8 model in QAT mode with `jaxq.qat.recipe`.
+
+  Starts from the folded float weights and the calibrated ranges (kept
+  fixed); trains the weights through the fake-quant straight-through
+  estimator for a share of the float schedule, from a share of its learning
+  rate, with the folded BatchNorms in inference mode.
+
+  Returns the QAT-mode model, its variables, its test accuracy (fake-quant)
+  and the seconds it took.
+  """
+  timer = Timer()
+  model = traced(W4A8)
+  config = settings.train
+  steps_per_epoch = len(data.x_train) // config.batch_size
+  original_steps = config.epochs * steps_per_epoch
+  num_steps = jaxq.qat.finetune_steps(original_steps,
+                                      settings.qat_steps_fraction)
+  tx = jaxq.qat.recipe(config.learning_rate, original_steps,
+                       lr_fraction=settings.qat_lr_fraction,
+                       steps_fraction=settings.qat_steps_fraction)
+  frozen = {**folded, "quant_ranges": ranges}
+  frozen.pop("params")
+
+  @jax.jit
+  def step(params: Any, opt_state: optax.OptState, x: jax.Array,
+           y: jax.Array) -> tuple[Any, optax.OptState]:
+    def loss(params: Any) -> jax.Array:
+      logits = model.apply({"params": params, **frozen}, x, train=False)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  params = folded["params"]
+  opt_state = tx.init(params)
+  key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+  epochs = -(-num_steps // steps_per_epoch)
+  with tqdm.tqdm(total=num_steps, desc="QAT W4A8", unit="step",
+                 disable=not settings.progress) as progress:
+    for epoch in range(epochs):
+      xs, ys = digits_cnn.shuffled_batches(
+          jax.random.fold_in(key, epoch), x_train, y_train,
+          batch_size=config.batch_size)
+      todo = min(steps_per_epoch, num_steps - progress.n)
+      for x, y in zip(xs[:todo], ys[:todo]):
+        params, opt_state = step(params, opt_state, x, y)
+      progress.update(todo)
+  variables = {"params": params, **frozen}
+  return model, variables, accuracy(model, variables, data), timer()
+
+
+# Step 5.
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+  """What `save_reload_serve` did: the checkpoint, its accuracy and bytes,
+  and whether the reloaded logits equal the in-memory serving logits."""
+  path: pathlib.Path
+  accuracy: float
+  model_bytes: int
+  disk_bytes: int
+  bit_exact: bool
+  seconds: float
+
+
+def save_reload_serve(model: jaxq.flax.QuantizedLinen, variables: Variables,
+                      out: pathlib.Path, data: digits_cnn.Digits) -> Served:
+  """Converts the QAT model, saves it, reloads it and serves the reload.
+
+  The serve-mode model is rebuilt from the rules stored in the checkpoint:
+  the file is all that serving needs besides the model's code.
+  """
+  timer = Timer()
+  serving, report = jaxq.convert(model, variables)  # Ranges in variables.
+  path = out / "digits_w4a8_qat.safetensors"
+  saved = jaxq.save(path, serving, model.rules,
+                    metadata={"setting": "W4A8 QAT"})
+  loaded = jaxq.load(path)
+  server = jaxq.quantize_model(MODEL, loaded.rules, "serve")
+  apply_fn = digits_cnn.make_apply_fn(server)
+  x_test = jnp.asarray(data.x_test)
+  bit_exact = bool(jnp.array_equal(apply_fn(loaded.variables, x_test),
+                                   apply_fn(serving, x_test)))
+  acc = digits_cnn.evaluate(apply_fn, loaded.variables, data.x_test,
+                            data.y_test)
+  return Served(path, acc, report.quantized_bytes, saved.file_bytes,
+                bit_exact, timer())
+
+
+# Step 6.
+
+
+def write_plots(folded: Variables, result: jaxq.CalibrationResult,
+                batches: Sequence[jax.Array], table: Any,
+                out: pathlib.Path) -> list[str]:
+  """The sensitivity bar chart and the W8A8 per-layer input histograms with
+  the ranges max, percentile(99.99), entropy and mse pick (`jaxq.report`)."""
+  report = jaxq.report(MODEL, folded, batches, rules=W8A8["C"],
+                       stats=result.stats)
+  return [jaxq.report.plot_sensitivity(table, out / "sensitivity.png"),
+          jaxq.report.plot_histograms(report, out / "histograms.png")]
+
+
+# The table and main.
+
+
+def format_table(rows: Sequence[Row]) -> str:
+  """The summary table; "x smaller" is the first row's model bytes over
+  each row's."""
+  width = max(len("setting"), *(len(row.setting) for row in rows))
+  lines = [f"{'setting':{width}s}  {'accuracy':>8s}  {'model B':>8s}  "
+           f"{'file B':>8s}  {'x smaller':>9s}  {'time s':>6s}"]
+  lines.append("-" * len(lines[0]))
+  for row in rows:
+    disk = "-" if row.disk_bytes is None else str(row.disk_bytes)
+    lines.append(f"{row.setting:{width}s}  {100 * row.accuracy:7.2f}%  "
+                 f"{row.model_bytes:8d}  {disk:>8s}  "
+                 f"{rows[0].model_bytes / row.model_bytes:9.2f}  "
+                 f"{row.seconds:6.1f}")
+  return "\n".join(lines)
+
+
+def parse_settings(argv: Sequence[str] | None
+                   ) -> tuple[Settings, pathlib.Path, bool]:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="2 epochs and 256 calibration images: a smoke run")
+  parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out"),
+                      help="where the cache, checkpoint and plots go")
+  parser.add_argument("--retrain", action="store_true",
+                      help="train even when the cache has the model")
+  parser.add_argument("--no-progress", action="store_true",
+                      help="hide the progress bars")
+  args = parser.parse_args(argv)
+  settings = Settings(
+      train=digits_cnn.TrainConfig(epochs=2) if args.quick
+      else digits_cnn.TrainConfig(),
+      calibration_images=CALIBRATION_BATCH if args.quick else 1024,
+      progress=not args.no_progress)
+  return settings, args.out, args.retrain
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+  """What `main` returns: the table's rows, the QAT model's (fake-quant)
+  accuracy, the served checkpoint and the plots written."""
+  rows: tuple[Row, ...]
+  qat_accuracy: float
+  served: Served
+  plots: tuple[str, ...]
+
+
+def main(argv: Sequence[str] | None = None) -> Summary:
+  """Runs every step, prints the summary table and returns a `Summary`."""
+  settings, out, retrain = parse_settings(argv)
+  out.mkdir(parents=True, exist_ok=True)
+  wall, cpu = Timer(), time.process_time()
+  print(tensor_sqnr(), end="\n\n")
+
+  data = digits_cnn.load_digits(seed=settings.train.seed)
+  variables, float_row = train_or_load(out, data, settings, retrain)
+  rows = [float_row]
+  timer = Timer()
+  folded = jaxq.fold_batchnorm(variables, digits_cnn.CONV_BN_PAIRS)
+  rows.append(Row("float32, BatchNorm folded", accuracy(MODEL, folded, data),
+                  digits_cnn.tree_bytes(folded), None, timer()))
+
+  batches = calibration_batches(data, settings.calibration_images)
+  timer = Timer()
+  result = calibrate_once(folded, batches, settings)
+  calibration_seconds = timer()
+  rows += ptq_sweep(folded, result, data, settings)
+  table, partial, w4a8_row, partial_row = sensitivity_and_partial(
+      folded, result, batches, data, settings)
+  rows += [w4a8_row, partial_row]
+
+  model, tuned, qat_accuracy, qat_seconds = qat(
+      folded, result.ranges(STUDY_METHOD), data, settings)
+  served = save_reload_serve(model, tuned, out, data)
+  rows.append(Row(f"QAT W4A8 C, served from {served.path.name}",
+                  served.accuracy, served.model_bytes, served.disk_bytes,
+                  qat_seconds + served.seconds))
+  plots = write_plots(folded, result, batches, table, out)
+
+  print(f"\nsensitivity of W4A8 (test accuracy, one layer quantized):\n"
+        f"{table}\n\n{partial}\n")
+  print(f"one calibration pass, {len(batches)} batches, "
+        f"{result.num_batches * CALIBRATION_BATCH} images, methods "
+        f"{', '.join(result.methods)}: {calibration_seconds:.1f} s")
+  print(format_table(rows))
+  print(f"\nQAT model (fake-quant) {100 * qat_accuracy:.2f}%, served from "
+        f"the reloaded checkpoint {100 * served.accuracy:.2f}%; reloaded "
+        f"logits {'bit-identical to' if served.bit_exact else 'DIFFER from'}"
+        f" the in-memory serving model's.")
+  print(f"wrote {served.path}, {', '.join(plots)}")
+  print(f"total: {wall():.1f} s wall, "
+        f"{time.process_time() - cpu:.1f} s CPU")
+  return Summary(tuple(rows), qat_accuracy, served, tuple(plots))
 
 
 if __name__ == "__main__":
-  np.set_printoptions(precision=4)
   main()
