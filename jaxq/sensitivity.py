@@ -459,7 +459,8 @@ def sensitivity(model: nn.Module, variables: Mapping[str, Any],
     drop = float_metric - metric if higher_is_better else metric - float_metric
     rows.append(LayerSensitivity(
         path=path, module_type=info.module_type, metric=metric, drop=drop,
-        sqnr_db=sqnr_db(signal, noise), mse=noise / max(count, 1.0)))
+        sqnr_db=sqnr_db(signal, noise),
+        mse=float(noise / max(count, 1.0))))
   rows.sort(key=lambda r: (-r.drop, r.sqnr_db))
   return SensitivityTable(rows=tuple(rows), float_metric=float_metric,
                           higher_is_better=higher_is_better,
