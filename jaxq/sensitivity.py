@@ -29,9 +29,12 @@ Conventions:
   is then run ALONE (an unbound copy of the module with its own variables),
   quantized, on exactly those float inputs. That is the layer's output in
   the model with only that layer quantized (everything upstream is float),
-  for the price of compiling one layer instead of the model:
-  ``sqnr_db = 10 log10(sum y^2 / sum (y_q - y)^2)`` and ``mse = mean (y_q -
-  y)^2`` over all output elements of all calls on all batches.
+  for the price of compiling one layer instead of the model; a module
+  called several times (shared weights) is measured call by call, each on
+  its float input, so the number is the layer's own error, not compounded
+  through its earlier calls. ``sqnr_db = 10 log10(sum y^2 / sum (y_q -
+  y)^2)`` and ``mse = mean (y_q - y)^2`` over all output elements of all
+  calls on all batches.
 
 Cost: one float evaluation and one float capture pass, then per layer one
 compile of the model for ``eval_fn`` (jit caches it per configuration) and

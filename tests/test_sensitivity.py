@@ -245,3 +245,42 @@ def test_serve_mode_and_dynamic_acts_agree_with_qat(setup):
                              rtol=1e-3)
   assert math.isclose(qat.rows[0].sqnr_db, serve.rows[0].sqnr_db,
                       abs_tol=0.05)
+
+
+class SharedAndEinsum(nn.Module):
+  """A Dense called twice (shared weights), then an Einsum whose equation
+  comes as a call argument (a static leaf the capture must replay)."""
+
+  @nn.compact
+  def __call__(self, x):
+    shared = nn.Dense(8, name="shared")
+    h = shared(nn.relu(shared(x)))
+    return nn.Einsum((8, 4), name="ein")(h, einsum_str="bi,ij->bj")
+
+
+def test_output_sqnr_of_a_shared_layer_and_a_call_argument():
+  model = SharedAndEinsum()
+  x = jax.random.normal(jax.random.key(3), (16, 8))
+  variables = model.init(jax.random.key(4), x)
+  table = jaxq.sensitivity(model, variables, WEIGHT_ONLY,
+                           lambda f, v: float(f(v, x).sum()), [x],
+                           progress=False)
+  rows = {r.path: r for r in table.rows}
+  assert set(rows) == {"shared", "ein"}
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+  w, b = p["shared"]["kernel"], p["shared"]["bias"]
+  wq = fake_quant_np(w, np.abs(w).max())
+  x = np.asarray(x, np.float64)
+  h1 = np.maximum(x @ w + b, 0.0)  # the second call's float input
+  y = np.concatenate([x @ w + b, h1 @ w + b])
+  y_q = np.concatenate([x @ wq + b, h1 @ wq + b])  # each call on float input
+  np.testing.assert_allclose(
+      rows["shared"].sqnr_db,
+      10 * np.log10(np.sum(y ** 2) / np.sum((y_q - y) ** 2)), atol=0.02)
+  h = h1 @ w + b
+  k = p["ein"]["kernel"]
+  y, y_q = h @ k + p["ein"]["bias"], h @ fake_quant_np(k, np.abs(k).max())
+  y_q = y_q + p["ein"]["bias"]
+  np.testing.assert_allclose(
+      rows["ein"].sqnr_db,
+      10 * np.log10(np.sum(y ** 2) / np.sum((y_q - y) ** 2)), atol=0.02)
