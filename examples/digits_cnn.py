@@ -1,9 +1,10 @@
-"""A small depthwise-separable CNN on scikit-learn's bundled digits.
+"""A small depthwise-separable CNN on scikit-learn's bundled digits, in float,
+after post-training quantization (PTQ) and after quantization-aware training
+(QAT).
 
-The float half of the digits example: data, model, a deterministic training
-loop and an evaluation that accepts any apply function, so quantized variants
-of the same model (PTQ after BatchNorm folding, QAT) are scored the same way
-and appended as rows to the same table.
+Data, model, a deterministic training loop and an evaluation that accepts any
+apply function, so the quantized variants of the same model are scored the
+same way and appended as rows to the same table.
 
 Data: the 1797 8x8 grayscale digits of `sklearn.datasets.load_digits`, split
 stratified and seeded into 1437 train / 360 test images. Images are NHWC
@@ -28,6 +29,28 @@ non-"params" collection a wrapped model adds) are mutable during training.
 XLA on CPU is deterministic, so one seed gives the same parameters and the
 same accuracy on every run on the same machine.
 
+Quantization (`quantized_rows`), after folding each BatchNorm into its conv
+with `jaxq.fold_batchnorm` (the folded model keeps identity BatchNorms, run
+in inference mode):
+
+* PTQ: `jaxq.calibrate` records static per-tensor int8 input ranges (max
+  calibration) on training images, `jaxq.convert` quantizes the weights, and
+  the serve-mode model runs the int8 convolutions and matmuls. Rows for int8
+  and 4-bit (W4A8) weights, per tensor and per output channel (folding puts
+  the BatchNorm scales into the weights, so their channels differ widely:
+  4-bit per-tensor weights lose the most).
+* QAT: the W4A8 per-tensor model, starting from its PTQ calibration,
+  fine-tuned in QAT mode with `jaxq.qat.recipe` (Adam, cosine decay from a
+  fraction of the float learning rate over a fraction of the float
+  schedule), then converted and served like PTQ: the served accuracy is the
+  QAT model's, as serving reproduces QAT up to float accumulation order.
+  Once with the weights' own ranges, once with learned (LSQ) weight scales
+  (``QuantSpec(..., learn="lsq")``, started from the weights' max by
+  `jaxq.qat.init_learned`).
+
+The bytes column counts what serving stores (`jaxq.convert`'s report: int4
+packed two per byte, scales, the float biases and the identity BatchNorms).
+
 Run: python examples/digits_cnn.py [--epochs N] [--quick]
 """
 
@@ -47,6 +70,10 @@ import numpy as np
 import optax
 import tqdm
 from sklearn import datasets, model_selection
+
+import jaxq
+import jaxq.qat
+from jaxq import PerChannel, PerTensor, QuantSpec
 
 Variables = Mapping[str, Any]
 ApplyFn = Callable[[Variables, jax.Array], jax.Array]
@@ -306,8 +333,182 @@ def format_table(rows: Sequence[Row]) -> str:
   return "\n".join(lines)
 
 
+# Quantization.
+
+# Static (calibrated) per-tensor int8 inputs for every conv and the head.
+ACT_INT8 = QuantSpec("int8", PerTensor(), dynamic=False)
+# Name -> weight spec of the quantized rows.
+WEIGHTS: dict[str, QuantSpec] = {
+    "int8 per-tensor": QuantSpec("int8", PerTensor()),
+    "int8 per-channel": QuantSpec("int8", PerChannel(axis=-1)),
+    "W4A8 per-channel": QuantSpec("int4", PerChannel(axis=-1)),
+    "W4A8 per-tensor": QuantSpec("int4", PerTensor()),
+}
+LOW_BIT = "W4A8 per-tensor"  # Where PTQ loses most: the setting QAT recovers.
+
+
+@dataclasses.dataclass(frozen=True)
+class QatConfig:
+  """The QAT fine-tuning schedule, relative to the float `TrainConfig`.
+
+  The literature's recipe is about 1% of the learning rate over about 10% of
+  the schedule; this small model trained for few epochs gets the most from a
+  larger share of both (the defaults).
+  """
+  lr_fraction: float = 0.1
+  steps_fraction: float = 0.2
+  calibration_images: int = 512
+
+  def __post_init__(self) -> None:
+    for name in ("lr_fraction", "steps_fraction"):
+      if not 0.0 < getattr(self, name) <= 1.0:
+        raise ValueError(f"QatConfig.{name} must be in (0, 1], got "
+                         f"{getattr(self, name)}.")
+    if self.calibration_images < 1:
+      raise ValueError(f"QatConfig.calibration_images must be >= 1, got "
+                       f"{self.calibration_images}.")
+
+
+# --quick: QAT over the whole (short) float schedule at a tenth of its rate.
+QUICK_QAT = QatConfig(lr_fraction=0.1, steps_fraction=1.0,
+                      calibration_images=256)
+
+
+def rules_for(weight: QuantSpec) -> tuple[jaxq.Rule, ...]:
+  """Every conv and the head: ``weight`` weights, static int8 inputs."""
+  return (jaxq.Rule(r".*", weight=weight, act=ACT_INT8),)
+
+
+def ptq(folded: Variables, rules: Sequence[jaxq.Rule], data: Digits,
+        images: int) -> tuple[jaxq.flax.QuantizedLinen, dict[str, Any]]:
+  """Calibrates the folded model on the first ``images`` training images.
+
+  Returns the QAT-mode model and the folded variables with the calibrated
+  ``quant_ranges``: what QAT starts from and what `serve` converts.
+  """
+  calibrating = jaxq.quantize_model(DigitsCNN(), rules, "calibrate")
+  x = jnp.asarray(data.x_train[:images])
+  result = jaxq.calibrate(calibrating, folded, [x], progress=False,
+                          forward=lambda model, x: model(x, train=False))
+  return (calibrating.with_mode("qat"),
+          {**folded, "quant_ranges": result.ranges()})
+
+
+def serve(qat: jaxq.flax.QuantizedLinen, variables: Variables, data: Digits
+          ) -> tuple[float, int]:
+  """Converts, runs the serve-mode (integer) model on the test set, and
+  returns its accuracy and the serving bytes."""
+  serving, report = jaxq.convert(qat, variables,
+                                 ranges=variables["quant_ranges"])
+  accuracy = evaluate(make_apply_fn(qat.with_mode("serve")), serving,
+                      data.x_test, data.y_test)
+  return accuracy, report.quantized_bytes
+
+
+def make_qat_optimizer(config: TrainConfig, qat_config: QatConfig,
+                       original_steps: int) -> optax.GradientTransformation:
+  """`jaxq.qat.recipe` relative to the float run's rate and length."""
+  return jaxq.qat.recipe(config.learning_rate, original_steps,
+                         lr_fraction=qat_config.lr_fraction,
+                         steps_fraction=qat_config.steps_fraction)
+
+
+@functools.partial(jax.jit, static_argnames=("qat", "config", "qat_config",
+                                             "original_steps"))
+def qat_step(params: Any, frozen: Variables, opt_state: optax.OptState,
+             x: jax.Array, y: jax.Array, *, qat: jaxq.flax.QuantizedLinen,
+             config: TrainConfig, qat_config: QatConfig,
+             original_steps: int) -> tuple[Any, optax.OptState]:
+  """One QAT step; the folded BatchNorms run in inference mode."""
+
+  def loss_fn(params):
+    logits = qat.apply({"params": params, **frozen}, x, train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  tx = make_qat_optimizer(config, qat_config, original_steps)
+  updates, opt_state = tx.update(jax.grad(loss_fn)(params), opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def finetune_qat(qat: jaxq.flax.QuantizedLinen, variables: Variables,
+                 data: Digits, config: TrainConfig, qat_config: QatConfig,
+                 progress: bool = False) -> dict[str, Any]:
+  """Fine-tunes the params of a QAT-mode model with `jaxq.qat.recipe`.
+
+  The folded BatchNorms stay in inference mode (``train=False``); the
+  calibrated ``quant_ranges`` stay fixed. The shuffle is seeded by
+  ``config.seed``.
+  """
+  x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+  steps_per_epoch = x_train.shape[0] // config.batch_size
+  original_steps = config.epochs * steps_per_epoch
+  num_steps = jaxq.qat.finetune_steps(original_steps,
+                                      qat_config.steps_fraction)
+  frozen = {k: v for k, v in variables.items() if k != "params"}
+  step = functools.partial(qat_step, qat=qat, config=config,
+                           qat_config=qat_config,
+                           original_steps=original_steps)
+  params = variables["params"]
+  opt_state = make_qat_optimizer(config, qat_config,
+                                 original_steps).init(params)
+  shuffle_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  epochs = -(-num_steps // steps_per_epoch)
+  done = 0
+  for epoch in tqdm.trange(epochs, desc="QAT", unit="epoch",
+                           disable=not progress):
+    x_batches, y_batches = shuffled_batches(
+        jax.random.fold_in(shuffle_key, epoch), x_train, y_train,
+        batch_size=config.batch_size)
+    for x, y in zip(x_batches[:num_steps - done], y_batches[:num_steps - done]):
+      params, opt_state = step(params, frozen, opt_state, x, y)
+    done = min(num_steps, done + steps_per_epoch)
+  return {**variables, "params": params}
+
+
+def quantized_rows(variables: Variables, data: Digits, config: TrainConfig,
+                   qat_config: QatConfig = QatConfig(),
+                   progress: bool = False) -> list[Row]:
+  """The PTQ rows of `WEIGHTS` after BatchNorm folding, then QAT at `LOW_BIT`
+  (fixed weight ranges, then learned LSQ weight scales).
+
+  Args:
+    variables: the trained float variables.
+    data: the split.
+    config: the float training config (QAT's schedule is relative to it).
+    qat_config: the QAT schedule and the calibration set size.
+    progress: show a progress bar while fine-tuning.
+
+  Returns:
+    A `Row` per PTQ setting, named ``"PTQ <setting>"``, then
+    ``"QAT <LOW_BIT>"`` and ``"QAT <LOW_BIT> LSQ"``; accuracies are the
+    serve-mode model's.
+  """
+  folded = jaxq.fold_batchnorm(variables, CONV_BN_PAIRS)
+  rows = []
+  for name, weight in WEIGHTS.items():
+    start = time.perf_counter()
+    qat, calibrated = ptq(folded, rules_for(weight), data,
+                          qat_config.calibration_images)
+    accuracy, nbytes = serve(qat, calibrated, data)
+    rows.append(Row(f"PTQ {name}", accuracy, nbytes,
+                    time.perf_counter() - start))
+  for suffix, weight in (("", WEIGHTS[LOW_BIT]),
+                         (" LSQ", WEIGHTS[LOW_BIT].replace(learn="lsq"))):
+    start = time.perf_counter()
+    qat, calibrated = ptq(folded, rules_for(weight), data,
+                          qat_config.calibration_images)
+    if weight.learn is not None:
+      calibrated = jaxq.qat.init_learned(
+          qat, calibrated, jnp.asarray(data.x_train[:1]), train=False)
+    tuned = finetune_qat(qat, calibrated, data, config, qat_config, progress)
+    accuracy, nbytes = serve(qat, tuned, data)
+    rows.append(Row(f"QAT {LOW_BIT}{suffix}", accuracy, nbytes,
+                    time.perf_counter() - start))
+  return rows
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  """Trains the float model and prints the results table."""
+  """Trains the float model, quantizes it and prints the results table."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--epochs", type=int, default=TrainConfig.epochs,
                       help="float training epochs")
@@ -327,6 +528,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   variables, accuracy = train(data, config, progress=not args.no_progress)
   rows.append(Row("float32", accuracy, tree_bytes(variables),
                   time.perf_counter() - start))
+  rows += quantized_rows(variables, data, config,
+                         QUICK_QAT if args.quick else QatConfig(),
+                         progress=not args.no_progress)
 
   num_params = sum(p.size for p in jax.tree.leaves(variables["params"]))
   print(f"DigitsCNN: {num_params} params; {len(data.y_train)} train / "

@@ -155,11 +155,70 @@ def test_format_table_rows_relative_to_first():
     digits_cnn.format_table([])
 
 
-def test_main_quick_prints_float_row(trained, capsys):
+def test_main_quick_prints_float_row(trained, quantized, capsys):
   _, accuracy = trained
   digits_cnn.main(["--quick", "--no-progress"])
   out, err = capsys.readouterr()
   float_row = next(line for line in out.splitlines()
                    if line.startswith("float32"))
   assert float_row.split()[1] == f"{100 * accuracy:.2f}%"
+  # The quantized rows too, as quantized_rows computed them.
+  for name, row in quantized.items():
+    line = next(line for line in out.splitlines() if line.startswith(name))
+    assert line[len(name):].split()[:2] == [f"{100 * row.accuracy:.2f}%",
+                                             str(row.nbytes)]
   assert err == ""  # no progress bar when asked for none
+
+
+# Quantization rows.
+
+@pytest.fixture(scope="module")
+def quantized(trained, data) -> dict[str, digits_cnn.Row]:
+  variables, _ = trained
+  rows = digits_cnn.quantized_rows(variables, data, QUICK,
+                                   digits_cnn.QUICK_QAT)
+  return {row.name: row for row in rows}
+
+
+def test_quantized_rows_names_and_bytes(quantized, trained):
+  assert list(quantized) == [
+      "PTQ int8 per-tensor", "PTQ int8 per-channel", "PTQ W4A8 per-channel",
+      "PTQ W4A8 per-tensor", "QAT W4A8 per-tensor",
+      "QAT W4A8 per-tensor LSQ"]
+  float_bytes = digits_cnn.tree_bytes(trained[0])
+  int8, int4 = quantized["PTQ int8 per-channel"], quantized[
+      "PTQ W4A8 per-channel"]
+  assert int4.nbytes < int8.nbytes < 0.5 * float_bytes
+  # Per-channel weights store one float32 scale per output channel more.
+  assert quantized["PTQ int8 per-tensor"].nbytes < int8.nbytes
+  assert (quantized["QAT W4A8 per-tensor"].nbytes ==
+          quantized["PTQ W4A8 per-tensor"].nbytes)
+
+
+def test_int8_ptq_keeps_accuracy_and_per_channel_wins_at_4_bits(quantized,
+                                                                trained):
+  _, float_accuracy = trained
+  for name in ("PTQ int8 per-tensor", "PTQ int8 per-channel"):
+    assert quantized[name].accuracy > float_accuracy - 0.02, name
+  # Folding puts the BatchNorm scales into the weights: one 4-bit scale for
+  # all channels loses far more than one per channel.
+  assert (quantized["PTQ W4A8 per-channel"].accuracy >
+          quantized["PTQ W4A8 per-tensor"].accuracy + 0.03)
+
+
+def test_qat_recovers_what_4_bit_ptq_loses(quantized, trained):
+  _, float_accuracy = trained
+  ptq = quantized["PTQ W4A8 per-tensor"].accuracy
+  assert ptq < float_accuracy - 0.03  # PTQ clearly loses accuracy...
+  for name in ("QAT W4A8 per-tensor", "QAT W4A8 per-tensor LSQ"):
+    qat = quantized[name].accuracy
+    # ...and QAT wins most of it back.
+    assert qat - ptq > 0.5 * (float_accuracy - ptq), name
+
+
+@pytest.mark.parametrize("field, value", [("lr_fraction", 0.0),
+                                          ("steps_fraction", 1.5),
+                                          ("calibration_images", 0)])
+def test_qat_config_rejects_bad_values(field, value):
+  with pytest.raises(ValueError, match=f"QatConfig.{field}"):
+    digits_cnn.QatConfig(**{field: value})
