@@ -279,8 +279,10 @@ def report(model: Any, variables: Mapping[str, Any], data: Iterable[Any], *,
   calibrated = calibrate_rules(model, variables, rules, batches,
                                          stats)
   layers = calibrated.layers
-  # Embedding lookups take ids, not activations: no act or histogram.
-  act_paths = [p for p, info in layers.items() if info.module_type != "Embed"]
+  # Histograms of the quantized layers' inputs; embedding lookups take ids,
+  # not activations, so they have none.
+  act_paths = [p for p, info in layers.items()
+               if info.quantized and info.module_type != "Embed"]
   capture = Capture(model.apply, act_paths)
   methods = _range_methods(num_bins, percentile)
   hist_observer = methods["entropy"]  # Any histogram observer: same state.
