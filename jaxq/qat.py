@@ -22,7 +22,7 @@ for _ in range(jaxq.qat.finetune_steps(10_000)):
   updates, opt_state = tx.update(grads, opt_state, variables["params"])
   variables = {**variables,
                "params": optax.apply_updates(variables["params"], updates)}
-serving, _ = jaxq.convert(qat, variables)  # ranges already in variables
+serving, _ = jaxq.convert(qat, variables, ranges=variables["quant_ranges"])
 y = qat.with_mode("serve").apply(serving, x)
 ```
 
