@@ -10,14 +10,15 @@ Each step is one function below, in the order `main` runs them:
 0. `tensor_sqnr`: why granularity matters, on one weight matrix with uneven
    channel ranges: its int8 SQNR per tensor, per channel, per group, MX.
 1. `train_or_load`: trains the digits CNN of `examples/digits_cnn.py`
-   (scikit-learn's bundled 8x8 digits; about 40 s), or loads it from a cache
+   (scikit-learn's bundled 8x8 digits; 15-40 s), or loads it from a cache
    under ``out/`` written by `jaxq.save` (same seed and epochs: same model).
 2. `calibrate_once` and `ptq_sweep`: folds the BatchNorms into the convs
    (`jaxq.fold_batchnorm`), records ONE calibration pass (`jaxq.calibrate`
    with five methods: max, percentile 99.99 and 99.999, entropy, mse) and
    serves W8A8 (int8 weights, static int8 inputs) with per-tensor and
-   per-channel weights under each method's ranges, then 4-bit weight-only
-   models with per-channel, per-group and MXFP4 weights.
+   per-channel weights, and W4A8 (int4 per-channel weights), under each
+   method's ranges; then 4-bit weight-only models with per-channel,
+   per-group and MXFP4 weights.
 3. `sensitivity_and_partial`: at W4A8, where PTQ loses accuracy, ranks the
    layers by the accuracy each loses quantized alone (`jaxq.sensitivity`)
    and leaves the most sensitive in float until the model is within 1% of
@@ -29,9 +30,12 @@ Each step is one function below, in the order `main` runs them:
 6. `write_plots`: the sensitivity bar chart and the calibration histograms
    with each method's range, as PNGs under ``out/``.
 
-Then it prints one table: each setting's test accuracy (360 images), its
-serving bytes (`jaxq.convert`: int4 packed two per byte, scales, ranges,
-biases) and its file size (`jaxq.save`), and the seconds the row took.
+Then it prints one table: each setting's test accuracy (360 images, so one
+image is 0.28%), its serving bytes (`jaxq.convert`: int4 packed two per
+byte, scales, ranges, biases), its file size (`jaxq.save`) and the seconds
+the row took. The sensitivity and partial quantization steps pick by test
+accuracy, as `examples/digits_sensitivity.py` does; a real model would hold
+out a validation split for that.
 
 Why the granularities look the way they do: the digits CNN has 16, 32 and
 64 channels, so groups are 16 wide (they divide every input-channel count
