@@ -551,6 +551,10 @@ def save(path: str | os.PathLike, serving_variables: Mapping[Any, Any],
   os.close(fd)
   try:
     st.numpy.save_file(encoder.tensors, tmp, metadata=header)
+    # mkstemp creates the file 0600; give it the permissions of a plain open.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

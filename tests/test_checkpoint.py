@@ -569,3 +569,14 @@ def test_tensor_in_no_leaf_of_the_tree(saved):
   with pytest.raises(CheckpointError,
                      match=r"tensors \['params/bias'\] are in no leaf"):
     jaxq.load(saved)
+
+
+def test_saved_file_has_default_permissions(tmp_path):
+  """The atomic write must not leave the checkpoint readable by its owner only."""
+  umask = os.umask(0o022)
+  try:
+    path = tmp_path / "w.safetensors"
+    jaxq.save(path, {"w": np.ones((2, 2), np.float32)})
+  finally:
+    os.umask(umask)
+  assert (path.stat().st_mode & 0o777) == 0o644
