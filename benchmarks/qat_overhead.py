@@ -98,6 +98,9 @@ class Block(nn.Module):
                         dtype=x.dtype, name="down")(h)
 
 
+Make = Callable[..., nn.Module]
+# (params, x, y) -> (params, opt_state, loss): one train step.
+Step = Callable[[Any, jax.Array, jax.Array], Any]
 Case = tuple[Callable[..., nn.Module], tuple[int, ...], tuple[int, ...],
              tuple[jaxq.Rule, ...]]
 
@@ -116,7 +119,7 @@ def _cases(quick: bool) -> dict[str, Case]:
 
 
 def _train_step(apply: Callable[..., jax.Array], learning_rate: float = 1e-3
-                ) -> Callable[..., Any]:
+                ) -> Step:
   """A jitted SGD step on the mean squared error of ``apply(params, x)``."""
   tx = optax.sgd(learning_rate)
 
@@ -132,21 +135,23 @@ def _train_step(apply: Callable[..., jax.Array], learning_rate: float = 1e-3
   return lambda params, x, y: step(params, tx.init(params), x, y)
 
 
-def _float_impl(make, x):
+def _float_impl(make: Make, x: jax.Array) -> tuple[Step, Any]:
   model = make()
   params = model.init(jax.random.key(0), x)["params"]
   return _train_step(lambda p, x: model.apply({"params": p}, x)), params
 
 
-def _jaxq_impl(make, x, rules):
+def _jaxq_impl(make: Make, x: jax.Array,
+               rules: tuple[jaxq.Rule, ...]) -> tuple[Step, Any]:
   model = make()
   qmodel = jaxq.quantize_model(model, rules, "qat")
   params = qmodel.init(jax.random.key(0), x)["params"]
   return _train_step(lambda p, x: qmodel.apply({"params": p}, x)), params
 
 
-def _qwix_impl(make, x, act_batch_axes):
-  import qwix  # pylint: disable=g-import-not-at-top
+def _qwix_impl(make: Make, x: jax.Array,
+               act_batch_axes: tuple[int, ...]) -> tuple[Step, Any]:
+  import qwix
   rules = [qwix.QtRule(module_path=QUANTIZED_PATHS, weight_qtype="int8",
                        act_qtype="int8", act_calibration_method="absmax",
                        act_batch_axes=act_batch_axes)]
@@ -155,9 +160,10 @@ def _qwix_impl(make, x, act_batch_axes):
   return _train_step(lambda p, x: qmodel.apply({"params": p}, x)), params
 
 
-def _aqt_impl(make, x):
-  from aqt.jax.v2 import config as aqt_config  # pylint: disable=g-import-not-at-top
-  from aqt.jax.v2.flax import aqt_flax  # pylint: disable=g-import-not-at-top
+def _aqt_impl(make: Make, x: jax.Array) -> tuple[Step, Any]:
+  # Imported here: the peers are optional (the "bench" extra).
+  from aqt.jax.v2 import config as aqt_config
+  from aqt.jax.v2.flax import aqt_flax
   cfg = aqt_config.config_v4(fwd_bits=8, dlhs_bits=None, drhs_bits=None)
   model = make(dot_general_cls=functools.partial(
       aqt_flax.AqtDotGeneral, cfg, prng_name=None))

@@ -201,8 +201,9 @@ def test_linen_learned_ranges_init_train_and_serve():
   # Serving uses the learned scales and reproduces QAT.
   trained_vars = {**variables, "params": trained}
   serving, _ = jaxq.convert(qat, trained_vars)
+  learned_scale = trained["Dense_0"]["jaxq"]["weight_scale"]
   np.testing.assert_allclose(serving["params"]["Dense_0"]["kernel"].scale,
-                             jnp.abs(trained["Dense_0"]["jaxq"]["weight_scale"]))
+                             jnp.abs(learned_scale))
   qat_out = jax.jit(qat.apply)(trained_vars, x)
   serve_out = jax.jit(qat.with_mode("serve").apply)(serving, x)
   np.testing.assert_allclose(serve_out, qat_out, rtol=1e-5, atol=1e-5)
