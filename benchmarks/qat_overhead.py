@@ -29,6 +29,12 @@ them alike:
 The attention's activation-by-activation einsums (scores, weighted values)
 stay in float in every implementation. ``ratio`` is the median step time
 over the float step of the same model in the same run.
+
+``--int8-forward`` adds ``jaxq-int8``: the same W8A8 QAT step with
+`jaxq.qat.int8_dot_general` as the layers' ``dot_general``, so the forward
+matmuls multiply int8 values (int32 accumulation) and the backward is the
+straight-through estimator in float: the path for accelerators with fast
+int8 matmuls (on a GPU, compare it with the float step at d >= 2048).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import optax  # noqa: E402
 
 import _harness  # noqa: E402
 import jaxq  # noqa: E402
+import jaxq.qat  # noqa: E402
 from jaxq import PerChannel, PerToken, QuantSpec  # noqa: E402
 
 WEIGHT = QuantSpec("int8", PerChannel(axis=-1))
@@ -67,12 +74,14 @@ class MLP(nn.Module):
   width: int
   depth: int = 4
   dot_general_cls: Any = None
+  dot_general: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(self.depth):
       x = nn.Dense(self.width, dot_general_cls=self.dot_general_cls,
-                   dtype=x.dtype, name=f"dense_{i}")(x)
+                   dot_general=self.dot_general, dtype=x.dtype,
+                   name=f"dense_{i}")(x)
       if i < self.depth - 1:
         x = nn.relu(x)
     return x
@@ -84,18 +93,21 @@ class Block(nn.Module):
   d: int
   heads: int
   dot_general_cls: Any = None
+  dot_general: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     h = nn.LayerNorm(dtype=x.dtype)(x)
     x = x + nn.MultiHeadDotProductAttention(
         self.heads, dtype=x.dtype, qkv_dot_general_cls=self.dot_general_cls,
-        out_dot_general_cls=self.dot_general_cls, name="attn")(h)
+        out_dot_general_cls=self.dot_general_cls,
+        qkv_dot_general=self.dot_general, out_dot_general=self.dot_general,
+        name="attn")(h)
     h = nn.LayerNorm(dtype=x.dtype)(x)
-    h = nn.gelu(nn.Dense(4 * self.d, dot_general_cls=self.dot_general_cls,
-                         dtype=x.dtype, name="up")(h))
-    return x + nn.Dense(self.d, dot_general_cls=self.dot_general_cls,
-                        dtype=x.dtype, name="down")(h)
+    dense = functools.partial(nn.Dense, dot_general_cls=self.dot_general_cls,
+                              dot_general=self.dot_general, dtype=x.dtype)
+    h = nn.gelu(dense(4 * self.d, name="up")(h))
+    return x + dense(self.d, name="down")(h)
 
 
 Make = Callable[..., nn.Module]
@@ -149,6 +161,12 @@ def _jaxq_impl(make: Make, x: jax.Array,
   return _train_step(lambda p, x: qmodel.apply({"params": p}, x)), params
 
 
+def _jaxq_int8_impl(make: Make, x: jax.Array) -> tuple[Step, Any]:
+  model = make(dot_general=jaxq.qat.int8_dot_general)
+  params = model.init(jax.random.key(0), x)["params"]
+  return _train_step(lambda p, x: model.apply({"params": p}, x)), params
+
+
 def _qwix_impl(make: Make, x: jax.Array,
                act_batch_axes: tuple[int, ...]) -> tuple[Step, Any]:
   import qwix
@@ -181,6 +199,8 @@ def _importable(name: str) -> bool:
 
 def main() -> None:
   p = _harness.parser(__doc__.splitlines()[0])
+  p.add_argument("--int8-forward", action="store_true",
+                 help="add jaxq-int8: QAT with the forward on int8 matmuls")
   p.add_argument("--repeats", type=int, default=None,
                  help="timed steps per implementation (default 10; 3 quick)")
   args = p.parse_args()
@@ -194,6 +214,8 @@ def main() -> None:
     y = jax.random.normal(ky, shape)
     impls = {"float": _float_impl(make, x),
              "jaxq": _jaxq_impl(make, x, rules)}
+    if args.int8_forward:
+      impls["jaxq-int8"] = _jaxq_int8_impl(make, x)
     if "qwix" in peers:
       impls["qwix"] = _qwix_impl(make, x, act_batch_axes)
     if "aqt" in peers:

@@ -30,17 +30,30 @@ Learned ranges (``QuantSpec(..., learn="lsq")`` or ``"pact"``) are entries
 of the params tree (linen) or ``nnx.Param`` attributes (nnx) of the quantized
 layers, so the optimizer above trains them with the weights; see
 `jaxq.learned` for their gradients and `jaxq.flax.core` for their names.
+
+`int8_dot_general` is a drop-in ``dot_general`` for a layer's
+``dot_general`` field whose forward multiplies int8 values (int8 x int8 ->
+int32) and whose backward is the straight-through estimator in float: the
+QAT step with the forward on the integer path, for accelerators where int8
+matmuls outrun float ones.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
 from jaxq.flax import linen as linen_lib
+
+DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]],
+                         tuple[Sequence[int], Sequence[int]]]
+INT8_QMAX = 127.0
 
 
 def finetune_steps(original_steps: int, fraction: float = 0.1) -> int:
@@ -134,3 +147,93 @@ def init_learned(qmodel: linen_lib.QuantizedLinen | nnx.Module, *args: Any,
     return qmodel
   raise ValueError(f"init_learned: expected a model from jaxq.quantize_model, "
                    f"got {type(qmodel).__name__}.")
+
+
+def _int8_rows(x: jax.Array, contracting: Sequence[int]
+               ) -> tuple[jax.Array, jax.Array]:
+  """Symmetric narrow int8 with one scale per slice over ``contracting``:
+  ``(values int8, scale float32 keepdims)``."""
+  x = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(x), axis=tuple(contracting), keepdims=True)
+  scale = jnp.where(amax > 0, amax / INT8_QMAX, 1.0)
+  values = jnp.clip(jnp.round(x / scale), -INT8_QMAX, INT8_QMAX)
+  return values.astype(jnp.int8), scale
+
+
+def _output_scale(lhs_scale: jax.Array, rhs_scale: jax.Array,
+                  dims: DimensionNumbers) -> jax.Array:
+  """The product of the operands' scales, laid out like dot_general's output
+  (batch axes, lhs free axes, rhs free axes)."""
+  (lhs_c, rhs_c), (lhs_b, rhs_b) = dims
+  lhs_free = [a for a in range(lhs_scale.ndim) if a not in (*lhs_c, *lhs_b)]
+  rhs_free = [a for a in range(rhs_scale.ndim) if a not in (*rhs_c, *rhs_b)]
+  lhs = jnp.transpose(lhs_scale, (*lhs_b, *lhs_free, *lhs_c))
+  rhs = jnp.transpose(rhs_scale, (*rhs_b, *rhs_free, *rhs_c))
+  lhs = lhs.reshape(lhs.shape[:len(lhs_b) + len(lhs_free)] +
+                    (1,) * len(rhs_free))
+  rhs = rhs.reshape(rhs.shape[:len(rhs_b)] + (1,) * len(lhs_free) +
+                    rhs.shape[len(rhs_b):len(rhs_b) + len(rhs_free)])
+  return lhs * rhs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _int8_dot(dims: DimensionNumbers, lhs: jax.Array, rhs: jax.Array
+              ) -> jax.Array:
+  return _int8_dot_fwd(dims, lhs, rhs)[0]
+
+
+def _int8_dot_fwd(dims, lhs, rhs):
+  (lhs_c, rhs_c), _ = dims
+  lhs_q, lhs_scale = _int8_rows(lhs, lhs_c)
+  rhs_q, rhs_scale = _int8_rows(rhs, rhs_c)
+  acc = jax.lax.dot_general(lhs_q, rhs_q, dims,
+                            preferred_element_type=jnp.int32)
+  out = acc.astype(jnp.float32) * _output_scale(lhs_scale, rhs_scale, dims)
+  dtype = jnp.result_type(lhs.dtype, rhs.dtype)
+  # The int8 values and scales are the residuals: a quarter of the floats.
+  return out.astype(dtype), (lhs_q, lhs_scale, rhs_q, rhs_scale)
+
+
+def _int8_dot_bwd(dims, residuals, g):
+  lhs_q, lhs_scale, rhs_q, rhs_scale = residuals
+  dtype = g.dtype  # The operands' result type.
+  lhs_hat = (lhs_q.astype(jnp.float32) * lhs_scale).astype(dtype)
+  rhs_hat = (rhs_q.astype(jnp.float32) * rhs_scale).astype(dtype)
+  # The ranges are the operands' own, so the clipped straight-through
+  # estimator is the identity: the float matmul's gradient at the
+  # dequantized operands, as for fake_quant.
+  _, vjp = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dims), lhs_hat,
+                   rhs_hat)
+  return vjp(g)
+
+
+_int8_dot.defvjp(_int8_dot_fwd, _int8_dot_bwd)
+
+
+def int8_dot_general(lhs: jax.Array, rhs: jax.Array,
+                     dimension_numbers: DimensionNumbers,
+                     precision: Any = None,
+                     preferred_element_type: Any = None) -> jax.Array:
+  """``lax.dot_general`` for QAT with an int8 forward and an STE backward.
+
+  Both operands are quantized to symmetric narrow-range int8 with dynamic
+  scales, one per slice over the contracting axes: per token for the
+  activation (lhs) and per output channel for the weight (rhs), i.e. W8A8
+  K-C, the scales of `jaxq.fake_quant` with `PerToken` and `PerChannel`.
+  The forward multiplies the int8 values with int32 accumulation and
+  rescales; it equals the float matmul of the fake-quantized operands up to
+  float accumulation order. The backward is the float matmul's gradient at
+  the dequantized operands (the straight-through estimator; the ranges are
+  the operands' own, so no element is clipped).
+
+  Use it as a layer's op, e.g. ``nn.Dense(..., dot_general=
+  jaxq.qat.int8_dot_general)``. ``precision`` does not apply to the integer
+  matmul and is ignored; the output has the operands' float dtype, or
+  ``preferred_element_type``.
+  """
+  del precision
+  dims = tuple(tuple(tuple(int(a) for a in axes) for axes in pair)
+               for pair in dimension_numbers)
+  out = _int8_dot(dims, lhs, rhs)
+  return out if preferred_element_type is None else out.astype(
+      preferred_element_type)

@@ -300,3 +300,38 @@ def test_recipe_schedule_follows_the_literature():
   np.testing.assert_allclose(updates["w"], -1e-3, rtol=1e-6)
   with pytest.raises(ValueError, match="original_steps"):
     jaxq.qat.finetune_steps(0)
+
+
+# The int8-forward op.
+
+
+@pytest.mark.parametrize("lhs_shape, rhs_shape, dims, reshape", [
+    ((4, 6, 16), (16, 8), (((2,), (0,)), ((), ())), None),
+    # Attention's output projection: two contracting axes (heads, head_dim).
+    ((2, 5, 3, 4), (3, 4, 7), (((2, 3), (0, 1)), ((), ())), (12,)),
+])
+def test_int8_dot_general_is_fake_quant_matmul(lhs_shape, rhs_shape, dims,
+                                               reshape):
+  lhs = jax.random.normal(jax.random.key(5), lhs_shape)
+  rhs = jax.random.normal(jax.random.key(6), rhs_shape)
+  k = len(dims[0][0])
+
+  def reference(lhs, rhs):  # W8A8 K-C fake quant, then the float matmul.
+    lhs2 = lhs.reshape(lhs.shape[:-k] + (-1,))
+    rhs2 = rhs.reshape((-1,) + rhs.shape[k:])
+    return (jaxq.fake_quant(lhs2, QuantSpec("int8", PerToken())) @
+            jaxq.fake_quant(rhs2, QuantSpec("int8", PerChannel(-1))))
+
+  out = jaxq.qat.int8_dot_general(lhs, rhs, dims)
+  np.testing.assert_allclose(out, reference(lhs, rhs), rtol=1e-5, atol=1e-5)
+  cotangent = jax.random.normal(jax.random.key(7), out.shape)
+  grads = jax.grad(lambda a, b: jnp.sum(
+      jaxq.qat.int8_dot_general(a, b, dims) * cotangent), argnums=(0, 1))(
+          lhs, rhs)
+  expected = jax.grad(lambda a, b: jnp.sum(reference(a, b) * cotangent),
+                      argnums=(0, 1))(lhs, rhs)
+  for got, want in zip(grads, expected):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda a, b: jnp.sum(
+      jaxq.qat.int8_dot_general(a, b, dims))))(lhs, rhs)
+  assert "i8[" in str(jaxpr) and "i32[" in str(jaxpr)
