@@ -225,12 +225,40 @@ def dequantize(qa: QArray) -> jax.Array:
                             qa.dtype)
 
 
+def _fake_quant_values(x: jax.Array, spec: QuantSpec, scale: jax.Array,
+                       zero_point: jax.Array | None, key: jax.Array | None
+                       ) -> jax.Array:
+  """``dequantize(quantize(x))`` with the given scale and zero point.
+
+  Integer formats skip the storage dtype: the rounded, saturated values are
+  small integers, exact in float32, so the round trip through int8 (or
+  int4) is the identity and only costs two conversions per element.
+  """
+  if spec.fmt.kind != "int":
+    values = _quantize_values(x, spec, scale, zero_point, key)
+    return _dequantize_values(values, scale, zero_point, spec, x.dtype)
+  fmt = spec.fmt
+  blocks = spec.granularity.block_shape(tuple(x.shape))
+  s = granularity_lib.split_scale(scale, x.shape, blocks)
+  scaled = granularity_lib.split_blocks(x.astype(jnp.float32), blocks) / s
+  rounded = formats_lib.round_to_integer(scaled, spec.rounding, key)
+  if zero_point is None:
+    # NaN becomes 0, as formats.cast stores it.
+    q = jnp.where(jnp.isnan(scaled), 0.0,
+                  jnp.clip(rounded, fmt.qmin, fmt.qmax))
+  else:
+    zero = granularity_lib.split_scale(zero_point, x.shape,
+                                       blocks).astype(jnp.float32)
+    q = jnp.where(jnp.isnan(scaled), 0.0,
+                  jnp.clip(rounded + zero, fmt.qmin, fmt.qmax) - zero)
+  return granularity_lib.merge_blocks(q * s, x.shape).astype(x.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
 def _fake_quant(spec: QuantSpec, x: jax.Array, scale: jax.Array,
                 zero_point: jax.Array | None, key: jax.Array | None,
                 contains_x: bool) -> jax.Array:
-  values = _quantize_values(x, spec, scale, zero_point, key)
-  return _dequantize_values(values, scale, zero_point, spec, x.dtype)
+  return _fake_quant_values(x, spec, scale, zero_point, key)
 
 
 def _fake_quant_fwd(spec, x, scale, zero_point, key, contains_x):
