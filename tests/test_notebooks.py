@@ -14,7 +14,7 @@ NOTEBOOKS = sorted(p.name for p in EXAMPLES.glob("*.ipynb"))
 
 
 def test_notebooks_exist():
-  assert "quickstart.ipynb" in NOTEBOOKS
+  assert {"quickstart.ipynb", "ptq.ipynb", "minilm_ptq.ipynb"} <= set(NOTEBOOKS)
 
 
 @pytest.mark.slow
