@@ -101,6 +101,7 @@ def numpy_entropy_bin(counts: np.ndarray, num_levels: int,
   go to the larger threshold, as in jaxq.
   """
   counts = counts.astype(np.float64)
+  counts[0] = counts[1]  # the spike of exact zeros, as pytorch-quantization
   best_bin, best_kl = start_bin, np.inf
   for i in range(start_bin, counts.size + 1):
     p = counts[:i].copy()

@@ -78,6 +78,7 @@ from flax import nnx
 import jaxq
 from jaxq import granularity as granularity_lib
 from jaxq.flax.rules import Rule
+from jaxq.flax.rules import check_rules
 from jaxq.spec import QArray
 from jaxq.spec import QuantSpec
 
@@ -336,18 +337,6 @@ def _rule_from_json(fields: Mapping[str, Any]) -> Rule:
   return Rule(**fields)
 
 
-def _check_rules(rules: Rule | Sequence[Rule] | None
-                 ) -> tuple[Rule, ...] | None:
-  if rules is None:
-    return None
-  rules = (rules,) if isinstance(rules, Rule) else tuple(rules)
-  for i, rule in enumerate(rules):
-    if not isinstance(rule, Rule):
-      raise ValueError(f"jaxq.save: rules[{i}] must be a jaxq.Rule, got "
-                       f"{rule!r}.")
-  return rules
-
-
 def check_qarray(values: Any, scale: Any, zero_point: Any,
                  spec: QuantSpec, dtype: np.dtype) -> None:
   """Raises ValueError if the arrays of a QArray do not fit its spec.
@@ -521,7 +510,7 @@ def save(path: str | os.PathLike, serving_variables: Mapping[Any, Any],
     raise ValueError(f"jaxq.save: serving_variables must be a mapping (e.g. "
                      f"{{'params': ...}}), got "
                      f"{type(serving_variables).__name__}.")
-  rules = _check_rules(rules)
+  rules = None if rules is None else check_rules(rules, "jaxq.save")
   encoder = _Encoder()
   tree = encoder.node(serving_variables, ())
   manifest = {

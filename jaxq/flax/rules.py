@@ -123,12 +123,13 @@ class LayerInfo:
     return self.rule is not None and not self.rule.skip
 
 
-def check_rules(rules: Sequence[Rule] | Rule) -> tuple[Rule, ...]:
-  """Validates ``rules`` and returns them as a tuple."""
+def check_rules(rules: Sequence[Rule] | Rule, caller: str = "quantize_model"
+                ) -> tuple[Rule, ...]:
+  """Validates ``rules`` and returns them as a tuple; errors name ``caller``."""
   rules = (rules,) if isinstance(rules, Rule) else tuple(rules)
   for i, rule in enumerate(rules):
     if not isinstance(rule, Rule):
-      raise ValueError(f"quantize_model: rules[{i}] must be a jaxq.Rule, got "
+      raise ValueError(f"{caller}: rules[{i}] must be a jaxq.Rule, got "
                        f"{rule!r}.")
   return rules
 
