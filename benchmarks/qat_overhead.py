@@ -31,9 +31,9 @@ stay in float in every implementation. ``ratio`` is the median step time
 over the float step of the same model in the same run.
 
 ``--int8-forward`` adds ``jaxq-int8``: the same W8A8 QAT step with
-`jaxq.qat.int8_dot_general` as the layers' ``dot_general``, so the forward
-matmuls multiply int8 values (int32 accumulation) and the backward is the
-straight-through estimator in float: the path for accelerators with fast
+``jaxq.quantize_model(model, rules, "qat", int8_forward=True)``, so the
+forward matmuls multiply int8 values (int32 accumulation) and the backward
+is the straight-through estimator in float: the path for accelerators with fast
 int8 matmuls (on a GPU, compare it with the float step at d >= 2048).
 """
 
@@ -53,7 +53,6 @@ import optax  # noqa: E402
 
 import _harness  # noqa: E402
 import jaxq  # noqa: E402
-import jaxq.qat  # noqa: E402
 from jaxq import PerChannel, PerToken, QuantSpec  # noqa: E402
 
 WEIGHT = QuantSpec("int8", PerChannel(axis=-1))
@@ -153,18 +152,12 @@ def _float_impl(make: Make, x: jax.Array) -> tuple[Step, Any]:
   return _train_step(lambda p, x: model.apply({"params": p}, x)), params
 
 
-def _jaxq_impl(make: Make, x: jax.Array,
-               rules: tuple[jaxq.Rule, ...]) -> tuple[Step, Any]:
+def _jaxq_impl(make: Make, x: jax.Array, rules: tuple[jaxq.Rule, ...],
+               int8_forward: bool = False) -> tuple[Step, Any]:
   model = make()
-  qmodel = jaxq.quantize_model(model, rules, "qat")
+  qmodel = jaxq.quantize_model(model, rules, "qat", int8_forward=int8_forward)
   params = qmodel.init(jax.random.key(0), x)["params"]
   return _train_step(lambda p, x: qmodel.apply({"params": p}, x)), params
-
-
-def _jaxq_int8_impl(make: Make, x: jax.Array) -> tuple[Step, Any]:
-  model = make(dot_general=jaxq.qat.int8_dot_general)
-  params = model.init(jax.random.key(0), x)["params"]
-  return _train_step(lambda p, x: model.apply({"params": p}, x)), params
 
 
 def _qwix_impl(make: Make, x: jax.Array,
@@ -215,7 +208,7 @@ def main() -> None:
     impls = {"float": _float_impl(make, x),
              "jaxq": _jaxq_impl(make, x, rules)}
     if args.int8_forward:
-      impls["jaxq-int8"] = _jaxq_int8_impl(make, x)
+      impls["jaxq-int8"] = _jaxq_impl(make, x, rules, int8_forward=True)
     if "qwix" in peers:
       impls["qwix"] = _qwix_impl(make, x, act_batch_axes)
     if "aqt" in peers:

@@ -35,7 +35,9 @@ layers, so the optimizer above trains them with the weights; see
 ``dot_general`` field whose forward multiplies int8 values (int8 x int8 ->
 int32) and whose backward is the straight-through estimator in float: the
 QAT step with the forward on the integer path, for accelerators where int8
-matmuls outrun float ones.
+matmuls outrun float ones. ``jaxq.quantize_model(model, rules, "qat",
+int8_forward=True)`` does the same by rules, with the rules' specs and
+ranges (see `jaxq.flax.core`).
 """
 
 from __future__ import annotations

@@ -57,7 +57,8 @@ from jaxq.flax.rules import Rule
 def quantize_model(model: nn.Module | flax_nnx.Module,
                    rules: Sequence[Rule] | Rule, mode: Mode = "qat", *,
                    on_nonfinite: core.OnNonfinite = "raise",
-                   observer_for: core.ObserverFor = calibration.observer_for
+                   observer_for: core.ObserverFor = calibration.observer_for,
+                   int8_forward: bool = False
                    ) -> QuantizedLinen | flax_nnx.Module:
   """Inserts quantization into a Flax model, by rules.
 
@@ -71,6 +72,16 @@ def quantize_model(model: nn.Module | flax_nnx.Module,
       ``JaxRuntimeError`` carrying that message) or ``"count"`` them.
     observer_for: picks the activation observer of a static act spec;
       `jaxq.calibration.observer_for` (from ``spec.calibration``) by default.
+    int8_forward: in qat mode, the Dense/DenseGeneral/Einsum (nnx: Linear,
+      LinearGeneral, Einsum) forwards multiply int8 values (int8 x int8 ->
+      int32, equal to the fake-quant forward up to float32 accumulation)
+      with the fake-quant straight-through backward. Needs integer weight
+      and act specs (no ``learn``); other specs on those layers raise a
+      ValueError naming the layer. Scales constant along the contraction
+      (T/C weights, T/K activations) take one int8 matmul, others
+      `jaxq.dot_general`'s grouped one (see `jaxq.flax.core`). Convolutions and
+      embeddings keep fake-quant. Kept by ``with_mode`` (linen); ignored
+      outside qat mode.
 
   Returns:
     linen: a `QuantizedLinen` whose ``init``/``apply`` take the original
@@ -87,9 +98,11 @@ def quantize_model(model: nn.Module | flax_nnx.Module,
   core.check_on_nonfinite(on_nonfinite)
   rules = rules_lib.check_rules(rules)
   if isinstance(model, nn.Module):
-    return linen.quantize_linen(model, rules, mode, on_nonfinite, observer_for)
+    return linen.quantize_linen(model, rules, mode, on_nonfinite, observer_for,
+                                int8_forward)
   if isinstance(model, flax_nnx.Module):
-    return nnx.quantize_nnx(model, rules, mode, on_nonfinite, observer_for)
+    return nnx.quantize_nnx(model, rules, mode, on_nonfinite, observer_for,
+                            int8_forward)
   raise ValueError(f"quantize_model: expected a flax.linen or flax.nnx "
                    f"Module, got {type(model).__name__}.")
 

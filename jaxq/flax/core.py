@@ -40,6 +40,23 @@ starts from the calibrated range when one is loaded, else from the first
 batch's. In qat mode the layer fake-quantizes with them (`jaxq.learned`,
 whose gradients train them); in serve mode it quantizes with them, and
 `jaxq.convert` builds the serving weights from them.
+
+The int8 forward (``quantize_model(..., "qat", int8_forward=True)``): the
+matmul layers (Dense, DenseGeneral, Einsum; nnx Linear, LinearGeneral,
+Einsum) compute the QAT forward with `int8_qat_dot_general` /
+`int8_qat_einsum`: both operands are quantized (`quantize`, the very scales
+fake-quant uses) and multiplied by `jaxq.dot_general` / `jaxq.einsum`, int8 x
+int8 -> int32, which equals the fake-quant forward up to float32
+accumulation order. The backward is the fake-quant layer's: the float op's
+gradient through `fake_quant`'s straight-through estimator. It needs integer
+weight and act specs without ``learn`` (any other spec on a matmul layer
+raises a ValueError naming the layer). Scales constant along the
+contraction (T/C weights, T/K activations) take one int8 matmul; scales
+that vary along it (groups, or `PerToken` on an input whose contraction
+spans several axes, e.g. an attention output projection's (batch, seq,
+heads, head_dim)) take `jaxq.dot_general`'s grouped int8 path, still equal
+to fake-quant. Convolutions and embeddings have no int8 forward and keep
+fake-quant.
 """
 
 from __future__ import annotations
@@ -91,6 +108,8 @@ class LayerQuant:
       when a batch holds NaN or inf, or ``"count"`` them (the observers skip
       them and `jaxq.calibration.nonfinite_count` reads the count).
     observer_for: picks the activation observer from the act spec.
+    int8_forward: in qat mode, whether a matmul layer runs its forward on
+      int8 values (see the module docstring).
   """
 
   path: str
@@ -100,6 +119,7 @@ class LayerQuant:
   mode: Mode
   on_nonfinite: OnNonfinite = "raise"
   observer_for: ObserverFor = calibration.observer_for
+  int8_forward: bool = False
 
   @property
   def static_act(self) -> bool:
@@ -160,8 +180,8 @@ def check_spec(layer: LayerQuant, spec: QuantSpec, shape: tuple[int, ...],
 
 def layer_quant(path: str, module: object, rule: Any | None,
                 weight_shape: tuple[int, ...], *, is_embed: bool, mode: Mode,
-                on_nonfinite: OnNonfinite, observer_for: ObserverFor
-                ) -> LayerQuant | None:
+                on_nonfinite: OnNonfinite, observer_for: ObserverFor,
+                int8_forward: bool = False) -> LayerQuant | None:
   """The `LayerQuant` of a layer that ``rule`` (a `jaxq.Rule`) matched.
 
   Returns None for float layers (no rule, or a skip rule). Embedding tables
@@ -176,7 +196,8 @@ def layer_quant(path: str, module: object, rule: Any | None,
   quant = LayerQuant(path=path, module_type=type(module).__name__,
                      weight=weight, act=None if is_embed else rule.act,
                      mode=mode, on_nonfinite=on_nonfinite,
-                     observer_for=observer_for)
+                     observer_for=observer_for,
+                     int8_forward=int8_forward and mode == "qat")
   if weight is not None:
     check_spec(quant, weight, weight_shape, "weight")
   return quant
@@ -513,3 +534,99 @@ def embed_lookup(layer: LayerQuant, table: jax.Array | QArray,
     elif layer.mode == "qat":
       rows = fake_quant(rows, layer.weight)
   return rows.reshape(tuple(ids.shape) + (features,))
+
+
+# The int8 forward of qat mode: the low-bit op forward, the fake-quant
+# layer's straight-through backward.
+
+
+def uses_int8_forward(layer: LayerQuant | None) -> bool:
+  """Whether ``layer``'s matmul runs on the int8 path (raising a ValueError
+  naming the layer when its specs cannot)."""
+  if layer is None or not layer.int8_forward:
+    return False
+  for what, spec in (("weight", layer.weight), ("activation", layer.act)):
+    if spec is None or spec.fmt.kind != "int" or spec.learn is not None:
+      raise ValueError(
+          f"jaxq qat int8_forward: {layer.path!r} ({layer.module_type}) needs "
+          f"an integer {what} spec without learn=..., got {spec}; quantize "
+          f"this layer with another rule or drop int8_forward.")
+  return True
+
+
+def _int8_qat(float_op: Callable[[jax.Array, jax.Array], jax.Array],
+              quant_op: Callable[[QArray, QArray], jax.Array],
+              layer: LayerQuant, x: jax.Array, w: jax.Array,
+              act_range: ActRange | None) -> jax.Array:
+  """``float_op(fake_quant(x), fake_quant(w))`` computed as ``quant_op`` on
+  the quantized operands, with the fake-quant op's gradient."""
+  amin, amax = _static_range(layer, act_range, x.shape)
+
+  # The range is an argument, not a closure, so that custom_vjp sees it.
+  @jax.custom_vjp
+  def op(x, w, amin, amax):
+    return fwd(x, w, amin, amax)[0]
+
+  def fwd(x, w, amin, amax):
+    qx = quantize(x, layer.act, amax=amax, amin=amin)
+    qw = quantize(w, layer.weight)
+    # The int values and scales are the residuals, plus x when its range is
+    # static (the clipped estimator's mask needs it).
+    return quant_op(qx, qw), (qx, qw, None if amax is None else x, amin,
+                              amax)
+
+  def bwd(residuals, g):
+    qx, qw, x, amin, amax = residuals
+    dx_hat, dw = jax.vjp(float_op, dequantize(qx), dequantize(qw))[1](g)
+    # fake_quant's estimator: the identity for a range of the operand's own
+    # (the weight's; a dynamic act's), else its clipped vjp at x.
+    if x is None:
+      dx = dx_hat
+    else:
+      dx = jax.vjp(lambda x: fake_quant(x, layer.act, amax=amax, amin=amin),
+                   x)[1](dx_hat)[0]
+    return dx, dw, *jax.tree.map(jnp.zeros_like, (amin, amax))
+
+  op.defvjp(fwd, bwd)
+  return op(x, w, amin, amax)
+
+
+def int8_qat_dot_general(layer: LayerQuant, act_range: ActRange | None,
+                         x: jax.Array, w: jax.Array, dimension_numbers,
+                         precision=None, preferred_element_type=None,
+                         **kwargs) -> jax.Array:
+  """``lax.dot_general(x, w, ...)`` of a qat layer on the int8 path.
+
+  ``x`` is the float input and ``w`` the float weight, as the layer hands
+  them to its op; ``precision`` and ``kwargs`` (``out_sharding``) do not
+  apply to the integer matmul and are ignored. The output has ``x``'s dtype
+  (or ``preferred_element_type``).
+  """
+  del precision, kwargs
+  check_spec(layer, layer.act, x.shape, "activation")
+  check_spec(layer, layer.weight, w.shape, "weight")
+  out_dtype = preferred_element_type or jnp.result_type(x.dtype, w.dtype)
+  return _int8_qat(
+      lambda a, b: lax.dot_general(a, b, dimension_numbers,
+                                   preferred_element_type=out_dtype),
+      lambda a, b: ops.dot_general(a, b, dimension_numbers,
+                                   preferred_element_type=out_dtype),
+      layer, x, w, act_range)
+
+
+def int8_qat_einsum(layer: LayerQuant, act_range: ActRange | None,
+                    subscripts: str, x: jax.Array, w: jax.Array,
+                    precision=None, preferred_element_type=None,
+                    **kwargs) -> jax.Array:
+  """``jnp.einsum(subscripts, x, w)`` of a qat layer on the int8 path (as
+  `int8_qat_dot_general`)."""
+  del precision, kwargs
+  check_spec(layer, layer.act, x.shape, "activation")
+  check_spec(layer, layer.weight, w.shape, "weight")
+  out_dtype = preferred_element_type or jnp.result_type(x.dtype, w.dtype)
+  return _int8_qat(
+      lambda a, b: jnp.einsum(subscripts, a, b,
+                              preferred_element_type=out_dtype),
+      lambda a, b: ops.einsum(subscripts, a, b,
+                              preferred_element_type=out_dtype),
+      layer, x, w, act_range)

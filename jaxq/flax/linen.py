@@ -7,7 +7,8 @@ one call of a matched layer, the interceptor hands that module a quantizing
 ``promote_dtype`` (every Flax layer passes ``(inputs, kernel, bias)``
 through it, so the weight is known to be the module's parameter) and, in
 serve mode, `jaxq.dot_general` / `jaxq.conv` as its ``dot_general`` /
-``conv_general_dilated``.
+``conv_general_dilated`` (in qat mode with ``int8_forward=True``, the int8
+qat op of `jaxq.flax.core` as the Dense/DenseGeneral/Einsum matmul).
 
 Covered layers: ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``,
 ``nn.Conv`` (depthwise ``feature_group_count`` included),
@@ -142,6 +143,8 @@ class QuantizedLinen:
     mode: ``"qat"``, ``"calibrate"`` or ``"serve"``.
     on_nonfinite: calibrate mode's reaction to NaN/inf (see `LayerQuant`).
     observer_for: picks the activation observer from a spec.
+    int8_forward: in qat mode, run the Dense/DenseGeneral/Einsum forwards
+      on int8 values (see `jaxq.flax.core`); other modes ignore it.
   """
 
   model: nn.Module
@@ -149,6 +152,7 @@ class QuantizedLinen:
   mode: core.Mode = "qat"
   on_nonfinite: core.OnNonfinite = "raise"
   observer_for: core.ObserverFor = calibration.observer_for
+  int8_forward: bool = False
   _layers: dict[str, rules_lib.LayerInfo] = dataclasses.field(
       default_factory=dict, compare=False, repr=False)
   _warned: list[bool] = dataclasses.field(
@@ -195,7 +199,8 @@ class QuantizedLinen:
     quant = core.layer_quant(
         path, module, rule, tuple(weight_shape),
         is_embed=isinstance(module, nn.Embed), mode=self.mode,
-        on_nonfinite=self.on_nonfinite, observer_for=self.observer_for)
+        on_nonfinite=self.on_nonfinite, observer_for=self.observer_for,
+        int8_forward=self.int8_forward)
     self._layers[path] = rules_lib.LayerInfo(
         path=path, module_type=type(module).__name__, rule=rule,
         weight_shape=tuple(weight_shape), weight_name=weight_name,
@@ -220,6 +225,8 @@ class QuantizedLinen:
     """Flax layers that pass ``(inputs, kernel, bias)`` to ``promote_dtype``."""
     original = module.promote_dtype
     layer: list[_Layer] = []
+    int8 = (self.int8_forward and self.mode == "qat" and
+            not isinstance(module, (nn.Conv, nn.ConvTranspose)))
 
     def promote_dtype(inputs, kernel, bias=None, *, dtype=None,
                       inexact=True):
@@ -238,9 +245,20 @@ class QuantizedLinen:
                            f"no rule quantizes it.")
         return inputs, kernel, bias
       layer.append(_Layer(module, quant))
+      if int8 and core.uses_int8_forward(quant):
+        return inputs, kernel, bias  # The int8 op quantizes them itself.
       return layer[0].act(inputs), layer[0].weight(kernel), bias
 
     hooks: dict[str, Any] = {"promote_dtype": promote_dtype}
+    if int8:
+      if isinstance(module, nn.Einsum):
+        return self._einsum(module, promote_dtype,
+                            _Int8Op(layer, core.int8_qat_einsum, jnp.einsum),
+                            *args, **kwargs)
+      original_op = (module.dot_general_cls() if module.dot_general_cls
+                     else module.dot_general or jax.lax.dot_general)
+      hooks.update(dot_general=_Int8Op(layer, core.int8_qat_dot_general,
+                                       original_op), dot_general_cls=None)
     if self.mode == "serve":
       if isinstance(module, nn.ConvTranspose):
         raise ValueError(
@@ -248,7 +266,8 @@ class QuantizedLinen:
             f"lax.conv_transpose cannot take jaxq.conv; skip it with "
             f"Rule({_path(module)!r}, skip=True).")
       if isinstance(module, nn.Einsum):
-        return self._serve_einsum(module, promote_dtype, *args, **kwargs)
+        return self._einsum(module, promote_dtype, core.serve_einsum, *args,
+                            **kwargs)
       if isinstance(module, nn.Conv):
         hooks.update(conv_general_dilated=core.serve_conv,
                      conv_general_dilated_cls=None)
@@ -257,17 +276,19 @@ class QuantizedLinen:
     with _attributes(module, **hooks):
       return next_fun(*args, **kwargs)
 
-  def _serve_einsum(self, module: nn.Einsum, promote_dtype, inputs,
-                    einsum_str: str | None = None) -> jax.Array:
-    """``nn.Einsum.__call__`` with `jaxq.einsum` (linen's takes no op)."""
+  def _einsum(self, module: nn.Einsum, promote_dtype,
+              einsum_op: Callable[..., jax.Array], inputs,
+              einsum_str: str | None = None) -> jax.Array:
+    """``nn.Einsum.__call__`` with ``einsum_op`` (linen's takes no op):
+    `jaxq.einsum` to serve, the int8 qat einsum for ``int8_forward``."""
     einsum_str = nn.merge_param("einsum_str", module.einsum_str, einsum_str)
     einsum_str = einsum_str.replace(" ", "")
     kernel = module.get_variable("params", "kernel")
     bias = module.get_variable("params", "bias") if module.use_bias else None
     float_kernel = jax.ShapeDtypeStruct(tuple(kernel.shape), jnp.float32)
     x, w, bias = promote_dtype(inputs, kernel, bias, dtype=module.dtype)
-    y = core.serve_einsum(einsum_str, x, w,
-                          preferred_element_type=module.preferred_element_type)
+    y = einsum_op(einsum_str, x, w,
+                  preferred_element_type=module.preferred_element_type)
     if bias is not None:
       _, bias_shape = module._get_bias_shape(  # pylint: disable=protected-access
           einsum_str, inputs, float_kernel)
@@ -307,6 +328,26 @@ class QuantizedLinen:
     hooks = {f: _WeightOp(self, module, f, getattr(module, f)) for f in fields}
     with _attributes(module, **hooks):
       return next_fun(*args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Int8Op:
+  """A matmul layer's op in qat mode with ``int8_forward``.
+
+  ``layer`` holds the call's `_Layer` once ``promote_dtype`` has matched the
+  layer; a float layer (skip rule, or no rule) keeps ``original``.
+  """
+
+  layer: list[_Layer]
+  int8_op: Callable[..., jax.Array]
+  original: Callable[..., jax.Array]
+
+  def __call__(self, *args, **kwargs) -> jax.Array:
+    if not self.layer or not core.uses_int8_forward(self.layer[0].quant):
+      return self.original(*args, **kwargs)
+    layer = self.layer[0]
+    act_range = layer.get_range() if layer.quant.static_act else None
+    return self.int8_op(layer.quant, act_range, *args, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,9 +396,11 @@ def _same(x: Any, param: Any) -> bool:
 
 def quantize_linen(model: nn.Module, rules: Sequence[rules_lib.Rule],
                    mode: core.Mode, on_nonfinite: core.OnNonfinite,
-                   observer_for: core.ObserverFor) -> QuantizedLinen:
+                   observer_for: core.ObserverFor,
+                   int8_forward: bool = False) -> QuantizedLinen:
   return QuantizedLinen(model=model, rules=tuple(rules), mode=mode,
-                        on_nonfinite=on_nonfinite, observer_for=observer_for)
+                        on_nonfinite=on_nonfinite, observer_for=observer_for,
+                        int8_forward=int8_forward)
 
 
 def act_ranges(qmodel: QuantizedLinen, stats: Any) -> dict[str, Any]:

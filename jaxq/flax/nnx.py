@@ -10,7 +10,9 @@ change, so ``nnx.state(model)`` loads into ``qmodel`` with ``nnx.update`` and
 ``nnx.state(qmodel, nnx.Param)`` has the original's tree. The quantized
 layers run the original ``__call__`` with a quantizing ``promote_dtype`` and,
 in serve mode, `jaxq.dot_general` / `jaxq.einsum` / `jaxq.conv` as their
-``dot_general`` / ``einsum_op`` / ``conv_general_dilated``; embeddings look
+``dot_general`` / ``einsum_op`` / ``conv_general_dilated`` (in qat mode with
+``int8_forward=True``, the Linear/LinearGeneral/Einsum ops are the int8 qat
+ops of `jaxq.flax.core`); embeddings look
 up quantized rows (`jaxq.flax.core.embed_lookup`) and ``attend`` multiplies
 by the quantized table. Everything works under ``nnx.jit``, ``nnx.grad``
 and any method of the model.
@@ -57,6 +59,9 @@ _OPS = {nnx.Conv: ("conv_general_dilated", core.serve_conv),
         nnx.Einsum: ("einsum_op", core.serve_einsum),
         nnx.Linear: ("dot_general", core.serve_dot_general),
         nnx.LinearGeneral: ("dot_general", core.serve_dot_general)}
+_INT8_OPS = {nnx.Einsum: ("einsum_op", core.int8_qat_einsum),
+             nnx.Linear: ("dot_general", core.int8_qat_dot_general),
+             nnx.LinearGeneral: ("dot_general", core.int8_qat_dot_general)}
 _RULES_ATTR = "jaxq_rules"
 
 
@@ -143,6 +148,8 @@ class _QuantizedLayer:
       return super().__call__(inputs, *args, **kwargs)
     layer = _Layer(self)
     original = self.promote_dtype
+    int8_kind = next((c for c in _INT8_OPS if isinstance(self, c)), None)
+    int8 = int8_kind is not None and core.uses_int8_forward(layer.quant)
 
     def promote_dtype(arrays, /, *, dtype=None, inexact=True):
       x, w, bias = arrays
@@ -152,9 +159,17 @@ class _QuantizedLayer:
         x, _, bias = original((x, None, bias), dtype=dtype, inexact=inexact)
       else:
         x, w, bias = original((x, w, bias), dtype=dtype, inexact=inexact)
+      if int8:
+        return x, w, bias  # The int8 op quantizes them itself.
       return layer.act(x), layer.weight(w), bias
 
     hooks: dict[str, Any] = {"promote_dtype": promote_dtype}
+    if int8:
+      name, op = _INT8_OPS[int8_kind]
+      act_range = layer.get_range() if layer.quant.static_act else None
+      hooks[name] = functools.partial(op, layer.quant, act_range)
+      if int8_kind is not nnx.Einsum:
+        hooks["dot_general_cls"] = None
     if layer.quant.mode == "serve":
       kind = next((c for c in _OPS if isinstance(self, c)), None)
       if kind is None:
@@ -224,7 +239,8 @@ def _replace(root: nnx.Module, path: tuple[Any, ...], new: Any) -> None:
 
 def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
                  mode: core.Mode, on_nonfinite: core.OnNonfinite,
-                 observer_for: core.ObserverFor) -> nnx.Module:
+                 observer_for: core.ObserverFor,
+                 int8_forward: bool = False) -> nnx.Module:
   """See `jaxq.quantize_model`: a quantized copy of an nnx module."""
   qmodel = nnx.clone(model)
   infos = []
@@ -240,7 +256,8 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
     rule = rules_lib.match(rules, path_str, module)
     quant = core.layer_quant(
         path_str, module, rule, shape, is_embed=isinstance(module, nnx.Embed),
-        mode=mode, on_nonfinite=on_nonfinite, observer_for=observer_for)
+        mode=mode, on_nonfinite=on_nonfinite, observer_for=observer_for,
+        int8_forward=int8_forward)
     info = rules_lib.LayerInfo(
         path=path_str, module_type=type(module).__name__, rule=rule,
         weight_shape=shape, weight_name=_weight_name(module),
