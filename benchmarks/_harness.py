@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -45,16 +45,16 @@ def median_time(fn: Callable[..., Any], *args: Any, warmup: int = 2,
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return float(np.median(times))
 
 
-def interleaved_median_times(fns: dict[str, Callable[[], Any]], *,
-                             warmup: int = 2, repeats: int = 10
-                             ) -> dict[str, float]:
-  """Median times of several zero-argument callables, measured round-robin.
+def interleaved_times(fns: dict[str, Callable[[], Any]], *, warmup: int = 2,
+                      repeats: int = 10) -> dict[str, np.ndarray]:
+  """Wall times (seconds) of several zero-argument callables, round-robin.
 
-  Interleaving the repeats spreads machine noise evenly over the
-  implementations, so their ratios are fair on a shared, noisy machine.
+  Returns one array of ``repeats`` times per name; entry ``i`` of every
+  array comes from round ``i``, so that ratios can be taken round by round.
+  Interleaving spreads machine noise evenly over the implementations.
   """
   for fn in fns.values():
     for _ in range(warmup):
@@ -65,7 +65,33 @@ def interleaved_median_times(fns: dict[str, Callable[[], Any]], *,
       start = time.perf_counter()
       jax.block_until_ready(fn())
       times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+  return {name: np.asarray(t) for name, t in times.items()}
+
+
+def interleaved_median_times(fns: dict[str, Callable[[], Any]], *,
+                             warmup: int = 2, repeats: int = 10
+                             ) -> dict[str, float]:
+  """Median times of `interleaved_times`."""
+  return {name: float(np.median(t)) for name, t in
+          interleaved_times(fns, warmup=warmup, repeats=repeats).items()}
+
+
+def ratio_with_interval(times: np.ndarray, baseline: np.ndarray, *,
+                        confidence: float = 0.95, resamples: int = 2000,
+                        seed: int = 0) -> tuple[float, float, float]:
+  """Median of the per-round ratios ``times / baseline`` and a bootstrap
+  ``confidence`` interval for it: ``(ratio, low, high)``.
+
+  Two implementations whose intervals overlap are not distinguishable on
+  this machine at this number of rounds.
+  """
+  ratios = np.asarray(times) / np.asarray(baseline)
+  rng = np.random.default_rng(seed)
+  resampled = np.median(
+      rng.choice(ratios, size=(resamples, ratios.size), replace=True), axis=1)
+  tail = (1 - confidence) / 2 * 100
+  low, high = np.percentile(resampled, [tail, 100 - tail])
+  return float(np.median(ratios)), float(low), float(high)
 
 
 def _fmt(value: Any) -> str:

@@ -27,14 +27,28 @@ them alike:
   axes) as the layers' ``dot_general_cls``, when ``aqt`` is importable.
 
 The attention's activation-by-activation einsums (scores, weighted values)
-stay in float in every implementation. ``ratio`` is the median step time
-over the float step of the same model in the same run.
+stay in float in every implementation.
+
+Columns:
+
+* ``ratio``: the median over rounds of (step time / float step time of the
+  same round); ``ratio_ci95`` a bootstrap 95% interval for it. Two rows
+  whose intervals overlap are not distinguishable on this machine.
+* ``grad_err``: ``|g - g_jaxq| / |g_jaxq|`` over all parameters, ``g`` the
+  loss gradient of the row's implementation and ``g_jaxq`` the fake-quant
+  straight-through gradient (the gradient of ``loss(fake_quant(x) @
+  fake_quant(w))`` with identity estimators), at the same parameters and
+  data. The peers' backward multiplies by the unquantized operands (the
+  float weight and input, not the int8 ones the forward used), which costs
+  no dequantized copy but gives a gradient about as far from the
+  straight-through one as the float model's own gradient is.
 
 ``--int8-forward`` adds ``jaxq-int8``: the same W8A8 QAT step with
 ``jaxq.quantize_model(model, rules, "qat", int8_forward=True)``, so the
 forward matmuls multiply int8 values (int32 accumulation) and the backward
-is the straight-through estimator in float: the path for accelerators with fast
-int8 matmuls (on a GPU, compare it with the float step at d >= 2048).
+is the same straight-through gradient, computed from the stored int8
+operands: the path for accelerators with fast int8 matmuls (on a GPU,
+compare it with the float step at d >= 2048).
 """
 
 from __future__ import annotations
@@ -49,6 +63,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import _harness  # noqa: E402
@@ -60,7 +75,11 @@ ACT = QuantSpec("int8", PerToken())
 # q/k/v kernels are (d, heads, head_dim): one scale per (head, head_dim).
 QKV_WEIGHT = QuantSpec("int8", PerChannel(axis=(1, 2)))
 MLP_RULES = (jaxq.Rule(r".*", weight=WEIGHT, act=ACT),)
+# The output projection contracts (heads, head_dim): one act scale per token
+# over both (qwix's act_batch_axes give the same).
+OUT_ACT = QuantSpec("int8", PerToken(contraction_axis=(-2, -1)))
 BLOCK_RULES = (jaxq.Rule(r".*/(query|key|value)", weight=QKV_WEIGHT, act=ACT),
+               jaxq.Rule(r".*/out", weight=WEIGHT, act=OUT_ACT),
                jaxq.Rule(r".*", weight=WEIGHT, act=ACT))
 # The layers with weights; qwix would otherwise also quantize the attention
 # einsums, which run inside the "attn" module itself.
@@ -110,6 +129,8 @@ class Block(nn.Module):
 
 
 Make = Callable[..., nn.Module]
+# (params, x) -> output: a model's apply function.
+Apply = Callable[[Any, jax.Array], jax.Array]
 # (params, x, y) -> (params, opt_state, loss): one train step.
 Step = Callable[[Any, jax.Array, jax.Array], Any]
 Case = tuple[Callable[..., nn.Module], tuple[int, ...], tuple[int, ...],
@@ -129,49 +150,63 @@ def _cases(quick: bool) -> dict[str, Case]:
                     (0, 1), BLOCK_RULES)}
 
 
-def _train_step(apply: Callable[..., jax.Array], learning_rate: float = 1e-3
-                ) -> Step:
+def _loss(apply: Apply, params: Any, x: jax.Array, y: jax.Array
+          ) -> jax.Array:
+  return jnp.mean((apply(params, x).astype(jnp.float32) - y) ** 2)
+
+
+def _train_step(apply: Apply, learning_rate: float = 1e-3) -> Step:
   """A jitted SGD step on the mean squared error of ``apply(params, x)``."""
   tx = optax.sgd(learning_rate)
 
-  def loss_fn(params, x, y):
-    return jnp.mean((apply(params, x).astype(jnp.float32) - y) ** 2)
-
   @jax.jit
   def step(params, opt_state, x, y):
-    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    loss, grads = jax.value_and_grad(functools.partial(_loss, apply))(
+        params, x, y)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   return lambda params, x, y: step(params, tx.init(params), x, y)
 
 
-def _float_impl(make: Make, x: jax.Array) -> tuple[Step, Any]:
+def _gradient_error(apply: Apply, reference: Apply, params: Any,
+                    x: jax.Array, y: jax.Array) -> float:
+  """``|g - g_ref| / |g_ref|`` over all parameters, ``g`` the loss
+  gradient of ``apply`` and ``g_ref`` that of ``reference`` at the same
+  ``params`` (every implementation here has the float model's params)."""
+  grads, ref = (jax.jit(jax.grad(functools.partial(_loss, f)))(params, x, y)
+                for f in (apply, reference))
+  diff = jax.tree.map(lambda a, b: jnp.sum((a - b) ** 2), grads, ref)
+  norm = jax.tree.map(lambda b: jnp.sum(b ** 2), ref)
+  return float(jnp.sqrt(sum(jax.tree.leaves(diff)) /
+                        sum(jax.tree.leaves(norm))))
+
+
+def _float_impl(make: Make, x: jax.Array) -> tuple[Apply, Any]:
   model = make()
   params = model.init(jax.random.key(0), x)["params"]
-  return _train_step(lambda p, x: model.apply({"params": p}, x)), params
+  return lambda p, x: model.apply({"params": p}, x), params
 
 
 def _jaxq_impl(make: Make, x: jax.Array, rules: tuple[jaxq.Rule, ...],
-               int8_forward: bool = False) -> tuple[Step, Any]:
-  model = make()
-  qmodel = jaxq.quantize_model(model, rules, "qat", int8_forward=int8_forward)
+               int8_forward: bool = False) -> tuple[Apply, Any]:
+  qmodel = jaxq.quantize_model(make(), rules, "qat", int8_forward=int8_forward)
   params = qmodel.init(jax.random.key(0), x)["params"]
-  return _train_step(lambda p, x: qmodel.apply({"params": p}, x)), params
+  return lambda p, x: qmodel.apply({"params": p}, x), params
 
 
 def _qwix_impl(make: Make, x: jax.Array,
-               act_batch_axes: tuple[int, ...]) -> tuple[Step, Any]:
+               act_batch_axes: tuple[int, ...]) -> tuple[Apply, Any]:
   import qwix
   rules = [qwix.QtRule(module_path=QUANTIZED_PATHS, weight_qtype="int8",
                        act_qtype="int8", act_calibration_method="absmax",
                        act_batch_axes=act_batch_axes)]
   qmodel = qwix.quantize_model(make(), qwix.QtProvider(rules))
   params = qmodel.init(jax.random.key(0), x)["params"]
-  return _train_step(lambda p, x: qmodel.apply({"params": p}, x)), params
+  return lambda p, x: qmodel.apply({"params": p}, x), params
 
 
-def _aqt_impl(make: Make, x: jax.Array) -> tuple[Step, Any]:
+def _aqt_impl(make: Make, x: jax.Array) -> tuple[Apply, Any]:
   # Imported here: the peers are optional (the "bench" extra).
   from aqt.jax.v2 import config as aqt_config
   from aqt.jax.v2.flax import aqt_flax
@@ -179,7 +214,7 @@ def _aqt_impl(make: Make, x: jax.Array) -> tuple[Step, Any]:
   model = make(dot_general_cls=functools.partial(
       aqt_flax.AqtDotGeneral, cfg, prng_name=None))
   params = model.init(jax.random.key(0), x)["params"]
-  return _train_step(lambda p, x: model.apply({"params": p}, x)), params
+  return lambda p, x: model.apply({"params": p}, x), params
 
 
 def _importable(name: str) -> bool:
@@ -195,9 +230,9 @@ def main() -> None:
   p.add_argument("--int8-forward", action="store_true",
                  help="add jaxq-int8: QAT with the forward on int8 matmuls")
   p.add_argument("--repeats", type=int, default=None,
-                 help="timed steps per implementation (default 10; 3 quick)")
+                 help="timed rounds per implementation (default 30; 3 quick)")
   args = p.parse_args()
-  repeats = args.repeats or (3 if args.quick else 10)
+  repeats = args.repeats or (3 if args.quick else 30)
   peers = [name for name in ("qwix", "aqt") if _importable(name)]
   rows = []
   for case, (make, shape, act_batch_axes, rules) in _cases(
@@ -213,15 +248,22 @@ def main() -> None:
       impls["qwix"] = _qwix_impl(make, x, act_batch_axes)
     if "aqt" in peers:
       impls["aqt"] = _aqt_impl(make, x)
-    fns = {name: functools.partial(step, params, x, y)
-           for name, (step, params) in impls.items()}
-    times = _harness.interleaved_median_times(fns, repeats=repeats)
-    for name, t in times.items():
-      rows.append({"case": case, "impl": name, "median_s": t,
-                   "ratio": t / times["float"]})
+    fns = {name: functools.partial(_train_step(apply), params, x, y)
+           for name, (apply, params) in impls.items()}
+    times = _harness.interleaved_times(fns, repeats=repeats)
+    reference = impls["jaxq"][0]
+    for name, (apply, params) in impls.items():
+      ratio, low, high = _harness.ratio_with_interval(times[name],
+                                                      times["float"])
+      rows.append({"case": case, "impl": name,
+                   "median_s": float(np.median(times[name])),
+                   "ratio": ratio, "ratio_ci95": f"{low:.3f}-{high:.3f}",
+                   "grad_err": _gradient_error(apply, reference, params, x,
+                                               y)})
   _harness.emit("qat_overhead", rows, args.json,
-                note="train step over the float step; W8A8 per-channel "
-                     "weights, per-token activations")
+                note="train step over the float step, median of per-round "
+                     "ratios; W8A8 per-channel weights, per-token "
+                     "activations; grad_err vs jaxq's fake-quant gradient")
 
 
 if __name__ == "__main__":

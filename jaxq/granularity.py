@@ -110,14 +110,24 @@ class PerToken:
   """One scale per token (K): reduced over ``contraction_axis`` only.
 
   For activations of shape (batch, seq, features) this gives scales of shape
-  (batch, seq, 1).
+  (batch, seq, 1). ``contraction_axis`` may be a tuple when a layer
+  contracts several axes, e.g. ``(-2, -1)`` for the (heads, head_dim) input
+  of an attention output projection: scales (batch, seq, 1, 1), one per
+  token, constant along the whole contraction.
   """
 
-  contraction_axis: int = -1
+  contraction_axis: int | tuple[int, ...] = -1
+
+  def __post_init__(self):
+    if isinstance(self.contraction_axis, list):
+      object.__setattr__(self, "contraction_axis",
+                         tuple(self.contraction_axis))
 
   def block_shape(self, shape: Shape) -> Shape:
-    axis = _normalize_axis(self, self.contraction_axis, shape)
-    return tuple(d if i == axis else 1 for i, d in enumerate(shape))
+    axes = (self.contraction_axis if isinstance(self.contraction_axis, tuple)
+            else (self.contraction_axis,))
+    reduced = {_normalize_axis(self, a, shape) for a in axes}
+    return tuple(d if i in reduced else 1 for i, d in enumerate(shape))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -79,6 +79,8 @@ CASES = {
     "int8-channel": ((8, 6), QuantSpec("int8", PerChannel(-1))),
     "int8-channel-tuple": ((3, 4, 5), QuantSpec("int8", PerChannel((1, 2)))),
     "int8-token": ((2, 3, 8), QuantSpec("int8", PerToken())),
+    "int8-token-tuple": ((2, 3, 4, 8),
+                         QuantSpec("int8", PerToken(contraction_axis=(2, 3)))),
     "int8-group": ((16, 6), QuantSpec("int8", PerGroup(0, 4))),
     "int8-block": ((8, 12), QuantSpec("int8", PerBlock((4, 4)))),
     "int8-affine": ((8, 6), QuantSpec("int8", PerChannel(0), symmetric=False)),

@@ -27,6 +27,8 @@ BLOCK_CASES = [
     (PerToken(), (8, 16), (1, 16)),
     (PerToken(), (2, 5, 16), (1, 1, 16)),
     (PerToken(contraction_axis=0), (8, 16), (8, 1)),
+    (PerToken(contraction_axis=(-2, -1)), (2, 5, 4, 8), (1, 1, 4, 8)),
+    (PerToken(contraction_axis=[1, 3]), (2, 5, 4, 8), (1, 5, 1, 8)),
     (PerGroup(axis=-1, size=4), (3, 16), (1, 4)),
     (PerGroup(axis=0, size=4), (16, 3), (4, 1)),
     (PerGroup(axis=1, size=8), (2, 16, 3), (1, 8, 1)),
@@ -144,6 +146,7 @@ def test_size_not_dividing_axis_names_shape_axis_and_size(
      (PerChannel(axis=-3), (4, 3), -3),
      (PerChannel(axis=(0, 5)), (4, 3), 5),
      (PerToken(contraction_axis=3), (2, 4, 3), 3),
+     (PerToken(contraction_axis=(-1, -4)), (2, 4, 3), -4),
      (PerGroup(axis=2, size=4), (8, 8), 2),
      (PerBlock(shape=(2, 2), axes=(0, 4)), (8, 8), 4),
      (MX(axis=-3, size=32), (32, 32), -3)])

@@ -193,6 +193,26 @@ def test_dot_general_two_contractions_and_negative_axes():
                                _dequantize64(rhs)), rtol=5e-3)
 
 
+def test_dot_general_per_token_over_two_contracted_axes():
+  # An attention output projection: (batch, seq, heads, head_dim) x
+  # (heads, head_dim, features), one activation scale per token.
+  lhs = _quantize(_random(6, (2, 3, 4, 16)),
+                  _int8(PerToken(contraction_axis=(-2, -1))))
+  rhs = _quantize(_random(7, (4, 16, 10)), _int8(PerChannel(-1)))
+  assert lhs.scale.shape == (2, 3, 1, 1)
+  dot = functools.partial(jaxq.dot_general,
+                          dimension_numbers=(((2, 3), (0, 1)), ((), ())))
+  _assert_close(jax.jit(dot)(lhs, rhs),
+                np.einsum("bshd,hdn->bsn", _dequantize64(lhs),
+                          _dequantize64(rhs)))
+  # Constant along the whole contraction: one int8 matmul, no group axis.
+  calls = [eqn for eqn in _equations(jax.make_jaxpr(dot)(lhs, rhs).jaxpr)
+           if eqn.primitive.name == "dot_general"]
+  assert len(calls) == 1
+  assert calls[0].outvars[0].aval.shape == (2, 3, 10)
+  assert calls[0].outvars[0].aval.dtype == INT32
+
+
 @pytest.mark.parametrize("granularity", [PerChannel(-1), PerGroup(0, 32)],
                          ids=["C", "G"])
 @pytest.mark.parametrize("fmt", ["int8", "int4", "float8_e4m3fn"])

@@ -52,10 +52,11 @@ gradient through `fake_quant`'s straight-through estimator. It needs integer
 weight and act specs without ``learn`` (any other spec on a matmul layer
 raises a ValueError naming the layer). Scales constant along the
 contraction (T/C weights, T/K activations) take one int8 matmul; scales
-that vary along it (groups, or `PerToken` on an input whose contraction
-spans several axes, e.g. an attention output projection's (batch, seq,
-heads, head_dim)) take `jaxq.dot_general`'s grouped int8 path, still equal
-to fake-quant. Convolutions and embeddings have no int8 forward and keep
+that vary along it take `jaxq.dot_general`'s grouped int8 path, still equal
+to fake-quant: groups, or a `PerToken` that reduces fewer axes than the
+layer contracts (an attention output projection contracts (heads,
+head_dim) of its (batch, seq, heads, head_dim) input: give it
+``PerToken(contraction_axis=(-2, -1))`` for one matmul). Convolutions and embeddings have no int8 forward and keep
 fake-quant.
 """
 
@@ -577,7 +578,14 @@ def _int8_qat(float_op: Callable[[jax.Array, jax.Array], jax.Array],
 
   def bwd(residuals, g):
     qx, qw, x, amin, amax = residuals
-    dx_hat, dw = jax.vjp(float_op, dequantize(qx), dequantize(qw))[1](g)
+    # The float op's gradients at the dequantized operands, as the
+    # transposes of quant_op with one operand kept quantized: a scale that
+    # is constant along the contraction then multiplies g (the output), not
+    # a float copy of the operand, and the int values convert on the fly.
+    x_like = jax.ShapeDtypeStruct(qx.shape, qx.dtype)
+    w_like = jax.ShapeDtypeStruct(qw.shape, qw.dtype)
+    dx_hat, = jax.linear_transpose(lambda a: quant_op(a, qw), x_like)(g)
+    dw, = jax.linear_transpose(lambda b: quant_op(qx, b), w_like)(g)
     # fake_quant's estimator: the identity for a range of the operand's own
     # (the weight's; a dynamic act's), else its clipped vjp at x.
     if x is None:

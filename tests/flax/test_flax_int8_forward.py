@@ -99,18 +99,42 @@ class LinenHeadsOut(nn.Module):
     return nn.DenseGeneral(5, axis=(-2, -1))(x)
 
 
-def test_scales_varying_along_the_contraction_match_fake_quant():
-  """PerToken on (batch, heads, head_dim): a scale per head, so the int8
-  forward takes the grouped path."""
+def _int8_dot_shapes(fn, *args) -> list[tuple[int, ...]]:
+  """Output shapes of the int8 x int8 -> int32 dot_generals in ``fn``."""
+  shapes = []
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      if (eqn.primitive.name == "dot_general" and
+          all(v.aval.dtype == jnp.int8 for v in eqn.invars)):
+        shapes.append(tuple(eqn.outvars[0].aval.shape))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        visit(sub)
+  visit(jax.make_jaxpr(fn)(*args).jaxpr)
+  return shapes
+
+
+@pytest.mark.parametrize("contraction_axis,dot_shape", [
+    # One scale per (token, head): varies along the contraction, so the
+    # heads become a batch axis of the grouped int8 matmul.
+    (-1, (2, 4, 5)),
+    # One scale per token over (heads, head_dim): a single int8 matmul.
+    ((-2, -1), (4, 5)),
+], ids=["per-head", "per-token"])
+def test_heads_out_projection_matches_fake_quant(contraction_axis, dot_shape):
   x = X.reshape(4, 2, 4)
+  rules = (jaxq.Rule(r".*", weight=QuantSpec("int8", PerChannel(axis=-1)),
+                     act=QuantSpec("int8", PerToken(contraction_axis))),)
   model = LinenHeadsOut()
   variables = model.init(jax.random.key(0), x)
-  qat = jaxq.quantize_model(model, DYNAMIC_RULES, "qat")
-  int8 = jaxq.quantize_model(model, DYNAMIC_RULES, "qat", int8_forward=True)
+  qat = jaxq.quantize_model(model, rules, "qat")
+  int8 = jaxq.quantize_model(model, rules, "qat", int8_forward=True)
   _assert_close(int8.apply(variables, x), qat.apply(variables, x))
-  assert _int8_dots(lambda x: int8.apply(variables, x), x) == 1
-  grad = lambda q: jax.grad(lambda x: jnp.sum(q.apply(variables, x) ** 2))(x)
-  _assert_close(grad(int8), grad(qat))
+  assert _int8_dot_shapes(lambda x: int8.apply(variables, x), x) == [
+      dot_shape]
+  loss = lambda q: lambda p, x: jnp.sum(q.apply({"params": p}, x) ** 2)
+  grads = jax.grad(loss(int8), argnums=(0, 1))(variables["params"], x)
+  expected = jax.grad(loss(qat), argnums=(0, 1))(variables["params"], x)
+  jax.tree.map(_assert_close, grads, expected)
 
 
 def test_einsum_linen_and_nnx():
