@@ -14,11 +14,13 @@ reference) up to float32 rounding, but multiplies the stored low-bit values:
 * Scales that vary along the contraction (G, B, MX and pairings such as
   T-CG or K-G) split each contraction axis of size ``d`` into
   ``(d / g, g)`` with ``g`` the finer of the two sides' group sizes (one
-  must divide the other). The ``d / g`` groups become a batch dimension of
-  the same single ``lax.dot_general``, each group's partial sum is scaled,
-  and the groups are summed in float32: for a (m, k) x (k, n) matmul,
-  ``out[m, n] = sum_j acc[j, m, n] * s_lhs[m, j] * s_rhs[j, n]``. The
-  intermediate ``acc`` has ``d / g`` times the output's elements.
+  must divide the other). Each group's partial sum is scaled and the
+  groups are summed in float32: for a (m, k) x (k, n) matmul,
+  ``out[m, n] = sum_j acc[j, m, n] * s_lhs[m, j] * s_rhs[j, n]``. Small
+  products compute every ``acc[j]`` at once (the groups become a batch
+  dimension of one ``lax.dot_general``); beyond `MAX_GROUPED_ELEMENTS`
+  elements of ``acc`` a ``fori_loop`` runs one low-bit matmul per chunk of
+  groups and accumulates the scaled results, so memory stays O(output).
 * Zero points (affine, e.g. uint8 activations) are never dequantized:
   ``sum_k (a - z_a)(b - z_b) = sum_k a b - z_a sum_k b - z_b sum_k a
   + g z_a z_b``, per group, all in int32. uint8 values are first recentred
@@ -380,6 +382,84 @@ def _zero_point_correction(lhs: _Operand, rhs: _Operand, layout: _DotLayout
   return functools.reduce(jnp.add, terms)
 
 
+# A grouped matmul materialises one (batch, groups, lhs free, rhs free)
+# partial product per group before scaling and summing them. Past this many
+# elements the contraction runs as a loop over chunks of groups instead:
+# memory stays O(output) however many groups there are, and on CPU one plain
+# int8 matmul per group is 2-7x faster than the batched one (see
+# benchmarks/matmul.py); small products (decoding one token) stay batched.
+MAX_GROUPED_ELEMENTS = 1 << 16
+
+
+def _chunk_plan(lhs: _Operand, rhs: _Operand, layout: _DotLayout
+                ) -> tuple[int, int, int] | None:
+  """``(pair, length, count)``: run contraction pair ``pair`` as ``count``
+  chunks of ``length`` elements; None when the grouped matmul fits."""
+  if not layout.num_grouped:
+    return None
+  out_size = (math.prod(layout.lhs_shape[a] for a in layout.lhs_batch) *
+              math.prod(layout.lhs_shape[a] for a in layout.lhs_free) *
+              math.prod(layout.rhs_shape[a] for a in layout.rhs_free))
+  total_groups = math.prod(layout.groups)
+  if out_size * total_groups <= MAX_GROUPED_ELEMENTS:
+    return None
+  best = None
+  for pair, (la, ra) in enumerate(zip(layout.lhs_contract,
+                                      layout.rhs_contract)):
+    size = layout.lhs_shape[la]
+    # A chunk must hold whole groups of each side whose scale varies here.
+    unit = max([size // t.shape[a] for o, a in ((lhs, la), (rhs, ra))
+                for t in (o.scale,) if t is not None and t.shape[a] > 1],
+               default=size)
+    if size // unit > 1 and (best is None or size // unit > best[1]):
+      best = (pair, size // unit, unit)
+  if best is None:
+    return None
+  pair, units, unit = best
+  groups_per_unit = layout.groups[pair] // units
+  others = total_groups // layout.groups[pair]
+  per_unit = out_size * others * groups_per_unit
+  chunk = max([c for c in range(1, units + 1) if units % c == 0 and
+               c * per_unit <= MAX_GROUPED_ELEMENTS], default=1)
+  return pair, chunk * unit, units // chunk
+
+
+def _slice_operand(operand: _Operand, axis: int, start: Array, length: int
+                   ) -> _Operand:
+  """``length`` elements of ``axis`` from ``start``, with their scales."""
+  size = operand.values.shape[axis]
+
+  def part(t: Array | None) -> Array | None:
+    if t is None or t.shape[axis] == 1:
+      return t
+    group = size // t.shape[axis]
+    return lax.dynamic_slice_in_dim(t, start // group, length // group, axis)
+
+  return dataclasses.replace(
+      operand,
+      values=lax.dynamic_slice_in_dim(operand.values, start, length, axis),
+      scale=part(operand.scale), zero_point=part(operand.zero_point))
+
+
+def _chunked_dot(op: str, lhs: _Operand, rhs: _Operand,
+                 dimension_numbers: DotDimensionNumbers, layout: _DotLayout,
+                 pair: int, length: int, count: int) -> Array:
+  """`_grouped_dot` summed over ``count`` chunks of contraction ``pair``."""
+  la, ra = layout.lhs_contract[pair], layout.rhs_contract[pair]
+  out_shape = (tuple(layout.lhs_shape[a] for a in layout.lhs_batch) +
+               tuple(layout.lhs_shape[a] for a in layout.lhs_free) +
+               tuple(layout.rhs_shape[a] for a in layout.rhs_free))
+
+  def body(i, acc):
+    start = i * length
+    part_lhs = _slice_operand(lhs, la, start, length)
+    part_rhs = _slice_operand(rhs, ra, start, length)
+    part = _dot_layout(op, part_lhs, part_rhs, dimension_numbers)
+    return acc + _grouped_dot(part_lhs, part_rhs, part)
+
+  return lax.fori_loop(0, count, body, jnp.zeros(out_shape, jnp.float32))
+
+
 def dot_general(lhs: Operand, rhs: Operand,
                 dimension_numbers: DotDimensionNumbers,
                 preferred_element_type=None) -> Array:
@@ -411,7 +491,11 @@ def dot_general(lhs: Operand, rhs: Operand,
   rc = _normalize_axes(op, "rhs", rc, rop.values.shape)
   lop, rop = _resolve_kinds(op, lop, rop, lc, rc)
   layout = _dot_layout(op, lop, rop, dimension_numbers)
-  return _grouped_dot(lop, rop, layout).astype(out_dtype)
+  plan = _chunk_plan(lop, rop, layout)
+  if plan is None:
+    return _grouped_dot(lop, rop, layout).astype(out_dtype)
+  return _chunked_dot(op, lop, rop, dimension_numbers, layout,
+                      *plan).astype(out_dtype)
 
 
 # einsum

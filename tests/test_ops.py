@@ -168,6 +168,68 @@ def test_dot_general_any_group_sizes(lhs_group, rhs_group, m, n, seed):
                   _dequantize64(lhs) @ _dequantize64(rhs))
 
 
+GROUPED = [p for p in PAIRINGS if p[0] in (
+    "K-G", "K-G int4", "G-G", "G-B", "B-B", "T-CG", "G-G coarse lhs",
+    "MX fp8", "MX fp4", "MX int8", "affine uint8 G x G", "affine x affine")]
+
+
+def _loops(fn: Callable[..., Any], *args: Any) -> bool:
+  """Whether ``fn``'s jaxpr loops (``fori_loop`` traces as a scan); traced
+  afresh, past JAX's trace cache, as the tests change a module constant."""
+  jaxpr = jax.make_jaxpr(lambda *a: fn(*a))(*args).jaxpr
+  return bool({"scan", "while"} &
+              {eqn.primitive.name for eqn in _equations(jaxpr)})
+
+
+@pytest.mark.parametrize(
+    "lhs_spec, rhs_spec, operand_dtypes, result_dtype",
+    [p[1:] for p in GROUPED], ids=[p[0] for p in GROUPED])
+def test_dot_general_grouped_in_chunks(monkeypatch, lhs_spec, rhs_spec,
+                                       operand_dtypes, result_dtype):
+  """Past MAX_GROUPED_ELEMENTS the groups run in a loop, one low-bit matmul
+  per chunk, with the same result."""
+  lhs = _quantize(_random(0, (8, 256)), lhs_spec)
+  rhs = _quantize(_random(1, (256, 16)), rhs_spec)
+  # New functions each time: JAX caches traces by function.
+  matmul = lambda a, b: jaxq.dot_general(a, b, MATMUL)
+  batched = jax.jit(matmul)(lhs, rhs)
+  assert not _loops(matmul, lhs, rhs)
+  monkeypatch.setattr(jaxq.ops, "MAX_GROUPED_ELEMENTS", 8 * 16)
+  assert _loops(matmul, lhs, rhs)
+  chunked = jax.jit(lambda a, b: jaxq.dot_general(a, b, MATMUL))(lhs, rhs)
+  _assert_close(chunked, _dequantize64(lhs) @ _dequantize64(rhs))
+  np.testing.assert_allclose(chunked, batched, rtol=1e-5, atol=1e-5)
+  _assert_low_bit(matmul, lhs, rhs, operand_dtypes=operand_dtypes,
+                  result_dtype=result_dtype)
+
+
+def test_dot_general_chunks_with_batch_dims_and_two_contractions(
+    monkeypatch):
+  monkeypatch.setattr(jaxq.ops, "MAX_GROUPED_ELEMENTS", 1)
+  # Scales vary along the batch axes and along both contracted axes.
+  lhs = _quantize(_random(8, (2, 3, 4, 64)), _int8(PerBlock((2, 16))))
+  rhs = _quantize(_random(9, (2, 4, 64, 5)), _int8(PerGroup(2, 32)))
+  dimension_numbers = (((2, 3), (1, 2)), ((0,), (0,)))
+  dot = functools.partial(jaxq.dot_general,
+                          dimension_numbers=dimension_numbers)
+  assert _loops(dot, lhs, rhs)
+  _assert_close(jax.jit(dot)(lhs, rhs),
+                np.einsum("bmhd,bhdn->bmn", _dequantize64(lhs),
+                          _dequantize64(rhs)))
+
+
+def test_grouped_dot_memory_stays_of_the_output_size():
+  # (256, 4096) x (4096, 256) in groups of 32: all 128 partial products at
+  # once would take 128 x 256 x 256 x 4 bytes = 32 MiB of int32.
+  lhs = _quantize(_random(10, (256, 4096)), _int8(PerGroup(-1, 32)))
+  rhs = _quantize(_random(11, (4096, 256)), _int8(PerGroup(0, 32)))
+  compiled = jax.jit(functools.partial(
+      jaxq.dot_general, dimension_numbers=MATMUL)).lower(lhs, rhs).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < 4 * 2**20, temp
+  _assert_close(compiled(lhs, rhs), _dequantize64(lhs) @ _dequantize64(rhs))
+
+
 def test_dot_general_batch_dims_with_groups():
   # Attention scores q.k^T per (batch, head), scales grouped along head_dim
   # and varying along the batch axes.
