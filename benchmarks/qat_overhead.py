@@ -46,9 +46,10 @@ Columns:
 ``--int8-forward`` adds ``jaxq-int8``: the same W8A8 QAT step with
 ``jaxq.quantize_model(model, rules, "qat", int8_forward=True)``, so the
 forward matmuls multiply int8 values (int32 accumulation) and the backward
-is the same straight-through gradient, computed from the stored int8
-operands: the path for accelerators with fast int8 matmuls (on a GPU,
-compare it with the float step at d >= 2048).
+is the same straight-through gradient, its matmuls taking the int8 operands
+converted to float with the scales moved onto the cotangent: the path for
+accelerators with fast int8 matmuls (on a GPU, compare it with the float
+step at d >= 2048).
 """
 
 from __future__ import annotations

@@ -1,0 +1,80 @@
+"""Every script in ``benchmarks/`` runs with ``--quick`` and writes the JSON
+the convention in DESIGN.md promises: ``{"benchmark", "device", "rows"}``,
+each row with ``case``, ``impl``, ``median_s`` and ``ratio``. Speed itself
+is never asserted here; what the rows say about correctness is."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run(name: str, tmp_path: pathlib.Path, *args: str) -> list[dict]:
+  out = tmp_path / f"{name}.json"
+  done = subprocess.run(
+      [sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick", "--json",
+       str(out), *args], capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  # The table goes to stdout as well as the file.
+  assert f"# {name} on " in done.stdout
+  result = json.loads(out.read_text())
+  assert result["benchmark"] == name and result["device"]
+  rows = result["rows"]
+  assert rows
+  for row in rows:
+    assert {"case", "impl", "median_s", "ratio"} <= set(row), row
+    assert row["median_s"] > 0 and math.isfinite(row["median_s"]), row
+    assert row["ratio"] > 0 and math.isfinite(row["ratio"]), row
+  return rows
+
+
+@pytest.mark.slow
+def test_primitives(tmp_path):
+  rows = _run("primitives", tmp_path)
+  assert [r["ratio"] for r in rows if r["impl"] == "float"] == [1]
+  assert {r["case"] for r in rows} >= {"T int8", "C int8", "K int8",
+                                        "MX32 int8"}
+
+
+@pytest.mark.slow
+def test_matmul(tmp_path):
+  rows = _run("matmul", tmp_path)
+  for row in rows:
+    if row["impl"] == "bf16":
+      assert row["ratio"] == 1
+    if row["impl"] == "jaxq":
+      # int8 or fp8 values plus small scales: about a quarter of float32.
+      assert 0.25 <= row["weight_vs_f32"] < 0.27, row
+
+
+@pytest.mark.slow
+def test_calibration(tmp_path):
+  rows = _run("calibration", tmp_path)
+  assert {r.get("observer") for r in rows if r["impl"] == "jaxq"} >= {
+      "max", "percentile", "entropy", "mse"}
+  # The JAX entropy threshold equals the numpy reference loop's.
+  assert [r["agrees"] for r in rows if r.get("agrees", "-") != "-"] == [
+      True, True]
+
+
+@pytest.mark.slow
+def test_qat_overhead(tmp_path):
+  rows = _run("qat_overhead", tmp_path, "--int8-forward", "--repeats", "2")
+  by_impl = {(r["case"], r["impl"]): r for r in rows}
+  for case in ("mlp", "block"):
+    assert by_impl[case, "float"]["ratio"] == 1
+    # grad_err is measured against jaxq's own fake-quant gradient; the int8
+    # forward computes the same gradient up to float32 rounding, while the
+    # float model's gradient differs by the quantization error.
+    assert by_impl[case, "jaxq"]["grad_err"] == 0
+    assert by_impl[case, "jaxq-int8"]["grad_err"] < 1e-4
+    assert by_impl[case, "float"]["grad_err"] > 1e-3
+    low, high = map(float, by_impl[case, "jaxq"]["ratio_ci95"].split("-"))
+    assert low <= by_impl[case, "jaxq"]["ratio"] <= high
