@@ -126,8 +126,7 @@ def run(sizes: list[int], repeats: int) -> list[dict[str, Any]]:
 def main() -> None:
   p = _harness.parser(__doc__.splitlines()[0])
   p.add_argument("--large", action="store_true",
-                 help="also run M = N = K = 8192 (int8 G-G then holds a 17 GB "
-                      "int32 intermediate)")
+                 help="also run M = N = K = 8192 (minutes on a CPU)")
   p.add_argument("--repeats", type=int, default=10)
   args = p.parse_args()
   sizes = [256, 512] if args.quick else [1024, 4096]
