@@ -408,9 +408,9 @@ def _chunk_plan(lhs: _Operand, rhs: _Operand, layout: _DotLayout
                                       layout.rhs_contract)):
     size = layout.lhs_shape[la]
     # A chunk must hold whole groups of each side whose scale varies here.
-    unit = max([size // t.shape[a] for o, a in ((lhs, la), (rhs, ra))
-                for t in (o.scale,) if t is not None and t.shape[a] > 1],
-               default=size)
+    varying = [size // o.scale.shape[a] for o, a in ((lhs, la), (rhs, ra))
+               if o.scale is not None and o.scale.shape[a] > 1]
+    unit = max(varying, default=size)
     if size // unit > 1 and (best is None or size // unit > best[1]):
       best = (pair, size // unit, unit)
   if best is None:
