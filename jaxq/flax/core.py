@@ -555,12 +555,12 @@ def uses_int8_forward(layer: LayerQuant | None) -> bool:
   return True
 
 
-def _int8_qat(float_op: Callable[[jax.Array, jax.Array], jax.Array],
-              quant_op: Callable[[QArray, QArray], jax.Array],
+def _int8_qat(quant_op: Callable[[QArray | jax.Array, QArray | jax.Array],
+                                 jax.Array],
               layer: LayerQuant, x: jax.Array, w: jax.Array,
               act_range: ActRange | None) -> jax.Array:
-  """``float_op(fake_quant(x), fake_quant(w))`` computed as ``quant_op`` on
-  the quantized operands, with the fake-quant op's gradient."""
+  """``quant_op(quantize(x), quantize(w))``, a bilinear low-bit op, with the
+  gradient of the same op on ``fake_quant(x)`` and ``fake_quant(w)``."""
   amin, amax = _static_range(layer, act_range, x.shape)
 
   # The range is an argument, not a closure, so that custom_vjp sees it.
@@ -615,8 +615,6 @@ def int8_qat_dot_general(layer: LayerQuant, act_range: ActRange | None,
   check_spec(layer, layer.weight, w.shape, "weight")
   out_dtype = preferred_element_type or jnp.result_type(x.dtype, w.dtype)
   return _int8_qat(
-      lambda a, b: lax.dot_general(a, b, dimension_numbers,
-                                   preferred_element_type=out_dtype),
       lambda a, b: ops.dot_general(a, b, dimension_numbers,
                                    preferred_element_type=out_dtype),
       layer, x, w, act_range)
@@ -633,8 +631,6 @@ def int8_qat_einsum(layer: LayerQuant, act_range: ActRange | None,
   check_spec(layer, layer.weight, w.shape, "weight")
   out_dtype = preferred_element_type or jnp.result_type(x.dtype, w.dtype)
   return _int8_qat(
-      lambda a, b: jnp.einsum(subscripts, a, b,
-                              preferred_element_type=out_dtype),
       lambda a, b: ops.einsum(subscripts, a, b,
                               preferred_element_type=out_dtype),
       layer, x, w, act_range)
