@@ -54,12 +54,10 @@ from jaxq.quantize import dequantize
 from jaxq.quantize import fake_quant
 from jaxq.quantize import quantize
 from jaxq.sensitivity import SensitivityTable
-from jaxq.sensitivity import calibrate_rules
-from jaxq.sensitivity import Capture
 from jaxq.sensitivity import check_batches
-from jaxq.sensitivity import check_linen
 from jaxq.sensitivity import error_sums
 from jaxq.sensitivity import sqnr_db
+from jaxq.sensitivity import subject
 from jaxq.spec import QArray
 from jaxq.spec import QuantSpec
 
@@ -187,21 +185,9 @@ class Report:
     return "\n".join(lines)
 
 
-def _lookup(tree: Mapping[str, Any], path: str) -> Any:
-  for name in path.split("/") if path else []:
-    tree = tree[name]
-  return tree
-
-
-def _weight_numbers(info: rules_lib.LayerInfo, params: Mapping[str, Any]
+def _weight_numbers(info: rules_lib.LayerInfo, w: jax.Array
                     ) -> tuple[float | None, int, int]:
   """(weight SQNR dB, float bytes, quantized bytes) of one layer's weight."""
-  try:
-    w = _lookup(params, info.path)[info.weight_name]
-  except (KeyError, TypeError):
-    raise ValueError(f"jaxq.report: the params lack {info.path}/"
-                     f"{info.weight_name} of shape {info.weight_shape}."
-                     ) from None
   float_bytes = int(np.prod(np.shape(w))) * np.dtype(w.dtype).itemsize
   if info.weight is None:
     return None, float_bytes, float_bytes
@@ -270,20 +256,19 @@ def report(model: Any, variables: Mapping[str, Any], data: Iterable[Any], *,
       raise ValueError(f"{what}: the quantized model carries its rules; do "
                        f"not pass rules too.")
     model, rules = model.model, model.rules
-  check_linen(model, what)
+  analysed = subject(model, variables, what)
   if rules is None:
     raise ValueError(f"{what}: pass rules= with a float model (or a model "
                      f"from jaxq.quantize_model).")
   rules = rules_lib.check_rules(rules)
   batches = check_batches(data, what)
-  calibrated = calibrate_rules(model, variables, rules, batches,
-                                         stats)
+  calibrated = analysed.calibrate(rules, batches, stats, what=what)
   layers = calibrated.layers
   # Histograms of the quantized layers' inputs; embedding lookups take ids,
   # not activations, so they have none.
   act_paths = [p for p, info in layers.items()
                if info.quantized and info.module_type != "Embed"]
-  capture = Capture(model.apply, act_paths)
+  capture = analysed.capture(act_paths)
   methods = _range_methods(num_bins, percentile)
   hist_observer = methods["entropy"]  # Any histogram observer: same state.
   update = jax.jit(hist_observer.update)
@@ -291,11 +276,10 @@ def report(model: Any, variables: Mapping[str, Any], data: Iterable[Any], *,
   states: dict[str, Any] = {}
   sums = {p: np.zeros(3) for p in act_paths}
   for batch in batches:
-    captured = capture(variables, batch)
+    captured = capture(analysed.variables, batch)
     for path in act_paths:
       info = layers[path]
-      act_range = _lookup(calibrated.ranges, path).get("act", {}) if (
-          info.act is not None and not info.act.dynamic) else {}
+      act_range = calibrated.act_ranges.get(path, {})
       for call, (arrays, _) in zip(capture.calls.get(path, ()),
                                    captured.get(path, ())):
         x = call.arguments(arrays)[0][0]  # The layer's input activation.
@@ -319,13 +303,12 @@ def report(model: Any, variables: Mapping[str, Any], data: Iterable[Any], *,
   rows = []
   for path, info in layers.items():
     weight_sqnr, float_bytes, quantized_bytes = _weight_numbers(
-        info, variables["params"])
+        info, analysed.weight(info, what))
     act_sqnr = act_amax = None
     if info.act is not None and path in states:
       act_sqnr = sqnr_db(sums[path][0], sums[path][1])
       if not info.act.dynamic:
-        act_amax = float(np.max(
-            _lookup(calibrated.ranges, path)["act"]["amax"]))
+        act_amax = float(np.max(calibrated.act_ranges[path]["amax"]))
     rows.append(LayerReport(
         path=path, module_type=info.module_type, weight_spec=info.weight,
         act_spec=info.act, weight_sqnr_db=weight_sqnr, act_sqnr_db=act_sqnr,

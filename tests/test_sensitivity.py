@@ -15,7 +15,6 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 import jaxq
 from jaxq import PerTensor, PerToken, QuantSpec
@@ -219,9 +218,12 @@ def test_errors(setup, table):
   with pytest.raises(ValueError, match="scalar float"):
     jaxq.sensitivity(model, variables, WEIGHT_ONLY,
                      lambda f, v: f(v, calib[0]), calib, progress=False)
-  with pytest.raises(ValueError, match="flax.linen Module"):
-    jaxq.sensitivity(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), {}, WEIGHT_ONLY,
-                     eval_fn, calib)
+  with pytest.raises(ValueError, match="flax.linen or flax.nnx Module, got "
+                     "function"):
+    jaxq.sensitivity(eval_fn, variables, WEIGHT_ONLY, eval_fn, calib)
+  with pytest.raises(ValueError, match=r"variables \{'params': ...\}, got "
+                     r"collections \['batch_stats'\]"):
+    jaxq.sensitivity(model, {"batch_stats": {}}, WEIGHT_ONLY, eval_fn, calib)
   with pytest.raises(ValueError, match="float model and the rules"):
     jaxq.sensitivity(jaxq.quantize_model(model, WEIGHT_ONLY), variables,
                      WEIGHT_ONLY, eval_fn, calib)
