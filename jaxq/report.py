@@ -15,7 +15,8 @@ variables, data, rules=rules)``) measures, for every layer the rules reach:
 * ``float_bytes`` / ``quantized_bytes``: the weight's bytes in float and as
   a `QArray` (values packed, scales, zero points; `QArray.nbytes`).
 
-Inputs are captured from the FLOAT model (`jaxq.sensitivity.Capture`), so
+Inputs are captured from the FLOAT model (`jaxq.sensitivity.Capture`, or
+`jaxq.sensitivity.NnxCapture` for nnx), so
 each layer's numbers are its own error, not its predecessors'. The same pass
 fills a per-tensor |x| histogram of each layer's input (``num_bins`` bins,
 `jaxq.calibration.HistogramState`) and finalizes it with the max,
@@ -31,7 +32,11 @@ on the Agg canvas, so no display is needed):
 * ``jaxq.report.plot_sensitivity(table, "sens.png")``: the metric drop of
   each layer quantized alone, and its output SQNR, from `jaxq.sensitivity`.
 
-Models: flax.linen (see `jaxq.sensitivity`).
+Models: flax.linen and flax.nnx, with the conventions of `jaxq.sensitivity`
+(nnx ``variables``: an ``nnx.State`` or None; rows in the order the model
+first calls its layers). A linen `QuantizedLinen` may stand for its float
+model and rules; an nnx model from `jaxq.quantize_model` cannot (its float
+layers are gone), so pass the float nnx model with ``rules=``.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 
 from jaxq import granularity as granularity_lib
 from jaxq import observers
@@ -226,19 +232,23 @@ def _act_error(x: jax.Array, amin: jax.Array | None, amax: jax.Array | None,
       (x,), (fake_quant(x, spec, amax=amax, amin=amin),))
 
 
-def report(model: Any, variables: Mapping[str, Any], data: Iterable[Any], *,
+def report(model: Any, variables: Mapping[str, Any] | nnx.State | None,
+           data: Iterable[Any], *,
            rules: Sequence[Rule] | Rule | None = None, stats: Any | None = None,
            num_bins: int = 2048, percentile: float = 99.99) -> Report:
-  """The per-layer quantization report of a linen model.
+  """The per-layer quantization report of a linen or nnx model.
 
   Args:
-    model: a linen `QuantizedLinen` from `jaxq.quantize_model` (its rules
-      are used), or a float linen module with ``rules``.
-    variables: the float variables (``{"params": ...}``, ...).
+    model: a float linen or nnx module with ``rules``, or a linen
+      `QuantizedLinen` from `jaxq.quantize_model` (its rules are used).
+    variables: the float variables: linen ``{"params": ...}``, ...; nnx an
+      ``nnx.State`` (e.g. ``nnx.state(model)``) or None for the model's own.
     data: calibration batches, as for `jaxq.sensitivity`.
     rules: the rules, when ``model`` is a float module.
-    stats: a ``"quant_stats"`` collection from calibrate mode with these
-      rules; calibrated here on ``data`` when None.
+    stats: calibration stats with these rules (linen: the
+      ``"quant_stats"`` collection; nnx: a ``State`` of `QuantStat`s, e.g.
+      ``jaxq.calibrate(...).stats`` or a sensitivity table's); calibrated
+      here on ``data`` when None.
     num_bins: bins of the per-layer |x| histograms.
     percentile: the percentile marked in the histograms.
 
@@ -247,8 +257,10 @@ def report(model: Any, variables: Mapping[str, Any], data: Iterable[Any], *,
     the numbers.
 
   Raises:
-    ValueError: for a non-linen model, missing or unexpected rules, no
-      batches, or params that lack a layer's weight.
+    ValueError: for a model that is not a linen or nnx Module (or is an nnx
+      model from `jaxq.quantize_model`), variables or stats of the wrong
+      kind, missing or unexpected rules, no batches, or params that lack a
+      layer's weight.
   """
   what = "jaxq.report"
   if isinstance(model, QuantizedLinen):

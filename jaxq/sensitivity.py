@@ -8,41 +8,52 @@ Quantization for Deep Learning Inference"). ``jaxq.partial_quantize`` then
 leaves the most sensitive layers in float, one at a time, until a metric
 target is met.
 
-Conventions:
+Conventions (the same for flax.linen and flax.nnx models):
 
 * ``eval_fn(apply_fn, variables) -> float`` scores a model; higher is better
   (accuracy, cosine similarity) unless ``higher_is_better=False`` (a loss).
-  ``apply_fn(variables, *args, **kwargs)`` is linen's ``apply`` of the model
-  being scored (jit-compiled), and ``variables`` are the float variables plus,
-  for static activation specs, the calibrated ``"quant_ranges"`` collection.
-  ``eval_fn`` brings its own evaluation data.
+  ``eval_fn`` brings its own evaluation data and calls ``apply_fn(variables,
+  *args, **kwargs)``, jit-compiled, which runs the model being scored:
+  linen's ``apply`` with ``variables`` the float variables plus, for static
+  activation specs, the calibrated ``"quant_ranges"`` collection; for nnx,
+  ``nnx.merge(graphdef, variables)(*args, **kwargs)`` with ``variables``
+  that model's ``nnx.State`` (its ``Param``s and, for static act specs, its
+  `jaxq.flax.QuantRange`s). So ``logits = apply_fn(variables, x)`` works for
+  both.
+* ``variables``, the float model's: linen's ``{"params": ...}``; nnx, as
+  for `jaxq.calibrate`, an ``nnx.State`` loaded into a copy of the model
+  (e.g. ``nnx.state(model)``) or None for the model's own. The model passed
+  in is never modified; nnx models from `jaxq.quantize_model` are refused
+  (pass the float model and the rules).
 * ``data`` is an iterable of calibration batches, each the positional
-  arguments of the model's ``apply`` (an array, or a tuple of arrays) or a
+  arguments of the model's call (an array, or a tuple of arrays) or a
   mapping of keyword arguments. It calibrates static activation ranges (one
   `jaxq.calibrate` pass with the full ``rules``, shared by every
   configuration: calibrate mode computes in float, so skipping layers never
-  changes another layer's range) and measures the cheap signal below.
+  changes another layer's range; `jaxq.act_ranges` gives each scored model
+  its layers' ranges) and measures the cheap signal below.
 * The cheap signal: the SQNR and MSE of each layer's quantized OUTPUT
   against its float output, on ``data``. One float pass records, for every
-  quantized layer, the arguments and result of each of its calls (a
-  ``flax.linen.intercept_methods`` interceptor, see `Capture`); each layer
-  is then run ALONE (an unbound copy of the module with its own variables),
-  quantized, on exactly those float inputs. That is the layer's output in
-  the model with only that layer quantized (everything upstream is float),
-  for the price of compiling one layer instead of the model; a module
-  called several times (shared weights) is measured call by call, each on
-  its float input, so the number is the layer's own error, not compounded
-  through its earlier calls. ``sqnr_db = 10 log10(sum y^2 / sum (y_q -
-  y)^2)`` and ``mse = mean (y_q - y)^2`` over all output elements of all
-  calls on all batches.
+  quantized layer, the arguments and result of each of its calls (linen: a
+  ``flax.linen.intercept_methods`` interceptor, see `Capture`; nnx: an
+  ``nnx.clone`` whose quantized layers are swapped for recording subclasses
+  of their classes, see `NnxCapture`); each layer is then run ALONE,
+  quantized, on exactly those float inputs (linen: an unbound copy of the
+  module with its own variables; nnx: the layer of the model quantized with
+  only that layer's rule, split off with ``nnx.split``). That is the
+  layer's output in the model with only that layer quantized (everything
+  upstream is float), for the price of compiling one layer instead of the
+  model; a module called several times (shared weights) is measured call by
+  call, each on its float input, so the number is the layer's own error,
+  not compounded through its earlier calls. ``sqnr_db = 10 log10(sum y^2 /
+  sum (y_q - y)^2)`` and ``mse = mean (y_q - y)^2`` over all output
+  elements of all calls on all batches.
+* Layers are listed in the order the model first calls them (nnx: found by
+  tracing the capture pass; layers the model never calls are left out).
 
 Cost: one float evaluation and one float capture pass, then per layer one
 compile of the model for ``eval_fn`` (jit caches it per configuration) and
 one of the layer alone.
-
-Models: flax.linen modules (``jaxq.quantize_model``'s linen path). nnx
-models are not supported here: their layers are found by graph surgery, not
-by an interceptor that can capture calls, and a ValueError says so.
 """
 
 from __future__ import annotations
@@ -243,7 +254,9 @@ class NnxCapture:
       vars(new).update(vars(module))
       object.__setattr__(new, "jaxq_capture_path", name)
       if path:
-        nnx_lib._replace(recording, path, new)  # pylint: disable=protected-access
+        # The same surgery as `jaxq.quantize_model`'s.
+        # pylint: disable-next=protected-access
+        nnx_lib._replace(recording, path, new)
       else:
         recording = new
     self._graphdef = nnx.graphdef(recording)
@@ -355,7 +368,11 @@ class LinenSubject:
     calibration method (`jaxq.act_ranges`). ``what`` names the caller in
     errors.
     """
-    del what  # `jaxq.calibrate` names the problems of linen stats itself.
+    if stats is not None and (not isinstance(stats, Mapping)
+                              or isinstance(stats, nnx.State)):
+      raise ValueError(f"{what}: for a linen model, stats must be the "
+                       f"{linen_lib.STATS!r} collection (e.g. a sensitivity "
+                       f"table's stats), got {type(stats).__name__}.")
     qmodel = jaxq_flax.quantize_model(self.model, rules, mode="calibrate")
     params = {k: v for k, v in self.variables.items()
               if k != linen_lib.STATS}
@@ -455,9 +472,10 @@ class NnxSubject:
     quantized in calibrate mode (``stats``, a ``State`` of `QuantStat`s,
     skips it), and the layers ordered by a traced capture pass."""
     if stats is not None and not isinstance(stats, nnx.State):
-      raise ValueError(f"{what}: for an nnx model, stats must be an nnx.State of "
-                       f"jaxq.flax.QuantStat variables (e.g. a sensitivity "
-                       f"table's stats), got {type(stats).__name__}.")
+      raise ValueError(f"{what}: for an nnx model, stats must be an "
+                       f"nnx.State of jaxq.flax.QuantStat variables (e.g. a "
+                       f"sensitivity table's stats), got "
+                       f"{type(stats).__name__}.")
     qmodel = jaxq_flax.quantize_model(self.model, rules, mode="calibrate")
     if stats is None:
       stats = ptq.calibrate(qmodel, None, batches, progress=False,
@@ -580,7 +598,8 @@ class SensitivityTable:
       (descending), ties by ``sqnr_db`` (ascending).
     float_metric: ``eval_fn`` on the float model.
     higher_is_better: the metric's direction.
-    stats: the ``"quant_stats"`` collection the static ranges came from,
+    stats: the calibration stats the static ranges came from (linen: the
+      ``"quant_stats"`` collection; nnx: a ``State`` of `QuantStat`s),
       which `partial_quantize` and `jaxq.report` can reuse (``stats=``)
       instead of calibrating again.
   """
@@ -611,11 +630,6 @@ class SensitivityTable:
                    f"{r.metric:10.6g}  {r.drop:10.3g}  {r.sqnr_db:8.2f}  "
                    f"{r.mse:9.3g}")
     return "\n".join(lines)
-
-
-def _single_layer_rules(info: LayerInfo) -> tuple[Rule, ...]:
-  # Only this layer matches; layers no rule matches stay in float.
-  return (dataclasses.replace(info.rule, path_regex=re.escape(info.path)),)
 
 
 def _check_eval_mode(mode: str, what: str) -> None:
@@ -651,7 +665,8 @@ def _layer_error_sums(model: Subject, info: LayerInfo,
   return sums
 
 
-def sensitivity(model: nn.Module, variables: Mapping[str, Any],
+def sensitivity(model: nn.Module | nnx.Module,
+                variables: Mapping[str, Any] | nnx.State | None,
                 rules: Sequence[Rule] | Rule, eval_fn: EvalFn,
                 data: Iterable[Batch], *, higher_is_better: bool = True,
                 mode: EvalMode = "qat", stats: Any | None = None,
@@ -659,8 +674,10 @@ def sensitivity(model: nn.Module, variables: Mapping[str, Any],
   """Ranks the layers ``rules`` quantizes by the metric drop each causes alone.
 
   Args:
-    model: the float flax.linen model.
-    variables: its variables (``{"params": ...}`` and any other collections).
+    model: the float model, a flax.linen or flax.nnx Module.
+    variables: linen: its variables (``{"params": ...}`` and any other
+      collections); nnx: an ``nnx.State`` to load into a copy of the model
+      (e.g. ``nnx.state(model)``), or None for the model's own.
     rules: the `Rule`s of the full quantization; each layer they quantize is
       quantized alone with the spec they give it.
     eval_fn: ``(apply_fn, variables) -> float`` (see the module docstring).
@@ -668,16 +685,20 @@ def sensitivity(model: nn.Module, variables: Mapping[str, Any],
     higher_is_better: the metric's direction (False for a loss).
     mode: ``"qat"`` scores the fake-quant model, ``"serve"`` the low-bit ops
       (same numbers up to float accumulation order).
-    stats: a ``"quant_stats"`` collection from an earlier calibration pass
-      with the same rules, to skip calibrating again.
+    stats: what an earlier calibration pass with the same rules recorded
+      (linen: the ``"quant_stats"`` collection; nnx: the ``State`` of
+      `jaxq.flax.QuantStat`s, e.g. a table's ``stats``), to skip
+      calibrating again.
     progress: show a tqdm bar over the layers.
 
   Returns:
     A `SensitivityTable`, most sensitive layer first.
 
   Raises:
-    ValueError: for a non-linen model, no batches, rules that quantize no
-      layer, or an ``eval_fn`` that does not return a scalar.
+    ValueError: for a model that is not a float linen or nnx Module (e.g.
+      one from `jaxq.quantize_model`), variables or stats of the wrong kind,
+      no batches, rules that quantize no layer, or an ``eval_fn`` that does
+      not return a scalar.
   """
   what = "jaxq.sensitivity"
   model = subject(model, variables, what)
@@ -767,7 +788,8 @@ def skip_rules(paths: Sequence[str], rules: Sequence[Rule]
   return tuple(Rule(re.escape(p), skip=True) for p in paths) + tuple(rules)
 
 
-def partial_quantize(model: nn.Module, variables: Mapping[str, Any],
+def partial_quantize(model: nn.Module | nnx.Module,
+                     variables: Mapping[str, Any] | nnx.State | None,
                      rules: Sequence[Rule] | Rule, eval_fn: EvalFn,
                      data: Iterable[Batch], *, max_drop: float = 0.01,
                      relative: bool = True, higher_is_better: bool = True,
@@ -796,8 +818,10 @@ def partial_quantize(model: nn.Module, variables: Mapping[str, Any],
 
   Returns:
     A `PartialQuantization` with the rules, the skipped layers and the
-    metric reached. When only the float model meets the target (every
-    layer skipped), that is the result, with a `UserWarning` saying so.
+    metric reached (for either API, ``jaxq.quantize_model(model,
+    result.rules)`` is the model that reached it). When only the float
+    model meets the target (every layer skipped), that is the result, with
+    a `UserWarning` saying so.
 
   Raises:
     ValueError: when the target is still missed with ``max_skipped``

@@ -337,8 +337,9 @@ def test_plots_of_nnx_results(reports, tables, tmp_path):
 
 
 def test_errors(mlp, reports, tables):
-  _, variables, model, state, calib, eval_fn = mlp
-  with pytest.raises(ValueError, match="variables must be an nnx.State"):
+  linen, variables, model, state, calib, eval_fn = mlp
+  with pytest.raises(ValueError, match="variables must be an nnx.State .* "
+                     "got dict"):
     jaxq.sensitivity(model, variables, WEIGHT_ONLY, eval_fn, calib)
   with pytest.raises(ValueError, match="variables must be an nnx.State"):
     jaxq.partial_quantize(model, {"fc1": {}}, WEIGHT_ONLY, eval_fn, calib)
@@ -349,7 +350,10 @@ def test_errors(mlp, reports, tables):
     jaxq.sensitivity(model, state, STATIC, eval_fn, calib,
                      stats=tables[STATIC][0].stats)
   with pytest.raises(ValueError, match="a linen model needs its variables"):
-    jaxq.sensitivity(MLP(), state, WEIGHT_ONLY, eval_fn, calib)
+    jaxq.sensitivity(linen, state, WEIGHT_ONLY, eval_fn, calib)
+  with pytest.raises(ValueError, match="stats must be the 'quant_stats'"):
+    jaxq.sensitivity(linen, variables, STATIC, eval_fn, calib,
+                     stats=tables[STATIC][1].stats)
   with pytest.raises(ValueError, match="quantize none"):
     jaxq.sensitivity(model, state, (jaxq.Rule(r".*", skip=True),), eval_fn,
                      calib)
