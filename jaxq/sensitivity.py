@@ -819,7 +819,8 @@ def partial_quantize(model: nn.Module | nnx.Module,
   Returns:
     A `PartialQuantization` with the rules, the skipped layers and the
     metric reached (for either API, ``jaxq.quantize_model(model,
-    result.rules)`` is the model that reached it). When only the float
+    result.rules)`` with the ranges ``jaxq.act_ranges(qmodel,
+    result.table.stats)`` is the model that reached it). When only the float
     model meets the target (every layer skipped), that is the result, with
     a `UserWarning` saying so.
 
