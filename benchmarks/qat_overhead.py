@@ -4,13 +4,20 @@ W8A8 everywhere a layer has a weight: int8 weights per output channel and
 int8 activations per token, with ranges from the data of each step (dynamic)
 and a straight-through gradient. Two linen models (``--quick``: smaller):
 
-====  ===============================================  ======================
-case  model                                            batch
-====  ===============================================  ======================
-mlp   4 x Dense(1024), ReLU between                    256 x 1024
-block transformer block, d=512, 8 heads, MLP 4d,       8 x 256 tokens
-      pre-LayerNorm (q/k/v/out, up, down quantized)
-====  ===============================================  ======================
+==========  =========================================  ====================
+case        model                                      batch
+==========  =========================================  ====================
+mlp         4 x Dense(1024), ReLU between              256 x 1024
+block       transformer block, d=512, 8 heads, MLP     8 x 256 tokens
+            4d, pre-LayerNorm (q/k/v/out, up, down
+            quantized)
+block-2048  the same block, d=2048, 16 heads           8 x 1024 tokens
+            (``--large``; by default on a GPU/TPU)
+==========  =========================================  ====================
+
+Activations (and so every matmul) run in ``--dtype``: bfloat16 by default on
+an accelerator, where the ``float`` row is then the bf16 step, float32 on a
+CPU. Parameters stay float32.
 
 Implementations (``impl``), each timing one jitted SGD step (forward,
 backward, update) on the same data, interleaved so that machine noise hits
@@ -42,6 +49,10 @@ Columns:
   float weight and input, not the int8 ones the forward used), which costs
   no dequantized copy but gives a gradient about as far from the
   straight-through one as the float model's own gradient is.
+
+In bfloat16, fake-quant's dequantized values are rounded to bfloat16 while
+the int8 path accumulates the exact products, so there ``jaxq-int8``'s
+``grad_err`` is of the order of bfloat16 rounding, not float32's.
 
 ``--int8-forward`` adds ``jaxq-int8``: the same W8A8 QAT step with
 ``jaxq.quantize_model(model, rules, "qat", int8_forward=True)``, so the
@@ -138,17 +149,21 @@ Case = tuple[Callable[..., nn.Module], tuple[int, ...], tuple[int, ...],
              tuple[jaxq.Rule, ...]]
 
 
-def _cases(quick: bool) -> dict[str, Case]:
+def _cases(quick: bool, large: bool) -> dict[str, Case]:
   """case -> (model factory taking dot_general_cls, input shape, qwix's act
   batch axes (the per-token axes), jaxq rules)."""
   if quick:
     return {"mlp": (functools.partial(MLP, 256), (64, 256), (0,), MLP_RULES),
             "block": (functools.partial(Block, 128, 4), (2, 64, 128),
                       (0, 1), BLOCK_RULES)}
-  return {"mlp": (functools.partial(MLP, 1024), (256, 1024), (0,),
-                  MLP_RULES),
-          "block": (functools.partial(Block, 512, 8), (8, 256, 512),
-                    (0, 1), BLOCK_RULES)}
+  cases = {"mlp": (functools.partial(MLP, 1024), (256, 1024), (0,),
+                   MLP_RULES),
+           "block": (functools.partial(Block, 512, 8), (8, 256, 512),
+                     (0, 1), BLOCK_RULES)}
+  if large:
+    cases["block-2048"] = (functools.partial(Block, 2048, 16),
+                           (8, 1024, 2048), (0, 1), BLOCK_RULES)
+  return cases
 
 
 def _loss(apply: Apply, params: Any, x: jax.Array, y: jax.Array
@@ -232,14 +247,23 @@ def main() -> None:
                  help="add jaxq-int8: QAT with the forward on int8 matmuls")
   p.add_argument("--repeats", type=int, default=None,
                  help="timed rounds per implementation (default 30; 3 quick)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                 help="activation dtype of every model (default: bfloat16 "
+                      "on an accelerator, float32 on a CPU)")
+  p.add_argument("--large", action="store_true", default=None,
+                 help="add block-2048 (d=2048, 16 heads, 8 x 1024 tokens); "
+                      "on by default on an accelerator")
   args = p.parse_args()
+  on_cpu = jax.default_backend() == "cpu"
+  dtype = jnp.dtype(args.dtype or ("float32" if on_cpu else "bfloat16"))
+  large = (not on_cpu) if args.large is None else args.large
   repeats = args.repeats or (3 if args.quick else 30)
   peers = [name for name in ("qwix", "aqt") if _importable(name)]
   rows = []
   for case, (make, shape, act_batch_axes, rules) in _cases(
-      args.quick).items():
+      args.quick, large).items():
     kx, ky = jax.random.split(jax.random.key(1))
-    x = jax.random.normal(kx, shape)
+    x = jax.random.normal(kx, shape, dtype)
     y = jax.random.normal(ky, shape)
     impls = {"float": _float_impl(make, x),
              "jaxq": _jaxq_impl(make, x, rules)}
@@ -262,9 +286,10 @@ def main() -> None:
                    "grad_err": _gradient_error(apply, reference, params, x,
                                                y)})
   _harness.emit("qat_overhead", rows, args.json,
-                note="train step over the float step, median of per-round "
-                     "ratios; W8A8 per-channel weights, per-token "
-                     "activations; grad_err vs jaxq's fake-quant gradient")
+                note=f"{dtype.name} activations; train step over the float "
+                     f"step, median of per-round ratios; W8A8 per-channel "
+                     f"weights, per-token activations; grad_err vs jaxq's "
+                     f"fake-quant gradient")
 
 
 if __name__ == "__main__":
