@@ -261,10 +261,7 @@ class QuantizedLinen:
                                        original_op), dot_general_cls=None)
     if self.mode == "serve":
       if isinstance(module, nn.ConvTranspose):
-        raise ValueError(
-            f"jaxq serve: {_path(module)!r} is an nn.ConvTranspose, whose "
-            f"lax.conv_transpose cannot take jaxq.conv; skip it with "
-            f"Rule({_path(module)!r}, skip=True).")
+        return self._conv_transpose(module, promote_dtype, *args, **kwargs)
       if isinstance(module, nn.Einsum):
         return self._einsum(module, promote_dtype, core.serve_einsum, *args,
                             **kwargs)
@@ -294,6 +291,22 @@ class QuantizedLinen:
           einsum_str, inputs, float_kernel)
       y += jnp.reshape(bias, bias_shape)
     return y
+
+  def _conv_transpose(self, module: nn.ConvTranspose, promote_dtype,
+                      inputs: jax.Array) -> jax.Array:
+    """``nn.ConvTranspose.__call__`` with `jaxq.conv` (linen's calls
+    ``lax.conv_transpose``, which takes no op): see
+    `jaxq.flax.core.serve_conv_transpose`."""
+    config = core.ConvTransposeConfig.of(module)
+    kernel = module.param(
+        "kernel", module.kernel_init,
+        config.kernel_shape(inputs.shape[-1], module.features),
+        module.param_dtype)
+    bias = (module.param("bias", module.bias_init, (module.features,),
+                         module.param_dtype) if module.use_bias else None)
+    return core.serve_conv_transpose(
+        _path(module), config, inputs, kernel, bias,
+        lambda x, w, b: promote_dtype(x, w, b, dtype=module.dtype))
 
   def _embed(self, module: nn.Embed, method: str, next_fun,
              query: jax.Array) -> jax.Array:

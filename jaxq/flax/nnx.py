@@ -170,6 +170,13 @@ class _QuantizedLayer:
       hooks[name] = functools.partial(op, layer.quant, act_range)
       if int8_kind is not nnx.Einsum:
         hooks["dot_general_cls"] = None
+    if layer.quant.mode == "serve" and isinstance(self, nnx.ConvTranspose):
+      # Its __call__ runs lax.conv_transpose, which takes no op.
+      bias = None if self.bias is None else self.bias.get_value()
+      return core.serve_conv_transpose(
+          layer.quant.path, core.ConvTransposeConfig.of(self), inputs,
+          self.kernel.get_value(), bias,
+          lambda x, w, b: promote_dtype((x, w, b), dtype=self.dtype))
     if layer.quant.mode == "serve":
       kind = next((c for c in _OPS if isinstance(self, c)), None)
       if kind is None:
