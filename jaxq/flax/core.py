@@ -20,7 +20,9 @@ mode           weight ``w``                     input activation ``x``
 
 In serve mode the layer's matmul or convolution receives QArrays and runs
 through `jaxq.dot_general`, `jaxq.einsum` or `jaxq.conv` (`serve_dot_general`
-and friends below), so it multiplies the stored low-bit values. QAT computes
+and friends below; `serve_conv_transpose` computes a whole ConvTranspose
+layer, whose ``lax.conv_transpose`` takes no op), so it multiplies the
+stored low-bit values. QAT computes
 the float op on the fake-quantized operands, which is what serve computes up
 to float32 accumulation order.
 

@@ -8,11 +8,17 @@ one call of a matched layer, the interceptor hands that module a quantizing
 through it, so the weight is known to be the module's parameter) and, in
 serve mode, `jaxq.dot_general` / `jaxq.conv` as its ``dot_general`` /
 ``conv_general_dilated`` (in qat mode with ``int8_forward=True``, the int8
-qat op of `jaxq.flax.core` as the Dense/DenseGeneral/Einsum matmul).
+qat op of `jaxq.flax.core` as the Dense/DenseGeneral/Einsum matmul). Two
+layers take no op, so serve mode runs their ``__call__`` re-implemented
+with the low-bit op: ``nn.Einsum`` with `jaxq.einsum`, ``nn.ConvTranspose``
+(whose ``lax.conv_transpose`` is a ``conv_general_dilated`` of the dilated
+input) with `jaxq.conv`, see `jaxq.flax.core.serve_conv_transpose`.
 
 Covered layers: ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``,
 ``nn.Conv`` (depthwise ``feature_group_count`` included),
-``nn.ConvTranspose`` (qat and calibrate; serve raises, see below),
+``nn.ConvTranspose`` (every padding, dilation and ``transpose_kernel``; a
+masked one serves from float weights only, see
+`jaxq.flax.core.serve_conv_transpose`),
 ``nn.Embed`` (``__call__`` and ``attend``; weight-only, scales per row, see
 `jaxq.flax.core.embed_spec`) and any user module with a ``dot_general`` or
 ``conv_general_dilated`` attribute: when one operand of that op is one of
@@ -42,9 +48,10 @@ the original model's variables work unchanged in qat and calibrate mode):
   variables), starting an activation's from ``quant_ranges`` when given.
 
 Paths are the "/"-joined linen module names (``"Encoder_0/Dense_1"``), as in
-the ``params`` tree. ``nn.ConvTranspose`` in serve mode raises a ValueError
-at the first call: its ``lax.conv_transpose`` takes no injectable op; skip
-it with a rule or keep it in qat/calibrate.
+the ``params`` tree. A ``transpose_kernel=True`` ConvTranspose kernel is
+``(*window, out, in)``: serving it on integer inputs needs its scales per
+tensor or per output channel, ``PerChannel(axis=-2)`` (other scales serve
+weight-only, or raise a ValueError naming the layer).
 """
 
 from __future__ import annotations

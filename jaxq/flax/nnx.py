@@ -12,7 +12,10 @@ layers run the original ``__call__`` with a quantizing ``promote_dtype`` and,
 in serve mode, `jaxq.dot_general` / `jaxq.einsum` / `jaxq.conv` as their
 ``dot_general`` / ``einsum_op`` / ``conv_general_dilated`` (in qat mode with
 ``int8_forward=True``, the Linear/LinearGeneral/Einsum ops are the int8 qat
-ops of `jaxq.flax.core`); embeddings look
+ops of `jaxq.flax.core`); ``nnx.ConvTranspose``, whose
+``lax.conv_transpose`` takes no op, serves through
+`jaxq.flax.core.serve_conv_transpose` (its ``__call__`` with `jaxq.conv`,
+shared with linen); embeddings look
 up quantized rows (`jaxq.flax.core.embed_lookup`) and ``attend`` multiplies
 by the quantized table. Everything works under ``nnx.jit``, ``nnx.grad``
 and any method of the model.
@@ -36,7 +39,9 @@ Each quantized layer also carries:
 
 Serving weights: after `jaxq.convert`, a quantized layer's ``kernel`` (or
 ``embedding``) ``Param`` holds a `QArray`; float weights are quantized on the
-fly. ``nnx.ConvTranspose`` is supported in qat and calibrate mode only.
+fly. A ``transpose_kernel=True`` ConvTranspose kernel is ``(*window, out,
+in)``: its integer path needs scales per output channel,
+``PerChannel(axis=-2)``, or per tensor.
 """
 
 from __future__ import annotations
