@@ -189,19 +189,26 @@ def test_static_act_without_ranges_raises():
     qat.apply(variables, x)
 
 
-def test_conv_transpose_qat_and_serve_refusal():
+def test_conv_transpose_qat_and_serve():
+  """QAT fake-quantizes the kernel; serve runs jaxq.conv on the converted
+  kernel and equals QAT (tests/flax/test_flax_conv_transpose.py covers the
+  layer's settings)."""
   model = nn.ConvTranspose(3, (3, 3), strides=(2, 2))
   x = jax.random.normal(jax.random.key(4), (1, 4, 4, 2))
   variables = model.init(KEY, x)
-  rules = [jaxq.Rule(r".*", weight=QuantSpec("int8", PerTensor()))]
+  spec = QuantSpec("int8", PerTensor())
+  rules = [jaxq.Rule(r".*", weight=spec, act=spec)]
   kernel = variables["params"]["kernel"]
-  k_hat = jaxq.fake_quant(kernel, QuantSpec("int8", PerTensor()))
-  expected = model.apply({"params": {**variables["params"], "kernel": k_hat}},
-                         x)
+  expected = model.apply(
+      {"params": {**variables["params"],
+                  "kernel": jaxq.fake_quant(kernel, spec)}},
+      jaxq.fake_quant(x, spec))
   qat = jaxq.quantize_model(model, rules, "qat")
   chex.assert_trees_all_close(qat.apply(variables, x), expected)
-  with pytest.raises(ValueError, match="ConvTranspose"):
-    qat.with_mode("serve").apply(variables, x)
+  serving, _ = jaxq.convert(qat, variables)
+  assert serving["params"]["kernel"].values.dtype == jnp.int8
+  np.testing.assert_allclose(qat.with_mode("serve").apply(serving, x),
+                             expected, atol=1e-5 * fm.max_abs(expected))
 
 
 class _UserMatmul(nn.Module):
