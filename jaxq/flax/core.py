@@ -535,7 +535,7 @@ class ConvTransposeConfig:
 
   @classmethod
   def of(cls, layer: Any) -> "ConvTransposeConfig":
-    """The settings of a ``flax.linen.ConvTranspose`` or ``nnx.ConvTranspose``."""
+    """The settings of a linen or an nnx ``ConvTranspose``."""
     kernel_size = _per_dim(layer.kernel_size, 1)
     rank = len(kernel_size)
     padding = linen_linear.canonicalize_padding(layer.padding, rank)
@@ -551,7 +551,7 @@ class ConvTransposeConfig:
                mask=layer.mask)
 
   def kernel_shape(self, in_features: int, features: int) -> tuple[int, ...]:
-    """The kernel's shape for ``in_features`` inputs and ``features`` outputs."""
+    """The kernel's shape for ``in_features`` in, ``features`` out."""
     channels = ((features, in_features) if self.transpose_kernel
                 else (in_features, features))
     return self.kernel_size + channels
@@ -627,9 +627,9 @@ def serve_conv_transpose(
   """A ``ConvTranspose`` layer's ``__call__`` with `jaxq.conv` (serve mode).
 
   ``lax.conv_transpose`` is ``lax.conv_general_dilated`` with the input
-  dilated by the strides, unit window strides, `ConvTransposeConfig.
-  conv_padding` and, with ``transpose_kernel``, the window flipped and the
-  channel axes swapped. The swap is read from the dimension numbers, so a
+  dilated by the strides, unit window strides, the padding of
+  `ConvTransposeConfig.conv_padding` and, with ``transpose_kernel``, the
+  window flipped and the channel axes swapped. The swap is read from the dimension numbers, so a
   kernel keeps its layout and scales: its output channel is axis -1, or -2
   with ``transpose_kernel``, which is where an integer kernel's per-channel
   scales must lie (``PerChannel(axis=-2)`` for transposed kernels).

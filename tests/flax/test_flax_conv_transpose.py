@@ -196,7 +196,7 @@ def test_serve_convolves_int8_into_int32(transpose_kernel):
   _assert_int8_conv(lambda s, x: nnx.merge(graph, s)(x), state, x)
 
 
-def test_transposed_kernel_scaled_along_its_inputs_raises_or_serves_weight_only():
+def test_transposed_kernel_with_input_channel_scales():
   """``PerChannel(-1)`` of a (*window, out, in) kernel varies along the
   contraction: integer inputs raise naming the layer and the axis to use;
   float inputs (weight-only) dequantize and still equal QAT."""
