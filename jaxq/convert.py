@@ -16,6 +16,11 @@ serving, report = jaxq.convert(serve, nnx.state(model), stats)
 nnx.update(serve, serving)
 ```
 
+A masked convolution's kernel (linen and nnx ``Conv``/``ConvTranspose``
+with ``mask``) is quantized as ``kernel * mask``, the kernel that QAT
+fake-quantizes, so the `QArray` holds the mask and serve mode runs the layer
+without multiplying by it again (a float kernel is still masked there).
+
 Weights of learned specs (``learn="lsq"``/``"pact"``) are quantized with
 their trained scales, read from the variables (linen
 ``params/<layer>/jaxq/weight_scale``, nnx ``jaxq_weight_scale``), which
@@ -83,8 +88,11 @@ def tree_bytes(tree: Any) -> int:
              for x in leaves)
 
 
-def _quantize_weight(info, value: Any, learned_param: Any | None = None
-                     ) -> QArray:
+def _quantize_weight(info: jaxq_flax.LayerInfo, value: Any,
+                     learned_param: Any | None = None,
+                     mask: jax.Array | None = None) -> QArray:
+  """``info``'s weight quantized; a masked layer's as ``value * mask``,
+  the kernel its QAT fake-quantizes (so serving skips the mask)."""
   if isinstance(value, QArray):
     raise ValueError(f"convert: the weight {info.weight_name!r} of "
                      f"{info.path!r} is already a QArray; pass the float "
@@ -93,6 +101,18 @@ def _quantize_weight(info, value: Any, learned_param: Any | None = None
     raise ValueError(
         f"convert: the weight {info.weight_name!r} of {info.path!r} has shape "
         f"{tuple(value.shape)} but the model's is {info.weight_shape}.")
+  if mask is not None:
+    if isinstance(mask, jax.core.Tracer):
+      raise ValueError(
+          f"convert: the mask of {info.path!r} was only seen as a tracer (the "
+          f"model built it inside jax.jit or jax.eval_shape); run "
+          f"qmodel.init or qmodel.apply once outside a transformation so "
+          f"that jaxq records it.")
+    if tuple(mask.shape) != info.weight_shape:
+      raise ValueError(
+          f"convert: the mask of {info.path!r} has shape {tuple(mask.shape)} "
+          f"but its weight {info.weight_name!r} has {info.weight_shape}.")
+    value = value * mask
   if info.weight.learn is None:
     return quantize(value, info.weight)
   if learned_param is None:
@@ -130,7 +150,8 @@ def _convert_linen(qmodel: linen_lib.QuantizedLinen, variables: Any,
     if info.weight.learn is not None:
       learned_param = node.get(linen_lib.LEARNED, {}).get(
           core.learned_name("weight", info.weight))
-    qa = _quantize_weight(info, node[info.weight_name], learned_param)
+    qa = _quantize_weight(info, node[info.weight_name], learned_param,
+                          info.mask)
     report.append(LayerBytes(info.path, tree_bytes(node[info.weight_name]),
                              qa.nbytes))
     node[info.weight_name] = qa
@@ -192,7 +213,11 @@ def _convert_nnx(qmodel: nnx.Module, variables: nnx.State,
       held = flat.get(tuple(path) + (
           f"jaxq_{core.learned_name('weight', info.weight)}",))
       learned_param = None if held is None else held.get_value()
-    qa = _quantize_weight(info, flat[key].get_value(), learned_param)
+    # The state's mask is the one the serve model will hold (a mask is nnx
+    # data, a plain array leaf); a state of Params only falls back to the
+    # model's.
+    mask = flat.get(tuple(path) + ("mask",), info.mask)
+    qa = _quantize_weight(info, flat[key].get_value(), learned_param, mask)
     report.append(LayerBytes(info.path, tree_bytes(flat[key].get_value()),
                              qa.nbytes))
     flat[key] = flat[key].replace(qa)

@@ -521,7 +521,8 @@ class ConvTransposeConfig:
       (TensorFlow's ``Conv2DTranspose``).
     precision: for float operands only (the low-bit ops ignore it).
     preferred_element_type: the output dtype, if not the promoted one.
-    mask: multiplies the float kernel before it is quantized, or None.
+    mask: multiplies the float kernel before it is quantized, or None (a
+      `QArray` kernel from `jaxq.convert` holds ``kernel * mask`` already).
   """
 
   kernel_size: tuple[int, ...]
@@ -629,17 +630,21 @@ def serve_conv_transpose(
   ``lax.conv_transpose`` is ``lax.conv_general_dilated`` with the input
   dilated by the strides, unit window strides, the padding of
   `ConvTransposeConfig.conv_padding` and, with ``transpose_kernel``, the
-  window flipped and the channel axes swapped. The swap is read from the dimension numbers, so a
-  kernel keeps its layout and scales: its output channel is axis -1, or -2
-  with ``transpose_kernel``, which is where an integer kernel's per-channel
-  scales must lie (``PerChannel(axis=-2)`` for transposed kernels).
+  window flipped and the channel axes swapped. The swap is read from the
+  dimension numbers, so a kernel keeps its layout and scales: its output
+  channel is axis -1, or -2 with ``transpose_kernel``, which is where an
+  integer kernel's per-channel scales must lie (``PerChannel(axis=-2)`` for
+  transposed kernels). A masked layer's float kernel is masked before it is
+  quantized, as in QAT; its `QArray` from `jaxq.convert` is masked already.
 
   Args:
     path: the layer's path (for error messages).
     config: the layer's settings.
     inputs: ``(*batch, *window, in)``; extra batch axes are flattened into
       one around the convolution, as flax does.
-    kernel: the float kernel, or its `QArray` from `jaxq.convert`.
+    kernel: the float kernel (multiplied by ``config.mask`` here, before
+      ``promote`` quantizes it), or its `QArray` from `jaxq.convert`, which
+      holds the masked kernel already.
     bias: ``(out,)``, or None.
     promote: ``(inputs, kernel, bias) -> (x, w, bias)``, the layer's dtype
       promotion that also quantizes ``x`` and ``w`` (as for every layer).
@@ -648,19 +653,14 @@ def serve_conv_transpose(
     ``(*batch, *out_window, out)``, as the float layer returns.
 
   Raises:
-    ValueError: naming the layer, for a masked layer with a `QArray` kernel
-      or integer operands whose kernel scale varies along a summed axis.
+    ValueError: naming the layer, for integer operands whose kernel scale
+      varies along a summed axis.
   """
   rank = len(config.kernel_size)
   batch_shape = inputs.shape[:inputs.ndim - rank - 1]
   inputs = jnp.reshape(inputs, (-1, *inputs.shape[len(batch_shape):]))
-  if config.mask is not None:
-    if isinstance(kernel, QArray):
-      raise ValueError(
-          f"jaxq serve: {path!r} (ConvTranspose) has a mask, "
-          f"which QAT applies before quantizing the kernel, but its kernel "
-          f"is a QArray quantized without it; serve this layer with its "
-          f"float kernel (quantized on the fly after the mask).")
+  if config.mask is not None and not isinstance(kernel, QArray):
+    # A QArray kernel is jaxq.convert's, which quantized kernel * mask.
     kernel = kernel * config.mask
   x, w, bias = promote(inputs, kernel, bias)
   dimension_numbers = config.dimension_numbers()

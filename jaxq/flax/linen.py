@@ -16,9 +16,10 @@ input) with `jaxq.conv`, see `jaxq.flax.core.serve_conv_transpose`.
 
 Covered layers: ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``,
 ``nn.Conv`` (depthwise ``feature_group_count`` included),
-``nn.ConvTranspose`` (every padding, dilation and ``transpose_kernel``; a
-masked one serves from float weights only, see
-`jaxq.flax.core.serve_conv_transpose`),
+``nn.ConvTranspose`` (every padding, dilation and ``transpose_kernel``),
+both with a ``mask`` (QAT quantizes ``kernel * mask``, `jaxq.convert`
+stores that, and serve mode does not multiply a `QArray` kernel by the mask
+again),
 ``nn.Embed`` (``__call__`` and ``attend``; weight-only, scales per row, see
 `jaxq.flax.core.embed_spec`) and any user module with a ``dot_general`` or
 ``conv_general_dilated`` attribute: when one operand of that op is one of
@@ -74,6 +75,7 @@ RANGES = "quant_ranges"
 LEARNED = "jaxq"
 
 _PROMOTING = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.ConvTranspose)
+_MASKED = (nn.Conv, nn.ConvTranspose)  # Their kernel is ``kernel * mask``.
 _OP_FIELDS = ("dot_general", "conv_general_dilated")
 
 
@@ -203,6 +205,14 @@ class QuantizedLinen:
     """Records the layer and returns its `LayerQuant`, or None if float."""
     path = _path(module)
     rule = rules_lib.match(self.rules, path, module)
+    mask = module.mask if isinstance(module, _MASKED) else None
+    recorded = self._layers.get(path)
+    if (isinstance(mask, jax.core.Tracer) and recorded is not None and
+        recorded.mask is not None and
+        not isinstance(recorded.mask, jax.core.Tracer)):
+      # A mask built inside a jitted call: keep the concrete one of an
+      # earlier call for jaxq.convert (which refuses a traced one).
+      mask = recorded.mask
     quant = core.layer_quant(
         path, module, rule, tuple(weight_shape),
         is_embed=isinstance(module, nn.Embed), mode=self.mode,
@@ -211,7 +221,7 @@ class QuantizedLinen:
     self._layers[path] = rules_lib.LayerInfo(
         path=path, module_type=type(module).__name__, rule=rule,
         weight_shape=tuple(weight_shape), weight_name=weight_name,
-        weight=quant and quant.weight, act=quant and quant.act)
+        weight=quant and quant.weight, act=quant and quant.act, mask=mask)
     return quant
 
   def _intercept(self, next_fun, args, kwargs, context) -> Any:
@@ -275,6 +285,8 @@ class QuantizedLinen:
       if isinstance(module, nn.Conv):
         hooks.update(conv_general_dilated=core.serve_conv,
                      conv_general_dilated_cls=None)
+        if _holds_qarray_kernel(module):
+          hooks.update(mask=None)  # jaxq.convert quantized kernel * mask.
       else:
         hooks.update(dot_general=core.serve_dot_general, dot_general_cls=None)
     with _attributes(module, **hooks):
@@ -401,6 +413,12 @@ class _WeightOp:
                        f"but no rule quantizes it.")
     lhs, rhs = (x, w) if weight_is_rhs else (w, x)
     return op(lhs, rhs, *args, **kwargs)
+
+
+def _holds_qarray_kernel(module: nn.Module) -> bool:
+  """Whether the module's ``kernel`` param is a `QArray` (from `convert`)."""
+  return (module.has_variable("params", "kernel") and
+          isinstance(module.get_variable("params", "kernel"), QArray))
 
 
 def _same(x: Any, param: Any) -> bool:

@@ -39,9 +39,11 @@ Each quantized layer also carries:
 
 Serving weights: after `jaxq.convert`, a quantized layer's ``kernel`` (or
 ``embedding``) ``Param`` holds a `QArray`; float weights are quantized on the
-fly. A ``transpose_kernel=True`` ConvTranspose kernel is ``(*window, out,
-in)``: its integer path needs scales per output channel,
-``PerChannel(axis=-2)``, or per tensor.
+fly. A masked ``Conv``/``ConvTranspose`` kernel is quantized as
+``kernel * mask`` (in QAT and by `jaxq.convert`), so serve mode does not
+multiply a `QArray` kernel by the mask again. A ``transpose_kernel=True``
+ConvTranspose kernel is ``(*window, out, in)``: its integer path needs
+scales per output channel, ``PerChannel(axis=-2)``, or per tensor.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ _OPS = {nnx.Conv: ("conv_general_dilated", core.serve_conv),
 _INT8_OPS = {nnx.Einsum: ("einsum_op", core.int8_qat_einsum),
              nnx.Linear: ("dot_general", core.int8_qat_dot_general),
              nnx.LinearGeneral: ("dot_general", core.int8_qat_dot_general)}
+_MASKED = (nnx.Conv, nnx.ConvTranspose)  # Their kernel is ``kernel * mask``.
 _RULES_ATTR = "jaxq_rules"
 
 
@@ -196,6 +199,7 @@ class _QuantizedLayer:
       kernel = self.kernel.get_value()
       if isinstance(kernel, QArray):
         hooks["kernel"] = _Held(kernel)
+        hooks["mask"] = None  # jaxq.convert quantized kernel * mask.
     with _attributes(self, **{k: v for k, v in hooks.items()
                               if k in vars(self)}):
       return super().__call__(inputs, *args, **kwargs)
@@ -273,7 +277,8 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
     info = rules_lib.LayerInfo(
         path=path_str, module_type=type(module).__name__, rule=rule,
         weight_shape=shape, weight_name=_weight_name(module),
-        weight=quant and quant.weight, act=quant and quant.act)
+        weight=quant and quant.weight, act=quant and quant.act,
+        mask=module.mask if isinstance(module, _MASKED) else None)
     infos.append(info)
     new = object.__new__(quantized_class(type(module)))
     vars(new).update(vars(module))

@@ -29,6 +29,8 @@ import re
 import warnings
 from typing import Iterable, Sequence
 
+import jax
+
 from jaxq.spec import QuantSpec
 
 ModuleType = type | str
@@ -107,6 +109,9 @@ class LayerInfo:
     weight: the weight spec applied (the rule's, adapted for embeddings;
       see `jaxq.flax.core.embed_spec`), or None.
     act: the input activation spec applied, or None.
+    mask: the mask a masked convolution multiplies its kernel by (shape
+      ``weight_shape``), or None: QAT quantizes ``kernel * mask``, and so
+      does `jaxq.convert`. Left out of equality and repr.
   """
 
   path: str
@@ -116,6 +121,8 @@ class LayerInfo:
   weight_name: str = "kernel"
   weight: QuantSpec | None = None
   act: QuantSpec | None = None
+  mask: jax.Array | None = dataclasses.field(default=None, compare=False,
+                                            repr=False)
 
   @property
   def quantized(self) -> bool:

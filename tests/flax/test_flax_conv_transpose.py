@@ -222,7 +222,8 @@ def test_transposed_kernel_with_input_channel_scales():
 
 def test_mask_applies_before_quantizing():
   """A masked kernel serves from its float weights (masked, then quantized,
-  as QAT does); a QArray kernel, quantized without the mask, is refused."""
+  as QAT does) and from its QArray (`jaxq.convert` quantizes the masked
+  kernel, so serve does not mask it again)."""
   case = Case("masked", dict(strides=(2, 2)), (2, 5, 6, 3), W8)
   mask = jnp.tril(jnp.ones((3, 2, 3, 4))).at[0, 0, 0].set(0.0)
   linen_model, variables, nnx_model = _models(case, mask=mask)
@@ -243,10 +244,15 @@ def test_mask_applies_before_quantizing():
   np.testing.assert_allclose(serve.apply(variables, x), qat_out,
                              atol=1e-5 * scale)
   serving, _ = jaxq.convert(qat, variables)
-  with pytest.raises(ValueError, match="has a mask"):
-    serve.apply(serving, x)
+  np.testing.assert_array_equal(jaxq.dequantize(serving["params"]["kernel"]),
+                                k_hat)
+  np.testing.assert_allclose(serve.apply(serving, x), qat_out,
+                             atol=1e-5 * scale)
 
   nnx_serve = jaxq.quantize_model(nnx_model, rules, "serve")
+  np.testing.assert_allclose(nnx_serve(x), qat_out, atol=1e-5 * scale)
+  nnx_serving, _ = jaxq.convert(nnx_serve, nnx.state(nnx_model))
+  nnx.update(nnx_serve, nnx_serving)
   np.testing.assert_allclose(nnx_serve(x), qat_out, atol=1e-5 * scale)
 
 
