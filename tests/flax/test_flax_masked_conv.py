@@ -4,8 +4,9 @@
 fake-quantizes. `jaxq.convert` quantizes that same product, so the `QArray`
 carries the mask and serve mode must not multiply by it again; a float
 kernel in serve mode (a skipped or act-only layer, or unconverted weights)
-is still masked. Each check runs with a binary mask and with a non-binary
-float one, against the float layer on fake-quant operands as the reference.
+is still masked. Serve is checked against QAT, itself checked against the
+float layer on fake-quant operands, with a binary mask and with a
+non-binary float one, and with learned (LSQ) weight scales.
 """
 
 from __future__ import annotations
@@ -265,3 +266,36 @@ def test_linen_mask_built_under_jit():
   np.testing.assert_allclose(jax.jit(serve.apply)(serving, x),
                              qat.apply(variables, x),
                              atol=1e-5 * fm.max_abs(qat.apply(variables, x)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_learned_weight_scale_quantizes_the_masked_kernel(kind):
+  """With a learned (LSQ) weight scale, convert quantizes ``kernel * mask``
+  with the trained scale, and serve equals QAT."""
+  mask = _mask("binary")
+  model, variables, nnx_model = _models(kind, mask)
+  x = _input()
+  rules = [jaxq.Rule(r".*", weight=W8.replace(learn="lsq"), act=A8)]
+  qat = jaxq.quantize_model(model, rules, "qat")
+  variables = jaxq.qat.init_learned(qat, variables, x)
+  # A trained scale, not the initial max-based one.
+  learned = variables["params"]["jaxq"]
+  learned = jax.tree.map(lambda s: s * 0.8, learned)
+  variables = {"params": {**variables["params"], "jaxq": learned}}
+  qat_out = qat.apply(variables, x)
+  serving, _ = jaxq.convert(qat, variables)
+  qa = serving["params"]["kernel"]
+  assert np.all(np.asarray(qa.values)[np.asarray(mask) == 0] == 0)
+  scale = fm.max_abs(qat_out)
+  np.testing.assert_allclose(qat.with_mode("serve").apply(serving, x),
+                             qat_out, atol=1e-5 * scale)
+
+  nnx_qat = jaxq.quantize_model(nnx_model, rules, "qat")
+  jaxq.qat.init_learned(nnx_qat, x)
+  nnx_qat.jaxq_weight_scale.set_value(nnx_qat.jaxq_weight_scale.get_value()
+                                      * 0.8)
+  nnx_serve = jaxq.quantize_model(nnx_model, rules, "serve")
+  nnx_serving, _ = jaxq.convert(nnx_serve, nnx.state(nnx_qat))
+  nnx.update(nnx_serve, nnx_serving)
+  np.testing.assert_allclose(nnx_serve(x), nnx_qat(x), atol=1e-5 * scale)
+  np.testing.assert_allclose(nnx_serve(x), qat_out, atol=1e-5 * scale)
