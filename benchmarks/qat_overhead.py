@@ -185,15 +185,16 @@ def _train_step(apply: Apply, learning_rate: float = 1e-3) -> Step:
   return lambda params, x, y: step(params, tx.init(params), x, y)
 
 
-def _gradient_error(apply: Apply, reference: Apply, params: Any,
-                    x: jax.Array, y: jax.Array) -> float:
-  """``|g - g_ref| / |g_ref|`` over all parameters, ``g`` the loss
-  gradient of ``apply`` and ``g_ref`` that of ``reference`` at the same
-  ``params`` (every implementation here has the float model's params)."""
-  grads, ref = (jax.jit(jax.grad(functools.partial(_loss, f)))(params, x, y)
-                for f in (apply, reference))
-  diff = jax.tree.map(lambda a, b: jnp.sum((a - b) ** 2), grads, ref)
-  norm = jax.tree.map(lambda b: jnp.sum(b ** 2), ref)
+def _grads(apply: Apply, params: Any, x: jax.Array, y: jax.Array) -> Any:
+  """The loss gradient of ``apply`` with respect to ``params``."""
+  return jax.jit(jax.grad(functools.partial(_loss, apply)))(params, x, y)
+
+
+def _gradient_error(grads: Any, reference: Any) -> float:
+  """``|g - g_ref| / |g_ref|`` over all parameters (every implementation
+  here has the float model's params, so the trees match)."""
+  diff = jax.tree.map(lambda a, b: jnp.sum((a - b) ** 2), grads, reference)
+  norm = jax.tree.map(lambda b: jnp.sum(b ** 2), reference)
   return float(jnp.sqrt(sum(jax.tree.leaves(diff)) /
                         sum(jax.tree.leaves(norm))))
 
@@ -247,6 +248,8 @@ def main() -> None:
                  help="add jaxq-int8: QAT with the forward on int8 matmuls")
   p.add_argument("--repeats", type=int, default=None,
                  help="timed rounds per implementation (default 30; 3 quick)")
+  p.add_argument("--no-peers", action="store_true",
+                 help="leave Qwix and AQT out even when they are installed")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                  help="activation dtype of every model (default: bfloat16 "
                       "on an accelerator, float32 on a CPU)")
@@ -258,7 +261,8 @@ def main() -> None:
   dtype = jnp.dtype(args.dtype or ("float32" if on_cpu else "bfloat16"))
   large = (not on_cpu) if args.large is None else args.large
   repeats = args.repeats or (3 if args.quick else 30)
-  peers = [name for name in ("qwix", "aqt") if _importable(name)]
+  peers = [name for name in ("qwix", "aqt")
+           if not args.no_peers and _importable(name)]
   rows = []
   for case, (make, shape, act_batch_axes, rules) in _cases(
       args.quick, large).items():
@@ -276,15 +280,15 @@ def main() -> None:
     fns = {name: functools.partial(_train_step(apply), params, x, y)
            for name, (apply, params) in impls.items()}
     times = _harness.interleaved_times(fns, repeats=repeats)
-    reference = impls["jaxq"][0]
+    reference = _grads(*impls["jaxq"], x, y)
     for name, (apply, params) in impls.items():
       ratio, low, high = _harness.ratio_with_interval(times[name],
                                                       times["float"])
       rows.append({"case": case, "impl": name,
                    "median_s": float(np.median(times[name])),
                    "ratio": ratio, "ratio_ci95": f"{low:.3f}-{high:.3f}",
-                   "grad_err": _gradient_error(apply, reference, params, x,
-                                               y)})
+                   "grad_err": _gradient_error(_grads(apply, params, x, y),
+                                               reference)})
   _harness.emit("qat_overhead", rows, args.json,
                 note=f"{dtype.name} activations; train step over the float "
                      f"step, median of per-round ratios; W8A8 per-channel "

@@ -66,7 +66,10 @@ def test_calibration(tmp_path):
 
 @pytest.mark.slow
 def test_qat_overhead(tmp_path):
-  rows = _run("qat_overhead", tmp_path, "--int8-forward", "--repeats", "2")
+  # The peers (an optional extra) only add compile time here.
+  rows = _run("qat_overhead", tmp_path, "--int8-forward", "--repeats", "2",
+              "--no-peers")
+  assert {r["impl"] for r in rows} == {"float", "jaxq", "jaxq-int8"}
   by_impl = {(r["case"], r["impl"]): r for r in rows}
   for case in ("mlp", "block"):
     assert by_impl[case, "float"]["ratio"] == 1
