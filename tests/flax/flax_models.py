@@ -4,6 +4,8 @@ the Flax tests quantize them with."""
 
 from __future__ import annotations
 
+from typing import Any, Iterator
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -127,3 +129,26 @@ NNX = {"mlp": (NnxMLP, mlp_input), "cnn": (NnxCNN, cnn_input),
 
 def max_abs(a: jax.Array) -> float:
   return float(jnp.max(jnp.abs(a)))
+
+
+# jaxpr checks
+
+
+def conv_equations(jaxpr: Any) -> Iterator[Any]:
+  """Every conv_general_dilated of a jaxpr, sub-jaxprs included."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from conv_equations(inner)
+
+
+def assert_int8_conv(fn, *args) -> None:
+  """``fn`` runs exactly one convolution, int8 x int8 -> int32."""
+  convs = list(conv_equations(jax.make_jaxpr(fn)(*args).jaxpr))
+  assert len(convs) == 1, [str(eqn) for eqn in convs]
+  assert [v.aval.dtype for v in convs[0].invars] == [jnp.int8, jnp.int8]
+  assert convs[0].outvars[0].aval.dtype == jnp.int32

@@ -157,25 +157,6 @@ def test_serve_equals_qat(case):
                              atol=1e-6 * scale)
 
 
-def _conv_equations(jaxpr: Any):
-  """Every conv_general_dilated of a jaxpr, sub-jaxprs included."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "conv_general_dilated":
-      yield eqn
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          yield from _conv_equations(inner)
-
-
-def _assert_int8_conv(fn, *args) -> None:
-  convs = list(_conv_equations(jax.make_jaxpr(fn)(*args).jaxpr))
-  assert len(convs) == 1, [str(eqn) for eqn in convs]
-  assert [v.aval.dtype for v in convs[0].invars] == [jnp.int8, jnp.int8]
-  assert convs[0].outvars[0].aval.dtype == jnp.int32
-
-
 @pytest.mark.parametrize("transpose_kernel", [False, True])
 def test_serve_convolves_int8_into_int32(transpose_kernel):
   case = Case("int8", dict(strides=(2, 2), transpose_kernel=transpose_kernel),
@@ -187,13 +168,13 @@ def test_serve_convolves_int8_into_int32(transpose_kernel):
   jax.eval_shape(serve.apply, variables, x)  # Traces the layers.
   serving, _ = jaxq.convert(serve, variables)
   assert serving["params"]["kernel"].values.dtype == jnp.int8
-  _assert_int8_conv(serve.apply, serving, x)
+  fm.assert_int8_conv(serve.apply, serving, x)
 
   nnx_serve = jaxq.quantize_model(nnx_model, rules, "serve")
   nnx_serving, _ = jaxq.convert(nnx_serve, nnx.state(nnx_model))
   nnx.update(nnx_serve, nnx_serving)
   graph, state = nnx.split(nnx_serve)
-  _assert_int8_conv(lambda s, x: nnx.merge(graph, s)(x), state, x)
+  fm.assert_int8_conv(lambda s, x: nnx.merge(graph, s)(x), state, x)
 
 
 def test_transposed_kernel_with_input_channel_scales():
