@@ -248,6 +248,8 @@ def main() -> None:
                  help="add jaxq-int8: QAT with the forward on int8 matmuls")
   p.add_argument("--repeats", type=int, default=None,
                  help="timed rounds per implementation (default 30; 3 quick)")
+  p.add_argument("--case", action="append", default=None,
+                 help="run only this case (repeatable; default: all)")
   p.add_argument("--no-peers", action="store_true",
                  help="leave Qwix and AQT out even when they are installed")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
@@ -264,8 +266,13 @@ def main() -> None:
   peers = [name for name in ("qwix", "aqt")
            if not args.no_peers and _importable(name)]
   rows = []
-  for case, (make, shape, act_batch_axes, rules) in _cases(
-      args.quick, large).items():
+  cases = _cases(args.quick, large)
+  unknown = set(args.case or ()) - set(cases)
+  if unknown:
+    p.error(f"unknown --case {sorted(unknown)}; this run has {list(cases)}")
+  for case, (make, shape, act_batch_axes, rules) in cases.items():
+    if args.case and case not in args.case:
+      continue
     kx, ky = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, shape, dtype)
     y = jax.random.normal(ky, shape)
