@@ -800,6 +800,19 @@ def _int8_qat(quant_op: Callable[[QArray | jax.Array, QArray | jax.Array],
   return op(x, w, amin, amax)
 
 
+def _int8_qat_layer_op(layer: LayerQuant, act_range: ActRange | None,
+                       x: jax.Array, w: jax.Array, preferred_element_type,
+                       quant_op: Callable[..., jax.Array]) -> jax.Array:
+  """`_int8_qat` of ``quant_op(a, b, preferred_element_type=...)`` after
+  checking the layer's specs against the operands."""
+  check_spec(layer, layer.act, x.shape, "activation")
+  check_spec(layer, layer.weight, w.shape, "weight")
+  out_dtype = preferred_element_type or jnp.result_type(x.dtype, w.dtype)
+  return _int8_qat(
+      functools.partial(quant_op, preferred_element_type=out_dtype),
+      layer, x, w, act_range)
+
+
 def int8_qat_dot_general(layer: LayerQuant, act_range: ActRange | None,
                          x: jax.Array, w: jax.Array, dimension_numbers,
                          precision=None, preferred_element_type=None,
@@ -812,13 +825,10 @@ def int8_qat_dot_general(layer: LayerQuant, act_range: ActRange | None,
   (or ``preferred_element_type``).
   """
   del precision, kwargs
-  check_spec(layer, layer.act, x.shape, "activation")
-  check_spec(layer, layer.weight, w.shape, "weight")
-  out_dtype = preferred_element_type or jnp.result_type(x.dtype, w.dtype)
-  return _int8_qat(
-      lambda a, b: ops.dot_general(a, b, dimension_numbers,
-                                   preferred_element_type=out_dtype),
-      layer, x, w, act_range)
+  return _int8_qat_layer_op(
+      layer, act_range, x, w, preferred_element_type,
+      functools.partial(ops.dot_general,
+                        dimension_numbers=dimension_numbers))
 
 
 def int8_qat_einsum(layer: LayerQuant, act_range: ActRange | None,
@@ -828,10 +838,5 @@ def int8_qat_einsum(layer: LayerQuant, act_range: ActRange | None,
   """``jnp.einsum(subscripts, x, w)`` of a qat layer on the int8 path (as
   `int8_qat_dot_general`)."""
   del precision, kwargs
-  check_spec(layer, layer.act, x.shape, "activation")
-  check_spec(layer, layer.weight, w.shape, "weight")
-  out_dtype = preferred_element_type or jnp.result_type(x.dtype, w.dtype)
-  return _int8_qat(
-      lambda a, b: ops.einsum(subscripts, a, b,
-                              preferred_element_type=out_dtype),
-      layer, x, w, act_range)
+  return _int8_qat_layer_op(layer, act_range, x, w, preferred_element_type,
+                            functools.partial(ops.einsum, subscripts))

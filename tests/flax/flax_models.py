@@ -152,3 +152,18 @@ def assert_int8_conv(fn, *args) -> None:
   assert len(convs) == 1, [str(eqn) for eqn in convs]
   assert [v.aval.dtype for v in convs[0].invars] == [jnp.int8, jnp.int8]
   assert convs[0].outvars[0].aval.dtype == jnp.int32
+
+
+def assert_serves_int8_conv(linen_model, variables, nnx_model, rules, x):
+  """Converted linen and nnx serve models each run one int8 -> int32 conv;
+  returns the linen serving variables."""
+  serve = jaxq.quantize_model(linen_model, rules, "serve")
+  jax.eval_shape(serve.apply, variables, x)  # Traces the layers.
+  serving, _ = jaxq.convert(serve, variables)
+  assert_int8_conv(serve.apply, serving, x)
+  nnx_serve = jaxq.quantize_model(nnx_model, rules, "serve")
+  nnx_serving, _ = jaxq.convert(nnx_serve, nnx.state(nnx_model))
+  nnx.update(nnx_serve, nnx_serving)
+  graph, state = nnx.split(nnx_serve)
+  assert_int8_conv(lambda s, x: nnx.merge(graph, s)(x), state, x)
+  return serving

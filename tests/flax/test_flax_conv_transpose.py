@@ -164,17 +164,9 @@ def test_serve_convolves_int8_into_int32(transpose_kernel):
   linen_model, variables, nnx_model = _models(case)
   x = _input(case)
   rules = [jaxq.Rule(r".*", weight=case.weight, act=case.act)]
-  serve = jaxq.quantize_model(linen_model, rules, "serve")
-  jax.eval_shape(serve.apply, variables, x)  # Traces the layers.
-  serving, _ = jaxq.convert(serve, variables)
+  serving = fm.assert_serves_int8_conv(linen_model, variables, nnx_model,
+                                      rules, x)
   assert serving["params"]["kernel"].values.dtype == jnp.int8
-  fm.assert_int8_conv(serve.apply, serving, x)
-
-  nnx_serve = jaxq.quantize_model(nnx_model, rules, "serve")
-  nnx_serving, _ = jaxq.convert(nnx_serve, nnx.state(nnx_model))
-  nnx.update(nnx_serve, nnx_serving)
-  graph, state = nnx.split(nnx_serve)
-  fm.assert_int8_conv(lambda s, x: nnx.merge(graph, s)(x), state, x)
 
 
 def test_transposed_kernel_with_input_channel_scales():

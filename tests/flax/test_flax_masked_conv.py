@@ -162,16 +162,7 @@ def test_serve_convolves_int8_into_int32(kind):
   model, variables, nnx_model = _models(kind, _mask("float"))
   x = _input()
   rules = [jaxq.Rule(r".*", weight=W8, act=A8)]
-  serve = jaxq.quantize_model(model, rules, "serve")
-  jax.eval_shape(serve.apply, variables, x)  # Traces the layer.
-  serving, _ = jaxq.convert(serve, variables)
-  fm.assert_int8_conv(serve.apply, serving, x)
-
-  nnx_serve = jaxq.quantize_model(nnx_model, rules, "serve")
-  nnx_serving, _ = jaxq.convert(nnx_serve, nnx.state(nnx_model))
-  nnx.update(nnx_serve, nnx_serving)
-  graph, state = nnx.split(nnx_serve)
-  fm.assert_int8_conv(lambda s, x: nnx.merge(graph, s)(x), state, x)
+  fm.assert_serves_int8_conv(model, variables, nnx_model, rules, x)
 
 
 @pytest.mark.parametrize("kind", KINDS)
