@@ -739,7 +739,9 @@ def _summarise(platform: str, source: str, rows: list[Matmul]) -> Summary:
 
 
 def _shares(shares: dict[str, float]) -> str:
-  return ", ".join(f"{k} {100 * shares[k]:.1f}%" for k in KINDS)
+  # Widened integers are rare: shown only when present.
+  return ", ".join(f"{k} {100 * shares[k]:.1f}%" for k in KINDS
+                   if k != "int" or shares[k])
 
 
 def _flops(flops: float) -> str:
