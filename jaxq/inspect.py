@@ -236,8 +236,8 @@ def inspect(fn: Callable[..., Any], *args: Any, model: Any = None,
       optimized HLO; else platform names (``"cpu"``, ``"cuda"``,
       ``"rocm"``, ``"tpu"``) to lower for with ``jax.export`` and read the
       StableHLO (not the device compiler's output; see the module doc).
-    **kwargs: keyword arguments of ``fn``, static under jit is not implied:
-      they are traced like ``args``.
+    **kwargs: keyword arguments of ``fn``, traced like ``args`` (bind
+      static ones, e.g. linen's ``method=``, with ``functools.partial``).
 
   Returns:
     An `Inspection`: rows, a summary per platform, ``print``-able.
@@ -247,6 +247,7 @@ def inspect(fn: Callable[..., Any], *args: Any, model: Any = None,
   """
   if model is None:
     model = _model_of(fn)
+  _model_layers(model)  # Refuses a wrong model before compiling.
   jitted = jax.jit(fn)
   results: list[tuple[str, str, list[Matmul]]] = []
   if platforms is None:
@@ -269,6 +270,7 @@ def inspect(fn: Callable[..., Any], *args: Any, model: Any = None,
                                                                   **kwargs)
       results.append((platform, EXPORTED_SOURCE,
                       parse_stablehlo(exported.mlir_module(), platform)))
+  # linen records its layers while tracing: read them after lowering.
   layers, mode, int8_forward = _model_layers(model)
   rows: list[Matmul] = []
   summaries = []
@@ -629,18 +631,21 @@ def _model_layers(model: Any) -> tuple[dict[str, Any], str | None, bool]:
   """(path -> LayerInfo, mode, int8_forward) of a jaxq-quantized model."""
   if model is None:
     return {}, None, False
-  try:
-    infos = flax_layers(model)
-  except (AttributeError, TypeError) as e:
-    raise ValueError(f"jaxq.inspect: model= must be a model from "
-                     f"jaxq.quantize_model, got {type(model).__name__}.") from e
   if isinstance(model, QuantizedLinen):
-    return infos, model.mode, model.int8_forward
-  for _, module in nnx.iter_graph(model):
-    quant = getattr(module, "jaxq_layer", None)
-    if quant is not None:
-      return infos, quant.mode, quant.int8_forward
-  return infos, None, False
+    return flax_layers(model), model.mode, model.int8_forward
+  if isinstance(model, nnx.Module):
+    # The layers quantize_model swapped in carry jaxq_info; jaxq_layer is
+    # None on the skipped ones.
+    quants = [getattr(m, "jaxq_layer", None) for _, m in nnx.iter_graph(model)
+              if hasattr(m, "jaxq_info")]
+    if quants:
+      quant = next((q for q in quants if q is not None), None)
+      return (flax_layers(model), quant.mode if quant else None,
+              bool(quant and quant.int8_forward))
+  raise ValueError(f"jaxq.inspect: model= takes the model that "
+                   f"jaxq.quantize_model returned (a QuantizedLinen or a "
+                   f"quantized nnx module), got a {type(model).__name__} "
+                   f"with no jaxq layer.")
 
 
 def _scope(op_name: str) -> list[str]:

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import jaxq
-from jaxq import PerChannel, QuantSpec
+from jaxq import MX, PerChannel, QuantSpec
 from jaxq.inspect import COMPILED_SOURCE
 from jaxq.inspect import EXPORTED_SOURCE
 from jaxq.inspect import parse_hlo
@@ -102,6 +102,21 @@ def test_weight_only_names_its_float_dots():
   text = result.table()
   for path in MLP_PATHS:
     assert f"  {path}: " in text  # Listed under the fallbacks.
+
+
+def test_fp8_on_cpu_is_a_named_fallback():
+  fp8 = "float8_e4m3fn"
+  rules = (jaxq.Rule(r".*", weight=QuantSpec(fp8, MX(axis=0, size=8)),
+                     act=QuantSpec(fp8, MX(axis=-1, size=8))),)
+  serve, serving, x = _served_linen("mlp", rules)
+  compiled = jaxq.inspect(serve.apply, serving, x)
+  assert {r.layer for r in compiled.fallbacks()} == MLP_PATHS
+  assert all(f"cpu has no {fp8} matmul" in r.fallback
+             for r in compiled.fallbacks())
+  # What the program asks a GPU for: fp8 x fp8 dots.
+  exported = jaxq.inspect(serve.apply, serving, x, platforms="cuda")
+  assert exported.summary().shares["fp8"] == 1.0
+  assert exported.fallbacks() == ()
 
 
 def test_qat_mode_is_float_and_says_why():
@@ -205,3 +220,14 @@ def test_parse_hlo_reads_gpu_calls_loops_and_fusions():
   # Each output element sums 3 x 3 x 4 products.
   assert conv.flops == 2 * (8 * 16 * 16 * 8) * (3 * 3 * 4)
   assert conv.where == "Conv_0"  # jit(f)/ and the primitive dropped.
+
+
+def test_model_that_jaxq_did_not_quantize_is_refused():
+  model = fm.LinenMLP()
+  x = fm.mlp_input(jax.random.key(1))
+  variables = model.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="model= takes the model that"):
+    jaxq.inspect(model.apply, variables, x, model=model)
+  nnx_model = fm.NnxMLP(nnx.Rngs(0))
+  with pytest.raises(ValueError, match="NnxMLP with no jaxq layer"):
+    jaxq.inspect(nnx_model, x, model=nnx_model)
