@@ -206,11 +206,11 @@ class Inspection:
       out.append(s.line())
       falls = [r for r in rows if r.fallback is not None]
       if falls:
-        out.append("float fallbacks in jaxq-quantized layers:")
+        out.append("fallbacks (not int8/fp8) in jaxq-quantized layers:")
         out.extend(f"  {r.where}: {r.lhs} x {r.rhs} -> {r.result}: "
                    f"{r.fallback}" for r in falls)
       elif s.quantized_flops:
-        out.append("float fallbacks in jaxq-quantized layers: none")
+        out.append("fallbacks (not int8/fp8) in jaxq-quantized layers: none")
       out.append("")
     return "\n".join(out).rstrip("\n")
 

@@ -54,7 +54,7 @@ def test_int8_mlp_is_all_int8(rules):
   assert all(r.quantized and r.result.startswith("s32") for r in result.rows)
   assert result.fallbacks() == ()
   text = str(result)
-  assert "int8 100.0%" in text and "float fallbacks" in text
+  assert "int8 100.0%" in text and "layers: none" in text
 
 
 @pytest.mark.parametrize("rules", [fm.STATIC_RULES, fm.DYNAMIC_RULES],
@@ -89,6 +89,28 @@ def test_nnx_layers_are_named_through_their_scope():
       "up", "down", "attention/query", "attention/key", "attention/value",
       "attention/out"}
   assert result.summary().quantized_shares["int8"] == 1.0
+
+
+def test_int8_cnn_convolutions():
+  serve, serving, x = _served_linen("cnn", fm.STATIC_RULES)
+  exported = jaxq.inspect(serve.apply, serving, x, platforms=("tpu",))
+  convs = [r for r in exported.rows if r.op == "convolution"]
+  assert [r.layer for r in convs] == ["Conv_0", "Conv_1", "Conv_2"]
+  assert all(r.kind == "int8" and r.result.startswith("i32") for r in convs)
+  # 2 x output elements x window x input channels per group (depthwise: 1).
+  out = 2 * 8 * 8 * 8
+  assert [r.flops for r in convs] == [2 * out * 3 * 3 * 2, 2 * out * 3 * 3,
+                                      2 * (2 * 4 * 4 * 4) * 8]
+  # The CPU compiler may widen small int8 convolutions and dots to int32:
+  # such rows are named, with that reason.
+  compiled = jaxq.inspect(serve.apply, serving, x)
+  assert {r.layer for r in compiled.rows} == {"Conv_0", "Conv_1", "Conv_2",
+                                              "Dense_0"}
+  for row in compiled.rows:
+    assert row.kind in ("int8", "int"), row
+    assert (row.kind == "int") == (row.fallback is not None), row
+    if row.kind == "int":
+      assert "widened the integer operands" in row.fallback
 
 
 def test_weight_only_names_its_float_dots():
