@@ -143,6 +143,8 @@ class Summary:
   def line(self) -> str:
     """``matmul FLOPs: int8 100.0%, fp8 0.0%, float 0.0% of ...``."""
     text = f"matmul FLOPs: {_shares(self.shares)} of {_flops(self.flops)}"
+    if self.quantized_flops == self.flops:
+      return text + " (all in jaxq-quantized layers)"
     if self.quantized_flops:
       text += (f"; in jaxq-quantized layers: "
                f"{_shares(self.quantized_shares)} of "
