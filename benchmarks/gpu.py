@@ -169,7 +169,7 @@ def run_qat(quick: bool) -> list[dict[str, Any]]:
     args += ["--quick", "--repeats", "2", "--no-peers", "--case", "mlp"]
   else:
     args += ["--large", "--case", "block-2048", "--dtype", "bfloat16",
-             "--repeats", "10"]
+             "--repeats", "20"]
   if modes is not None:
     args += modes[1]
   else:

@@ -103,3 +103,18 @@ def test_gpu(tmp_path):
   assert minilm["jaxq"]["quantized_int8_share"] == 1.0
   assert minilm["float32"]["int8_share"] == 0.0
   assert minilm["jaxq"]["mean_cosine"] > 0.95
+
+
+def test_gpu_asks_qat_overhead_for_every_backward_mode(monkeypatch):
+  # gpu.py reads the modes from qat_overhead.py --help, in either of
+  # argparse's forms for a list of choices.
+  monkeypatch.syspath_prepend(str(BENCHMARKS))
+  import gpu  # pylint: disable=import-outside-toplevel
+  appended = "  --backward {ste,float,int8}\n                        mode"
+  assert gpu.backward_modes(appended) == (
+      "--backward", ["--backward", "ste", "--backward", "float",
+                     "--backward", "int8"])
+  several = "  --backward-mode {ste,float} [{ste,float} ...]"
+  assert gpu.backward_modes(several) == (
+      "--backward-mode", ["--backward-mode", "ste", "float"])
+  assert gpu.backward_modes("usage: qat_overhead.py [-h] [--quick]") is None
