@@ -88,6 +88,8 @@ def test_qat_overhead(tmp_path):
 def test_gpu(tmp_path):
   # The accelerator run, unchanged on a CPU: every section, one JSON.
   rows = _run("gpu", tmp_path)
+  result = json.loads((tmp_path / "gpu.json").read_text())
+  assert result["skipped"] == {} and result["failed"] == {}
   sections = {r["section"] for r in rows}
   # The MiniLM wheel is a test dependency (README), so nothing is skipped.
   assert sections == {"matmul", "qat_overhead", "minilm"}, sections
