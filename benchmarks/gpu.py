@@ -2,9 +2,9 @@
 
 ``python benchmarks/gpu.py --json gpu.json`` (or ``benchmarks/gpu.sh``) is
 the one command a session lent a GPU runs, sized to fit in 8 minutes on an
-H200 (not yet measured on one). ``--quick`` runs the same sections at small sizes on any backend (a
-CPU: about a minute), which the test suite does. Sections (``--sections``
-picks some):
+H200 (not yet measured on one). ``--quick`` runs the same sections at small
+sizes on any backend (a CPU: about a minute), which the test suite does.
+Sections (``--sections`` picks some):
 
 ==============  ==============================================================
 section         what

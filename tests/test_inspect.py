@@ -200,11 +200,19 @@ def test_unknown_platform_and_missing_platform_raise():
 GPU_HLO = """\
 HloModule jit_f, entry_computation_layout={(s8[64,128]{1,0})->s32[64,32]{1,0}}
 
-%body (p: (s32[], s8[64,128], s32[64,32])) -> (s32[], s8[64,128], s32[64,32]) {
+%body (p: (s32[], s8[64,128], s32[64,32])) -> (s32[], s8[64,128], \
+s32[64,32]) {
   %p = (s32[], s8[64,128]{1,0}, s32[64,32]{1,0}) parameter(0)
   %a = s8[64,128]{1,0} get-tuple-element(%p), index=1
   %w = s8[128,32]{1,0} constant({...})
-  %gemm = (s32[64,32]{1,0}, s8[1024]{0}) custom-call(s8[64,128]{1,0} %a, s8[128,32]{1,0} %w), custom_call_target="__cublas$gemm", metadata={op_name="jit(f)/while/body/Dense_0/dot_general" source_file="x.py" source_line=3}, backend_config={"gemm_backend_config":{"alpha_real":1,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  %gemm = (s32[64,32]{1,0}, s8[1024]{0}) custom-call(s8[64,128]{1,0} %a, \
+s8[128,32]{1,0} %w), custom_call_target="__cublas$gemm", \
+metadata={op_name="jit(f)/while/body/Dense_0/dot_general" source_file="x.py" \
+source_line=3}, \
+backend_config={"gemm_backend_config":{"alpha_real":1,\
+"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],\
+"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],\
+"rhs_batch_dimensions":[]}}}
   ROOT %t = (s32[], s8[64,128]{1,0}, s32[64,32]{1,0}) tuple(%i, %a, %gemm)
 }
 
@@ -213,19 +221,24 @@ HloModule jit_f, entry_computation_layout={(s8[64,128]{1,0})->s32[64,32]{1,0}}
   ROOT %lt = pred[] constant(true)
 }
 
-%fused_conv (param_0: bf16[8,16,16,4], param_1: bf16[3,3,4,8]) -> bf16[8,16,16,8] {
+%fused_conv (param_0: bf16[8,16,16,4], param_1: bf16[3,3,4,8]) -> \
+bf16[8,16,16,8] {
   %param_0 = bf16[8,16,16,4]{3,2,1,0} parameter(0)
   %param_1 = bf16[3,3,4,8]{3,2,1,0} parameter(1)
-  ROOT %conv = bf16[8,16,16,8]{3,2,1,0} convolution(%param_0, %param_1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(f)/Conv_0/conv_general_dilated"}
+  ROOT %conv = bf16[8,16,16,8]{3,2,1,0} convolution(%param_0, %param_1), \
+window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, \
+metadata={op_name="jit(f)/Conv_0/conv_general_dilated"}
 }
 
 ENTRY %main (x: s8[64,128]) -> s32[64,32] {
   %x = s8[64,128]{1,0} parameter(0)
   %init = (s32[], s8[64,128]{1,0}, s32[64,32]{1,0}) tuple(%z, %x, %acc)
-  %loop = (s32[], s8[64,128]{1,0}, s32[64,32]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
+  %loop = (s32[], s8[64,128]{1,0}, s32[64,32]{1,0}) while(%init), \
+condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
   %img = bf16[8,16,16,4]{3,2,1,0} parameter(1)
   %k = bf16[3,3,4,8]{3,2,1,0} parameter(2)
-  %c = bf16[8,16,16,8]{3,2,1,0} fusion(%img, %k), kind=kOutput, calls=%fused_conv
+  %c = bf16[8,16,16,8]{3,2,1,0} fusion(%img, %k), kind=kOutput, \
+calls=%fused_conv
   ROOT %out = s32[64,32]{1,0} get-tuple-element(%loop), index=2
 }
 """
