@@ -25,11 +25,19 @@ into (cuBLAS gemms, cuDNN convolutions). For each (a `Matmul` row):
 
 With ``model=`` the quantized model (for a linen ``QuantizedLinen``, its
 bound ``apply`` is recognised by itself), each row traced to a layer that
-jaxq quantized and whose matmul is not low-bit is a *float fallback*, with
-the reason when jaxq knows it: the mode (qat and calibrate compute in
-float), a weight-only rule (float activations times a dequantized weight),
-a format the backend cannot multiply (fp8 or fp4 on a CPU), a grouped
-granularity.
+jaxq quantized and whose matmul is not int8/fp8 (kind ``"int"`` or
+``"float"``) is a *fallback*, with the reason when jaxq knows it: the mode
+(qat and calibrate compute in float; the straight-through backward of the
+int8 forward too), a weight-only rule (float activations times a
+dequantized weight), a format the backend cannot multiply (fp8 or fp4 on a
+CPU), integer operands the compiler widened, a grouped granularity.
+
+```python
+serve = jaxq.quantize_model(model, rules, "serve")
+serving, _ = jaxq.convert(serve, variables)
+print(jaxq.inspect(serve.apply, serving, x))          # compiled, this backend
+jaxq.inspect(serve.apply, serving, x, platforms=("cuda", "tpu"))  # exported
+```
 
 ``platforms=("cuda", "tpu")`` lowers ``fn`` for those platforms with
 ``jax.export`` instead, without their devices: the rows then come from the
