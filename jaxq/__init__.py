@@ -26,6 +26,7 @@ from jaxq.granularity import PerChannel
 from jaxq.granularity import PerGroup
 from jaxq.granularity import PerTensor
 from jaxq.granularity import PerToken
+from jaxq.inspect import inspect
 from jaxq.ops import conv
 from jaxq.ops import dot_general
 from jaxq.ops import einsum

@@ -82,3 +82,41 @@ def test_qat_overhead(tmp_path):
     assert by_impl[case, "float"]["grad_err"] > 1e-3
     low, high = map(float, by_impl[case, "jaxq"]["ratio_ci95"].split("-"))
     assert low <= by_impl[case, "jaxq"]["ratio"] <= high
+
+
+@pytest.mark.slow
+def test_gpu(tmp_path):
+  # The accelerator run, unchanged on a CPU: every section, one JSON.
+  rows = _run("gpu", tmp_path)
+  result = json.loads((tmp_path / "gpu.json").read_text())
+  assert result["skipped"] == {} and result["failed"] == {}
+  sections = {r["section"] for r in rows}
+  # The MiniLM wheel is a test dependency (README), so nothing is skipped.
+  assert sections == {"matmul", "qat_overhead", "minilm"}, sections
+  by = {(r["section"], r.get("variant", ""), r.get("act", ""), r["impl"]): r
+        for r in rows}
+  # jaxq.inspect of each matmul variant: int8 runs int8 on every backend.
+  for act in ("offline", "dynamic"):
+    assert by["matmul", "int8 K-C", act, "jaxq"]["compiled"] == "int8:100%"
+  assert {r["impl"] for r in rows if r["section"] == "qat_overhead"} >= {
+      "float", "jaxq", "jaxq-int8"}
+  minilm = {r["impl"]: r for r in rows if r["section"] == "minilm"}
+  assert minilm["bf16"]["ratio"] == 1
+  assert minilm["jaxq"]["quantized_int8_share"] == 1.0
+  assert minilm["float32"]["int8_share"] == 0.0
+  assert minilm["jaxq"]["mean_cosine"] > 0.95
+
+
+def test_gpu_asks_qat_overhead_for_every_backward_mode(monkeypatch):
+  # gpu.py reads the modes from qat_overhead.py --help, in either of
+  # argparse's forms for a list of choices.
+  monkeypatch.syspath_prepend(str(BENCHMARKS))
+  import gpu  # pylint: disable=import-outside-toplevel
+  appended = "  --backward {ste,float,int8}\n                        mode"
+  assert gpu.backward_modes(appended) == (
+      "--backward", ["--backward", "ste", "--backward", "float",
+                     "--backward", "int8"])
+  several = "  --backward-mode {ste,float} [{ste,float} ...]"
+  assert gpu.backward_modes(several) == (
+      "--backward-mode", ["--backward-mode", "ste", "float"])
+  assert gpu.backward_modes("usage: qat_overhead.py [-h] [--quick]") is None

@@ -201,7 +201,8 @@ class _QuantizedLayer:
         hooks["kernel"] = _Held(kernel)
         hooks["mask"] = None  # jaxq.convert quantized kernel * mask.
     with _attributes(self, **{k: v for k, v in hooks.items()
-                              if k in vars(self)}):
+                              if k in vars(self)}), \
+        jax.named_scope(layer.quant.path):  # For op names (jaxq.inspect).
       return super().__call__(inputs, *args, **kwargs)
 
 
