@@ -37,7 +37,7 @@ int32) and whose backward is the straight-through estimator in float: the
 QAT step with the forward on the integer path, for accelerators where int8
 matmuls outrun float ones. ``jaxq.quantize_model(model, rules, "qat",
 int8_forward=True)`` does the same by rules, with the rules' specs and
-ranges (see `jaxq.flax.core`).
+ranges (see `jaxq.flax.int8_qat`).
 """
 
 from __future__ import annotations

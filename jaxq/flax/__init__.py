@@ -79,7 +79,7 @@ def quantize_model(model: nn.Module | flax_nnx.Module,
       and act specs (no ``learn``); other specs on those layers raise a
       ValueError naming the layer. Scales constant along the contraction
       (T/C weights, T/K activations) take one int8 matmul, others
-      `jaxq.dot_general`'s grouped one (see `jaxq.flax.core`). Convolutions and
+      `jaxq.dot_general`'s grouped one (see `jaxq.flax.int8_qat`). Convolutions and
       embeddings keep fake-quant. Kept by ``with_mode`` (linen); ignored
       outside qat mode.
 
