@@ -31,6 +31,10 @@ calibration: `act_ranges` finalizes them from the stats with the observers'
 ``finalize``; `jaxq.convert` includes them in the serving variables. The
 per-module docstrings of `jaxq.flax.linen` and `jaxq.flax.nnx` list the
 covered layers and the variable collections.
+
+Workflows reach a model through ``adapt(model, variables)``, a
+`ModelAdapter` (`jaxq.flax.adapter`): the one place that tells linen from
+nnx. Batches follow one convention (`jaxq.flax.batch`).
 """
 
 from __future__ import annotations
@@ -143,6 +147,14 @@ def adapt(model: Any, variables: Any = None, *, what: str = "jaxq"
                    f"from jaxq.quantize_model).")
 
 
+def pure_variables(variables: Any) -> Any:
+  """Variables as nested dicts: an ``nnx.State`` through
+  ``nnx.to_pure_dict``, anything else (linen's collections) unchanged."""
+  if isinstance(variables, flax_nnx.State):
+    return flax_nnx.to_pure_dict(variables)
+  return variables
+
+
 def layers(qmodel: QuantizedLinen | flax_nnx.Module) -> dict[str, LayerInfo]:
   """Path -> `LayerInfo` (module type, rule, weight shape) of every layer.
 
@@ -181,8 +193,8 @@ def init_learned(qmodel: QuantizedLinen | flax_nnx.Module, *args: Any,
 
 
 __all__ = [
-    "Batch", "LinenAdapter", "ModelAdapter", "NnxAdapter", "adapt",
-    "init_learned", "LayerInfo", "LayerQuant", "Mode", "QuantRange", "QuantStat",
-    "QuantizedLinen", "Rule", "act_ranges", "layers", "quantize_model",
-    "unmatched_rules",
+    "Batch", "LayerInfo", "LayerQuant", "LinenAdapter", "Mode", "ModelAdapter",
+    "NnxAdapter", "QuantRange", "QuantStat", "QuantizedLinen", "Rule",
+    "act_ranges", "adapt", "init_learned", "layers", "pure_variables",
+    "quantize_model", "unmatched_rules",
 ]
