@@ -75,6 +75,7 @@ from typing import Any, Callable, Collection, Mapping, Protocol, Sequence
 
 import jax
 
+from jaxq.flax import batch as batch_lib
 from jaxq.flax import core
 from jaxq.flax import rules as rules_lib
 from jaxq.flax.rules import LayerInfo
@@ -132,9 +133,15 @@ class CalibrationPass:
 
 
 class ModelAdapter(Protocol):
-  """A linen or nnx model and its variables; see the module docstring."""
+  """A linen or nnx model and its variables; see the module docstring.
+
+  Implemented by `jaxq.flax.linen_adapter.LinenAdapter` and
+  `jaxq.flax.nnx_adapter.NnxAdapter`; obtained with `jaxq.flax.adapt`.
+  """
 
   variables: Any
+
+  # The model.
 
   @property
   def quantized(self) -> bool:
@@ -142,70 +149,117 @@ class ModelAdapter(Protocol):
 
   @property
   def handle(self) -> Any:
-    """The model object as the user holds it (`QuantizedLinen`, linen
-    module, nnx module)."""
+    """The model as the user holds it (`QuantizedLinen`, module)."""
 
-  def require_variables(self, what: str) -> None: ...
+  def layers(self) -> dict[str, LayerInfo]:
+    """Path -> `LayerInfo` of the quantizable layers known so far."""
+
+  def ordered_layers(self, batch: Any) -> dict[str, LayerInfo]:
+    """`layers` in first-call order, tracing ``batch`` abstractly."""
+
+  def unmatched_rules(self) -> tuple[rules_lib.Rule, ...]:
+    """The rules that matched no layer."""
+
+  def quantize(self, rules: Sequence[rules_lib.Rule], mode: core.Mode
+               ) -> "ModelAdapter":
+    """The model quantized by ``rules`` in ``mode``, same variables."""
 
   def float_model(self, what: str) -> tuple[Any, tuple[rules_lib.Rule, ...]]:
-    ...
+    """``(float model, rules)`` of a quantized model (raises for nnx)."""
 
-  def ordered_layers(self, batch: Any) -> dict[str, LayerInfo]: ...
+  def with_variables(self, variables: Any) -> "ModelAdapter":
+    """The same model with other variables."""
 
   def with_ranges(self, ranges: Mapping[str, core.ActRange]
-                  ) -> "ModelAdapter": ...
+                  ) -> "ModelAdapter":
+    """The model with path -> act range loaded for its static act layers."""
+
+  def require_variables(self, what: str) -> None:
+    """Raises a ValueError naming ``what`` for missing or wrong variables."""
+
+  # Running and capturing.
+
+  def apply(self, batch: Any, variables: Any | None = None) -> Any:
+    """The model's output on one batch (`jaxq.flax.batch` convention)."""
+
+  def apply_fn(self) -> ApplyFn:
+    """Jitted ``apply_fn(variables, *args, **kwargs)``."""
+
+  def capture(self, paths: Collection[str]) -> Any:
+    """The `jaxq.flax.capture` pass of the layers at ``paths``."""
+
+  def capture_inputs(self, batches: Sequence[Any], paths: Collection[str],
+                     variables: Any | None = None) -> LayerInputs:
+    """Inputs and outputs of the layers at ``paths``, per call and batch."""
 
   def replay(self, path: str, call: Any, mode: core.Mode,
              rule: rules_lib.Rule) -> Callable[[Sequence[jax.Array]], Any]:
-    ...
+    """``arrays -> output``: the layer at ``path`` alone on a captured
+    call (a `jaxq.flax.capture.LayerCall`)."""
 
-  def layers(self) -> dict[str, LayerInfo]: ...
-
-  def unmatched_rules(self) -> tuple[rules_lib.Rule, ...]: ...
-
-  def quantize(self, rules: Sequence[rules_lib.Rule], mode: core.Mode
-               ) -> "ModelAdapter": ...
-
-  def with_variables(self, variables: Any) -> "ModelAdapter": ...
-
-  def apply(self, batch: Any, variables: Any | None = None) -> Any: ...
-
-  def apply_fn(self) -> ApplyFn: ...
-
-  def capture(self, paths: Collection[str]) -> Any: ...
-
-  def capture_inputs(self, batches: Sequence[Any], paths: Collection[str],
-                     variables: Any | None = None) -> LayerInputs: ...
+  # Weights and other variables.
 
   def get_weight(self, path: str, variables: Any | None = None
-                 ) -> tuple[jax.Array, jax.Array | None]: ...
+                 ) -> tuple[jax.Array, jax.Array | None]:
+    """``(kernel, bias or None)`` of the layer at ``path``."""
 
   def set_kernel(self, path: str, kernel: jax.Array,
-                 variables: Any | None = None) -> Any: ...
+                 variables: Any | None = None) -> Any:
+    """New variables with the layer's kernel replaced (same shape)."""
 
   def read(self, path: str, name: str, variables: Any | None = None
-           ) -> Any | None: ...
+           ) -> Any | None:
+    """The layer's variable ``name`` (kernel, bias, learned...), or None."""
 
   def write(self, values: Mapping[tuple[str, str], Any],
-            variables: Any | None = None) -> Any: ...
+            variables: Any | None = None) -> Any:
+    """New variables with ``{(path, name): value}`` written."""
 
-  def settings(self) -> LayerSettings: ...
+  def mask(self, path: str, variables: Any | None = None) -> Any:
+    """The kernel mask of a masked convolution, or None."""
+
+  # Statistics and ranges.
+
+  def settings(self) -> LayerSettings:
+    """The quantized model's mode, on_nonfinite and observer_for."""
 
   def calibration_pass(self, batch: Any, forward: Forward,
-                       observer_for: core.ObserverFor) -> CalibrationPass: ...
+                       observer_for: core.ObserverFor) -> CalibrationPass:
+    """The jitted calibration step (stats abstract, see `CalibrationPass`)."""
 
-  def act_states(self, stats: Any) -> dict[str, Any]: ...
+  def check_stats(self, stats: Any, what: str) -> None:
+    """Raises a ValueError unless ``stats`` is None or the API's kind."""
 
-  def ranges_from(self, ranges: Mapping[str, core.ActRange]) -> Any: ...
+  def act_states(self, stats: Any) -> dict[str, Any]:
+    """Path -> act observer state of a stats container."""
 
-  def act_ranges(self, stats: Any) -> Any: ...
+  def act_ranges(self, stats: Any) -> Any:
+    """The ranges container, finalized by each layer's rule."""
+
+  def ranges_from(self, ranges: Mapping[str, core.ActRange]) -> Any:
+    """A ranges container from path -> act range."""
+
+  def ranges_by_path(self, ranges: Any) -> dict[str, core.ActRange]:
+    """Path -> act range of a ranges container."""
+
+  def without_stats(self, variables: Any) -> Any:
+    """``variables`` without observer states."""
+
+  def serving(self, variables: Any, stats: Any | None, ranges: Any | None
+              ) -> Any:
+    """`jaxq.convert`'s variables: stats dropped, act ranges attached."""
+
+  def check_convertible(self, variables: Any) -> None:
+    """Raises a ValueError unless `jaxq.convert` can read ``variables``."""
+
+  def init_learned(self, *args: Any, **kwargs: Any) -> Any:
+    """`jaxq.qat.init_learned`: creates the learned ranges."""
 
 
 def capture_inputs(adapter: ModelAdapter, batches: Sequence[Any],
                    paths: Collection[str], variables: Any) -> LayerInputs:
   """`ModelAdapter.capture_inputs` from the adapter's `capture` pass (shared
   by both APIs: the passes return the same ``Captured``)."""
-  from jaxq.flax import batch as batch_lib  # pylint: disable=import-outside-toplevel
   known = adapter.layers()
   unknown = sorted(set(paths) - set(known)) if known else []
   if unknown:

@@ -209,7 +209,9 @@ class LinenAdapter:
                  ) -> tuple[jax.Array, jax.Array | None]:
     variables = self.variables if variables is None else variables
     info = self.layers().get(path)
-    name = info.weight_name if info else "kernel"
+    name = info.weight_name if info else (
+        "embedding" if self.read(path, "kernel", variables) is None and
+        self.read(path, "embedding", variables) is not None else "kernel")
     weight = self.read(path, name, variables)
     if weight is None:
       shape = f" of shape {info.weight_shape}" if info else ""
@@ -224,7 +226,8 @@ class LinenAdapter:
       self._known(path, variables)
       node = _mutable_node(params, path)
       if name not in node and name in adapter_lib.LEARNED_NAMES:
-        node = _mutable_node(node, linen_lib.LEARNED)
+        node[linen_lib.LEARNED] = dict(node.get(linen_lib.LEARNED, {}))
+        node = node[linen_lib.LEARNED]
       node[name] = value
     return {**variables, "params": params}
 
@@ -234,8 +237,10 @@ class LinenAdapter:
     old, _ = self.get_weight(path, variables)
     adapter_lib.check_same_shape(path, old, kernel)
     info = self.layers().get(path)
-    return self.write({(path, info.weight_name if info else "kernel"):
-                       kernel}, variables)
+    name = info.weight_name if info else (
+        "embedding" if self.read(path, "kernel", variables) is None
+        else "kernel")
+    return self.write({(path, name): kernel}, variables)
 
   # Statistics and ranges.
 
@@ -349,6 +354,11 @@ class LinenAdapter:
     return self.layers()[path].mask
 
   def init_learned(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``qmodel.apply(variables, *inputs, mutable=["params"])``'s variables."""
+    if self.qmodel is None or self.qmodel.mode != "qat":
+      mode = "float" if self.qmodel is None else self.qmodel.mode
+      raise ValueError(f"init_learned: expected a qat-mode model, got mode "
+                       f"{mode!r}; use qmodel.with_mode('qat').")
     if not args:
       raise ValueError("init_learned: for linen, pass the variables and the "
                        "model's inputs, as to qmodel.apply.")

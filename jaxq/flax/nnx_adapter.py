@@ -13,6 +13,7 @@ model, or pass it back to the adapter).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Collection, Iterator, Mapping, Sequence
 
 import jax
@@ -81,6 +82,20 @@ class NnxAdapter:
 
   model: nnx.Module
   variables: nnx.State
+  # The flat state last read, by identity: a workflow reads one state layer
+  # by layer (jaxq.convert), so it is flattened once, not once per layer
+  # (the states this adapter returns are new objects, never changed).
+  _flat: list[Any] = dataclasses.field(default_factory=lambda: [None, None],
+                                       compare=False, repr=False)
+
+  @functools.cached_property
+  def _modules(self) -> dict[str, nnx.Module]:
+    return nnx_modules(self.model)
+
+  def _flat_state(self, variables: Any) -> dict[tuple[Any, ...], Any]:
+    if self._flat[0] is not variables:
+      self._flat[:] = [variables, dict(nnx.to_flat_state(variables))]
+    return self._flat[1]
 
   @classmethod
   def of(cls, model: nnx.Module, variables: nnx.State | None,
@@ -113,8 +128,13 @@ class NnxAdapter:
 
   # Layers and running.
 
-  def layers(self) -> dict[str, LayerInfo]:
+  @functools.cached_property
+  def _layers(self) -> dict[str, LayerInfo]:
+    # Fixed once quantize_model has swapped the layers in.
     return nnx_lib.layers(self.model)
+
+  def layers(self) -> dict[str, LayerInfo]:
+    return dict(self._layers)
 
   def unmatched_rules(self) -> tuple[rules_lib.Rule, ...]:
     return nnx_lib.unmatched_rules(self.model)
@@ -177,14 +197,14 @@ class NnxAdapter:
     holds it, run alone on ``call``'s arguments; ``mode`` and ``rule`` are
     the model's already."""
     del mode, rule
-    graphdef, state = nnx.split(nnx_modules(self.model)[path])
+    graphdef, state = nnx.split(self._modules[path])
     return adapter_lib.replay(
         lambda s, *a, **k: nnx.merge(graphdef, s)(*a, **k), call, state)
 
   # Weights and other variables of a layer.
 
   def _module(self, path: str) -> nnx.Module:
-    modules = nnx_modules(self.model)
+    modules = self._modules
     if path not in modules:
       raise adapter_lib.unknown_layer(
           path, self.layers() or [p for p, m in modules.items()
@@ -195,7 +215,7 @@ class NnxAdapter:
            ) -> Any | None:
     self._module(path)
     variables = self.variables if variables is None else variables
-    flat = dict(nnx.to_flat_state(variables))
+    flat = self._flat_state(variables)
     key = _key(path)
     held = flat.get(key + (name,), flat.get(key + (f"jaxq_{name}",)))
     if held is None:
@@ -205,7 +225,9 @@ class NnxAdapter:
   def get_weight(self, path: str, variables: Any | None = None
                  ) -> tuple[jax.Array, jax.Array | None]:
     info = self.layers().get(path)
-    name = info.weight_name if info else "kernel"
+    name = info.weight_name if info else (
+        "embedding" if self.read(path, "kernel", variables) is None and
+        self.read(path, "embedding", variables) is not None else "kernel")
     weight = self.read(path, name, variables)
     if weight is None:
       raise ValueError(f"{_WHAT}: {path!r} has no weight {name!r}.")
@@ -231,8 +253,10 @@ class NnxAdapter:
     old, _ = self.get_weight(path, variables)
     adapter_lib.check_same_shape(path, old, kernel)
     info = self.layers().get(path)
-    return self.write({(path, info.weight_name if info else "kernel"):
-                       kernel}, variables)
+    name = info.weight_name if info else (
+        "embedding" if self.read(path, "kernel", variables) is None
+        else "kernel")
+    return self.write({(path, name): kernel}, variables)
 
   # Statistics and ranges.
 
@@ -342,7 +366,7 @@ class NnxAdapter:
     """The layer's mask: the state's (a mask is nnx data, a plain array
     leaf), the one the serve model will hold; else the model's."""
     variables = self.variables if variables is None else variables
-    flat = dict(nnx.to_flat_state(variables))
+    flat = self._flat_state(variables)
     return flat.get(_key(path) + ("mask",), self.layers()[path].mask)
 
   def init_learned(self, *args: Any, **kwargs: Any) -> nnx.Module:

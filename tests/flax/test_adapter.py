@@ -152,3 +152,37 @@ def test_adapt_refuses_other_objects_and_wrong_variables():
   _, variables, net, _ = _twins()
   with pytest.raises(ValueError, match="variables must be an nnx.State"):
     jaxq.flax.adapt(net, variables)
+
+
+class TwoInputs(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, y, scale=1.0):
+    return nn.Dense(3, name="fc")(x * scale + y)
+
+
+def test_every_workflow_reads_a_batch_the_same_way():
+  """Tuple: positional arguments; mapping: keyword arguments; Batch: both,
+  its mask never reaching the model. calibrate follows the convention."""
+  model = TwoInputs()
+  x, y = (jax.random.normal(jax.random.key(i), (4, 5)) for i in (0, 1))
+  variables = model.init(jax.random.key(2), x, y)
+  rules = (jaxq.Rule(r".*", weight=QuantSpec("int8"),
+                     act=QuantSpec("int8", dynamic=False)),)
+  cal = jaxq.quantize_model(model, rules, mode="calibrate")
+  expected = float(jnp.max(jnp.abs(2.0 * x + y)))
+  batches = {
+      "tuple": (x, y, 2.0),
+      "mapping": {"x": x, "y": y, "scale": 2.0},
+      "Batch": jaxq.flax.Batch(args=(x,), kwargs={"y": y, "scale": 2.0},
+                               mask=jnp.ones((4,), bool)),
+  }
+  for kind, batch in batches.items():
+    result = jaxq.calibrate(cal, variables, [batch], progress=False)
+    amax = result.ranges()["fc"]["act"]["amax"]
+    np.testing.assert_allclose(np.max(amax), expected, rtol=1e-6,
+                               err_msg=kind)
+    adapter = jaxq.flax.adapt(model, variables)
+    np.testing.assert_allclose(adapter.apply(batch),
+                               model.apply(variables, x, y, scale=2.0),
+                               rtol=1e-6, err_msg=kind)
