@@ -16,8 +16,8 @@ that vary along it take `jaxq.dot_general`'s grouped int8 path, still equal
 to fake-quant: groups, or a `PerToken` that reduces fewer axes than the
 layer contracts (an attention output projection contracts (heads,
 head_dim) of its (batch, seq, heads, head_dim) input: give it
-``PerToken(contraction_axis=(-2, -1))`` for one matmul). Convolutions and embeddings have no int8 forward and keep
-fake-quant.
+``PerToken(contraction_axis=(-2, -1))`` for one matmul). Convolutions and
+embeddings have no int8 forward and keep fake-quant.
 """
 
 from __future__ import annotations
