@@ -27,8 +27,9 @@ Conventions (the same for flax.linen and flax.nnx models):
   (pass the float model and the rules).
 * ``data`` is an iterable of calibration batches in the convention of
   every workflow (`jaxq.flax.batch`: an array, a tuple of positional
-  arguments, a mapping of keyword arguments, or a `jaxq.flax.Batch`). It calibrates static activation ranges (one
-  `jaxq.calibrate` pass with the full ``rules``, shared by every
+  arguments, a mapping of keyword arguments, or a `jaxq.flax.Batch`). It
+  calibrates static activation ranges (one `jaxq.calibrate` pass with the
+  full ``rules``, shared by every
   configuration: calibrate mode computes in float, so skipping layers never
   changes another layer's range; `jaxq.act_ranges` gives each scored model
   its layers' ranges) and measures the cheap signal below.

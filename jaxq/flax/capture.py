@@ -148,7 +148,7 @@ def nnx_modules(model: nnx.Module) -> dict[str, nnx.Module]:
 
 
 class NnxCapture:
-  """`LinenCapture` for an nnx model: ``NnxCapture(model, paths)(state, batch)``.
+  """`LinenCapture` for nnx: ``NnxCapture(model, paths)(state, batch)``.
 
   The same ``Captured`` and ``calls`` as `LinenCapture`, from an ``nnx.clone``
   of ``model`` whose layers at ``paths`` are swapped for recording

@@ -21,10 +21,10 @@ mode           weight ``w``                     input activation ``x``
 In serve mode the layer's matmul or convolution receives QArrays and runs
 through `jaxq.dot_general`, `jaxq.einsum` or `jaxq.conv`
 (`jaxq.flax.serve_ops`, whose `serve_conv_transpose` computes a whole
-ConvTranspose layer, whose ``lax.conv_transpose`` takes no op), so it multiplies the
-stored low-bit values. QAT computes
-the float op on the fake-quantized operands, which is what serve computes up
-to float32 accumulation order.
+ConvTranspose layer, whose ``lax.conv_transpose`` takes no op), so it
+multiplies the stored low-bit values. QAT computes the float op on the
+fake-quantized operands, which is what serve computes up to float32
+accumulation order.
 
 Static activation ranges are dicts ``{"amax": a}`` (``{"amin": a, "amax": b}``
 for affine specs) in the keepdims scale shape of the act spec for the

@@ -272,7 +272,8 @@ class QuantizedLinen:
     if int8:
       if isinstance(module, nn.Einsum):
         return self._einsum(module, promote_dtype,
-                            _Int8Op(layer, int8_qat.int8_qat_einsum, jnp.einsum),
+                            _Int8Op(layer, int8_qat.int8_qat_einsum,
+                                    jnp.einsum),
                             *args, **kwargs)
       original_op = (module.dot_general_cls() if module.dot_general_cls
                      else module.dot_general or jax.lax.dot_general)
@@ -282,15 +283,16 @@ class QuantizedLinen:
       if isinstance(module, nn.ConvTranspose):
         return self._conv_transpose(module, promote_dtype, *args, **kwargs)
       if isinstance(module, nn.Einsum):
-        return self._einsum(module, promote_dtype, serve_ops.serve_einsum, *args,
-                            **kwargs)
+        return self._einsum(module, promote_dtype, serve_ops.serve_einsum,
+                            *args, **kwargs)
       if isinstance(module, nn.Conv):
         hooks.update(conv_general_dilated=serve_ops.serve_conv,
                      conv_general_dilated_cls=None)
         if _holds_qarray_kernel(module):
           hooks.update(mask=None)  # jaxq.convert quantized kernel * mask.
       else:
-        hooks.update(dot_general=serve_ops.serve_dot_general, dot_general_cls=None)
+        hooks.update(dot_general=serve_ops.serve_dot_general,
+                     dot_general_cls=None)
     with _attributes(module, **hooks):
       return next_fun(*args, **kwargs)
 
