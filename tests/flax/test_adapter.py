@@ -186,3 +186,28 @@ def test_every_workflow_reads_a_batch_the_same_way():
     np.testing.assert_allclose(adapter.apply(batch),
                                model.apply(variables, x, y, scale=2.0),
                                rtol=1e-6, err_msg=kind)
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_float_model_sequential_pattern(api):
+  """The loop of GPTQ-like algorithms on the FLOAT model: capture a layer's
+  inputs under the variables modified so far, write its new kernel back."""
+  linen, variables, net, batches = _twins()
+  adapter = (jaxq.flax.adapt(linen, variables) if api == "linen"
+             else jaxq.flax.adapt(net))
+  assert not adapter.quantized
+  current = adapter.variables
+  for path in ("fc1", "shared"):
+    inputs = adapter.capture_inputs(batches, [path], current)
+    kernel, _ = adapter.get_weight(path, current)
+    current = adapter.set_kernel(path, 0.5 * kernel, current)
+  # fc1 halved: shared's first call sees relu(0.5 * (x @ w1) + b1).
+  w1, b1 = adapter.get_weight("fc1", current)
+  np.testing.assert_allclose(inputs.inputs["shared"][0][0],
+                             jax.nn.relu(batches[0] @ w1 + b1),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(w1, 0.5 * adapter.get_weight("fc1")[0])
+  if api == "nnx":  # The new state loads into the user's model.
+    nnx.update(net, current)
+    np.testing.assert_allclose(net.shared.kernel[...],
+                               adapter.get_weight("shared", current)[0])
