@@ -73,9 +73,9 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from flax import nnx
 
 import jaxq
+from jaxq import flax as jaxq_flax
 from jaxq import granularity as granularity_lib
 from jaxq.flax.rules import Rule
 from jaxq.flax.rules import check_rules
@@ -504,8 +504,7 @@ def save(path: str | os.PathLike, serving_variables: Mapping[Any, Any],
       not fit its spec, a custom granularity, or metadata JSON cannot hold.
   """
   st = _safetensors()
-  if isinstance(serving_variables, nnx.State):
-    serving_variables = nnx.to_pure_dict(serving_variables)
+  serving_variables = jaxq_flax.pure_variables(serving_variables)
   if not isinstance(serving_variables, Mapping):
     raise ValueError(f"jaxq.save: serving_variables must be a mapping (e.g. "
                      f"{{'params': ...}}), got "

@@ -37,18 +37,13 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from jaxq import flax as jaxq_flax
 from jaxq import learned
 from jaxq.flax import core
-from jaxq.flax import linen as linen_lib
-from jaxq.flax import nnx as nnx_lib
+from jaxq.flax.adapter import ModelAdapter
 from jaxq.quantize import quantize
 from jaxq.spec import QArray
-
-_NOT_CONVERTED = (linen_lib.STATS,)
-
 
 @dataclasses.dataclass(frozen=True)
 class LayerBytes:
@@ -125,111 +120,33 @@ def _quantize_weight(info: jaxq_flax.LayerInfo, value: Any,
       value, learned.scale_of(learned_param, info.weight), info.weight)
 
 
-def _convert_linen(qmodel: linen_lib.QuantizedLinen, variables: Any,
-                   stats: Any | None, ranges: Any | None
-                   ) -> tuple[Any, tuple[LayerBytes, ...]]:
-  layers = [info for info in qmodel.layers().values()
-            if info.weight is not None]
-  if not qmodel.layers():
-    raise ValueError("convert: the linen model has not been traced yet; run "
-                     "qmodel.init or qmodel.apply once (jax.eval_shape is "
-                     "enough) so that jaxq knows its layers.")
-  if "params" not in variables:
-    raise ValueError(f"convert: expected linen variables with a 'params' "
-                     f"collection, got collections {sorted(variables)}.")
-  params = jax.tree.map(lambda x: x, dict(variables["params"]),
-                        is_leaf=lambda x: isinstance(x, QArray))
-  missing, report = [], []
-  for info in layers:
-    node = linen_lib._lookup(params, info.path)  # pylint: disable=protected-access
-    if not isinstance(node, dict) or info.weight_name not in node:
+def _serving_weights(adapter: ModelAdapter, variables: Any
+                     ) -> tuple[Any, tuple[LayerBytes, ...]]:
+  """``variables`` with each quantized layer's weight a `QArray`."""
+  adapter.check_convertible(variables)
+  quantized, missing, report = {}, [], []
+  for info in adapter.layers().values():
+    if info.weight is None:
+      continue
+    value = adapter.read(info.path, info.weight_name, variables)
+    if value is None:
       missing.append(f"{info.path}/{info.weight_name}")
       continue
-    node = _mutable_node(params, info.path)
     learned_param = None
     if info.weight.learn is not None:
-      learned_param = node.get(linen_lib.LEARNED, {}).get(
-          core.learned_name("weight", info.weight))
-    qa = _quantize_weight(info, node[info.weight_name], learned_param,
-                          info.mask)
-    report.append(LayerBytes(info.path, tree_bytes(node[info.weight_name]),
-                             qa.nbytes))
-    node[info.weight_name] = qa
+      learned_param = adapter.read(
+          info.path, core.learned_name("weight", info.weight), variables)
+    qa = _quantize_weight(info, value, learned_param,
+                          adapter.mask(info.path, variables))
+    report.append(LayerBytes(info.path, tree_bytes(value), qa.nbytes))
+    quantized[(info.path, info.weight_name)] = qa
   if missing:
     raise ValueError(f"convert: the params lack the weights of quantized "
                      f"layers: {missing}; were they made by another model?")
-  serving = {k: v for k, v in variables.items() if k not in _NOT_CONVERTED}
-  serving["params"] = params
-  if ranges is None and stats is None and linen_lib.RANGES in variables:
-    ranges = variables[linen_lib.RANGES]  # Finalized already (e.g. QAT's).
-  elif ranges is None:
-    ranges = linen_lib.act_ranges(qmodel, stats or {})
-  if ranges:
-    serving[linen_lib.RANGES] = ranges
-  return serving, tuple(report)
+  return adapter.write(quantized, variables), tuple(report)
 
 
-def _mutable_node(tree: dict, path: str) -> dict:
-  """The dict at ``path``, copying the dicts on the way (no aliasing)."""
-  node = tree
-  for name in path.split("/") if path else []:
-    node[name] = dict(node[name])
-    node = node[name]
-  return node
-
-
-def _convert_nnx(qmodel: nnx.Module, variables: nnx.State,
-                 stats: nnx.State | None, ranges: nnx.State | None
-                 ) -> tuple[nnx.State, tuple[LayerBytes, ...]]:
-  if not isinstance(variables, nnx.State):
-    raise ValueError(f"convert: for an nnx model, variables must be an "
-                     f"nnx.State (e.g. nnx.state(model)), got "
-                     f"{type(variables).__name__}.")
-  flat = dict(nnx.to_flat_state(variables))
-  expected = dict(nnx.to_flat_state(nnx.state(qmodel, nnx.Param)))
-  params = {p: v for p, v in flat.items() if isinstance(v, nnx.Param)}
-  # Learned ranges are created by the first QAT call, so the model given may
-  # not have them yet.
-  is_learned = lambda p: str(p[-1]).startswith("jaxq_")
-  missing = sorted(map(str, {p for p in set(expected) - set(params)
-                             if not is_learned(p)}))
-  extra = sorted(map(str, {p for p in set(params) - set(expected)
-                           if not is_learned(p)}))
-  shapes = [f"{'/'.join(map(str, p))}: {tuple(v.get_value().shape)} != "
-            f"{tuple(expected[p].get_value().shape)}"
-            for p, v in params.items() if p in expected and
-            tuple(v.get_value().shape) != tuple(expected[p].get_value().shape)]
-  if missing or extra or shapes:
-    raise ValueError(f"convert: the state does not match the model: missing "
-                     f"{missing}, extra {extra}, mismatched shapes {shapes}.")
-  report = []
-  for path, module in nnx_lib._quantized_layers(qmodel):  # pylint: disable=protected-access
-    info = module.jaxq_info
-    if info.weight is None:
-      continue
-    key = tuple(path) + (info.weight_name,)
-    learned_param = None
-    if info.weight.learn is not None:
-      held = flat.get(tuple(path) + (
-          f"jaxq_{core.learned_name('weight', info.weight)}",))
-      learned_param = None if held is None else held.get_value()
-    # The state's mask is the one the serve model will hold (a mask is nnx
-    # data, a plain array leaf); a state of Params only falls back to the
-    # model's.
-    mask = flat.get(tuple(path) + ("mask",), info.mask)
-    qa = _quantize_weight(info, flat[key].get_value(), learned_param, mask)
-    report.append(LayerBytes(info.path, tree_bytes(flat[key].get_value()),
-                             qa.nbytes))
-    flat[key] = flat[key].replace(qa)
-  flat = {p: v for p, v in flat.items() if not isinstance(v, nnx_lib.QuantStat)}
-  if ranges is None and stats is not None:
-    ranges = nnx_lib.act_ranges(qmodel, stats)
-  if ranges is not None:
-    flat.update(nnx.to_flat_state(ranges))
-  return nnx.from_flat_state(flat), tuple(report)
-
-
-def convert(qmodel: jaxq_flax.QuantizedLinen | nnx.Module, variables: Any,
+def convert(qmodel: Any, variables: Any,
             stats: Any | None = None, *, ranges: Any | None = None
             ) -> tuple[Any, ConvertReport]:
   """The serving variables of a quantized model, and a `ConvertReport`.
@@ -264,17 +181,10 @@ def convert(qmodel: jaxq_flax.QuantizedLinen | nnx.Module, variables: Any,
   if stats is not None and ranges is not None:
     raise ValueError("convert: pass either stats (finalized here) or ranges "
                      "(already finalized), not both.")
-  if isinstance(qmodel, linen_lib.QuantizedLinen):
-    serving, layers = _convert_linen(qmodel, variables, stats, ranges)
-  elif isinstance(qmodel, nnx.Module):
-    serving, layers = _convert_nnx(qmodel, variables, stats, ranges)
-  else:
-    raise ValueError(f"convert: expected a model from jaxq.quantize_model, "
-                     f"got {type(qmodel).__name__}.")
-  before = {k: v for k, v in variables.items() if k not in _NOT_CONVERTED
-            } if isinstance(variables, dict) else nnx.from_flat_state({
-                p: v for p, v in nnx.to_flat_state(variables)
-                if not isinstance(v, nnx_lib.QuantStat)})
+  adapter = jaxq_flax.adapt(qmodel, what="convert")
+  serving, layers = _serving_weights(adapter, variables)
+  serving = adapter.serving(serving, stats, ranges)
+  before = adapter.without_stats(variables)
   return serving, ConvertReport(float_bytes=tree_bytes(before),
                                 quantized_bytes=tree_bytes(serving),
                                 layers=layers)

@@ -31,16 +31,14 @@ statistics.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Union
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-from flax import traverse_util
-from flax.core import frozen_dict
 
-Path = Union[str, tuple[str, ...]]
-DEFAULT_EPSILON = 1e-5  # flax.linen.BatchNorm's default.
+from jaxq.flax import batchnorm as batchnorm_lib
+from jaxq.flax.batchnorm import DEFAULT_EPSILON
+from jaxq.flax.batchnorm import Path
 
 
 def fold_parameters(kernel: jax.Array, bias: jax.Array | None,
@@ -76,154 +74,29 @@ def fold_parameters(kernel: jax.Array, bias: jax.Array | None,
   return folded_kernel, folded_bias.astype(bias_dtype)
 
 
-def _as_path(path: Path) -> tuple[str, ...]:
-  return tuple(path.split("/")) if isinstance(path, str) else tuple(path)
-
-
-def _name(path: tuple[str, ...]) -> str:
-  return "/".join(path)
-
-
-def _module_names(flat: Mapping[tuple[str, ...], Any], collection: str
-                  ) -> list[str]:
-  return sorted({_name(key[1:-1]) for key in flat if key[0] == collection})
-
-
 def fold_batchnorm_linen(variables: Mapping[str, Any],
                          pairs: Mapping[Path, Path], *,
                          epsilon: float | Mapping[Path, float] = DEFAULT_EPSILON
                          ) -> Mapping[str, Any]:
   """Folds BatchNorms into the preceding Conv/Dense of a linen model.
 
-  Args:
-    variables: the model's variables, with ``"params"`` and
-      ``"batch_stats"`` collections.
-    pairs: maps each conv (or dense) module path to the path of the
-      BatchNorm that follows it; paths are tuples of names or ``"/"``-joined
-      strings, e.g. ``{"block1/conv": "block1/bn"}``.
-    epsilon: the BatchNorms' epsilon (flax's default 1e-5), or a mapping
-      from BatchNorm path to epsilon.
-
-  Returns:
-    New variables (the input is not modified) for the same model
-    definition: folded kernels and biases, identity BatchNorms (see the
-    module docstring). A FrozenDict input gives a FrozenDict.
-
-  Raises:
-    ValueError: naming the path, when a module or variable is missing, the
-      channel counts differ, or a conv without bias is followed by a
-      BatchNorm without bias (nowhere to put the folded bias).
+  See `jaxq.flax.batchnorm.fold_linen`: ``pairs`` maps each conv (or dense)
+  module path to the path of the BatchNorm that follows it (tuples of names
+  or "/"-joined strings); returns new variables (a FrozenDict for a
+  FrozenDict), raising a ValueError naming the path for a missing module or
+  variable, different channel counts, or no place for the folded bias.
   """
-  flat = dict(traverse_util.flatten_dict(variables))
-  epsilons = ({_as_path(k): v for k, v in epsilon.items()}
-              if isinstance(epsilon, Mapping) else None)
-
-  def get(collection: str, path: tuple[str, ...], leaf: str, required: bool):
-    key = (collection, *path, leaf)
-    if key not in flat:
-      if required:
-        raise ValueError(
-            f"fold_batchnorm: no {collection!r} variable {leaf!r} in module "
-            f"{_name(path)!r}; modules with {collection}: "
-            f"{_module_names(flat, collection)}.")
-      return None
-    return flat[key]
-
-  for conv_path, bn_path in pairs.items():
-    conv_path, bn_path = _as_path(conv_path), _as_path(bn_path)
-    kernel = get("params", conv_path, "kernel", True)
-    bias = get("params", conv_path, "bias", False)
-    mean = get("batch_stats", bn_path, "mean", True)
-    var = get("batch_stats", bn_path, "var", True)
-    gamma = get("params", bn_path, "scale", False)
-    beta = get("params", bn_path, "bias", False)
-    if epsilons is None:
-      eps = float(epsilon)
-    elif bn_path in epsilons:
-      eps = float(epsilons[bn_path])
-    else:
-      raise ValueError(f"fold_batchnorm: no epsilon given for BatchNorm "
-                       f"{_name(bn_path)!r}.")
-    if kernel.shape[-1:] != mean.shape:
-      raise ValueError(
-          f"fold_batchnorm: {_name(conv_path)!r} has kernel shape "
-          f"{tuple(kernel.shape)} ({kernel.shape[-1]} output channels) but "
-          f"BatchNorm {_name(bn_path)!r} has statistics of shape "
-          f"{tuple(mean.shape)}; the BatchNorm must normalise the last axis "
-          f"of the layer's output.")
-    if bias is None and beta is None:
-      raise ValueError(
-          f"fold_batchnorm: {_name(conv_path)!r} has no bias and BatchNorm "
-          f"{_name(bn_path)!r} has use_bias=False, so the folded bias has "
-          f"nowhere to go; build one of them with a bias.")
-    new_kernel, new_bias = fold_parameters(kernel, bias, mean, var, gamma,
-                                           beta, eps)
-    flat[("params", *conv_path, "kernel")] = new_kernel
-    if bias is not None:
-      flat[("params", *conv_path, "bias")] = new_bias
-      new_bias = jnp.zeros_like(beta) if beta is not None else None
-    # The BatchNorm keeps the same variables and becomes y -> y + new_bias.
-    flat[("batch_stats", *bn_path, "mean")] = jnp.zeros_like(mean)
-    flat[("batch_stats", *bn_path, "var")] = jnp.full_like(var, 1.0 - eps)
-    if gamma is not None:
-      flat[("params", *bn_path, "scale")] = jnp.ones_like(gamma)
-    if beta is not None:
-      flat[("params", *bn_path, "bias")] = new_bias.astype(beta.dtype)
-  folded = traverse_util.unflatten_dict(flat)
-  if isinstance(variables, frozen_dict.FrozenDict):
-    return frozen_dict.freeze(folded)
-  return folded
+  return batchnorm_lib.fold_linen(variables, pairs, fold_parameters,
+                                  epsilon=epsilon)
 
 
-def fold_batchnorm_nnx(layer: nnx.Module, batchnorm: nnx.BatchNorm) -> None:
-  """Folds an nnx BatchNorm into the preceding ``nnx.Conv`` / ``nnx.Linear``.
-
-  In place, like every nnx state update: ``layer`` gets the folded kernel
-  and bias (a new bias parameter if it had none) and ``batchnorm`` becomes
-  an identity. Fold a copy (``nnx.clone(model)``) to keep the original.
-  The epsilon is read from ``batchnorm.epsilon``.
-
-  Raises:
-    ValueError: when ``layer`` has no kernel, ``batchnorm`` is not an
-      ``nnx.BatchNorm``, or their channel counts differ.
-  """
-  if not isinstance(batchnorm, nnx.BatchNorm):
-    raise ValueError(f"fold_batchnorm: expected an nnx.BatchNorm after "
-                     f"{type(layer).__name__}, got "
-                     f"{type(batchnorm).__name__}.")
-  if not isinstance(getattr(layer, "kernel", None), nnx.Param):
-    raise ValueError(f"fold_batchnorm: {type(layer).__name__} has no kernel "
-                     f"parameter; expected an nnx.Conv, nnx.Linear or a "
-                     f"layer with a (..., out) kernel.")
-  kernel = layer.kernel[...]
-  mean = batchnorm.mean[...]
-  if kernel.shape[-1:] != mean.shape:
-    raise ValueError(
-        f"fold_batchnorm: {type(layer).__name__} has kernel shape "
-        f"{tuple(kernel.shape)} ({kernel.shape[-1]} output channels) but the "
-        f"BatchNorm has statistics of shape {tuple(mean.shape)}.")
-  bias = None if layer.bias is None else layer.bias[...]
-  gamma = None if batchnorm.scale is None else batchnorm.scale[...]
-  beta = None if batchnorm.bias is None else batchnorm.bias[...]
-  eps = float(batchnorm.epsilon)
-  new_kernel, new_bias = fold_parameters(kernel, bias, mean,
-                                         batchnorm.var[...], gamma, beta, eps)
-  layer.kernel[...] = new_kernel
-  if bias is None:
-    layer.bias = nnx.Param(new_bias)
-    layer.use_bias = True
-  else:
-    layer.bias[...] = new_bias
-  batchnorm.mean[...] = jnp.zeros_like(mean)
-  batchnorm.var[...] = jnp.full_like(batchnorm.var[...], 1.0 - eps)
-  if gamma is not None:
-    batchnorm.scale[...] = jnp.ones_like(gamma)
-  if beta is not None:
-    batchnorm.bias[...] = jnp.zeros_like(beta)
+def fold_batchnorm_nnx(layer: Any, batchnorm: Any) -> None:
+  """Folds an nnx BatchNorm into the preceding ``nnx.Conv`` / ``nnx.Linear``
+  in place (see `jaxq.flax.batchnorm.fold_nnx`)."""
+  batchnorm_lib.fold_nnx(layer, batchnorm, fold_parameters)
 
 
-def fold_batchnorm(target: Mapping[str, Any] | nnx.Module,
-                   pairs_or_batchnorm: Mapping[Path, Path] | nnx.BatchNorm,
+def fold_batchnorm(target: Any, pairs_or_batchnorm: Any,
                    **kwargs: Any) -> Mapping[str, Any] | None:
   """Folds BatchNorm into the preceding Conv/Dense, for linen or nnx.
 
@@ -235,13 +108,5 @@ def fold_batchnorm(target: Mapping[str, Any] | nnx.Module,
   See the module docstring for the arithmetic and the identity BatchNorm
   that is left behind.
   """
-  if isinstance(target, nnx.Module):
-    if kwargs:
-      raise ValueError(f"fold_batchnorm: the nnx form takes no options (the "
-                       f"epsilon comes from the BatchNorm), got "
-                       f"{sorted(kwargs)}.")
-    return fold_batchnorm_nnx(target, pairs_or_batchnorm)
-  if isinstance(target, Mapping):
-    return fold_batchnorm_linen(target, pairs_or_batchnorm, **kwargs)
-  raise ValueError(f"fold_batchnorm: expected linen variables (a mapping) or "
-                   f"an nnx module, got {type(target).__name__}.")
+  return batchnorm_lib.fold_batchnorm(target, pairs_or_batchnorm,
+                                      fold_parameters, **kwargs)

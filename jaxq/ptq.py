@@ -57,31 +57,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from jaxq import calibration
 from jaxq import flax as jaxq_flax
 from jaxq.flax import core
-from jaxq.flax import linen as linen_lib
-from jaxq.flax import nnx as nnx_lib
+from jaxq.flax.adapter import CalibrationPass
+from jaxq.flax.adapter import ModelAdapter
+from jaxq.flax.batch import call_model
 from jaxq.granularity import PerChannel
 from jaxq.granularity import PerTensor
 from jaxq.spec import QuantSpec
 
 Forward = Callable[[Any, Any], Any]
+# A model from `jaxq.quantize_model`: a `QuantizedLinen` or an nnx module.
+QuantizedModel = Any
 Methods = Sequence[str] | Mapping[str, calibration.Observer]
-Path = tuple[Any, ...]
 
 # A stand-in spec and input that every jaxq observer can initialise from, to
 # learn which kind of state an observer keeps (see `_recording_observer`).
 _PROBE_SPEC = QuantSpec("int8", dynamic=False)
 _PROBE_INPUT = jax.ShapeDtypeStruct((1,), jnp.float32)
-
-
-def _call(model: Any, batch: Any) -> Any:
-  return model(batch)
 
 
 # Methods.
@@ -194,163 +191,12 @@ def _is_state(x: Any) -> bool:
   return isinstance(x, (calibration.MaxState, calibration.HistogramState))
 
 
-def _path_str(path: Path) -> str:
-  return "/".join(str(p) for p in path)
-
-
-# The two frameworks: where the stats live and how a step runs.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Pass:
-  """One model's calibration pass as pure functions over its stats.
-
-  Attributes:
-    step: jitted ``(stats, batch) -> (stats, nonfinite)``, ``nonfinite`` the
-      int32 counts of the act states in ``act_paths`` order.
-    stats: the empty stats to start from.
-    act_states: ``stats -> {module path: act observer state}``.
-    act_paths: the module paths of the static act layers.
-  """
-
-  step: Callable[[Any, Any], tuple[Any, jax.Array]]
-  stats: Any
-  act_states: Callable[[Any], dict[Path, Any]]
-  act_paths: tuple[Path, ...]
-
-
-def _nonfinite_counts(act_states: dict[Path, Any], paths: Sequence[Path]
-                      ) -> jax.Array:
-  return jnp.asarray([calibration.nonfinite_count(act_states[p])
-                      for p in paths], jnp.int32).reshape(len(paths))
-
-
-def _linen_act_states(stats: Any) -> dict[Path, Any]:
-  found = {}
-
-  def visit(node: Any, path: Path) -> None:
-    for name, child in node.items():
-      if name == core.ACT_STATS and _is_state(child):
-        found[path] = child
-      elif isinstance(child, Mapping):
-        visit(child, path + (name,))
-
-  visit(stats, ())
-  return found
-
-
-def _linen_pass(qmodel: linen_lib.QuantizedLinen, variables: Any,
-                batch: Any, forward: Forward,
-                observer_for: core.ObserverFor) -> _Pass:
-  if not isinstance(variables, Mapping) or "params" not in variables:
-    got = (f"collections {sorted(variables)}"
-           if isinstance(variables, Mapping) else type(variables).__name__)
-    raise ValueError(f"calibrate: a linen model needs its variables "
-                     f"{{'params': ...}}, got {got}.")
-  # The calibration copy shares the layer record, so that `jaxq.convert` and
-  # `jaxq.act_ranges` know the layers of the user's model afterwards.
-  model = dataclasses.replace(
-      qmodel, on_nonfinite="count", observer_for=observer_for,
-      _layers=qmodel._layers, _warned=qmodel._warned)  # pylint: disable=protected-access
-  variables = {k: v for k, v in variables.items()
-               if k not in (linen_lib.STATS, linen_lib.RANGES)}
-
-  def run(variables: Any, stats: Any, batch: Any) -> Any:
-    current = [stats]
-
-    def apply(*args, **kwargs):
-      out, updated = model.apply({**variables, linen_lib.STATS: current[0]},
-                                 *args, mutable=[linen_lib.STATS], **kwargs)
-      current[0] = updated[linen_lib.STATS]
-      return out
-
-    forward(apply, batch)
-    return current[0]
-
-  shapes = jax.eval_shape(run, variables, {}, batch)
-  stats = jax.tree.map(_empty_state, shapes, is_leaf=_is_state)
-  # In the order the model calls its layers, so errors list them that way.
-  order = {tuple(p.split("/")) if p else (): i
-           for i, p in enumerate(qmodel.layers())}
-  paths = tuple(sorted(_linen_act_states(stats),
-                       key=lambda p: order.get(p, len(order))))
-
-  @jax.jit
-  def step(variables: Any, stats: Any, batch: Any):
-    stats = run(variables, stats, batch)
-    return stats, _nonfinite_counts(_linen_act_states(stats), paths)
-
-  return _Pass(step=lambda stats, batch: step(variables, stats, batch),
-               stats=stats, act_states=_linen_act_states, act_paths=paths)
-
-
-def _nnx_layers(model: nnx.Module) -> Iterator[nnx.Module]:
-  for _, module in nnx.iter_graph(model):
-    if isinstance(getattr(module, "jaxq_layer", None), core.LayerQuant):
-      yield module
-
-
-def _nnx_act_states(stats: nnx.State) -> dict[Path, Any]:
-  name = f"jaxq_{core.ACT_STATS}_stats"
-  return {tuple(path[:-1]): var.get_value()
-          for path, var in nnx.to_flat_state(stats) if path[-1] == name}
-
-
-def _nnx_pass(qmodel: nnx.Module, variables: nnx.State | None, batch: Any,
-              forward: Forward, observer_for: core.ObserverFor) -> _Pass:
-  model = nnx.clone(qmodel)
-  if variables is not None:
-    if not isinstance(variables, nnx.State):
-      raise ValueError(f"calibrate: for an nnx model, variables must be an "
-                       f"nnx.State (e.g. nnx.state(model)) or None, got "
-                       f"{type(variables).__name__}.")
-    nnx.update(model, variables)
-  for module in _nnx_layers(model):
-    object.__setattr__(module, "jaxq_layer", dataclasses.replace(
-        module.jaxq_layer, on_nonfinite="count", observer_for=observer_for))
-
-  def record(module: nnx.Module, batch: Any) -> nnx.Module:
-    forward(module, batch)
-    return module
-
-  # The abstract model has the QuantStat variables the first batch creates.
-  graphdef, shapes, _ = nnx.split(nnx.eval_shape(record, model, batch),
-                                  nnx_lib.QuantStat, ...)
-  rest = nnx.state(model, nnx.Not(nnx_lib.QuantStat))
-  stats = jax.tree.map(_empty_state, shapes, is_leaf=_is_state)
-  paths = tuple(_nnx_act_states(stats))
-
-  @jax.jit
-  def step(rest: nnx.State, stats: nnx.State, batch: Any):
-    module = nnx.merge(graphdef, stats, rest)
-    forward(module, batch)
-    stats = nnx.state(module, nnx_lib.QuantStat)
-    return stats, _nonfinite_counts(_nnx_act_states(stats), paths)
-
-  return _Pass(step=lambda stats, batch: step(rest, stats, batch),
-               stats=stats, act_states=_nnx_act_states, act_paths=paths)
-
-
-def _model_settings(qmodel: Any) -> tuple[str, core.OnNonfinite,
-                                          core.ObserverFor]:
-  """(mode, on_nonfinite, observer_for) of a model from `quantize_model`."""
-  if isinstance(qmodel, linen_lib.QuantizedLinen):
-    return qmodel.mode, qmodel.on_nonfinite, qmodel.observer_for
-  if isinstance(qmodel, nnx.Module):
-    layers = [m.jaxq_layer for m in _nnx_layers(qmodel)]
-    if not layers:
-      return "calibrate", "raise", calibration.observer_for
-    return layers[0].mode, layers[0].on_nonfinite, layers[0].observer_for
-  raise ValueError(f"calibrate: expected a model from jaxq.quantize_model "
-                   f"(linen or nnx), got {type(qmodel).__name__}.")
-
-
-def _check_recorded(act_states: Mapping[Path, Any],
+def _check_recorded(act_states: Mapping[str, Any],
                     recorder: calibration.Observer,
                     observers: Mapping[str, calibration.Observer]) -> None:
   """Raises, naming the layers, where the methods' shared state is impossible."""
   wanted = type(recorder.init(_PROBE_INPUT, _PROBE_SPEC))
-  bad = {_path_str(p): s.spec for p, s in act_states.items()
+  bad = {p: s.spec for p, s in act_states.items()
          if not isinstance(s, wanted)}
   if bad:
     raise ValueError(
@@ -410,18 +256,10 @@ class CalibrationResult:
       raise ValueError(f"CalibrationResult.ranges: unknown method {method!r}; "
                        f"this pass has {self.methods}.")
     observer = self.observers[method]
-    if isinstance(self.model, linen_lib.QuantizedLinen):
-      ranges: dict[str, Any] = {}
-      for path, state in _linen_act_states(self.stats).items():
-        node = ranges
-        for name in path:
-          node = node.setdefault(name, {})
-        node[core.ACT_STATS] = core.finalize_range(observer, state)
-      return ranges
-    return nnx.from_flat_state({
-        path + ("jaxq_act_range",): nnx_lib.QuantRange(
-            core.finalize_range(observer, state))
-        for path, state in _nnx_act_states(self.stats).items()})
+    adapter = jaxq_flax.adapt(self.model, what="CalibrationResult.ranges")
+    return adapter.ranges_from({
+        path: core.finalize_range(observer, state)
+        for path, state in adapter.act_states(self.stats).items()})
 
 
 def _first(batches: Iterable[Any]) -> tuple[Any, Iterator[Any]]:
@@ -435,8 +273,8 @@ def _first(batches: Iterable[Any]) -> tuple[Any, Iterator[Any]]:
 
 
 def _raise_nonfinite(index: int, new: np.ndarray,
-                     paths: Sequence[Path]) -> None:
-  where = ", ".join(f"{_path_str(p)!r} ({int(n)})"
+                     paths: Sequence[str]) -> None:
+  where = ", ".join(f"{p!r} ({int(n)})"
                     for p, n in zip(paths, new) if n > 0)
   raise ValueError(
       f"calibrate: batch {index} holds non-finite values (NaN or inf); "
@@ -444,11 +282,12 @@ def _raise_nonfinite(index: int, new: np.ndarray,
       f"on_nonfinite='count' to skip and count them.")
 
 
-def _build(qmodel: linen_lib.QuantizedLinen | nnx.Module, variables: Any,
-           batch: Any, observers: Mapping[str, calibration.Observer],
-           forward: Forward) -> _Pass:
-  """The calibration pass of ``qmodel``, its stats placed like ``batch``."""
-  mode, _, observer_for = _model_settings(qmodel)
+def _build(adapter: ModelAdapter, batch: Any,
+           observers: Mapping[str, calibration.Observer],
+           forward: Forward) -> CalibrationPass:
+  """The calibration pass of ``adapter``'s model, its stats empty and placed
+  like ``batch``."""
+  mode, _, observer_for = dataclasses.astuple(adapter.settings())
   if mode != "calibrate":
     raise ValueError(f"calibrate: expected a model from jaxq.quantize_model("
                      f"..., mode='calibrate'), got mode {mode!r}.")
@@ -465,17 +304,15 @@ def _build(qmodel: linen_lib.QuantizedLinen | nnx.Module, variables: Any,
         return calibration.max()
       return recorder
 
-  build = (_linen_pass if isinstance(qmodel, linen_lib.QuantizedLinen)
-           else _nnx_pass)
-  calibration_pass = build(qmodel, variables, batch, forward, observer_for)
+  calibration_pass = adapter.calibration_pass(batch, forward, observer_for)
+  stats = jax.tree.map(_empty_state, calibration_pass.stats, is_leaf=_is_state)
   if observers:
-    _check_recorded(calibration_pass.act_states(calibration_pass.stats),
-                    recorder, observers)
-  return dataclasses.replace(
-      calibration_pass, stats=_placed_like(calibration_pass.stats, batch))
+    _check_recorded(adapter.act_states(stats), recorder, observers)
+  return dataclasses.replace(calibration_pass,
+                             stats=_placed_like(stats, batch))
 
 
-def calibration_step(qmodel: linen_lib.QuantizedLinen | nnx.Module,
+def calibration_step(qmodel: QuantizedModel,
                      variables: Any, batch: Any,
                      methods: Methods | None = None, *,
                      forward: Forward | None = None,
@@ -494,12 +331,13 @@ def calibration_step(qmodel: linen_lib.QuantizedLinen | nnx.Module,
     always skipped and counted here; nothing is raised.
   """
   observers = {} if methods is None else _observers(methods, num_bins)
-  calibration_pass = _build(qmodel, variables, batch, observers,
-                            forward or _call)
+  calibration_pass = _build(
+      jaxq_flax.adapt(qmodel, variables, what="calibrate"), batch, observers,
+      forward or call_model)
   return calibration_pass.step, calibration_pass.stats
 
 
-def calibrate(qmodel: linen_lib.QuantizedLinen | nnx.Module, variables: Any,
+def calibrate(qmodel: QuantizedModel, variables: Any,
               batches: Iterable[Any], methods: Methods | None = None,
               progress: bool = True, *, forward: Forward | None = None,
               on_nonfinite: core.OnNonfinite | None = None,
@@ -512,7 +350,8 @@ def calibrate(qmodel: linen_lib.QuantizedLinen | nnx.Module, variables: Any,
     variables: linen: the model's variables ``{"params": ...}``; nnx: an
       ``nnx.State`` to load into (a copy of) the model, or None to use its
       own.
-    batches: an iterable of batches (pytrees of arrays, sharded or not);
+    batches: an iterable of batches (arrays, tuples, mappings or
+      `jaxq.flax.Batch`es of arrays, sharded or not; see ``forward``);
       every batch of one shape runs the same compiled step.
     methods: None to record each static act layer with its rule's own
       calibration (``spec.calibration``). Or method names, ``"max"``,
@@ -524,7 +363,10 @@ def calibrate(qmodel: linen_lib.QuantizedLinen | nnx.Module, variables: Any,
     forward: ``(model, batch) -> output``, how a batch runs through the
       model: for linen ``model`` is ``apply`` with the variables bound (call
       it as ``model(x, method=..., train=False)``), for nnx the module.
-      Default: ``model(batch)``.
+      Default: `jaxq.flax.batch.call_model`, the batch convention of every
+      workflow (an array is the one positional argument, a tuple the
+      positional arguments, a mapping the keyword arguments, a
+      `jaxq.flax.Batch` both).
     on_nonfinite: ``"raise"`` a ValueError naming the batch and the layers
       whose input holds NaN or inf, or ``"count"`` them (skipped; see
       `CalibrationResult.nonfinite`). Default: the model's setting.
@@ -540,14 +382,26 @@ def calibrate(qmodel: linen_lib.QuantizedLinen | nnx.Module, variables: Any,
       have (naming the layers), or non-finite inputs (naming the batch and
       the layers) unless they are counted.
   """
-  _, model_on_nonfinite, _ = _model_settings(qmodel)
-  on_nonfinite = on_nonfinite or model_on_nonfinite
+  return calibrate_adapter(
+      jaxq_flax.adapt(qmodel, variables, what="calibrate"), batches, methods,
+      progress, forward=forward, on_nonfinite=on_nonfinite,
+      num_bins=num_bins, model=qmodel)
+
+
+def calibrate_adapter(adapter: ModelAdapter, batches: Iterable[Any],
+                      methods: Methods | None = None, progress: bool = True,
+                      *, forward: Forward | None = None,
+                      on_nonfinite: core.OnNonfinite | None = None,
+                      num_bins: int = calibration.observers.DEFAULT_NUM_BINS,
+                      model: Any | None = None) -> CalibrationResult:
+  """`calibrate` of a `jaxq.flax.ModelAdapter` (its model and variables);
+  ``model`` is the result's model (default: ``adapter.handle``)."""
+  on_nonfinite = on_nonfinite or adapter.settings().on_nonfinite
   core.check_on_nonfinite(on_nonfinite)
   observers = {} if methods is None else _observers(methods, num_bins)
   total = len(batches) if isinstance(batches, Sized) else None
   first, batches = _first(batches)
-  calibration_pass = _build(qmodel, variables, first, observers,
-                            forward or _call)
+  calibration_pass = _build(adapter, first, observers, forward or call_model)
 
   stats = calibration_pass.stats
   paths = calibration_pass.act_paths
@@ -575,6 +429,7 @@ def calibrate(qmodel: linen_lib.QuantizedLinen | nnx.Module, variables: Any,
     check(*pending)
 
   return CalibrationResult(
-      model=qmodel, stats=stats, observers=observers,
-      nonfinite={_path_str(p): int(n) for p, n in zip(paths, seen)},
+      model=adapter.handle if model is None else model, stats=stats,
+      observers=observers,
+      nonfinite={p: int(n) for p, n in zip(paths, seen)},
       num_batches=num_batches)

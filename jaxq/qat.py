@@ -37,7 +37,7 @@ int32) and whose backward is the straight-through estimator in float: the
 QAT step with the forward on the integer path, for accelerators where int8
 matmuls outrun float ones. ``jaxq.quantize_model(model, rules, "qat",
 int8_forward=True)`` does the same by rules, with the rules' specs and
-ranges (see `jaxq.flax.core`).
+ranges (see `jaxq.flax.int8_qat`).
 """
 
 from __future__ import annotations
@@ -49,9 +49,8 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
-from jaxq.flax import linen as linen_lib
+from jaxq import flax as jaxq_flax
 
 DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]],
                          tuple[Sequence[int], Sequence[int]]]
@@ -118,7 +117,7 @@ def recipe(base_lr: float, original_steps: int, *,
                    **optimizer_kwargs)
 
 
-def init_learned(qmodel: linen_lib.QuantizedLinen | nnx.Module, *args: Any,
+def init_learned(qmodel: Any, *args: Any,
                  **kwargs: Any) -> Any:
   """Creates the learned ranges of a QAT model, called like the model.
 
@@ -133,22 +132,7 @@ def init_learned(qmodel: linen_lib.QuantizedLinen | nnx.Module, *args: Any,
   adds ``nnx.Param`` attributes in place, and returns ``qat``; build the
   optimizer afterwards.
   """
-  if isinstance(qmodel, linen_lib.QuantizedLinen):
-    if qmodel.mode != "qat":
-      raise ValueError(f"init_learned: expected a qat-mode model, got mode "
-                       f"{qmodel.mode!r}; use qmodel.with_mode('qat').")
-    if not args:
-      raise ValueError("init_learned: for linen, pass the variables and the "
-                       "model's inputs, as to qmodel.apply.")
-    variables, *inputs = args
-    _, updated = qmodel.apply(variables, *inputs, mutable=["params"],
-                              **kwargs)
-    return {**variables, "params": updated["params"]}
-  if isinstance(qmodel, nnx.Module):
-    qmodel(*args, **kwargs)
-    return qmodel
-  raise ValueError(f"init_learned: expected a model from jaxq.quantize_model, "
-                   f"got {type(qmodel).__name__}.")
+  return jaxq_flax.init_learned(qmodel, *args, **kwargs)
 
 
 def _int8_rows(x: jax.Array, contracting: Sequence[int]

@@ -15,8 +15,8 @@ variables, data, rules=rules)``) measures, for every layer the rules reach:
 * ``float_bytes`` / ``quantized_bytes``: the weight's bytes in float and as
   a `QArray` (values packed, scales, zero points; `QArray.nbytes`).
 
-Inputs are captured from the FLOAT model (`jaxq.sensitivity.Capture`, or
-`jaxq.sensitivity.NnxCapture` for nnx), so
+Inputs are captured from the FLOAT model (`jaxq.flax.capture`, through the
+model's `jaxq.flax.ModelAdapter`), so
 each layer's numbers are its own error, not its predecessors'. The same pass
 fills a per-tensor |x| histogram of each layer's input (``num_bins`` bins,
 `jaxq.calibration.HistogramState`) and finalizes it with the max,
@@ -49,21 +49,19 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 
+from jaxq import analysis
+from jaxq import flax as jaxq_flax
 from jaxq import granularity as granularity_lib
 from jaxq import observers
+from jaxq.analysis import error_sums
+from jaxq.analysis import sqnr_db
 from jaxq.flax import rules as rules_lib
-from jaxq.flax.linen import QuantizedLinen
+from jaxq.flax.batch import check_batches
 from jaxq.flax.rules import Rule
 from jaxq.quantize import dequantize
 from jaxq.quantize import fake_quant
 from jaxq.quantize import quantize
-from jaxq.sensitivity import SensitivityTable
-from jaxq.sensitivity import check_batches
-from jaxq.sensitivity import error_sums
-from jaxq.sensitivity import sqnr_db
-from jaxq.sensitivity import subject
 from jaxq.spec import QArray
 from jaxq.spec import QuantSpec
 
@@ -232,7 +230,7 @@ def _act_error(x: jax.Array, amin: jax.Array | None, amax: jax.Array | None,
       (x,), (fake_quant(x, spec, amax=amax, amin=amin),))
 
 
-def report(model: Any, variables: Mapping[str, Any] | nnx.State | None,
+def report(model: Any, variables: Any,
            data: Iterable[Any], *,
            rules: Sequence[Rule] | Rule | None = None, stats: Any | None = None,
            num_bins: int = 2048, percentile: float = 99.99) -> Report:
@@ -263,18 +261,21 @@ def report(model: Any, variables: Mapping[str, Any] | nnx.State | None,
       layer's weight.
   """
   what = "jaxq.report"
-  if isinstance(model, QuantizedLinen):
+  adapter = jaxq_flax.adapt(model, variables, what=what)
+  if adapter.quantized:
+    model, own_rules = adapter.float_model(what)
     if rules is not None:
       raise ValueError(f"{what}: the quantized model carries its rules; do "
                        f"not pass rules too.")
-    model, rules = model.model, model.rules
-  analysed = subject(model, variables, what)
+    rules = own_rules
+  analysed = analysis.analysed(model, variables, what)
   if rules is None:
     raise ValueError(f"{what}: pass rules= with a float model (or a model "
                      f"from jaxq.quantize_model).")
   rules = rules_lib.check_rules(rules)
   batches = check_batches(data, what)
-  calibrated = analysed.calibrate(rules, batches, stats, what=what)
+  calibrated = analysis.calibrate_layers(analysed, rules, batches, stats,
+                                         what=what)
   layers = calibrated.layers
   # Histograms of the quantized layers' inputs; embedding lookups take ids,
   # not activations, so they have none.
@@ -314,8 +315,11 @@ def report(model: Any, variables: Mapping[str, Any] | nnx.State | None,
 
   rows = []
   for path, info in layers.items():
-    weight_sqnr, float_bytes, quantized_bytes = _weight_numbers(
-        info, analysed.weight(info, what))
+    weight = analysed.read(path, info.weight_name)
+    if weight is None:
+      raise ValueError(f"{what}: the params lack {path}/{info.weight_name} "
+                       f"of shape {info.weight_shape}.")
+    weight_sqnr, float_bytes, quantized_bytes = _weight_numbers(info, weight)
     act_sqnr = act_amax = None
     if info.act is not None and path in states:
       act_sqnr = sqnr_db(sums[path][0], sums[path][1])
@@ -406,11 +410,12 @@ def plot_histograms(rep: Report, path: PathLike, *,
   return os.fspath(path)
 
 
-def plot_sensitivity(table: SensitivityTable, path: PathLike
+def plot_sensitivity(table: Any, path: PathLike
                      ) -> str:
   """Saves a PNG bar chart of each layer's metric drop and output SQNR.
 
-  Layers are listed most sensitive first (the table's order). Returns
+  ``table`` is a `jaxq.sensitivity.SensitivityTable`; layers are listed
+  most sensitive first (the table's order). Returns
   ``path`` as a string.
   """
   if not table.rows:

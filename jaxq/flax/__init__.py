@@ -31,6 +31,10 @@ calibration: `act_ranges` finalizes them from the stats with the observers'
 ``finalize``; `jaxq.convert` includes them in the serving variables. The
 per-module docstrings of `jaxq.flax.linen` and `jaxq.flax.nnx` list the
 covered layers and the variable collections.
+
+Workflows reach a model through ``adapt(model, variables)``, a
+`ModelAdapter` (`jaxq.flax.adapter`): the one place that tells linen from
+nnx. Batches follow one convention (`jaxq.flax.batch`).
 """
 
 from __future__ import annotations
@@ -43,12 +47,17 @@ from flax import nnx as flax_nnx
 from jaxq import calibration
 from jaxq.flax import core
 from jaxq.flax import linen
+from jaxq.flax import linen_adapter
 from jaxq.flax import nnx
 from jaxq.flax import rules as rules_lib
+from jaxq.flax.adapter import ModelAdapter
+from jaxq.flax.batch import Batch
 from jaxq.flax.core import LayerQuant
 from jaxq.flax.core import Mode
 from jaxq.flax.linen import QuantizedLinen
+from jaxq.flax.linen_adapter import LinenAdapter
 from jaxq.flax.nnx import QuantRange
+from jaxq.flax.nnx_adapter import NnxAdapter
 from jaxq.flax.nnx import QuantStat
 from jaxq.flax.rules import LayerInfo
 from jaxq.flax.rules import Rule
@@ -79,7 +88,7 @@ def quantize_model(model: nn.Module | flax_nnx.Module,
       and act specs (no ``learn``); other specs on those layers raise a
       ValueError naming the layer. Scales constant along the contraction
       (T/C weights, T/K activations) take one int8 matmul, others
-      `jaxq.dot_general`'s grouped one (see `jaxq.flax.core`). Convolutions and
+      `jaxq.dot_general`'s grouped one (see `jaxq.flax.int8_qat`). Convolutions and
       embeddings keep fake-quant. Kept by ``with_mode`` (linen); ignored
       outside qat mode.
 
@@ -107,23 +116,58 @@ def quantize_model(model: nn.Module | flax_nnx.Module,
                    f"Module, got {type(model).__name__}.")
 
 
+def adapt(model: Any, variables: Any = None, *, what: str = "jaxq"
+          ) -> ModelAdapter:
+  """The `ModelAdapter` of a linen or nnx model and its variables.
+
+  The one place that tells the Flax APIs apart; see `jaxq.flax.adapter`
+  for the protocol (layers, capture, weights, statistics and ranges).
+
+  Args:
+    model: a float linen module, a `QuantizedLinen`, or an nnx module
+      (float or from `quantize_model`).
+    variables: linen: ``{"params": ...}`` (may be None where only the layers
+      are read); nnx: an ``nnx.State`` loaded into a copy of the model, or
+      None for the model's own state.
+    what: the caller, named in errors.
+
+  Raises:
+    ValueError: for anything else, or variables of the wrong kind.
+  """
+  if isinstance(model, (QuantizedLinen, nn.Module)):
+    if variables is not None:
+      linen_adapter.check_variables(variables, what)
+    if isinstance(model, QuantizedLinen):
+      return LinenAdapter(model.model, variables, model)
+    return LinenAdapter(model, variables)
+  if isinstance(model, flax_nnx.Module):
+    return NnxAdapter.of(model, variables, what)
+  raise ValueError(f"{what}: expected a flax.linen or flax.nnx Module, got "
+                   f"{type(model).__name__} (pass the model itself, or one "
+                   f"from jaxq.quantize_model).")
+
+
+def pure_variables(variables: Any) -> Any:
+  """Variables as nested dicts: an ``nnx.State`` through
+  ``nnx.to_pure_dict``, anything else (linen's collections) unchanged."""
+  if isinstance(variables, flax_nnx.State):
+    return flax_nnx.to_pure_dict(variables)
+  return variables
+
+
 def layers(qmodel: QuantizedLinen | flax_nnx.Module) -> dict[str, LayerInfo]:
   """Path -> `LayerInfo` (module type, rule, weight shape) of every layer.
 
   For linen, the layers traced so far (run ``init`` or ``apply`` once, e.g.
   under ``jax.eval_shape``); for nnx, every layer of the graph.
   """
-  if isinstance(qmodel, QuantizedLinen):
-    return qmodel.layers()
-  return nnx.layers(qmodel)
+  return adapt(qmodel, what="layers").layers()
 
 
 def unmatched_rules(qmodel: QuantizedLinen | flax_nnx.Module
                     ) -> tuple[Rule, ...]:
   """The rules that matched no layer (see `layers` for linen's timing)."""
-  if isinstance(qmodel, QuantizedLinen):
-    return qmodel.unmatched_rules()
-  return nnx.unmatched_rules(qmodel)
+  return adapt(qmodel, what="unmatched_rules").unmatched_rules()
 
 
 def act_ranges(qmodel: QuantizedLinen | flax_nnx.Module, stats: Any) -> Any:
@@ -139,13 +183,18 @@ def act_ranges(qmodel: QuantizedLinen | flax_nnx.Module, stats: Any) -> Any:
     ``apply({"params": ..., "quant_ranges": ranges}, ...)``. nnx: a state of
     `QuantRange` variables, for ``nnx.update(qmodel, ranges)``.
   """
-  if isinstance(qmodel, QuantizedLinen):
-    return linen.act_ranges(qmodel, stats)
-  return nnx.act_ranges(qmodel, stats)
+  return adapt(qmodel, what="act_ranges").act_ranges(stats)
+
+
+def init_learned(qmodel: QuantizedLinen | flax_nnx.Module, *args: Any,
+                 **kwargs: Any) -> Any:
+  """See `jaxq.qat.init_learned`."""
+  return adapt(qmodel, what="init_learned").init_learned(*args, **kwargs)
 
 
 __all__ = [
-    "LayerInfo", "LayerQuant", "Mode", "QuantRange", "QuantStat",
-    "QuantizedLinen", "Rule", "act_ranges", "layers", "quantize_model",
-    "unmatched_rules",
+    "Batch", "LayerInfo", "LayerQuant", "LinenAdapter", "Mode", "ModelAdapter",
+    "NnxAdapter", "QuantRange", "QuantStat", "QuantizedLinen", "Rule",
+    "act_ranges", "adapt", "init_learned", "layers", "pure_variables",
+    "quantize_model", "unmatched_rules",
 ]

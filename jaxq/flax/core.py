@@ -19,12 +19,12 @@ mode           weight ``w``                     input activation ``x``
 =============  ===============================  ==============================
 
 In serve mode the layer's matmul or convolution receives QArrays and runs
-through `jaxq.dot_general`, `jaxq.einsum` or `jaxq.conv` (`serve_dot_general`
-and friends below; `serve_conv_transpose` computes a whole ConvTranspose
-layer, whose ``lax.conv_transpose`` takes no op), so it multiplies the
-stored low-bit values. QAT computes
-the float op on the fake-quantized operands, which is what serve computes up
-to float32 accumulation order.
+through `jaxq.dot_general`, `jaxq.einsum` or `jaxq.conv`
+(`jaxq.flax.serve_ops`, whose `serve_conv_transpose` computes a whole
+ConvTranspose layer, whose ``lax.conv_transpose`` takes no op), so it
+multiplies the stored low-bit values. QAT computes the float op on the
+fake-quantized operands, which is what serve computes up to float32
+accumulation order.
 
 Static activation ranges are dicts ``{"amax": a}`` (``{"amin": a, "amax": b}``
 for affine specs) in the keepdims scale shape of the act spec for the
@@ -43,23 +43,9 @@ batch's. In qat mode the layer fake-quantizes with them (`jaxq.learned`,
 whose gradients train them); in serve mode it quantizes with them, and
 `jaxq.convert` builds the serving weights from them.
 
-The int8 forward (``quantize_model(..., "qat", int8_forward=True)``): the
-matmul layers (Dense, DenseGeneral, Einsum; nnx Linear, LinearGeneral,
-Einsum) compute the QAT forward with `int8_qat_dot_general` /
-`int8_qat_einsum`: both operands are quantized (`quantize`, the very scales
-fake-quant uses) and multiplied by `jaxq.dot_general` / `jaxq.einsum`, int8 x
-int8 -> int32, which equals the fake-quant forward up to float32
-accumulation order. The backward is the fake-quant layer's: the float op's
-gradient through `fake_quant`'s straight-through estimator. It needs integer
-weight and act specs without ``learn`` (any other spec on a matmul layer
-raises a ValueError naming the layer). Scales constant along the
-contraction (T/C weights, T/K activations) take one int8 matmul; scales
-that vary along it take `jaxq.dot_general`'s grouped int8 path, still equal
-to fake-quant: groups, or a `PerToken` that reduces fewer axes than the
-layer contracts (an attention output projection contracts (heads,
-head_dim) of its (batch, seq, heads, head_dim) input: give it
-``PerToken(contraction_axis=(-2, -1))`` for one matmul). Convolutions and embeddings have no int8 forward and keep
-fake-quant.
+The serve-mode ops (`jaxq.flax.serve_ops`) and the int8 forward of qat
+mode (`jaxq.flax.int8_qat`) live in modules of their own; this one holds
+what every layer shares.
 """
 
 from __future__ import annotations
@@ -67,17 +53,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
-from flax.linen import linear as linen_linear
-from jax import lax
 
 from jaxq import calibration
 from jaxq import granularity as granularity_lib
 from jaxq import learned
-from jaxq import ops
 from jaxq.granularity import PerChannel
 from jaxq.quantize import compute_range
 from jaxq.quantize import dequantize
@@ -249,7 +232,7 @@ def learned_scale_shape(layer: LayerQuant, spec: QuantSpec,
 # Activations.
 
 
-def _static_range(layer: LayerQuant, act_range: ActRange | None, shape
+def static_range(layer: LayerQuant, act_range: ActRange | None, shape
                   ) -> tuple[jax.Array | None, jax.Array | None]:
   if layer.act.dynamic:
     return None, None
@@ -269,7 +252,7 @@ def transform_act(layer: LayerQuant, x: jax.Array,
   if spec is None or layer.mode == "calibrate":
     return x
   check_spec(layer, spec, x.shape, "activation")
-  amin, amax = _static_range(layer, act_range, x.shape)
+  amin, amax = static_range(layer, act_range, x.shape)
   if layer.mode == "qat":
     return fake_quant(x, spec, amax=amax, amin=amin)
   return quantize(x, spec, amax=amax, amin=amin)
@@ -439,258 +422,6 @@ class LayerVariables(abc.ABC):
                         learned_param=self.weight_param(table))
 
 
-# The ops of serve mode: the layer's own op when both operands are float,
-# jaxq's low-bit op as soon as one is a QArray.
-
-
-def _is_quantized(*operands: Any) -> bool:
-  return any(isinstance(x, QArray) for x in operands)
-
-
-def serve_dot_general(lhs, rhs, dimension_numbers, precision=None,
-                      preferred_element_type=None, **kwargs) -> jax.Array:
-  """``lax.dot_general``'s signature; `jaxq.dot_general` on QArrays.
-
-  ``precision`` does not apply to the integer path and is ignored there.
-  """
-  if not _is_quantized(lhs, rhs):
-    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                           preferred_element_type=preferred_element_type,
-                           **kwargs)
-  return ops.dot_general(lhs, rhs, dimension_numbers,
-                         preferred_element_type=preferred_element_type)
-
-
-def serve_einsum(subscripts: str, lhs, rhs, precision=None,
-                 preferred_element_type=None, **kwargs) -> jax.Array:
-  """``jnp.einsum``'s two-operand signature; `jaxq.einsum` on QArrays."""
-  if not _is_quantized(lhs, rhs):
-    return jnp.einsum(subscripts, lhs, rhs, precision=precision,
-                      preferred_element_type=preferred_element_type, **kwargs)
-  return ops.einsum(subscripts, lhs, rhs,
-                    preferred_element_type=preferred_element_type)
-
-
-def serve_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
-               rhs_dilation=None, dimension_numbers=None,
-               feature_group_count=1, batch_group_count=1, precision=None,
-               preferred_element_type=None, **kwargs) -> jax.Array:
-  """``lax.conv_general_dilated``'s signature; `jaxq.conv` on QArrays."""
-  if not _is_quantized(lhs, rhs):
-    return lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count,
-        batch_group_count=batch_group_count, precision=precision,
-        preferred_element_type=preferred_element_type, **kwargs)
-  if batch_group_count != 1:
-    raise ValueError("jaxq.conv: batch_group_count != 1 is not supported on "
-                     "quantized operands.")
-  return ops.conv(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                  rhs_dilation=rhs_dilation,
-                  dimension_numbers=dimension_numbers,
-                  feature_group_count=feature_group_count,
-                  preferred_element_type=preferred_element_type)
-
-
-# Transposed convolutions: flax's ConvTranspose calls lax.conv_transpose,
-# which takes no injectable op, so serve mode computes the layer itself.
-
-
-def _per_dim(value: int | Sequence[int] | None, rank: int) -> tuple[int, ...]:
-  """Flax's broadcast of a stride or dilation (None means 1)."""
-  if value is None:
-    value = 1
-  if isinstance(value, int):
-    return (value,) * rank
-  return tuple(value)
-
-
-@dataclasses.dataclass(frozen=True)
-class ConvTransposeConfig:
-  """The settings of a linen or nnx ``ConvTranspose`` (they share them).
-
-  Attributes:
-    kernel_size: the window, ``(*window,)``; the kernel is ``(*window, in,
-      out)``, or ``(*window, out, in)`` with ``transpose_kernel``.
-    strides: the fractional strides (the input's dilation), per window axis.
-    padding: ``"SAME"``, ``"VALID"`` or ``"CIRCULAR"`` (the forward
-      convolution's), or ``(low, high)`` pairs of the transposed one.
-    kernel_dilation: the kernel's dilation, per window axis.
-    transpose_kernel: flip the window and swap the kernel's channel axes
-      (TensorFlow's ``Conv2DTranspose``).
-    precision: for float operands only (the low-bit ops ignore it).
-    preferred_element_type: the output dtype, if not the promoted one.
-    mask: multiplies the float kernel before it is quantized, or None (a
-      `QArray` kernel from `jaxq.convert` holds ``kernel * mask`` already).
-  """
-
-  kernel_size: tuple[int, ...]
-  strides: tuple[int, ...]
-  padding: str | tuple[tuple[int, int], ...]
-  kernel_dilation: tuple[int, ...]
-  transpose_kernel: bool
-  precision: Any = None
-  preferred_element_type: Any = None
-  mask: jax.Array | None = dataclasses.field(default=None, compare=False)
-
-  @classmethod
-  def of(cls, layer: Any) -> "ConvTransposeConfig":
-    """The settings of a linen or an nnx ``ConvTranspose``."""
-    kernel_size = _per_dim(layer.kernel_size, 1)
-    rank = len(kernel_size)
-    padding = linen_linear.canonicalize_padding(layer.padding, rank)
-    if not isinstance(padding, str):
-      padding = tuple(tuple(pair) for pair in padding)
-    return cls(kernel_size=kernel_size,
-               strides=_per_dim(layer.strides, rank),
-               padding=padding,
-               kernel_dilation=_per_dim(layer.kernel_dilation, rank),
-               transpose_kernel=bool(layer.transpose_kernel),
-               precision=layer.precision,
-               preferred_element_type=layer.preferred_element_type,
-               mask=layer.mask)
-
-  def kernel_shape(self, in_features: int, features: int) -> tuple[int, ...]:
-    """The kernel's shape for ``in_features`` in, ``features`` out."""
-    channels = ((features, in_features) if self.transpose_kernel
-                else (in_features, features))
-    return self.kernel_size + channels
-
-  def dimension_numbers(self) -> lax.ConvDimensionNumbers:
-    """Channels-last input and output; the kernel's output channel is its
-    last axis, or its second to last with ``transpose_kernel`` (the swap of
-    ``lax.conv_transpose``, read in place instead of transposing)."""
-    rank = len(self.kernel_size)
-    window = tuple(range(rank))
-    out_axis, in_axis = ((rank, rank + 1) if self.transpose_kernel
-                         else (rank + 1, rank))
-    activations = (0, rank + 1) + tuple(range(1, rank + 1))
-    return lax.ConvDimensionNumbers(lhs_spec=activations,
-                                    rhs_spec=(out_axis, in_axis) + window,
-                                    out_spec=activations)
-
-  def conv_padding(self) -> str | tuple[tuple[int, int], ...]:
-    """The padding of the ``conv_general_dilated`` that ``lax.conv_transpose``
-    runs: ``"SAME"``/``"VALID"`` name the forward convolution's, whose
-    transpose pads each side of the dilated input (jax's
-    ``_conv_transpose_padding``); explicit pairs pass through."""
-    padding = "VALID" if self.padding == "CIRCULAR" else self.padding
-    if padding not in ("SAME", "VALID"):
-      return padding
-    pads = []
-    for size, stride, dilation in zip(self.kernel_size, self.strides,
-                                      self.kernel_dilation):
-      k = (size - 1) * dilation + 1  # The dilated window.
-      if padding == "SAME":
-        total = k + stride - 2
-        low = k - 1 if stride > k - 1 else -(-total // 2)
-      else:
-        total = k + stride - 2 + max(k - stride, 0)
-        low = k - 1
-      pads.append((low, total - low))
-    return tuple(pads)
-
-
-def _flip_window(w: jax.Array | QArray, rank: int) -> jax.Array | QArray:
-  """Reverses the window axes of a kernel, its scales and zero points too
-  (blocks stay whole: each block size divides its axis)."""
-  window = tuple(range(rank))
-  if not isinstance(w, QArray):
-    return jnp.flip(w, window)
-  flip = lambda a: None if a is None else jnp.flip(a, window)
-  return dataclasses.replace(w, values=flip(w.values), scale=flip(w.scale),
-                             zero_point=flip(w.zero_point))
-
-
-def _wrap_circular(y: jax.Array, periods: Sequence[int],
-                   transpose_kernel: bool) -> jax.Array:
-  """Flax's CIRCULAR padding: pads each window axis of ``y`` (N, *window, C)
-  to whole periods and sums the periods (the output wraps around)."""
-  rank = len(periods)
-  size_diffs = [-(size - period) % (2 * period)
-                for size, period in zip(y.shape[1:-1], periods)]
-  # Flax puts the odd element on the right for transposed kernels.
-  pads = [(d // 2, (d + 1) // 2) if transpose_kernel else ((d + 1) // 2, d // 2)
-          for d in size_diffs]
-  y = jnp.pad(y, [(0, 0)] + pads + [(0, 0)])
-  split = [n for size, period in zip(y.shape[1:-1], periods)
-           for n in (size // period, period)]
-  y = y.reshape((y.shape[0], *split, y.shape[-1]))
-  return jnp.sum(y, axis=tuple(range(1, 2 * rank, 2)))
-
-
-def serve_conv_transpose(
-    path: str, config: ConvTransposeConfig, inputs: jax.Array,
-    kernel: jax.Array | QArray, bias: jax.Array | None,
-    promote: Callable[[jax.Array, jax.Array | QArray, jax.Array | None],
-                      tuple[Any, Any, Any]]) -> jax.Array:
-  """A ``ConvTranspose`` layer's ``__call__`` with `jaxq.conv` (serve mode).
-
-  ``lax.conv_transpose`` is ``lax.conv_general_dilated`` with the input
-  dilated by the strides, unit window strides, the padding of
-  `ConvTransposeConfig.conv_padding` and, with ``transpose_kernel``, the
-  window flipped and the channel axes swapped. The swap is read from the
-  dimension numbers, so a kernel keeps its layout and scales: its output
-  channel is axis -1, or -2 with ``transpose_kernel``, which is where an
-  integer kernel's per-channel scales must lie (``PerChannel(axis=-2)`` for
-  transposed kernels). A masked layer's float kernel is masked before it is
-  quantized, as in QAT; its `QArray` from `jaxq.convert` is masked already.
-
-  Args:
-    path: the layer's path (for error messages).
-    config: the layer's settings.
-    inputs: ``(*batch, *window, in)``; extra batch axes are flattened into
-      one around the convolution, as flax does.
-    kernel: the float kernel (multiplied by ``config.mask`` here, before
-      ``promote`` quantizes it), or its `QArray` from `jaxq.convert`, which
-      holds the masked kernel already.
-    bias: ``(out,)``, or None.
-    promote: ``(inputs, kernel, bias) -> (x, w, bias)``, the layer's dtype
-      promotion that also quantizes ``x`` and ``w`` (as for every layer).
-
-  Returns:
-    ``(*batch, *out_window, out)``, as the float layer returns.
-
-  Raises:
-    ValueError: naming the layer, for integer operands whose kernel scale
-      varies along a summed axis.
-  """
-  rank = len(config.kernel_size)
-  batch_shape = inputs.shape[:inputs.ndim - rank - 1]
-  inputs = jnp.reshape(inputs, (-1, *inputs.shape[len(batch_shape):]))
-  if config.mask is not None and not isinstance(kernel, QArray):
-    # A QArray kernel is jaxq.convert's, which quantized kernel * mask.
-    kernel = kernel * config.mask
-  x, w, bias = promote(inputs, kernel, bias)
-  dimension_numbers = config.dimension_numbers()
-  out_axis = dimension_numbers.rhs_spec[0]
-  if isinstance(x, QArray) and isinstance(w, QArray) and any(
-      size != 1 for axis, size in enumerate(w.scale.shape) if axis != out_axis):
-    raise ValueError(
-        f"jaxq serve: the kernel of {path!r} (ConvTranspose, "
-        f"shape {w.shape}, transpose_kernel={config.transpose_kernel}) has "
-        f"scales of shape {tuple(w.scale.shape)}; a low-bit convolution needs "
-        f"them per tensor or per output channel, axis {out_axis - w.ndim} "
-        f"(PerChannel(axis={out_axis - w.ndim})), or a float input "
-        f"(weight-only).")
-  if config.transpose_kernel:
-    w = _flip_window(w, rank)
-  y = serve_conv(x, w, (1,) * rank, config.conv_padding(),
-                 lhs_dilation=config.strides,
-                 rhs_dilation=config.kernel_dilation,
-                 dimension_numbers=dimension_numbers,
-                 precision=config.precision,
-                 preferred_element_type=config.preferred_element_type)
-  if config.padding == "CIRCULAR":
-    periods = [size * stride for size, stride in
-               zip(inputs.shape[1:-1], config.strides)]
-    y = _wrap_circular(y, periods, config.transpose_kernel)
-  if bias is not None:
-    y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-  return jnp.reshape(y, (*batch_shape, *y.shape[1:]))
-
-
 # Embedding lookups: weight-only, reading only the looked-up rows.
 
 
@@ -737,106 +468,3 @@ def embed_lookup(layer: LayerQuant, table: jax.Array | QArray,
       rows = fake_quant(rows, layer.weight)
   return rows.reshape(tuple(ids.shape) + (features,))
 
-
-# The int8 forward of qat mode: the low-bit op forward, the fake-quant
-# layer's straight-through backward.
-
-
-def uses_int8_forward(layer: LayerQuant | None) -> bool:
-  """Whether ``layer``'s matmul runs on the int8 path (raising a ValueError
-  naming the layer when its specs cannot)."""
-  if layer is None or not layer.int8_forward:
-    return False
-  for what, spec in (("weight", layer.weight), ("activation", layer.act)):
-    if spec is None or spec.fmt.kind != "int" or spec.learn is not None:
-      raise ValueError(
-          f"jaxq qat int8_forward: {layer.path!r} ({layer.module_type}) needs "
-          f"an integer {what} spec without learn=..., got {spec}; quantize "
-          f"this layer with another rule or drop int8_forward.")
-  return True
-
-
-def _int8_qat(quant_op: Callable[[QArray | jax.Array, QArray | jax.Array],
-                                 jax.Array],
-              layer: LayerQuant, x: jax.Array, w: jax.Array,
-              act_range: ActRange | None) -> jax.Array:
-  """``quant_op(quantize(x), quantize(w))``, a bilinear low-bit op, with the
-  gradient of the same op on ``fake_quant(x)`` and ``fake_quant(w)``."""
-  amin, amax = _static_range(layer, act_range, x.shape)
-
-  # The range is an argument, not a closure, so that custom_vjp sees it.
-  @jax.custom_vjp
-  def op(x, w, amin, amax):
-    return fwd(x, w, amin, amax)[0]
-
-  def fwd(x, w, amin, amax):
-    qx = quantize(x, layer.act, amax=amax, amin=amin)
-    qw = quantize(w, layer.weight)
-    # The int values and scales are the residuals, plus x when its range is
-    # static (the clipped estimator's mask needs it).
-    return quant_op(qx, qw), (qx, qw, None if amax is None else x, amin,
-                              amax)
-
-  def bwd(residuals, g):
-    qx, qw, x, amin, amax = residuals
-    # The float op's gradients at the dequantized operands, as the
-    # transposes of quant_op with one operand kept quantized: a scale that
-    # is constant along the contraction then multiplies g (the output), not
-    # a float copy of the operand, and the int values convert on the fly.
-    x_like = jax.ShapeDtypeStruct(qx.shape, qx.dtype)
-    w_like = jax.ShapeDtypeStruct(qw.shape, qw.dtype)
-    dx_hat, = jax.linear_transpose(lambda a: quant_op(a, qw), x_like)(g)
-    dw, = jax.linear_transpose(lambda b: quant_op(qx, b), w_like)(g)
-    # fake_quant's estimator: the identity for a range of the operand's own
-    # (the weight's; a dynamic act's), else its clipped vjp at x.
-    if x is None:
-      dx = dx_hat
-    else:
-      dx = jax.vjp(lambda x: fake_quant(x, layer.act, amax=amax, amin=amin),
-                   x)[1](dx_hat)[0]
-    return dx, dw, *jax.tree.map(jnp.zeros_like, (amin, amax))
-
-  op.defvjp(fwd, bwd)
-  return op(x, w, amin, amax)
-
-
-def _int8_qat_layer_op(layer: LayerQuant, act_range: ActRange | None,
-                       x: jax.Array, w: jax.Array, preferred_element_type,
-                       quant_op: Callable[..., jax.Array]) -> jax.Array:
-  """`_int8_qat` of ``quant_op(a, b, preferred_element_type=...)`` after
-  checking the layer's specs against the operands."""
-  check_spec(layer, layer.act, x.shape, "activation")
-  check_spec(layer, layer.weight, w.shape, "weight")
-  out_dtype = preferred_element_type or jnp.result_type(x.dtype, w.dtype)
-  return _int8_qat(
-      functools.partial(quant_op, preferred_element_type=out_dtype),
-      layer, x, w, act_range)
-
-
-def int8_qat_dot_general(layer: LayerQuant, act_range: ActRange | None,
-                         x: jax.Array, w: jax.Array, dimension_numbers,
-                         precision=None, preferred_element_type=None,
-                         **kwargs) -> jax.Array:
-  """``lax.dot_general(x, w, ...)`` of a qat layer on the int8 path.
-
-  ``x`` is the float input and ``w`` the float weight, as the layer hands
-  them to its op; ``precision`` and ``kwargs`` (``out_sharding``) do not
-  apply to the integer matmul and are ignored. The output has ``x``'s dtype
-  (or ``preferred_element_type``).
-  """
-  del precision, kwargs
-  return _int8_qat_layer_op(
-      layer, act_range, x, w, preferred_element_type,
-      functools.partial(ops.dot_general,
-                        dimension_numbers=dimension_numbers))
-
-
-def int8_qat_einsum(layer: LayerQuant, act_range: ActRange | None,
-                    subscripts: str, x: jax.Array, w: jax.Array,
-                    precision=None, preferred_element_type=None,
-                    **kwargs) -> jax.Array:
-  """``jnp.einsum(subscripts, x, w)`` of a qat layer on the int8 path (as
-  `int8_qat_dot_general`)."""
-  del precision, kwargs
-  return _int8_qat_layer_op(layer, act_range, x, w, preferred_element_type,
-                            functools.partial(ops.einsum, subscripts))

@@ -8,11 +8,11 @@ one call of a matched layer, the interceptor hands that module a quantizing
 through it, so the weight is known to be the module's parameter) and, in
 serve mode, `jaxq.dot_general` / `jaxq.conv` as its ``dot_general`` /
 ``conv_general_dilated`` (in qat mode with ``int8_forward=True``, the int8
-qat op of `jaxq.flax.core` as the Dense/DenseGeneral/Einsum matmul). Two
+qat op of `jaxq.flax.int8_qat` as the Dense/DenseGeneral/Einsum matmul). Two
 layers take no op, so serve mode runs their ``__call__`` re-implemented
 with the low-bit op: ``nn.Einsum`` with `jaxq.einsum`, ``nn.ConvTranspose``
 (whose ``lax.conv_transpose`` is a ``conv_general_dilated`` of the dilated
-input) with `jaxq.conv`, see `jaxq.flax.core.serve_conv_transpose`.
+input) with `jaxq.conv`, see `jaxq.flax.serve_ops.serve_conv_transpose`.
 
 Covered layers: ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``,
 ``nn.Conv`` (depthwise ``feature_group_count`` included),
@@ -67,7 +67,9 @@ import jax.numpy as jnp
 
 from jaxq import calibration
 from jaxq.flax import core
+from jaxq.flax import int8_qat
 from jaxq.flax import rules as rules_lib
+from jaxq.flax import serve_ops
 from jaxq.spec import QArray
 
 STATS = "quant_stats"
@@ -153,7 +155,7 @@ class QuantizedLinen:
     on_nonfinite: calibrate mode's reaction to NaN/inf (see `LayerQuant`).
     observer_for: picks the activation observer from a spec.
     int8_forward: in qat mode, run the Dense/DenseGeneral/Einsum forwards
-      on int8 values (see `jaxq.flax.core`); other modes ignore it.
+      on int8 values (see `jaxq.flax.int8_qat`); other modes ignore it.
   """
 
   model: nn.Module
@@ -262,7 +264,7 @@ class QuantizedLinen:
                            f"no rule quantizes it.")
         return inputs, kernel, bias
       layer.append(_Layer(module, quant))
-      if int8 and core.uses_int8_forward(quant):
+      if int8 and int8_qat.uses_int8_forward(quant):
         return inputs, kernel, bias  # The int8 op quantizes them itself.
       return layer[0].act(inputs), layer[0].weight(kernel), bias
 
@@ -270,25 +272,27 @@ class QuantizedLinen:
     if int8:
       if isinstance(module, nn.Einsum):
         return self._einsum(module, promote_dtype,
-                            _Int8Op(layer, core.int8_qat_einsum, jnp.einsum),
+                            _Int8Op(layer, int8_qat.int8_qat_einsum,
+                                    jnp.einsum),
                             *args, **kwargs)
       original_op = (module.dot_general_cls() if module.dot_general_cls
                      else module.dot_general or jax.lax.dot_general)
-      hooks.update(dot_general=_Int8Op(layer, core.int8_qat_dot_general,
+      hooks.update(dot_general=_Int8Op(layer, int8_qat.int8_qat_dot_general,
                                        original_op), dot_general_cls=None)
     if self.mode == "serve":
       if isinstance(module, nn.ConvTranspose):
         return self._conv_transpose(module, promote_dtype, *args, **kwargs)
       if isinstance(module, nn.Einsum):
-        return self._einsum(module, promote_dtype, core.serve_einsum, *args,
-                            **kwargs)
+        return self._einsum(module, promote_dtype, serve_ops.serve_einsum,
+                            *args, **kwargs)
       if isinstance(module, nn.Conv):
-        hooks.update(conv_general_dilated=core.serve_conv,
+        hooks.update(conv_general_dilated=serve_ops.serve_conv,
                      conv_general_dilated_cls=None)
         if _holds_qarray_kernel(module):
           hooks.update(mask=None)  # jaxq.convert quantized kernel * mask.
       else:
-        hooks.update(dot_general=core.serve_dot_general, dot_general_cls=None)
+        hooks.update(dot_general=serve_ops.serve_dot_general,
+                     dot_general_cls=None)
     with _attributes(module, **hooks):
       return next_fun(*args, **kwargs)
 
@@ -315,15 +319,15 @@ class QuantizedLinen:
                       inputs: jax.Array) -> jax.Array:
     """``nn.ConvTranspose.__call__`` with `jaxq.conv` (linen's calls
     ``lax.conv_transpose``, which takes no op): see
-    `jaxq.flax.core.serve_conv_transpose`."""
-    config = core.ConvTransposeConfig.of(module)
+    `jaxq.flax.serve_ops.serve_conv_transpose`."""
+    config = serve_ops.ConvTransposeConfig.of(module)
     kernel = module.param(
         "kernel", module.kernel_init,
         config.kernel_shape(inputs.shape[-1], module.features),
         module.param_dtype)
     bias = (module.param("bias", module.bias_init, (module.features,),
                          module.param_dtype) if module.use_bias else None)
-    return core.serve_conv_transpose(
+    return serve_ops.serve_conv_transpose(
         _path(module), config, inputs, kernel, bias,
         lambda x, w, b: promote_dtype(x, w, b, dtype=module.dtype))
 
@@ -348,7 +352,7 @@ class QuantizedLinen:
     query = query.astype(dtype)
     dims = (((query.ndim - 1,), (1,)), ((), ()))
     if isinstance(table, QArray):
-      return core.serve_dot_general(query, table, dims)
+      return serve_ops.serve_dot_general(query, table, dims)
     return jax.lax.dot_general(query, table.astype(dtype), dims)
 
   def _custom(self, module: nn.Module, next_fun, args, kwargs) -> Any:
@@ -375,7 +379,7 @@ class _Int8Op:
   original: Callable[..., jax.Array]
 
   def __call__(self, *args, **kwargs) -> jax.Array:
-    if not self.layer or not core.uses_int8_forward(self.layer[0].quant):
+    if not self.layer or not int8_qat.uses_int8_forward(self.layer[0].quant):
       return self.original(*args, **kwargs)
     layer = self.layer[0]
     act_range = layer.get_range() if layer.quant.static_act else None
@@ -406,8 +410,8 @@ class _WeightOp:
       layer = _Layer(self.module, quant)
       x, w = layer.act(x), layer.weight(w)
       if quant.mode == "serve":
-        op = (core.serve_dot_general if self.field == "dot_general"
-              else core.serve_conv)
+        op = (serve_ops.serve_dot_general if self.field == "dot_general"
+              else serve_ops.serve_conv)
     elif isinstance(w, QArray):
       raise ValueError(f"jaxq: {_path(self.module)!r} holds a QArray weight "
                        f"but no rule quantizes it.")

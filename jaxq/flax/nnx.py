@@ -12,9 +12,9 @@ layers run the original ``__call__`` with a quantizing ``promote_dtype`` and,
 in serve mode, `jaxq.dot_general` / `jaxq.einsum` / `jaxq.conv` as their
 ``dot_general`` / ``einsum_op`` / ``conv_general_dilated`` (in qat mode with
 ``int8_forward=True``, the Linear/LinearGeneral/Einsum ops are the int8 qat
-ops of `jaxq.flax.core`); ``nnx.ConvTranspose``, whose
+ops of `jaxq.flax.int8_qat`); ``nnx.ConvTranspose``, whose
 ``lax.conv_transpose`` takes no op, serves through
-`jaxq.flax.core.serve_conv_transpose` (its ``__call__`` with `jaxq.conv`,
+`jaxq.flax.serve_ops.serve_conv_transpose` (its ``__call__`` with `jaxq.conv`,
 shared with linen); embeddings look
 up quantized rows (`jaxq.flax.core.embed_lookup`) and ``attend`` multiplies
 by the quantized table. Everything works under ``nnx.jit``, ``nnx.grad``
@@ -57,18 +57,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxq.flax import core
+from jaxq.flax import int8_qat
 from jaxq.flax import rules as rules_lib
+from jaxq.flax import serve_ops
 from jaxq.spec import QArray
 
 _LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv,
            nnx.ConvTranspose, nnx.Embed)
-_OPS = {nnx.Conv: ("conv_general_dilated", core.serve_conv),
-        nnx.Einsum: ("einsum_op", core.serve_einsum),
-        nnx.Linear: ("dot_general", core.serve_dot_general),
-        nnx.LinearGeneral: ("dot_general", core.serve_dot_general)}
-_INT8_OPS = {nnx.Einsum: ("einsum_op", core.int8_qat_einsum),
-             nnx.Linear: ("dot_general", core.int8_qat_dot_general),
-             nnx.LinearGeneral: ("dot_general", core.int8_qat_dot_general)}
+_OPS = {nnx.Conv: ("conv_general_dilated", serve_ops.serve_conv),
+        nnx.Einsum: ("einsum_op", serve_ops.serve_einsum),
+        nnx.Linear: ("dot_general", serve_ops.serve_dot_general),
+        nnx.LinearGeneral: ("dot_general", serve_ops.serve_dot_general)}
+_INT8_OPS = {nnx.Einsum: ("einsum_op", int8_qat.int8_qat_einsum),
+             nnx.Linear: ("dot_general", int8_qat.int8_qat_dot_general),
+             nnx.LinearGeneral: ("dot_general", int8_qat.int8_qat_dot_general)}
 _MASKED = (nnx.Conv, nnx.ConvTranspose)  # Their kernel is ``kernel * mask``.
 _RULES_ATTR = "jaxq_rules"
 
@@ -157,7 +159,7 @@ class _QuantizedLayer:
     layer = _Layer(self)
     original = self.promote_dtype
     int8_kind = next((c for c in _INT8_OPS if isinstance(self, c)), None)
-    int8 = int8_kind is not None and core.uses_int8_forward(layer.quant)
+    int8 = int8_kind is not None and int8_qat.uses_int8_forward(layer.quant)
 
     def promote_dtype(arrays, /, *, dtype=None, inexact=True):
       x, w, bias = arrays
@@ -181,8 +183,8 @@ class _QuantizedLayer:
     if layer.quant.mode == "serve" and isinstance(self, nnx.ConvTranspose):
       # Its __call__ runs lax.conv_transpose, which takes no op.
       bias = None if self.bias is None else self.bias.get_value()
-      return core.serve_conv_transpose(
-          layer.quant.path, core.ConvTransposeConfig.of(self), inputs,
+      return serve_ops.serve_conv_transpose(
+          layer.quant.path, serve_ops.ConvTransposeConfig.of(self), inputs,
           self.kernel.get_value(), bias,
           lambda x, w, b: promote_dtype((x, w, b), dtype=self.dtype))
     if layer.quant.mode == "serve":
@@ -227,7 +229,7 @@ class _QuantizedEmbed:
     query = query.astype(dtype)
     dims = (((query.ndim - 1,), (1,)), ((), ()))
     if isinstance(table, QArray):
-      return core.serve_dot_general(query, table, dims)
+      return serve_ops.serve_dot_general(query, table, dims)
     return jax.lax.dot_general(query, table.astype(dtype), dims)
 
 

@@ -1,0 +1,368 @@
+"""`LinenAdapter`: the `jaxq.flax.adapter.ModelAdapter` of a linen model.
+
+Variables are linen's collections: ``params`` (a layer's weight at
+``params/<path>/kernel``, its learned ranges at ``params/<path>/jaxq/...``),
+``quant_stats`` (observer states, ``{<path>: {"weight": s, "act": s}}``)
+and ``quant_ranges`` (``{<path>: {"act": {"amax": a}}}``); see
+`jaxq.flax.linen`. Methods that change variables return new dicts (the
+dicts on the changed paths are copied, the arrays shared).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Collection, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax import traverse_util
+
+from jaxq import calibration
+from jaxq.flax import adapter as adapter_lib
+from jaxq.flax import core
+from jaxq.flax import linen as linen_lib
+from jaxq.flax import rules as rules_lib
+from jaxq.flax.batch import call_model
+from jaxq.flax.capture import LinenCapture
+from jaxq.flax.capture import LayerCall
+from jaxq.flax.rules import LayerInfo
+
+_WHAT = "jaxq"
+
+
+def check_variables(variables: Any, what: str) -> None:
+  """Raises unless ``variables`` is a mapping with a ``params`` collection."""
+  if (not isinstance(variables, Mapping) or isinstance(variables, nnx.State)
+      or "params" not in variables):
+    got = (f"collections {sorted(variables)}"
+           if isinstance(variables, Mapping) else type(variables).__name__)
+    raise ValueError(f"{what}: a linen model needs its variables "
+                     f"{{'params': ...}}, got {got}.")
+
+
+def _lookup(tree: Any, path: str) -> Any:
+  for name in path.split("/") if path else []:
+    if not isinstance(tree, Mapping) or name not in tree:
+      return None
+    tree = tree[name]
+  return tree
+
+
+def _mutable_node(tree: dict, path: str) -> dict:
+  """The dict at ``path``, copying the dicts on the way (no aliasing)."""
+  node = tree
+  for name in path.split("/") if path else []:
+    node[name] = dict(node[name])
+    node = node[name]
+  return node
+
+
+def _act_states(stats: Any) -> dict[str, Any]:
+  """"/"-joined path -> act observer state of a ``quant_stats`` tree."""
+  found = {}
+
+  def visit(node: Any, path: tuple[str, ...]) -> None:
+    for name, child in node.items():
+      if name == core.ACT_STATS and isinstance(
+          child, (calibration.MaxState, calibration.HistogramState)):
+        found["/".join(path)] = child
+      elif isinstance(child, Mapping):
+        visit(child, path + (name,))
+
+  visit(stats, ())
+  return found
+
+
+def _nonfinite_counts(stats: Any, paths: Sequence[str]) -> jax.Array:
+  states = _act_states(stats)
+  return jnp.asarray([calibration.nonfinite_count(states[p]) for p in paths],
+                     jnp.int32).reshape(len(paths))
+
+
+@dataclasses.dataclass(frozen=True)
+class LinenAdapter:
+  """A linen module (float, or its `QuantizedLinen`) and its variables.
+
+  Attributes:
+    model: the float module.
+    variables: its variables, ``{"params": ..., ...}``.
+    qmodel: the `QuantizedLinen` of ``model``, or None for the float model.
+  """
+
+  model: nn.Module
+  variables: Mapping[str, Any]
+  qmodel: linen_lib.QuantizedLinen | None = None
+
+  @property
+  def quantized(self) -> bool:
+    return self.qmodel is not None
+
+  @property
+  def handle(self) -> Any:
+    """The model as `jaxq.quantize_model` returns it (or the float one)."""
+    return self.model if self.qmodel is None else self.qmodel
+
+  def float_model(self, what: str) -> tuple[nn.Module, tuple[Any, ...]]:
+    """``(float module, rules)`` of a `QuantizedLinen`."""
+    del what
+    return self.model, self.qmodel.rules
+
+  def require_variables(self, what: str) -> None:
+    """Raises a ValueError unless the adapter holds ``{"params": ...}``."""
+    check_variables(self.variables, what)
+
+  @property
+  def _runner(self) -> Any:
+    return self.model if self.qmodel is None else self.qmodel
+
+  # Layers and running.
+
+  def layers(self) -> dict[str, LayerInfo]:
+    return {} if self.qmodel is None else self.qmodel.layers()
+
+  def unmatched_rules(self) -> tuple[rules_lib.Rule, ...]:
+    return () if self.qmodel is None else self.qmodel.unmatched_rules()
+
+  def ordered_layers(self, batch: Any) -> dict[str, LayerInfo]:
+    """`layers` after tracing ``batch`` (abstractly), in call order."""
+    jax.eval_shape(lambda v: call_model(
+        lambda *a, **k: self._runner.apply(
+            v, *a, mutable=[linen_lib.STATS], **k), batch),
+                   self.without_stats(self.variables))
+    return self.layers()
+
+  def quantize(self, rules: Sequence[rules_lib.Rule], mode: core.Mode
+               ) -> "LinenAdapter":
+    qmodel = linen_lib.quantize_linen(self.model, tuple(rules), mode, "raise",
+                                      calibration.observer_for)
+    return dataclasses.replace(self, qmodel=qmodel)
+
+  def with_variables(self, variables: Any) -> "LinenAdapter":
+    return dataclasses.replace(self, variables=variables)
+
+  def with_ranges(self, ranges: Mapping[str, core.ActRange]
+                  ) -> "LinenAdapter":
+    """The adapter with ``ranges`` (path -> act range) loaded."""
+    variables = self.without_stats(self.variables)
+    if ranges:
+      variables[linen_lib.RANGES] = self.ranges_from(ranges)
+    return self.with_variables(variables)
+
+  def apply(self, batch: Any, variables: Any | None = None) -> Any:
+    variables = self.variables if variables is None else variables
+    return call_model(lambda *a, **k: self._runner.apply(variables, *a, **k),
+                      batch)
+
+  def apply_fn(self) -> adapter_lib.ApplyFn:
+    return jax.jit(self._runner.apply)
+
+  # Capture.
+
+  def capture(self, paths: Collection[str]) -> LinenCapture:
+    return LinenCapture(self._runner.apply, paths)
+
+  def capture_inputs(self, batches: Sequence[Any], paths: Collection[str],
+                     variables: Any | None = None
+                     ) -> adapter_lib.LayerInputs:
+    return adapter_lib.capture_inputs(
+        self, batches, paths, self.variables if variables is None
+        else variables)
+
+  def replay(self, path: str, call: LayerCall, mode: core.Mode,
+             rule: rules_lib.Rule) -> adapter_lib.ApplyFn:
+    """``arrays -> output``: the layer at ``path`` alone, quantized by
+    ``rule`` in ``mode``, on ``call``'s arguments (from `capture`)."""
+    rule = dataclasses.replace(rule, path_regex="")  # The root module.
+    layer = linen_lib.quantize_linen(call.module, (rule,), mode, "raise",
+                                     calibration.observer_for)
+    variables = {}
+    for collection, tree in self.variables.items():
+      node = _lookup(tree, path) if path else tree
+      if node is not None:
+        variables[collection] = node
+    return adapter_lib.replay(layer.apply, call, variables)
+
+  # Weights and other variables of a layer.
+
+  def _known(self, path: str, variables: Any) -> None:
+    layers = self.layers()
+    if path not in layers and _lookup(variables.get("params", {}),
+                                      path) is None:
+      raise adapter_lib.unknown_layer(path, layers or sorted(
+          "/".join(k[:-1]) for k in traverse_util.flatten_dict(
+              dict(variables.get("params", {})))), _WHAT)
+
+  def read(self, path: str, name: str, variables: Any | None = None
+           ) -> Any | None:
+    variables = self.variables if variables is None else variables
+    self._known(path, variables)
+    node = _lookup(variables.get("params", {}), path)
+    if not isinstance(node, Mapping):
+      return None
+    if name in node:
+      return node[name]
+    return node.get(linen_lib.LEARNED, {}).get(name)
+
+  def get_weight(self, path: str, variables: Any | None = None
+                 ) -> tuple[jax.Array, jax.Array | None]:
+    variables = self.variables if variables is None else variables
+    info = self.layers().get(path)
+    name = info.weight_name if info else (
+        "embedding" if self.read(path, "kernel", variables) is None and
+        self.read(path, "embedding", variables) is not None else "kernel")
+    weight = self.read(path, name, variables)
+    if weight is None:
+      shape = f" of shape {info.weight_shape}" if info else ""
+      raise ValueError(f"{_WHAT}: the params lack {path}/{name}{shape}.")
+    return weight, self.read(path, "bias", variables)
+
+  def write(self, values: Mapping[tuple[str, str], Any],
+            variables: Any | None = None) -> dict[str, Any]:
+    variables = self.variables if variables is None else variables
+    params = dict(variables["params"])
+    for (path, name), value in values.items():
+      self._known(path, variables)
+      node = _mutable_node(params, path)
+      if name not in node and name in adapter_lib.LEARNED_NAMES:
+        node[linen_lib.LEARNED] = dict(node.get(linen_lib.LEARNED, {}))
+        node = node[linen_lib.LEARNED]
+      node[name] = value
+    return {**variables, "params": params}
+
+  def set_kernel(self, path: str, kernel: jax.Array,
+                 variables: Any | None = None) -> dict[str, Any]:
+    variables = self.variables if variables is None else variables
+    old, _ = self.get_weight(path, variables)
+    adapter_lib.check_same_shape(path, old, kernel)
+    info = self.layers().get(path)
+    name = info.weight_name if info else (
+        "embedding" if self.read(path, "kernel", variables) is None
+        else "kernel")
+    return self.write({(path, name): kernel}, variables)
+
+  # Statistics and ranges.
+
+  def settings(self) -> adapter_lib.LayerSettings:
+    if self.qmodel is None:
+      raise ValueError(f"{_WHAT}: expected a model from jaxq.quantize_model, "
+                       f"got the float module {type(self.model).__name__}.")
+    return adapter_lib.LayerSettings(self.qmodel.mode,
+                                     self.qmodel.on_nonfinite,
+                                     self.qmodel.observer_for)
+
+  def check_stats(self, stats: Any, what: str) -> None:
+    if stats is not None and (not isinstance(stats, Mapping)
+                              or isinstance(stats, nnx.State)):
+      raise ValueError(f"{what}: for a linen model, stats must be the "
+                       f"{linen_lib.STATS!r} collection (e.g. a sensitivity "
+                       f"table's stats), got {type(stats).__name__}.")
+
+  def without_stats(self, variables: Any) -> dict[str, Any]:
+    return {k: v for k, v in variables.items() if k != linen_lib.STATS}
+
+  def calibration_pass(self, batch: Any, forward: adapter_lib.Forward,
+                       observer_for: core.ObserverFor
+                       ) -> adapter_lib.CalibrationPass:
+    check_variables(self.variables, "calibrate")
+    qmodel = self.qmodel
+    # The calibration copy shares the layer record, so that `jaxq.convert`
+    # and `jaxq.act_ranges` know the layers of the user's model afterwards.
+    model = dataclasses.replace(
+        qmodel, on_nonfinite="count", observer_for=observer_for,
+        _layers=qmodel._layers, _warned=qmodel._warned)  # pylint: disable=protected-access
+    variables = {k: v for k, v in self.variables.items()
+                 if k not in (linen_lib.STATS, linen_lib.RANGES)}
+
+    def run(variables: Any, stats: Any, batch: Any) -> Any:
+      current = [stats]
+
+      def apply(*args, **kwargs):
+        out, updated = model.apply({**variables, linen_lib.STATS: current[0]},
+                                   *args, mutable=[linen_lib.STATS], **kwargs)
+        current[0] = updated[linen_lib.STATS]
+        return out
+
+      forward(apply, batch)
+      return current[0]
+
+    stats = jax.eval_shape(run, variables, {}, batch)
+    # In the order the model calls its layers, so errors list them that way.
+    order = {p: i for i, p in enumerate(qmodel.layers())}
+    paths = tuple(sorted(_act_states(stats),
+                         key=lambda p: order.get(p, len(order))))
+
+    @jax.jit
+    def step(variables: Any, stats: Any, batch: Any):
+      stats = run(variables, stats, batch)
+      return stats, _nonfinite_counts(stats, paths)
+
+    return adapter_lib.CalibrationPass(
+        step=lambda stats, batch: step(variables, stats, batch), stats=stats,
+        act_paths=paths)
+
+  def act_states(self, stats: Any) -> dict[str, Any]:
+    return _act_states(stats)
+
+  def ranges_from(self, ranges: Mapping[str, core.ActRange]
+                  ) -> dict[str, Any]:
+    """A ``quant_ranges`` collection from path -> act range."""
+    out: dict[str, Any] = {}
+    for path, act_range in ranges.items():
+      node = out
+      for name in path.split("/") if path else []:
+        node = node.setdefault(name, {})
+      node[core.ACT_STATS] = act_range
+    return out
+
+  def ranges_by_path(self, ranges: Any) -> dict[str, core.ActRange]:
+    """Path -> act range of a ``quant_ranges`` collection."""
+    flat = traverse_util.flatten_dict(dict(ranges or {}))
+    out: dict[str, core.ActRange] = {}
+    for key, value in flat.items():  # (*path, "act", "amax")
+      out.setdefault("/".join(key[:-2]), {})[key[-1]] = value
+    return out
+
+  def act_ranges(self, stats: Any) -> dict[str, Any]:
+    return linen_lib.act_ranges(self.qmodel, stats)
+
+  def serving(self, variables: Any, stats: Any | None, ranges: Any | None
+              ) -> dict[str, Any]:
+    """``variables`` without ``quant_stats``, with the act ranges: ``ranges``,
+    else finalized from ``stats``, else the ``quant_ranges`` they hold."""
+    serving = self.without_stats(variables)
+    if ranges is None and stats is None and linen_lib.RANGES in variables:
+      ranges = variables[linen_lib.RANGES]  # Finalized already (e.g. QAT's).
+    elif ranges is None:
+      ranges = self.act_ranges(stats or {})
+    if ranges:
+      serving[linen_lib.RANGES] = ranges
+    return serving
+
+  def check_convertible(self, variables: Any) -> None:
+    if not self.layers():
+      raise ValueError("convert: the linen model has not been traced yet; "
+                       "run qmodel.init or qmodel.apply once (jax.eval_shape "
+                       "is enough) so that jaxq knows its layers.")
+    if "params" not in variables:
+      raise ValueError(f"convert: expected linen variables with a 'params' "
+                       f"collection, got collections {sorted(variables)}.")
+
+  def mask(self, path: str, variables: Any | None = None) -> Any:
+    del variables  # A linen mask is a module attribute, not a variable.
+    return self.layers()[path].mask
+
+  def init_learned(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``qmodel.apply(variables, *inputs, mutable=["params"])``'s variables."""
+    if self.qmodel is None or self.qmodel.mode != "qat":
+      mode = "float" if self.qmodel is None else self.qmodel.mode
+      raise ValueError(f"init_learned: expected a qat-mode model, got mode "
+                       f"{mode!r}; use qmodel.with_mode('qat').")
+    if not args:
+      raise ValueError("init_learned: for linen, pass the variables and the "
+                       "model's inputs, as to qmodel.apply.")
+    variables, *inputs = args
+    _, updated = self.qmodel.apply(variables, *inputs, mutable=["params"],
+                                   **kwargs)
+    return {**variables, "params": updated["params"]}

@@ -1,0 +1,375 @@
+"""`NnxAdapter`: the `jaxq.flax.adapter.ModelAdapter` of an nnx model.
+
+The adapter holds a private ``nnx.clone`` of the model (the user's model is
+never modified) and its ``nnx.State``, the variables. A layer's weight is
+the ``Param`` at ``(*path, "kernel")`` (``"embedding"`` for embeddings), its
+learned ranges ``(*path, "jaxq_weight_scale")``..., its observer states
+`QuantStat` variables ``(*path, "jaxq_act_stats")`` and its static range a
+`QuantRange` ``(*path, "jaxq_act_range")``; see `jaxq.flax.nnx`. Methods
+that change variables return a new ``State`` (``nnx.update`` it into a
+model, or pass it back to the adapter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Collection, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxq import calibration
+from jaxq.flax import adapter as adapter_lib
+from jaxq.flax import core
+from jaxq.flax import nnx as nnx_lib
+from jaxq.flax import rules as rules_lib
+from jaxq.flax.batch import call_model
+from jaxq.flax.capture import LayerCall
+from jaxq.flax.capture import NnxCapture
+from jaxq.flax.capture import nnx_modules
+from jaxq.flax.rules import LayerInfo
+
+_WHAT = "jaxq"
+_ACT_STATS = f"jaxq_{core.ACT_STATS}_stats"
+_ACT_RANGE = "jaxq_act_range"
+
+
+def check_variables(variables: Any, what: str) -> None:
+  """Raises unless ``variables`` is an ``nnx.State`` or None."""
+  if variables is not None and not isinstance(variables, nnx.State):
+    raise ValueError(f"{what}: for an nnx model, variables must be an "
+                     f"nnx.State (e.g. nnx.state(model)) or None for the "
+                     f"model's own, got {type(variables).__name__}.")
+
+
+def _quantized_layers(model: nnx.Module) -> Iterator[nnx.Module]:
+  for _, module in nnx.iter_graph(model):
+    if isinstance(getattr(module, "jaxq_layer", None), core.LayerQuant):
+      yield module
+
+
+def _act_states(stats: nnx.State) -> dict[str, Any]:
+  return {"/".join(map(str, path[:-1])): var.get_value()
+          for path, var in nnx.to_flat_state(stats) if path[-1] == _ACT_STATS}
+
+
+def _nonfinite_counts(stats: nnx.State, paths: Sequence[str]) -> jax.Array:
+  states = _act_states(stats)
+  return jnp.asarray([calibration.nonfinite_count(states[p]) for p in paths],
+                     jnp.int32).reshape(len(paths))
+
+
+def _key(path: str) -> tuple[Any, ...]:
+  """The state key of a "/"-joined path (list indices as ints)."""
+  return tuple(int(p) if p.isdigit() else p for p in path.split("/")
+               ) if path else ()
+
+
+@dataclasses.dataclass(frozen=True)
+class NnxAdapter:
+  """An nnx module (float, or from `jaxq.quantize_model`) and its state.
+
+  No method modifies ``model`` (runs merge it from ``variables``; what the
+  calibrate and qat modes create lands in copies), except `init_learned`,
+  which creates the learned ranges in place as the nnx API does.
+
+  Attributes:
+    model: the user's model, or a clone with the given variables loaded.
+    variables: its ``nnx.State``.
+  """
+
+  model: nnx.Module
+  variables: nnx.State
+  # The flat state last read, by identity: a workflow reads one state layer
+  # by layer (jaxq.convert), so it is flattened once, not once per layer
+  # (the states this adapter returns are new objects, never changed).
+  _flat: list[Any] = dataclasses.field(default_factory=lambda: [None, None],
+                                       compare=False, repr=False)
+
+  @functools.cached_property
+  def _modules(self) -> dict[str, nnx.Module]:
+    return nnx_modules(self.model)
+
+  def _flat_state(self, variables: Any) -> dict[tuple[Any, ...], Any]:
+    if self._flat[0] is not variables:
+      self._flat[:] = [variables, dict(nnx.to_flat_state(variables))]
+    return self._flat[1]
+
+  @classmethod
+  def of(cls, model: nnx.Module, variables: nnx.State | None,
+         what: str = _WHAT) -> "NnxAdapter":
+    """The adapter of ``model`` with ``variables`` (None: its own) loaded
+    into a clone of it."""
+    check_variables(variables, what)
+    if variables is not None:  # Loaded into a copy: the model is the user's.
+      model = nnx.clone(model)
+      nnx.update(model, variables)
+    return cls(model, nnx.state(model))
+
+  @property
+  def handle(self) -> nnx.Module:
+    """The model (the user's, or the clone holding the given variables)."""
+    return self.model
+
+  def float_model(self, what: str) -> tuple[nnx.Module, tuple[Any, ...]]:
+    """Raises: a quantized nnx model holds no float layers any more."""
+    raise ValueError(f"{what}: pass the float nnx model and the rules, not "
+                     f"a model from jaxq.quantize_model (its float layers are "
+                     f"replaced).")
+
+  def require_variables(self, what: str) -> None:
+    del what  # An nnx model always holds its variables.
+
+  @property
+  def quantized(self) -> bool:
+    return bool(self.layers())
+
+  # Layers and running.
+
+  @functools.cached_property
+  def _layers(self) -> dict[str, LayerInfo]:
+    # Fixed once quantize_model has swapped the layers in.
+    return nnx_lib.layers(self.model)
+
+  def layers(self) -> dict[str, LayerInfo]:
+    return dict(self._layers)
+
+  def unmatched_rules(self) -> tuple[rules_lib.Rule, ...]:
+    return nnx_lib.unmatched_rules(self.model)
+
+  def ordered_layers(self, batch: Any) -> dict[str, LayerInfo]:
+    """`layers` in the order the model first calls them on ``batch`` (found
+    by tracing a capture pass), dropping layers it never calls."""
+    every = self.layers()
+    order = self.capture(every)
+    jax.eval_shape(order, self.variables, batch)
+    return {path: every[path] for path in order.calls}
+
+  def quantize(self, rules: Sequence[rules_lib.Rule], mode: core.Mode
+               ) -> "NnxAdapter":
+    qmodel = nnx_lib.quantize_nnx(self.model, tuple(rules), mode, "raise",
+                                  calibration.observer_for)
+    return NnxAdapter(qmodel, nnx.state(qmodel))
+
+  def with_variables(self, variables: Any) -> "NnxAdapter":
+    return NnxAdapter.of(self.model, variables)
+
+  def with_ranges(self, ranges: Mapping[str, core.ActRange]) -> "NnxAdapter":
+    """The adapter with the ranges of its static act layers loaded."""
+    model = nnx.clone(self.model)
+    static = {m.jaxq_layer.path for m in _quantized_layers(model)
+              if m.jaxq_layer.static_act}
+    mine = {p: r for p, r in ranges.items() if p in static}
+    if mine:
+      nnx.update(model, self.ranges_from(mine))
+    return NnxAdapter(model, nnx.state(model))
+
+  def apply(self, batch: Any, variables: Any | None = None) -> Any:
+    variables = self.variables if variables is None else variables
+    return call_model(nnx.merge(nnx.graphdef(self.model), variables), batch)
+
+  def apply_fn(self) -> adapter_lib.ApplyFn:
+    graphdef = nnx.graphdef(self.model)
+
+    @jax.jit
+    def apply(state: nnx.State, *args: Any, **kwargs: Any) -> Any:
+      return nnx.merge(graphdef, state)(*args, **kwargs)
+
+    return apply
+
+  # Capture.
+
+  def capture(self, paths: Collection[str]) -> NnxCapture:
+    return NnxCapture(self.model, paths)
+
+  def capture_inputs(self, batches: Sequence[Any], paths: Collection[str],
+                     variables: Any | None = None
+                     ) -> adapter_lib.LayerInputs:
+    return adapter_lib.capture_inputs(
+        self, batches, paths, self.variables if variables is None
+        else variables)
+
+  def replay(self, path: str, call: LayerCall, mode: core.Mode,
+             rule: rules_lib.Rule) -> adapter_lib.ApplyFn:
+    """``arrays -> output``: the layer at ``path`` as this (quantized) model
+    holds it, run alone on ``call``'s arguments; ``mode`` and ``rule`` are
+    the model's already."""
+    del mode, rule
+    graphdef, state = nnx.split(self._modules[path])
+    return adapter_lib.replay(
+        lambda s, *a, **k: nnx.merge(graphdef, s)(*a, **k), call, state)
+
+  # Weights and other variables of a layer.
+
+  def _module(self, path: str) -> nnx.Module:
+    modules = self._modules
+    if path not in modules:
+      raise adapter_lib.unknown_layer(
+          path, self.layers() or [p for p, m in modules.items()
+                                  if hasattr(m, "kernel")], _WHAT)
+    return modules[path]
+
+  def read(self, path: str, name: str, variables: Any | None = None
+           ) -> Any | None:
+    self._module(path)
+    variables = self.variables if variables is None else variables
+    flat = self._flat_state(variables)
+    key = _key(path)
+    held = flat.get(key + (name,), flat.get(key + (f"jaxq_{name}",)))
+    if held is None:
+      return None
+    return held.get_value() if hasattr(held, "get_value") else held
+
+  def get_weight(self, path: str, variables: Any | None = None
+                 ) -> tuple[jax.Array, jax.Array | None]:
+    info = self.layers().get(path)
+    name = info.weight_name if info else (
+        "embedding" if self.read(path, "kernel", variables) is None and
+        self.read(path, "embedding", variables) is not None else "kernel")
+    weight = self.read(path, name, variables)
+    if weight is None:
+      raise ValueError(f"{_WHAT}: {path!r} has no weight {name!r}.")
+    return weight, self.read(path, "bias", variables)
+
+  def write(self, values: Mapping[tuple[str, str], Any],
+            variables: Any | None = None) -> nnx.State:
+    variables = self.variables if variables is None else variables
+    flat = dict(nnx.to_flat_state(variables))
+    for (path, name), value in values.items():
+      self._module(path)
+      key = _key(path) + (name,)
+      if key not in flat and name in adapter_lib.LEARNED_NAMES:
+        key = _key(path) + (f"jaxq_{name}",)
+      if key in flat:
+        flat[key] = flat[key].replace(value)
+      else:
+        flat[key] = nnx.Param(value)
+    return nnx.from_flat_state(flat)
+
+  def set_kernel(self, path: str, kernel: jax.Array,
+                 variables: Any | None = None) -> nnx.State:
+    old, _ = self.get_weight(path, variables)
+    adapter_lib.check_same_shape(path, old, kernel)
+    info = self.layers().get(path)
+    name = info.weight_name if info else (
+        "embedding" if self.read(path, "kernel", variables) is None
+        else "kernel")
+    return self.write({(path, name): kernel}, variables)
+
+  # Statistics and ranges.
+
+  def settings(self) -> adapter_lib.LayerSettings:
+    layers = [m.jaxq_layer for m in _quantized_layers(self.model)]
+    if not layers:
+      return adapter_lib.LayerSettings("calibrate", "raise",
+                                       calibration.observer_for)
+    return adapter_lib.LayerSettings(layers[0].mode, layers[0].on_nonfinite,
+                                     layers[0].observer_for)
+
+  def check_stats(self, stats: Any, what: str) -> None:
+    if stats is not None and not isinstance(stats, nnx.State):
+      raise ValueError(f"{what}: for an nnx model, stats must be an "
+                       f"nnx.State of jaxq.flax.QuantStat variables (e.g. a "
+                       f"sensitivity table's stats), got "
+                       f"{type(stats).__name__}.")
+
+  def without_stats(self, variables: Any) -> nnx.State:
+    return nnx.from_flat_state({
+        p: v for p, v in nnx.to_flat_state(variables)
+        if not isinstance(v, nnx_lib.QuantStat)})
+
+  def calibration_pass(self, batch: Any, forward: adapter_lib.Forward,
+                       observer_for: core.ObserverFor
+                       ) -> adapter_lib.CalibrationPass:
+    model = nnx.clone(self.model)
+    for module in _quantized_layers(model):
+      object.__setattr__(module, "jaxq_layer", dataclasses.replace(
+          module.jaxq_layer, on_nonfinite="count", observer_for=observer_for))
+
+    def record(module: nnx.Module, batch: Any) -> nnx.Module:
+      forward(module, batch)
+      return module
+
+    # The abstract model has the QuantStat variables the first batch creates.
+    graphdef, stats, _ = nnx.split(nnx.eval_shape(record, model, batch),
+                                   nnx_lib.QuantStat, ...)
+    rest = nnx.state(model, nnx.Not(nnx_lib.QuantStat))
+    paths = tuple(_act_states(stats))
+
+    @jax.jit
+    def step(rest: nnx.State, stats: nnx.State, batch: Any):
+      module = nnx.merge(graphdef, stats, rest)
+      forward(module, batch)
+      stats = nnx.state(module, nnx_lib.QuantStat)
+      return stats, _nonfinite_counts(stats, paths)
+
+    return adapter_lib.CalibrationPass(
+        step=lambda stats, batch: step(rest, stats, batch), stats=stats,
+        act_paths=paths)
+
+  def act_states(self, stats: Any) -> dict[str, Any]:
+    return _act_states(stats)
+
+  def ranges_from(self, ranges: Mapping[str, core.ActRange]) -> nnx.State:
+    """A ``State`` of `QuantRange` variables from path -> act range."""
+    return nnx.from_flat_state({
+        _key(path) + (_ACT_RANGE,): nnx_lib.QuantRange(act_range)
+        for path, act_range in ranges.items()})
+
+  def ranges_by_path(self, ranges: Any) -> dict[str, core.ActRange]:
+    return {"/".join(map(str, path[:-1])): var.get_value()
+            for path, var in nnx.to_flat_state(ranges)}
+
+  def act_ranges(self, stats: Any) -> nnx.State:
+    return nnx_lib.act_ranges(self.model, stats)
+
+  def serving(self, variables: Any, stats: Any | None, ranges: Any | None
+              ) -> nnx.State:
+    """``variables`` without `QuantStat`s, with the act ranges: ``ranges``,
+    else finalized from ``stats``, else the `QuantRange`s they hold."""
+    flat = dict(nnx.to_flat_state(self.without_stats(variables)))
+    if ranges is None and stats is not None:
+      ranges = self.act_ranges(stats)
+    if ranges is not None:
+      flat.update(nnx.to_flat_state(ranges))
+    return nnx.from_flat_state(flat)
+
+  def check_convertible(self, variables: Any) -> None:
+    """Raises unless ``variables`` has exactly the model's ``Param``s."""
+    if not isinstance(variables, nnx.State):
+      raise ValueError(f"convert: for an nnx model, variables must be an "
+                       f"nnx.State (e.g. nnx.state(model)), got "
+                       f"{type(variables).__name__}.")
+    flat = dict(nnx.to_flat_state(variables))
+    expected = dict(nnx.to_flat_state(nnx.state(self.model, nnx.Param)))
+    params = {p: v for p, v in flat.items() if isinstance(v, nnx.Param)}
+    # Learned ranges are created by the first QAT call, so the model given
+    # may not have them yet.
+    is_learned = lambda p: str(p[-1]).startswith("jaxq_")
+    missing = sorted(map(str, {p for p in set(expected) - set(params)
+                               if not is_learned(p)}))
+    extra = sorted(map(str, {p for p in set(params) - set(expected)
+                             if not is_learned(p)}))
+    shapes = [f"{'/'.join(map(str, p))}: {tuple(v.get_value().shape)} != "
+              f"{tuple(expected[p].get_value().shape)}"
+              for p, v in params.items() if p in expected and
+              tuple(v.get_value().shape) !=
+              tuple(expected[p].get_value().shape)]
+    if missing or extra or shapes:
+      raise ValueError(f"convert: the state does not match the model: "
+                       f"missing {missing}, extra {extra}, mismatched shapes "
+                       f"{shapes}.")
+
+  def mask(self, path: str, variables: Any | None = None) -> Any:
+    """The layer's mask: the state's (a mask is nnx data, a plain array
+    leaf), the one the serve model will hold; else the model's."""
+    variables = self.variables if variables is None else variables
+    flat = self._flat_state(variables)
+    return flat.get(_key(path) + ("mask",), self.layers()[path].mask)
+
+  def init_learned(self, *args: Any, **kwargs: Any) -> nnx.Module:
+    """Calls the model, which creates its learned ranges in place."""
+    self.model(*args, **kwargs)
+    return self.model

@@ -1,0 +1,277 @@
+"""The ops of serve mode: flax's own op on floats, jaxq's low-bit op on QArrays.
+
+A quantized layer in serve mode hands its matmul or convolution QArrays
+(`jaxq.flax.core.transform_weight` / ``transform_act``); the functions here
+have the signatures of the ops flax layers call (``lax.dot_general``,
+``jnp.einsum``, ``lax.conv_general_dilated``) and run `jaxq.dot_general`,
+`jaxq.einsum` or `jaxq.conv` as soon as one operand is a `QArray` (the
+layer's float op otherwise, e.g. a weight-only layer's float input times a
+float bias-free operand). ``ConvTranspose`` takes no op
+(``lax.conv_transpose``), so `serve_conv_transpose` computes the whole layer:
+``(*batch, *window, in)`` inputs to ``(*batch, *out_window, out)`` outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax.linen import linear as linen_linear
+from jax import lax
+
+from jaxq import ops
+from jaxq.spec import QArray
+
+
+# The ops of serve mode: the layer's own op when both operands are float,
+# jaxq's low-bit op as soon as one is a QArray.
+
+
+def _is_quantized(*operands: Any) -> bool:
+  return any(isinstance(x, QArray) for x in operands)
+
+
+def serve_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                      preferred_element_type=None, **kwargs) -> jax.Array:
+  """``lax.dot_general``'s signature; `jaxq.dot_general` on QArrays.
+
+  ``precision`` does not apply to the integer path and is ignored there.
+  """
+  if not _is_quantized(lhs, rhs):
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type,
+                           **kwargs)
+  return ops.dot_general(lhs, rhs, dimension_numbers,
+                         preferred_element_type=preferred_element_type)
+
+
+def serve_einsum(subscripts: str, lhs, rhs, precision=None,
+                 preferred_element_type=None, **kwargs) -> jax.Array:
+  """``jnp.einsum``'s two-operand signature; `jaxq.einsum` on QArrays."""
+  if not _is_quantized(lhs, rhs):
+    return jnp.einsum(subscripts, lhs, rhs, precision=precision,
+                      preferred_element_type=preferred_element_type, **kwargs)
+  return ops.einsum(subscripts, lhs, rhs,
+                    preferred_element_type=preferred_element_type)
+
+
+def serve_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
+               rhs_dilation=None, dimension_numbers=None,
+               feature_group_count=1, batch_group_count=1, precision=None,
+               preferred_element_type=None, **kwargs) -> jax.Array:
+  """``lax.conv_general_dilated``'s signature; `jaxq.conv` on QArrays."""
+  if not _is_quantized(lhs, rhs):
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision,
+        preferred_element_type=preferred_element_type, **kwargs)
+  if batch_group_count != 1:
+    raise ValueError("jaxq.conv: batch_group_count != 1 is not supported on "
+                     "quantized operands.")
+  return ops.conv(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                  rhs_dilation=rhs_dilation,
+                  dimension_numbers=dimension_numbers,
+                  feature_group_count=feature_group_count,
+                  preferred_element_type=preferred_element_type)
+
+
+# Transposed convolutions: flax's ConvTranspose calls lax.conv_transpose,
+# which takes no injectable op, so serve mode computes the layer itself.
+
+
+def _per_dim(value: int | Sequence[int] | None, rank: int) -> tuple[int, ...]:
+  """Flax's broadcast of a stride or dilation (None means 1)."""
+  if value is None:
+    value = 1
+  if isinstance(value, int):
+    return (value,) * rank
+  return tuple(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvTransposeConfig:
+  """The settings of a linen or nnx ``ConvTranspose`` (they share them).
+
+  Attributes:
+    kernel_size: the window, ``(*window,)``; the kernel is ``(*window, in,
+      out)``, or ``(*window, out, in)`` with ``transpose_kernel``.
+    strides: the fractional strides (the input's dilation), per window axis.
+    padding: ``"SAME"``, ``"VALID"`` or ``"CIRCULAR"`` (the forward
+      convolution's), or ``(low, high)`` pairs of the transposed one.
+    kernel_dilation: the kernel's dilation, per window axis.
+    transpose_kernel: flip the window and swap the kernel's channel axes
+      (TensorFlow's ``Conv2DTranspose``).
+    precision: for float operands only (the low-bit ops ignore it).
+    preferred_element_type: the output dtype, if not the promoted one.
+    mask: multiplies the float kernel before it is quantized, or None (a
+      `QArray` kernel from `jaxq.convert` holds ``kernel * mask`` already).
+  """
+
+  kernel_size: tuple[int, ...]
+  strides: tuple[int, ...]
+  padding: str | tuple[tuple[int, int], ...]
+  kernel_dilation: tuple[int, ...]
+  transpose_kernel: bool
+  precision: Any = None
+  preferred_element_type: Any = None
+  mask: jax.Array | None = dataclasses.field(default=None, compare=False)
+
+  @classmethod
+  def of(cls, layer: Any) -> "ConvTransposeConfig":
+    """The settings of a linen or an nnx ``ConvTranspose``."""
+    kernel_size = _per_dim(layer.kernel_size, 1)
+    rank = len(kernel_size)
+    padding = linen_linear.canonicalize_padding(layer.padding, rank)
+    if not isinstance(padding, str):
+      padding = tuple(tuple(pair) for pair in padding)
+    return cls(kernel_size=kernel_size,
+               strides=_per_dim(layer.strides, rank),
+               padding=padding,
+               kernel_dilation=_per_dim(layer.kernel_dilation, rank),
+               transpose_kernel=bool(layer.transpose_kernel),
+               precision=layer.precision,
+               preferred_element_type=layer.preferred_element_type,
+               mask=layer.mask)
+
+  def kernel_shape(self, in_features: int, features: int) -> tuple[int, ...]:
+    """The kernel's shape for ``in_features`` in, ``features`` out."""
+    channels = ((features, in_features) if self.transpose_kernel
+                else (in_features, features))
+    return self.kernel_size + channels
+
+  def dimension_numbers(self) -> lax.ConvDimensionNumbers:
+    """Channels-last input and output; the kernel's output channel is its
+    last axis, or its second to last with ``transpose_kernel`` (the swap of
+    ``lax.conv_transpose``, read in place instead of transposing)."""
+    rank = len(self.kernel_size)
+    window = tuple(range(rank))
+    out_axis, in_axis = ((rank, rank + 1) if self.transpose_kernel
+                         else (rank + 1, rank))
+    activations = (0, rank + 1) + tuple(range(1, rank + 1))
+    return lax.ConvDimensionNumbers(lhs_spec=activations,
+                                    rhs_spec=(out_axis, in_axis) + window,
+                                    out_spec=activations)
+
+  def conv_padding(self) -> str | tuple[tuple[int, int], ...]:
+    """The padding of the ``conv_general_dilated`` that ``lax.conv_transpose``
+    runs: ``"SAME"``/``"VALID"`` name the forward convolution's, whose
+    transpose pads each side of the dilated input (jax's
+    ``_conv_transpose_padding``); explicit pairs pass through."""
+    padding = "VALID" if self.padding == "CIRCULAR" else self.padding
+    if padding not in ("SAME", "VALID"):
+      return padding
+    pads = []
+    for size, stride, dilation in zip(self.kernel_size, self.strides,
+                                      self.kernel_dilation):
+      k = (size - 1) * dilation + 1  # The dilated window.
+      if padding == "SAME":
+        total = k + stride - 2
+        low = k - 1 if stride > k - 1 else -(-total // 2)
+      else:
+        total = k + stride - 2 + max(k - stride, 0)
+        low = k - 1
+      pads.append((low, total - low))
+    return tuple(pads)
+
+
+def _flip_window(w: jax.Array | QArray, rank: int) -> jax.Array | QArray:
+  """Reverses the window axes of a kernel, its scales and zero points too
+  (blocks stay whole: each block size divides its axis)."""
+  window = tuple(range(rank))
+  if not isinstance(w, QArray):
+    return jnp.flip(w, window)
+  flip = lambda a: None if a is None else jnp.flip(a, window)
+  return dataclasses.replace(w, values=flip(w.values), scale=flip(w.scale),
+                             zero_point=flip(w.zero_point))
+
+
+def _wrap_circular(y: jax.Array, periods: Sequence[int],
+                   transpose_kernel: bool) -> jax.Array:
+  """Flax's CIRCULAR padding: pads each window axis of ``y`` (N, *window, C)
+  to whole periods and sums the periods (the output wraps around)."""
+  rank = len(periods)
+  size_diffs = [-(size - period) % (2 * period)
+                for size, period in zip(y.shape[1:-1], periods)]
+  # Flax puts the odd element on the right for transposed kernels.
+  pads = [(d // 2, (d + 1) // 2) if transpose_kernel else ((d + 1) // 2, d // 2)
+          for d in size_diffs]
+  y = jnp.pad(y, [(0, 0)] + pads + [(0, 0)])
+  split = [n for size, period in zip(y.shape[1:-1], periods)
+           for n in (size // period, period)]
+  y = y.reshape((y.shape[0], *split, y.shape[-1]))
+  return jnp.sum(y, axis=tuple(range(1, 2 * rank, 2)))
+
+
+def serve_conv_transpose(
+    path: str, config: ConvTransposeConfig, inputs: jax.Array,
+    kernel: jax.Array | QArray, bias: jax.Array | None,
+    promote: Callable[[jax.Array, jax.Array | QArray, jax.Array | None],
+                      tuple[Any, Any, Any]]) -> jax.Array:
+  """A ``ConvTranspose`` layer's ``__call__`` with `jaxq.conv` (serve mode).
+
+  ``lax.conv_transpose`` is ``lax.conv_general_dilated`` with the input
+  dilated by the strides, unit window strides, the padding of
+  `ConvTransposeConfig.conv_padding` and, with ``transpose_kernel``, the
+  window flipped and the channel axes swapped. The swap is read from the
+  dimension numbers, so a kernel keeps its layout and scales: its output
+  channel is axis -1, or -2 with ``transpose_kernel``, which is where an
+  integer kernel's per-channel scales must lie (``PerChannel(axis=-2)`` for
+  transposed kernels). A masked layer's float kernel is masked before it is
+  quantized, as in QAT; its `QArray` from `jaxq.convert` is masked already.
+
+  Args:
+    path: the layer's path (for error messages).
+    config: the layer's settings.
+    inputs: ``(*batch, *window, in)``; extra batch axes are flattened into
+      one around the convolution, as flax does.
+    kernel: the float kernel (multiplied by ``config.mask`` here, before
+      ``promote`` quantizes it), or its `QArray` from `jaxq.convert`, which
+      holds the masked kernel already.
+    bias: ``(out,)``, or None.
+    promote: ``(inputs, kernel, bias) -> (x, w, bias)``, the layer's dtype
+      promotion that also quantizes ``x`` and ``w`` (as for every layer).
+
+  Returns:
+    ``(*batch, *out_window, out)``, as the float layer returns.
+
+  Raises:
+    ValueError: naming the layer, for integer operands whose kernel scale
+      varies along a summed axis.
+  """
+  rank = len(config.kernel_size)
+  batch_shape = inputs.shape[:inputs.ndim - rank - 1]
+  inputs = jnp.reshape(inputs, (-1, *inputs.shape[len(batch_shape):]))
+  if config.mask is not None and not isinstance(kernel, QArray):
+    # A QArray kernel is jaxq.convert's, which quantized kernel * mask.
+    kernel = kernel * config.mask
+  x, w, bias = promote(inputs, kernel, bias)
+  dimension_numbers = config.dimension_numbers()
+  out_axis = dimension_numbers.rhs_spec[0]
+  if isinstance(x, QArray) and isinstance(w, QArray) and any(
+      size != 1 for axis, size in enumerate(w.scale.shape) if axis != out_axis):
+    raise ValueError(
+        f"jaxq serve: the kernel of {path!r} (ConvTranspose, "
+        f"shape {w.shape}, transpose_kernel={config.transpose_kernel}) has "
+        f"scales of shape {tuple(w.scale.shape)}; a low-bit convolution needs "
+        f"them per tensor or per output channel, axis {out_axis - w.ndim} "
+        f"(PerChannel(axis={out_axis - w.ndim})), or a float input "
+        f"(weight-only).")
+  if config.transpose_kernel:
+    w = _flip_window(w, rank)
+  y = serve_conv(x, w, (1,) * rank, config.conv_padding(),
+                 lhs_dilation=config.strides,
+                 rhs_dilation=config.kernel_dilation,
+                 dimension_numbers=dimension_numbers,
+                 precision=config.precision,
+                 preferred_element_type=config.preferred_element_type)
+  if config.padding == "CIRCULAR":
+    periods = [size * stride for size, stride in
+               zip(inputs.shape[1:-1], config.strides)]
+    y = _wrap_circular(y, periods, config.transpose_kernel)
+  if bias is not None:
+    y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+  return jnp.reshape(y, (*batch_shape, *y.shape[1:]))
