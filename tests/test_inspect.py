@@ -12,9 +12,9 @@ from flax import nnx
 
 import jaxq
 from jaxq import MX, PerChannel, QuantSpec
+from jaxq.hlo import parse_hlo
 from jaxq.inspect import COMPILED_SOURCE
 from jaxq.inspect import EXPORTED_SOURCE
-from jaxq.inspect import parse_hlo
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "flax"))
 import flax_models as fm  # noqa: E402

@@ -110,6 +110,7 @@ class LayerSettings:
   mode: core.Mode
   on_nonfinite: core.OnNonfinite
   observer_for: core.ObserverFor
+  int8_forward: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -250,7 +250,8 @@ class LinenAdapter:
                        f"got the float module {type(self.model).__name__}.")
     return adapter_lib.LayerSettings(self.qmodel.mode,
                                      self.qmodel.on_nonfinite,
-                                     self.qmodel.observer_for)
+                                     self.qmodel.observer_for,
+                                     self.qmodel.int8_forward)
 
   def check_stats(self, stats: Any, what: str) -> None:
     if stats is not None and (not isinstance(stats, Mapping)

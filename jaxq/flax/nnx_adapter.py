@@ -266,7 +266,8 @@ class NnxAdapter:
       return adapter_lib.LayerSettings("calibrate", "raise",
                                        calibration.observer_for)
     return adapter_lib.LayerSettings(layers[0].mode, layers[0].on_nonfinite,
-                                     layers[0].observer_for)
+                                     layers[0].observer_for,
+                                     layers[0].int8_forward)
 
   def check_stats(self, stats: Any, what: str) -> None:
     if stats is not None and not isinstance(stats, nnx.State):
