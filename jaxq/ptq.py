@@ -287,10 +287,11 @@ def _build(adapter: ModelAdapter, batch: Any,
            forward: Forward) -> CalibrationPass:
   """The calibration pass of ``adapter``'s model, its stats empty and placed
   like ``batch``."""
-  mode, _, observer_for = dataclasses.astuple(adapter.settings())
-  if mode != "calibrate":
+  settings = adapter.settings()
+  if settings.mode != "calibrate":
     raise ValueError(f"calibrate: expected a model from jaxq.quantize_model("
-                     f"..., mode='calibrate'), got mode {mode!r}.")
+                     f"..., mode='calibrate'), got mode {settings.mode!r}.")
+  observer_for = settings.observer_for
   if observers:
     recorder = _recording_observer(observers)
     histogram = isinstance(recorder.init(_PROBE_INPUT, _PROBE_SPEC),
