@@ -92,14 +92,26 @@ def _group_size(spec: QuantSpec, shape: tuple[int, int]) -> int:
       f"(PerGroup(axis=0, size=g), MX(axis=0)).")
 
 
-def _inverse_hessian_factor(hessian: jax.Array) -> jax.Array:
-  """Upper ``U`` with ``H^-1 = U^T U`` (NaN when H is not positive
-  definite)."""
+def _inverse_hessian_factor(hessian: jax.Array
+                            ) -> tuple[jax.Array, jax.Array]:
+  """Upper ``U`` with ``H^-1 = U^T U``, and whether H was positive definite.
+
+  A pivot of H's Cholesky factorisation below ``n * eps`` of its diagonal
+  entry means H is singular to float32 precision: an exactly
+  rank-deficient ``X^T X`` rounds to that rather than to a failure.
+  """
   n = hessian.shape[0]
   lower = jnp.linalg.cholesky(hessian)
-  inverse = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(n, dtype=hessian.dtype))
+  pivots = jnp.square(jnp.diagonal(lower))
+  tolerance = max(n, 16) * jnp.finfo(jnp.float32).eps
+  definite = jnp.all(pivots > tolerance * jnp.diagonal(hessian))
+  inverse = jax.scipy.linalg.cho_solve((lower, True),
+                                       jnp.eye(n, dtype=hessian.dtype))
   inverse = 0.5 * (inverse + inverse.T)
-  return jnp.triu(jnp.linalg.cholesky(inverse).T)
+  upper = jnp.triu(jnp.linalg.cholesky(inverse).T)
+  ok = definite & jnp.all(jnp.isfinite(upper)) & jnp.all(
+      jnp.diagonal(upper) > 0)
+  return upper, ok
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -144,8 +156,7 @@ def _gptq(kernel, hessian, spec, percdamp, block_size, act_order):
   w = jnp.pad(w, ((0, pad), (0, 0)))
   h = jnp.pad(h, ((0, pad), (0, pad))) + jnp.diag(
       jnp.concatenate([jnp.zeros(d_in), jnp.ones(pad)]))
-  u = _inverse_hessian_factor(h)
-  ok = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.diagonal(u) > 0)
+  u, ok = _inverse_hessian_factor(h)
   u = jnp.where(ok, u, jnp.eye(d_pad))  # Keep the loop finite; we raise.
 
   row_group = jnp.concatenate([
