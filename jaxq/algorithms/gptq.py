@@ -96,22 +96,24 @@ def _inverse_hessian_factor(hessian: jax.Array
                             ) -> tuple[jax.Array, jax.Array]:
   """Upper ``U`` with ``H^-1 = U^T U``, and whether H was positive definite.
 
-  A pivot of H's Cholesky factorisation below ``n * eps`` of its diagonal
-  entry means H is singular to float32 precision: an exactly
-  rank-deficient ``X^T X`` rounds to that rather than to a failure.
+  One Cholesky factorisation of H with its index order reversed,
+  ``J H J = L L^T``, gives ``H = R R^T`` with ``R = J L J`` upper
+  triangular, so ``H^-1 = R^-T R^-1`` and ``U = R^-1`` (one triangular
+  solve; no explicit inverse). A pivot below ``4 eps`` of its diagonal entry
+  means H is singular to float32 precision: an exactly rank-deficient
+  ``X^T X`` rounds to that rather than to a failed factorisation.
   """
   n = hessian.shape[0]
-  lower = jnp.linalg.cholesky(hessian)
-  pivots = jnp.square(jnp.diagonal(lower))
-  tolerance = max(n, 16) * jnp.finfo(jnp.float32).eps
+  lower = jnp.linalg.cholesky(hessian[::-1, ::-1])
+  upper_root = lower[::-1, ::-1]
+  pivots = jnp.square(jnp.diagonal(upper_root))
+  tolerance = 4 * jnp.finfo(jnp.float32).eps
   definite = jnp.all(pivots > tolerance * jnp.diagonal(hessian))
-  inverse = jax.scipy.linalg.cho_solve((lower, True),
-                                       jnp.eye(n, dtype=hessian.dtype))
-  inverse = 0.5 * (inverse + inverse.T)
-  upper = jnp.triu(jnp.linalg.cholesky(inverse).T)
-  ok = definite & jnp.all(jnp.isfinite(upper)) & jnp.all(
-      jnp.diagonal(upper) > 0)
-  return upper, ok
+  factor = jnp.triu(jax.scipy.linalg.solve_triangular(
+      upper_root, jnp.eye(n, dtype=hessian.dtype), lower=False))
+  ok = definite & jnp.all(jnp.isfinite(factor)) & jnp.all(
+      jnp.diagonal(factor) > 0)
+  return factor, ok
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -178,21 +180,25 @@ def _gptq(kernel, hessian, spec, percdamp, block_size, act_order):
       w_block, q_block, err_block, amin_all, amax_all, done = inner
       g = row_group[start + k]
 
-      def first_row_of_group(ranges):
-        amin_all, amax_all = ranges
-        rows = group_rows[g]
+      if grouped:
         # The group's rows now: the block-start values minus the pending
-        # (lazy) updates from this block's rows rounded so far.
-        current = w[rows] - jnp.matmul(u_block[:, rows].T, err_block,
-                                       precision=_HI)
-        amin, amax = weight_range(current, spec)
-        amax_all = amax_all.at[g].set(amax[0])
-        if amin is not None:
-          amin_all = amin_all.at[g].set(amin[0])
-        return amin_all, amax_all
+        # (lazy) updates from this block's rows rounded so far. Gathered
+        # outside the cond so that its operands stay small.
+        rows = group_rows[g]
+        w_rows, u_rows = w[rows], u_block[:, rows]
 
-      amin_all, amax_all = jax.lax.cond(
-          done[g], lambda r: r, first_row_of_group, (amin_all, amax_all))
+        def first_row_of_group(operands):
+          amin_all, amax_all, w_rows, u_rows, err_block = operands
+          current = w_rows - jnp.matmul(u_rows.T, err_block, precision=_HI)
+          amin, amax = weight_range(current, spec)
+          amax_all = amax_all.at[g].set(amax[0])
+          if amin is not None:
+            amin_all = amin_all.at[g].set(amin[0])
+          return amin_all, amax_all
+
+        amin_all, amax_all = jax.lax.cond(
+            done[g], lambda operands: operands[:2], first_row_of_group,
+            (amin_all, amax_all, w_rows, u_rows, err_block))
       done = done.at[g].set(True)
       scale, zero_point = scale_from_range(
           spec, amax_all[g], None if spec.symmetric else amin_all[g])
