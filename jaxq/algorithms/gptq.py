@@ -47,8 +47,8 @@ import jax.numpy as jnp
 
 from jaxq.algorithms import stats as stats_lib
 from jaxq.algorithms.weight_range import weight_range
-from jaxq.granularity import PerChannel
-from jaxq.quantize import _fake_quant_values, scale_from_range  # pylint: disable=protected-access
+from jaxq.granularity import MX, PerChannel
+from jaxq.quantize import fake_quant
 from jaxq.spec import QuantSpec
 
 _HI = jax.lax.Precision.HIGHEST
@@ -131,7 +131,10 @@ def _gptq(kernel, hessian, spec, percdamp, block_size, act_order):
   group_size = _group_size(spec, (d_in, d_out))
   num_groups = d_in // group_size
   grouped = num_groups > 1 or group_size != d_in
-  row_spec = spec.replace(granularity=PerChannel(axis=-1))
+  # One kernel row (1, d_out) with one range per element: the spec's own
+  # numerics (MX's power-of-two scales included) applied row by row.
+  row_spec = spec.replace(granularity=MX(axis=0, size=1) if spec.is_mx
+                          else PerChannel(axis=-1))
 
   # Ranges per group (+1 dummy group for padding rows), each (d_out,).
   amax_all = jnp.ones((num_groups + 1, d_out), jnp.float32)
@@ -200,12 +203,9 @@ def _gptq(kernel, hessian, spec, percdamp, block_size, act_order):
             done[g], lambda operands: operands[:2], first_row_of_group,
             (amin_all, amax_all, w_rows, u_rows, err_block))
       done = done.at[g].set(True)
-      scale, zero_point = scale_from_range(
-          spec, amax_all[g], None if spec.symmetric else amin_all[g])
       row = w_block[k]
-      q = _fake_quant_values(
-          row[None], row_spec, scale[None],
-          None if zero_point is None else zero_point[None], None)[0]
+      q = fake_quant(row[None], row_spec, amax=amax_all[g][None],
+                     amin=None if spec.symmetric else amin_all[g][None])[0]
       err = (row - q) / u_inner[k, k]
       w_block = w_block - u_inner[k][:, None] * err[None, :]
       q_block = q_block.at[k].set(q)
