@@ -8,6 +8,12 @@ the weight's `jaxq.QuantSpec`.
 * `smoothing_factors`, `search_alpha`: SmoothQuant.
 * `awq`: AWQ's per-input-channel scales and clipping.
 * `gptq`, `hessian_update`: GPTQ.
+
+Layers that share one input (attention query, key and value after one
+LayerNorm) must share one set of per-input-channel factors to fold them into
+that op: pass their kernels concatenated along d_out
+(``jnp.concatenate([wq, wk, wv], axis=1)``) to `smoothing_factors`,
+`search_alpha` or `awq`.
 """
 
 from jaxq.algorithms.awq import AWQResult

@@ -130,7 +130,7 @@ def _gptq(kernel, hessian, spec, percdamp, block_size, act_order):
 
   group_size = _group_size(spec, (d_in, d_out))
   num_groups = d_in // group_size
-  grouped = num_groups > 1 or group_size != d_in
+  grouped = group_size < d_in
   # One kernel row (1, d_out) with one range per element: the spec's own
   # numerics (MX's power-of-two scales included) applied row by row.
   row_spec = spec.replace(granularity=MX(axis=0, size=1) if spec.is_mx

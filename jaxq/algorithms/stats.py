@@ -47,7 +47,7 @@ def rows(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """
   x = jnp.asarray(x)
   if x.ndim < 1:
-    raise ValueError(f"layer inputs must have a feature axis, got a scalar.")
+    raise ValueError("layer inputs must have a feature axis, got a scalar.")
   flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
   if mask is None:
     return flat

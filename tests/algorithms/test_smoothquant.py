@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxq
 from jaxq import PerChannel, PerTensor, QuantSpec
 from jaxq.algorithms import (scale_input, scale_kernel, search_alpha,
                              smoothing_factors)
