@@ -99,3 +99,17 @@ def test_bad_calibration_and_sizes_raise():
     weight_range(w, QuantSpec("int4", PerGroup(axis=0, size=48)))
   with pytest.raises(ValueError, match="min_ratio"):
     weight_range(w, QuantSpec("int4", calibration="mse"), min_ratio=0.0)
+
+
+def test_ranges_of_a_dense_general_kernel():
+  # A (d_in, heads, head_dim) kernel with one scale per output (head, dim).
+  w = heavy_tailed((32, 4, 6), seed=5)
+  spec = QuantSpec("int4", PerChannel(axis=(1, 2)), calibration="percentile",
+                   percentile=90.0)
+  _, amax = weight_range(w, spec)
+  np.testing.assert_allclose(
+      amax, np.percentile(np.abs(w), 90.0, axis=0, keepdims=True), rtol=1e-5)
+  mse = spec.replace(calibration="mse")
+  _, amax = weight_range(w, mse, num_ratios=20)
+  assert amax.shape == (1, 4, 6)
+  assert np.all(amax <= np.abs(w).max(axis=0, keepdims=True))
