@@ -118,7 +118,8 @@ def _inverse_hessian_factor(hessian: jax.Array
 
 @functools.partial(jax.jit, static_argnames=(
     "spec", "percdamp", "block_size", "act_order"))
-def _gptq(kernel, hessian, spec, percdamp, block_size, act_order):
+def _gptq(kernel, hessian, amin, amax, spec, percdamp, block_size,
+          act_order):
   d_in, d_out = kernel.shape
   w = kernel.astype(jnp.float32)
   h = hessian.astype(jnp.float32)
@@ -142,7 +143,7 @@ def _gptq(kernel, hessian, spec, percdamp, block_size, act_order):
   if grouped:
     done = jnp.zeros((num_groups + 1,), bool).at[num_groups].set(True)
   else:
-    amin0, amax0 = weight_range(w, spec)
+    amin0, amax0 = weight_range(w, spec) if amax is None else (amin, amax)
     amax_all = amax_all.at[0].set(jnp.broadcast_to(amax0[0], (d_out,)))
     if amin0 is not None:
       amin_all = amin_all.at[0].set(jnp.broadcast_to(amin0[0], (d_out,)))
@@ -235,7 +236,8 @@ def _gptq(kernel, hessian, spec, percdamp, block_size, act_order):
 
 def gptq(kernel: jax.Array, hessian: jax.Array, spec: QuantSpec, *,
          percdamp: float = 0.01, block_size: int = 128,
-         act_order: bool = False) -> GPTQResult:
+         act_order: bool = False, amax: jax.Array | None = None,
+         amin: jax.Array | None = None) -> GPTQResult:
   """GPTQ-quantizes one (d_in, d_out) kernel given its input Hessian.
 
   Args:
@@ -248,6 +250,10 @@ def gptq(kernel: jax.Array, hessian: jax.Array, spec: QuantSpec, *,
     percdamp: dampening, as a fraction of the mean diagonal (>= 0).
     block_size: rows per lazy update (>= 1); d_in need not divide by it.
     act_order: process rows by decreasing Hessian diagonal.
+    amax: optional fixed range for per-tensor and per-channel specs (the
+      spec's scale shape), e.g. an output-aware clipping from `awq`; by
+      default `weight_range` of the kernel. Groups choose their own.
+    amin: the fixed range's lower end, affine specs only.
 
   Returns:
     `GPTQResult`: the dequantized kernel and the ranges that reproduce it.
@@ -271,11 +277,27 @@ def gptq(kernel: jax.Array, hessian: jax.Array, spec: QuantSpec, *,
   if percdamp < 0 or block_size < 1:
     raise ValueError(f"gptq: need percdamp >= 0 and block_size >= 1, got "
                      f"{percdamp} and {block_size}.")
-  _group_size(spec, tuple(kernel.shape))  # Raises, naming the sizes.
+  group_size = _group_size(spec, tuple(kernel.shape))  # Raises, naming sizes.
+  if amax is not None or amin is not None:
+    expected = (1, 1) if spec.granularity.block_shape(
+        tuple(kernel.shape)) == tuple(kernel.shape) else (1, kernel.shape[1])
+    if group_size < d_in:
+      raise ValueError(f"gptq: a fixed amax is for per-tensor and per-channel "
+                       f"specs; {spec.granularity} chooses each group's range "
+                       f"as GPTQ reaches it.")
+    if amax is None or jnp.shape(amax) != expected or (
+        (amin is None) != spec.symmetric or
+        (amin is not None and jnp.shape(amin) != expected)):
+      raise ValueError(f"gptq: a fixed range needs amax (and amin for affine "
+                       f"specs) of the scale shape {expected}, got amax "
+                       f"{None if amax is None else jnp.shape(amax)} and amin "
+                       f"{None if amin is None else jnp.shape(amin)}.")
+    amax = jnp.asarray(amax, jnp.float32)
+    amin = None if amin is None else jnp.asarray(amin, jnp.float32)
   if not bool(jnp.all(jnp.isfinite(hessian))):
     raise ValueError("gptq: the Hessian holds NaN or inf; the calibration "
                      "inputs of this layer were not finite.")
-  result, ok = _gptq(kernel, hessian, spec, float(percdamp),
+  result, ok = _gptq(kernel, hessian, amin, amax, spec, float(percdamp),
                      int(min(block_size, d_in)), bool(act_order))
   if not bool(ok):
     raise ValueError(f"gptq: the ({d_in}, {d_in}) Hessian is singular after "

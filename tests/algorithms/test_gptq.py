@@ -174,3 +174,17 @@ def test_bad_inputs_name_the_problem():
     gptq(w, h[:32, :32], QuantSpec("int4", PerChannel(-1)))
   with pytest.raises(ValueError, match="NaN or inf"):
     gptq(w, h.at[0, 0].set(jnp.nan), QuantSpec("int4", PerChannel(-1)))
+
+
+def test_fixed_range_is_used_and_checked():
+  x, w = problem(seed=8)
+  spec = QuantSpec("int4", PerChannel(-1))
+  amax = 0.8 * np.abs(w).max(axis=0, keepdims=True)
+  result = gptq(w, hessian_of(x), spec, amax=amax)
+  np.testing.assert_array_equal(result.amax, amax)
+  assert np.all(np.abs(result.kernel) <= amax * (1 + 1e-6))
+  with pytest.raises(ValueError, match=r"scale shape \(1, 16\)"):
+    gptq(w, hessian_of(x), spec, amax=amax[0])
+  with pytest.raises(ValueError, match="chooses each group's range"):
+    gptq(w, hessian_of(x), QuantSpec("int4", PerGroup(axis=0, size=16)),
+         amax=amax)
