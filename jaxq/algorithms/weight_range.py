@@ -1,0 +1,120 @@
+"""The range of a weight, per scale, as its spec's ``calibration`` asks.
+
+Shapes: ``w`` has any shape ``S`` (a Flax ``Dense`` kernel is (d_in, d_out));
+``amax`` and ``amin`` have the keepdims scale shape of ``spec.granularity``
+for ``S`` (see `jaxq.granularity`), exactly what `jaxq.quantize` takes.
+
+Calibrations (``spec.calibration``):
+
+* ``"max"``: the abs-max (symmetric) or min/max (affine) of each block, as
+  `jaxq.compute_range` gives.
+* ``"percentile"``: ``spec.percentile`` of ``|w|`` in each block (numpy's
+  "linear" rule); affine specs take the ``100 - q`` and ``q`` percentiles of
+  ``w`` itself.
+* ``"mse"``: per block, the clipping ratio ``r`` in a grid of ``num_ratios``
+  ratios in ``[min_ratio, 1]`` whose range ``r * (amin, amax)`` minimises the
+  block's squared quantization error ``sum (w - fake_quant(w))**2``. The grid
+  is evaluated in ``jit`` by `jax.lax.map` (a batch of ratios at a time, so
+  memory stays a few copies of ``w``), never by a Python loop.
+
+``"entropy"`` (KL between histograms) describes activations, not a weight's
+few thousand values per scale: it raises rather than being ignored.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxq.quantize import compute_range, fake_quant
+from jaxq.spec import QuantSpec
+
+Range = tuple[jax.Array | None, jax.Array]
+
+
+def block_elements(x: jax.Array, blocks: tuple[int, ...]) -> jax.Array:
+  """``x`` regrouped as (scale shape..., elements of one block)."""
+  split = []
+  for d, b in zip(x.shape, blocks):
+    split += [d // b, b]
+  rank = x.ndim
+  perm = [2 * i for i in range(rank)] + [2 * i + 1 for i in range(rank)]
+  scale_shape = tuple(d // b for d, b in zip(x.shape, blocks))
+  return x.reshape(split).transpose(perm).reshape(scale_shape + (-1,))
+
+
+def _percentile_range(w: jax.Array, spec: QuantSpec,
+                      blocks: tuple[int, ...]) -> Range:
+  elements = block_elements(w, blocks)
+  if spec.symmetric:
+    return None, jnp.percentile(jnp.abs(elements), spec.percentile, axis=-1)
+  amin = jnp.percentile(elements, 100.0 - spec.percentile, axis=-1)
+  amax = jnp.percentile(elements, spec.percentile, axis=-1)
+  return amin, amax
+
+
+def block_squared_error(w: jax.Array, w_hat: jax.Array,
+                        blocks: tuple[int, ...]) -> jax.Array:
+  """``sum (w - w_hat)**2`` over each block; the scale shape."""
+  return jnp.sum(block_elements(jnp.square(w - w_hat), blocks), axis=-1)
+
+
+def _mse_range(w: jax.Array, spec: QuantSpec, blocks: tuple[int, ...],
+               num_ratios: int, min_ratio: float) -> Range:
+  amin, amax = compute_range(w, spec)
+  ratios = jnp.linspace(1.0, min_ratio, num_ratios, dtype=jnp.float32)
+
+  def error(ratio):
+    lo = None if amin is None else amin * ratio
+    w_hat = fake_quant(w, spec, amax=amax * ratio, amin=lo)
+    return block_squared_error(w, w_hat, blocks)
+
+  errors = jax.lax.map(error, ratios, batch_size=min(num_ratios, 8))
+  # argmin takes the first minimum: ties keep the larger (less clipped) ratio.
+  best = jnp.take(ratios, jnp.argmin(errors, axis=0))
+  return (None if amin is None else amin * best), amax * best
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("spec", "num_ratios", "min_ratio"))
+def weight_range(w: jax.Array, spec: QuantSpec, *, num_ratios: int = 100,
+                 min_ratio: float = 0.5) -> Range:
+  """``(amin, amax)`` of each block of ``w`` as ``spec.calibration`` asks.
+
+  Args:
+    w: float weight of any shape; non-finite elements are not expected.
+    spec: the weight's quantizer; its granularity must fit ``w.shape``.
+    num_ratios: grid size of the ``"mse"`` search.
+    min_ratio: smallest clipping ratio of the ``"mse"`` search, in (0, 1].
+
+  Returns:
+    ``(amin, amax)`` float32 in the scale shape; ``amin`` is None for
+    symmetric specs. Pass them to `jaxq.quantize` as ``amax=``/``amin=``.
+
+  Raises:
+    ValueError: for ``calibration="entropy"``, a bad grid, or a granularity
+      that does not fit ``w.shape`` (naming the axis and sizes).
+  """
+  if not 0.0 < min_ratio <= 1.0:
+    raise ValueError(f"weight_range: min_ratio must be in (0, 1], got "
+                     f"{min_ratio}.")
+  if num_ratios < 1:
+    raise ValueError(f"weight_range: num_ratios must be >= 1, got "
+                     f"{num_ratios}.")
+  w = jnp.asarray(w)
+  if not jnp.issubdtype(w.dtype, jnp.floating):
+    raise ValueError(f"weight_range expects a float weight, got dtype "
+                     f"{w.dtype} with shape {tuple(w.shape)}.")
+  blocks = spec.granularity.block_shape(tuple(w.shape))
+  w = w.astype(jnp.float32)
+  if spec.calibration == "max":
+    return compute_range(w, spec)
+  if spec.calibration == "percentile":
+    return _percentile_range(w, spec, blocks)
+  if spec.calibration == "mse":
+    return _mse_range(w, spec, blocks, num_ratios, min_ratio)
+  raise ValueError(f"weight_range: calibration {spec.calibration!r} is for "
+                   f"activations; a weight's range supports 'max', "
+                   f"'percentile' and 'mse'.")

@@ -1,0 +1,115 @@
+"""Tests for `jaxq.algorithms.weight_range`: max, percentile and mse ranges
+per scale, checked against NumPy block by block."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxq
+from jaxq import MX, PerBlock, PerChannel, PerGroup, PerTensor, QuantSpec
+from jaxq.algorithms import weight_range
+from jaxq.algorithms.weight_range import block_squared_error
+
+
+def heavy_tailed(shape=(64, 24), seed=0):
+  rng = np.random.default_rng(seed)
+  return rng.standard_t(df=3, size=shape).astype(np.float32)
+
+
+def numpy_blocks(w, blocks):
+  """Every block of w as a flat array, in scale (row-major) order."""
+  rows, cols = w.shape[0] // blocks[0], w.shape[1] // blocks[1]
+  return np.array([[w[i * blocks[0]:(i + 1) * blocks[0],
+                      j * blocks[1]:(j + 1) * blocks[1]].ravel()
+                    for j in range(cols)] for i in range(rows)])
+
+
+@pytest.mark.parametrize("granularity", [
+    PerChannel(-1), PerGroup(axis=0, size=16), PerTensor(),
+    PerBlock((16, 8))])
+def test_max_equals_compute_range(granularity):
+  w = heavy_tailed()
+  spec = QuantSpec("int4", granularity)
+  np.testing.assert_array_equal(weight_range(w, spec)[1],
+                                jaxq.compute_range(w, spec)[1])
+
+
+@pytest.mark.parametrize("granularity,blocks", [
+    (PerChannel(-1), (64, 1)), (PerGroup(axis=0, size=16), (16, 1)),
+    (PerBlock((16, 8)), (16, 8))])
+def test_percentile_equals_numpy(granularity, blocks):
+  w = heavy_tailed()
+  spec = QuantSpec("int8", granularity, calibration="percentile",
+                   percentile=99.0)
+  amin, amax = weight_range(w, spec)
+  assert amin is None
+  want = np.percentile(np.abs(numpy_blocks(w, blocks)), 99.0, axis=-1)
+  np.testing.assert_allclose(amax, want, rtol=1e-5)
+  affine = spec.replace(symmetric=False)
+  amin, amax = weight_range(w, affine)
+  np.testing.assert_allclose(
+      amin, np.percentile(numpy_blocks(w, blocks), 1.0, axis=-1), rtol=1e-5)
+  np.testing.assert_allclose(
+      amax, np.percentile(numpy_blocks(w, blocks), 99.0, axis=-1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", [
+    QuantSpec("int4", PerChannel(-1), calibration="mse"),
+    QuantSpec("int4", PerGroup(axis=0, size=16), calibration="mse"),
+    QuantSpec("uint8", PerChannel(-1), symmetric=False, calibration="mse"),
+    QuantSpec("float8_e4m3fn", MX(axis=0, size=32), calibration="mse"),
+])
+def test_mse_never_worse_than_max_per_scale(spec):
+  w = jnp.asarray(heavy_tailed())
+  blocks = spec.granularity.block_shape(w.shape)
+  amin, amax = weight_range(w, spec, num_ratios=50)
+  max_spec = spec.replace(calibration="max")
+  err_mse = block_squared_error(
+      w, jaxq.fake_quant(w, spec, amax=amax, amin=amin), blocks)
+  err_max = block_squared_error(w, jaxq.fake_quant(w, max_spec), blocks)
+  assert amax.shape == jaxq.compute_range(w, spec)[1].shape
+  assert np.all(err_mse <= err_max * (1 + 1e-6))
+  if spec.format == "int4":  # Clipping t(3) tails pays off at 4 bits.
+    assert np.sum(err_mse) < 0.95 * np.sum(err_max)
+
+
+def test_mse_picks_the_grid_minimum():
+  w = heavy_tailed((32, 4), seed=3)
+  spec = QuantSpec("int4", PerChannel(-1), calibration="mse")
+  _, amax = weight_range(w, spec, num_ratios=11, min_ratio=0.5)
+  full = np.abs(w).max(axis=0)
+  for col in range(4):
+    errors = []
+    for r in np.linspace(1.0, 0.5, 11):
+      step = full[col] * r / 7
+      q = np.clip(np.round(w[:, col] / step), -7, 7) * step
+      errors.append(np.sum((w[:, col] - q) ** 2))
+    best = np.linspace(1.0, 0.5, 11)[int(np.argmin(errors))]
+    np.testing.assert_allclose(amax[0, col], full[col] * best, rtol=1e-5)
+
+
+def test_bad_calibration_and_sizes_raise():
+  w = heavy_tailed()
+  with pytest.raises(ValueError, match="'entropy' is for activations"):
+    weight_range(w, QuantSpec("int8", PerChannel(-1), calibration="entropy"))
+  with pytest.raises(ValueError, match="size 48 does not divide axis 0 of "
+                     "length 64"):
+    weight_range(w, QuantSpec("int4", PerGroup(axis=0, size=48)))
+  with pytest.raises(ValueError, match="min_ratio"):
+    weight_range(w, QuantSpec("int4", calibration="mse"), min_ratio=0.0)
+
+
+def test_ranges_of_a_dense_general_kernel():
+  # A (d_in, heads, head_dim) kernel with one scale per output (head, dim).
+  w = heavy_tailed((32, 4, 6), seed=5)
+  spec = QuantSpec("int4", PerChannel(axis=(1, 2)), calibration="percentile",
+                   percentile=90.0)
+  _, amax = weight_range(w, spec)
+  np.testing.assert_allclose(
+      amax, np.percentile(np.abs(w), 90.0, axis=0, keepdims=True), rtol=1e-5)
+  mse = spec.replace(calibration="mse")
+  _, amax = weight_range(w, mse, num_ratios=20)
+  assert amax.shape == (1, 4, 6)
+  assert np.all(amax <= np.abs(w).max(axis=0, keepdims=True))
