@@ -65,8 +65,8 @@ def _is_int(value: object) -> bool:
 def _check_size(granularity: object, size: int, name: str = "size") -> int:
   """Returns ``size`` as an int, or raises unless it is a positive integer."""
   if not _is_int(size) or size <= 0:
-    raise ValueError(f"{type(granularity).__name__}: {name} must be a "
-                     f"positive integer, got {size!r}.")
+    raise ValueError(f"{granularity}: {name} must be a positive integer, got "
+                     f"{size!r}.")
   return int(size)
 
 
@@ -75,14 +75,14 @@ def _check_axis(granularity: object, axis: object, name: str = "axis",
   """Returns ``axis`` as an int (or a tuple of ints), or raises."""
   if allow_tuple and isinstance(axis, (tuple, list)):
     if not axis:
-      raise ValueError(f"{type(granularity).__name__}: {name} must name at "
-                       f"least one axis, got {axis!r}.")
+      raise ValueError(f"{granularity}: {name} must name at least one axis, "
+                       f"got {axis!r}.")
     return tuple(_check_axis(granularity, a, name) for a in axis)
   if not _is_int(axis):
     kind = "an integer or a tuple of integers" if allow_tuple else (
         "an integer")
-    raise ValueError(f"{type(granularity).__name__}: {name} must be {kind}, "
-                     f"got {axis!r} ({type(axis).__name__}).")
+    raise ValueError(f"{granularity}: {name} must be {kind}, got {axis!r} "
+                     f"({type(axis).__name__}).")
   return int(axis)
 
 
