@@ -11,6 +11,13 @@ the ``scale`` (same rank as ``values``; see `jaxq.granularity`) and the
 ``zero_point`` (None when symmetric). The spec and the original float dtype
 are static aux data, so QArrays pass through ``jit``, ``vmap`` and
 ``tree_map`` like any other pytree.
+
+A QArray is not checked when it is built (pytree transformations rebuild
+it around arbitrary leaves); `check_qarray` checks a QArray against its
+spec (storage dtype, scale and zero-point shapes, and for concrete values
+the format's range), and `jaxq.dequantize` and the ops call it, so a
+hand-built QArray that does not match its spec raises instead of being
+used as it is.
 """
 
 from __future__ import annotations
@@ -242,6 +249,7 @@ def check_qarray(qa: QArray, op: str, name: str = "qa") -> None:
     low, high = int(values.min()), int(values.max())
     if low < fmt.qmin or high > fmt.qmax:
       bad = low if low < fmt.qmin else high
+      narrow = " (narrow_range=True)" if (spec.narrow_range and
+                                          fmt.is_signed) else ""
       raise ValueError(f"{where} holds the value {bad} outside the format's "
-                       f"range [{int(fmt.qmin)}, {int(fmt.qmax)}]"
-                       f"{' (narrow_range=True)' if spec.narrow_range and fmt.is_signed else ''}.")
+                       f"range [{int(fmt.qmin)}, {int(fmt.qmax)}]{narrow}.")

@@ -352,8 +352,8 @@ def _one_of(actual, candidates, what) -> np.ndarray:
   for c in candidates:
     c = np.broadcast_to(c, actual.shape)
     ok |= (actual == c) | (np.isnan(actual) & np.isnan(c))
-  assert ok.all(), (f"{what}: {actual[~ok][:4]} not among "
-                    f"{[np.broadcast_to(c, actual.shape)[~ok][:4] for c in candidates]}")
+  wanted = [np.broadcast_to(c, actual.shape)[~ok][:4] for c in candidates]
+  assert ok.all(), f"{what}: {actual[~ok][:4]} not among {wanted}"
   return actual
 
 

@@ -204,7 +204,7 @@ def update_histogram(state: HistogramState, x: jax.Array) -> HistogramState:
   # Bin i holds (i, i + 1] * width (bin 0 also holds 0): closed on the
   # right, so |x| == range lands in the last bin without clipping and the
   # 2**k-to-1 merge stays exact at bin edges.
-  # (Values above a range capped below the float32 max join the last bin.)
+  # Values above a range capped below the float32 max join the last bin.
   inv_width = jnp.where(new_range > 0, num_bins / new_range, 0.0)
   position = jnp.where(jnp.isfinite(inv_width)[:, None],
                        magnitude * inv_width[:, None],
