@@ -7,7 +7,10 @@ Shapes: ``x`` has any shape ``S``; the range arrays (``amax``, ``amin``), the
 Numerics:
 
 * Symmetric: ``scale = amax / qmax``; ``q = round(x / scale)`` saturated to
-  ``[qmin, qmax]``; ``x_hat = q * scale``.
+  ``[qmin, qmax]``; ``x_hat = q * scale``. The scale's division is a
+  multiplication by the float32 reciprocal of ``qmax`` (``qmax - qmin``
+  when affine), as XLA compiles it inside ``jit``, so eager and jitted
+  scales, and the ties they round, are identical.
 * Affine (integer formats): the range is widened to include 0, then
   ``scale = (amax - amin) / (qmax - qmin)`` and
   ``zero_point = round(qmin - amin / scale)``, so 0.0 is exact;
