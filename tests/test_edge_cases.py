@@ -312,7 +312,8 @@ GRANULARITIES = {
 
 def _f32(x: np.ndarray) -> np.ndarray:
   """float64 -> float32 -> float64 with subnormals flushed to zero."""
-  x = np.asarray(x, np.float64).astype(np.float32)
+  with np.errstate(over="ignore"):
+    x = np.asarray(x, np.float64).astype(np.float32)
   x = np.where(np.abs(x) < TINY, np.copysign(0.0, x), x)
   return x.astype(np.float64)
 
@@ -488,3 +489,14 @@ def _jitted_fake_quant(spec: QuantSpec):
   if spec not in _JITTED:
     _JITTED[spec] = jax.jit(lambda x: jaxq.fake_quant(x, spec))
   return _JITTED[spec]
+
+
+@pytest.mark.parametrize("observer", [jaxq.observers.max(),
+                                      jaxq.observers.percentile(99.0)])
+def test_observers_skip_zero_size_batches(observer):
+  spec = QuantSpec("int8", PerChannel(axis=-1))
+  x = jnp.arange(8.0).reshape(2, 4)
+  state = observer.update(observer.init(x, spec), x)
+  after = observer.update(state, jnp.zeros((0, 4)))
+  np.testing.assert_array_equal(np.asarray(observer.finalize(after)),
+                                np.asarray(observer.finalize(state)))

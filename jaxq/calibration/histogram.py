@@ -189,6 +189,8 @@ def update_histogram(state: HistogramState, x: jax.Array) -> HistogramState:
                    granularity_lib.scale_shape(spec.granularity,
                                                tuple(x.shape)),
                    x, spec, tuple(state.range.shape))
+  if x.size == 0:  # Nothing to observe.
+    return state
   num_bins = state.num_bins
   magnitude = jnp.abs(channels_first(x.astype(jnp.float32), spec))
   finite = jnp.isfinite(magnitude)
