@@ -103,7 +103,7 @@ def _range_problem(spec: QuantSpec, amax: np.ndarray,
     index = tuple(int(i) for i in np.argwhere(bad)[0])
     return (f"{name} must be {rule}, but {int(bad.sum())} of its "
             f"{values.size} element(s) are not, e.g. {name}{index} = "
-            f"{values[index]!r}")
+            f"{float(values[index])}")
 
   amax = np.asarray(amax, np.float32).reshape(np.shape(amax))
   if amax.ndim == 0:
@@ -122,8 +122,8 @@ def _range_problem(spec: QuantSpec, amax: np.ndarray,
     return first_bad("amin", amin, ~np.isfinite(amin), "finite")
   if np.any(amin > amax):
     index = tuple(int(i) for i in np.argwhere(amin > amax)[0])
-    return (f"amin{index} = {amin[index]!r} is greater than amax{index} = "
-            f"{amax[index]!r}")
+    return (f"amin{index} = {float(amin[index])} is greater than "
+            f"amax{index} = {float(amax[index])}")
   return None
 
 
