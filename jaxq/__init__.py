@@ -32,6 +32,7 @@ from jaxq.ops import dot_general
 from jaxq.ops import einsum
 from jaxq.ptq import CalibrationResult
 from jaxq.ptq import calibrate
+from jaxq.quantize import check_range
 from jaxq.quantize import compute_range
 from jaxq.quantize import dequantize
 from jaxq.quantize import fake_quant
@@ -42,5 +43,6 @@ from jaxq.sensitivity import partial_quantize
 from jaxq.sensitivity import sensitivity
 from jaxq.spec import QArray
 from jaxq.spec import QuantSpec
+from jaxq.spec import check_qarray
 
 __version__ = "0.1.0"

@@ -35,6 +35,7 @@ from typing import Callable, Protocol, Union, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Shape = tuple[int, ...]
 
@@ -56,10 +57,33 @@ def _normalize_axis(granularity: object, axis: int, shape: Shape) -> int:
   return axis % ndim
 
 
-def _check_size(granularity: object, size: int, name: str = "size") -> None:
-  if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+def _is_int(value: object) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(
+      value, (bool, np.bool_))
+
+
+def _check_size(granularity: object, size: int, name: str = "size") -> int:
+  """Returns ``size`` as an int, or raises unless it is a positive integer."""
+  if not _is_int(size) or size <= 0:
     raise ValueError(f"{granularity}: {name} must be a positive integer, got "
                      f"{size!r}.")
+  return int(size)
+
+
+def _check_axis(granularity: object, axis: object, name: str = "axis",
+                allow_tuple: bool = False) -> int | tuple[int, ...]:
+  """Returns ``axis`` as an int (or a tuple of ints), or raises."""
+  if allow_tuple and isinstance(axis, (tuple, list)):
+    if not axis:
+      raise ValueError(f"{granularity}: {name} must name at least one axis, "
+                       f"got {axis!r}.")
+    return tuple(_check_axis(granularity, a, name) for a in axis)
+  if not _is_int(axis):
+    kind = "an integer or a tuple of integers" if allow_tuple else (
+        "an integer")
+    raise ValueError(f"{granularity}: {name} must be {kind}, got {axis!r} "
+                     f"({type(axis).__name__}).")
+  return int(axis)
 
 
 def _check_divides(granularity: object, size: int, axis: int, shape: Shape
@@ -96,8 +120,8 @@ class PerChannel:
   axis: int | tuple[int, ...] = -1
 
   def __post_init__(self):
-    if isinstance(self.axis, list):
-      object.__setattr__(self, "axis", tuple(self.axis))
+    object.__setattr__(self, "axis",
+                       _check_axis(self, self.axis, allow_tuple=True))
 
   def block_shape(self, shape: Shape) -> Shape:
     axes = self.axis if isinstance(self.axis, tuple) else (self.axis,)
@@ -119,9 +143,9 @@ class PerToken:
   contraction_axis: int | tuple[int, ...] = -1
 
   def __post_init__(self):
-    if isinstance(self.contraction_axis, list):
-      object.__setattr__(self, "contraction_axis",
-                         tuple(self.contraction_axis))
+    object.__setattr__(self, "contraction_axis",
+                       _check_axis(self, self.contraction_axis,
+                                   "contraction_axis", allow_tuple=True))
 
   def block_shape(self, shape: Shape) -> Shape:
     axes = (self.contraction_axis if isinstance(self.contraction_axis, tuple)
@@ -143,7 +167,8 @@ class PerGroup:
   size: int = 128
 
   def __post_init__(self):
-    _check_size(self, self.size)
+    object.__setattr__(self, "axis", _check_axis(self, self.axis))
+    object.__setattr__(self, "size", _check_size(self, self.size))
 
   def block_shape(self, shape: Shape) -> Shape:
     return _group_blocks(self, self.axis, self.size, shape)
@@ -160,12 +185,16 @@ class PerBlock:
   axes: tuple[int, int] = (-2, -1)
 
   def __post_init__(self):
-    object.__setattr__(self, "shape", tuple(self.shape))
-    object.__setattr__(self, "axes", tuple(self.axes))
+    for name in ("shape", "axes"):
+      if not isinstance(getattr(self, name), (tuple, list)):
+        raise ValueError(f"PerBlock: {name} must be a tuple of integers, got "
+                         f"{getattr(self, name)!r}.")
+    object.__setattr__(self, "shape", tuple(
+        _check_size(self, size, "block size") for size in self.shape))
+    object.__setattr__(self, "axes", tuple(
+        _check_axis(self, axis, "axes") for axis in self.axes))
     if len(self.shape) != len(self.axes):
       raise ValueError(f"{self}: shape and axes must have the same length.")
-    for size in self.shape:
-      _check_size(self, size, "block size")
 
   def block_shape(self, shape: Shape) -> Shape:
     blocks = [1] * len(shape)
@@ -189,7 +218,8 @@ class MX:
   size: int = 32
 
   def __post_init__(self):
-    _check_size(self, self.size)
+    object.__setattr__(self, "axis", _check_axis(self, self.axis))
+    object.__setattr__(self, "size", _check_size(self, self.size))
 
   def block_shape(self, shape: Shape) -> Shape:
     return _group_blocks(self, self.axis, self.size, shape)
@@ -200,9 +230,14 @@ GranularityLike = Union[PerTensor, PerChannel, PerToken, PerGroup, PerBlock,
 
 
 def scale_shape(granularity: Granularity, shape: Shape) -> Shape:
-  """The (keepdims) shape of the scale for an array of ``shape``."""
+  """The (keepdims) shape of the scale for an array of ``shape``.
+
+  Zero-size axes are allowed: an axis of length 0 that one block spans
+  whole (per-tensor, or reduced by a per-channel scale) has one scale, of
+  no elements; one that keeps a scale per index (or per group) has 0.
+  """
   blocks = granularity.block_shape(tuple(shape))
-  return tuple(d // b for d, b in zip(shape, blocks))
+  return tuple(d // b if b else 1 for d, b in zip(shape, blocks))
 
 
 def _split_shape(shape: Shape, blocks: Shape) -> tuple[Shape, Shape]:
@@ -255,7 +290,7 @@ def block_reduce(x: jax.Array, blocks: Shape,
       if b == d and b != 1:
         reduce_axes.append(pos)
       pos += 1
-  out_shape = tuple(d // b for d, b in zip(x.shape, blocks))
+  out_shape = tuple(d // b if b else 1 for d, b in zip(x.shape, blocks))
   reduced = reducer(x.reshape(split_shape), axis=tuple(reduce_axes),
                     keepdims=True) if reduce_axes else x.reshape(split_shape)
   return reduced.reshape(out_shape)

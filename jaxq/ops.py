@@ -51,7 +51,7 @@ import ml_dtypes
 import numpy as np
 from jax import lax
 
-from jaxq.spec import QArray
+from jaxq.spec import QArray, check_qarray
 
 Array = jax.Array
 Operand = QArray | Array
@@ -104,6 +104,7 @@ def _operand(op: str, side: str, x: Operand) -> _Operand:
   """Converts a QArray or a float array into an `_Operand`."""
   if isinstance(x, QArray):
     _check_qarray(op, side, x)
+    check_qarray(x, op, side)
     values = x.values
     zero_point = (None if x.zero_point is None
                   else x.zero_point.astype(jnp.int32))

@@ -7,7 +7,10 @@ Shapes: ``x`` has any shape ``S``; the range arrays (``amax``, ``amin``), the
 Numerics:
 
 * Symmetric: ``scale = amax / qmax``; ``q = round(x / scale)`` saturated to
-  ``[qmin, qmax]``; ``x_hat = q * scale``.
+  ``[qmin, qmax]``; ``x_hat = q * scale``. The scale's division is a
+  multiplication by the float32 reciprocal of ``qmax`` (``qmax - qmin``
+  when affine), as XLA compiles it inside ``jit``, so eager and jitted
+  scales, and the ties they round, are identical.
 * Affine (integer formats): the range is widened to include 0, then
   ``scale = (amax - amin) / (qmax - qmin)`` and
   ``zero_point = round(qmin - amin / scale)``, so 0.0 is exact;
@@ -15,6 +18,18 @@ Numerics:
 * MX: ``scale = 2 ** (floor(log2(amax)) - emax)`` with ``emax`` the element
   format's (OCP Microscaling v1.0), stored as e8m0.
 * A zero ``amax`` gives ``scale = 1``: all-zero input quantizes to zeros.
+  Affine spans wider than the float32 maximum (``[-2e38, 2e38]``) are
+  divided by the number of levels end by end, so the scale stays finite,
+  and dequantized values are clipped to the finite float32 range.
+* Static ranges (``amax``, ``amin`` passed in) must be finite, with
+  ``amax >= 0`` when symmetric and ``amin <= amax`` when affine; zero is a
+  valid range. Concrete ranges are checked and raise a ValueError naming the
+  bad element (`check_range`). Under ``jit`` their values are unknown when
+  tracing, so an invalid traced range makes the scale, and with it the
+  output, NaN: never a finite, wrong answer. `check_range` also checks
+  traced ranges, with a host callback, for callers that can afford one.
+* Zero-size arrays quantize to zero-size values with unit scales (see
+  `jaxq.granularity.scale_shape` for the scale shape).
 * Ranges computed from data ignore NaN and +-inf, block by block, so one bad
   element never poisons the scale of another channel or group (nor of its
   own). The bad elements themselves follow `jaxq.formats.cast`: +inf
@@ -36,7 +51,7 @@ import numpy as np
 
 from jaxq import formats as formats_lib
 from jaxq import granularity as granularity_lib
-from jaxq.spec import QArray, QuantSpec
+from jaxq.spec import QArray, QuantSpec, check_qarray
 
 
 def _check_float(x: jax.Array, what: str) -> None:
@@ -75,6 +90,89 @@ def _finite_abs_max(x: jax.Array, blocks: tuple[int, ...]) -> jax.Array:
   return jax.lax.cond(jnp.all(jnp.isfinite(fast)), lambda: fast, masked)
 
 
+def _is_traced(*arrays) -> bool:
+  return any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
+def _range_problem(spec: QuantSpec, amax: np.ndarray,
+                   amin: np.ndarray | None) -> str | None:
+  """What is wrong with a concrete range, or None when it is valid."""
+
+  def first_bad(name: str, values: np.ndarray, bad: np.ndarray, rule: str
+                ) -> str:
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    return (f"{name} must be {rule}, but {int(bad.sum())} of its "
+            f"{values.size} element(s) are not, e.g. {name}{index} = "
+            f"{float(values[index])}")
+
+  amax = np.asarray(amax, np.float32).reshape(np.shape(amax))
+  if amax.ndim == 0:
+    amax = amax.reshape(1)
+  if not np.all(np.isfinite(amax)):
+    return first_bad("amax", amax, ~np.isfinite(amax), "finite")
+  if spec.symmetric:
+    if np.any(amax < 0):
+      return first_bad("amax", amax, amax < 0,
+                       "non-negative (it is max |x|)")
+    return None
+  if amin is None:
+    return ("an affine spec (symmetric=False) needs amin as well as amax")
+  amin = np.broadcast_to(np.asarray(amin, np.float32), amax.shape)
+  if not np.all(np.isfinite(amin)):
+    return first_bad("amin", amin, ~np.isfinite(amin), "finite")
+  if np.any(amin > amax):
+    index = tuple(int(i) for i in np.argwhere(amin > amax)[0])
+    return (f"amin{index} = {float(amin[index])} is greater than "
+            f"amax{index} = {float(amax[index])}")
+  return None
+
+
+def _raise_range_problem(spec: QuantSpec, where: str, amax, amin) -> None:
+  problem = _range_problem(spec, np.asarray(amax),
+                           None if amin is None else np.asarray(amin))
+  if problem is not None:
+    prefix = f"{where!r}: " if where else ""
+    raise ValueError(
+        f"{prefix}invalid static range for {spec.format} "
+        f"({'symmetric' if spec.symmetric else 'affine'}, "
+        f"{spec.granularity}): {problem}. A static range must be finite, "
+        f"with amax >= 0 (symmetric) or amin <= amax (affine); recalibrate "
+        f"or fix the loaded ranges.")
+
+
+def check_range(spec: QuantSpec, amax: jax.Array,
+                amin: jax.Array | None = None, *, where: str = "") -> None:
+  """Raises unless ``(amin, amax)`` is a valid static range for ``spec``.
+
+  Valid: finite everywhere, ``amax >= 0`` (symmetric) or ``amin <= amax``
+  (affine; ``amin`` required). A zero range is valid.
+
+  Concrete arrays are checked now and raise a ValueError naming ``where``
+  (e.g. the layer path), the bad element and its value. Traced arrays are
+  checked when the computation runs, by a ``jax.debug.callback`` that
+  raises the same message (surfacing as a ``JaxRuntimeError``); that costs
+  one host round trip per call, so call it where ranges enter (loading,
+  converting), not on every step.
+
+  Args:
+    spec: the quantizer the range is for.
+    amax: max |x| (symmetric) or max x (affine), any shape.
+    amin: min x, affine only.
+    where: what holds the range, for the message (e.g. ``"dense/act"``).
+  """
+  if spec.symmetric:
+    amin = None
+  if not spec.symmetric and amin is None:
+    _raise_range_problem(spec, where, np.zeros(1), None)
+  if _is_traced(amax, amin):
+    jax.debug.callback(
+        lambda a, b: _raise_range_problem(spec, where, a, b),
+        jnp.asarray(amax, jnp.float32),
+        None if amin is None else jnp.asarray(amin, jnp.float32))
+    return
+  _raise_range_problem(spec, where, amax, amin)
+
+
 def compute_range(x: jax.Array, spec: QuantSpec
                   ) -> tuple[jax.Array | None, jax.Array]:
   """The data range of each block of ``x``, ignoring non-finite elements.
@@ -85,6 +183,10 @@ def compute_range(x: jax.Array, spec: QuantSpec
     maximum. A block with no finite element gives 0.
   """
   _check_float(x, "compute_range")
+  if x.size == 0:  # Nothing to reduce: unit scales.
+    zeros = jnp.zeros(granularity_lib.scale_shape(spec.granularity,
+                                                  tuple(x.shape)), jnp.float32)
+    return (None if spec.symmetric else zeros), zeros
   blocks = spec.granularity.block_shape(tuple(x.shape))
   x = x.astype(jnp.float32)
   if spec.symmetric:
@@ -109,29 +211,69 @@ def scale_from_range(spec: QuantSpec, amax: jax.Array,
 
   Returns:
     ``scale`` as float32 (already rounded to a power of two for MX) and
-    ``zero_point`` as int32, or None when symmetric. Always finite and
-    positive.
+    ``zero_point`` as int32, or None when symmetric. Finite and positive
+    for every valid range, zero included.
+
+  Raises:
+    ValueError: for a concrete invalid range (see `check_range`). A traced
+      invalid range gives a NaN scale instead.
   """
+  if not spec.symmetric and amin is None:
+    raise ValueError("scale_from_range: an affine spec needs amin as well as "
+                     "amax.")
+  if not _is_traced(amax, amin):
+    _raise_range_problem(spec, "scale_from_range", amax,
+                         None if spec.symmetric else amin)
+  return _scale_from_range(spec, amax, amin)
+
+
+def _reciprocal(levels: float) -> np.float32:
+  """``1 / levels`` rounded to float32.
+
+  Scales multiply by it rather than divide by ``levels``: compiling a
+  function, XLA turns a division by a constant into exactly this
+  multiplication, while an eager division (the constant passed as an
+  operand) is correctly rounded, one ulp apart in about one case in ten.
+  Multiplying in both makes eager and ``jit`` scales, and so their ties,
+  identical.
+  """
+  return np.float32(1.0 / levels)
+
+
+def _scale_from_range(spec: QuantSpec, amax: jax.Array,
+                      amin: jax.Array | None
+                      ) -> tuple[jax.Array, jax.Array | None]:
+  """`scale_from_range` without the eager check; invalid ranges give NaN."""
   fmt = spec.fmt
   amax = jnp.asarray(amax, jnp.float32)
   tiny = jnp.finfo(jnp.float32).tiny
+  valid = jnp.isfinite(amax)
   if spec.is_mx:
-    # Zero (and NaN) amax gives exponent -127 - emax, which pow2 clamps to
-    # e8m0's smallest normal scale, 2**-126.
+    # Zero amax gives exponent -127 - emax, which pow2 clamps to e8m0's
+    # smallest normal scale, 2**-126.
     exponent = formats_lib.floor_log2(jnp.where(amax > 0, amax, 0.0))
-    return formats_lib.pow2(exponent - fmt.emax), None
+    scale = formats_lib.pow2(exponent - fmt.emax)
+    return jnp.where(valid & (amax >= 0), scale, jnp.nan), None
   if spec.symmetric:
-    scale = jnp.where(amax > 0, amax / fmt.qmax, 1.0)
-    return jnp.maximum(scale, tiny), None
-  if amin is None:
-    raise ValueError("scale_from_range: an affine spec needs amin as well as "
-                     "amax.")
-  amin = jnp.minimum(jnp.asarray(amin, jnp.float32), 0.0)
+    scale = jnp.maximum(jnp.where(amax > 0, amax * _reciprocal(fmt.qmax),
+                                  1.0), tiny)
+    return jnp.where(valid & (amax >= 0), scale, jnp.nan), None
+  amin = jnp.asarray(amin, jnp.float32)
+  valid = valid & jnp.isfinite(amin) & (amin <= amax)
+  amin = jnp.minimum(amin, 0.0)
   amax = jnp.maximum(amax, 0.0)
+  per_level_factor = _reciprocal(fmt.qmax - fmt.qmin)
   span = amax - amin
-  scale = jnp.maximum(jnp.where(span > 0, span / (fmt.qmax - fmt.qmin), 1.0),
-                      tiny)
+  # A span beyond the float32 max (e.g. [-2e38, 2e38]) is divided end by
+  # end; both ends are within the float32 range, so their quotients are.
+  per_level = jnp.where(jnp.isfinite(span), span * per_level_factor,
+                        amax * per_level_factor - amin * per_level_factor)
+  scale = jnp.maximum(jnp.where(span > 0, per_level, 1.0), tiny)
+  scale = jnp.where(valid, scale, jnp.nan)
   zero_point = jnp.clip(jnp.round(fmt.qmin - amin / scale), fmt.qmin, fmt.qmax)
+  # A NaN zero point would cast to an arbitrary integer: 0 instead (the
+  # NaN scale already poisons every output).
+  zero_point = jnp.where(valid, zero_point, 0.0)
   return scale, zero_point.astype(jnp.int32)
 
 
@@ -151,7 +293,9 @@ def _resolve_scale(x: jax.Array, spec: QuantSpec, amax, amin
         raise ValueError("An affine spec (symmetric=False) needs amin as well "
                          "as amax.")
       amin = _check_range_shape("amin", amin, expected, spec, shape)
-  return scale_from_range(spec, jax.lax.stop_gradient(amax),
+    if not _is_traced(amax, amin):
+      _raise_range_problem(spec, "", amax, amin)
+  return _scale_from_range(spec, jax.lax.stop_gradient(amax),
                           None if amin is None else jax.lax.stop_gradient(amin))
 
 
@@ -184,7 +328,20 @@ def _dequantize_values(values: jax.Array, scale: jax.Array,
                                         blocks).astype(jnp.float32)
   out = v * granularity_lib.split_scale(scale.astype(jnp.float32),
                                         values.shape, blocks)
+  if zero_point is not None:
+    out = _clip_to_float32(out)
   return granularity_lib.merge_blocks(out, values.shape).astype(dtype)
+
+
+def _clip_to_float32(x: jax.Array) -> jax.Array:
+  """Clips affine results to the finite float32 range.
+
+  The rounded zero point lets the grid reach half a step beyond the range,
+  which overflows when the range ends near the float32 max. Elsewhere a
+  no-op.
+  """
+  limit = float(jnp.finfo(jnp.float32).max)
+  return jnp.clip(x, -limit, limit)
 
 
 def quantize(x: jax.Array, spec: QuantSpec, *, amax: jax.Array | None = None,
@@ -220,7 +377,13 @@ def quantize(x: jax.Array, spec: QuantSpec, *, amax: jax.Array | None = None,
 
 
 def dequantize(qa: QArray) -> jax.Array:
-  """``(values - zero_point) * scale`` in the original float dtype."""
+  """``(values - zero_point) * scale`` in the original float dtype.
+
+  Raises:
+    TypeError: unless ``qa`` is a `QArray`.
+    ValueError: when ``qa`` does not match its spec (`check_qarray`).
+  """
+  check_qarray(qa, "dequantize", "qa")
   return _dequantize_values(qa.values, qa.scale, qa.zero_point, qa.spec,
                             qa.dtype)
 
@@ -251,6 +414,8 @@ def _fake_quant_values(x: jax.Array, spec: QuantSpec, scale: jax.Array,
                                        blocks).astype(jnp.float32)
     q = jnp.where(jnp.isnan(scaled), 0.0,
                   jnp.clip(rounded + zero, fmt.qmin, fmt.qmax) - zero)
+    return granularity_lib.merge_blocks(_clip_to_float32(q * s),
+                                        x.shape).astype(x.dtype)
   return granularity_lib.merge_blocks(q * s, x.shape).astype(x.dtype)
 
 

@@ -11,6 +11,13 @@ the ``scale`` (same rank as ``values``; see `jaxq.granularity`) and the
 ``zero_point`` (None when symmetric). The spec and the original float dtype
 are static aux data, so QArrays pass through ``jit``, ``vmap`` and
 ``tree_map`` like any other pytree.
+
+A QArray is not checked when it is built (pytree transformations rebuild
+it around arbitrary leaves); `check_qarray` checks a QArray against its
+spec (storage dtype, scale and zero-point shapes, and for concrete values
+the format's range), and `jaxq.dequantize` and the ops call it, so a
+hand-built QArray that does not match its spec raises instead of being
+used as it is.
 """
 
 from __future__ import annotations
@@ -176,3 +183,73 @@ class QArray:
       total += (math.prod(self.zero_point.shape) *
                 np.dtype(self.zero_point.dtype).itemsize)
     return total
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer) and hasattr(x, "dtype")
+
+
+def check_qarray(qa: QArray, op: str, name: str = "qa") -> None:
+  """Raises unless ``qa`` is a `QArray` that matches its own spec.
+
+  Checks, naming ``op`` and the argument ``name``: the values' dtype is the
+  spec's storage dtype; the scale has the keepdims scale shape of the
+  spec's granularity for the values' shape and a float dtype; the zero
+  point is present exactly when the spec is affine, with the scale's shape
+  and an integer dtype; and, for concrete (not traced) integer values, every
+  value lies in the format's ``[qmin, qmax]``. Shapes and dtypes are static,
+  so these checks cost nothing under ``jit``.
+
+  Raises:
+    TypeError: if ``qa`` is not a `QArray`.
+    ValueError: naming what does not match, with the expected and actual
+      dtype, shape or value.
+  """
+  if not isinstance(qa, QArray):
+    shape = getattr(qa, "shape", None)
+    raise TypeError(
+        f"{op}: {name} must be a jaxq.QArray (from jaxq.quantize), got "
+        f"{type(qa).__module__}.{type(qa).__name__}"
+        f"{'' if shape is None else f' of shape {tuple(shape)}'}; a plain "
+        f"array holds no scale to dequantize with.")
+  spec, fmt = qa.spec, qa.spec.fmt
+  where = f"{op}: {name} (a QArray under {spec.format}, {spec.granularity})"
+  values_dtype = np.dtype(qa.values.dtype)
+  if values_dtype != fmt.dtype:
+    raise ValueError(f"{where} has values of dtype {values_dtype}, but the "
+                     f"spec's format stores {fmt.dtype}; quantize with "
+                     f"jaxq.quantize rather than building the QArray by hand.")
+  shape = tuple(qa.values.shape)
+  expected = granularity_lib.scale_shape(spec.granularity, shape)
+  scale_shape = tuple(qa.scale.shape)
+  if scale_shape != expected:
+    raise ValueError(f"{where} has a scale of shape {scale_shape}, but "
+                     f"{spec.granularity} on values of shape {shape} needs a "
+                     f"scale of shape {expected}.")
+  if not np.issubdtype(np.dtype(qa.scale.dtype), np.floating) and (
+      np.dtype(qa.scale.dtype) != formats_lib.E8M0_DTYPE):
+    raise ValueError(f"{where} has a scale of dtype {qa.scale.dtype}; "
+                     f"scales are float32 (e8m0 for MX).")
+  if spec.symmetric != (qa.zero_point is None):
+    raise ValueError(
+        f"{where} is {'symmetric' if spec.symmetric else 'affine'} but its "
+        f"zero_point is "
+        f"{'None' if qa.zero_point is None else 'an array'}; a zero_point is "
+        f"present exactly when the spec is affine (symmetric=False).")
+  if qa.zero_point is not None:
+    zero_shape = tuple(qa.zero_point.shape)
+    if zero_shape != expected:
+      raise ValueError(f"{where} has a zero_point of shape {zero_shape}, but "
+                       f"its scale shape is {expected}.")
+    if not np.issubdtype(np.dtype(qa.zero_point.dtype), np.integer):
+      raise ValueError(f"{where} has a zero_point of dtype "
+                       f"{qa.zero_point.dtype}; zero points are integers.")
+  if fmt.kind == "int" and _is_concrete(qa.values) and qa.values.size:
+    values = np.asarray(qa.values).astype(np.int32)
+    low, high = int(values.min()), int(values.max())
+    if low < fmt.qmin or high > fmt.qmax:
+      bad = low if low < fmt.qmin else high
+      narrow = " (narrow_range=True)" if (spec.narrow_range and
+                                          fmt.is_signed) else ""
+      raise ValueError(f"{where} holds the value {bad} outside the format's "
+                       f"range [{int(fmt.qmin)}, {int(fmt.qmax)}]{narrow}.")

@@ -19,6 +19,7 @@ amax = obs.finalize(state)                 # keepdims scale shape
 ```
 
 NaN/Inf are left out of every statistic and counted: `nonfinite_count`.
+A zero-size batch leaves a state unchanged.
 States from different devices or runs combine with `merge`.
 """
 

@@ -33,6 +33,15 @@ each count moves by less than one target bin width. Within one ``jit`` over
 a batch sharded across devices, XLA reduces the statistics globally and no
 merge is needed.
 
+Ranges stay finite. Where doubling would pass the float32 max (a first
+batch at 1e-30, a later one at 1e38), the range stops at the last finite
+doubling, which is above half the running max, and the values between the
+range and the max are counted in the last bin; the exact max is kept in
+``amax``, and percentile, entropy and MSE stay finite and below it. For
+the same reason ranges below about 1e-35 (``num_bins`` times the smallest
+normal float32) count their bins by division rather than by an overflowing
+reciprocal width.
+
 Counts are int32, exact up to 2**31 - 1 per bin.
 
 Only static, reduce-everything-but-channels granularities have histograms:
@@ -135,15 +144,25 @@ def init_histogram(x: jax.Array, spec: QuantSpec, num_bins: int
 
 
 def _growth(old_range: jax.Array, amax: jax.Array) -> jax.Array:
-  """Smallest ``k >= 0`` with ``old_range * 2**k >= amax`` (0 if empty)."""
-  ratio = jnp.where(old_range > 0, amax / old_range, 1.0)
-  k = jnp.maximum(jnp.ceil(jnp.log2(jnp.maximum(ratio, 1.0))), 0.0)
-  k = k.astype(jnp.int32)
-  # log2 and the division round; ldexp by an integer is exact, so correct
-  # the estimate by one in either direction against the exact product.
-  k = jnp.where(jnp.ldexp(old_range, k) < amax, k + 1, k)
-  k = jnp.where((k > 0) & (jnp.ldexp(old_range, k - 1) >= amax), k - 1, k)
-  return jnp.where(old_range > 0, k, 0)
+  """Smallest ``k >= 0`` with ``old_range * 2**k >= amax`` (0 if empty).
+
+  When that range would overflow float32 (a first batch at 1e-30, a later
+  one at 3e38), ``k`` is one less: the largest doubling that stays finite,
+  at least ``amax / 2`` (see `update_histogram` for the values above it).
+  """
+  positive = old_range > 0
+  safe_range = jnp.where(positive, old_range, 1.0)
+  safe_amax = jnp.maximum(amax, safe_range)
+  # log2 of each side, not of their ratio, which overflows for ranges far
+  # apart (1e30 / 1e-30).
+  k = jnp.ceil(jnp.log2(safe_amax) - jnp.log2(safe_range))
+  k = jnp.clip(k, 0.0, 300.0).astype(jnp.int32)
+  # log2 rounds; ldexp by an integer is exact, so correct the estimate by
+  # one in either direction against the exact product.
+  k = jnp.where(jnp.ldexp(safe_range, k) < amax, k + 1, k)
+  k = jnp.where((k > 0) & (jnp.ldexp(safe_range, k - 1) >= amax), k - 1, k)
+  k = jnp.where(jnp.isfinite(jnp.ldexp(safe_range, k)), k, k - 1)
+  return jnp.where(positive, k, 0)
 
 
 def coarsen(counts: jax.Array, shift: jax.Array) -> jax.Array:
@@ -170,6 +189,8 @@ def update_histogram(state: HistogramState, x: jax.Array) -> HistogramState:
                    granularity_lib.scale_shape(spec.granularity,
                                                tuple(x.shape)),
                    x, spec, tuple(state.range.shape))
+  if x.size == 0:  # Nothing to observe.
+    return state
   num_bins = state.num_bins
   magnitude = jnp.abs(channels_first(x.astype(jnp.float32), spec))
   finite = jnp.isfinite(magnitude)
@@ -185,9 +206,12 @@ def update_histogram(state: HistogramState, x: jax.Array) -> HistogramState:
   # Bin i holds (i, i + 1] * width (bin 0 also holds 0): closed on the
   # right, so |x| == range lands in the last bin without clipping and the
   # 2**k-to-1 merge stays exact at bin edges.
+  # Values above a range capped below the float32 max join the last bin.
   inv_width = jnp.where(new_range > 0, num_bins / new_range, 0.0)
-  bins = jnp.clip(jnp.ceil(magnitude * inv_width[:, None]) - 1, 0,
-                  num_bins - 1).astype(jnp.int32)
+  position = jnp.where(jnp.isfinite(inv_width)[:, None],
+                       magnitude * inv_width[:, None],
+                       magnitude / new_range[:, None] * num_bins)
+  bins = jnp.clip(jnp.ceil(position) - 1, 0, num_bins - 1).astype(jnp.int32)
   rows = jnp.arange(counts.shape[0])[:, None]
   counts = counts.at[rows, bins].add(finite.astype(jnp.int32))
 

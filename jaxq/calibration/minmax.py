@@ -88,6 +88,8 @@ def _update(state: MaxState, x: jax.Array) -> MaxState:
   base.check_shape("max observer update",
                    granularity_lib.scale_shape(spec.granularity, shape), x,
                    spec, tuple(state.amax.shape))
+  if x.size == 0:  # Nothing to observe.
+    return state
   blocks = spec.granularity.block_shape(shape)
   x = x.astype(jnp.float32)
   # Plain reductions propagate NaN/inf, so finite block ranges prove a clean

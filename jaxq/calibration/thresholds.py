@@ -42,7 +42,9 @@ for int8 at 2048 bins): about 2 ms per channel on a CPU.
   ``(centre - amax)**2``; bins inside cost the rounding noise
   ``step**2 / 12``, ``step = scale = amax / qmax`` for integer formats and
   the local grid spacing ``scale * 2**(e - mantissa_bits)`` of the binade
-  ``e`` for float formats.
+  ``e`` for float formats. The errors are computed in units of the bin
+  width, so the choice does not depend on the data's magnitude (squares of
+  values below 1e-19 would underflow, above 1e19 overflow).
 """
 
 from __future__ import annotations
@@ -191,17 +193,23 @@ def _rounding_step(magnitude: jax.Array, scale: jax.Array,
 
 def _mse_one(counts: jax.Array, width: jax.Array, *,
              fmt: formats_lib.Format) -> jax.Array:
-  """The MSE-optimal amax of one histogram ``(num_bins,)``."""
+  """The MSE-optimal amax of one histogram ``(num_bins,)``.
+
+  The errors are computed in units of the bin width, where they are
+  independent of the data's magnitude: squared in the data's own units they
+  underflow below about 1e-19 (every candidate costing 0, the first one
+  chosen) and overflow above about 1e19.
+  """
   num_bins = counts.shape[0]
-  candidates = jnp.arange(1, num_bins + 1, dtype=jnp.float32) * width  # (T,)
-  centres = (jnp.arange(num_bins, dtype=jnp.float32) + 0.5) * width
-  scale = jnp.maximum(candidates / fmt.qmax, jnp.finfo(jnp.float32).tiny)
+  candidates = jnp.arange(1, num_bins + 1, dtype=jnp.float32)  # (T,)
+  centres = jnp.arange(num_bins, dtype=jnp.float32) + 0.5
+  scale = candidates / fmt.qmax
   clipped = centres[None, :] > candidates[:, None]
   step = _rounding_step(centres[None, :], scale[:, None], fmt)
   error = jnp.where(clipped, (centres[None, :] - candidates[:, None]) ** 2,
                     step ** 2 / 12.0)
   total_error = jnp.sum(counts[None, :].astype(jnp.float32) * error, axis=-1)
-  return candidates[jnp.argmin(total_error)]
+  return candidates[jnp.argmin(total_error)] * width
 
 
 @functools.partial(jax.jit, static_argnames=("fmt",))
