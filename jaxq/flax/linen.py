@@ -131,12 +131,14 @@ class _Layer(core.LayerVariables):
   def backward_key(self) -> jax.Array:
     """backward="int8"'s key: the ``"jaxq"`` rng of ``apply``, made for
     this layer (``make_rng`` folds in its path and call count)."""
+    if self.initializing and not self.module.has_rng(int8_qat.RNG_NAME):
+      return jax.random.key(0)  # init takes no gradient: any key will do.
     if not self.module.has_rng(int8_qat.RNG_NAME):
       raise ValueError(
           f"jaxq qat backward='int8': {self.quant.path!r} "
           f"({self.quant.module_type}) rounds its gradient stochastically "
           f"and needs a PRNG key; pass rngs={{{int8_qat.RNG_NAME!r}: key}} "
-          f"to init/apply (a new key per step).")
+          f"to apply (a new key per step).")
     return self.module.make_rng(int8_qat.RNG_NAME)
 
   def get_learned(self, name: str) -> jax.Array | None:
