@@ -48,10 +48,12 @@ Columns:
   loss gradient of the row's implementation and ``g_jaxq`` the fake-quant
   straight-through gradient (the gradient of ``loss(fake_quant(x) @
   fake_quant(w))`` with identity estimators), at the same parameters and
-  data. The peers' backward multiplies by the unquantized operands (the
-  float weight and input, not the int8 ones the forward used), which costs
-  no dequantized copy but gives a gradient about as far from the
-  straight-through one as the float model's own gradient is.
+  data. ``jaxq-float`` isolates what the float backward alone changes
+  (the same forward, the backward matmuls on the float operands): under
+  1% here. The peers' backward also multiplies the float operands, but
+  their ``grad_err`` comes out about as large as the float model's own:
+  it holds their forward's differences from jaxq's too (other rounding of
+  the scales and values), so it does not measure their backward alone.
 
 In bfloat16, fake-quant's dequantized values are rounded to bfloat16 while
 the int8 path accumulates the exact products, so there ``jaxq-int8``'s

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pathlib
 import sys
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -143,6 +144,30 @@ def test_float_backward_multiplies_the_float_operands(int8_forward):
   # ...which is not the STE gradient (that one takes the quantized ones).
   ste_grads = jax.grad(loss(ste))(params, X)
   assert 1e-4 < _distance(grads, ste_grads) < 0.05
+
+
+class _UserDense(nn.Module):
+  """A user module with a ``dot_general`` field and a weight of its own."""
+
+  dot_general: Any = jax.lax.dot_general
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], 5))
+    return self.dot_general(x, w, (((1,), (0,)), ((), ())))
+
+
+def test_float_backward_reaches_user_modules():
+  model = _UserDense()
+  params = model.init(jax.random.key(0), X)["params"]
+  qmodel = jaxq.quantize_model(model, DYNAMIC_RULES, "qat", backward="float")
+  ste = jaxq.quantize_model(model, DYNAMIC_RULES, "qat")
+  loss = lambda q: lambda p: jnp.sum(q.apply({"params": p}, X) ** 2)
+  g = 2 * ste.apply({"params": params}, X)
+  np.testing.assert_allclose(jax.grad(loss(qmodel))(params)["w"], X.T @ g,
+                             rtol=1e-4, atol=1e-4)
+  assert _distance(jax.grad(loss(qmodel))(params),
+                   jax.grad(loss(ste))(params)) > 1e-4
 
 
 @pytest.mark.parametrize("rules", [DYNAMIC_RULES, STATIC_RULES],
@@ -288,6 +313,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "examples"))
 import digits_cnn  # noqa: E402
 
 
+@pytest.mark.slow  # End to end: float training, PTQ, QAT, serving.
 def test_digits_qat_with_int8_backward_recovers_ptq_loss():
   data = digits_cnn.load_digits(seed=0)
   config = digits_cnn.TrainConfig(epochs=2, seed=0)
