@@ -91,7 +91,7 @@ def test_qat_overhead(tmp_path):
     # float operands, whichever the forward; far closer to the STE gradient
     # than the float model's.
     assert 1e-4 < grad_err["jaxq-float"] < 0.5 * grad_err["float"]
-    assert abs(grad_err["jaxq-float"] - grad_err["jaxq-int8-float"]) < 1e-4
+    assert abs(grad_err["jaxq-float"] - grad_err["jaxq-int8-float"]) < 1e-3
     # The int8 backward: stochastic rounding noise of a few percent at most.
     assert 1e-4 < grad_err["jaxq-int8-int8"] < 0.05
     low, high = map(float, by_impl[case, "jaxq"]["ratio_ci95"].split("-"))
