@@ -12,8 +12,8 @@ layers run the original ``__call__`` with a quantizing ``promote_dtype`` and,
 in serve mode, `jaxq.dot_general` / `jaxq.einsum` / `jaxq.conv` as their
 ``dot_general`` / ``einsum_op`` / ``conv_general_dilated`` (in qat mode with
 ``int8_forward=True`` or a non-STE ``backward``, the Linear/LinearGeneral/
-Einsum ops are the qat ops of `jaxq.flax.int8_qat`); ``nnx.ConvTranspose``, whose
-``lax.conv_transpose`` takes no op, serves through
+Einsum ops are the qat ops of `jaxq.flax.int8_qat`); ``nnx.ConvTranspose``,
+whose ``lax.conv_transpose`` takes no op, serves through
 `jaxq.flax.serve_ops.serve_conv_transpose` (its ``__call__`` with `jaxq.conv`,
 shared with linen); embeddings look
 up quantized rows (`jaxq.flax.core.embed_lookup`) and ``attend`` multiplies
