@@ -139,7 +139,8 @@ def run_matmul(quick: bool) -> list[dict[str, Any]]:
 
 def _qat_step_shares(quick: bool) -> dict[tuple[str, str], str]:
   """(case, impl) -> the matmul-FLOP shares of the compiled QAT train step
-  (forward and backward) of qat_overhead.py's float, jaxq and jaxq-int8."""
+  (forward and backward) of qat_overhead.py's float, jaxq, jaxq-int8 and
+  jaxq-int8-int8 (the int8 backward too)."""
   import qat_overhead as qo  # pylint: disable=import-outside-toplevel
   # pylint: disable=protected-access
   case = "mlp" if quick else "block-2048"
@@ -149,13 +150,15 @@ def _qat_step_shares(quick: bool) -> dict[tuple[str, str], str]:
   y = jax.random.normal(jax.random.key(2), shape)
   impls = {"float": qo._float_impl(make, x),
            "jaxq": qo._jaxq_impl(make, x, rules),
-           "jaxq-int8": qo._jaxq_impl(make, x, rules, int8_forward=True)}
+           "jaxq-int8": qo._jaxq_impl(make, x, rules, int8_forward=True),
+           "jaxq-int8-int8": qo._jaxq_impl(make, x, rules, int8_forward=True,
+                                           backward="int8")}
   shares = {}
   for name, (apply, params) in impls.items():
     result = jaxq.inspect(qo._train_step(apply), params, x, y)
-    if name == "jaxq-int8":
-      print(f"compiled matmuls of the {case} QAT step with the int8 forward "
-            f"(forward and backward):\n{result}\n")
+    if name.startswith("jaxq-int8"):
+      print(f"compiled matmuls of the {case} QAT step {name} (forward and "
+            f"backward):\n{result}\n")
     shares[case, name] = _shares_text(result.summary().shares)
   return shares
 

@@ -24,7 +24,10 @@ backward, update) on the same data, interleaved so that machine noise hits
 them alike:
 
 * ``float``: the model as is (the baseline of ``ratio``);
-* ``jaxq``: ``jaxq.quantize_model(model, rules, "qat")``;
+* ``jaxq``: ``jaxq.quantize_model(model, rules, "qat")`` (fake-quant, the
+  exact straight-through backward, ``backward="ste"``);
+* ``jaxq-float``: the same with ``backward="float"``: the backward matmuls
+  take the float operands, as the peers' do;
 * ``qwix``: ``qwix.quantize_model(model, qwix.QtProvider(rules))`` with
   ``QtRule``s on the same layers (int8 weights channelwise, int8 ``absmax``
   activations per token), when ``qwix`` is importable;
@@ -45,10 +48,12 @@ Columns:
   loss gradient of the row's implementation and ``g_jaxq`` the fake-quant
   straight-through gradient (the gradient of ``loss(fake_quant(x) @
   fake_quant(w))`` with identity estimators), at the same parameters and
-  data. The peers' backward multiplies by the unquantized operands (the
-  float weight and input, not the int8 ones the forward used), which costs
-  no dequantized copy but gives a gradient about as far from the
-  straight-through one as the float model's own gradient is.
+  data. ``jaxq-float`` isolates what the float backward alone changes
+  (the same forward, the backward matmuls on the float operands): under
+  1% here. The peers' backward also multiplies the float operands, but
+  their ``grad_err`` comes out about as large as the float model's own:
+  it holds their forward's differences from jaxq's too (other rounding of
+  the scales and values), so it does not measure their backward alone.
 
 In bfloat16, fake-quant's dequantized values are rounded to bfloat16 while
 the int8 path accumulates the exact products, so there ``jaxq-int8``'s
@@ -60,7 +65,21 @@ forward matmuls multiply int8 values (int32 accumulation) and the backward
 is the same straight-through gradient, its matmuls taking the int8 operands
 converted to float with the scales moved onto the cotangent: the path for
 accelerators with fast int8 matmuls (on a GPU, compare it with the float
-step at d >= 2048).
+step at d >= 2048). With it come ``jaxq-int8-float`` (``backward="float"``)
+and ``jaxq-int8-int8`` (``backward="int8"``: the backward matmuls int8 x
+int8 -> int32 too, on the gradient rounded stochastically; one fixed
+``rngs={"jaxq": key}`` for every step, which costs the same as a new one).
+
+``--backward MODE [MODE ...]`` (``ste``, ``float``, ``int8``; default all)
+picks the backward modes of the jaxq rows (``ste`` is always run: it is the
+``grad_err`` reference); ``int8`` needs ``--int8-forward``.
+
+The header names the CPU and its int8 matmul instructions (``amx_int8``,
+``avx512_vnni``, ``avx_vnni`` from ``/proc/cpuinfo``): XLA's CPU backend
+(oneDNN) runs int8 x int8 -> int32 dots fast only where they exist. After
+the table, one line per case checks the goals: jaxq's fastest row against
+the fastest peer, ``jaxq-int8`` (exact STE) against the float step, and
+``jaxq`` (fake-quant STE) within 1.15x of it.
 """
 
 from __future__ import annotations
@@ -81,6 +100,7 @@ import optax  # noqa: E402
 import _harness  # noqa: E402
 import jaxq  # noqa: E402
 from jaxq import PerChannel, PerToken, QuantSpec  # noqa: E402
+from jaxq.flax.int8_qat import BACKWARDS  # noqa: E402
 
 WEIGHT = QuantSpec("int8", PerChannel(axis=-1))
 ACT = QuantSpec("int8", PerToken())
@@ -206,10 +226,60 @@ def _float_impl(make: Make, x: jax.Array) -> tuple[Apply, Any]:
 
 
 def _jaxq_impl(make: Make, x: jax.Array, rules: tuple[jaxq.Rule, ...],
-               int8_forward: bool = False) -> tuple[Apply, Any]:
-  qmodel = jaxq.quantize_model(make(), rules, "qat", int8_forward=int8_forward)
+               int8_forward: bool = False, backward: str = "ste"
+               ) -> tuple[Apply, Any]:
+  qmodel = jaxq.quantize_model(make(), rules, "qat", int8_forward=int8_forward,
+                               backward=backward)
   params = qmodel.init(jax.random.key(0), x)["params"]
-  return lambda p, x: qmodel.apply({"params": p}, x), params
+  # backward="int8"'s rounding key: one for every step (costs the same).
+  rngs = {"jaxq": jax.random.key(2)}
+  return lambda p, x: qmodel.apply({"params": p}, x, rngs=rngs), params
+
+
+def _jaxq_name(int8_forward: bool, backward: str) -> str:
+  """``jaxq``, ``jaxq-float``, ``jaxq-int8``, ``jaxq-int8-float``..."""
+  return "-".join(["jaxq"] + ["int8"] * int8_forward +
+                  [backward] * (backward != "ste"))
+
+
+def cpu_int8() -> str:
+  """The CPU's model name and its int8 matmul instructions, from
+  ``/proc/cpuinfo`` (``"unknown"`` where there is none)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+  except OSError:
+    return "unknown CPU"
+  model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                if line.startswith("model name")), "unknown CPU")
+  flags = set(next((line.split(":", 1)[1].split() for line in
+                    info.splitlines() if line.startswith("flags")), ()))
+  fast = [f for f in ("amx_int8", "avx512_vnni", "avx_vnni") if f in flags]
+  return (f"{model}, int8: {' '.join(fast)}" if fast
+          else f"{model}, int8: no VNNI/AMX")
+
+
+def goals(rows: list[dict[str, Any]]) -> list[str]:
+  """One line per case: the benchmark's goals, measured (see docstring)."""
+  lines = []
+  for case in dict.fromkeys(r["case"] for r in rows):
+    ratio = {r["impl"]: r["ratio"] for r in rows if r["case"] == case}
+    ours = {k: v for k, v in ratio.items() if k.startswith("jaxq")}
+    peers = {k: v for k, v in ratio.items() if k in ("qwix", "aqt")}
+    parts = []
+    best = min(ours, key=ours.get)
+    if peers:
+      peer = min(peers, key=peers.get)
+      parts.append(f"fastest jaxq {best} {ours[best]:.3f} vs fastest peer "
+                   f"{peer} {peers[peer]:.3f}: "
+                   f"{'met' if ours[best] <= peers[peer] else 'MISSED'}")
+    if "jaxq-int8" in ratio:
+      parts.append(f"jaxq-int8 (exact STE) {ratio['jaxq-int8']:.3f} <= 1.0: "
+                   f"{'met' if ratio['jaxq-int8'] <= 1.0 else 'MISSED'}")
+    parts.append(f"jaxq (fake-quant STE) {ratio['jaxq']:.3f} <= 1.15: "
+                 f"{'met' if ratio['jaxq'] <= 1.15 else 'MISSED'}")
+    lines.append(f"goals {case}: " + "; ".join(parts))
+  return lines
 
 
 def _qwix_impl(make: Make, x: jax.Array,
@@ -255,10 +325,20 @@ def main() -> None:
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                  help="activation dtype of every model (default: bfloat16 "
                       "on an accelerator, float32 on a CPU)")
+  p.add_argument("--backward", nargs="+", choices=BACKWARDS,
+                 default=list(BACKWARDS),
+                 help="the backward modes of the jaxq rows (default: all; "
+                      "'ste' always runs, 'int8' needs --int8-forward)")
   p.add_argument("--large", action="store_true", default=None,
                  help="add block-2048 (d=2048, 16 heads, 8 x 1024 tokens); "
                       "on by default on an accelerator")
   args = p.parse_args()
+  if "int8" in args.backward and not args.int8_forward and (
+      args.backward != list(BACKWARDS)):
+    p.error("--backward int8 multiplies the int8 forward's values; add "
+            "--int8-forward")
+  backwards = ["ste"] + [b for b in BACKWARDS
+                         if b in args.backward and b != "ste"]
   on_cpu = jax.default_backend() == "cpu"
   dtype = jnp.dtype(args.dtype or ("float32" if on_cpu else "bfloat16"))
   large = (not on_cpu) if args.large is None else args.large
@@ -276,10 +356,12 @@ def main() -> None:
     kx, ky = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, shape, dtype)
     y = jax.random.normal(ky, shape)
-    impls = {"float": _float_impl(make, x),
-             "jaxq": _jaxq_impl(make, x, rules)}
-    if args.int8_forward:
-      impls["jaxq-int8"] = _jaxq_impl(make, x, rules, int8_forward=True)
+    impls = {"float": _float_impl(make, x)}
+    for int8_forward in (False, True) if args.int8_forward else (False,):
+      for backward in backwards:
+        if backward != "int8" or int8_forward:
+          impls[_jaxq_name(int8_forward, backward)] = _jaxq_impl(
+              make, x, rules, int8_forward, backward)
     if "qwix" in peers:
       impls["qwix"] = _qwix_impl(make, x, act_batch_axes)
     if "aqt" in peers:
@@ -297,10 +379,12 @@ def main() -> None:
                    "grad_err": _gradient_error(_grads(apply, params, x, y),
                                                reference)})
   _harness.emit("qat_overhead", rows, args.json,
-                note=f"{dtype.name} activations; train step over the float "
-                     f"step, median of per-round ratios; W8A8 per-channel "
-                     f"weights, per-token activations; grad_err vs jaxq's "
-                     f"fake-quant gradient")
+                note=f"{cpu_int8()}; {dtype.name} activations; train step "
+                     f"over the float step, median of per-round ratios; W8A8 "
+                     f"per-channel weights, per-token activations; grad_err "
+                     f"vs jaxq's fake-quant gradient")
+  for line in goals(rows):
+    print(line)
 
 
 if __name__ == "__main__":

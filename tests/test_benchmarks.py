@@ -70,16 +70,30 @@ def test_qat_overhead(tmp_path):
   # time here.
   rows = _run("qat_overhead", tmp_path, "--int8-forward", "--repeats", "2",
               "--no-peers", "--case", "mlp")
-  assert {r["impl"] for r in rows} == {"float", "jaxq", "jaxq-int8"}
+  # Every backward mode by default: ste and float for both forwards, int8
+  # for the int8 forward.
+  assert {r["impl"] for r in rows} == {
+      "float", "jaxq", "jaxq-float", "jaxq-int8", "jaxq-int8-float",
+      "jaxq-int8-int8"}
   by_impl = {(r["case"], r["impl"]): r for r in rows}
   for case in ("mlp",):
+    grad_err = {impl: by_impl[case, impl]["grad_err"]
+                for _, impl in by_impl if _ == case}
+    assert all(math.isfinite(e) for e in grad_err.values()), grad_err
     assert by_impl[case, "float"]["ratio"] == 1
     # grad_err is measured against jaxq's own fake-quant gradient; the int8
     # forward computes the same gradient up to float32 rounding, while the
     # float model's gradient differs by the quantization error.
-    assert by_impl[case, "jaxq"]["grad_err"] == 0
-    assert by_impl[case, "jaxq-int8"]["grad_err"] < 1e-4
-    assert by_impl[case, "float"]["grad_err"] > 1e-3
+    assert grad_err["jaxq"] == 0
+    assert grad_err["jaxq-int8"] < 1e-4
+    assert grad_err["float"] > 1e-3
+    # The float backward: the same forward, the backward matmuls on the
+    # float operands, whichever the forward; far closer to the STE gradient
+    # than the float model's.
+    assert 1e-4 < grad_err["jaxq-float"] < 0.5 * grad_err["float"]
+    assert abs(grad_err["jaxq-float"] - grad_err["jaxq-int8-float"]) < 1e-3
+    # The int8 backward: stochastic rounding noise of a few percent at most.
+    assert 1e-4 < grad_err["jaxq-int8-int8"] < 0.05
     low, high = map(float, by_impl[case, "jaxq"]["ratio_ci95"].split("-"))
     assert low <= by_impl[case, "jaxq"]["ratio"] <= high
 
@@ -99,7 +113,11 @@ def test_gpu(tmp_path):
   for act in ("offline", "dynamic"):
     assert by["matmul", "int8 K-C", act, "jaxq"]["compiled"] == "int8:100%"
   assert {r["impl"] for r in rows if r["section"] == "qat_overhead"} >= {
-      "float", "jaxq", "jaxq-int8"}
+      "float", "jaxq", "jaxq-int8", "jaxq-int8-int8"}
+  # With the int8 backward the compiled QAT step multiplies no float: int8
+  # dots (some widened to int32 operands by the CPU compiler).
+  int8_step = by["qat_overhead", "", "", "jaxq-int8-int8"]["compiled"]
+  assert int8_step.startswith("int8:") and "float" not in int8_step
   minilm = {r["impl"]: r for r in rows if r["section"] == "minilm"}
   assert minilm["bf16"]["ratio"] == 1
   assert minilm["jaxq"]["quantized_int8_share"] == 1.0

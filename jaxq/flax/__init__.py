@@ -46,6 +46,7 @@ from flax import nnx as flax_nnx
 
 from jaxq import calibration
 from jaxq.flax import core
+from jaxq.flax import int8_qat
 from jaxq.flax import linen
 from jaxq.flax import linen_adapter
 from jaxq.flax import nnx
@@ -67,7 +68,8 @@ def quantize_model(model: nn.Module | flax_nnx.Module,
                    rules: Sequence[Rule] | Rule, mode: Mode = "qat", *,
                    on_nonfinite: core.OnNonfinite = "raise",
                    observer_for: core.ObserverFor = calibration.observer_for,
-                   int8_forward: bool = False
+                   int8_forward: bool = False, backward: str = "ste",
+                   rngs: flax_nnx.Rngs | None = None
                    ) -> QuantizedLinen | flax_nnx.Module:
   """Inserts quantization into a Flax model, by rules.
 
@@ -91,6 +93,18 @@ def quantize_model(model: nn.Module | flax_nnx.Module,
       `jaxq.dot_general`'s grouped one (see `jaxq.flax.int8_qat`). Convolutions and
       embeddings keep fake-quant. Kept by ``with_mode`` (linen); ignored
       outside qat mode.
+    backward: in qat mode, the matmul layers' backward (see
+      `jaxq.flax.int8_qat`): ``"ste"`` (default) the exact straight-through
+      gradient; ``"float"`` the backward matmuls take the float operands
+      (as Qwix and AQT; fake-quant or int8 forward; convolutions and
+      ``Embed.attend`` keep the STE); ``"int8"`` (with ``int8_forward``)
+      int8 x int8 -> int32 backward matmuls on the gradient quantized per
+      token / per channel with stochastic rounding, whose key comes from
+      ``apply(..., rngs={"jaxq": key})`` (linen) or ``rngs`` (nnx). Kept by
+      ``with_mode``; ignored outside qat mode.
+    rngs: nnx with ``backward="int8"`` only: the ``nnx.Rngs`` whose
+      ``jaxq`` stream (or default) the layers draw their rounding keys
+      from, advancing on every call.
 
   Returns:
     linen: a `QuantizedLinen` whose ``init``/``apply`` take the original
@@ -99,19 +113,31 @@ def quantize_model(model: nn.Module | flax_nnx.Module,
     paths, plus jaxq variables (`QuantStat`, `QuantRange`).
 
   Raises:
-    ValueError: for an unknown mode, malformed rules, or (nnx here, linen at
-      the first ``init``/``apply``) a spec that cannot apply to a layer's
-      weight, naming the layer's path and shapes.
+    ValueError: for an unknown mode or backward (``"int8"`` without
+      ``int8_forward``, nnx without ``rngs``), malformed rules, or (nnx
+      here, linen at the first ``init``/``apply``) a spec that cannot apply
+      to a layer's weight or backward, naming the layer's path and shapes.
   """
   core.check_mode(mode)
+  int8_qat.check_backward(backward, int8_forward)
   core.check_on_nonfinite(on_nonfinite)
   rules = rules_lib.check_rules(rules)
   if isinstance(model, nn.Module):
+    if rngs is not None:
+      raise ValueError("quantize_model: rngs is for nnx models; a linen "
+                       "model takes backward='int8''s key in apply(..., "
+                       "rngs={'jaxq': key}).")
     return linen.quantize_linen(model, rules, mode, on_nonfinite, observer_for,
-                                int8_forward)
+                                int8_forward, backward)
   if isinstance(model, flax_nnx.Module):
+    if (rngs is None) != (backward != "int8"):
+      raise ValueError(
+          f"quantize_model: an nnx model with backward='int8' needs "
+          f"rngs=nnx.Rngs(jaxq=seed) for its gradient's stochastic rounding, "
+          f"and takes rngs with it only; got backward={backward!r}, "
+          f"rngs={rngs!r}.")
     return nnx.quantize_nnx(model, rules, mode, on_nonfinite, observer_for,
-                            int8_forward)
+                            int8_forward, backward, rngs)
   raise ValueError(f"quantize_model: expected a flax.linen or flax.nnx "
                    f"Module, got {type(model).__name__}.")
 

@@ -96,7 +96,9 @@ class LayerQuant:
       them and `jaxq.calibration.nonfinite_count` reads the count).
     observer_for: picks the activation observer from the act spec.
     int8_forward: in qat mode, whether a matmul layer runs its forward on
-      int8 values (see the module docstring).
+      int8 values (see `jaxq.flax.int8_qat`).
+    backward: in qat mode, the matmul layers' backward: ``"ste"``,
+      ``"float"`` or ``"int8"`` (see `jaxq.flax.int8_qat`).
   """
 
   path: str
@@ -107,6 +109,7 @@ class LayerQuant:
   on_nonfinite: OnNonfinite = "raise"
   observer_for: ObserverFor = calibration.observer_for
   int8_forward: bool = False
+  backward: str = "ste"
 
   @property
   def static_act(self) -> bool:
@@ -168,7 +171,8 @@ def check_spec(layer: LayerQuant, spec: QuantSpec, shape: tuple[int, ...],
 def layer_quant(path: str, module: object, rule: Any | None,
                 weight_shape: tuple[int, ...], *, is_embed: bool, mode: Mode,
                 on_nonfinite: OnNonfinite, observer_for: ObserverFor,
-                int8_forward: bool = False) -> LayerQuant | None:
+                int8_forward: bool = False, backward: str = "ste"
+                ) -> LayerQuant | None:
   """The `LayerQuant` of a layer that ``rule`` (a `jaxq.Rule`) matched.
 
   Returns None for float layers (no rule, or a skip rule). Embedding tables
@@ -184,7 +188,8 @@ def layer_quant(path: str, module: object, rule: Any | None,
                      weight=weight, act=None if is_embed else rule.act,
                      mode=mode, on_nonfinite=on_nonfinite,
                      observer_for=observer_for,
-                     int8_forward=int8_forward and mode == "qat")
+                     int8_forward=int8_forward and mode == "qat",
+                     backward=backward if mode == "qat" else "ste")
   if weight is not None:
     check_spec(quant, weight, weight_shape, "weight")
   return quant

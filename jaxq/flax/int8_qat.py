@@ -1,14 +1,15 @@
-"""The int8 forward of qat mode: the low-bit op forward, the fake-quant
-layer's straight-through backward.
+"""The QAT matmul ops: the int8 forward and the backward modes of qat mode.
 
-The int8 forward (``quantize_model(..., "qat", int8_forward=True)``): the
-matmul layers (Dense, DenseGeneral, Einsum; nnx Linear, LinearGeneral,
-Einsum) compute the QAT forward with `int8_qat_dot_general` /
-`int8_qat_einsum`: both operands are quantized (`quantize`, the very scales
-fake-quant uses) and multiplied by `jaxq.dot_general` / `jaxq.einsum`, int8 x
-int8 -> int32, which equals the fake-quant forward up to float32
-accumulation order. The backward is the fake-quant layer's: the float op's
-gradient through `fake_quant`'s straight-through estimator. It needs integer
+A qat matmul layer (Dense, DenseGeneral, Einsum; nnx Linear, LinearGeneral,
+Einsum) computes ``y = op(x_hat, w_hat)``, ``x_hat``/``w_hat`` the
+fake-quantized input ``x`` and weight ``w``. Two independent choices, both
+options of `jaxq.quantize_model`:
+
+The forward (``int8_forward``): with ``int8_forward=True`` the layer runs
+`qat_dot_general` / `qat_einsum`: both operands are quantized
+(`quantize`, the very scales fake-quant uses) and multiplied by
+`jaxq.dot_general` / `jaxq.einsum`, int8 x int8 -> int32, which equals the
+fake-quant forward up to float32 accumulation order. It needs integer
 weight and act specs without ``learn`` (any other spec on a matmul layer
 raises a ValueError naming the layer). Scales constant along the
 contraction (T/C weights, T/K activations) take one int8 matmul; scales
@@ -16,14 +17,60 @@ that vary along it take `jaxq.dot_general`'s grouped int8 path, still equal
 to fake-quant: groups, or a `PerToken` that reduces fewer axes than the
 layer contracts (an attention output projection contracts (heads,
 head_dim) of its (batch, seq, heads, head_dim) input: give it
-``PerToken(contraction_axis=(-2, -1))`` for one matmul). Convolutions and
-embeddings have no int8 forward and keep fake-quant.
+``PerToken(contraction_axis=(-2, -1))`` for one matmul).
+
+The backward (``backward``, `BACKWARDS`), for a loss gradient ``g`` of
+``y``; every mode then passes ``dx_hat`` through fake-quant's estimator
+(the identity, clipped for a static range; LSQ/PACT's for learned ones):
+
+* ``"ste"`` (default): the exact straight-through gradient,
+  ``dx_hat = g . w_hat^T``, ``dw = x_hat^T . g``: the gradient of the
+  fake-quant forward. It needs the quantized operands (the int8 forward
+  keeps their int values and scales; fake-quant its dequantized copies).
+* ``"float"``: the backward matmuls take the float operands,
+  ``dx_hat = g . w^T``, ``dw = x^T . g``, as Qwix's QtProvider and AQT's
+  defaults do: no quantized residual, the float step's backward. Its
+  gradient differs from the STE one by ``g . (w - w_hat)^T`` and ``(x -
+  x_hat)^T . g``, the operands' rounding error: with W8A8 (per-channel
+  weights, per-token activations) 0.35-0.46% of the gradient's norm on
+  ``benchmarks/qat_overhead.py``'s MLP and transformer block (``grad_err``,
+  float32), where the float model's own gradient is 0.7-3.5% away; more
+  for fewer bits.
+  Applies to fake-quant and int8-forward layers alike.
+* ``"int8"``: the backward matmuls themselves int8 x int8 -> int32 (needs
+  ``int8_forward=True``). The forward's int values are reused and their
+  scales moved onto ``g``: ``dx_hat = (g * s_w) . qw^T`` with ``g * s_w``
+  quantized per token (one scale per row of ``g``, over the output
+  features), ``dw = qx^T . (g * s_x)`` with ``g * s_x`` quantized per
+  output channel (one scale per column, over the tokens); both roundings
+  of the gradient are stochastic (``floor(v / s + u)``, ``u ~ U[0, 1)``), so
+  each is unbiased: ``E[dx_hat]`` and ``E[dw]`` are the STE gradient. Its
+  distance to the STE gradient is 0.44-0.53% of its norm on the same
+  W8A8 models (``grad_err``; the noise averages out over steps). On a CPU
+  it is slower than the float step (XLA:CPU runs these transposed int8
+  dots off its fast path, and draws the rounding noise with threefry): it
+  is meant for accelerators. It needs symmetric
+  integer specs whose scales are constant along the contraction (T/C
+  weights, T/K activations) and no batch dimension in the matmul; other
+  layers raise a ValueError naming the layer.
+  The rounding noise needs a PRNG key per layer and step. linen: pass
+  ``rngs={"jaxq": key}`` to ``apply`` (each layer folds its path in, as
+  ``make_rng`` does; a new key per step gives new noise). nnx: give
+  ``quantize_model(..., rngs=nnx.Rngs(jaxq=seed))``, a stream the layers
+  share and advance on each call (keep the updated state, as for dropout).
+  A missing key raises a ValueError naming the layer.
+
+Layers without an int8 forward (convolutions, embeddings, user modules with
+their own op) keep fake-quant and its STE backward under ``"int8"``; under
+``"float"`` the user modules' ``dot_general`` takes the float operands too,
+convolutions and embedding ``attend`` keep the STE.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+import math
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +83,36 @@ from jaxq.flax.core import static_range
 from jaxq.quantize import fake_quant
 from jaxq.quantize import quantize
 from jaxq.spec import QArray
+
+BACKWARDS: tuple[str, ...] = ("ste", "float", "int8")
+# The name of the linen rng collection of backward="int8".
+RNG_NAME = "jaxq"
+BilinearOp = Callable[[Any, Any], jax.Array]
+
+
+class QatLayer(Protocol):
+  """What the qat op needs of a layer's variables (linen and nnx `_Layer`)."""
+
+  quant: LayerQuant
+
+  def get_range(self) -> ActRange | None: ...
+
+  def act(self, x: jax.Array) -> jax.Array: ...
+
+  def weight(self, w: jax.Array) -> jax.Array: ...
+
+  def backward_key(self) -> jax.Array: ...
+
+
+def check_backward(backward: str, int8_forward: bool) -> None:
+  """Raises a ValueError for an unknown mode, or ``"int8"`` without the
+  int8 forward."""
+  if backward not in BACKWARDS:
+    raise ValueError(f"quantize_model: unknown backward {backward!r}; "
+                     f"expected one of {BACKWARDS}.")
+  if backward == "int8" and not int8_forward:
+    raise ValueError("quantize_model: backward='int8' multiplies the int8 "
+                     "values of the int8 forward; pass int8_forward=True too.")
 
 
 def uses_int8_forward(layer: LayerQuant | None) -> bool:
@@ -52,37 +129,223 @@ def uses_int8_forward(layer: LayerQuant | None) -> bool:
   return True
 
 
-def _int8_qat(quant_op: Callable[[QArray | jax.Array, QArray | jax.Array],
-                                 jax.Array],
-              layer: LayerQuant, x: jax.Array, w: jax.Array,
-              act_range: ActRange | None) -> jax.Array:
-  """``quant_op(quantize(x), quantize(w))``, a bilinear low-bit op, with the
-  gradient of the same op on ``fake_quant(x)`` and ``fake_quant(w)``."""
-  amin, amax = static_range(layer, act_range, x.shape)
+def uses_qat_op(layer: LayerQuant | None) -> bool:
+  """Whether ``layer``'s matmul runs `qat_dot_general` / `qat_einsum`: the
+  int8 forward, or fake-quant with a non-STE backward."""
+  if layer is None or layer.mode != "qat":
+    return False
+  return uses_int8_forward(layer) or layer.backward == "float"
 
-  # The range is an argument, not a closure, so that custom_vjp sees it.
+
+def float_backward(op: BilinearOp, x_hat: jax.Array, w_hat: jax.Array,
+                   x: jax.Array, w: jax.Array) -> jax.Array:
+  """``op(x_hat, w_hat)`` whose cotangents for ``x_hat`` and ``w_hat`` are
+  ``op``'s at the float ``(x, w)`` (``x``, ``w`` get none: their gradient
+  flows through ``x_hat`` and ``w_hat``'s estimators)."""
+
   @jax.custom_vjp
-  def op(x, w, amin, amax):
-    return fwd(x, w, amin, amax)[0]
+  def bilinear(x_hat, w_hat, x, w):
+    return op(x_hat, w_hat)
 
-  def fwd(x, w, amin, amax):
-    qx = quantize(x, layer.act, amax=amax, amin=amin)
-    qw = quantize(w, layer.weight)
-    # The int values and scales are the residuals, plus x when its range is
-    # static (the clipped estimator's mask needs it).
-    return quant_op(qx, qw), (qx, qw, None if amax is None else x, amin,
-                              amax)
+  def fwd(x_hat, w_hat, x, w):
+    return op(x_hat, w_hat), (x, w)
 
   def bwd(residuals, g):
-    qx, qw, x, amin, amax = residuals
-    # The float op's gradients at the dequantized operands, as the
-    # transposes of quant_op with one operand kept quantized: a scale that
-    # is constant along the contraction then multiplies g (the output), not
-    # a float copy of the operand, and the int values convert on the fly.
-    x_like = jax.ShapeDtypeStruct(qx.shape, qx.dtype)
-    w_like = jax.ShapeDtypeStruct(qw.shape, qw.dtype)
-    dx_hat, = jax.linear_transpose(lambda a: quant_op(a, qw), x_like)(g)
-    dw, = jax.linear_transpose(lambda b: quant_op(qx, b), w_like)(g)
+    dx_hat, dw_hat = jax.vjp(op, *residuals)[1](g)
+    return dx_hat, dw_hat, None, None
+
+  bilinear.defvjp(fwd, bwd)
+  return bilinear(x_hat, w_hat, x, w)
+
+
+# The int8 backward.
+
+
+class _Matmul:
+  """A batch-free bilinear op as a 2D matmul ``[M, K] x [K, N] -> [M, N]``.
+
+  ``x_free``/``x_contract`` and ``w_contract``/``w_free`` are axes of ``x``
+  and ``w`` (the contracting ones paired in order); ``out_perm`` puts the
+  op's output axes in (x free, w free) order.
+  """
+
+  def __init__(self, x_free: Sequence[int], x_contract: Sequence[int],
+               w_contract: Sequence[int], w_free: Sequence[int],
+               out_perm: Sequence[int]):
+    self.x_perm = (*x_free, *x_contract)
+    self.w_perm = (*w_contract, *w_free)
+    self.x_free, self.w_free = tuple(x_free), tuple(w_free)
+    self.out_perm = tuple(out_perm)
+
+  @classmethod
+  def of_dot_general(cls, layer: LayerQuant, x_ndim: int, w_ndim: int,
+                     dimension_numbers) -> "_Matmul":
+    (x_contract, w_contract), (x_batch, w_batch) = dimension_numbers
+    if x_batch or w_batch:
+      raise _unsupported(layer, "its matmul has batch dimensions")
+    x_free = [a for a in range(x_ndim) if a not in x_contract]
+    w_free = [a for a in range(w_ndim) if a not in w_contract]
+    out = len(x_free) + len(w_free)
+    return cls(x_free, x_contract, w_contract, w_free, range(out))
+
+  @classmethod
+  def of_einsum(cls, layer: LayerQuant, subscripts: str) -> "_Matmul":
+    inputs, _, out = subscripts.replace(" ", "").partition("->")
+    lhs, _, rhs = inputs.partition(",")
+    letters = lhs + rhs + out
+    if ("." in letters or not out or len(set(lhs)) < len(lhs) or
+        len(set(rhs)) < len(rhs)):
+      raise _unsupported(layer, f"einsum {subscripts!r} is not a plain "
+                                f"two-operand contraction")
+    if set(lhs) & set(rhs) & set(out):
+      raise _unsupported(layer, f"einsum {subscripts!r} has batch letters")
+    if (set(lhs) ^ set(rhs)) - set(out):
+      raise _unsupported(layer, f"einsum {subscripts!r} sums an operand's "
+                                f"own axis")
+    contract = [c for c in lhs if c in rhs]
+    x_free = [c for c in lhs if c not in rhs]
+    w_free = [c for c in rhs if c not in lhs]
+    return cls([lhs.index(c) for c in x_free],
+               [lhs.index(c) for c in contract],
+               [rhs.index(c) for c in contract],
+               [rhs.index(c) for c in w_free],
+               [out.index(c) for c in x_free + w_free])
+
+  def check(self, layer: LayerQuant, qx: QArray, qw: QArray) -> None:
+    """Raises a ValueError naming the layer unless both operands are
+    symmetric, of at most 8 bits, with scales constant along the
+    contraction."""
+    for q, free, what in ((qx, self.x_free, "activation"),
+                          (qw, self.w_free, "weight")):
+      if q.zero_point is not None:
+        raise _unsupported(layer, f"its {what} spec is affine")
+      if q.spec.fmt.bits > 8:
+        raise _unsupported(layer, f"its {what} format has "
+                                  f"{q.spec.fmt.bits} bits")
+      if any(q.scale.shape[a] != 1 for a in range(q.ndim) if a not in free):
+        raise _unsupported(
+            layer, f"its {what} scales (shape {tuple(q.scale.shape)}) vary "
+                   f"along the contraction of its {what} of shape {q.shape}")
+
+  @staticmethod
+  def operand(q: QArray, perm: tuple[int, ...], free: tuple[int, ...],
+              leading: int) -> tuple[jax.Array, jax.Array]:
+    """``q``'s int8 values as a 2D matrix (axes in ``perm`` order, the first
+    ``leading`` of them flattened into rows) and its scale as a vector over
+    the ``free`` axes (in ``perm`` order)."""
+    shape = [q.shape[a] for a in perm]
+    values = jnp.transpose(q.values.astype(jnp.int8), perm).reshape(
+        math.prod(shape[:leading]), -1)
+    scale_shape = [q.shape[a] if a in free else 1 for a in range(q.ndim)]
+    scale = jnp.transpose(jnp.broadcast_to(q.scale.astype(jnp.float32),
+                                           scale_shape), perm).reshape(-1)
+    return values, scale
+
+  def back(self, grad2: jax.Array, shape: tuple[int, ...],
+           perm: tuple[int, ...]) -> jax.Array:
+    """A 2D gradient (``perm`` order, free axes first) in ``shape``'s axes."""
+    permuted = grad2.reshape([shape[a] for a in perm])
+    return jnp.transpose(permuted, tuple(perm.index(a)
+                                         for a in range(len(shape))))
+
+
+def _unsupported(layer: LayerQuant, why: str) -> ValueError:
+  return ValueError(
+      f"jaxq qat backward='int8': {layer.path!r} ({layer.module_type}) "
+      f"cannot multiply its gradient in int8: {why}. It needs symmetric "
+      f"integer specs with scales constant along the contraction (weights "
+      f"PerChannel over the output axes, activations PerToken over the "
+      f"contracted axes) and no batch dimensions; quantize this layer with "
+      f"another rule or use backward='ste' or 'float'.")
+
+
+def _stochastic_int8(v: jax.Array, axis: int, key: jax.Array
+                     ) -> tuple[jax.Array, jax.Array]:
+  """``v`` (float32, 2D) as int8 values and a scale along ``axis`` (kept),
+  rounded stochastically so that ``E[values * scale] = v``."""
+  amax = jnp.max(jnp.abs(v), axis=axis, keepdims=True)
+  scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+  noise = jax.random.uniform(key, v.shape, jnp.float32)
+  values = jnp.clip(jnp.floor(v / scale + noise), -127, 127)
+  return values.astype(jnp.int8), scale
+
+
+def _int8_backward(matmul: _Matmul, qx: QArray,
+                   qw: QArray, g: jax.Array, key: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+  """``(dx_hat, dw)`` from int8 x int8 -> int32 matmuls (module docstring)."""
+  x_values, x_scale = matmul.operand(qx, matmul.x_perm, matmul.x_free,
+                                     len(matmul.x_free))
+  w_values, w_scale = matmul.operand(qw, matmul.w_perm, matmul.w_free,
+                                     len(matmul.w_perm) - len(matmul.w_free))
+  rows, cols = x_values.shape[0], w_values.shape[1]
+  g2 = jnp.transpose(g, matmul.out_perm).reshape(rows, cols).astype(
+      jnp.float32)
+  key_dx, key_dw = jax.random.split(key)
+  # dx_hat = g . (qw * s_w)^T = (g * s_w) . qw^T: one scale per row of g.
+  g_dx, s_dx = _stochastic_int8(g2 * w_scale[None, :], 1, key_dx)
+  dx2 = jax.lax.dot_general(g_dx, w_values, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.int32)
+  # dw = (qx * s_x)^T . g = qx^T . (g * s_x): one scale per column of g.
+  g_dw, s_dw = _stochastic_int8(g2 * x_scale[:, None], 0, key_dw)
+  dw2 = jax.lax.dot_general(x_values, g_dw, (((0,), (0,)), ((), ())),
+                            preferred_element_type=jnp.int32)
+  dx_hat = matmul.back(dx2.astype(jnp.float32) * s_dx, qx.shape,
+                       matmul.x_perm)
+  dw = matmul.back(dw2.astype(jnp.float32) * s_dw, qw.shape, matmul.w_perm)
+  return dx_hat, dw
+
+
+# The int8 forward and its backward modes.
+
+
+def _int8_qat(quant_op: BilinearOp, float_op: BilinearOp,
+              matmul: Callable[[], _Matmul], layer: LayerQuant,
+              x: jax.Array, w: jax.Array, act_range: ActRange | None,
+              key: jax.Array | None) -> jax.Array:
+  """``quant_op(quantize(x), quantize(w))``, a bilinear low-bit op, with
+  ``layer.backward``'s gradient (module docstring)."""
+  amin, amax = static_range(layer, act_range, x.shape)
+  backward = layer.backward
+  x_dtype, w_dtype = x.dtype, w.dtype
+  if backward == "int8":
+    matmul_2d = matmul()  # Raises for a layer the int8 backward cannot do.
+
+  # The range and key are arguments, not closures, so that custom_vjp sees
+  # them.
+  @jax.custom_vjp
+  def op(x, w, amin, amax, key):
+    return fwd(x, w, amin, amax, key)[0]
+
+  def fwd(x, w, amin, amax, key):
+    qx = quantize(x, layer.act, amax=amax, amin=amin)
+    qw = quantize(w, layer.weight)
+    if backward == "int8":
+      matmul_2d.check(layer, qx, qw)
+    # "float" keeps the float operands, the others the int values and
+    # scales, plus x when its range is static (the clipped estimator's mask
+    # needs it).
+    operands = (x, w) if backward == "float" else (qx, qw)
+    return quant_op(qx, qw), (operands, None if amax is None else x, amin,
+                              amax, key)
+
+  def bwd(residuals, g):
+    (a, b), x, amin, amax, key = residuals
+    if backward == "float":
+      dx_hat, dw = jax.vjp(float_op, a, b)[1](g)
+    elif backward == "int8":
+      dx_hat, dw = _int8_backward(matmul_2d, a, b, g, key)
+    else:
+      # The float op's gradients at the dequantized operands, as the
+      # transposes of quant_op with one operand kept quantized: a scale
+      # that is constant along the contraction then multiplies g (the
+      # output), not a float copy of the operand, and the int values
+      # convert on the fly.
+      a_like = jax.ShapeDtypeStruct(a.shape, a.dtype)
+      b_like = jax.ShapeDtypeStruct(b.shape, b.dtype)
+      dx_hat, = jax.linear_transpose(lambda t: quant_op(t, b), a_like)(g)
+      dw, = jax.linear_transpose(lambda t: quant_op(a, t), b_like)(g)
+    dx_hat, dw = dx_hat.astype(x_dtype), dw.astype(w_dtype)
     # fake_quant's estimator: the identity for a range of the operand's own
     # (the weight's; a dynamic act's), else its clipped vjp at x.
     if x is None:
@@ -90,49 +353,74 @@ def _int8_qat(quant_op: Callable[[QArray | jax.Array, QArray | jax.Array],
     else:
       dx = jax.vjp(lambda x: fake_quant(x, layer.act, amax=amax, amin=amin),
                    x)[1](dx_hat)[0]
-    return dx, dw, *jax.tree.map(jnp.zeros_like, (amin, amax))
+    return dx, dw, *jax.tree.map(jnp.zeros_like, (amin, amax)), None
 
   op.defvjp(fwd, bwd)
-  return op(x, w, amin, amax)
+  return op(x, w, amin, amax, key)
 
 
-def _int8_qat_layer_op(layer: LayerQuant, act_range: ActRange | None,
-                       x: jax.Array, w: jax.Array, preferred_element_type,
-                       quant_op: Callable[..., jax.Array]) -> jax.Array:
-  """`_int8_qat` of ``quant_op(a, b, preferred_element_type=...)`` after
-  checking the layer's specs against the operands."""
+def _qat_op(layer_vars: QatLayer, x: jax.Array, w: jax.Array,
+            preferred_element_type, quant_op: Callable[..., jax.Array],
+            float_op: BilinearOp, matmul: Callable[[], _Matmul]
+            ) -> jax.Array:
+  """A qat layer's op: the int8 forward (``quant_op``) with its backward
+  mode, or fake-quant's ``float_op`` with the float backward."""
+  layer = layer_vars.quant
+  if not uses_int8_forward(layer):
+    # Fake-quant with backward="float" (uses_qat_op).
+    return float_backward(float_op, layer_vars.act(x), layer_vars.weight(w),
+                          x, w)
   check_spec(layer, layer.act, x.shape, "activation")
   check_spec(layer, layer.weight, w.shape, "weight")
   out_dtype = preferred_element_type or jnp.result_type(x.dtype, w.dtype)
+  act_range = layer_vars.get_range() if layer.static_act else None
+  key = layer_vars.backward_key() if layer.backward == "int8" else None
   return _int8_qat(
       functools.partial(quant_op, preferred_element_type=out_dtype),
-      layer, x, w, act_range)
+      functools.partial(float_op, preferred_element_type=out_dtype),
+      matmul, layer, x, w, act_range, key)
 
 
-def int8_qat_dot_general(layer: LayerQuant, act_range: ActRange | None,
-                         x: jax.Array, w: jax.Array, dimension_numbers,
-                         precision=None, preferred_element_type=None,
-                         **kwargs) -> jax.Array:
-  """``lax.dot_general(x, w, ...)`` of a qat layer on the int8 path.
+def qat_dot_general(layer_vars: QatLayer, x: jax.Array, w: jax.Array,
+                    dimension_numbers, precision=None,
+                    preferred_element_type=None, **kwargs) -> jax.Array:
+  """``lax.dot_general(x, w, ...)`` of a qat layer that `uses_qat_op`.
 
   ``x`` is the float input and ``w`` the float weight, as the layer hands
-  them to its op; ``precision`` and ``kwargs`` (``out_sharding``) do not
-  apply to the integer matmul and are ignored. The output has ``x``'s dtype
-  (or ``preferred_element_type``).
+  them to its op. On the int8 path ``precision`` and ``kwargs``
+  (``out_sharding``) do not apply to the integer matmul and are ignored;
+  the output has ``x``'s dtype (or ``preferred_element_type``).
   """
-  del precision, kwargs
-  return _int8_qat_layer_op(
-      layer, act_range, x, w, preferred_element_type,
-      functools.partial(ops.dot_general,
-                        dimension_numbers=dimension_numbers))
+  layer = layer_vars.quant
+  if not uses_int8_forward(layer):
+    return _qat_op(layer_vars, x, w, None, None,
+                   functools.partial(jax.lax.dot_general,
+                                     dimension_numbers=dimension_numbers,
+                                     precision=precision,
+                                     preferred_element_type=
+                                     preferred_element_type, **kwargs), None)
+  return _qat_op(
+      layer_vars, x, w, preferred_element_type,
+      functools.partial(ops.dot_general, dimension_numbers=dimension_numbers),
+      functools.partial(jax.lax.dot_general,
+                        dimension_numbers=dimension_numbers),
+      lambda: _Matmul.of_dot_general(layer, x.ndim, w.ndim,
+                                     dimension_numbers))
 
 
-def int8_qat_einsum(layer: LayerQuant, act_range: ActRange | None,
-                    subscripts: str, x: jax.Array, w: jax.Array,
-                    precision=None, preferred_element_type=None,
-                    **kwargs) -> jax.Array:
-  """``jnp.einsum(subscripts, x, w)`` of a qat layer on the int8 path (as
-  `int8_qat_dot_general`)."""
-  del precision, kwargs
-  return _int8_qat_layer_op(layer, act_range, x, w, preferred_element_type,
-                            functools.partial(ops.einsum, subscripts))
+def qat_einsum(layer_vars: QatLayer, subscripts: str, x: jax.Array,
+               w: jax.Array, precision=None, preferred_element_type=None,
+               **kwargs) -> jax.Array:
+  """``jnp.einsum(subscripts, x, w)`` of a qat layer that `uses_qat_op` (as
+  `qat_dot_general`)."""
+  layer = layer_vars.quant
+  if not uses_int8_forward(layer):
+    return _qat_op(layer_vars, x, w, None, None,
+                   functools.partial(jnp.einsum, subscripts,
+                                     precision=precision,
+                                     preferred_element_type=
+                                     preferred_element_type, **kwargs), None)
+  return _qat_op(layer_vars, x, w, preferred_element_type,
+                 functools.partial(ops.einsum, subscripts),
+                 functools.partial(jnp.einsum, subscripts),
+                 lambda: _Matmul.of_einsum(layer, subscripts))

@@ -7,8 +7,9 @@ one call of a matched layer, the interceptor hands that module a quantizing
 ``promote_dtype`` (every Flax layer passes ``(inputs, kernel, bias)``
 through it, so the weight is known to be the module's parameter) and, in
 serve mode, `jaxq.dot_general` / `jaxq.conv` as its ``dot_general`` /
-``conv_general_dilated`` (in qat mode with ``int8_forward=True``, the int8
-qat op of `jaxq.flax.int8_qat` as the Dense/DenseGeneral/Einsum matmul). Two
+``conv_general_dilated`` (in qat mode with ``int8_forward=True`` or a
+non-STE ``backward``, the qat op of `jaxq.flax.int8_qat` as the
+Dense/DenseGeneral/Einsum matmul). Two
 layers take no op, so serve mode runs their ``__call__`` re-implemented
 with the low-bit op: ``nn.Einsum`` with `jaxq.einsum`, ``nn.ConvTranspose``
 (whose ``lax.conv_transpose`` is a ``conv_general_dilated`` of the dilated
@@ -103,6 +104,7 @@ class _Layer(core.LayerVariables):
 
   def __init__(self, module: nn.Module, quant: core.LayerQuant):
     super().__init__(quant)
+    self.module = module
     self.scope = module.scope
     self.initializing = module.is_initializing()
 
@@ -125,6 +127,19 @@ class _Layer(core.LayerVariables):
 
   def recording(self) -> bool:
     return not self.initializing  # Init data is not calibration data.
+
+  def backward_key(self) -> jax.Array:
+    """backward="int8"'s key: the ``"jaxq"`` rng of ``apply``, made for
+    this layer (``make_rng`` folds in its path and call count)."""
+    if self.initializing and not self.module.has_rng(int8_qat.RNG_NAME):
+      return jax.random.key(0)  # init takes no gradient: any key will do.
+    if not self.module.has_rng(int8_qat.RNG_NAME):
+      raise ValueError(
+          f"jaxq qat backward='int8': {self.quant.path!r} "
+          f"({self.quant.module_type}) rounds its gradient stochastically "
+          f"and needs a PRNG key; pass rngs={{{int8_qat.RNG_NAME!r}: key}} "
+          f"to apply (a new key per step).")
+    return self.module.make_rng(int8_qat.RNG_NAME)
 
   def get_learned(self, name: str) -> jax.Array | None:
     if self.scope.has_variable("params", LEARNED):
@@ -156,6 +171,9 @@ class QuantizedLinen:
     observer_for: picks the activation observer from a spec.
     int8_forward: in qat mode, run the Dense/DenseGeneral/Einsum forwards
       on int8 values (see `jaxq.flax.int8_qat`); other modes ignore it.
+    backward: in qat mode, the matmul layers' backward, ``"ste"``,
+      ``"float"`` or ``"int8"`` (see `jaxq.flax.int8_qat`; ``"int8"`` takes
+      ``rngs={"jaxq": key}`` in ``apply``); other modes ignore it.
   """
 
   model: nn.Module
@@ -164,6 +182,7 @@ class QuantizedLinen:
   on_nonfinite: core.OnNonfinite = "raise"
   observer_for: core.ObserverFor = calibration.observer_for
   int8_forward: bool = False
+  backward: str = "ste"
   _layers: dict[str, rules_lib.LayerInfo] = dataclasses.field(
       default_factory=dict, compare=False, repr=False)
   _warned: list[bool] = dataclasses.field(
@@ -219,7 +238,7 @@ class QuantizedLinen:
         path, module, rule, tuple(weight_shape),
         is_embed=isinstance(module, nn.Embed), mode=self.mode,
         on_nonfinite=self.on_nonfinite, observer_for=self.observer_for,
-        int8_forward=self.int8_forward)
+        int8_forward=self.int8_forward, backward=self.backward)
     self._layers[path] = rules_lib.LayerInfo(
         path=path, module_type=type(module).__name__, rule=rule,
         weight_shape=tuple(weight_shape), weight_name=weight_name,
@@ -244,8 +263,10 @@ class QuantizedLinen:
     """Flax layers that pass ``(inputs, kernel, bias)`` to ``promote_dtype``."""
     original = module.promote_dtype
     layer: list[_Layer] = []
-    int8 = (self.int8_forward and self.mode == "qat" and
-            not isinstance(module, (nn.Conv, nn.ConvTranspose)))
+    # The qat op: the int8 forward, or a non-STE backward.
+    qat_op = ((self.int8_forward or self.backward != "ste") and
+              self.mode == "qat" and
+              not isinstance(module, (nn.Conv, nn.ConvTranspose)))
 
     def promote_dtype(inputs, kernel, bias=None, *, dtype=None,
                       inexact=True):
@@ -264,21 +285,20 @@ class QuantizedLinen:
                            f"no rule quantizes it.")
         return inputs, kernel, bias
       layer.append(_Layer(module, quant))
-      if int8 and int8_qat.uses_int8_forward(quant):
-        return inputs, kernel, bias  # The int8 op quantizes them itself.
+      if qat_op and int8_qat.uses_qat_op(quant):
+        return inputs, kernel, bias  # The qat op quantizes them itself.
       return layer[0].act(inputs), layer[0].weight(kernel), bias
 
     hooks: dict[str, Any] = {"promote_dtype": promote_dtype}
-    if int8:
+    if qat_op:
       if isinstance(module, nn.Einsum):
         return self._einsum(module, promote_dtype,
-                            _Int8Op(layer, int8_qat.int8_qat_einsum,
-                                    jnp.einsum),
+                            _QatOp(layer, int8_qat.qat_einsum, jnp.einsum),
                             *args, **kwargs)
       original_op = (module.dot_general_cls() if module.dot_general_cls
                      else module.dot_general or jax.lax.dot_general)
-      hooks.update(dot_general=_Int8Op(layer, int8_qat.int8_qat_dot_general,
-                                       original_op), dot_general_cls=None)
+      hooks.update(dot_general=_QatOp(layer, int8_qat.qat_dot_general,
+                                      original_op), dot_general_cls=None)
     if self.mode == "serve":
       if isinstance(module, nn.ConvTranspose):
         return self._conv_transpose(module, promote_dtype, *args, **kwargs)
@@ -300,7 +320,7 @@ class QuantizedLinen:
               einsum_op: Callable[..., jax.Array], inputs,
               einsum_str: str | None = None) -> jax.Array:
     """``nn.Einsum.__call__`` with ``einsum_op`` (linen's takes no op):
-    `jaxq.einsum` to serve, the int8 qat einsum for ``int8_forward``."""
+    `jaxq.einsum` to serve, the qat einsum of `jaxq.flax.int8_qat`."""
     einsum_str = nn.merge_param("einsum_str", module.einsum_str, einsum_str)
     einsum_str = einsum_str.replace(" ", "")
     kernel = module.get_variable("params", "kernel")
@@ -367,23 +387,22 @@ class QuantizedLinen:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class _Int8Op:
-  """A matmul layer's op in qat mode with ``int8_forward``.
+class _QatOp:
+  """A matmul layer's op in qat mode with ``int8_forward`` or a non-STE
+  ``backward`` (`jaxq.flax.int8_qat`).
 
   ``layer`` holds the call's `_Layer` once ``promote_dtype`` has matched the
   layer; a float layer (skip rule, or no rule) keeps ``original``.
   """
 
   layer: list[_Layer]
-  int8_op: Callable[..., jax.Array]
+  qat_op: Callable[..., jax.Array]
   original: Callable[..., jax.Array]
 
   def __call__(self, *args, **kwargs) -> jax.Array:
-    if not self.layer or not int8_qat.uses_int8_forward(self.layer[0].quant):
+    if not self.layer or not int8_qat.uses_qat_op(self.layer[0].quant):
       return self.original(*args, **kwargs)
-    layer = self.layer[0]
-    act_range = layer.get_range() if layer.quant.static_act else None
-    return self.int8_op(layer.quant, act_range, *args, **kwargs)
+    return self.qat_op(self.layer[0], *args, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,7 +427,17 @@ class _WeightOp:
     op = self.original
     if quant is not None:
       layer = _Layer(self.module, quant)
+      x_float, w_float = x, w
       x, w = layer.act(x), layer.weight(w)
+      if (quant.mode == "qat" and quant.backward == "float" and
+          self.field == "dot_general"):
+        # The float backward: the cotangents of op at the float operands.
+        lhs, rhs = (x, w) if weight_is_rhs else (w, x)
+        float_lhs, float_rhs = ((x_float, w_float) if weight_is_rhs
+                                else (w_float, x_float))
+        return int8_qat.float_backward(
+            lambda a, b: self.original(a, b, *args, **kwargs), lhs, rhs,
+            float_lhs, float_rhs)
       if quant.mode == "serve":
         op = (serve_ops.serve_dot_general if self.field == "dot_general"
               else serve_ops.serve_conv)
@@ -439,10 +468,11 @@ def _same(x: Any, param: Any) -> bool:
 def quantize_linen(model: nn.Module, rules: Sequence[rules_lib.Rule],
                    mode: core.Mode, on_nonfinite: core.OnNonfinite,
                    observer_for: core.ObserverFor,
-                   int8_forward: bool = False) -> QuantizedLinen:
+                   int8_forward: bool = False, backward: str = "ste"
+                   ) -> QuantizedLinen:
   return QuantizedLinen(model=model, rules=tuple(rules), mode=mode,
                         on_nonfinite=on_nonfinite, observer_for=observer_for,
-                        int8_forward=int8_forward)
+                        int8_forward=int8_forward, backward=backward)
 
 
 def act_ranges(qmodel: QuantizedLinen, stats: Any) -> dict[str, Any]:

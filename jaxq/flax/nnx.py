@@ -11,9 +11,9 @@ change, so ``nnx.state(model)`` loads into ``qmodel`` with ``nnx.update`` and
 layers run the original ``__call__`` with a quantizing ``promote_dtype`` and,
 in serve mode, `jaxq.dot_general` / `jaxq.einsum` / `jaxq.conv` as their
 ``dot_general`` / ``einsum_op`` / ``conv_general_dilated`` (in qat mode with
-``int8_forward=True``, the Linear/LinearGeneral/Einsum ops are the int8 qat
-ops of `jaxq.flax.int8_qat`); ``nnx.ConvTranspose``, whose
-``lax.conv_transpose`` takes no op, serves through
+``int8_forward=True`` or a non-STE ``backward``, the Linear/LinearGeneral/
+Einsum ops are the qat ops of `jaxq.flax.int8_qat`); ``nnx.ConvTranspose``,
+whose ``lax.conv_transpose`` takes no op, serves through
 `jaxq.flax.serve_ops.serve_conv_transpose` (its ``__call__`` with `jaxq.conv`,
 shared with linen); embeddings look
 up quantized rows (`jaxq.flax.core.embed_lookup`) and ``attend`` multiplies
@@ -24,6 +24,9 @@ Each quantized layer also carries:
 
 * ``jaxq_layer``: its `LayerQuant` (static), or None when a skip rule or no
   rule applies; ``jaxq_info``: its `LayerInfo`.
+* ``jaxq_rngs``: with ``backward="int8"``, the ``nnx.Rngs`` given to
+  `quantize_model` (one object shared by the layers), whose key rounds the
+  gradient.
 * ``jaxq_weight_stats``, ``jaxq_act_stats``: `QuantStat` variables holding
   observer states, created by the first calibrate-mode call
   (``nnx.state(qmodel, QuantStat)`` collects them).
@@ -68,9 +71,9 @@ _OPS = {nnx.Conv: ("conv_general_dilated", serve_ops.serve_conv),
         nnx.Einsum: ("einsum_op", serve_ops.serve_einsum),
         nnx.Linear: ("dot_general", serve_ops.serve_dot_general),
         nnx.LinearGeneral: ("dot_general", serve_ops.serve_dot_general)}
-_INT8_OPS = {nnx.Einsum: ("einsum_op", int8_qat.int8_qat_einsum),
-             nnx.Linear: ("dot_general", int8_qat.int8_qat_dot_general),
-             nnx.LinearGeneral: ("dot_general", int8_qat.int8_qat_dot_general)}
+_QAT_OPS = {nnx.Einsum: ("einsum_op", int8_qat.qat_einsum),
+            nnx.Linear: ("dot_general", int8_qat.qat_dot_general),
+            nnx.LinearGeneral: ("dot_general", int8_qat.qat_dot_general)}
 _MASKED = (nnx.Conv, nnx.ConvTranspose)  # Their kernel is ``kernel * mask``.
 _RULES_ATTR = "jaxq_rules"
 
@@ -137,6 +140,18 @@ class _Layer(core.LayerVariables):
     param = getattr(self.module, f"jaxq_{name}", None)
     return None if param is None else param.get_value()
 
+  def backward_key(self) -> jax.Array:
+    """backward="int8"'s key: the next from the layer's ``jaxq_rngs`` (the
+    ``rngs`` given to `quantize_model`), its ``"jaxq"`` stream or default."""
+    rngs = getattr(self.module, "jaxq_rngs", None)
+    if rngs is None:
+      raise ValueError(
+          f"jaxq qat backward='int8': {self.quant.path!r} "
+          f"({self.quant.module_type}) rounds its gradient stochastically "
+          f"and needs a PRNG key; pass rngs=nnx.Rngs({int8_qat.RNG_NAME}=seed)"
+          f" to quantize_model.")
+    return rngs.jaxq()
+
   def put_learned(self, name: str, value: jax.Array) -> None:
     if self.quant.mode != "qat":
       raise ValueError(
@@ -158,8 +173,8 @@ class _QuantizedLayer:
       return super().__call__(inputs, *args, **kwargs)
     layer = _Layer(self)
     original = self.promote_dtype
-    int8_kind = next((c for c in _INT8_OPS if isinstance(self, c)), None)
-    int8 = int8_kind is not None and int8_qat.uses_int8_forward(layer.quant)
+    qat_kind = next((c for c in _QAT_OPS if isinstance(self, c)), None)
+    qat_op = qat_kind is not None and int8_qat.uses_qat_op(layer.quant)
 
     def promote_dtype(arrays, /, *, dtype=None, inexact=True):
       x, w, bias = arrays
@@ -169,16 +184,15 @@ class _QuantizedLayer:
         x, _, bias = original((x, None, bias), dtype=dtype, inexact=inexact)
       else:
         x, w, bias = original((x, w, bias), dtype=dtype, inexact=inexact)
-      if int8:
-        return x, w, bias  # The int8 op quantizes them itself.
+      if qat_op:
+        return x, w, bias  # The qat op quantizes them itself.
       return layer.act(x), layer.weight(w), bias
 
     hooks: dict[str, Any] = {"promote_dtype": promote_dtype}
-    if int8:
-      name, op = _INT8_OPS[int8_kind]
-      act_range = layer.get_range() if layer.quant.static_act else None
-      hooks[name] = functools.partial(op, layer.quant, act_range)
-      if int8_kind is not nnx.Einsum:
+    if qat_op:
+      name, op = _QAT_OPS[qat_kind]
+      hooks[name] = functools.partial(op, layer)
+      if qat_kind is not nnx.Einsum:
         hooks["dot_general_cls"] = None
     if layer.quant.mode == "serve" and isinstance(self, nnx.ConvTranspose):
       # Its __call__ runs lax.conv_transpose, which takes no op.
@@ -259,7 +273,8 @@ def _replace(root: nnx.Module, path: tuple[Any, ...], new: Any) -> None:
 def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
                  mode: core.Mode, on_nonfinite: core.OnNonfinite,
                  observer_for: core.ObserverFor,
-                 int8_forward: bool = False) -> nnx.Module:
+                 int8_forward: bool = False, backward: str = "ste",
+                 rngs: nnx.Rngs | None = None) -> nnx.Module:
   """See `jaxq.quantize_model`: a quantized copy of an nnx module."""
   qmodel = nnx.clone(model)
   infos = []
@@ -276,7 +291,7 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
     quant = core.layer_quant(
         path_str, module, rule, shape, is_embed=isinstance(module, nnx.Embed),
         mode=mode, on_nonfinite=on_nonfinite, observer_for=observer_for,
-        int8_forward=int8_forward)
+        int8_forward=int8_forward, backward=backward)
     info = rules_lib.LayerInfo(
         path=path_str, module_type=type(module).__name__, rule=rule,
         weight_shape=shape, weight_name=_weight_name(module),
@@ -287,6 +302,8 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
     vars(new).update(vars(module))
     object.__setattr__(new, "jaxq_layer", quant)
     object.__setattr__(new, "jaxq_info", info)
+    if rngs is not None and int8_qat.uses_qat_op(quant):
+      setattr(new, "jaxq_rngs", rngs)  # One stream shared by the layers.
     if path:
       _replace(qmodel, path, new)
     else:
