@@ -173,6 +173,14 @@ def _evaluate(eval_fn: EvalFn, apply_fn: ApplyFn, variables: Any,
                      f"{value!r}.") from None
 
 
+def _switched(model: ModelAdapter, rules: Sequence[Rule],
+              calibrated: Calibrated, mode: EvalMode
+              ) -> analysis.Switched | None:
+  """The qat model that scores every subset of layers from one compilation;
+  None in serve mode, which compiles the model per subset."""
+  return analysis.switched(model, rules, calibrated) if mode == "qat" else None
+
+
 def _layer_error_sums(model: ModelAdapter, info: LayerInfo,
                       calibrated: Calibrated, mode: EvalMode,
                       calls: Sequence[LayerCall],
@@ -240,12 +248,15 @@ def sensitivity(model: nn.Module | nnx.Module,
       eval_fn, *analysis.scored(model, None, calibrated, mode), what)
   float_capture = model.capture(layers)
   float_calls = [float_capture(model.variables, batch) for batch in batches]
+  switched = _switched(model, rules, calibrated, mode)
 
   rows = []
   for path, info in tqdm.tqdm(layers.items(), desc="sensitivity",
                               unit="layer", disable=not progress):
-    metric = _evaluate(eval_fn, *analysis.scored(
-        model, analysis.single_layer_rules(info), calibrated, mode), what)
+    metric = _evaluate(eval_fn, *(
+        switched.scored([path]) if switched else analysis.scored(
+            model, analysis.single_layer_rules(info), calibrated, mode)),
+                       what)
     signal, noise, count = _layer_error_sums(
         model, info, calibrated, mode, float_capture.calls[path],
         float_calls)
@@ -378,6 +389,7 @@ def partial_quantize(model: nn.Module | nnx.Module,
            else (lambda m: m <= target))
   order = table.paths
   limit = len(order) if max_skipped is None else min(max_skipped, len(order))
+  switched = _switched(analysed, rules, calibrated, mode)
   history: list[float] = []
   with tqdm.tqdm(total=limit + 1, desc="partial quantize", unit="model",
                  disable=not progress) as bar:
@@ -386,8 +398,10 @@ def partial_quantize(model: nn.Module | nnx.Module,
       if k == len(order):  # Everything in float: the float model itself.
         metric = table.float_metric
       else:
-        metric = _evaluate(eval_fn, *analysis.scored(
-            analysed, candidate, calibrated, mode), what)
+        metric = _evaluate(eval_fn, *(
+            switched.scored(set(switched.paths) - set(order[:k]))
+            if switched else analysis.scored(analysed, candidate, calibrated,
+                                             mode)), what)
       history.append(metric)
       bar.update(1)
       if meets(metric):
