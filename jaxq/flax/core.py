@@ -461,9 +461,10 @@ class LayerVariables(abc.ABC):
     else:
       rows = embed_lookup(self.quant, table, ids,
                           learned_param=self.weight_param(table))
-    if not self.quant.switchable:
+    enabled = self.get_enabled() if self.quant.switchable else None
+    if enabled is None:
       return rows
-    return self._switched(rows, embed_lookup(
+    return switch(enabled, rows, embed_lookup(
         dataclasses.replace(self.quant, mode="calibrate"), table, ids))
 
 
