@@ -25,25 +25,29 @@ Implementations (``impl``):
   ``apply_fn`` for all of them;
 * ``jaxq-recompile`` (the baseline of ``ratio``): the path jaxq took before
   (and still takes in serve mode): a model quantized by its own rules per
-  configuration, compiled per configuration. Forced here by replacing the
+  configuration, compiled per configuration, and each layer compiled alone
+  for its SQNR. Forced here by replacing the
   private ``jaxq.sensitivity._switched`` with a function returning None.
 
 Columns besides the convention's: ``model_traces``, how many times the
 model's ``__call__`` was traced (each trace of the whole model is one
 compilation of it; calibration, captures and the float model included);
-``compiles``, every XLA compilation in the call (also the small per-layer
-ones of the SQNR measurement); ``same``, whether the result (every row's
+``compiles``, every XLA compilation in the call (the recompiling path also
+compiles each layer alone for its SQNR); ``same``, whether the result (every row's
 metric, drop, SQNR and MSE, or the skipped layers and history) equals the
 other implementation's exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
+import pathlib
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -51,9 +55,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax import monitoring
 
-import _harness
-import jaxq
-from jaxq import sensitivity as sensitivity_lib
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+# This checkout's jaxq (the benchmark reaches into jaxq.sensitivity), not an
+# installed one.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import _harness  # pylint: disable=g-import-not-at-top
+import jaxq  # pylint: disable=g-import-not-at-top
+
+# The module (``jaxq.sensitivity`` the name is the function).
+sensitivity_lib = importlib.import_module("jaxq.sensitivity")
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _counts = {"traces": 0, "compiles": 0}
@@ -114,20 +125,16 @@ def workload(layers: int) -> Workload:
   return Workload(model, variables, rules, eval_fn, tuple(images[2:]))
 
 
-def _per_layer_recompile(enabled: bool):
-  """Context: force the compile-per-configuration path (or not)."""
+@contextlib.contextmanager
+def _per_layer_recompile(enabled: bool) -> Iterator[None]:
+  """Forces the compile-per-configuration path while ``enabled``."""
   original = sensitivity_lib._switched  # pylint: disable=protected-access
-
-  class Context:
-
-    def __enter__(self):
-      if enabled:
-        sensitivity_lib._switched = lambda *a, **k: None  # pylint: disable=protected-access
-
-    def __exit__(self, *exc):
-      sensitivity_lib._switched = original  # pylint: disable=protected-access
-
-  return Context()
+  if enabled:
+    sensitivity_lib._switched = lambda *args, **kwargs: None  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    sensitivity_lib._switched = original  # pylint: disable=protected-access
 
 
 def measure(fn: Callable[[], Any], repeats: int, recompile: bool

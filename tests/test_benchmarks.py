@@ -120,3 +120,21 @@ def test_gpu_asks_qat_overhead_for_every_backward_mode(monkeypatch):
   assert gpu.backward_modes(several) == (
       "--backward-mode", ["--backward-mode", "ste", "float"])
   assert gpu.backward_modes("usage: qat_overhead.py [-h] [--quick]") is None
+
+
+@pytest.mark.slow
+def test_sensitivity(tmp_path):
+  rows = _run("sensitivity", tmp_path)
+  by_impl = {(r["case"].split()[0], r["impl"]): r for r in rows}
+  for case in ("sensitivity", "partial"):
+    assert by_impl[case, "jaxq-recompile"]["ratio"] == 1
+    # Compiled once, the result is the per-configuration one exactly.
+    assert by_impl[case, "jaxq"]["same"] is True
+  # The per-layer path traces the whole model once more per configuration
+  # (6 convs and a head: 7 layers, 7 configurations in partial_quantize's
+  # loop besides the float model); the switchable one once for all.
+  layers = by_impl["sensitivity", "jaxq"]["layers"]
+  assert (by_impl["sensitivity", "jaxq-recompile"]["model_traces"] -
+          by_impl["sensitivity", "jaxq"]["model_traces"]) == layers - 1
+  assert (by_impl["partial", "jaxq-recompile"]["model_traces"] -
+          by_impl["partial", "jaxq"]["model_traces"]) == layers - 1

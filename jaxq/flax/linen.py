@@ -463,15 +463,17 @@ def with_enabled(variables: Mapping[str, Any], enabled: Mapping[str, Any]
                  ) -> dict[str, Any]:
   """``variables`` with a ``quant_enabled`` collection of path -> flag (a
   boolean scalar; layers left out keep their flag, on by default)."""
-  flags = {k: v for k, v in variables.items()}
-  tree = jax.tree.map(lambda x: x, dict(flags.get(ENABLED, {})))
+  def copy(tree: Mapping[str, Any]) -> dict[str, Any]:  # No aliasing.
+    return {k: copy(v) if isinstance(v, Mapping) else v
+            for k, v in tree.items()}
+
+  flags = copy(variables.get(ENABLED, {}))
   for path, on in enabled.items():
-    node = tree
+    node = flags
     for name in path.split("/") if path else []:
       node = node.setdefault(name, {})
     node[core.ENABLED] = jnp.asarray(on, jnp.bool_)
-  flags[ENABLED] = tree
-  return flags
+  return {**variables, ENABLED: flags}
 
 
 def act_ranges(qmodel: QuantizedLinen, stats: Any) -> dict[str, Any]:
