@@ -130,11 +130,12 @@ def test_sensitivity(tmp_path):
     assert by_impl[case, "jaxq-recompile"]["ratio"] == 1
     # Compiled once, the result is the per-configuration one exactly.
     assert by_impl[case, "jaxq"]["same"] is True
-  # The per-layer path traces the whole model once more per configuration
-  # (6 convs and a head: 7 layers, 7 configurations in partial_quantize's
-  # loop besides the float model); the switchable one once for all.
+  # The per-layer path compiles the model per configuration (and each layer
+  # alone); the switchable one compiles a fixed number of programs, fewer
+  # than the model has layers, and partial_quantize's loop exactly one.
   layers = by_impl["sensitivity", "jaxq"]["layers"]
-  assert (by_impl["sensitivity", "jaxq-recompile"]["model_traces"] -
-          by_impl["sensitivity", "jaxq"]["model_traces"]) == layers - 1
-  assert (by_impl["partial", "jaxq-recompile"]["model_traces"] -
-          by_impl["partial", "jaxq"]["model_traces"]) == layers - 1
+  assert by_impl["sensitivity", "jaxq"]["compiles"] < layers
+  assert by_impl["sensitivity", "jaxq-recompile"]["compiles"] > 2 * (
+      layers - 1)
+  assert by_impl["partial", "jaxq"]["compiles"] == 1
+  assert by_impl["partial", "jaxq-recompile"]["compiles"] == layers
