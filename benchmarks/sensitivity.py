@@ -26,16 +26,21 @@ Implementations (``impl``):
 * ``jaxq-recompile`` (the baseline of ``ratio``): the path jaxq took before
   (and still takes in serve mode): a model quantized by its own rules per
   configuration, compiled per configuration, and each layer compiled alone
-  for its SQNR. Forced here by replacing the
-  private ``jaxq.sensitivity._switched`` with a function returning None.
+  for its SQNR. Forced here by replacing the private
+  ``jaxq.sensitivity._switched`` with a function returning None.
 
 Columns besides the convention's: ``model_traces``, how many times the
 model's ``__call__`` was traced (each trace of the whole model is one
 compilation of it; calibration, captures and the float model included);
 ``compiles``, every XLA compilation in the call (the recompiling path also
-compiles each layer alone for its SQNR); ``same``, whether the result (every row's
-metric, drop, SQNR and MSE, or the skipped layers and history) equals the
-other implementation's exactly.
+compiles each layer alone for its SQNR); ``same``, whether the result
+(every row's metric, drop, SQNR and MSE, or the skipped layers and
+history) equals the other implementation's exactly.
+
+Measured on 2 shared CPU cores, one call per row (``--layers 48 --repeats
+1``): sensitivity 74.4 s and 101 compilations per-configuration against
+10.9 s and 5 compilations switchable; partial_quantize's loop 71.4 s and 49
+compilations against 4.6 s and 1; every result the same.
 """
 
 from __future__ import annotations
@@ -130,7 +135,8 @@ def _per_layer_recompile(enabled: bool) -> Iterator[None]:
   """Forces the compile-per-configuration path while ``enabled``."""
   original = sensitivity_lib._switched  # pylint: disable=protected-access
   if enabled:
-    sensitivity_lib._switched = lambda *args, **kwargs: None  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    sensitivity_lib._switched = lambda *args, **kwargs: None
   try:
     yield
   finally:

@@ -46,9 +46,9 @@ Conventions (the same for flax.linen and flax.nnx models):
   on exactly its float inputs (linen: an unbound copy of the module with
   its own variables; nnx: the layer of the model quantized with only that
   layer's rule, split off with ``nnx.split``), call by call, so the number
-  is the layer's own error, not compounded through its earlier calls. ``sqnr_db = 10 log10(sum y^2 /
-  sum (y_q - y)^2)`` and ``mse = mean (y_q - y)^2`` over all output
-  elements of all calls on all batches.
+  is the layer's own error, not compounded through its earlier calls.
+  ``sqnr_db = 10 log10(sum y^2 / sum (y_q - y)^2)`` and ``mse = mean
+  (y_q - y)^2`` over all output elements of all calls on all batches.
 * Layers are listed in the order the model first calls them (nnx: found by
   tracing the capture pass; layers the model never calls are left out).
 
@@ -63,9 +63,9 @@ quantized by that configuration's rules alone computes, and ``eval_fn``'s
 calls it directly never recompiles; ``partial_quantize``'s greedy loop
 reuses it too). The SQNR of a layer called once comes from one capture
 pass of that switchable model with only the layer on (its input is then the
-float one: the same numbers as running it alone), compiled once for all
-layers; a shared layer is still run alone per call (one small compilation
-each). Serve mode compiles the model per configuration and each layer alone
+float one, as if it ran alone on it), compiled once for all layers; a
+shared layer is still run alone per call (one small compilation each).
+Serve mode compiles the model per configuration and each layer alone
 (the low-bit ops take other operand types than the float ones).
 """
 
@@ -283,10 +283,9 @@ def sensitivity(model: nn.Module | nnx.Module,
   rows = []
   for path, info in tqdm.tqdm(layers.items(), desc="sensitivity",
                               unit="layer", disable=not progress):
-    metric = _evaluate(eval_fn, *(
-        switched.scored([path]) if switched else analysis.scored(
-            model, analysis.single_layer_rules(info), calibrated, mode)),
-                       what)
+    scored = (switched.scored([path]) if switched else analysis.scored(
+        model, analysis.single_layer_rules(info), calibrated, mode))
+    metric = _evaluate(eval_fn, *scored, what)
     if switched and len(float_capture.calls[path]) == 1:
       signal, noise, count = _switched_error_sums(
           switched, switched_capture, path, batches, float_calls)
@@ -432,10 +431,10 @@ def partial_quantize(model: nn.Module | nnx.Module,
       if k == len(order):  # Everything in float: the float model itself.
         metric = table.float_metric
       else:
-        metric = _evaluate(eval_fn, *(
-            switched.scored(set(switched.paths) - set(order[:k]))
-            if switched else analysis.scored(analysed, candidate, calibrated,
-                                             mode)), what)
+        scored = (switched.scored(set(switched.paths) - set(order[:k]))
+                  if switched else analysis.scored(analysed, candidate,
+                                                   calibrated, mode))
+        metric = _evaluate(eval_fn, *scored, what)
       history.append(metric)
       bar.update(1)
       if meets(metric):
