@@ -8,6 +8,9 @@
 * `scored`, `run_alone`: the ``(apply_fn, variables)`` of the model quantized
   by some rules with those ranges, and one layer run alone on its captured
   float inputs;
+* `switched`: the same for any subset of the quantized layers in qat mode,
+  from one compilation (each layer's quantization switched on or off by a
+  flag in the variables, `jaxq.flax.ModelAdapter.set_enabled`);
 * `error_sums`, `sqnr_db`: the SQNR arithmetic of both.
 """
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +130,45 @@ def scored(adapter: ModelAdapter, rules: Sequence[Rule] | None,
     return adapter.apply_fn(), adapter.variables
   quantized = adapter.quantize(rules, mode).with_ranges(calibrated.act_ranges)
   return quantized.apply_fn(), quantized.variables
+
+
+@dataclasses.dataclass(frozen=True)
+class Switched:
+  """The model quantized by all the rules, each layer's quantization on or
+  off by a flag in its variables: one ``apply_fn`` (one compilation) scores
+  any subset of the layers quantized.
+
+  Attributes:
+    adapter: the switchable quantized model with the calibrated ranges.
+    apply_fn: its jitted ``apply_fn``, shared by every subset.
+    paths: the quantized layers, in call order.
+  """
+
+  adapter: ModelAdapter
+  apply_fn: ApplyFn
+  paths: tuple[str, ...]
+
+  def scored(self, quantized: Collection[str]) -> tuple[ApplyFn, Any]:
+    """``(apply_fn, variables)`` with the layers at ``quantized`` quantized
+    (by the rules' specs and ranges) and every other layer in float."""
+    on = set(quantized)
+    return self.apply_fn, self.adapter.set_enabled(
+        {path: path in on for path in self.paths})
+
+
+def switched(adapter: ModelAdapter, rules: Sequence[Rule],
+             calibrated: Calibrated) -> Switched:
+  """The `Switched` qat model of ``adapter`` quantized by ``rules``.
+
+  Quantizing only the layers at a subset ``S`` this way computes what
+  ``scored`` computes for rules that quantize ``S`` alone (each layer of
+  ``S`` gets the spec of the rule ``rules`` give it; a layer that is off
+  hands its op the float operands), without compiling the model per subset.
+  """
+  quantized = adapter.quantize(rules, "qat", switchable=True).with_ranges(
+      calibrated.act_ranges)
+  return Switched(adapter=quantized, apply_fn=quantized.apply_fn(),
+                  paths=tuple(calibrated.quantized))
 
 
 def run_alone(adapter: ModelAdapter, info: LayerInfo,

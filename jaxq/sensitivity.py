@@ -38,23 +38,35 @@ Conventions (the same for flax.linen and flax.nnx models):
   quantized layer, the arguments and result of each of its calls (linen: a
   ``flax.linen.intercept_methods`` interceptor; nnx: an
   ``nnx.clone`` whose quantized layers are swapped for recording subclasses
-  of their classes; see `jaxq.flax.capture`); each layer is then run ALONE,
-  quantized, on exactly those float inputs (linen: an unbound copy of the
-  module with its own variables; nnx: the layer of the model quantized with
-  only that layer's rule, split off with ``nnx.split``). That is the
-  layer's output in the model with only that layer quantized (everything
-  upstream is float), for the price of compiling one layer instead of the
-  model; a module called several times (shared weights) is measured call by
-  call, each on its float input, so the number is the layer's own error,
-  not compounded through its earlier calls. ``sqnr_db = 10 log10(sum y^2 /
-  sum (y_q - y)^2)`` and ``mse = mean (y_q - y)^2`` over all output
-  elements of all calls on all batches.
+  of their classes; see `jaxq.flax.capture`); the layer's quantized output
+  is the layer's output in the model with only that layer quantized
+  (everything upstream is float), recorded by the same capture pass of the
+  switchable qat model (see Cost). A module called several times (shared
+  weights), and every layer in serve mode, is instead run ALONE, quantized,
+  on exactly its float inputs (linen: an unbound copy of the module with
+  its own variables; nnx: the layer of the model quantized with only that
+  layer's rule, split off with ``nnx.split``), call by call, so the number
+  is the layer's own error, not compounded through its earlier calls.
+  ``sqnr_db = 10 log10(sum y^2 / sum (y_q - y)^2)`` and ``mse = mean
+  (y_q - y)^2`` over all output elements of all calls on all batches.
 * Layers are listed in the order the model first calls them (nnx: found by
   tracing the capture pass; layers the model never calls are left out).
 
-Cost: one float evaluation and one float capture pass, then per layer one
-compile of the model for ``eval_fn`` (jit caches it per configuration) and
-one of the layer alone.
+Cost: one calibration pass, one float evaluation and one float capture
+pass; then, in qat mode, ONE compilation of the model for every
+configuration: the model is quantized by all the rules with an on/off flag
+per layer held in its variables (`jaxq.flax.ModelAdapter.quantize(...,
+switchable=True)`, `set_enabled`); a layer that is off hands its op the
+float operands, so each configuration computes exactly what the model
+quantized by that configuration's rules alone computes, and ``eval_fn``'s
+``apply_fn`` is the same jitted function every time (an ``eval_fn`` that
+calls it directly never recompiles; ``partial_quantize``'s greedy loop
+reuses it too). The SQNR of a layer called once comes from one capture
+pass of that switchable model with only the layer on (its input is then the
+float one, as if it ran alone on it), compiled once for all layers; a
+shared layer is still run alone per call (one small compilation each).
+Serve mode compiles the model per configuration and each layer alone
+(the low-bit ops take other operand types than the float ones).
 """
 
 from __future__ import annotations
@@ -173,6 +185,31 @@ def _evaluate(eval_fn: EvalFn, apply_fn: ApplyFn, variables: Any,
                      f"{value!r}.") from None
 
 
+def _switched(model: ModelAdapter, rules: Sequence[Rule],
+              calibrated: Calibrated, mode: EvalMode
+              ) -> analysis.Switched | None:
+  """The qat model that scores every subset of layers from one compilation;
+  None in serve mode, which compiles the model per subset."""
+  return analysis.switched(model, rules, calibrated) if mode == "qat" else None
+
+
+def _switched_error_sums(switched: analysis.Switched, capture: Any,
+                         path: str, batches: Sequence[Batch],
+                         captured: Sequence[Captured]) -> np.ndarray:
+  """`_layer_error_sums` of a layer called once, from the switchable model
+  with only that layer on (so its input is the float one): one compilation
+  of the capture pass serves every layer."""
+  _, variables = switched.scored([path])
+  sums = np.zeros(3)
+  for batch, batch_calls in zip(batches, captured):
+    (_, reference), = batch_calls[path]
+    (_, output), = capture(variables, batch)[path]
+    sums += np.asarray(analysis.error_sums(jax.tree.leaves(reference),
+                                           jax.tree.leaves(output)),
+                       np.float64)
+  return sums
+
+
 def _layer_error_sums(model: ModelAdapter, info: LayerInfo,
                       calibrated: Calibrated, mode: EvalMode,
                       calls: Sequence[LayerCall],
@@ -240,15 +277,22 @@ def sensitivity(model: nn.Module | nnx.Module,
       eval_fn, *analysis.scored(model, None, calibrated, mode), what)
   float_capture = model.capture(layers)
   float_calls = [float_capture(model.variables, batch) for batch in batches]
+  switched = _switched(model, rules, calibrated, mode)
+  switched_capture = switched and switched.adapter.capture(layers)
 
   rows = []
   for path, info in tqdm.tqdm(layers.items(), desc="sensitivity",
                               unit="layer", disable=not progress):
-    metric = _evaluate(eval_fn, *analysis.scored(
-        model, analysis.single_layer_rules(info), calibrated, mode), what)
-    signal, noise, count = _layer_error_sums(
-        model, info, calibrated, mode, float_capture.calls[path],
-        float_calls)
+    scored = (switched.scored([path]) if switched else analysis.scored(
+        model, analysis.single_layer_rules(info), calibrated, mode))
+    metric = _evaluate(eval_fn, *scored, what)
+    if switched and len(float_capture.calls[path]) == 1:
+      signal, noise, count = _switched_error_sums(
+          switched, switched_capture, path, batches, float_calls)
+    else:
+      signal, noise, count = _layer_error_sums(
+          model, info, calibrated, mode, float_capture.calls[path],
+          float_calls)
     drop = float_metric - metric if higher_is_better else metric - float_metric
     rows.append(LayerSensitivity(
         path=path, module_type=info.module_type, metric=metric, drop=drop,
@@ -378,6 +422,7 @@ def partial_quantize(model: nn.Module | nnx.Module,
            else (lambda m: m <= target))
   order = table.paths
   limit = len(order) if max_skipped is None else min(max_skipped, len(order))
+  switched = _switched(analysed, rules, calibrated, mode)
   history: list[float] = []
   with tqdm.tqdm(total=limit + 1, desc="partial quantize", unit="model",
                  disable=not progress) as bar:
@@ -386,8 +431,10 @@ def partial_quantize(model: nn.Module | nnx.Module,
       if k == len(order):  # Everything in float: the float model itself.
         metric = table.float_metric
       else:
-        metric = _evaluate(eval_fn, *analysis.scored(
-            analysed, candidate, calibrated, mode), what)
+        scored = (switched.scored(set(switched.paths) - set(order[:k]))
+                  if switched else analysis.scored(analysed, candidate,
+                                                   calibrated, mode))
+        metric = _evaluate(eval_fn, *scored, what)
       history.append(metric)
       bar.update(1)
       if meets(metric):

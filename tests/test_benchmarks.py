@@ -138,3 +138,22 @@ def test_gpu_asks_qat_overhead_for_every_backward_mode(monkeypatch):
   assert gpu.backward_modes(several) == (
       "--backward-mode", ["--backward-mode", "ste", "float"])
   assert gpu.backward_modes("usage: qat_overhead.py [-h] [--quick]") is None
+
+
+@pytest.mark.slow
+def test_sensitivity(tmp_path):
+  rows = _run("sensitivity", tmp_path)
+  by_impl = {(r["case"].split()[0], r["impl"]): r for r in rows}
+  for case in ("sensitivity", "partial"):
+    assert by_impl[case, "jaxq-recompile"]["ratio"] == 1
+    # Compiled once, the result is the per-configuration one exactly.
+    assert by_impl[case, "jaxq"]["same"] is True
+  # The per-layer path compiles the model per configuration (and each layer
+  # alone); the switchable one compiles a fixed number of programs, fewer
+  # than the model has layers, and partial_quantize's loop exactly one.
+  layers = by_impl["sensitivity", "jaxq"]["layers"]
+  assert by_impl["sensitivity", "jaxq"]["compiles"] < layers
+  assert by_impl["sensitivity", "jaxq-recompile"]["compiles"] > 2 * (
+      layers - 1)
+  assert by_impl["partial", "jaxq"]["compiles"] == 1
+  assert by_impl["partial", "jaxq-recompile"]["compiles"] == layers

@@ -25,8 +25,15 @@ called on ``x`` of shape ``(*lead, in)``):
 * ``layers() -> dict[str, LayerInfo]``: path -> module type, rule, weight
   shape and specs, in the order the model first calls them (linen: the
   layers traced so far; a float model has none until `quantize`).
-* ``quantize(rules, mode) -> ModelAdapter``: the model quantized by
-  ``rules`` in ``mode``, with the same variables (nnx: a quantized copy).
+* ``quantize(rules, mode, switchable=False) -> ModelAdapter``: the model
+  quantized by ``rules`` in ``mode``, with the same variables (nnx: a
+  quantized copy). ``switchable`` (qat mode): every quantized layer reads an
+  on/off flag from the variables and computes in float while it is off, so
+  one compiled ``apply_fn`` runs any subset of the layers quantized.
+* ``set_enabled(enabled, variables=None) -> variables``: new variables with
+  the flags of the switchable layers at the paths of ``enabled`` (path ->
+  bool) set; the others keep theirs (on unless set). Flags are boolean
+  arrays, so changing them does not recompile ``apply_fn``.
 * ``apply(batch, variables=None) -> output``: the model on one batch.
 * ``apply_fn() -> ApplyFn``: ``apply_fn(variables, *args, **kwargs)``,
   jit-compiled: linen ``apply``, nnx ``nnx.merge(graphdef, variables)(...)``.
@@ -161,9 +168,14 @@ class ModelAdapter(Protocol):
   def unmatched_rules(self) -> tuple[rules_lib.Rule, ...]:
     """The rules that matched no layer."""
 
-  def quantize(self, rules: Sequence[rules_lib.Rule], mode: core.Mode
-               ) -> "ModelAdapter":
-    """The model quantized by ``rules`` in ``mode``, same variables."""
+  def quantize(self, rules: Sequence[rules_lib.Rule], mode: core.Mode,
+               switchable: bool = False) -> "ModelAdapter":
+    """The model quantized by ``rules`` in ``mode``, same variables;
+    ``switchable``: each layer's quantization has an on/off flag."""
+
+  def set_enabled(self, enabled: Mapping[str, bool],
+                  variables: Any | None = None) -> Any:
+    """New variables with the on/off flags of switchable layers set."""
 
   def float_model(self, what: str) -> tuple[Any, tuple[rules_lib.Rule, ...]]:
     """``(float model, rules)`` of a quantized model (raises for nnx)."""

@@ -79,6 +79,7 @@ ActRange = dict[str, jax.Array]
 # below) and nnx (as attributes of the quantized module, prefixed "jaxq_").
 WEIGHT_STATS = "weight"
 ACT_STATS = "act"
+ENABLED = "enabled"  # A switchable layer's on/off flag.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +100,10 @@ class LayerQuant:
       int8 values (see `jaxq.flax.int8_qat`).
     backward: in qat mode, the matmul layers' backward: ``"ste"``,
       ``"float"`` or ``"int8"`` (see `jaxq.flax.int8_qat`).
+    switchable: in qat mode, whether the layer reads an on/off flag
+      (`LayerVariables.get_enabled`) and, when it is off, hands its op the
+      float operands, so one compiled model runs any subset of its layers
+      quantized (`jaxq.sensitivity`); see `switch`.
   """
 
   path: str
@@ -110,6 +115,7 @@ class LayerQuant:
   observer_for: ObserverFor = calibration.observer_for
   int8_forward: bool = False
   backward: str = "ste"
+  switchable: bool = False
 
   @property
   def static_act(self) -> bool:
@@ -157,6 +163,16 @@ def check_on_nonfinite(on_nonfinite: str) -> None:
                      f"'count', got {on_nonfinite!r}.")
 
 
+def check_switchable(switchable: bool, mode: str, int8_forward: bool
+                     ) -> None:
+  """Raises unless a per-layer on/off switch applies (qat mode, float op)."""
+  if switchable and (mode != "qat" or int8_forward):
+    raise ValueError(
+        f"quantize_model: switchable layers need mode='qat' without "
+        f"int8_forward (the switch selects fake-quantized or float operands "
+        f"of the float op), got mode={mode!r}, int8_forward={int8_forward}.")
+
+
 def check_spec(layer: LayerQuant, spec: QuantSpec, shape: tuple[int, ...],
                what: str) -> None:
   """Raises a ValueError naming the layer if ``spec`` cannot apply to ``shape``."""
@@ -171,7 +187,8 @@ def check_spec(layer: LayerQuant, spec: QuantSpec, shape: tuple[int, ...],
 def layer_quant(path: str, module: object, rule: Any | None,
                 weight_shape: tuple[int, ...], *, is_embed: bool, mode: Mode,
                 on_nonfinite: OnNonfinite, observer_for: ObserverFor,
-                int8_forward: bool = False, backward: str = "ste"
+                int8_forward: bool = False, backward: str = "ste",
+                switchable: bool = False
                 ) -> LayerQuant | None:
   """The `LayerQuant` of a layer that ``rule`` (a `jaxq.Rule`) matched.
 
@@ -179,6 +196,7 @@ def layer_quant(path: str, module: object, rule: Any | None,
   get `embed_spec` and no act spec (lookups are weight-only). Raises a
   ValueError naming the layer when the weight spec cannot apply.
   """
+  check_switchable(switchable, mode, int8_forward)
   if rule is None or rule.skip:
     return None
   weight = rule.weight
@@ -189,7 +207,8 @@ def layer_quant(path: str, module: object, rule: Any | None,
                      mode=mode, on_nonfinite=on_nonfinite,
                      observer_for=observer_for,
                      int8_forward=int8_forward and mode == "qat",
-                     backward=backward if mode == "qat" else "ste")
+                     backward=backward if mode == "qat" else "ste",
+                     switchable=switchable)
   if weight is not None:
     check_spec(quant, weight, weight_shape, "weight")
   return quant
@@ -306,6 +325,18 @@ def finalize_range(observer: calibration.Observer, state: Any) -> ActRange:
   return {"amax": jnp.asarray(chosen, jnp.float32)}
 
 
+def switch(enabled: jax.Array | None, quantized: jax.Array,
+           original: jax.Array) -> jax.Array:
+  """``quantized`` where the layer's flag is on, else ``original``.
+
+  ``enabled`` is a boolean scalar read from the variables (so flipping it
+  needs no recompilation), or None (no flag given: the layer is on).
+  """
+  if enabled is None:
+    return quantized
+  return jnp.where(enabled, quantized, original.astype(quantized.dtype))
+
+
 class LayerVariables(abc.ABC):
   """A layer's quantization step on its operands, over some variable store.
 
@@ -375,6 +406,15 @@ class LayerVariables(abc.ABC):
     """Whether calibrate mode records now (not while initialising)."""
     return True
 
+  def get_enabled(self) -> jax.Array | None:
+    """A switchable layer's on/off flag (a boolean scalar), or None."""
+    return None
+
+  def _switched(self, quantized: Any, original: jax.Array) -> Any:
+    if not self.quant.switchable:
+      return quantized
+    return switch(self.get_enabled(), quantized, original)
+
   def weight(self, w: jax.Array | QArray) -> jax.Array | QArray:
     """The weight for the layer's op; records its range in calibrate mode."""
     if self.quant.weight is None:
@@ -383,8 +423,8 @@ class LayerVariables(abc.ABC):
       self.put_stats(WEIGHT_STATS, observe_weight(
           self.quant, self.get_stats(WEIGHT_STATS), w))
     if self.quant.weight.learn is not None and self.quant.mode != "calibrate":
-      return self._learned_weight(w)
-    return transform_weight(self.quant, w)
+      return self._switched(self._learned_weight(w), w)
+    return self._switched(transform_weight(self.quant, w), w)
 
   def _learned_weight(self, w: jax.Array | QArray) -> jax.Array | QArray:
     spec = self.quant.weight
@@ -408,11 +448,11 @@ class LayerVariables(abc.ABC):
     if spec.learn is not None:
       param = self.act_param(x)
       if self.quant.mode == "qat":
-        return learned.learned_fake_quant(x, param, spec)
+        return self._switched(learned.learned_fake_quant(x, param, spec), x)
       return learned.quantize_with_scale(x, learned.scale_of(param, spec),
                                          spec)
-    return transform_act(self.quant, x,
-                         self.get_range() if self.quant.static_act else None)
+    return self._switched(transform_act(
+        self.quant, x, self.get_range() if self.quant.static_act else None), x)
 
   def embed(self, table: jax.Array | QArray, ids: jax.Array) -> jax.Array:
     """An embedding lookup (weight-only); records the table's range."""
@@ -420,11 +460,17 @@ class LayerVariables(abc.ABC):
       self.put_stats(WEIGHT_STATS, observe_weight(
           self.quant, self.get_stats(WEIGHT_STATS), table))
     if self.quant.weight.learn is None or self.quant.mode == "calibrate":
-      return embed_lookup(self.quant, table, ids)
-    if self.quant.mode == "serve":
+      rows = embed_lookup(self.quant, table, ids)
+    elif self.quant.mode == "serve":
       return embed_lookup(self.quant, self._learned_weight(table), ids)
-    return embed_lookup(self.quant, table, ids,
-                        learned_param=self.weight_param(table))
+    else:
+      rows = embed_lookup(self.quant, table, ids,
+                          learned_param=self.weight_param(table))
+    enabled = self.get_enabled() if self.quant.switchable else None
+    if enabled is None:
+      return rows
+    return switch(enabled, rows, embed_lookup(
+        dataclasses.replace(self.quant, mode="calibrate"), table, ids))
 
 
 # Embedding lookups: weight-only, reading only the looked-up rows.

@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -75,6 +75,7 @@ from jaxq.spec import QArray
 
 STATS = "quant_stats"
 RANGES = "quant_ranges"
+ENABLED = "quant_enabled"  # Switchable layers' on/off flags (`with_enabled`).
 LEARNED = "jaxq"
 
 _PROMOTING = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.ConvTranspose)
@@ -140,6 +141,10 @@ class _Layer(core.LayerVariables):
           f"and needs a PRNG key; pass rngs={{{int8_qat.RNG_NAME!r}: key}} "
           f"to apply (a new key per step).")
     return self.module.make_rng(int8_qat.RNG_NAME)
+  def get_enabled(self) -> jax.Array | None:
+    if self.scope.has_variable(ENABLED, core.ENABLED):
+      return self.scope.get_variable(ENABLED, core.ENABLED)
+    return None
 
   def get_learned(self, name: str) -> jax.Array | None:
     if self.scope.has_variable("params", LEARNED):
@@ -174,6 +179,11 @@ class QuantizedLinen:
     backward: in qat mode, the matmul layers' backward, ``"ste"``,
       ``"float"`` or ``"int8"`` (see `jaxq.flax.int8_qat`; ``"int8"`` takes
       ``rngs={"jaxq": key}`` in ``apply``); other modes ignore it.
+    switchable: each quantized layer reads an on/off flag from the
+      ``quant_enabled`` collection (``{<layer path>: {"enabled": bool}}``,
+      made by `with_enabled`; on when absent) and computes in float when
+      off, so one compilation runs any subset of layers quantized (qat
+      mode only; see `jaxq.flax.core.LayerQuant`).
   """
 
   model: nn.Module
@@ -183,6 +193,7 @@ class QuantizedLinen:
   observer_for: core.ObserverFor = calibration.observer_for
   int8_forward: bool = False
   backward: str = "ste"
+  switchable: bool = False
   _layers: dict[str, rules_lib.LayerInfo] = dataclasses.field(
       default_factory=dict, compare=False, repr=False)
   _warned: list[bool] = dataclasses.field(
@@ -238,7 +249,8 @@ class QuantizedLinen:
         path, module, rule, tuple(weight_shape),
         is_embed=isinstance(module, nn.Embed), mode=self.mode,
         on_nonfinite=self.on_nonfinite, observer_for=self.observer_for,
-        int8_forward=self.int8_forward, backward=self.backward)
+        int8_forward=self.int8_forward, backward=self.backward,
+        switchable=self.switchable)
     self._layers[path] = rules_lib.LayerInfo(
         path=path, module_type=type(module).__name__, rule=rule,
         weight_shape=tuple(weight_shape), weight_name=weight_name,
@@ -468,11 +480,30 @@ def _same(x: Any, param: Any) -> bool:
 def quantize_linen(model: nn.Module, rules: Sequence[rules_lib.Rule],
                    mode: core.Mode, on_nonfinite: core.OnNonfinite,
                    observer_for: core.ObserverFor,
-                   int8_forward: bool = False, backward: str = "ste"
-                   ) -> QuantizedLinen:
+                   int8_forward: bool = False, backward: str = "ste",
+                   switchable: bool = False) -> QuantizedLinen:
+  core.check_switchable(switchable, mode, int8_forward)
   return QuantizedLinen(model=model, rules=tuple(rules), mode=mode,
                         on_nonfinite=on_nonfinite, observer_for=observer_for,
-                        int8_forward=int8_forward, backward=backward)
+                        int8_forward=int8_forward, backward=backward,
+                        switchable=switchable)
+
+
+def with_enabled(variables: Mapping[str, Any], enabled: Mapping[str, Any]
+                 ) -> dict[str, Any]:
+  """``variables`` with a ``quant_enabled`` collection of path -> flag (a
+  boolean scalar; layers left out keep their flag, on by default)."""
+  def copy(tree: Mapping[str, Any]) -> dict[str, Any]:  # No aliasing.
+    return {k: copy(v) if isinstance(v, Mapping) else v
+            for k, v in tree.items()}
+
+  flags = copy(variables.get(ENABLED, {}))
+  for path, on in enabled.items():
+    node = flags
+    for name in path.split("/") if path else []:
+      node = node.setdefault(name, {})
+    node[core.ENABLED] = jnp.asarray(on, jnp.bool_)
+  return {**variables, ENABLED: flags}
 
 
 def act_ranges(qmodel: QuantizedLinen, stats: Any) -> dict[str, Any]:

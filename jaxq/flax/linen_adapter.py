@@ -133,11 +133,26 @@ class LinenAdapter:
                    self.without_stats(self.variables))
     return self.layers()
 
-  def quantize(self, rules: Sequence[rules_lib.Rule], mode: core.Mode
-               ) -> "LinenAdapter":
+  def quantize(self, rules: Sequence[rules_lib.Rule], mode: core.Mode,
+               switchable: bool = False) -> "LinenAdapter":
     qmodel = linen_lib.quantize_linen(self.model, tuple(rules), mode, "raise",
-                                      calibration.observer_for)
+                                      calibration.observer_for,
+                                      switchable=switchable)
     return dataclasses.replace(self, qmodel=qmodel)
+
+  def set_enabled(self, enabled: Mapping[str, bool],
+                  variables: Any | None = None) -> dict[str, Any]:
+    """New variables with the flags of switchable layers (``quant_enabled``)."""
+    if self.qmodel is None or not self.qmodel.switchable:
+      raise ValueError("set_enabled: the model was not quantized with "
+                       "switchable=True.")
+    known = {p for p, info in self.layers().items() if info.quantized}
+    unknown = sorted(set(enabled) - known) if self.layers() else []
+    if unknown:
+      raise ValueError(f"set_enabled: no quantized layer at {unknown}; the "
+                       f"model's quantized layers are {sorted(known)}.")
+    return linen_lib.with_enabled(
+        self.variables if variables is None else variables, enabled)
 
   def with_variables(self, variables: Any) -> "LinenAdapter":
     return dataclasses.replace(self, variables=variables)

@@ -76,6 +76,7 @@ _QAT_OPS = {nnx.Einsum: ("einsum_op", int8_qat.qat_einsum),
             nnx.LinearGeneral: ("dot_general", int8_qat.qat_dot_general)}
 _MASKED = (nnx.Conv, nnx.ConvTranspose)  # Their kernel is ``kernel * mask``.
 _RULES_ATTR = "jaxq_rules"
+ENABLED_ATTR = "jaxq_enabled"  # A `QuantEnabled` of switchable layers.
 
 
 class QuantStat(nnx.Variable):
@@ -84,6 +85,10 @@ class QuantStat(nnx.Variable):
 
 class QuantRange(nnx.Variable):
   """A static activation range ``{"amax": ...[, "amin": ...]}``."""
+
+
+class QuantEnabled(nnx.Variable):
+  """A switchable layer's on/off flag, a boolean scalar (``switchable``)."""
 
 
 class _Held:
@@ -135,6 +140,10 @@ class _Layer(core.LayerVariables):
   def get_range(self) -> core.ActRange | None:
     held = getattr(self.module, "jaxq_act_range", None)
     return None if held is None else held.get_value()
+
+  def get_enabled(self) -> jax.Array | None:
+    flag = getattr(self.module, ENABLED_ATTR, None)
+    return None if flag is None else flag.get_value()
 
   def get_learned(self, name: str) -> jax.Array | None:
     param = getattr(self.module, f"jaxq_{name}", None)
@@ -274,8 +283,15 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
                  mode: core.Mode, on_nonfinite: core.OnNonfinite,
                  observer_for: core.ObserverFor,
                  int8_forward: bool = False, backward: str = "ste",
-                 rngs: nnx.Rngs | None = None) -> nnx.Module:
-  """See `jaxq.quantize_model`: a quantized copy of an nnx module."""
+                 rngs: nnx.Rngs | None = None,
+                 switchable: bool = False) -> nnx.Module:
+  """See `jaxq.quantize_model`: a quantized copy of an nnx module.
+
+  ``switchable`` (qat mode): each quantized layer also holds a
+  `QuantEnabled` flag ``jaxq_enabled`` (on), read on every call, and
+  computes in float while it is off (see `jaxq.flax.core.LayerQuant`).
+  """
+  core.check_switchable(switchable, mode, int8_forward)
   qmodel = nnx.clone(model)
   infos = []
   for path, module in list(nnx.iter_graph(qmodel)):
@@ -291,7 +307,8 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
     quant = core.layer_quant(
         path_str, module, rule, shape, is_embed=isinstance(module, nnx.Embed),
         mode=mode, on_nonfinite=on_nonfinite, observer_for=observer_for,
-        int8_forward=int8_forward, backward=backward)
+        int8_forward=int8_forward, backward=backward,
+        switchable=switchable)
     info = rules_lib.LayerInfo(
         path=path_str, module_type=type(module).__name__, rule=rule,
         weight_shape=shape, weight_name=_weight_name(module),
@@ -304,6 +321,8 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
     object.__setattr__(new, "jaxq_info", info)
     if rngs is not None and int8_qat.uses_qat_op(quant):
       setattr(new, "jaxq_rngs", rngs)  # One stream shared by the layers.
+    if quant is not None and switchable:
+      setattr(new, ENABLED_ATTR, QuantEnabled(jnp.asarray(True)))
     if path:
       _replace(qmodel, path, new)
     else:

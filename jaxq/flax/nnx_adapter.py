@@ -147,11 +147,29 @@ class NnxAdapter:
     jax.eval_shape(order, self.variables, batch)
     return {path: every[path] for path in order.calls}
 
-  def quantize(self, rules: Sequence[rules_lib.Rule], mode: core.Mode
-               ) -> "NnxAdapter":
+  def quantize(self, rules: Sequence[rules_lib.Rule], mode: core.Mode,
+               switchable: bool = False) -> "NnxAdapter":
     qmodel = nnx_lib.quantize_nnx(self.model, tuple(rules), mode, "raise",
-                                  calibration.observer_for)
+                                  calibration.observer_for,
+                                  switchable=switchable)
     return NnxAdapter(qmodel, nnx.state(qmodel))
+
+  def set_enabled(self, enabled: Mapping[str, bool],
+                  variables: Any | None = None) -> nnx.State:
+    """A new ``State`` with the `QuantEnabled` flags of switchable layers."""
+    variables = self.variables if variables is None else variables
+    flat = dict(self._flat_state(variables))
+    keys = {path: _key(path) + (nnx_lib.ENABLED_ATTR,) for path in enabled}
+    unknown = sorted(p for p, k in keys.items() if k not in flat)
+    if unknown:
+      switchable = sorted(p for p, m in self._modules.items()
+                          if hasattr(m, nnx_lib.ENABLED_ATTR))
+      raise ValueError(f"set_enabled: no switchable layer at {unknown}; the "
+                       f"model's are {switchable} (quantize it with "
+                       f"switchable=True).")
+    for path, on in enabled.items():
+      flat[keys[path]] = nnx_lib.QuantEnabled(jnp.asarray(on, jnp.bool_))
+    return nnx.from_flat_state(flat)
 
   def with_variables(self, variables: Any) -> "NnxAdapter":
     return NnxAdapter.of(self.model, variables)

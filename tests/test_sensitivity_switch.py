@@ -1,0 +1,208 @@
+"""Tests for switchable layers and the one compilation of the accuracy tools.
+
+`ModelAdapter.quantize(rules, "qat", switchable=True)` gives every quantized
+layer an on/off flag in the variables (`ModelAdapter.set_enabled`). With the
+layers of a subset on, the model must compute exactly (bit for bit) what the
+model quantized by rules restricted to that subset computes, for linen and
+nnx; flipping flags must not recompile; a model built without the switch must
+trace to the same program as before (no select added). `jaxq.sensitivity`
+and `jaxq.partial_quantize` then trace the model a number of times that does
+not grow with its depth.
+"""
+
+from __future__ import annotations
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxq
+from jaxq import PerChannel, PerTensor, QuantSpec
+from jaxq import flax as jaxq_flax
+
+W4_C = QuantSpec("int4", PerChannel(axis=-1))
+A8_STATIC = QuantSpec("int8", PerTensor(), dynamic=False)
+A8_DYNAMIC = QuantSpec("int8", PerTensor())
+RULES = (jaxq.Rule(r"conv.*", weight=W4_C, act=A8_STATIC),
+         jaxq.Rule(r"embed", weight=W4_C),
+         jaxq.Rule(r"head", skip=True),
+         jaxq.Rule(r".*", weight=W4_C, act=A8_DYNAMIC))
+QUANTIZED = ("embed", "conv", "dense")
+
+
+class Linen(nn.Module):
+  """An Embed, a Conv, a Dense and a float head (skip rule)."""
+
+  @nn.compact
+  def __call__(self, ids):
+    x = nn.Embed(16, 6, name="embed")(ids)
+    x = nn.relu(nn.Conv(6, (3,), name="conv")(x))
+    x = nn.relu(nn.Dense(5, name="dense")(x))
+    return nn.Dense(3, name="head")(x)
+
+
+class Nnx(nnx.Module):
+  """`Linen` in nnx."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.embed = nnx.Embed(16, 6, rngs=rngs)
+    self.conv = nnx.Conv(6, 6, (3,), rngs=rngs)
+    self.dense = nnx.Linear(6, 5, rngs=rngs)
+    self.head = nnx.Linear(5, 3, rngs=rngs)
+
+  def __call__(self, ids):
+    x = self.embed(ids)
+    x = nnx.relu(self.conv(x))
+    x = nnx.relu(self.dense(x))
+    return self.head(x)
+
+
+IDS = jax.random.randint(jax.random.key(0), (4, 7), 0, 16)
+
+
+def _adapter(api: str):
+  if api == "linen":
+    model = Linen()
+    return jaxq_flax.adapt(model, model.init(jax.random.key(1), IDS))
+  return jaxq_flax.adapt(Nnx(nnx.Rngs(1)), None)
+
+
+def _restricted(subset) -> tuple[jaxq.Rule, ...]:
+  """``RULES`` quantizing the layers of ``subset`` only."""
+  skipped = [p for p in QUANTIZED if p not in subset]
+  return tuple(jaxq.Rule(re.escape(p), skip=True) for p in skipped) + RULES
+
+
+def _ranges(adapter):
+  calibrating = adapter.quantize(RULES, "calibrate")
+  stats = jaxq.ptq.calibrate_adapter(calibrating, [IDS], progress=False).stats
+  calibrating.ordered_layers(IDS)
+  return calibrating.ranges_by_path(calibrating.act_ranges(stats))
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_every_subset_equals_its_own_model_from_one_compilation(api):
+  adapter = _adapter(api)
+  ranges = _ranges(adapter)
+  switched = adapter.quantize(RULES, "qat", switchable=True).with_ranges(
+      ranges)
+  apply_fn = switched.apply_fn()
+  float_out = np.asarray(adapter.apply_fn()(adapter.variables, IDS))
+  # None, each alone (sensitivity's), all but the first (partial_quantize's).
+  subsets = [()] + [(p,) for p in QUANTIZED] + [QUANTIZED[1:]]
+  for subset in subsets:
+    variables = switched.set_enabled({p: p in subset for p in QUANTIZED})
+    own = adapter.quantize(_restricted(subset), "qat").with_ranges(ranges)
+    expected = np.asarray(own.apply_fn()(own.variables, IDS))
+    got = np.asarray(apply_fn(variables, IDS))
+    np.testing.assert_array_equal(got, expected, err_msg=str(subset))
+    if not subset:
+      np.testing.assert_array_equal(got, float_out)
+    else:  # The switch does change the output.
+      assert not np.array_equal(got, float_out), subset
+  assert apply_fn._cache_size() == 1  # pylint: disable=protected-access
+
+
+def _flag_selects(jaxpr) -> int:
+  """The ``select_n`` equations on a scalar predicate, in every sub-jaxpr."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "select_n" and eqn.invars[0].aval.shape == ():
+      count += 1
+    for param in eqn.params.values():
+      sub = getattr(param, "jaxpr", param)
+      if hasattr(sub, "eqns"):
+        count += _flag_selects(sub)
+  return count
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_a_model_without_the_switch_traces_as_before(api):
+  adapter = _adapter(api)
+  ranges = _ranges(adapter)
+
+  def jaxpr(quantized, variables):
+    return jax.make_jaxpr(quantized.apply_fn())(variables, IDS).jaxpr
+
+  plain = adapter.quantize(RULES, "qat").with_ranges(ranges)
+  switched = adapter.quantize(RULES, "qat", switchable=True).with_ranges(
+      ranges)
+  flags = switched.set_enabled({p: True for p in QUANTIZED})
+  plain_jaxpr = jaxpr(plain, plain.variables)
+  switched_jaxpr = jaxpr(switched, flags)
+  # One select on a flag per quantized operand: the weights of embed, conv
+  # and dense and the inputs of conv and dense (the embedding lookup is
+  # weight-only; it selects the looked-up rows). None without the switch.
+  assert _flag_selects(plain_jaxpr) == 0
+  assert _flag_selects(switched_jaxpr) == 5
+  if api == "linen":  # Without flags the switchable model is the plain one.
+    assert str(jaxpr(switched, switched.variables)) == str(plain_jaxpr)
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_switch_errors(api):
+  adapter = _adapter(api)
+  for mode in ("serve", "calibrate"):
+    with pytest.raises(ValueError, match="switchable layers need mode='qat'"):
+      adapter.quantize(RULES, mode, switchable=True)
+  with pytest.raises(ValueError, match="switchable"):
+    adapter.quantize(RULES, "qat").set_enabled({"conv": False})
+  switched = adapter.quantize(RULES, "qat", switchable=True).with_ranges(
+      _ranges(adapter))
+  switched.apply(IDS)  # linen learns its layers by tracing.
+  with pytest.raises(ValueError, match=r"\['head'\]"):  # A float layer.
+    switched.set_enabled({"head": True})
+
+
+TRACES = [0]  # How many times `Deep` was traced (its Python body ran).
+
+
+class Deep(nn.Module):
+  """``depth`` Dense layers; counts its traces in ``TRACES``."""
+
+  depth: int
+
+  @nn.compact
+  def __call__(self, x):
+    TRACES[0] += 1
+    for i in range(self.depth):
+      x = nn.tanh(nn.Dense(6, name=f"fc{i}")(x))
+    return x
+
+
+def _traces(depth: int) -> tuple[int, int]:
+  """Model traces of `jaxq.sensitivity` and of `jaxq.partial_quantize`."""
+  model = Deep(depth)
+  x = jax.random.normal(jax.random.key(0), (16, 6))
+  variables = model.init(jax.random.key(1), x)
+  reference = model.apply(variables, x)
+
+  def eval_fn(apply_fn, v):
+    return -float(jnp.mean((apply_fn(v, x) - reference) ** 2))
+
+  rules = (jaxq.Rule(r".*", weight=QuantSpec("int4", PerTensor()),
+                     act=A8_STATIC),)
+  TRACES[0] = 0
+  table = jaxq.sensitivity(model, variables, rules, eval_fn, [x],
+                           progress=False)
+  assert len(table) == depth
+  in_sensitivity = TRACES[0]
+  TRACES[0] = 0
+  with pytest.warns(UserWarning, match="only with every quantized layer"):
+    result = jaxq.partial_quantize(model, variables, rules, eval_fn, [x],
+                                   max_drop=0.0, table=table, progress=False)
+  assert len(result.history) == depth + 1  # Every configuration evaluated.
+  return in_sensitivity, TRACES[0]
+
+
+def test_accuracy_tools_trace_the_model_a_fixed_number_of_times():
+  shallow, deep = _traces(2), _traces(4)
+  assert shallow == deep
+  # partial_quantize, given the table's stats: the layer order and one
+  # switchable model for every configuration.
+  assert deep[1] <= 2
