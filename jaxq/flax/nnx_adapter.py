@@ -61,6 +61,19 @@ def _nonfinite_counts(stats: nnx.State, paths: Sequence[str]) -> jax.Array:
                      jnp.int32).reshape(len(paths))
 
 
+def _lookup(variables: nnx.State, key: tuple[Any, ...]) -> Any | None:
+  """The entry of ``variables`` at ``key``, or None; read through the nested
+  state each time (no cache: a state mutated in place between reads, or
+  read from several threads, is read as it is now), O(depth)."""
+  node: Any = variables
+  for part in key:
+    try:
+      node = node[part]
+    except (KeyError, TypeError, IndexError):
+      return None
+  return node
+
+
 def _key(path: str) -> tuple[Any, ...]:
   """The state key of a "/"-joined path (list indices as ints)."""
   return tuple(int(p) if p.isdigit() else p for p in path.split("/")
@@ -82,20 +95,10 @@ class NnxAdapter:
 
   model: nnx.Module
   variables: nnx.State
-  # The flat state last read, by identity: a workflow reads one state layer
-  # by layer (jaxq.convert), so it is flattened once, not once per layer
-  # (the states this adapter returns are new objects, never changed).
-  _flat: list[Any] = dataclasses.field(default_factory=lambda: [None, None],
-                                       compare=False, repr=False)
 
   @functools.cached_property
   def _modules(self) -> dict[str, nnx.Module]:
     return nnx_modules(self.model)
-
-  def _flat_state(self, variables: Any) -> dict[tuple[Any, ...], Any]:
-    if self._flat[0] is not variables:
-      self._flat[:] = [variables, dict(nnx.to_flat_state(variables))]
-    return self._flat[1]
 
   @classmethod
   def of(cls, model: nnx.Module, variables: nnx.State | None,
@@ -215,9 +218,10 @@ class NnxAdapter:
            ) -> Any | None:
     self._module(path)
     variables = self.variables if variables is None else variables
-    flat = self._flat_state(variables)
     key = _key(path)
-    held = flat.get(key + (name,), flat.get(key + (f"jaxq_{name}",)))
+    held = _lookup(variables, key + (name,))
+    if held is None:
+      held = _lookup(variables, key + (f"jaxq_{name}",))
     if held is None:
       return None
     return held.get_value() if hasattr(held, "get_value") else held
@@ -367,8 +371,10 @@ class NnxAdapter:
     """The layer's mask: the state's (a mask is nnx data, a plain array
     leaf), the one the serve model will hold; else the model's."""
     variables = self.variables if variables is None else variables
-    flat = self._flat_state(variables)
-    return flat.get(_key(path) + ("mask",), self.layers()[path].mask)
+    held = _lookup(variables, _key(path) + ("mask",))
+    if held is None or isinstance(held, nnx.State):
+      return self.layers()[path].mask
+    return held.get_value() if hasattr(held, "get_value") else held
 
   def init_learned(self, *args: Any, **kwargs: Any) -> nnx.Module:
     """Calls the model, which creates its learned ranges in place."""
