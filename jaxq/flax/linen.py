@@ -66,10 +66,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxq import calibration
+from jaxq.flax import checks
 from jaxq.flax import core
 from jaxq.flax import int8_qat
 from jaxq.flax import rules as rules_lib
 from jaxq.flax import serve_ops
+from jaxq.quantize import compute_range
 from jaxq.spec import QArray
 
 STATS = "quant_stats"
@@ -120,11 +122,28 @@ class _Layer(core.LayerVariables):
 
   def get_range(self) -> core.ActRange | None:
     if self.scope.has_variable(RANGES, core.ACT_STATS):
-      return self.scope.get_variable(RANGES, core.ACT_STATS)
+      act_range = self.scope.get_variable(RANGES, core.ACT_STATS)
+      # Concrete (eager apply) ranges only; traced ones were checked where
+      # they were made (act_ranges, convert).
+      checks.check_act_range("jaxq", self.quant.path, act_range,
+                             self.quant.act.symmetric)
+      return act_range
     return None
 
   def recording(self) -> bool:
     return not self.initializing  # Init data is not calibration data.
+
+  def act(self, x: jax.Array) -> jax.Array | QArray:
+    # ``init`` (e.g. under jax.eval_shape, to trace the layers before
+    # calibrating) runs before any range exists: it stands in the batch's.
+    quant = self.quant
+    if (self.initializing and quant.mode != "calibrate" and quant.static_act
+        and quant.act.learn is None and self.get_range() is None):
+      amin, amax = compute_range(x, quant.act)
+      act_range = {"amax": amax} if amin is None else {"amin": amin,
+                                                        "amax": amax}
+      return core.transform_act(quant, x, act_range)
+    return super().act(x)
 
   def get_learned(self, name: str) -> jax.Array | None:
     if self.scope.has_variable("params", LEARNED):

@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxq.flax import checks
 from jaxq.flax import core
 from jaxq.flax import int8_qat
 from jaxq.flax import rules as rules_lib
@@ -163,7 +164,14 @@ class _Layer(core.LayerVariables):
 
   def get_range(self) -> core.ActRange | None:
     held = getattr(self.module, "jaxq_act_range", None)
-    return None if held is None else held.get_value()
+    if held is None:
+      return None
+    act_range = held.get_value()
+    # Concrete (an eager call) ranges are checked here; under jit they are
+    # traced and were checked where they were made (act_ranges, convert).
+    checks.check_act_range("jaxq", self.quant.path, act_range,
+                           self.quant.act.symmetric)
+    return act_range
 
   def get_learned(self, name: str) -> jax.Array | None:
     param = getattr(self.module, f"jaxq_{name}", None)
@@ -233,6 +241,9 @@ class _QuantizedLayer:
       if kind in (nnx.Linear, nnx.LinearGeneral):
         hooks["dot_general_cls"] = None
       kernel = self.kernel.get_value()
+      if layer.quant.weight is not None:  # Quantized on the fly (eager).
+        checks.check_finite_weight("jaxq serve", layer.quant.path, "kernel",
+                                   kernel)
       if isinstance(kernel, QArray):
         hooks["kernel"] = _Held(kernel)
         hooks["mask"] = None  # jaxq.convert quantized kernel * mask.
@@ -343,6 +354,9 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
     shape = tuple(weight.shape)
     path_str = _path(path)
     rule = rules_lib.match(rules, path_str, module)
+    if rule is not None and not rule.skip and rule.weight is not None:
+      checks.check_finite_weight("quantize_model", path_str,
+                                 _weight_name(module), weight)
     _check_aliases(rules, path_str,
                    [_path(p) for p in all_paths.get(id(module), ())
                     if tuple(p) != tuple(path)], module, rule)

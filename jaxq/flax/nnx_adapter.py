@@ -22,6 +22,7 @@ from flax import nnx
 
 from jaxq import calibration
 from jaxq.flax import adapter as adapter_lib
+from jaxq.flax import checks
 from jaxq.flax import core
 from jaxq.flax import nnx as nnx_lib
 from jaxq.flax import rules as rules_lib
@@ -317,8 +318,17 @@ class NnxAdapter:
   def act_states(self, stats: Any) -> dict[str, Any]:
     return _act_states(stats)
 
+  def _check_ranges(self, what: str,
+                    ranges: Mapping[str, core.ActRange]) -> None:
+    """Raises naming the layer for an invalid concrete range."""
+    for path, act_range in ranges.items():
+      info = self._layers.get(path)
+      checks.check_act_range(what, path, act_range,
+                             info.act.symmetric if info and info.act else None)
+
   def ranges_from(self, ranges: Mapping[str, core.ActRange]) -> nnx.State:
     """A ``State`` of `QuantRange` variables from path -> act range."""
+    self._check_ranges(_WHAT, ranges)
     return nnx.from_flat_state({
         _key(path) + (_ACT_RANGE,): nnx_lib.QuantRange(act_range)
         for path, act_range in ranges.items()})
@@ -328,7 +338,9 @@ class NnxAdapter:
             for path, var in nnx.to_flat_state(ranges)}
 
   def act_ranges(self, stats: Any) -> nnx.State:
-    return nnx_lib.act_ranges(self.model, stats)
+    ranges = nnx_lib.act_ranges(self.model, stats)
+    self._check_ranges("act_ranges", self.ranges_by_path(ranges))
+    return ranges
 
   def serving(self, variables: Any, stats: Any | None, ranges: Any | None
               ) -> nnx.State:
@@ -339,6 +351,9 @@ class NnxAdapter:
       ranges = self.act_ranges(stats)
     if ranges is not None:
       flat.update(nnx.to_flat_state(ranges))
+    self._check_ranges("convert", {
+        "/".join(map(str, p[:-1])): v.get_value() for p, v in flat.items()
+        if isinstance(v, nnx_lib.QuantRange)})
     return nnx.from_flat_state(flat)
 
   def check_convertible(self, variables: Any) -> None:
