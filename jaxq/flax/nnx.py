@@ -1,11 +1,12 @@
 """Quantized nnx models, by module-graph surgery.
 
 ``qmodel = jaxq.quantize_model(model, rules, mode)`` copies ``model`` (with
-``nnx.clone``; the original is left untouched) and, in the copy, swaps every
+``nnx.clone``; the original is left untouched) and, in the copy, turns every
 matched ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum``, ``nnx.Conv``,
-``nnx.ConvTranspose`` and ``nnx.Embed`` for an instance of a quantized
+``nnx.ConvTranspose`` and ``nnx.Embed`` into an instance of a quantized
 subclass of its own class (``QuantizedLinear`` for ``nnx.Linear``, and so on)
-that holds the very same attributes and ``nnx.Param`` variables. Paths do not
+by swapping its class in place: it keeps the very same attributes and
+``nnx.Param`` variables, and every path to it (shared layers). Paths do not
 change, so ``nnx.state(model)`` loads into ``qmodel`` with ``nnx.update`` and
 ``nnx.state(qmodel, nnx.Param)`` has the original's tree. The quantized
 layers run the original ``__call__`` with a quantizing ``promote_dtype`` and,
@@ -44,6 +45,32 @@ fly. A masked ``Conv``/``ConvTranspose`` kernel is quantized as
 multiply a `QArray` kernel by the mask again. A ``transpose_kernel=True``
 ConvTranspose kernel is ``(*window, out, in)``: its integer path needs
 scales per output channel, ``PerChannel(axis=-2)``, or per tensor.
+
+Shared layers: a layer reachable by several paths (``self.b = self.a``, the
+same layer twice in a list) is one quantized layer, quantized at every use,
+as linen quantizes every call of a shared submodule. Its class is swapped
+in place, so every path reaches it; `layers` lists it once, at its first
+path (where ``nnx.state`` keeps its parameters, and where `jaxq.convert`
+stores its QArray); calibration records every call into its one observer
+state. Rules that would treat its paths differently raise a ValueError
+naming both paths.
+
+Threads: a qat or serve call never changes the layer's attributes. The
+per-call hooks (the quantizing ``promote_dtype``, the serve ops, the
+QArray kernel) live in a `contextvars.ContextVar` keyed by the layer, and
+the quantized classes read those attribute names through it, so one model
+may be called from several threads at once. Calibrate mode writes its
+`QuantStat` variables, and the first qat call of a learned spec creates its
+parameters, in place, as nnx modules do: run those from one thread.
+
+Checks: `quantize_model` refuses a quantized weight holding NaN or inf
+(naming the layer and parameter), and so does an eager serve call that
+quantizes float weights on the fly; a static range read in an eager call
+is checked (finite, ``amax >= 0``, ``amin <= amax``, `jaxq.flax.checks`).
+Under ``jit`` both are traced and not checked on every step: ranges are
+checked where they are made or loaded through jaxq (`act_ranges`,
+`jaxq.convert`, `jaxq.calibrate`'s ranges), and QAT on NaN weights gives a
+NaN output and loss.
 """
 
 from __future__ import annotations
@@ -298,6 +325,19 @@ def quantized_class(cls: type) -> type:
 
 def _path(path: tuple[Any, ...]) -> str:
   return "/".join(str(p) for p in path)
+
+
+def _replace(root: nnx.Module, path: tuple[Any, ...], new: Any) -> None:
+  """Puts ``new`` at ``path`` of ``root`` (used by `jaxq.flax.capture`;
+  `quantize_nnx` swaps classes in place instead, for shared layers)."""
+  parent = root
+  for key in path[:-1]:
+    parent = parent[key] if isinstance(parent, (list, dict, nnx.List)
+                                       ) else getattr(parent, key)
+  if isinstance(parent, (list, dict, nnx.List)):
+    parent[path[-1]] = new
+  else:
+    setattr(parent, path[-1], new)
 
 
 def _paths_of_layers(root: nnx.Module) -> dict[int, list[tuple[Any, ...]]]:

@@ -37,7 +37,8 @@ class _Alias(nnx.Module):
     self.head = nnx.Linear(_D, 3, rngs=rngs)
 
   def __call__(self, x):
-    return self.head(jnp.tanh(self.b(jnp.tanh(self.a(x)))))
+    # The second call's inputs are the larger: its range must be recorded.
+    return self.head(jnp.tanh(self.b(4.0 * jnp.tanh(self.a(x)))))
 
 
 class _Twice(nnx.Module):
@@ -49,7 +50,7 @@ class _Twice(nnx.Module):
 
   def __call__(self, x):
     for block in self.blocks:
-      x = jnp.tanh(block(x))
+      x = 4.0 * jnp.tanh(block(x))
     return x
 
 
@@ -67,21 +68,21 @@ def _reference(model: nnx.Module, x: jax.Array, act_amax: dict[str, float]
     return x @ kernel + layer.bias.get_value()
 
   if isinstance(model, _Alias):
-    h = jnp.tanh(linear(model.a, "a", x))
+    h = 4.0 * jnp.tanh(linear(model.a, "a", x))
     h = jnp.tanh(linear(model.a, "a", h))
     return linear(model.head, "head", h)
   for _ in range(2):
-    x = jnp.tanh(linear(model.blocks[0], "blocks/0", x))
+    x = 4.0 * jnp.tanh(linear(model.blocks[0], "blocks/0", x))
   return x
 
 
 def _act_inputs(model: nnx.Module, x: jax.Array) -> dict[str, jax.Array]:
   """Every input of every call of each distinct layer, concatenated."""
   if isinstance(model, _Alias):
-    h1 = jnp.tanh(model.a(x))
+    h1 = 4.0 * jnp.tanh(model.a(x))
     h2 = jnp.tanh(model.a(h1))
     return {"a": jnp.concatenate([x, h1]), "head": h2}
-  h1 = jnp.tanh(model.blocks[0](x))
+  h1 = 4.0 * jnp.tanh(model.blocks[0](x))
   return {"blocks/0": jnp.concatenate([x, h1])}
 
 
@@ -104,6 +105,8 @@ def test_shared_layer_is_quantized_at_every_use(model_cls):
     key = tuple(int(p) if p.isdigit() else p for p in path.split("/"))
     got = flat_ranges[key + ("jaxq_act_range",)].get_value()["amax"]
     want = jnp.max(jnp.abs(inputs[path]))
+    if path != "head":  # The second call's inputs set the range.
+      assert want > jnp.max(jnp.abs(x))
     np.testing.assert_allclose(np.ravel(got), [want], rtol=1e-6)
     amax[path] = float(np.ravel(got)[0])
 
