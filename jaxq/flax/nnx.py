@@ -327,19 +327,6 @@ def _path(path: tuple[Any, ...]) -> str:
   return "/".join(str(p) for p in path)
 
 
-def _replace(root: nnx.Module, path: tuple[Any, ...], new: Any) -> None:
-  """Puts ``new`` at ``path`` of ``root`` (used by `jaxq.flax.capture`;
-  `quantize_nnx` swaps classes in place instead, for shared layers)."""
-  parent = root
-  for key in path[:-1]:
-    parent = parent[key] if isinstance(parent, (list, dict, nnx.List)
-                                       ) else getattr(parent, key)
-  if isinstance(parent, (list, dict, nnx.List)):
-    parent[path[-1]] = new
-  else:
-    setattr(parent, path[-1], new)
-
-
 def _paths_of_layers(root: nnx.Module) -> dict[int, list[tuple[Any, ...]]]:
   """``id(layer) -> every path`` by which the graph reaches each layer of
   `_LAYERS` (``nnx.iter_graph`` yields a shared node once, at its first)."""

@@ -178,3 +178,17 @@ def test_adapter_reads_a_state_changed_in_place():
   np.testing.assert_allclose(
       jaxq.dequantize(qmodel.head.kernel.get_value()), 2.0 * kernel,
       atol=float(jnp.max(jnp.abs(kernel))) / 64)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_capture_records_every_call_of_a_shared_layer(quantized):
+  """capture_inputs gives one entry per call of a shared layer, in order."""
+  model = _Alias(nnx.Rngs(0))
+  if quantized:
+    model = jaxq.quantize_model(model, _DYNAMIC)
+  x = _x()
+  inputs = jaxq.flax.adapt(model).capture_inputs([x], ["a"]).inputs["a"]
+  assert len(inputs) == 2
+  np.testing.assert_array_equal(inputs[0][0], x)
+  np.testing.assert_allclose(inputs[1][0], 4.0 * jnp.tanh(model.a(x)),
+                             rtol=1e-6, atol=1e-6)
