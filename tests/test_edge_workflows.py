@@ -192,3 +192,19 @@ def test_act_ranges_of_an_untraced_linen_model_says_what_to_call():
                jaxq.act_ranges(cal, stats))
   out = qat.apply({**variables, "quant_ranges": ranges}, x)
   assert out.shape == (4, OUT) and bool(jnp.all(jnp.isfinite(out)))
+
+
+@pytest.mark.parametrize("mode,int8_forward", [("qat", False), ("qat", True),
+                                               ("serve", False)])
+def test_linen_init_traces_static_act_layers_before_ranges(mode, int8_forward):
+  """init under eval_shape records the layers and their variables' shapes
+  before any range is loaded (every mode that needs ranges)."""
+  model, x = LinenMLP(), _x()
+  qmodel = jaxq.quantize_model(model, STATIC, mode, int8_forward=int8_forward)
+  shapes = jax.eval_shape(qmodel.init, jax.random.key(0), x)
+  assert jax.tree.map(lambda a: a.shape, shapes["params"]) == jax.tree.map(
+      lambda a: a.shape, model.init(jax.random.key(1), x)["params"])
+  assert sorted(jaxq.layers(qmodel)) == ["Dense_0", "Dense_1"]
+  # The stand-in range of init is not kept: apply still needs real ones.
+  with pytest.raises(ValueError, match="no calibrated range"):
+    qmodel.apply(model.init(jax.random.key(1), x), x)

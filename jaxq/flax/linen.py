@@ -133,16 +133,24 @@ class _Layer(core.LayerVariables):
   def recording(self) -> bool:
     return not self.initializing  # Init data is not calibration data.
 
-  def act(self, x: jax.Array) -> jax.Array | QArray:
-    # ``init`` (e.g. under jax.eval_shape, to trace the layers before
-    # calibrating) runs before any range exists: it stands in the batch's.
+  def range_for(self, x: jax.Array) -> core.ActRange | None:
+    """The loaded static range; while initialising without one, ``x``'s:
+    ``init`` (e.g. under jax.eval_shape, to trace the layers before
+    calibrating) runs before any range exists."""
+    act_range = self.get_range()
     quant = self.quant
-    if (self.initializing and quant.mode != "calibrate" and quant.static_act
-        and quant.act.learn is None and self.get_range() is None):
+    if (act_range is None and self.initializing and quant.static_act and
+        quant.act.learn is None and quant.mode != "calibrate"):
       amin, amax = compute_range(x, quant.act)
       act_range = {"amax": amax} if amin is None else {"amin": amin,
                                                         "amax": amax}
-      return core.transform_act(quant, x, act_range)
+    return act_range
+
+  def act(self, x: jax.Array) -> jax.Array | QArray:
+    quant = self.quant
+    if (self.initializing and quant.mode != "calibrate" and quant.static_act
+        and quant.act.learn is None and self.get_range() is None):
+      return core.transform_act(quant, x, self.range_for(x))
     return super().act(x)
 
   def get_learned(self, name: str) -> jax.Array | None:
@@ -401,7 +409,8 @@ class _Int8Op:
     if not self.layer or not int8_qat.uses_int8_forward(self.layer[0].quant):
       return self.original(*args, **kwargs)
     layer = self.layer[0]
-    act_range = layer.get_range() if layer.quant.static_act else None
+    x = next(a for a in args if hasattr(a, "shape"))  # The activation.
+    act_range = layer.range_for(x) if layer.quant.static_act else None
     return self.int8_op(layer.quant, act_range, *args, **kwargs)
 
 
