@@ -50,8 +50,9 @@ Shared layers: a layer reachable by several paths (``self.b = self.a``, the
 same layer twice in a list) is one quantized layer, quantized at every use,
 as linen quantizes every call of a shared submodule. Its class is swapped
 in place, so every path reaches it; `layers` lists it once, at its first
-path (where ``nnx.state`` keeps its parameters, and where `jaxq.convert`
-stores its QArray); calibration records every call into its one observer
+path in nnx's traversal order (sorted attribute names: ``dec`` before
+``enc``), the path where ``nnx.state`` keeps its parameters and
+`jaxq.convert` stores its QArray; calibration records every call into its one observer
 state. Rules that would treat its paths differently raise a ValueError
 naming both paths.
 

@@ -192,3 +192,60 @@ def test_capture_records_every_call_of_a_shared_layer(quantized):
   np.testing.assert_array_equal(inputs[0][0], x)
   np.testing.assert_allclose(inputs[1][0], 4.0 * jnp.tanh(model.a(x)),
                              rtol=1e-6, atol=1e-6)
+
+
+class _Block(nnx.Module):
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.up = nnx.Linear(_D, 2 * _D, rngs=rngs)
+    self.down = nnx.Linear(2 * _D, _D, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down(jnp.tanh(self.up(x)))
+
+
+class _SharedBlock(nnx.Module):
+  """A block shared by two paths: its layers are reachable as ``enc/...``
+  and ``dec/...``, and through a dict."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.enc = _Block(rngs)
+    self.dec = self.enc
+    self.table = nnx.Dict({"again": self.enc.up})
+
+  def __call__(self, x):
+    h = self.dec(jnp.tanh(self.enc(x)))
+    return self.table["again"](h)
+
+
+@pytest.mark.parametrize("mode", ["qat", "serve"])
+def test_layers_of_a_shared_block_are_quantized_at_every_path(mode):
+  """Every call of every layer of a shared block is quantized: the model
+  equals a float model whose kernels are the fake-quantized ones, run on
+  fake-quantized inputs (dynamic per-tensor ranges)."""
+  model = _SharedBlock(nnx.Rngs(0))
+  qmodel = jaxq.quantize_model(model, _DYNAMIC, mode)
+  # Listed once, at the path nnx.state keeps (the first in nnx's order of
+  # sorted attribute names: "dec" before "enc").
+  assert sorted(jaxq.layers(qmodel)) == ["dec/down", "dec/up"]
+  assert sorted(tuple(p) for p, _ in nnx.to_flat_state(
+      nnx.state(qmodel, nnx.Param))
+                ) == [("dec", "down", "bias"), ("dec", "down", "kernel"),
+                      ("dec", "up", "bias"), ("dec", "up", "kernel")]
+  if mode == "serve":
+    serving, report = jaxq.convert(qmodel, nnx.state(model))
+    assert len(report.layers) == 2
+    nnx.update(qmodel, serving)
+  x = _x()
+
+  def linear(layer, x):
+    x = jaxq.fake_quant(x, _DYNAMIC[0].act)
+    return x @ jaxq.fake_quant(layer.kernel.get_value(), _W) + (
+        layer.bias.get_value())
+
+  def block(x):
+    return linear(model.enc.down, jnp.tanh(linear(model.enc.up, x)))
+
+  reference = linear(model.enc.up, block(jnp.tanh(block(x))))
+  np.testing.assert_allclose(qmodel(x), reference, rtol=1e-4, atol=1e-5)
+  assert not np.allclose(model(x), reference, rtol=1e-4, atol=1e-5)
