@@ -110,6 +110,11 @@ def test_shared_layer_is_quantized_at_every_use(model_cls):
     np.testing.assert_allclose(np.ravel(got), [want], rtol=1e-6)
     amax[path] = float(np.ravel(got)[0])
 
+  # The jitted calibration pass records both calls the same way.
+  result = jaxq.calibrate(jaxq.quantize_model(model, _STATIC, "calibrate"),
+                          None, [x])
+  jax.tree.map(np.testing.assert_array_equal, result.ranges(), ranges)
+
   qat = jaxq.quantize_model(model, _STATIC, "qat")
   nnx.update(qat, ranges)
   reference = _reference(model, x, amax)
