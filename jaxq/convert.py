@@ -40,6 +40,7 @@ import numpy as np
 
 from jaxq import flax as jaxq_flax
 from jaxq import learned
+from jaxq.flax import checks
 from jaxq.flax import core
 from jaxq.flax.adapter import ModelAdapter
 from jaxq.quantize import quantize
@@ -96,6 +97,7 @@ def _quantize_weight(info: jaxq_flax.LayerInfo, value: Any,
     raise ValueError(
         f"convert: the weight {info.weight_name!r} of {info.path!r} has shape "
         f"{tuple(value.shape)} but the model's is {info.weight_shape}.")
+  checks.check_finite_weight("convert", info.path, info.weight_name, value)
   if mask is not None:
     if isinstance(mask, jax.core.Tracer):
       raise ValueError(

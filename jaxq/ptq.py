@@ -62,6 +62,7 @@ from jax.sharding import PartitionSpec
 
 from jaxq import calibration
 from jaxq import flax as jaxq_flax
+from jaxq.flax import checks
 from jaxq.flax import core
 from jaxq.flax.adapter import CalibrationPass
 from jaxq.flax.adapter import ModelAdapter
@@ -282,6 +283,17 @@ def _raise_nonfinite(index: int, new: np.ndarray,
       f"on_nonfinite='count' to skip and count them.")
 
 
+def _check_weights(adapter: ModelAdapter, what: str) -> None:
+  """Raises naming the layer and parameter if a weight that a rule quantizes
+  holds NaN or inf (quantized, it would become finite numbers)."""
+  if adapter.variables is None:
+    return
+  for info in adapter.layers().values():
+    if info.weight is not None:
+      checks.check_finite_weight(what, info.path, info.weight_name,
+                                 adapter.read(info.path, info.weight_name))
+
+
 def _build(adapter: ModelAdapter, batch: Any,
            observers: Mapping[str, calibration.Observer],
            forward: Forward) -> CalibrationPass:
@@ -306,6 +318,7 @@ def _build(adapter: ModelAdapter, batch: Any,
       return recorder
 
   calibration_pass = adapter.calibration_pass(batch, forward, observer_for)
+  _check_weights(adapter, "calibrate")  # The layers are known now (linen).
   stats = jax.tree.map(_empty_state, calibration_pass.stats, is_leaf=_is_state)
   if observers:
     _check_recorded(adapter.act_states(stats), recorder, observers)

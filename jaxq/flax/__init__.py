@@ -208,6 +208,12 @@ def act_ranges(qmodel: QuantizedLinen | flax_nnx.Module, stats: Any) -> Any:
     linen: the ``"quant_ranges"`` collection, for
     ``apply({"params": ..., "quant_ranges": ranges}, ...)``. nnx: a state of
     `QuantRange` variables, for ``nnx.update(qmodel, ranges)``.
+
+  Raises:
+    ValueError: for a linen model that has not traced the layers the stats
+      hold (trace it first: ``jax.eval_shape(qmodel.init, key, x)`` works
+      before it has ranges), or naming the layer when a range is invalid
+      (non-finite, negative amax, or ``amin > amax``).
   """
   return adapt(qmodel, what="act_ranges").act_ranges(stats)
 

@@ -32,7 +32,6 @@ import jax
 from flax import nnx
 from flax import traverse_util
 
-from jaxq.flax import nnx as nnx_lib
 from jaxq.flax.batch import batch_arguments
 
 CAPTURE = "jaxq_capture"
@@ -126,18 +125,26 @@ class LinenCapture:
 class _Recording:
   """Mixin of `NnxCapture`'s layers: hands each call to the capture pass."""
 
+  __slots__ = ()
+
   def __call__(self, *args, **kwargs):
-    out = super().__call__(*args, **kwargs)
+    out = self.jaxq_recorded_class.__call__(self, *args, **kwargs)
     self.jaxq_capture_sink(self.jaxq_capture_path, args, kwargs, out)
     return out
 
 
 @functools.lru_cache(maxsize=None)
 def _recording_class(cls: type) -> type:
-  """The recording subclass of an nnx layer class (cached: one per class)."""
-  return type(f"Recording{cls.__name__}", (_Recording, cls),
-              {"__module__": __name__,
-               "__qualname__": f"Recording{cls.__name__}"})
+  """The recording subclass of an nnx layer class (cached: one per class).
+
+  The layer's class comes first so that the layout is the layer's and an
+  instance's class can be swapped in place (every path to a shared layer
+  then records); the mixin's ``__call__`` is copied in to take precedence.
+  """
+  return type(f"Recording{cls.__name__}", (cls, _Recording),
+              {"__module__": __name__, "__slots__": (),
+               "__qualname__": f"Recording{cls.__name__}",
+               "jaxq_recorded_class": cls, "__call__": _Recording.__call__})
 
 
 def nnx_modules(model: nnx.Module) -> dict[str, nnx.Module]:
@@ -166,15 +173,11 @@ class NnxCapture:
       name = "/".join(map(str, path))
       if not isinstance(module, nnx.Module) or name not in self.paths:
         continue
-      new = object.__new__(_recording_class(type(module)))
-      vars(new).update(vars(module))
-      object.__setattr__(new, "jaxq_capture_path", name)
-      if path:
-        # The same surgery as `jaxq.quantize_model`'s.
-        # pylint: disable-next=protected-access
-        nnx_lib._replace(recording, path, new)
-      else:
-        recording = new
+      # The same surgery as `jaxq.quantize_model`'s: the class is swapped
+      # in place, so a layer shared by several paths records every call.
+      object.__setattr__(module, "__class__",
+                         _recording_class(type(module)))
+      object.__setattr__(module, "jaxq_capture_path", name)
     self._graphdef = nnx.graphdef(recording)
     self._run = jax.jit(self._trace)
 

@@ -360,6 +360,12 @@ class LayerVariables(abc.ABC):
   def get_range(self) -> ActRange | None:
     """The static activation range, if one was loaded."""
 
+  def range_for(self, x: jax.Array) -> ActRange | None:
+    """The static range to quantize ``x`` with: the loaded one (linen's
+    ``init`` falls back to ``x``'s own, see `jaxq.flax.linen`)."""
+    del x
+    return self.get_range()
+
   @abc.abstractmethod
   def get_learned(self, name: str) -> jax.Array | None:
     """The learned parameter ``name`` (see `learned_name`), if it exists."""

@@ -95,7 +95,7 @@ class QatLayer(Protocol):
 
   quant: LayerQuant
 
-  def get_range(self) -> ActRange | None: ...
+  def range_for(self, x: jax.Array) -> ActRange | None: ...
 
   def act(self, x: jax.Array) -> jax.Array: ...
 
@@ -373,7 +373,7 @@ def _qat_op(layer_vars: QatLayer, x: jax.Array, w: jax.Array,
   check_spec(layer, layer.act, x.shape, "activation")
   check_spec(layer, layer.weight, w.shape, "weight")
   out_dtype = preferred_element_type or jnp.result_type(x.dtype, w.dtype)
-  act_range = layer_vars.get_range() if layer.static_act else None
+  act_range = layer_vars.range_for(x) if layer.static_act else None
   key = layer_vars.backward_key() if layer.backward == "int8" else None
   return _int8_qat(
       functools.partial(quant_op, preferred_element_type=out_dtype),

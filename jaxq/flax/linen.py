@@ -67,10 +67,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxq import calibration
+from jaxq.flax import checks
 from jaxq.flax import core
 from jaxq.flax import int8_qat
 from jaxq.flax import rules as rules_lib
 from jaxq.flax import serve_ops
+from jaxq.quantize import compute_range
 from jaxq.spec import QArray
 
 STATS = "quant_stats"
@@ -123,7 +125,12 @@ class _Layer(core.LayerVariables):
 
   def get_range(self) -> core.ActRange | None:
     if self.scope.has_variable(RANGES, core.ACT_STATS):
-      return self.scope.get_variable(RANGES, core.ACT_STATS)
+      act_range = self.scope.get_variable(RANGES, core.ACT_STATS)
+      # Concrete (eager apply) ranges only; traced ones were checked where
+      # they were made (act_ranges, convert).
+      checks.check_act_range("jaxq", self.quant.path, act_range,
+                             self.quant.act.symmetric)
+      return act_range
     return None
 
   def recording(self) -> bool:
@@ -141,10 +148,31 @@ class _Layer(core.LayerVariables):
           f"and needs a PRNG key; pass rngs={{{int8_qat.RNG_NAME!r}: key}} "
           f"to apply (a new key per step).")
     return self.module.make_rng(int8_qat.RNG_NAME)
+
   def get_enabled(self) -> jax.Array | None:
     if self.scope.has_variable(ENABLED, core.ENABLED):
       return self.scope.get_variable(ENABLED, core.ENABLED)
     return None
+
+  def range_for(self, x: jax.Array) -> core.ActRange | None:
+    """The loaded static range; while initialising without one, ``x``'s:
+    ``init`` (e.g. under jax.eval_shape, to trace the layers before
+    calibrating) runs before any range exists."""
+    act_range = self.get_range()
+    quant = self.quant
+    if (act_range is None and self.initializing and quant.static_act and
+        quant.act.learn is None and quant.mode != "calibrate"):
+      amin, amax = compute_range(x, quant.act)
+      act_range = {"amax": amax} if amin is None else {"amin": amin,
+                                                        "amax": amax}
+    return act_range
+
+  def act(self, x: jax.Array) -> jax.Array | QArray:
+    quant = self.quant
+    if (self.initializing and quant.mode != "calibrate" and quant.static_act
+        and quant.act.learn is None and self.get_range() is None):
+      return core.transform_act(quant, x, self.range_for(x))
+    return super().act(x)
 
   def get_learned(self, name: str) -> jax.Array | None:
     if self.scope.has_variable("params", LEARNED):

@@ -21,6 +21,7 @@ from flax import traverse_util
 
 from jaxq import calibration
 from jaxq.flax import adapter as adapter_lib
+from jaxq.flax import checks
 from jaxq.flax import core
 from jaxq.flax import linen as linen_lib
 from jaxq.flax import rules as rules_lib
@@ -321,9 +322,19 @@ class LinenAdapter:
   def act_states(self, stats: Any) -> dict[str, Any]:
     return _act_states(stats)
 
+  def _check_ranges(self, what: str,
+                    ranges: Mapping[str, core.ActRange]) -> None:
+    """Raises naming the layer for an invalid concrete range."""
+    layers = self.layers()
+    for path, act_range in ranges.items():
+      info = layers.get(path)
+      checks.check_act_range(what, path, act_range,
+                             info.act.symmetric if info and info.act else None)
+
   def ranges_from(self, ranges: Mapping[str, core.ActRange]
                   ) -> dict[str, Any]:
     """A ``quant_ranges`` collection from path -> act range."""
+    self._check_ranges(_WHAT, ranges)
     out: dict[str, Any] = {}
     for path, act_range in ranges.items():
       node = out
@@ -341,7 +352,19 @@ class LinenAdapter:
     return out
 
   def act_ranges(self, stats: Any) -> dict[str, Any]:
-    return linen_lib.act_ranges(self.qmodel, stats)
+    """The ``quant_ranges`` finalized from ``stats``; raises when the model
+    has not traced the layers the stats hold (it would find no range)."""
+    untraced = sorted(set(_act_states(stats or {})) - set(self.layers()))
+    if untraced:
+      raise ValueError(
+          f"act_ranges: the linen model has not traced the layers "
+          f"{untraced} of these statistics, so jaxq does not know their "
+          f"rules yet: trace the quantized model first, e.g. "
+          f"jax.eval_shape(qmodel.init, jax.random.key(0), x) (no ranges "
+          f"needed), or run qmodel.init / qmodel.apply once.")
+    ranges = linen_lib.act_ranges(self.qmodel, stats)
+    self._check_ranges("act_ranges", self.ranges_by_path(ranges))
+    return ranges
 
   def serving(self, variables: Any, stats: Any | None, ranges: Any | None
               ) -> dict[str, Any]:
@@ -353,6 +376,7 @@ class LinenAdapter:
     elif ranges is None:
       ranges = self.act_ranges(stats or {})
     if ranges:
+      self._check_ranges("convert", self.ranges_by_path(ranges))
       serving[linen_lib.RANGES] = ranges
     return serving
 

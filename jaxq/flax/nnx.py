@@ -1,11 +1,12 @@
 """Quantized nnx models, by module-graph surgery.
 
 ``qmodel = jaxq.quantize_model(model, rules, mode)`` copies ``model`` (with
-``nnx.clone``; the original is left untouched) and, in the copy, swaps every
+``nnx.clone``; the original is left untouched) and, in the copy, turns every
 matched ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum``, ``nnx.Conv``,
-``nnx.ConvTranspose`` and ``nnx.Embed`` for an instance of a quantized
+``nnx.ConvTranspose`` and ``nnx.Embed`` into an instance of a quantized
 subclass of its own class (``QuantizedLinear`` for ``nnx.Linear``, and so on)
-that holds the very same attributes and ``nnx.Param`` variables. Paths do not
+by swapping its class in place: it keeps the very same attributes and
+``nnx.Param`` variables, and every path to it (shared layers). Paths do not
 change, so ``nnx.state(model)`` loads into ``qmodel`` with ``nnx.update`` and
 ``nnx.state(qmodel, nnx.Param)`` has the original's tree. The quantized
 layers run the original ``__call__`` with a quantizing ``promote_dtype`` and,
@@ -47,11 +48,39 @@ fly. A masked ``Conv``/``ConvTranspose`` kernel is quantized as
 multiply a `QArray` kernel by the mask again. A ``transpose_kernel=True``
 ConvTranspose kernel is ``(*window, out, in)``: its integer path needs
 scales per output channel, ``PerChannel(axis=-2)``, or per tensor.
+
+Shared layers: a layer reachable by several paths (``self.b = self.a``, the
+same layer twice in a list) is one quantized layer, quantized at every use,
+as linen quantizes every call of a shared submodule. Its class is swapped
+in place, so every path reaches it; `layers` lists it once, at its first
+path in nnx's traversal order (sorted attribute names: ``dec`` before
+``enc``), the path where ``nnx.state`` keeps its parameters and
+`jaxq.convert` stores its QArray; calibration records every call into its one observer
+state. Rules that would treat its paths differently raise a ValueError
+naming both paths.
+
+Threads: a qat or serve call never changes the layer's attributes. The
+per-call hooks (the quantizing ``promote_dtype``, the serve ops, the
+QArray kernel) live in a `contextvars.ContextVar` keyed by the layer, and
+the quantized classes read those attribute names through it, so one model
+may be called from several threads at once. Calibrate mode writes its
+`QuantStat` variables, and the first qat call of a learned spec creates its
+parameters, in place, as nnx modules do: run those from one thread.
+
+Checks: `quantize_model` refuses a quantized weight holding NaN or inf
+(naming the layer and parameter), and so does an eager serve call that
+quantizes float weights on the fly; a static range read in an eager call
+is checked (finite, ``amax >= 0``, ``amin <= amax``, `jaxq.flax.checks`).
+Under ``jit`` both are traced and not checked on every step: ranges are
+checked where they are made or loaded through jaxq (`act_ranges`,
+`jaxq.convert`, `jaxq.calibrate`'s ranges), and QAT on NaN weights gives a
+NaN output and loss.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 from typing import Any, Iterator, Sequence
 
@@ -59,6 +88,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxq.flax import checks
 from jaxq.flax import core
 from jaxq.flax import int8_qat
 from jaxq.flax import rules as rules_lib
@@ -106,17 +136,48 @@ class _Held:
     return self.value
 
 
+# The hooks of the quantized layers being called in this thread (or task):
+# ``{id(module): {attribute: value}}``. A call never sets attributes of the
+# shared module (another thread may be calling it: it would see this call's
+# hooks, and restore them as the originals); the quantized classes read
+# these names through `_hooked`, which prefers the calling context's value.
+_HOOKS: contextvars.ContextVar[dict[int, dict[str, Any]]] = (
+    contextvars.ContextVar("jaxq_nnx_hooks", default={}))
+# The attributes a quantized layer may replace for one call.
+_HOOKED = ("promote_dtype", "dot_general", "dot_general_cls", "einsum_op",
+           "conv_general_dilated", "kernel", "mask")
+
+
+def _hooked(name: str) -> property:
+  """The attribute ``name``: this context's hook for the module, else the
+  module's own value (stored, as before, in its ``__dict__``)."""
+
+  def get(self: nnx.Module) -> Any:
+    hooks = _HOOKS.get().get(id(self))
+    if hooks is not None and name in hooks:
+      return hooks[name]
+    try:
+      return vars(self)[name]
+    except KeyError:
+      raise AttributeError(
+          f"{type(self).__name__!r} object has no attribute {name!r}"
+      ) from None
+
+  def set_(self: nnx.Module, value: Any) -> None:
+    vars(self)[name] = value
+
+  return property(get, set_)
+
+
 @contextlib.contextmanager
-def _attributes(module: nnx.Module, **values: Any) -> Iterator[None]:
-  """Sets attributes of ``module`` for the duration of one call."""
-  saved = {name: vars(module)[name] for name in values}
-  for name, value in values.items():
-    object.__setattr__(module, name, value)
+def _hooks(module: nnx.Module, hooks: dict[str, Any]) -> Iterator[None]:
+  """Makes ``module`` see ``hooks`` in place of its attributes, in this
+  thread's (task's) context only, for the duration of one call."""
+  token = _HOOKS.set({**_HOOKS.get(), id(module): hooks})
   try:
     yield
   finally:
-    for name, value in saved.items():
-      object.__setattr__(module, name, value)
+    _HOOKS.reset(token)
 
 
 class _Layer(core.LayerVariables):
@@ -139,7 +200,14 @@ class _Layer(core.LayerVariables):
 
   def get_range(self) -> core.ActRange | None:
     held = getattr(self.module, "jaxq_act_range", None)
-    return None if held is None else held.get_value()
+    if held is None:
+      return None
+    act_range = held.get_value()
+    # Concrete (an eager call) ranges are checked here; under jit they are
+    # traced and were checked where they were made (act_ranges, convert).
+    checks.check_act_range("jaxq", self.quant.path, act_range,
+                           self.quant.act.symmetric)
+    return act_range
 
   def get_enabled(self) -> jax.Array | None:
     flag = getattr(self.module, ENABLED_ATTR, None)
@@ -177,9 +245,11 @@ def _weight_name(module: nnx.Module) -> str:
 class _QuantizedLayer:
   """Mixin of the quantized subclasses: runs the layer with quantizing hooks."""
 
+  __slots__ = ()  # The same layout as the layer's: its class is swapped.
+
   def __call__(self, inputs, *args, **kwargs):
     if self.jaxq_layer is None:
-      return super().__call__(inputs, *args, **kwargs)
+      return self.jaxq_float_class.__call__(self, inputs, *args, **kwargs)
     layer = _Layer(self)
     original = self.promote_dtype
     qat_kind = next((c for c in _QAT_OPS if isinstance(self, c)), None)
@@ -222,21 +292,25 @@ class _QuantizedLayer:
       if kind in (nnx.Linear, nnx.LinearGeneral):
         hooks["dot_general_cls"] = None
       kernel = self.kernel.get_value()
+      if layer.quant.weight is not None:  # Quantized on the fly (eager).
+        checks.check_finite_weight("jaxq serve", layer.quant.path, "kernel",
+                                   kernel)
       if isinstance(kernel, QArray):
         hooks["kernel"] = _Held(kernel)
         hooks["mask"] = None  # jaxq.convert quantized kernel * mask.
-    with _attributes(self, **{k: v for k, v in hooks.items()
-                              if k in vars(self)}), \
+    with _hooks(self, {k: v for k, v in hooks.items() if k in vars(self)}), \
         jax.named_scope(layer.quant.path):  # For op names (jaxq.inspect).
-      return super().__call__(inputs, *args, **kwargs)
+      return self.jaxq_float_class.__call__(self, inputs, *args, **kwargs)
 
 
 class _QuantizedEmbed:
   """Mixin of the quantized ``nnx.Embed``: row lookups and ``attend``."""
 
+  __slots__ = ()
+
   def __call__(self, inputs, *args, **kwargs):
     if self.jaxq_layer is None or self.jaxq_layer.weight is None:
-      return super().__call__(inputs, *args, **kwargs)
+      return self.jaxq_float_class.__call__(self, inputs, *args, **kwargs)
     if not jnp.issubdtype(inputs.dtype, jnp.integer):
       raise ValueError(f"jaxq: {self.jaxq_layer.path!r} (Embed) needs integer "
                        f"ids, got dtype {inputs.dtype}.")
@@ -246,7 +320,7 @@ class _QuantizedEmbed:
 
   def attend(self, query, *args, **kwargs):
     if self.jaxq_layer is None or self.jaxq_layer.weight is None:
-      return super().attend(query, *args, **kwargs)
+      return self.jaxq_float_class.attend(self, query, *args, **kwargs)
     table = _Layer(self).weight(self.embedding.get_value())
     dtype = self.dtype or table.dtype
     query = query.astype(dtype)
@@ -260,23 +334,57 @@ class _QuantizedEmbed:
 def quantized_class(cls: type) -> type:
   """The quantized subclass of an nnx layer class (cached, so jit-stable)."""
   mixin = _QuantizedEmbed if issubclass(cls, nnx.Embed) else _QuantizedLayer
-  return type(f"Quantized{cls.__name__}", (mixin, cls),
-              {"__module__": __name__, "__qualname__": f"Quantized{cls.__name__}"})
+  # The layer's class comes first, so that the layout is the layer's and an
+  # instance's class can be swapped in place (see `quantize_nnx`); the
+  # mixin's methods are copied in so that they still take precedence.
+  namespace = {"__module__": __name__, "__slots__": (),
+               "__qualname__": f"Quantized{cls.__name__}",
+               "jaxq_float_class": cls, "__call__": mixin.__call__}
+  if mixin is _QuantizedEmbed:
+    namespace["attend"] = mixin.attend
+  else:
+    namespace.update({name: _hooked(name) for name in _HOOKED})
+  return type(f"Quantized{cls.__name__}", (cls, mixin), namespace)
 
 
 def _path(path: tuple[Any, ...]) -> str:
   return "/".join(str(p) for p in path)
 
 
-def _replace(root: nnx.Module, path: tuple[Any, ...], new: Any) -> None:
-  parent = root
-  for key in path[:-1]:
-    parent = parent[key] if isinstance(parent, (list, dict, nnx.List)
-                                       ) else getattr(parent, key)
-  if isinstance(parent, (list, dict, nnx.List)):
-    parent[path[-1]] = new
-  else:
-    setattr(parent, path[-1], new)
+def _paths_of_layers(root: nnx.Module) -> dict[int, list[tuple[Any, ...]]]:
+  """``id(layer) -> every path`` by which the graph reaches each layer of
+  `_LAYERS` (``nnx.iter_graph`` yields a shared node once, at its first)."""
+  paths: dict[int, list[tuple[Any, ...]]] = {}
+
+  def visit(node: Any, path: tuple[Any, ...], ancestors: frozenset[int]
+            ) -> None:
+    if id(node) in ancestors or not nnx.graph.is_node(node):
+      return
+    if isinstance(node, _LAYERS):
+      paths.setdefault(id(node), []).append(path)
+    children = nnx.graph.get_node_impl(node).node_dict(node)
+    for key, child in children.items():
+      if not (isinstance(key, str) and key.startswith("_pytree__")):
+        visit(child, path + (key,), ancestors | {id(node)})
+
+  visit(root, (), frozenset())
+  return paths
+
+
+def _check_aliases(rules: Sequence[rules_lib.Rule], path: str,
+                   aliases: Sequence[str], module: nnx.Module,
+                   rule: rules_lib.Rule | None) -> None:
+  """Raises unless the rules give every path of a shared layer ``rule``."""
+  for alias in aliases:
+    other = rules_lib.match(rules, alias, module)
+    if other is not rule:
+      raise ValueError(
+          f"quantize_model: the nnx layer {path!r} is also reachable as "
+          f"{alias!r} (one {type(module).__name__} shared by both paths), "
+          f"and the rules treat the paths differently ({rule} at {path!r}, "
+          f"{other} at {alias!r}). A shared layer is quantized the same way "
+          f"at every use and listed once, at {path!r}: make the rules agree "
+          f"on both paths.")
 
 
 def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
@@ -293,6 +401,7 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
   """
   core.check_switchable(switchable, mode, int8_forward)
   qmodel = nnx.clone(model)
+  all_paths = _paths_of_layers(qmodel)
   infos = []
   for path, module in list(nnx.iter_graph(qmodel)):
     if isinstance(module, (_QuantizedLayer, _QuantizedEmbed)):
@@ -304,6 +413,12 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
     shape = tuple(weight.shape)
     path_str = _path(path)
     rule = rules_lib.match(rules, path_str, module)
+    if rule is not None and not rule.skip and rule.weight is not None:
+      checks.check_finite_weight("quantize_model", path_str,
+                                 _weight_name(module), weight)
+    _check_aliases(rules, path_str,
+                   [_path(p) for p in all_paths.get(id(module), ())
+                    if tuple(p) != tuple(path)], module, rule)
     quant = core.layer_quant(
         path_str, module, rule, shape, is_embed=isinstance(module, nnx.Embed),
         mode=mode, on_nonfinite=on_nonfinite, observer_for=observer_for,
@@ -315,18 +430,16 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
         weight=quant and quant.weight, act=quant and quant.act,
         mask=module.mask if isinstance(module, _MASKED) else None)
     infos.append(info)
-    new = object.__new__(quantized_class(type(module)))
-    vars(new).update(vars(module))
-    object.__setattr__(new, "jaxq_layer", quant)
-    object.__setattr__(new, "jaxq_info", info)
+    # The layer becomes its quantized subclass in place (the model is a
+    # clone), so that every path reaching a shared layer reaches the
+    # quantized one, as every call of a shared linen module is intercepted.
+    object.__setattr__(module, "__class__", quantized_class(type(module)))
+    object.__setattr__(module, "jaxq_layer", quant)
+    object.__setattr__(module, "jaxq_info", info)
     if rngs is not None and int8_qat.uses_qat_op(quant):
-      setattr(new, "jaxq_rngs", rngs)  # One stream shared by the layers.
+      setattr(module, "jaxq_rngs", rngs)  # One stream shared by the layers.
     if quant is not None and switchable:
-      setattr(new, ENABLED_ATTR, QuantEnabled(jnp.asarray(True)))
-    if path:
-      _replace(qmodel, path, new)
-    else:
-      qmodel = new
+      setattr(module, ENABLED_ATTR, QuantEnabled(jnp.asarray(True)))
   object.__setattr__(qmodel, _RULES_ATTR, tuple(rules))
   rules_lib.warn_unmatched(rules, infos)
   return qmodel

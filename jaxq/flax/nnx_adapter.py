@@ -22,6 +22,7 @@ from flax import nnx
 
 from jaxq import calibration
 from jaxq.flax import adapter as adapter_lib
+from jaxq.flax import checks
 from jaxq.flax import core
 from jaxq.flax import nnx as nnx_lib
 from jaxq.flax import rules as rules_lib
@@ -61,6 +62,19 @@ def _nonfinite_counts(stats: nnx.State, paths: Sequence[str]) -> jax.Array:
                      jnp.int32).reshape(len(paths))
 
 
+def _lookup(variables: nnx.State, key: tuple[Any, ...]) -> Any | None:
+  """The entry of ``variables`` at ``key``, or None; read through the nested
+  state each time (no cache: a state mutated in place between reads, or
+  read from several threads, is read as it is now), O(depth)."""
+  node: Any = variables
+  for part in key:
+    try:
+      node = node[part]
+    except (KeyError, TypeError, IndexError):
+      return None
+  return node
+
+
 def _key(path: str) -> tuple[Any, ...]:
   """The state key of a "/"-joined path (list indices as ints)."""
   return tuple(int(p) if p.isdigit() else p for p in path.split("/")
@@ -82,20 +96,10 @@ class NnxAdapter:
 
   model: nnx.Module
   variables: nnx.State
-  # The flat state last read, by identity: a workflow reads one state layer
-  # by layer (jaxq.convert), so it is flattened once, not once per layer
-  # (the states this adapter returns are new objects, never changed).
-  _flat: list[Any] = dataclasses.field(default_factory=lambda: [None, None],
-                                       compare=False, repr=False)
 
   @functools.cached_property
   def _modules(self) -> dict[str, nnx.Module]:
     return nnx_modules(self.model)
-
-  def _flat_state(self, variables: Any) -> dict[tuple[Any, ...], Any]:
-    if self._flat[0] is not variables:
-      self._flat[:] = [variables, dict(nnx.to_flat_state(variables))]
-    return self._flat[1]
 
   @classmethod
   def of(cls, model: nnx.Module, variables: nnx.State | None,
@@ -233,9 +237,10 @@ class NnxAdapter:
            ) -> Any | None:
     self._module(path)
     variables = self.variables if variables is None else variables
-    flat = self._flat_state(variables)
     key = _key(path)
-    held = flat.get(key + (name,), flat.get(key + (f"jaxq_{name}",)))
+    held = _lookup(variables, key + (name,))
+    if held is None:
+      held = _lookup(variables, key + (f"jaxq_{name}",))
     if held is None:
       return None
     return held.get_value() if hasattr(held, "get_value") else held
@@ -331,8 +336,17 @@ class NnxAdapter:
   def act_states(self, stats: Any) -> dict[str, Any]:
     return _act_states(stats)
 
+  def _check_ranges(self, what: str,
+                    ranges: Mapping[str, core.ActRange]) -> None:
+    """Raises naming the layer for an invalid concrete range."""
+    for path, act_range in ranges.items():
+      info = self._layers.get(path)
+      checks.check_act_range(what, path, act_range,
+                             info.act.symmetric if info and info.act else None)
+
   def ranges_from(self, ranges: Mapping[str, core.ActRange]) -> nnx.State:
     """A ``State`` of `QuantRange` variables from path -> act range."""
+    self._check_ranges(_WHAT, ranges)
     return nnx.from_flat_state({
         _key(path) + (_ACT_RANGE,): nnx_lib.QuantRange(act_range)
         for path, act_range in ranges.items()})
@@ -342,7 +356,9 @@ class NnxAdapter:
             for path, var in nnx.to_flat_state(ranges)}
 
   def act_ranges(self, stats: Any) -> nnx.State:
-    return nnx_lib.act_ranges(self.model, stats)
+    ranges = nnx_lib.act_ranges(self.model, stats)
+    self._check_ranges("act_ranges", self.ranges_by_path(ranges))
+    return ranges
 
   def serving(self, variables: Any, stats: Any | None, ranges: Any | None
               ) -> nnx.State:
@@ -353,6 +369,9 @@ class NnxAdapter:
       ranges = self.act_ranges(stats)
     if ranges is not None:
       flat.update(nnx.to_flat_state(ranges))
+    self._check_ranges("convert", {
+        "/".join(map(str, p[:-1])): v.get_value() for p, v in flat.items()
+        if isinstance(v, nnx_lib.QuantRange)})
     return nnx.from_flat_state(flat)
 
   def check_convertible(self, variables: Any) -> None:
@@ -385,8 +404,10 @@ class NnxAdapter:
     """The layer's mask: the state's (a mask is nnx data, a plain array
     leaf), the one the serve model will hold; else the model's."""
     variables = self.variables if variables is None else variables
-    flat = self._flat_state(variables)
-    return flat.get(_key(path) + ("mask",), self.layers()[path].mask)
+    held = _lookup(variables, _key(path) + ("mask",))
+    if held is None or isinstance(held, nnx.State):
+      return self.layers()[path].mask
+    return held.get_value() if hasattr(held, "get_value") else held
 
   def init_learned(self, *args: Any, **kwargs: Any) -> nnx.Module:
     """Calls the model, which creates its learned ranges in place."""

@@ -1,0 +1,210 @@
+"""Workflows on bad input: nothing silently wrong (issue 13, items 4 and 11).
+
+* NaN/inf weights: `jaxq.calibrate`, `jaxq.convert` and (nnx)
+  `jaxq.quantize_model` raise naming the layer path and the parameter, with
+  the NaN and inf counts; a served model never turns them into finite
+  numbers.
+* Invalid static ranges (non-finite, negative amax, ``amin > amax``): convert
+  and loading them into an eagerly called QAT or serve model raise naming the
+  layer.
+* `jaxq.act_ranges` on a linen model that never traced its layers raises
+  saying what to call; ``init`` of a QAT model with static activations
+  traces under ``jax.eval_shape`` before it has ranges.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxq
+from jaxq import PerChannel, PerTensor, QuantSpec
+
+W8 = QuantSpec("int8", PerChannel(axis=-1))
+STATIC = (jaxq.Rule(r".*", weight=W8,
+                    act=QuantSpec("int8", PerTensor(), dynamic=False)),)
+AFFINE = (jaxq.Rule(r".*", weight=W8,
+                    act=QuantSpec("uint8", PerTensor(), symmetric=False,
+                                  dynamic=False)),)
+IN, HIDDEN, OUT = 6, 8, 3
+
+
+class LinenMLP(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(OUT)(nn.relu(nn.Dense(HIDDEN)(x)))
+
+
+class NnxMLP(nnx.Module):
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(IN, HIDDEN, rngs=rngs)
+    self.fc2 = nnx.Linear(HIDDEN, OUT, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(nnx.relu(self.fc1(x)))
+
+
+def _x(seed: int = 0) -> jax.Array:
+  return jax.random.normal(jax.random.key(seed), (4, IN))
+
+
+def _poison(kernel: jax.Array, nan: int, inf: int, seed: int) -> jax.Array:
+  """``kernel`` with ``nan`` NaNs and ``inf`` ±infs at random positions."""
+  flat = np.array(kernel).ravel()
+  where = np.random.default_rng(seed).permutation(flat.size)[:nan + inf]
+  flat[where[:nan]] = np.nan
+  flat[where[nan:]] = np.inf * np.sign(np.arange(inf) % 2 - 0.5)
+  return jnp.asarray(flat.reshape(kernel.shape))
+
+
+def _linen(nan: int, inf: int, seed: int = 0):
+  model, x = LinenMLP(), _x()
+  variables = model.init(jax.random.key(1), x)
+  params = jax.tree.map(lambda a: a, variables["params"])
+  params["Dense_1"]["kernel"] = _poison(params["Dense_1"]["kernel"], nan, inf,
+                                        seed)
+  return model, {"params": params}, x
+
+
+def _nnx(nan: int, inf: int, seed: int = 0) -> nnx.Module:
+  model = NnxMLP(nnx.Rngs(1))
+  model.fc2.kernel.set_value(_poison(model.fc2.kernel.get_value(), nan, inf,
+                                     seed))
+  return model
+
+
+@pytest.mark.parametrize("nan,inf,seed", [(3, 1, 0), (1, 0, 1), (0, 2, 2),
+                                          (5, 4, 3)])
+def test_nonfinite_weights_are_refused_naming_layer_and_counts(nan, inf, seed):
+  """Property over counts and positions: every entry point names the layer,
+  the parameter and the exact NaN and inf counts."""
+  message = (rf"layer '{{}}' parameter 'kernel' holds {nan} NaN and {inf} "
+             rf"inf values")
+  model, variables, x = _linen(nan, inf, seed)
+  linen_message = message.format("Dense_1")
+  cal = jaxq.quantize_model(model, STATIC, "calibrate")
+  with pytest.raises(ValueError, match="calibrate: " + linen_message):
+    jaxq.calibrate(cal, variables, [x])
+  serve = jaxq.quantize_model(model, STATIC, "serve")
+  jax.eval_shape(serve.init, jax.random.key(0), x)
+  with pytest.raises(ValueError, match="convert: " + linen_message):
+    jaxq.convert(serve, variables, ranges={})
+
+  nnx_message = message.format("fc2")
+  with pytest.raises(ValueError, match="quantize_model: " + nnx_message):
+    jaxq.quantize_model(_nnx(nan, inf, seed), STATIC, "calibrate")
+  clean = NnxMLP(nnx.Rngs(1))
+  for what, mode in (("calibrate", "calibrate"), ("convert", "serve")):
+    qmodel = jaxq.quantize_model(clean, STATIC, mode)
+    poisoned = nnx.state(_nnx(nan, inf, seed))
+    with pytest.raises(ValueError, match=f"{what}: " + nnx_message):
+      if what == "calibrate":
+        jaxq.calibrate(qmodel, poisoned, [x])
+      else:
+        jaxq.convert(qmodel, poisoned, ranges=nnx.State({}))
+
+
+def test_serve_on_the_fly_refuses_nonfinite_weights_loaded_later():
+  """An nnx serve model quantizing float weights in an eager call refuses
+  NaN weights loaded after quantize_model (no NaN -> 0)."""
+  serve = jaxq.quantize_model(NnxMLP(nnx.Rngs(1)), (
+      jaxq.Rule(r".*", weight=W8, act=QuantSpec("int8", PerTensor())),),
+      "serve")
+  nnx.update(serve, nnx.state(_nnx(2, 0), nnx.Param))
+  with pytest.raises(ValueError, match=r"layer 'fc2' parameter 'kernel' "
+                                       r"holds 2 NaN"):
+    serve(_x())
+
+
+_BAD_RANGES = [
+    ({"amax": jnp.array([jnp.nan])}, "amax holds non-finite"),
+    ({"amax": jnp.array([jnp.inf])}, "amax holds non-finite"),
+    ({"amax": jnp.array([-1.0])}, "amax holds negative"),
+]
+_BAD_AFFINE = [
+    ({"amin": jnp.array([2.0]), "amax": jnp.array([1.0])}, r"amin > amax"),
+    ({"amin": jnp.array([-jnp.inf]), "amax": jnp.array([1.0])},
+     "amin holds non-finite"),
+]
+
+
+@pytest.mark.parametrize("rules,bad,problem",
+                         [(STATIC, *b) for b in _BAD_RANGES] +
+                         [(AFFINE, *b) for b in _BAD_AFFINE])
+def test_invalid_static_ranges_are_refused(rules, bad, problem):
+  """convert, and an eager QAT/serve call with the range loaded, refuse it,
+  naming the layer; a valid range (zero included) passes."""
+  model, x = LinenMLP(), _x()
+  variables = model.init(jax.random.key(1), x)
+  serve = jaxq.quantize_model(model, rules, "serve")
+  jax.eval_shape(serve.init, jax.random.key(0), x)
+  good = {"amax": jnp.array([0.0])}
+  if "amin" in bad:
+    good = {"amin": jnp.array([-1.0]), "amax": jnp.array([1.0])}
+  ranges = {"Dense_0": {"act": good}, "Dense_1": {"act": bad}}
+  match = rf"the static activation range of layer 'Dense_1' is invalid: " \
+          rf".*{problem}"
+  with pytest.raises(ValueError, match="convert: " + match):
+    jaxq.convert(serve, variables, ranges=ranges)
+  qat = jaxq.quantize_model(model, rules, "qat")
+  with pytest.raises(ValueError, match=match):
+    qat.apply({**variables, "quant_ranges": ranges}, x)
+  jaxq.convert(serve, variables, ranges={"Dense_0": {"act": good},
+                                          "Dense_1": {"act": good}})
+
+  nnx_model = NnxMLP(nnx.Rngs(1))
+  nnx_serve = jaxq.quantize_model(nnx_model, rules, "serve")
+  nnx_ranges = nnx.State({
+      "fc1": {"jaxq_act_range": jaxq.flax.QuantRange(good)},
+      "fc2": {"jaxq_act_range": jaxq.flax.QuantRange(bad)}})
+  nnx_match = match.replace("Dense_1", "fc2")
+  with pytest.raises(ValueError, match="convert: " + nnx_match):
+    jaxq.convert(nnx_serve, nnx.state(nnx_model), ranges=nnx_ranges)
+  nnx_qat = jaxq.quantize_model(nnx_model, rules, "qat")
+  nnx.update(nnx_qat, nnx_ranges)
+  with pytest.raises(ValueError, match=nnx_match):
+    nnx_qat(x)
+
+
+def test_act_ranges_of_an_untraced_linen_model_says_what_to_call():
+  """The partial_quantize recipe on linen: act_ranges before any trace
+  raises; init under eval_shape (no ranges yet) traces the layers."""
+  model, x = LinenMLP(), _x()
+  variables = model.init(jax.random.key(1), x)
+  cal = jaxq.quantize_model(model, STATIC, "calibrate")
+  stats = jaxq.calibrate(cal, variables, [x]).stats
+  qat = jaxq.quantize_model(model, STATIC, "qat")
+  with pytest.raises(ValueError, match=r"has not traced the layers "
+                                       r"\['Dense_0', 'Dense_1'\].*eval_shape"):
+    jaxq.act_ranges(qat, stats)
+  shapes = jax.eval_shape(qat.init, jax.random.key(0), x)
+  assert jax.tree.map(lambda a: a.shape, shapes["params"]) == jax.tree.map(
+      lambda a: a.shape, variables["params"])
+  ranges = jaxq.act_ranges(qat, stats)
+  assert sorted(ranges) == ["Dense_0", "Dense_1"]
+  jax.tree.map(np.testing.assert_array_equal, ranges,
+               jaxq.act_ranges(cal, stats))
+  out = qat.apply({**variables, "quant_ranges": ranges}, x)
+  assert out.shape == (4, OUT) and bool(jnp.all(jnp.isfinite(out)))
+
+
+@pytest.mark.parametrize("mode,int8_forward", [("qat", False), ("qat", True),
+                                               ("serve", False)])
+def test_linen_init_traces_static_act_layers_before_ranges(mode, int8_forward):
+  """init under eval_shape records the layers and their variables' shapes
+  before any range is loaded (every mode that needs ranges)."""
+  model, x = LinenMLP(), _x()
+  qmodel = jaxq.quantize_model(model, STATIC, mode, int8_forward=int8_forward)
+  shapes = jax.eval_shape(qmodel.init, jax.random.key(0), x)
+  assert jax.tree.map(lambda a: a.shape, shapes["params"]) == jax.tree.map(
+      lambda a: a.shape, model.init(jax.random.key(1), x)["params"])
+  assert sorted(jaxq.layers(qmodel)) == ["Dense_0", "Dense_1"]
+  # The stand-in range of init is not kept: apply still needs real ones.
+  with pytest.raises(ValueError, match="no calibrated range"):
+    qmodel.apply(model.init(jax.random.key(1), x), x)
