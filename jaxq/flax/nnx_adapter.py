@@ -162,7 +162,7 @@ class NnxAdapter:
                   variables: Any | None = None) -> nnx.State:
     """A new ``State`` with the `QuantEnabled` flags of switchable layers."""
     variables = self.variables if variables is None else variables
-    flat = dict(self._flat_state(variables))
+    flat = dict(nnx.to_flat_state(variables))
     keys = {path: _key(path) + (nnx_lib.ENABLED_ATTR,) for path in enabled}
     unknown = sorted(p for p, k in keys.items() if k not in flat)
     if unknown:
