@@ -52,7 +52,16 @@ Paths are the "/"-joined linen module names (``"Encoder_0/Dense_1"``), as in
 the ``params`` tree. A ``transpose_kernel=True`` ConvTranspose kernel is
 ``(*window, out, in)``: serving it on integer inputs needs its scales per
 tensor or per output channel, ``PerChannel(axis=-2)`` (other scales serve
-weight-only, or raise a ValueError naming the layer).
+by the fallback below).
+
+Serve runs what QAT trained. A convolution whose quantized input has scales
+that vary along a summed axis (a catch-all ``PerToken()`` act rule also
+matches convs) cannot be an integer convolution; it serves by the fallback
+of `jaxq.flax.serve_ops.serve_conv`: the quantized input is dequantized
+(equal to QAT's fake-quantized input) and multiplied by the low-bit kernel
+(weight-only), so serve still equals QAT. ``jaxq.layers(qmodel)[path]
+.serve_fallback`` names the reason for each such layer (None for layers
+that serve as integer ops).
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxq import calibration
+from jaxq import granularity as granularity_lib
 from jaxq.flax import core
 from jaxq.flax import int8_qat
 from jaxq.flax import rules as rules_lib
@@ -226,6 +236,29 @@ class QuantizedLinen:
         weight=quant and quant.weight, act=quant and quant.act, mask=mask)
     return quant
 
+  def _record_fallback(self, module: nn.Module, quant: core.LayerQuant,
+                       x_shape: tuple[int, ...], w_shape: tuple[int, ...]
+                       ) -> None:
+    """Records in the layer's `LayerInfo` whether serve mode can run this
+    convolution as an integer op (see `serve_ops.conv_fallback_reason`)."""
+    if quant.act is None:
+      return
+    try:
+      x_scale = granularity_lib.scale_shape(quant.act.granularity, x_shape)
+      w_scale = (granularity_lib.scale_shape(quant.weight.granularity,
+                                             w_shape)
+                 if quant.weight is not None else None)
+    except ValueError:
+      return  # The spec does not apply; the layer's own checks raise.
+    transposed = (isinstance(module, nn.ConvTranspose) and
+                  module.transpose_kernel)
+    reason = serve_ops.conv_fallback_reason(
+        x_scale, w_scale, 0, -2 if transposed else -1)
+    info = self._layers[quant.path]
+    if info.serve_fallback != reason:
+      self._layers[quant.path] = dataclasses.replace(
+          info, serve_fallback=reason)
+
   def _intercept(self, next_fun, args, kwargs, context) -> Any:
     module = context.module
     if isinstance(module, nn.Embed):
@@ -254,6 +287,7 @@ class QuantizedLinen:
             kernel.dtype, *(a for a in (inputs, bias) if a is not None))
         inputs, _, bias = original(inputs, None, bias, dtype=dtype,
                                    inexact=inexact)
+        kernel = serve_ops.computing_in(kernel, inputs.dtype)
       else:
         inputs, kernel, bias = original(inputs, kernel, bias, dtype=dtype,
                                         inexact=inexact)
@@ -264,6 +298,8 @@ class QuantizedLinen:
                            f"no rule quantizes it.")
         return inputs, kernel, bias
       layer.append(_Layer(module, quant))
+      if isinstance(module, (nn.Conv, nn.ConvTranspose)):
+        self._record_fallback(module, quant, inputs.shape, kernel.shape)
       if int8 and int8_qat.uses_int8_forward(quant):
         return inputs, kernel, bias  # The int8 op quantizes them itself.
       return layer[0].act(inputs), layer[0].weight(kernel), bias
@@ -352,7 +388,8 @@ class QuantizedLinen:
     query = query.astype(dtype)
     dims = (((query.ndim - 1,), (1,)), ((), ()))
     if isinstance(table, QArray):
-      return serve_ops.serve_dot_general(query, table, dims)
+      return serve_ops.serve_dot_general(
+          query, serve_ops.computing_in(table, dtype), dims)
     return jax.lax.dot_general(query, table.astype(dtype), dims)
 
   def _custom(self, module: nn.Module, next_fun, args, kwargs) -> Any:

@@ -18,10 +18,12 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen import linear as linen_linear
 from jax import lax
 
 from jaxq import ops
+from jaxq.quantize import dequantize
 from jaxq.spec import QArray
 
 
@@ -31,6 +33,17 @@ from jaxq.spec import QArray
 
 def _is_quantized(*operands: Any) -> bool:
   return any(isinstance(x, QArray) for x in operands)
+
+
+def computing_in(w: QArray, dtype: Any) -> QArray:
+  """``w`` dequantizing to ``dtype``, the layer's computation dtype.
+
+  Flax promotes a float kernel to the layer's ``dtype`` before its op; a
+  converted `QArray` kernel keeps its parameter's dtype, so without this a
+  ``Dense(dtype=bfloat16)`` with float32 params would serve float32 outputs
+  (the low-bit ops return the promoted dtype of their operands).
+  """
+  return dataclasses.replace(w, dtype=np.dtype(dtype))
 
 
 def serve_dot_general(lhs, rhs, dimension_numbers, precision=None,
@@ -57,11 +70,66 @@ def serve_einsum(subscripts: str, lhs, rhs, precision=None,
                     preferred_element_type=preferred_element_type)
 
 
+# Convolutions: an integer convolution sums over the input channels and the
+# window, so the input's scales may vary only per example and the kernel's
+# only per output channel. Other scales (a catch-all PerToken() rule that
+# also matched a conv) serve by the fallback: the quantized input is
+# dequantized (it equals QAT's fake-quantized input) and multiplied by the
+# low-bit kernel as a weight-only op, so serve still equals QAT.
+
+
+def _varies_off(shape: Sequence[int], kept_axis: int) -> bool:
+  return any(size != 1 for axis, size in enumerate(shape)
+             if axis != kept_axis % len(shape))
+
+
+def conv_fallback_reason(x_scale_shape: Sequence[int] | None,
+                         w_scale_shape: Sequence[int] | None,
+                         batch_axis: int, out_axis: int) -> str | None:
+  """Why a convolution of a quantized input cannot be an integer op, or None.
+
+  Args:
+    x_scale_shape: the keepdims scale shape of the quantized input, or None
+      for a float input (weight-only layers never fall back).
+    w_scale_shape: the kernel's scale shape, or None for a float kernel.
+    batch_axis, out_axis: the input's example axis and the kernel's output
+      channel axis.
+  """
+  if x_scale_shape is None:
+    return None
+  if _varies_off(x_scale_shape, batch_axis):
+    return (f"the input's scales (shape {tuple(x_scale_shape)}) vary along "
+            f"an axis the convolution sums over; an integer convolution "
+            f"needs them per tensor or per example")
+  if w_scale_shape is not None and _varies_off(w_scale_shape, out_axis):
+    return (f"the kernel's scales (shape {tuple(w_scale_shape)}) vary along "
+            f"an axis the convolution sums over; an integer convolution "
+            f"needs them per tensor or per output channel (axis {out_axis})")
+  return None
+
+
+def _scale_shape(x: Any) -> tuple[int, ...] | None:
+  if not isinstance(x, QArray):
+    return None
+  if x.zero_point is not None and x.zero_point.ndim:
+    return tuple(max(a, b) for a, b in zip(x.scale.shape, x.zero_point.shape))
+  return tuple(x.scale.shape)
+
+
 def serve_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
                rhs_dilation=None, dimension_numbers=None,
                feature_group_count=1, batch_group_count=1, precision=None,
                preferred_element_type=None, **kwargs) -> jax.Array:
-  """``lax.conv_general_dilated``'s signature; `jaxq.conv` on QArrays."""
+  """``lax.conv_general_dilated``'s signature; `jaxq.conv` on QArrays.
+
+  A quantized input whose scales rule out an integer convolution (see
+  `conv_fallback_reason`) is dequantized first: the fallback path.
+  """
+  if isinstance(lhs, QArray):
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    if conv_fallback_reason(_scale_shape(lhs), _scale_shape(rhs),
+                            dn.lhs_spec[0], dn.rhs_spec[0]):
+      lhs = dequantize(lhs)
   if not _is_quantized(lhs, rhs):
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
@@ -238,10 +306,11 @@ def serve_conv_transpose(
   Returns:
     ``(*batch, *out_window, out)``, as the float layer returns.
 
-  Raises:
-    ValueError: naming the layer, for integer operands whose kernel scale
-      varies along a summed axis.
+  A kernel whose scales vary along a summed axis (other than the output
+  channel) serves by `serve_conv`'s fallback: the input dequantized, the
+  kernel low-bit (weight-only).
   """
+  del path  # Kept for callers' error messages; the fallback needs no error.
   rank = len(config.kernel_size)
   batch_shape = inputs.shape[:inputs.ndim - rank - 1]
   inputs = jnp.reshape(inputs, (-1, *inputs.shape[len(batch_shape):]))
@@ -251,15 +320,6 @@ def serve_conv_transpose(
   x, w, bias = promote(inputs, kernel, bias)
   dimension_numbers = config.dimension_numbers()
   out_axis = dimension_numbers.rhs_spec[0]
-  if isinstance(x, QArray) and isinstance(w, QArray) and any(
-      size != 1 for axis, size in enumerate(w.scale.shape) if axis != out_axis):
-    raise ValueError(
-        f"jaxq serve: the kernel of {path!r} (ConvTranspose, "
-        f"shape {w.shape}, transpose_kernel={config.transpose_kernel}) has "
-        f"scales of shape {tuple(w.scale.shape)}; a low-bit convolution needs "
-        f"them per tensor or per output channel, axis {out_axis - w.ndim} "
-        f"(PerChannel(axis={out_axis - w.ndim})), or a float input "
-        f"(weight-only).")
   if config.transpose_kernel:
     w = _flip_window(w, rank)
   y = serve_conv(x, w, (1,) * rank, config.conv_padding(),
