@@ -287,7 +287,8 @@ def _build(adapter: ModelAdapter, batch: Any,
            forward: Forward) -> CalibrationPass:
   """The calibration pass of ``adapter``'s model, its stats empty and placed
   like ``batch``."""
-  mode, _, observer_for = dataclasses.astuple(adapter.settings())
+  settings = adapter.settings()
+  mode, observer_for = settings.mode, settings.observer_for
   if mode != "calibrate":
     raise ValueError(f"calibrate: expected a model from jaxq.quantize_model("
                      f"..., mode='calibrate'), got mode {mode!r}.")
