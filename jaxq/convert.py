@@ -120,6 +120,21 @@ def _quantize_weight(info: jaxq_flax.LayerInfo, value: Any,
       value, learned.scale_of(learned_param, info.weight), info.weight)
 
 
+def _quantize_stacked(info: jaxq_flax.LayerInfo, value: Any,
+                      learned_param: Any | None, mask: jax.Array | None
+                      ) -> QArray:
+  """`_quantize_weight`, per layer for a weight stacked by ``nn.scan`` over
+  layers: ``(L, *weight_shape)`` values quantized slice by slice, so the
+  QArray's values, scales (and learned scales) all lead with ``L`` and the
+  scan slices them as it slices the float params."""
+  shape = tuple(getattr(value, "shape", ()))
+  if len(shape) != len(info.weight_shape) + 1 or shape[1:] != info.weight_shape:
+    return _quantize_weight(info, value, learned_param, mask)
+  return jax.vmap(lambda v, p: _quantize_weight(info, v, p, mask),
+                  in_axes=(0, None if learned_param is None else 0))(
+                      value, learned_param)
+
+
 def _serving_weights(adapter: ModelAdapter, variables: Any
                      ) -> tuple[Any, tuple[LayerBytes, ...]]:
   """``variables`` with each quantized layer's weight a `QArray`."""
@@ -136,8 +151,8 @@ def _serving_weights(adapter: ModelAdapter, variables: Any
     if info.weight.learn is not None:
       learned_param = adapter.read(
           info.path, core.learned_name("weight", info.weight), variables)
-    qa = _quantize_weight(info, value, learned_param,
-                          adapter.mask(info.path, variables))
+    qa = _quantize_stacked(info, value, learned_param,
+                           adapter.mask(info.path, variables))
     report.append(LayerBytes(info.path, tree_bytes(value), qa.nbytes))
     quantized[(info.path, info.weight_name)] = qa
   if missing:

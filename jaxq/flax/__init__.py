@@ -55,6 +55,7 @@ from jaxq.flax.batch import Batch
 from jaxq.flax.core import LayerQuant
 from jaxq.flax.core import Mode
 from jaxq.flax.linen import QuantizedLinen
+from jaxq.flax.linen import SCAN_AXES
 from jaxq.flax.linen_adapter import LinenAdapter
 from jaxq.flax.nnx import QuantRange
 from jaxq.flax.nnx_adapter import NnxAdapter

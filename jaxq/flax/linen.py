@@ -67,8 +67,9 @@ that serve as integer ops).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -85,6 +86,34 @@ from jaxq.spec import QArray
 STATS = "quant_stats"
 RANGES = "quant_ranges"
 LEARNED = "jaxq"
+# What ``nn.scan`` (or ``nn.vmap``) over layers adds to its ``variable_axes``
+# so that jaxq's collections are stacked per layer like the params:
+# ``nn.scan(Block, variable_axes={"params": 0, **jaxq.flax.SCAN_AXES}, ...)``.
+# Learned ranges live under ``params`` and are stacked with it.
+SCAN_AXES = {STATS: 0, RANGES: 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+  """What the outer ``init``/``apply`` call was given, for the errors of
+  layers inside lifted transforms (whose scopes see only the collections
+  the transform passes on)."""
+
+  stats_mutable: bool
+  ranges: Any
+
+
+_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
+    "jaxq_linen_call", default=None)
+
+
+def _lifted_error(path: str, collection: str) -> ValueError:
+  return ValueError(
+      f"jaxq: {path!r} runs inside a lifted transform (nn.scan or nn.vmap "
+      f"over layers) whose variable_axes lack jaxq's {collection!r} "
+      f"collection, so the layer cannot see it. Add jaxq's collections to "
+      f"the transform: variable_axes={{'params': 0, "
+      f"**jaxq.flax.SCAN_AXES}} (SCAN_AXES = {SCAN_AXES}).")
 
 _PROMOTING = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.ConvTranspose)
 _MASKED = (nn.Conv, nn.ConvTranspose)  # Their kernel is ``kernel * mask``.
@@ -123,6 +152,9 @@ class _Layer(core.LayerVariables):
 
   def put_stats(self, name: str, state: Any) -> None:
     if not self.scope.is_mutable_collection(STATS):
+      call = _CALL.get()
+      if call is not None and call.stats_mutable:
+        raise _lifted_error(self.quant.path, STATS)
       raise ValueError(
           f"jaxq calibrate: {self.quant.path!r} records observer states in "
           f"the {STATS!r} collection; call apply(..., mutable=[{STATS!r}]).")
@@ -131,6 +163,11 @@ class _Layer(core.LayerVariables):
   def get_range(self) -> core.ActRange | None:
     if self.scope.has_variable(RANGES, core.ACT_STATS):
       return self.scope.get_variable(RANGES, core.ACT_STATS)
+    call = _CALL.get()
+    outer = _lookup(call.ranges, self.quant.path) if call else None
+    if isinstance(outer, Mapping) and core.ACT_STATS in outer:
+      # The call holds this layer's range, but its scope cannot see it.
+      raise _lifted_error(self.quant.path, RANGES)
     return None
 
   def recording(self) -> bool:
@@ -203,12 +240,40 @@ class QuantizedLinen:
     return rules_lib.unmatched(self.rules, self._layers.values())
 
   def _run(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
-    with nn.intercept_methods(self._intercept):
-      out = fn(*args, **kwargs)
+    initializing = fn == self.model.init  # pylint: disable=comparison-with-callable
+    variables = {} if initializing else args[0]
+    mutable = kwargs.get("mutable", False)
+    call = _Call(
+        stats_mutable=mutable is True or (
+            isinstance(mutable, (list, tuple, set, str)) and
+            STATS in ([mutable] if isinstance(mutable, str) else mutable)),
+        ranges=variables.get(RANGES) if isinstance(variables, Mapping)
+        else None)
+    token = _CALL.set(call)
+    try:
+      with nn.intercept_methods(self._intercept):
+        out = fn(*args, **kwargs)
+    finally:
+      _CALL.reset(token)
+    params = (out if initializing else variables)
+    if isinstance(params, Mapping) and "params" in params:
+      self._note_stacked(params["params"])
     if self._layers and not self._warned[0]:
       self._warned[0] = True
       rules_lib.warn_unmatched(self.rules, self._layers.values())
     return out
+
+  def _note_stacked(self, params: Any) -> None:
+    """Marks the layers whose stored weight has one more leading axis than
+    the layer sees: layers scanned (``nn.scan``) over a stack."""
+    for path, info in list(self._layers.items()):
+      node = _lookup(params, path)
+      weight = node.get(info.weight_name) if isinstance(node, Mapping) else None
+      shape = tuple(getattr(weight, "shape", ()))
+      stacked = (shape[0] if len(shape) == len(info.weight_shape) + 1 and
+                 shape[1:] == info.weight_shape else None)
+      if stacked != info.stacked:
+        self._layers[path] = dataclasses.replace(info, stacked=stacked)
 
   # The interceptor.
 
@@ -233,7 +298,9 @@ class QuantizedLinen:
     self._layers[path] = rules_lib.LayerInfo(
         path=path, module_type=type(module).__name__, rule=rule,
         weight_shape=tuple(weight_shape), weight_name=weight_name,
-        weight=quant and quant.weight, act=quant and quant.act, mask=mask)
+        weight=quant and quant.weight, act=quant and quant.act, mask=mask,
+        serve_fallback=recorded and recorded.serve_fallback,
+        stacked=recorded and recorded.stacked)
     return quant
 
   def _record_fallback(self, module: nn.Module, quant: core.LayerQuant,
@@ -508,7 +575,7 @@ def act_ranges(qmodel: QuantizedLinen, stats: Any) -> dict[str, Any]:
 
 def _lookup(tree: Any, path: str) -> Any:
   for name in path.split("/") if path else []:
-    if not isinstance(tree, dict) or name not in tree:
+    if not isinstance(tree, Mapping) or name not in tree:
       return None
     tree = tree[name]
   return tree
