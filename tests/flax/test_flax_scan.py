@@ -116,13 +116,14 @@ def test_qat_equals_unrolled_twin_and_serve_equals_qat(scanned):
   model, variables, cal, ranges = scanned
   x = _x(5)
   qat = cal.with_mode("qat")
-  y_qat = qat.apply({**variables, "quant_ranges": ranges}, x)
+  y_qat = jax.jit(qat.apply)({**variables, "quant_ranges": ranges}, x)
   twin_qat = jaxq.quantize_model(Unrolled(), RULES, "qat")
   twin_ranges = _unrolled_params(ranges)
-  y_twin = twin_qat.apply({"params": _unrolled_params(variables["params"]),
+  y_twin = jax.jit(twin_qat.apply)({"params": _unrolled_params(variables["params"]),
                            "quant_ranges": twin_ranges}, x)
   np.testing.assert_allclose(y_qat, y_twin, rtol=1e-6, atol=1e-6)
-  assert not np.allclose(y_qat, model.apply(variables, x), atol=1e-5)
+  assert not np.allclose(y_qat, jax.jit(model.apply)(variables, x),
+                         atol=1e-5)
 
   serving, report = jaxq.convert(qat, variables, ranges=ranges)
   kernel = serving["params"]["layers"]["up"]["kernel"]
@@ -170,13 +171,13 @@ def test_remat_layers_in_every_mode(scan):
   x = _x(5)
   y_qat = jax.jit(qat.apply)({**variables, "quant_ranges": ranges}, x)
   plain = Scanned() if scan else Unrolled()
-  y_plain = jaxq.quantize_model(plain, RULES, "qat").apply(
+  y_plain = jax.jit(jaxq.quantize_model(plain, RULES, "qat").apply)(
       {**variables, "quant_ranges": ranges}, x)
   np.testing.assert_allclose(y_qat, y_plain, rtol=1e-6, atol=1e-6)
   serving, _ = jaxq.convert(qat, variables, ranges=ranges)
-  y_serve = qat.with_mode("serve").apply(serving, x)
+  y_serve = jax.jit(qat.with_mode("serve").apply)(serving, x)
   np.testing.assert_allclose(y_serve, y_qat, rtol=1e-5,
                              atol=1e-5 * float(jnp.max(jnp.abs(y_qat))))
-  grads = jax.grad(lambda p: jnp.sum(qat.apply(
-      {"params": p, "quant_ranges": ranges}, x)))(variables["params"])
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(qat.apply(
+      {"params": p, "quant_ranges": ranges}, x))))(variables["params"])
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
