@@ -48,6 +48,22 @@ the original model's variables work unchanged in qat and calibrate mode):
   ``mutable=["params"]`` (what `jaxq.qat.init_learned` runs on float
   variables), starting an activation's from ``quant_ranges`` when given.
 
+Scanned layers (``nn.scan`` over a stack of ``L`` blocks, the way large
+models are written): the stored kernel is ``(L, *kernel)`` and each
+iteration's layer sees one slice. The scan must carry jaxq's collections
+like the params: ``nn.scan(Block, variable_axes={"params": 0,
+**jaxq.flax.SCAN_AXES}, split_rngs={"params": True}, length=L)``
+(``SCAN_AXES = {"quant_stats": 0, "quant_ranges": 0}``; learned ranges live
+under ``params`` and are stacked with them). Observer states, act ranges
+and learned ranges then gain the leading ``L`` axis (one range per layer;
+`jaxq.flax.core.finalize_range` finalizes stacked states per layer),
+`jaxq.convert` quantizes a stacked kernel slice by slice (a `QArray` whose
+values and scales lead with ``L``, sliced by the scan in serve mode), and
+`LayerInfo` keeps the per-layer ``weight_shape`` with ``stacked = L``. A
+layer inside a scan without these axes raises a ValueError saying what to
+add to ``variable_axes``. ``nn.remat`` passes every collection through and
+needs nothing.
+
 Paths are the "/"-joined linen module names (``"Encoder_0/Dense_1"``), as in
 the ``params`` tree. A ``transpose_kernel=True`` ConvTranspose kernel is
 ``(*window, out, in)``: serving it on integer inputs needs its scales per
