@@ -70,3 +70,21 @@ def test_nnx_serve_keeps_layer_dtype(name, act):
   serving, _ = jaxq.convert(serve, nnx.state(model))
   nnx.update(serve, serving)
   assert (model(x).dtype, qat(x).dtype, serve(x).dtype) == (BF16, BF16, BF16)
+
+
+def test_embed_attend_keeps_layer_dtype():
+  query = jax.random.normal(jax.random.key(2), (2, 4))
+  rules = _rules(None)
+  model = nn.Embed(5, 4, dtype=BF16)
+  variables = model.init(jax.random.key(0), IDS)
+  qat = jaxq.quantize_model(model, rules, "qat")
+  qat.apply(variables, IDS)
+  serving, _ = jaxq.convert(qat, variables)
+  serve = qat.with_mode("serve")
+  assert serve.apply(serving, query, method="attend").dtype == BF16
+  nnx_model = nnx.Embed(5, 4, dtype=BF16, rngs=nnx.Rngs(0))
+  nnx_serve = jaxq.quantize_model(nnx_model, rules, "serve")
+  nnx_serving, _ = jaxq.convert(nnx_serve, nnx.state(nnx_model))
+  nnx.update(nnx_serve, nnx_serving)
+  assert (nnx_model.attend(query).dtype, nnx_serve.attend(query).dtype) == (
+      BF16, BF16)
