@@ -121,7 +121,8 @@ class LayerInfo:
     stacked: the size of the leading stack axis of the stored weight when
       the layer runs inside ``nn.scan`` over layers (the stored weight is
       ``(stacked, *weight_shape)``; ``weight_shape`` is one layer's), or
-      None for an ordinary layer.
+      None for an ordinary layer. `ModelAdapter.get_weight` returns the
+      stored, stacked weight; `jaxq.convert` quantizes it per layer slice.
   """
 
   path: str

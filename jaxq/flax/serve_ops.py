@@ -104,7 +104,8 @@ def conv_fallback_reason(x_scale_shape: Sequence[int] | None,
   if w_scale_shape is not None and _varies_off(w_scale_shape, out_axis):
     return (f"the kernel's scales (shape {tuple(w_scale_shape)}) vary along "
             f"an axis the convolution sums over; an integer convolution "
-            f"needs them per tensor or per output channel (axis {out_axis})")
+            f"needs them per tensor or per output channel, "
+            f"PerChannel(axis={out_axis})")
   return None
 
 

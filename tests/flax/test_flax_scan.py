@@ -103,6 +103,27 @@ def test_calibrate_records_one_range_per_layer_stacked(scanned):
   del model
 
 
+def test_histogram_calibration_is_per_layer_too():
+  # Histogram states (entropy) are stacked and finalized layer by layer.
+  rules = (jaxq.Rule(
+      r".*", weight=RULES[0].weight,
+      act=QuantSpec("int8", PerTensor(), dynamic=False,
+                    calibration="entropy")),)
+  model = Scanned()
+  variables = model.init(jax.random.key(0), _x())
+  batches = [_x(), 3.0 * _x(2)]
+  ranges = jaxq.calibrate(jaxq.quantize_model(model, rules, "calibrate"),
+                          variables, batches, progress=False).ranges()
+  twin = jaxq.calibrate(
+      jaxq.quantize_model(Unrolled(), rules, "calibrate"),
+      {"params": _unrolled_params(variables["params"])}, batches,
+      progress=False).ranges()
+  for i in range(L):
+    np.testing.assert_allclose(ranges["layers"]["down"]["act"]["amax"][i],
+                               twin[f"layers_{i}"]["down"]["act"]["amax"],
+                               rtol=1e-6)
+
+
 def test_layers_lists_the_per_layer_shape_and_the_stack(scanned):
   _, _, cal, _ = scanned
   layers = jaxq.layers(cal)
