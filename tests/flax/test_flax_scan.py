@@ -202,3 +202,22 @@ def test_remat_layers_in_every_mode(scan):
   grads = jax.jit(jax.grad(lambda p: jnp.sum(qat.apply(
       {"params": p, "quant_ranges": ranges}, x))))(variables["params"])
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_learned_ranges_stack_with_the_params():
+  rules = (jaxq.Rule(r".*", weight=QuantSpec("int8", PerChannel(axis=-1),
+                                             learn="lsq"),
+                     act=QuantSpec("int8", PerTensor(), learn="lsq")),)
+  qat = jaxq.quantize_model(Scanned(), rules, "qat")
+  x = _x()
+  variables = qat.init(jax.random.key(0), x)
+  learned = variables["params"]["layers"]["up"]["jaxq"]
+  assert learned["weight_scale"].shape == (L, 1, HIDDEN)
+  assert learned["act_scale"].shape == (L, 1)
+  y_qat = jax.jit(qat.apply)(variables, x)
+  serving, _ = jaxq.convert(qat, variables)
+  scale = serving["params"]["layers"]["up"]["kernel"].scale
+  assert scale.shape == (L, 1, HIDDEN)
+  y_serve = jax.jit(qat.with_mode("serve").apply)(serving, x)
+  np.testing.assert_allclose(y_serve, y_qat, rtol=1e-5,
+                             atol=1e-5 * float(jnp.max(jnp.abs(y_qat))))
