@@ -75,7 +75,9 @@ that vary along a summed axis (a catch-all ``PerToken()`` act rule also
 matches convs) cannot be an integer convolution; it serves by the fallback
 of `jaxq.flax.serve_ops.serve_conv`: the quantized input is dequantized
 (equal to QAT's fake-quantized input) and multiplied by the low-bit kernel
-(weight-only), so serve still equals QAT. ``jaxq.layers(qmodel)[path]
+(weight-only), so serve still equals QAT; so does any layer whose act and
+weight formats are an integer and a float one (fp8 x int8), which share no
+low-bit op. ``jaxq.layers(qmodel)[path]
 .serve_fallback`` names the reason for each such layer (None for layers
 that serve as integer ops).
 """
@@ -234,12 +236,12 @@ class QuantizedLinen:
 
   def init(self, rngs, *args, **kwargs) -> Any:
     """``model.init`` under the interceptor; the same variables as the model's."""
-    return self._run(self.model.init, rngs, *args, **kwargs)
+    return self._run(self.model.init, True, rngs, *args, **kwargs)
 
   def apply(self, variables, *args, **kwargs) -> Any:
     """``model.apply`` under the interceptor (``method``, ``mutable``, ``rngs``
     and the rest as for linen)."""
-    return self._run(self.model.apply, variables, *args, **kwargs)
+    return self._run(self.model.apply, False, variables, *args, **kwargs)
 
   def with_mode(self, mode: core.Mode) -> "QuantizedLinen":
     """The same model and rules in another mode (sharing the layer record)."""
@@ -255,8 +257,11 @@ class QuantizedLinen:
     """The rules that no traced layer got."""
     return rules_lib.unmatched(self.rules, self._layers.values())
 
-  def _run(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
-    initializing = fn == self.model.init  # pylint: disable=comparison-with-callable
+  def _run(self, fn: Callable[..., Any], initializing: bool, *args,
+           **kwargs) -> Any:
+    """``fn(*args, **kwargs)`` under the interceptor; ``initializing`` for
+    ``init`` (whose result holds the params) rather than ``apply`` (whose
+    first argument does)."""
     variables = {} if initializing else args[0]
     mutable = kwargs.get("mutable", False)
     call = _Call(
@@ -322,25 +327,36 @@ class QuantizedLinen:
   def _record_fallback(self, module: nn.Module, quant: core.LayerQuant,
                        x_shape: tuple[int, ...], w_shape: tuple[int, ...]
                        ) -> None:
-    """Records in the layer's `LayerInfo` whether serve mode can run this
-    convolution as an integer op (see `serve_ops.conv_fallback_reason`)."""
+    """Records in the layer's `LayerInfo` why serve mode cannot run it as
+    one low-bit op (`serve_ops.format_fallback_reason`, and for
+    convolutions `serve_ops.conv_fallback_reason`), or None."""
     if quant.act is None:
       return
+    kinds = (None, None) if quant.weight is None else (
+        quant.weight.fmt.name, quant.weight.fmt.kind)
+    reason = serve_ops.format_fallback_reason(
+        quant.act.fmt.name, quant.act.fmt.kind, *kinds)
+    if reason is None and isinstance(module, (nn.Conv, nn.ConvTranspose)):
+      reason = self._conv_fallback(module, quant, x_shape, w_shape)
+    info = self._layers[quant.path]
+    if info.serve_fallback != reason:
+      self._layers[quant.path] = dataclasses.replace(
+          info, serve_fallback=reason)
+
+  def _conv_fallback(self, module: nn.Module, quant: core.LayerQuant,
+                     x_shape: tuple[int, ...], w_shape: tuple[int, ...]
+                     ) -> str | None:
     try:
       x_scale = granularity_lib.scale_shape(quant.act.granularity, x_shape)
       w_scale = (granularity_lib.scale_shape(quant.weight.granularity,
                                              w_shape)
                  if quant.weight is not None else None)
     except ValueError:
-      return  # The spec does not apply; the layer's own checks raise.
+      return None  # The spec does not apply; the layer's own checks raise.
     transposed = (isinstance(module, nn.ConvTranspose) and
                   module.transpose_kernel)
-    reason = serve_ops.conv_fallback_reason(
+    return serve_ops.conv_fallback_reason(
         x_scale, w_scale, 0, -2 if transposed else -1)
-    info = self._layers[quant.path]
-    if info.serve_fallback != reason:
-      self._layers[quant.path] = dataclasses.replace(
-          info, serve_fallback=reason)
 
   def _intercept(self, next_fun, args, kwargs, context) -> Any:
     module = context.module
@@ -381,8 +397,7 @@ class QuantizedLinen:
                            f"no rule quantizes it.")
         return inputs, kernel, bias
       layer.append(_Layer(module, quant))
-      if isinstance(module, (nn.Conv, nn.ConvTranspose)):
-        self._record_fallback(module, quant, inputs.shape, kernel.shape)
+      self._record_fallback(module, quant, inputs.shape, kernel.shape)
       if int8 and int8_qat.uses_int8_forward(quant):
         return inputs, kernel, bias  # The int8 op quantizes them itself.
       return layer[0].act(inputs), layer[0].weight(kernel), bias

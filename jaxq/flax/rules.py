@@ -115,9 +115,11 @@ class LayerInfo:
     serve_fallback: why serve mode cannot run this layer as an integer op,
       or None when it can (or when the layer is weight-only by its rule).
       A convolution whose quantized input has scales that vary along a
-      summed axis (a ``PerToken()`` act rule that matched a conv) serves
-      by the fallback: the input dequantized (equal to QAT's
-      fake-quantized input) times the low-bit kernel, weight-only.
+      summed axis (a ``PerToken()`` act rule that matched a conv), or an
+      activation and weight of an integer and a float format (fp8 x int8),
+      serve by the fallback: the input dequantized (equal to QAT's
+      fake-quantized input) times the low-bit weight, weight-only. Recorded
+      for linen layers when traced.
     stacked: the size of the leading stack axis of the stored weight when
       the layer runs inside ``nn.scan`` over layers (the stored weight is
       ``(stacked, *weight_shape)``; ``weight_shape`` is one layer's), or

@@ -46,12 +46,42 @@ def computing_in(w: QArray, dtype: Any) -> QArray:
   return dataclasses.replace(w, dtype=np.dtype(dtype))
 
 
+# Mixed formats: an integer format multiplies only with an integer one (int32
+# accumulation), a float format (fp8) with a float one. A rule that pairs an
+# fp8 activation with an int8 weight (or the reverse) trains in QAT, so serve
+# runs it by the fallback: the activation dequantized, the weight low-bit.
+
+
+def format_fallback_reason(act_format: str | None, act_kind: str | None,
+                           weight_format: str | None, weight_kind: str | None
+                           ) -> str | None:
+  """Why a quantized activation and weight cannot share one low-bit op (an
+  integer and a float format), or None."""
+  if act_kind is None or weight_kind is None or act_kind == weight_kind:
+    return None
+  return (f"the activation format {act_format} ({act_kind}) and the weight "
+          f"format {weight_format} ({weight_kind}) cannot share a low-bit "
+          f"op: an integer format needs an integer partner and a float "
+          f"format a float one")
+
+
+def _mixed_formats(lhs: Any, rhs: Any) -> bool:
+  return (isinstance(lhs, QArray) and isinstance(rhs, QArray) and
+          lhs.spec.fmt.kind != rhs.spec.fmt.kind)
+
+
+def _fallback(lhs: Any, rhs: Any) -> tuple[Any, Any]:
+  """Dequantizes ``lhs`` when the two QArrays' formats cannot share an op."""
+  return (dequantize(lhs) if _mixed_formats(lhs, rhs) else lhs), rhs
+
+
 def serve_dot_general(lhs, rhs, dimension_numbers, precision=None,
                       preferred_element_type=None, **kwargs) -> jax.Array:
   """``lax.dot_general``'s signature; `jaxq.dot_general` on QArrays.
 
   ``precision`` does not apply to the integer path and is ignored there.
   """
+  lhs, rhs = _fallback(lhs, rhs)
   if not _is_quantized(lhs, rhs):
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type,
@@ -63,6 +93,7 @@ def serve_dot_general(lhs, rhs, dimension_numbers, precision=None,
 def serve_einsum(subscripts: str, lhs, rhs, precision=None,
                  preferred_element_type=None, **kwargs) -> jax.Array:
   """``jnp.einsum``'s two-operand signature; `jaxq.einsum` on QArrays."""
+  lhs, rhs = _fallback(lhs, rhs)
   if not _is_quantized(lhs, rhs):
     return jnp.einsum(subscripts, lhs, rhs, precision=precision,
                       preferred_element_type=preferred_element_type, **kwargs)
@@ -126,6 +157,7 @@ def serve_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
   A quantized input whose scales rule out an integer convolution (see
   `conv_fallback_reason`) is dequantized first: the fallback path.
   """
+  lhs, rhs = _fallback(lhs, rhs)
   if isinstance(lhs, QArray):
     dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     if conv_fallback_reason(_scale_shape(lhs), _scale_shape(rhs),

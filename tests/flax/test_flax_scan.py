@@ -140,8 +140,9 @@ def test_qat_equals_unrolled_twin_and_serve_equals_qat(scanned):
   y_qat = jax.jit(qat.apply)({**variables, "quant_ranges": ranges}, x)
   twin_qat = jaxq.quantize_model(Unrolled(), RULES, "qat")
   twin_ranges = _unrolled_params(ranges)
-  y_twin = jax.jit(twin_qat.apply)({"params": _unrolled_params(variables["params"]),
-                           "quant_ranges": twin_ranges}, x)
+  twin_vars = {"params": _unrolled_params(variables["params"]),
+               "quant_ranges": twin_ranges}
+  y_twin = jax.jit(twin_qat.apply)(twin_vars, x)
   np.testing.assert_allclose(y_qat, y_twin, rtol=1e-6, atol=1e-6)
   assert not np.allclose(y_qat, jax.jit(model.apply)(variables, x),
                          atol=1e-5)

@@ -100,3 +100,20 @@ def test_nnx_cnn_per_token_serves_equal_to_qat():
   y_serve = serve(x)
   np.testing.assert_allclose(y_serve, y_qat, rtol=1e-4,
                              atol=1e-4 * fm.max_abs(y_qat))
+
+
+def test_mixed_integer_and_float_formats_serve_by_the_fallback():
+  # An fp8 activation with int8 weights: no shared low-bit op exists.
+  model = fm.LinenMLP()
+  x = fm.mlp_input(jax.random.key(1))
+  variables = model.init(jax.random.key(0), x)
+  rules = (jaxq.Rule(r".*", weight=fm.W8,
+                     act=QuantSpec("float8_e4m3fn")),)
+  qat = jaxq.quantize_model(model, rules, "qat")
+  y_qat = qat.apply(variables, x)
+  assert "cannot share a low-bit op" in jaxq.layers(qat)["Dense_0"
+                                                        ].serve_fallback
+  serving, _ = jaxq.convert(qat, variables)
+  y_serve = qat.with_mode("serve").apply(serving, x)
+  np.testing.assert_allclose(y_serve, y_qat, rtol=1e-4,
+                             atol=1e-4 * fm.max_abs(y_qat))
