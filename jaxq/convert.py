@@ -36,6 +36,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxq import flax as jaxq_flax
@@ -130,9 +131,12 @@ def _quantize_stacked(info: jaxq_flax.LayerInfo, value: Any,
   shape = tuple(getattr(value, "shape", ()))
   if len(shape) != len(info.weight_shape) + 1 or shape[1:] != info.weight_shape:
     return _quantize_weight(info, value, learned_param, mask)
-  return jax.vmap(lambda v, p: _quantize_weight(info, v, p, mask),
-                  in_axes=(0, None if learned_param is None else 0))(
-                      value, learned_param)
+  # Slice by slice on concrete arrays (not vmap), so that every check of
+  # `_quantize_weight` sees real values; then the leaves are stacked.
+  slices = [_quantize_weight(info, value[i], None if learned_param is None
+                             else learned_param[i], mask)
+            for i in range(shape[0])]
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *slices)
 
 
 def _serving_weights(adapter: ModelAdapter, variables: Any
