@@ -9,6 +9,14 @@ layer's float op otherwise, e.g. a weight-only layer's float input times a
 float bias-free operand). ``ConvTranspose`` takes no op
 (``lax.conv_transpose``), so `serve_conv_transpose` computes the whole layer:
 ``(*batch, *window, in)`` inputs to ``(*batch, *out_window, out)`` outputs.
+
+Serve runs every layer QAT trains. Where the operands' scales or formats
+rule out one low-bit op (a conv input with per-token scales, kernel scales
+along a summed axis, an fp8 activation with an int8 weight), the quantized
+activation is dequantized (equal to QAT's fake-quantized one) and multiplied
+by the low-bit weight as a weight-only op: the fallback, whose reason
+`conv_fallback_reason` / `format_fallback_reason` give. Outputs keep the
+layer's dtype (`computing_in`).
 """
 
 from __future__ import annotations
