@@ -36,6 +36,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxq import flax as jaxq_flax
@@ -122,6 +123,24 @@ def _quantize_weight(info: jaxq_flax.LayerInfo, value: Any,
       value, learned.scale_of(learned_param, info.weight), info.weight)
 
 
+def _quantize_stacked(info: jaxq_flax.LayerInfo, value: Any,
+                      learned_param: Any | None, mask: jax.Array | None
+                      ) -> QArray:
+  """`_quantize_weight`, per layer for a weight stacked by ``nn.scan`` over
+  layers: ``(L, *weight_shape)`` values quantized slice by slice, so the
+  QArray's values, scales (and learned scales) all lead with ``L`` and the
+  scan slices them as it slices the float params."""
+  shape = tuple(getattr(value, "shape", ()))
+  if len(shape) != len(info.weight_shape) + 1 or shape[1:] != info.weight_shape:
+    return _quantize_weight(info, value, learned_param, mask)
+  # Slice by slice on concrete arrays (not vmap), so that every check of
+  # `_quantize_weight` sees real values; then the leaves are stacked.
+  slices = [_quantize_weight(info, value[i], None if learned_param is None
+                             else learned_param[i], mask)
+            for i in range(shape[0])]
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *slices)
+
+
 def _serving_weights(adapter: ModelAdapter, variables: Any
                      ) -> tuple[Any, tuple[LayerBytes, ...]]:
   """``variables`` with each quantized layer's weight a `QArray`."""
@@ -138,8 +157,8 @@ def _serving_weights(adapter: ModelAdapter, variables: Any
     if info.weight.learn is not None:
       learned_param = adapter.read(
           info.path, core.learned_name("weight", info.weight), variables)
-    qa = _quantize_weight(info, value, learned_param,
-                          adapter.mask(info.path, variables))
+    qa = _quantize_stacked(info, value, learned_param,
+                           adapter.mask(info.path, variables))
     report.append(LayerBytes(info.path, tree_bytes(value), qa.nbytes))
     quantized[(info.path, info.weight_name)] = qa
   if missing:

@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxq.flax import batchnorm as batchnorm_lib
-from jaxq.flax.batchnorm import DEFAULT_EPSILON
 from jaxq.flax.batchnorm import Path
 
 
@@ -76,7 +75,8 @@ def fold_parameters(kernel: jax.Array, bias: jax.Array | None,
 
 def fold_batchnorm_linen(variables: Mapping[str, Any],
                          pairs: Mapping[Path, Path], *,
-                         epsilon: float | Mapping[Path, float] = DEFAULT_EPSILON
+                         epsilon: float | Mapping[Path, float] | None = None,
+                         model: Any = None, batch: Any = None
                          ) -> Mapping[str, Any]:
   """Folds BatchNorms into the preceding Conv/Dense of a linen model.
 
@@ -85,9 +85,14 @@ def fold_batchnorm_linen(variables: Mapping[str, Any],
   or "/"-joined strings); returns new variables (a FrozenDict for a
   FrozenDict), raising a ValueError naming the path for a missing module or
   variable, different channel counts, or no place for the folded bias.
+
+  Pass ``model=`` and ``batch=`` (one input batch) to read each BatchNorm's
+  own ``epsilon``, ``use_scale``/``use_bias`` and axis from the module (a
+  given ``epsilon`` must then agree with it); without them ``epsilon``
+  defaults to flax's ``1e-5``, with a warning.
   """
   return batchnorm_lib.fold_linen(variables, pairs, fold_parameters,
-                                  epsilon=epsilon)
+                                  epsilon=epsilon, model=model, batch=batch)
 
 
 def fold_batchnorm_nnx(layer: Any, batchnorm: Any) -> None:
@@ -100,8 +105,9 @@ def fold_batchnorm(target: Any, pairs_or_batchnorm: Any,
                    **kwargs: Any) -> Mapping[str, Any] | None:
   """Folds BatchNorm into the preceding Conv/Dense, for linen or nnx.
 
-  * linen: ``fold_batchnorm(variables, {"conv": "bn", ...}, epsilon=1e-5)``
-    returns new variables (`fold_batchnorm_linen`).
+  * linen: ``fold_batchnorm(variables, {"conv": "bn", ...}, model=model,
+    batch=x)`` returns new variables (`fold_batchnorm_linen`), each
+    BatchNorm's epsilon read from the module (or ``epsilon=`` given).
   * nnx: ``fold_batchnorm(conv, bn)`` folds in place and returns None
     (`fold_batchnorm_nnx`).
 

@@ -11,17 +11,72 @@ channel (the kernel's last axis).
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from typing import Any, Callable, Mapping, Union
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax import traverse_util
 from flax.core import frozen_dict
 
+from jaxq.flax import batch as batch_lib
+
 Path = Union[str, tuple[str, ...]]
 Fold = Callable[..., tuple[jax.Array, jax.Array]]
 DEFAULT_EPSILON = 1e-5  # flax.linen.BatchNorm's default.
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormSettings:
+  """What a BatchNorm module says about its own inference arithmetic.
+
+  Attributes:
+    epsilon: added to the running variance.
+    use_scale, use_bias: whether it has ``gamma`` / ``beta``.
+    last_axis: whether it normalises the last axis (the only one a Flax
+      kernel's output channel can be).
+  """
+
+  epsilon: float
+  use_scale: bool
+  use_bias: bool
+  last_axis: bool
+
+
+def linen_batchnorm_settings(model: nn.Module, variables: Mapping[str, Any],
+                             batch: Any) -> dict[tuple[str, ...],
+                                                 BatchNormSettings]:
+  """Path -> settings of every ``nn.BatchNorm`` the model calls on ``batch``.
+
+  A linen module only exists while the model runs, so the model is traced
+  abstractly (``jax.eval_shape``, nothing computed) on ``batch`` (the
+  `jaxq.flax.batch` convention) with a method interceptor that reads each
+  BatchNorm's fields.
+  """
+  found: dict[tuple[str, ...], BatchNormSettings] = {}
+
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    if isinstance(module, nn.BatchNorm) and context.method_name == "__call__":
+      x = args[0] if args else next(iter(kwargs.values()))
+      axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+      ndim = jnp.ndim(x)
+      found[tuple(module.path)] = BatchNormSettings(
+          epsilon=float(module.epsilon), use_scale=bool(module.use_scale),
+          use_bias=bool(module.use_bias),
+          last_axis=tuple(a % ndim for a in axes) == (ndim - 1,))
+    return next_fun(*args, **kwargs)
+
+  def run(variables):
+    with nn.intercept_methods(intercept):
+      return batch_lib.call_model(
+          lambda *a, **k: model.apply(variables, *a, mutable=True, **k), batch)
+
+  jax.eval_shape(run, variables)
+  return found
 
 
 def _as_path(path: Path) -> tuple[str, ...]:
@@ -37,9 +92,56 @@ def _module_names(flat: Mapping[tuple[str, ...], Any], collection: str
   return sorted({_name(key[1:-1]) for key in flat if key[0] == collection})
 
 
+def _epsilons(pairs: Mapping[Path, Path],
+              epsilon: float | Mapping[Path, float] | None,
+              settings: Mapping[tuple[str, ...], BatchNormSettings] | None
+              ) -> dict[tuple[str, ...], float]:
+  """BatchNorm path -> the epsilon to fold with.
+
+  With the modules' ``settings``, each BatchNorm's own epsilon; an explicit
+  ``epsilon`` that disagrees with it raises (it would change the model).
+  Without them, ``epsilon`` (a float, or per BatchNorm), defaulting to
+  flax's 1e-5 with a warning, since a model may use another.
+  """
+  given = ({_as_path(k): float(v) for k, v in epsilon.items()}
+           if isinstance(epsilon, Mapping) else None)
+  out: dict[tuple[str, ...], float] = {}
+  for bn_path in map(_as_path, pairs.values()):
+    wanted = given.get(bn_path) if given is not None else (
+        None if epsilon is None else float(epsilon))
+    if settings is not None:
+      if bn_path not in settings:
+        raise ValueError(
+            f"fold_batchnorm: the model called no nn.BatchNorm at "
+            f"{_name(bn_path)!r} on this batch; its BatchNorms are "
+            f"{sorted(map(_name, settings))}.")
+      own = settings[bn_path].epsilon
+      if wanted is not None and wanted != own:
+        raise ValueError(
+            f"fold_batchnorm: epsilon {wanted} was given for BatchNorm "
+            f"{_name(bn_path)!r}, but the module says epsilon={own}; folding "
+            f"with another epsilon changes the model. Drop the epsilon "
+            f"argument (the module's is read).")
+      out[bn_path] = own
+    elif given is not None and wanted is None:
+      raise ValueError(f"fold_batchnorm: no epsilon given for BatchNorm "
+                       f"{_name(bn_path)!r}.")
+    else:
+      out[bn_path] = DEFAULT_EPSILON if wanted is None else wanted
+  if settings is None and epsilon is None:
+    warnings.warn(
+        f"fold_batchnorm: folding with flax's default epsilon "
+        f"{DEFAULT_EPSILON}; a BatchNorm built with another epsilon folds "
+        f"into a different model. Pass model= and batch= to read each "
+        f"BatchNorm's own epsilon, or epsilon= explicitly.", UserWarning,
+        stacklevel=5)
+  return out
+
+
 def fold_linen(variables: Mapping[str, Any], pairs: Mapping[Path, Path],
                fold: Fold, *,
-               epsilon: float | Mapping[Path, float] = DEFAULT_EPSILON
+               epsilon: float | Mapping[Path, float] | None = None,
+               model: nn.Module | None = None, batch: Any = None
                ) -> Mapping[str, Any]:
   """Folds BatchNorms into the preceding Conv/Dense of a linen model.
 
@@ -50,8 +152,15 @@ def fold_linen(variables: Mapping[str, Any], pairs: Mapping[Path, Path],
       BatchNorm that follows it; paths are tuples of names or ``"/"``-joined
       strings, e.g. ``{"block1/conv": "block1/bn"}``.
     fold: `jaxq.fold.fold_parameters`, the arithmetic.
-    epsilon: the BatchNorms' epsilon (flax's default 1e-5), or a mapping
-      from BatchNorm path to epsilon.
+    epsilon: the BatchNorms' epsilon, or a mapping from BatchNorm path to
+      epsilon. With ``model``, each BatchNorm's own epsilon is read from
+      the module and an explicit one must agree with it (else ValueError);
+      without, it defaults to flax's 1e-5 with a `UserWarning`.
+    model, batch: the linen module and one batch it runs on (the
+      `jaxq.flax.batch` convention; traced abstractly, see
+      `linen_batchnorm_settings`): each BatchNorm's epsilon,
+      ``use_scale``/``use_bias`` and axis are read from the module. Pass
+      both or neither.
 
   Returns:
     New variables (the input is not modified) for the same model
@@ -63,9 +172,14 @@ def fold_linen(variables: Mapping[str, Any], pairs: Mapping[Path, Path],
       channel counts differ, or a conv without bias is followed by a
       BatchNorm without bias (nowhere to put the folded bias).
   """
+  if (model is None) != (batch is None):
+    raise ValueError("fold_batchnorm: pass model= and batch= together (the "
+                     "BatchNorms' settings are read by tracing the model on "
+                     "the batch).")
+  settings = (None if model is None else
+              linen_batchnorm_settings(model, variables, batch))
+  epsilons = _epsilons(pairs, epsilon, settings)
   flat = dict(traverse_util.flatten_dict(variables))
-  epsilons = ({_as_path(k): v for k, v in epsilon.items()}
-              if isinstance(epsilon, Mapping) else None)
 
   def get(collection: str, path: tuple[str, ...], leaf: str, required: bool):
     key = (collection, *path, leaf)
@@ -86,13 +200,9 @@ def fold_linen(variables: Mapping[str, Any], pairs: Mapping[Path, Path],
     var = get("batch_stats", bn_path, "var", True)
     gamma = get("params", bn_path, "scale", False)
     beta = get("params", bn_path, "bias", False)
-    if epsilons is None:
-      eps = float(epsilon)
-    elif bn_path in epsilons:
-      eps = float(epsilons[bn_path])
-    else:
-      raise ValueError(f"fold_batchnorm: no epsilon given for BatchNorm "
-                       f"{_name(bn_path)!r}.")
+    eps = epsilons[bn_path]
+    if settings is not None:
+      _check_settings(_name(bn_path), settings[bn_path], gamma, beta)
     if kernel.shape[-1:] != mean.shape:
       raise ValueError(
           f"fold_batchnorm: {_name(conv_path)!r} has kernel shape "
@@ -121,6 +231,22 @@ def fold_linen(variables: Mapping[str, Any], pairs: Mapping[Path, Path],
   if isinstance(variables, frozen_dict.FrozenDict):
     return frozen_dict.freeze(folded)
   return folded
+
+
+def _check_settings(name: str, settings: BatchNormSettings,
+                    gamma: Any | None, beta: Any | None) -> None:
+  """Raises when the variables or the axis disagree with the module."""
+  if not settings.last_axis:
+    raise ValueError(f"fold_batchnorm: BatchNorm {name!r} does not normalise "
+                     f"the last axis; only the last axis (a kernel's output "
+                     f"channel) can be folded.")
+  for what, flag, value in (("scale", settings.use_scale, gamma),
+                            ("bias", settings.use_bias, beta)):
+    if flag != (value is not None):
+      raise ValueError(
+          f"fold_batchnorm: BatchNorm {name!r} has use_{what}={flag} but "
+          f"its params {'lack' if flag else 'hold'} a {what!r}; were the "
+          f"variables made by another model?")
 
 
 def fold_nnx(layer: nnx.Module, batchnorm: nnx.BatchNorm, fold: Fold) -> None:
@@ -152,8 +278,16 @@ def fold_nnx(layer: nnx.Module, batchnorm: nnx.BatchNorm, fold: Fold) -> None:
         f"{tuple(kernel.shape)} ({kernel.shape[-1]} output channels) but the "
         f"BatchNorm has statistics of shape {tuple(mean.shape)}.")
   bias = None if layer.bias is None else layer.bias[...]
-  gamma = None if batchnorm.scale is None else batchnorm.scale[...]
-  beta = None if batchnorm.bias is None else batchnorm.bias[...]
+  gamma = (batchnorm.scale[...] if batchnorm.use_scale and
+           batchnorm.scale is not None else None)
+  beta = (batchnorm.bias[...] if batchnorm.use_bias and
+          batchnorm.bias is not None else None)
+  axes = (batchnorm.axis if isinstance(batchnorm.axis, tuple)
+          else (batchnorm.axis,))
+  if tuple(axes) != (-1,) and tuple(axes) != (kernel.ndim - 1,):
+    raise ValueError(f"fold_batchnorm: the BatchNorm normalises axes "
+                     f"{axes}; only the last axis (a kernel's output "
+                     f"channel) can be folded.")
   eps = float(batchnorm.epsilon)
   new_kernel, new_bias = fold(kernel, bias, mean, batchnorm.var[...], gamma,
                               beta, eps)

@@ -316,7 +316,14 @@ def observe_act(layer: LayerQuant, state: Any | None, x: jax.Array) -> Any:
 
 
 def finalize_range(observer: calibration.Observer, state: Any) -> ActRange:
-  """The static range ``{"amax"[, "amin"]}`` an observer state picks."""
+  """The static range ``{"amax"[, "amin"]}`` an observer state picks.
+
+  A state stacked by ``nn.scan`` over layers (its scalar non-finite count
+  gained leading axes, one per stack) is finalized per layer, giving
+  ranges with the same leading axes, ``(L, *scale_shape)``.
+  """
+  if jnp.ndim(getattr(state, "nonfinite", 0)) > 0:
+    return jax.vmap(lambda one: finalize_range(observer, one))(state)
   chosen = observer.finalize(state)
   if isinstance(chosen, tuple):
     amin, amax = chosen

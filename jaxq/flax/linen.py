@@ -49,16 +49,44 @@ the original model's variables work unchanged in qat and calibrate mode):
   ``mutable=["params"]`` (what `jaxq.qat.init_learned` runs on float
   variables), starting an activation's from ``quant_ranges`` when given.
 
+Scanned layers (``nn.scan`` over a stack of ``L`` blocks, the way large
+models are written): the stored kernel is ``(L, *kernel)`` and each
+iteration's layer sees one slice. The scan must carry jaxq's collections
+like the params: ``nn.scan(Block, variable_axes={"params": 0,
+**jaxq.flax.SCAN_AXES}, split_rngs={"params": True}, length=L)``
+(``SCAN_AXES = {"quant_stats": 0, "quant_ranges": 0}``; learned ranges live
+under ``params`` and are stacked with them). Observer states, act ranges
+and learned ranges then gain the leading ``L`` axis (one range per layer;
+`jaxq.flax.core.finalize_range` finalizes stacked states per layer),
+`jaxq.convert` quantizes a stacked kernel slice by slice (a `QArray` whose
+values and scales lead with ``L``, sliced by the scan in serve mode), and
+`LayerInfo` keeps the per-layer ``weight_shape`` with ``stacked = L``. A
+layer inside a scan without these axes raises a ValueError saying what to
+add to ``variable_axes``. ``nn.remat`` passes every collection through and
+needs nothing.
+
 Paths are the "/"-joined linen module names (``"Encoder_0/Dense_1"``), as in
 the ``params`` tree. A ``transpose_kernel=True`` ConvTranspose kernel is
 ``(*window, out, in)``: serving it on integer inputs needs its scales per
 tensor or per output channel, ``PerChannel(axis=-2)`` (other scales serve
-weight-only, or raise a ValueError naming the layer).
+by the fallback below).
+
+Serve runs what QAT trained. A convolution whose quantized input has scales
+that vary along a summed axis (a catch-all ``PerToken()`` act rule also
+matches convs) cannot be an integer convolution; it serves by the fallback
+of `jaxq.flax.serve_ops.serve_conv`: the quantized input is dequantized
+(equal to QAT's fake-quantized input) and multiplied by the low-bit kernel
+(weight-only), so serve still equals QAT; so does any layer whose act and
+weight formats are an integer and a float one (fp8 x int8), which share no
+low-bit op. ``jaxq.layers(qmodel)[path]
+.serve_fallback`` names the reason for each such layer (None for layers
+that serve as integer ops).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -67,6 +95,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxq import calibration
+from jaxq import granularity as granularity_lib
 from jaxq.flax import checks
 from jaxq.flax import core
 from jaxq.flax import int8_qat
@@ -79,6 +108,34 @@ STATS = "quant_stats"
 RANGES = "quant_ranges"
 ENABLED = "quant_enabled"  # Switchable layers' on/off flags (`with_enabled`).
 LEARNED = "jaxq"
+# What ``nn.scan`` (or ``nn.vmap``) over layers adds to its ``variable_axes``
+# so that jaxq's collections are stacked per layer like the params:
+# ``nn.scan(Block, variable_axes={"params": 0, **jaxq.flax.SCAN_AXES}, ...)``.
+# Learned ranges live under ``params`` and are stacked with it.
+SCAN_AXES = {STATS: 0, RANGES: 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+  """What the outer ``init``/``apply`` call was given, for the errors of
+  layers inside lifted transforms (whose scopes see only the collections
+  the transform passes on)."""
+
+  stats_mutable: bool
+  ranges: Any
+
+
+_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
+    "jaxq_linen_call", default=None)
+
+
+def _lifted_error(path: str, collection: str) -> ValueError:
+  return ValueError(
+      f"jaxq: {path!r} runs inside a lifted transform (nn.scan or nn.vmap "
+      f"over layers) whose variable_axes lack jaxq's {collection!r} "
+      f"collection, so the layer cannot see it. Add jaxq's collections to "
+      f"the transform: variable_axes={{'params': 0, "
+      f"**jaxq.flax.SCAN_AXES}} (SCAN_AXES = {SCAN_AXES}).")
 
 _PROMOTING = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.ConvTranspose)
 _MASKED = (nn.Conv, nn.ConvTranspose)  # Their kernel is ``kernel * mask``.
@@ -118,6 +175,9 @@ class _Layer(core.LayerVariables):
 
   def put_stats(self, name: str, state: Any) -> None:
     if not self.scope.is_mutable_collection(STATS):
+      call = _CALL.get()
+      if call is not None and call.stats_mutable:
+        raise _lifted_error(self.quant.path, STATS)
       raise ValueError(
           f"jaxq calibrate: {self.quant.path!r} records observer states in "
           f"the {STATS!r} collection; call apply(..., mutable=[{STATS!r}]).")
@@ -131,6 +191,11 @@ class _Layer(core.LayerVariables):
       checks.check_act_range("jaxq", self.quant.path, act_range,
                              self.quant.act.symmetric)
       return act_range
+    call = _CALL.get()
+    outer = _lookup(call.ranges, self.quant.path) if call else None
+    if isinstance(outer, Mapping) and core.ACT_STATS in outer:
+      # The call holds this layer's range, but its scope cannot see it.
+      raise _lifted_error(self.quant.path, RANGES)
     return None
 
   def recording(self) -> bool:
@@ -229,12 +294,12 @@ class QuantizedLinen:
 
   def init(self, rngs, *args, **kwargs) -> Any:
     """``model.init`` under the interceptor; the same variables as the model's."""
-    return self._run(self.model.init, rngs, *args, **kwargs)
+    return self._run(self.model.init, True, rngs, *args, **kwargs)
 
   def apply(self, variables, *args, **kwargs) -> Any:
     """``model.apply`` under the interceptor (``method``, ``mutable``, ``rngs``
     and the rest as for linen)."""
-    return self._run(self.model.apply, variables, *args, **kwargs)
+    return self._run(self.model.apply, False, variables, *args, **kwargs)
 
   def with_mode(self, mode: core.Mode) -> "QuantizedLinen":
     """The same model and rules in another mode (sharing the layer record)."""
@@ -250,13 +315,44 @@ class QuantizedLinen:
     """The rules that no traced layer got."""
     return rules_lib.unmatched(self.rules, self._layers.values())
 
-  def _run(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
-    with nn.intercept_methods(self._intercept):
-      out = fn(*args, **kwargs)
+  def _run(self, fn: Callable[..., Any], initializing: bool, *args,
+           **kwargs) -> Any:
+    """``fn(*args, **kwargs)`` under the interceptor; ``initializing`` for
+    ``init`` (whose result holds the params) rather than ``apply`` (whose
+    first argument does)."""
+    variables = {} if initializing else args[0]
+    mutable = kwargs.get("mutable", False)
+    call = _Call(
+        stats_mutable=mutable is True or (
+            isinstance(mutable, (list, tuple, set, str)) and
+            STATS in ([mutable] if isinstance(mutable, str) else mutable)),
+        ranges=variables.get(RANGES) if isinstance(variables, Mapping)
+        else None)
+    token = _CALL.set(call)
+    try:
+      with nn.intercept_methods(self._intercept):
+        out = fn(*args, **kwargs)
+    finally:
+      _CALL.reset(token)
+    params = (out if initializing else variables)
+    if isinstance(params, Mapping) and "params" in params:
+      self._note_stacked(params["params"])
     if self._layers and not self._warned[0]:
       self._warned[0] = True
       rules_lib.warn_unmatched(self.rules, self._layers.values())
     return out
+
+  def _note_stacked(self, params: Any) -> None:
+    """Marks the layers whose stored weight has one more leading axis than
+    the layer sees: layers scanned (``nn.scan``) over a stack."""
+    for path, info in list(self._layers.items()):
+      node = _lookup(params, path)
+      weight = node.get(info.weight_name) if isinstance(node, Mapping) else None
+      shape = tuple(getattr(weight, "shape", ()))
+      stacked = (shape[0] if len(shape) == len(info.weight_shape) + 1 and
+                 shape[1:] == info.weight_shape else None)
+      if stacked != info.stacked:
+        self._layers[path] = dataclasses.replace(info, stacked=stacked)
 
   # The interceptor.
 
@@ -282,8 +378,44 @@ class QuantizedLinen:
     self._layers[path] = rules_lib.LayerInfo(
         path=path, module_type=type(module).__name__, rule=rule,
         weight_shape=tuple(weight_shape), weight_name=weight_name,
-        weight=quant and quant.weight, act=quant and quant.act, mask=mask)
+        weight=quant and quant.weight, act=quant and quant.act, mask=mask,
+        serve_fallback=recorded and recorded.serve_fallback,
+        stacked=recorded and recorded.stacked)
     return quant
+
+  def _record_fallback(self, module: nn.Module, quant: core.LayerQuant,
+                       x_shape: tuple[int, ...], w_shape: tuple[int, ...]
+                       ) -> None:
+    """Records in the layer's `LayerInfo` why serve mode cannot run it as
+    one low-bit op (`serve_ops.format_fallback_reason`, and for
+    convolutions `serve_ops.conv_fallback_reason`), or None."""
+    if quant.act is None:
+      return
+    kinds = (None, None) if quant.weight is None else (
+        quant.weight.fmt.name, quant.weight.fmt.kind)
+    reason = serve_ops.format_fallback_reason(
+        quant.act.fmt.name, quant.act.fmt.kind, *kinds)
+    if reason is None and isinstance(module, (nn.Conv, nn.ConvTranspose)):
+      reason = self._conv_fallback(module, quant, x_shape, w_shape)
+    info = self._layers[quant.path]
+    if info.serve_fallback != reason:
+      self._layers[quant.path] = dataclasses.replace(
+          info, serve_fallback=reason)
+
+  def _conv_fallback(self, module: nn.Module, quant: core.LayerQuant,
+                     x_shape: tuple[int, ...], w_shape: tuple[int, ...]
+                     ) -> str | None:
+    try:
+      x_scale = granularity_lib.scale_shape(quant.act.granularity, x_shape)
+      w_scale = (granularity_lib.scale_shape(quant.weight.granularity,
+                                             w_shape)
+                 if quant.weight is not None else None)
+    except ValueError:
+      return None  # The spec does not apply; the layer's own checks raise.
+    transposed = (isinstance(module, nn.ConvTranspose) and
+                  module.transpose_kernel)
+    return serve_ops.conv_fallback_reason(
+        x_scale, w_scale, 0, -2 if transposed else -1)
 
   def _intercept(self, next_fun, args, kwargs, context) -> Any:
     module = context.module
@@ -315,6 +447,7 @@ class QuantizedLinen:
             kernel.dtype, *(a for a in (inputs, bias) if a is not None))
         inputs, _, bias = original(inputs, None, bias, dtype=dtype,
                                    inexact=inexact)
+        kernel = serve_ops.computing_in(kernel, inputs.dtype)
       else:
         inputs, kernel, bias = original(inputs, kernel, bias, dtype=dtype,
                                         inexact=inexact)
@@ -325,6 +458,7 @@ class QuantizedLinen:
                            f"no rule quantizes it.")
         return inputs, kernel, bias
       layer.append(_Layer(module, quant))
+      self._record_fallback(module, quant, inputs.shape, kernel.shape)
       if qat_op and int8_qat.uses_qat_op(quant):
         return inputs, kernel, bias  # The qat op quantizes them itself.
       return layer[0].act(inputs), layer[0].weight(kernel), bias
@@ -412,7 +546,8 @@ class QuantizedLinen:
     query = query.astype(dtype)
     dims = (((query.ndim - 1,), (1,)), ((), ()))
     if isinstance(table, QArray):
-      return serve_ops.serve_dot_general(query, table, dims)
+      return serve_ops.serve_dot_general(
+          query, serve_ops.computing_in(table, dtype), dims)
     return jax.lax.dot_general(query, table.astype(dtype), dims)
 
   def _custom(self, module: nn.Module, next_fun, args, kwargs) -> Any:
@@ -560,7 +695,7 @@ def act_ranges(qmodel: QuantizedLinen, stats: Any) -> dict[str, Any]:
 
 def _lookup(tree: Any, path: str) -> Any:
   for name in path.split("/") if path else []:
-    if not isinstance(tree, dict) or name not in tree:
+    if not isinstance(tree, Mapping) or name not in tree:
       return None
     tree = tree[name]
   return tree

@@ -78,7 +78,9 @@ def _act_states(stats: Any) -> dict[str, Any]:
 
 def _nonfinite_counts(stats: Any, paths: Sequence[str]) -> jax.Array:
   states = _act_states(stats)
-  return jnp.asarray([calibration.nonfinite_count(states[p]) for p in paths],
+  # jnp.sum: a state stacked by nn.scan counts per layer.
+  return jnp.asarray([jnp.sum(calibration.nonfinite_count(states[p]))
+                      for p in paths],
                      jnp.int32).reshape(len(paths))
 
 

@@ -261,6 +261,7 @@ class _QuantizedLayer:
         dtype = dtype or jnp.result_type(
             w.dtype, *(a for a in (x, bias) if a is not None))
         x, _, bias = original((x, None, bias), dtype=dtype, inexact=inexact)
+        w = serve_ops.computing_in(w, x.dtype)
       else:
         x, w, bias = original((x, w, bias), dtype=dtype, inexact=inexact)
       if qat_op:
@@ -326,7 +327,8 @@ class _QuantizedEmbed:
     query = query.astype(dtype)
     dims = (((query.ndim - 1,), (1,)), ((), ()))
     if isinstance(table, QArray):
-      return serve_ops.serve_dot_general(query, table, dims)
+      return serve_ops.serve_dot_general(
+          query, serve_ops.computing_in(table, dtype), dims)
     return jax.lax.dot_general(query, table.astype(dtype), dims)
 
 

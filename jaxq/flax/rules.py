@@ -112,6 +112,19 @@ class LayerInfo:
     mask: the mask a masked convolution multiplies its kernel by (shape
       ``weight_shape``), or None: QAT quantizes ``kernel * mask``, and so
       does `jaxq.convert`. Left out of equality and repr.
+    serve_fallback: why serve mode cannot run this layer as an integer op,
+      or None when it can (or when the layer is weight-only by its rule).
+      A convolution whose quantized input has scales that vary along a
+      summed axis (a ``PerToken()`` act rule that matched a conv), or an
+      activation and weight of an integer and a float format (fp8 x int8),
+      serve by the fallback: the input dequantized (equal to QAT's
+      fake-quantized input) times the low-bit weight, weight-only. Recorded
+      for linen layers when traced.
+    stacked: the size of the leading stack axis of the stored weight when
+      the layer runs inside ``nn.scan`` over layers (the stored weight is
+      ``(stacked, *weight_shape)``; ``weight_shape`` is one layer's), or
+      None for an ordinary layer. `ModelAdapter.get_weight` returns the
+      stored, stacked weight; `jaxq.convert` quantizes it per layer slice.
   """
 
   path: str
@@ -123,6 +136,8 @@ class LayerInfo:
   act: QuantSpec | None = None
   mask: jax.Array | None = dataclasses.field(default=None, compare=False,
                                             repr=False)
+  serve_fallback: str | None = None
+  stacked: int | None = None
 
   @property
   def quantized(self) -> bool:

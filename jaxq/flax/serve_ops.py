@@ -9,6 +9,14 @@ layer's float op otherwise, e.g. a weight-only layer's float input times a
 float bias-free operand). ``ConvTranspose`` takes no op
 (``lax.conv_transpose``), so `serve_conv_transpose` computes the whole layer:
 ``(*batch, *window, in)`` inputs to ``(*batch, *out_window, out)`` outputs.
+
+Serve runs every layer QAT trains. Where the operands' scales or formats
+rule out one low-bit op (a conv input with per-token scales, kernel scales
+along a summed axis, an fp8 activation with an int8 weight), the quantized
+activation is dequantized (equal to QAT's fake-quantized one) and multiplied
+by the low-bit weight as a weight-only op: the fallback, whose reason
+`conv_fallback_reason` / `format_fallback_reason` give. Outputs keep the
+layer's dtype (`computing_in`).
 """
 
 from __future__ import annotations
@@ -18,10 +26,12 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen import linear as linen_linear
 from jax import lax
 
 from jaxq import ops
+from jaxq.quantize import dequantize
 from jaxq.spec import QArray
 
 
@@ -33,12 +43,53 @@ def _is_quantized(*operands: Any) -> bool:
   return any(isinstance(x, QArray) for x in operands)
 
 
+def computing_in(w: QArray, dtype: Any) -> QArray:
+  """``w`` dequantizing to ``dtype``, the layer's computation dtype.
+
+  Flax promotes a float kernel to the layer's ``dtype`` before its op; a
+  converted `QArray` kernel keeps its parameter's dtype, so without this a
+  ``Dense(dtype=bfloat16)`` with float32 params would serve float32 outputs
+  (the low-bit ops return the promoted dtype of their operands).
+  """
+  return dataclasses.replace(w, dtype=np.dtype(dtype))
+
+
+# Mixed formats: an integer format multiplies only with an integer one (int32
+# accumulation), a float format (fp8) with a float one. A rule that pairs an
+# fp8 activation with an int8 weight (or the reverse) trains in QAT, so serve
+# runs it by the fallback: the activation dequantized, the weight low-bit.
+
+
+def format_fallback_reason(act_format: str | None, act_kind: str | None,
+                           weight_format: str | None, weight_kind: str | None
+                           ) -> str | None:
+  """Why a quantized activation and weight cannot share one low-bit op (an
+  integer and a float format), or None."""
+  if act_kind is None or weight_kind is None or act_kind == weight_kind:
+    return None
+  return (f"the activation format {act_format} ({act_kind}) and the weight "
+          f"format {weight_format} ({weight_kind}) cannot share a low-bit "
+          f"op: an integer format needs an integer partner and a float "
+          f"format a float one")
+
+
+def _mixed_formats(lhs: Any, rhs: Any) -> bool:
+  return (isinstance(lhs, QArray) and isinstance(rhs, QArray) and
+          lhs.spec.fmt.kind != rhs.spec.fmt.kind)
+
+
+def _fallback(lhs: Any, rhs: Any) -> tuple[Any, Any]:
+  """Dequantizes ``lhs`` when the two QArrays' formats cannot share an op."""
+  return (dequantize(lhs) if _mixed_formats(lhs, rhs) else lhs), rhs
+
+
 def serve_dot_general(lhs, rhs, dimension_numbers, precision=None,
                       preferred_element_type=None, **kwargs) -> jax.Array:
   """``lax.dot_general``'s signature; `jaxq.dot_general` on QArrays.
 
   ``precision`` does not apply to the integer path and is ignored there.
   """
+  lhs, rhs = _fallback(lhs, rhs)
   if not _is_quantized(lhs, rhs):
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type,
@@ -50,6 +101,7 @@ def serve_dot_general(lhs, rhs, dimension_numbers, precision=None,
 def serve_einsum(subscripts: str, lhs, rhs, precision=None,
                  preferred_element_type=None, **kwargs) -> jax.Array:
   """``jnp.einsum``'s two-operand signature; `jaxq.einsum` on QArrays."""
+  lhs, rhs = _fallback(lhs, rhs)
   if not _is_quantized(lhs, rhs):
     return jnp.einsum(subscripts, lhs, rhs, precision=precision,
                       preferred_element_type=preferred_element_type, **kwargs)
@@ -57,11 +109,68 @@ def serve_einsum(subscripts: str, lhs, rhs, precision=None,
                     preferred_element_type=preferred_element_type)
 
 
+# Convolutions: an integer convolution sums over the input channels and the
+# window, so the input's scales may vary only per example and the kernel's
+# only per output channel. Other scales (a catch-all PerToken() rule that
+# also matched a conv) serve by the fallback: the quantized input is
+# dequantized (it equals QAT's fake-quantized input) and multiplied by the
+# low-bit kernel as a weight-only op, so serve still equals QAT.
+
+
+def _varies_off(shape: Sequence[int], kept_axis: int) -> bool:
+  return any(size != 1 for axis, size in enumerate(shape)
+             if axis != kept_axis % len(shape))
+
+
+def conv_fallback_reason(x_scale_shape: Sequence[int] | None,
+                         w_scale_shape: Sequence[int] | None,
+                         batch_axis: int, out_axis: int) -> str | None:
+  """Why a convolution of a quantized input cannot be an integer op, or None.
+
+  Args:
+    x_scale_shape: the keepdims scale shape of the quantized input, or None
+      for a float input (weight-only layers never fall back).
+    w_scale_shape: the kernel's scale shape, or None for a float kernel.
+    batch_axis, out_axis: the input's example axis and the kernel's output
+      channel axis.
+  """
+  if x_scale_shape is None:
+    return None
+  if _varies_off(x_scale_shape, batch_axis):
+    return (f"the input's scales (shape {tuple(x_scale_shape)}) vary along "
+            f"an axis the convolution sums over; an integer convolution "
+            f"needs them per tensor or per example")
+  if w_scale_shape is not None and _varies_off(w_scale_shape, out_axis):
+    return (f"the kernel's scales (shape {tuple(w_scale_shape)}) vary along "
+            f"an axis the convolution sums over; an integer convolution "
+            f"needs them per tensor or per output channel, "
+            f"PerChannel(axis={out_axis})")
+  return None
+
+
+def _scale_shape(x: Any) -> tuple[int, ...] | None:
+  if not isinstance(x, QArray):
+    return None
+  if x.zero_point is not None and x.zero_point.ndim:
+    return tuple(max(a, b) for a, b in zip(x.scale.shape, x.zero_point.shape))
+  return tuple(x.scale.shape)
+
+
 def serve_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
                rhs_dilation=None, dimension_numbers=None,
                feature_group_count=1, batch_group_count=1, precision=None,
                preferred_element_type=None, **kwargs) -> jax.Array:
-  """``lax.conv_general_dilated``'s signature; `jaxq.conv` on QArrays."""
+  """``lax.conv_general_dilated``'s signature; `jaxq.conv` on QArrays.
+
+  A quantized input whose scales rule out an integer convolution (see
+  `conv_fallback_reason`) is dequantized first: the fallback path.
+  """
+  lhs, rhs = _fallback(lhs, rhs)
+  if isinstance(lhs, QArray):
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    if conv_fallback_reason(_scale_shape(lhs), _scale_shape(rhs),
+                            dn.lhs_spec[0], dn.rhs_spec[0]):
+      lhs = dequantize(lhs)
   if not _is_quantized(lhs, rhs):
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
@@ -238,10 +347,11 @@ def serve_conv_transpose(
   Returns:
     ``(*batch, *out_window, out)``, as the float layer returns.
 
-  Raises:
-    ValueError: naming the layer, for integer operands whose kernel scale
-      varies along a summed axis.
+  A kernel whose scales vary along a summed axis (other than the output
+  channel) serves by `serve_conv`'s fallback: the input dequantized, the
+  kernel low-bit (weight-only).
   """
+  del path  # Kept for callers' error messages; the fallback needs no error.
   rank = len(config.kernel_size)
   batch_shape = inputs.shape[:inputs.ndim - rank - 1]
   inputs = jnp.reshape(inputs, (-1, *inputs.shape[len(batch_shape):]))
@@ -250,16 +360,6 @@ def serve_conv_transpose(
     kernel = kernel * config.mask
   x, w, bias = promote(inputs, kernel, bias)
   dimension_numbers = config.dimension_numbers()
-  out_axis = dimension_numbers.rhs_spec[0]
-  if isinstance(x, QArray) and isinstance(w, QArray) and any(
-      size != 1 for axis, size in enumerate(w.scale.shape) if axis != out_axis):
-    raise ValueError(
-        f"jaxq serve: the kernel of {path!r} (ConvTranspose, "
-        f"shape {w.shape}, transpose_kernel={config.transpose_kernel}) has "
-        f"scales of shape {tuple(w.scale.shape)}; a low-bit convolution needs "
-        f"them per tensor or per output channel, axis {out_axis - w.ndim} "
-        f"(PerChannel(axis={out_axis - w.ndim})), or a float input "
-        f"(weight-only).")
   if config.transpose_kernel:
     w = _flip_window(w, rank)
   y = serve_conv(x, w, (1,) * rank, config.conv_padding(),

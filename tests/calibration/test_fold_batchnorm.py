@@ -167,3 +167,97 @@ def test_nnx_errors():
     jaxq.fold_batchnorm(conv, nnx.LayerNorm(3, rngs=rngs))
   with pytest.raises(ValueError, match="takes no options"):
     jaxq.fold_batchnorm(conv, nnx.BatchNorm(3, rngs=rngs), epsilon=1e-3)
+
+
+# Each BatchNorm's own epsilon (issue 13, item 10).
+
+
+def _small_variance_model():
+  model = ConvBN()  # bn: epsilon=1e-3; block/bn: flax's 1e-5.
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, CHANNELS))
+  variables = model.init(jax.random.key(1), x)
+  variables = _randomise_batchnorm(variables, jax.random.key(2))
+  # Running variances near epsilon make the epsilon matter.
+  stats = variables["batch_stats"]
+  stats = {**stats, "bn": {**stats["bn"], "var": stats["bn"]["var"] * 1e-3}}
+  return model, x, {**variables, "batch_stats": stats}
+
+
+def test_linen_reads_each_batchnorm_epsilon_from_the_model():
+  model, x, variables = _small_variance_model()
+  pairs = {"conv": "bn", "block/dense": "block/bn"}
+  folded = jaxq.fold_batchnorm(variables, pairs, model=model, batch=x)
+  expected = model.apply(variables, x)
+  np.testing.assert_allclose(model.apply(folded, x), expected, rtol=1e-4,
+                             atol=1e-4 * float(jnp.max(jnp.abs(expected))))
+  np.testing.assert_allclose(folded["batch_stats"]["bn"]["var"],
+                             np.full(CHANNELS, 1 - 1e-3))
+  np.testing.assert_allclose(folded["batch_stats"]["block"]["bn"]["var"],
+                             np.full(CHANNELS, 1 - 1e-5))
+  # The default epsilon (what the model does not use) folds another model,
+  # and says so.
+  with pytest.warns(UserWarning, match="default epsilon"):
+    wrong = jaxq.fold_batchnorm(variables, pairs)
+  assert not np.allclose(model.apply(wrong, x), expected, rtol=1e-2)
+
+
+def test_linen_explicit_epsilon_must_agree_with_the_module():
+  model, x, variables = _small_variance_model()
+  with pytest.raises(ValueError, match="epsilon 1e-05.*'bn'.*epsilon=0.001"):
+    jaxq.fold_batchnorm(variables, {"conv": "bn"}, epsilon=1e-5, model=model,
+                        batch=x)
+  agreed = jaxq.fold_batchnorm(variables, {"conv": "bn"}, epsilon=1e-3,
+                               model=model, batch=x)
+  read = jaxq.fold_batchnorm(variables, {"conv": "bn"}, model=model,
+                                  batch=x)
+  np.testing.assert_array_equal(agreed["params"]["conv"]["kernel"],
+                                read["params"]["conv"]["kernel"])
+  with pytest.raises(ValueError, match="no nn.BatchNorm at 'bnn'"):
+    jaxq.fold_batchnorm(variables, {"conv": "bnn"}, model=model, batch=x)
+  with pytest.raises(ValueError, match="model= and batch= together"):
+    jaxq.fold_batchnorm(variables, {"conv": "bn"}, model=model)
+
+
+def test_linen_use_scale_and_axis_come_from_the_module():
+
+  class NoScale(nn.Module):
+
+    axis: int = -1
+
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Dense(4, name="dense")(x)
+      return nn.BatchNorm(use_running_average=True, use_scale=False,
+                          axis=self.axis, epsilon=1e-2, name="bn")(x)
+
+  x = jax.random.normal(jax.random.key(0), (3, 4))
+  model = NoScale()
+  variables = _randomise_batchnorm(model.init(jax.random.key(1), x),
+                                   jax.random.key(2))
+  folded = jaxq.fold_batchnorm(variables, {"dense": "bn"}, model=model,
+                               batch=x)
+  np.testing.assert_allclose(model.apply(folded, x), model.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  # Params from another model (with a scale) disagree with use_scale=False.
+  other = {**variables, "params": {**variables["params"], "bn": {
+      **variables["params"]["bn"], "scale": jnp.ones(4)}}}
+  with pytest.raises(ValueError, match="'bn' has use_scale=False"):
+    jaxq.fold_batchnorm(other, {"dense": "bn"}, model=model, batch=x)
+  square = NoScale(axis=0)
+  y = jnp.ones((4, 4))
+  with pytest.raises(ValueError, match="'bn' does not normalise the last"):
+    jaxq.fold_batchnorm(square.init(jax.random.key(1), y), {"dense": "bn"},
+                        model=square, batch=y)
+
+
+def test_nnx_small_variance_epsilon_from_the_module():
+  model = NnxConvBN(1, True, nnx.Rngs(0))  # bn: epsilon=1e-3.
+  model.bn.var[...] = jnp.full((CHANNELS,), 1e-4)
+  model.bn.mean[...] = jnp.linspace(-1, 1, CHANNELS)
+  x = jax.random.normal(jax.random.key(2), (2, 8, 8, CHANNELS))
+  expected = model(x)
+  folded = nnx.clone(model)
+  jaxq.fold_batchnorm(folded.conv, folded.bn)
+  jaxq.fold_batchnorm(folded.linear, folded.bn2)
+  np.testing.assert_allclose(folded(x), expected, rtol=1e-4,
+                             atol=1e-4 * float(jnp.max(jnp.abs(expected))))

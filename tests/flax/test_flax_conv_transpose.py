@@ -171,20 +171,27 @@ def test_serve_convolves_int8_into_int32(transpose_kernel):
 
 def test_transposed_kernel_with_input_channel_scales():
   """``PerChannel(-1)`` of a (*window, out, in) kernel varies along the
-  contraction: integer inputs raise naming the layer and the axis to use;
-  float inputs (weight-only) dequantize and still equal QAT."""
+  contraction: integer inputs cannot run an integer conv, so serve falls
+  back (dequantized input, low-bit kernel; issue 13: serve what QAT
+  accepted), still equals QAT, and `LayerInfo.serve_fallback` names the
+  axis to use for the integer path; float inputs (weight-only) dequantize
+  and still equal QAT."""
   case = Case("transposed", dict(strides=(2, 2), transpose_kernel=True),
               (2, 5, 6, 3), W8)
   linen_model, variables, nnx_model = _models(case)
   x = _input(case)
   rules = [jaxq.Rule(r".*", weight=case.weight, act=A8)]
+  qat_out, serve_out, _ = _linen_qat_and_serve(linen_model, variables, x,
+                                               rules)
+  np.testing.assert_allclose(serve_out, qat_out,
+                             atol=1e-5 * fm.max_abs(qat_out))
   serve = jaxq.quantize_model(linen_model, rules, "serve")
-  with pytest.raises(ValueError, match=r"'' \(ConvTranspose.*PerChannel\("
-                     r"axis=-2\)"):
-    serve.apply(variables, x)
+  serve.apply(variables, x)
+  assert "PerChannel(axis=-2)" in jaxq.layers(serve)[""].serve_fallback
+  nnx_qat = jaxq.quantize_model(nnx_model, rules, "qat")
   nnx_serve = jaxq.quantize_model(nnx_model, rules, "serve")
-  with pytest.raises(ValueError, match=r"PerChannel\(axis=-2\)"):
-    nnx_serve(x)
+  np.testing.assert_allclose(nnx_serve(x), nnx_qat(x),
+                             atol=1e-5 * fm.max_abs(qat_out))
 
   weight_only = [jaxq.Rule(r".*", weight=case.weight)]
   qat_out, serve_out, _ = _linen_qat_and_serve(linen_model, variables, x,

@@ -1,0 +1,224 @@
+"""linen ``nn.scan`` (and ``nn.remat``) over layers: stacked kernels.
+
+Large models scan one block over ``L`` layers, so each kernel is stored
+``(L, d_in, d_out)`` and the layer sees one ``(d_in, d_out)`` slice per
+iteration. With ``jaxq.flax.SCAN_AXES`` in the scan's ``variable_axes``,
+calibration records one range per layer (stacked ``(L, ...)``), QAT equals
+an unrolled twin with the same weights, convert quantizes per layer slice
+and serve equals QAT. Without it, the error says what to add.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxq
+from jaxq import PerChannel, PerTensor, QuantSpec
+
+L, D, HIDDEN = 3, 8, 16
+RULES = (jaxq.Rule(r".*", weight=QuantSpec("int8", PerChannel(axis=-1)),
+                   act=QuantSpec("int8", PerTensor(), dynamic=False)),)
+
+
+class Block(nn.Module):
+  """A residual MLP block: ``x + down(relu(up(x)))``."""
+
+  @nn.compact
+  def __call__(self, x, _):
+    h = nn.relu(nn.Dense(HIDDEN, name="up")(x))
+    return x + nn.Dense(D, name="down")(h), None
+
+
+class Scanned(nn.Module):
+  """``L`` blocks as one ``nn.scan``, the way large models are written."""
+
+  axes: tuple = tuple(jaxq.flax.SCAN_AXES.items())
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(D, name="inp")(x)
+    block = nn.remat(Block) if self.remat else Block
+    stack = nn.scan(block, variable_axes={"params": 0, **dict(self.axes)},
+                    split_rngs={"params": True}, length=L)
+    x, _ = stack(name="layers")(x, None)
+    return nn.Dense(2, name="head")(x)
+
+
+class Unrolled(nn.Module):
+  """The same blocks one by one (``layers_0`` ...)."""
+
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(D, name="inp")(x)
+    block = nn.remat(Block) if self.remat else Block
+    for i in range(L):
+      x, _ = block(name=f"layers_{i}")(x, None)
+    return nn.Dense(2, name="head")(x)
+
+
+def _unrolled_params(params):
+  """The scanned params laid out for `Unrolled` (layer ``i``'s slices)."""
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(L):
+    out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+  return out
+
+
+def _x(seed=1):
+  return jax.random.normal(jax.random.key(seed), (4, D))
+
+
+@pytest.fixture(scope="module")
+def scanned():
+  model = Scanned()
+  variables = model.init(jax.random.key(0), _x())
+  cal = jaxq.quantize_model(model, RULES, "calibrate")
+  result = jaxq.calibrate(cal, variables, [_x(), 3.0 * _x(2)], progress=False)
+  return model, variables, cal, result.ranges()
+
+
+def test_calibrate_records_one_range_per_layer_stacked(scanned):
+  model, variables, _, ranges = scanned
+  twin = Unrolled()
+  twin_vars = {"params": _unrolled_params(variables["params"])}
+  twin_cal = jaxq.quantize_model(twin, RULES, "calibrate")
+  twin_ranges = jaxq.calibrate(twin_cal, twin_vars, [_x(), 3.0 * _x(2)],
+                               progress=False).ranges()
+  for name in ("up", "down"):
+    amax = ranges["layers"][name]["act"]["amax"]
+    assert amax.shape == (L, 1, 1)
+    for i in range(L):
+      np.testing.assert_array_equal(
+          amax[i], twin_ranges[f"layers_{i}"][name]["act"]["amax"])
+  # Layers differ, so the ranges are per layer, not one shared range.
+  assert len(set(np.asarray(ranges["layers"]["up"]["act"]["amax"]).ravel())
+             ) == L
+  del model
+
+
+def test_histogram_calibration_is_per_layer_too():
+  # Histogram states (entropy) are stacked and finalized layer by layer.
+  rules = (jaxq.Rule(
+      r".*", weight=RULES[0].weight,
+      act=QuantSpec("int8", PerTensor(), dynamic=False,
+                    calibration="entropy")),)
+  model = Scanned()
+  variables = model.init(jax.random.key(0), _x())
+  batches = [_x(), 3.0 * _x(2)]
+  ranges = jaxq.calibrate(jaxq.quantize_model(model, rules, "calibrate"),
+                          variables, batches, progress=False).ranges()
+  twin = jaxq.calibrate(
+      jaxq.quantize_model(Unrolled(), rules, "calibrate"),
+      {"params": _unrolled_params(variables["params"])}, batches,
+      progress=False).ranges()
+  for i in range(L):
+    np.testing.assert_allclose(ranges["layers"]["down"]["act"]["amax"][i],
+                               twin[f"layers_{i}"]["down"]["act"]["amax"],
+                               rtol=1e-6)
+
+
+def test_layers_lists_the_per_layer_shape_and_the_stack(scanned):
+  _, _, cal, _ = scanned
+  layers = jaxq.layers(cal)
+  assert layers["layers/up"].weight_shape == (D, HIDDEN)
+  assert layers["layers/up"].stacked == L
+  assert layers["layers/down"].stacked == L
+  assert layers["inp"].stacked is None
+
+
+def test_qat_equals_unrolled_twin_and_serve_equals_qat(scanned):
+  model, variables, cal, ranges = scanned
+  x = _x(5)
+  qat = cal.with_mode("qat")
+  y_qat = jax.jit(qat.apply)({**variables, "quant_ranges": ranges}, x)
+  twin_qat = jaxq.quantize_model(Unrolled(), RULES, "qat")
+  twin_ranges = _unrolled_params(ranges)
+  twin_vars = {"params": _unrolled_params(variables["params"]),
+               "quant_ranges": twin_ranges}
+  y_twin = jax.jit(twin_qat.apply)(twin_vars, x)
+  np.testing.assert_allclose(y_qat, y_twin, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(y_qat, jax.jit(model.apply)(variables, x),
+                         atol=1e-5)
+
+  serving, report = jaxq.convert(qat, variables, ranges=ranges)
+  kernel = serving["params"]["layers"]["up"]["kernel"]
+  assert isinstance(kernel, jaxq.QArray)
+  assert kernel.values.shape == (L, D, HIDDEN)
+  assert kernel.values.dtype == jnp.int8
+  assert kernel.scale.shape == (L, 1, HIDDEN)
+  for i in range(L):  # Each slice is that layer's own quantization.
+    alone = jaxq.quantize(variables["params"]["layers"]["up"]["kernel"][i],
+                          RULES[0].weight)
+    np.testing.assert_array_equal(kernel.values[i], alone.values)
+    np.testing.assert_array_equal(kernel.scale[i], alone.scale)
+  assert report.quantized_bytes < report.float_bytes
+  y_serve = jax.jit(qat.with_mode("serve").apply)(serving, x)
+  np.testing.assert_allclose(y_serve, y_qat, rtol=1e-5,
+                             atol=1e-5 * float(jnp.max(jnp.abs(y_qat))))
+
+
+def test_forgotten_scan_axes_say_what_to_add():
+  model = Scanned(axes=())
+  variables = model.init(jax.random.key(0), _x())
+  cal = jaxq.quantize_model(model, RULES, "calibrate")
+  with pytest.raises(ValueError, match=r"'layers/up'.*nn.scan.*variable_axes"
+                     r".*'quant_stats'.*\*\*jaxq.flax.SCAN_AXES"):
+    jaxq.calibrate(cal, variables, [_x()], progress=False)
+  with pytest.raises(ValueError, match=r"'inp'.*mutable=\['quant_stats'\]"):
+    # Not a scan problem: the caller did not make the stats mutable.
+    cal.apply(variables, _x())
+  # QAT with the ranges in the variables, but not in the scan's axes.
+  ranges = {"layers": {n: {"act": {"amax": jnp.ones((L, 1, 1))}}
+                       for n in ("up", "down")},
+            **{n: {"act": {"amax": jnp.ones((1, 1))}} for n in ("inp", "head")}}
+  with pytest.raises(ValueError, match=r"'quant_ranges'.*SCAN_AXES"):
+    cal.with_mode("qat").apply({**variables, "quant_ranges": ranges}, _x())
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["remat", "scan_remat"])
+def test_remat_layers_in_every_mode(scan):
+  model = Scanned(remat=True) if scan else Unrolled(remat=True)
+  variables = model.init(jax.random.key(0), _x())
+  cal = jaxq.quantize_model(model, RULES, "calibrate")
+  ranges = jaxq.calibrate(cal, variables, [_x(), 3.0 * _x(2)],
+                          progress=False).ranges()
+  qat = cal.with_mode("qat")
+  x = _x(5)
+  y_qat = jax.jit(qat.apply)({**variables, "quant_ranges": ranges}, x)
+  plain = Scanned() if scan else Unrolled()
+  y_plain = jax.jit(jaxq.quantize_model(plain, RULES, "qat").apply)(
+      {**variables, "quant_ranges": ranges}, x)
+  np.testing.assert_allclose(y_qat, y_plain, rtol=1e-6, atol=1e-6)
+  serving, _ = jaxq.convert(qat, variables, ranges=ranges)
+  y_serve = jax.jit(qat.with_mode("serve").apply)(serving, x)
+  np.testing.assert_allclose(y_serve, y_qat, rtol=1e-5,
+                             atol=1e-5 * float(jnp.max(jnp.abs(y_qat))))
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(qat.apply(
+      {"params": p, "quant_ranges": ranges}, x))))(variables["params"])
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_learned_ranges_stack_with_the_params():
+  rules = (jaxq.Rule(r".*", weight=QuantSpec("int8", PerChannel(axis=-1),
+                                             learn="lsq"),
+                     act=QuantSpec("int8", PerTensor(), learn="lsq")),)
+  qat = jaxq.quantize_model(Scanned(), rules, "qat")
+  x = _x()
+  variables = qat.init(jax.random.key(0), x)
+  learned = variables["params"]["layers"]["up"]["jaxq"]
+  assert learned["weight_scale"].shape == (L, 1, HIDDEN)
+  assert learned["act_scale"].shape == (L, 1)
+  y_qat = jax.jit(qat.apply)(variables, x)
+  serving, _ = jaxq.convert(qat, variables)
+  scale = serving["params"]["layers"]["up"]["kernel"].scale
+  assert scale.shape == (L, 1, HIDDEN)
+  y_serve = jax.jit(qat.with_mode("serve").apply)(serving, x)
+  np.testing.assert_allclose(y_serve, y_qat, rtol=1e-5,
+                             atol=1e-5 * float(jnp.max(jnp.abs(y_qat))))
