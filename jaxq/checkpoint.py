@@ -54,56 +54,40 @@ checksums), a manifest from a newer format version, and a spec that does not
 fit its arrays (values dtype, scale shape for the granularity, zero points)
 all raise a `CheckpointError` (a ``ValueError``) naming the file, the tensor
 or the key path.
+
+The tensor encodings live in `jaxq.checkpoint_tensors`, the manifest (specs,
+rules, the tree and its header) in `jaxq.checkpoint_manifest`; this module
+writes and reads the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
-import math
 import os
-import struct
 import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import ml_dtypes
-import numpy as np
-
 import jaxq
 from jaxq import flax as jaxq_flax
-from jaxq import granularity as granularity_lib
+from jaxq.checkpoint_manifest import _decode_tree
+from jaxq.checkpoint_manifest import _Encoder
+from jaxq.checkpoint_manifest import _manifest
+from jaxq.checkpoint_manifest import _rule_from_json
+from jaxq.checkpoint_manifest import _rule_to_json
+from jaxq.checkpoint_manifest import check_qarray
+from jaxq.checkpoint_manifest import DIGEST_KEY
+from jaxq.checkpoint_manifest import FORMAT_VERSION
+from jaxq.checkpoint_manifest import MANIFEST_KEY
+from jaxq.checkpoint_manifest import SEPARATOR
+from jaxq.checkpoint_tensors import _decode
+from jaxq.checkpoint_tensors import _safetensors
+from jaxq.checkpoint_tensors import CheckpointError
+from jaxq.checkpoint_tensors import CheckpointNotFoundError
 from jaxq.flax.rules import Rule
 from jaxq.flax.rules import check_rules
-from jaxq.spec import QArray
-from jaxq.spec import QuantSpec
-
-FORMAT_VERSION = 1
-SEPARATOR = "/"
-MANIFEST_KEY = "jaxq.manifest"
-DIGEST_KEY = "jaxq.manifest_sha256"
-
-_QARRAY_FIELDS = ("values", "scale", "zero_point")
-_NIBBLE_DTYPES = frozenset(
-    np.dtype(t) for t in (ml_dtypes.int4, ml_dtypes.uint4,
-                          ml_dtypes.float4_e2m1fn))
-_GRANULARITIES = {cls.__name__: cls for cls in (
-    granularity_lib.PerTensor, granularity_lib.PerChannel,
-    granularity_lib.PerToken, granularity_lib.PerGroup,
-    granularity_lib.PerBlock, granularity_lib.MX)}
-_HEADER_LENGTH = struct.Struct("<Q")
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be loaded exactly as it was saved."""
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-  """The checkpoint file does not exist."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,325 +141,6 @@ class Loaded:
   variables: dict[Any, Any]
   rules: tuple[Rule, ...] | None
   metadata: dict[str, Any]
-
-
-# ---------------------------------------------------------------- encoding
-
-
-def _safetensors():
-  try:
-    import safetensors  # pylint: disable=g-import-not-at-top
-    import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError("jaxq.save and jaxq.load need safetensors: "
-                      "pip install safetensors") from e
-  return safetensors
-
-
-@functools.lru_cache(maxsize=None)
-def _native_code(dtype: np.dtype) -> str | None:
-  """The safetensors dtype code of ``dtype``, or None if it is not native.
-
-  Asks the installed safetensors by serialising one element, so newer
-  versions that learn more dtypes store them natively.
-  """
-  st = _safetensors()
-  try:
-    data = st.numpy.save({"x": np.zeros((1,), dtype)})
-    return st.deserialize(data)[0][1]["dtype"]
-  except Exception:  # pylint: disable=broad-except
-    return None
-
-
-def _unsigned(itemsize: int) -> np.dtype:
-  return np.dtype(f"<u{itemsize}")
-
-
-def _pack_nibbles(x: np.ndarray) -> np.ndarray:
-  """Packs a 4-bit array into ``ceil(size / 2)`` bytes, low nibble first."""
-  codes = x.reshape(-1).view(np.uint8) & 0x0F
-  codes = np.pad(codes, (0, codes.size % 2))
-  return codes[0::2] | (codes[1::2] << 4)
-
-
-def _unpack_nibbles(packed: np.ndarray, dtype: np.dtype,
-                    shape: tuple[int, ...]) -> np.ndarray:
-  codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(-1)
-  return codes[:math.prod(shape)].view(dtype).reshape(shape)
-
-
-def _stored_form(dtype: np.dtype, shape: tuple[int, ...]
-                 ) -> tuple[str, np.dtype, tuple[int, ...]] | None:
-  """``(encoding, stored dtype, stored shape)`` of a logical array.
-
-  None for dtypes that cannot be stored and named again: objects, strings,
-  structured dtypes, and widths with no unsigned integer to carry the bits.
-  """
-  if dtype.kind not in "biufcV" or _dtype(dtype.name) != dtype:
-    return None
-  if dtype in _NIBBLE_DTYPES:
-    return "nibbles", np.dtype(np.uint8), ((math.prod(shape) + 1) // 2,)
-  if _native_code(dtype) is not None:
-    return "raw", dtype, shape
-  if dtype.itemsize in (1, 2, 4, 8):
-    return "bits", _unsigned(dtype.itemsize), shape
-  return None
-
-
-def _encode(x: np.ndarray, where: str) -> tuple[np.ndarray, dict[str, Any]]:
-  """The stored tensor and manifest entry of the array ``x``."""
-  if _stored_form(x.dtype, x.shape) is None:
-    raise ValueError(f"jaxq.save: cannot store the {x.dtype} array at "
-                     f"{where!r}.")
-  if x.dtype.byteorder == ">":  # safetensors is little-endian
-    x = x.astype(x.dtype.newbyteorder("<"))
-  x = np.asarray(x, order="C")  # ascontiguousarray would make 0-d 1-d
-  encoding, _, _ = _stored_form(x.dtype, x.shape)
-  stored = {"raw": lambda: x,
-            "bits": lambda: x.view(_unsigned(x.dtype.itemsize)),
-            "nibbles": lambda: _pack_nibbles(x)}[encoding]()
-  entry = {"dtype": x.dtype.name, "shape": list(x.shape),
-           "encoding": encoding, "sha256": _sha256(stored)}
-  return stored, entry
-
-
-def _sha256(stored: np.ndarray | bytes) -> str:
-  if isinstance(stored, np.ndarray):
-    stored = np.asarray(stored, order="C").reshape(-1).view(np.uint8)
-  return hashlib.sha256(stored).hexdigest()
-
-
-def _dtype(name: str) -> np.dtype | None:
-  """A numpy dtype from its name, ml_dtypes included; None if unknown."""
-  try:
-    return np.dtype(name)
-  except TypeError:
-    return np.dtype(getattr(ml_dtypes, name)) if hasattr(
-        ml_dtypes, name) else None
-
-
-def _decode(name: str, code: str, shape: list[int], data: bytes,
-            entry: Mapping[str, Any]) -> np.ndarray:
-  """Checks a stored tensor against its manifest entry and decodes it."""
-  dtype, logical_shape = _dtype(entry["dtype"]), tuple(entry["shape"])
-  form = None if dtype is None else _stored_form(dtype, logical_shape)
-  if form is None:
-    raise CheckpointError(f"tensor {name!r}: unknown dtype "
-                          f"{entry['dtype']!r}.")
-  encoding, stored_dtype, stored_shape = form
-  if encoding != entry["encoding"]:
-    raise CheckpointError(f"tensor {name!r}: the manifest says encoding "
-                          f"{entry['encoding']!r} for {dtype}, which is "
-                          f"stored as {encoding!r}.")
-  if code != _native_code(stored_dtype) or tuple(shape) != stored_shape:
-    raise CheckpointError(
-        f"tensor {name!r}: the file holds {code} {list(shape)}, the manifest "
-        f"expects {_native_code(stored_dtype)} {list(stored_shape)} for "
-        f"{dtype} {list(logical_shape)}.")
-  if _sha256(data) != entry["sha256"]:
-    raise CheckpointError(f"tensor {name!r}: checksum mismatch, the data is "
-                          f"corrupted.")
-  stored = np.frombuffer(data, stored_dtype).reshape(stored_shape)
-  if encoding == "nibbles":
-    return _unpack_nibbles(stored, dtype, logical_shape)
-  return stored.view(dtype)
-
-
-# ------------------------------------------------------- specs and rules
-
-
-def _spec_to_json(spec: QuantSpec, where: str) -> dict[str, Any]:
-  granularity = spec.granularity
-  kind = type(granularity).__name__
-  if _GRANULARITIES.get(kind) is not type(granularity):
-    raise ValueError(f"jaxq.save: {where}: cannot store the custom "
-                     f"granularity {granularity!r}; use one of "
-                     f"{', '.join(_GRANULARITIES)}.")
-  fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-  fields["granularity"] = {"type": kind, **dataclasses.asdict(granularity)}
-  return fields
-
-
-def _tuples(value: Any) -> Any:
-  """JSON lists back to the tuples the dataclasses were built with."""
-  return tuple(map(_tuples, value)) if isinstance(value, list) else value
-
-
-def _spec_from_json(fields: Mapping[str, Any]) -> QuantSpec:
-  fields = dict(fields)
-  granularity = dict(fields.pop("granularity"))
-  kind = granularity.pop("type")
-  if kind not in _GRANULARITIES:
-    raise CheckpointError(f"unknown granularity {kind!r}; this jaxq knows "
-                          f"{', '.join(_GRANULARITIES)}.")
-  cls = _GRANULARITIES[kind]
-  granularity = cls(**{k: _tuples(v) for k, v in granularity.items()})
-  return QuantSpec(granularity=granularity, **fields)
-
-
-def _rule_to_json(rule: Rule, index: int) -> dict[str, Any]:
-  where = f"rules[{index}]"
-  types = rule.module_types
-  return {
-      "path_regex": rule.path_regex,
-      "weight": None if rule.weight is None else _spec_to_json(
-          rule.weight, where),
-      "act": None if rule.act is None else _spec_to_json(rule.act, where),
-      "skip": rule.skip,
-      "module_types": None if types is None else [
-          t.__name__ if isinstance(t, type) else t for t in types],
-  }
-
-
-def _rule_from_json(fields: Mapping[str, Any]) -> Rule:
-  fields = dict(fields)
-  for name in ("weight", "act"):
-    if fields.get(name) is not None:
-      fields[name] = _spec_from_json(fields[name])
-  if fields.get("module_types") is not None:
-    fields["module_types"] = tuple(fields["module_types"])
-  return Rule(**fields)
-
-
-def check_qarray(values: Any, scale: Any, zero_point: Any,
-                 spec: QuantSpec, dtype: np.dtype) -> None:
-  """Raises ValueError if the arrays of a QArray do not fit its spec.
-
-  The values must be in the spec's storage dtype, the scale must have the
-  granularity's scale shape for the values' shape (e8m0 for MX, a float
-  dtype otherwise), the zero point must be present exactly when the spec is
-  affine, with the scale's shape and an integer dtype, and ``dtype`` must be
-  a float dtype.
-  """
-  values_dtype, shape = np.dtype(values.dtype), tuple(values.shape)
-  if values_dtype != spec.fmt.dtype:
-    raise ValueError(f"values are {values_dtype} but the spec's format is "
-                     f"{spec.format}.")
-  try:
-    expected = granularity_lib.scale_shape(spec.granularity, shape)
-  except ValueError as e:
-    raise ValueError(f"the granularity does not fit values of shape {shape}: "
-                     f"{e}") from None
-  if tuple(scale.shape) != expected:
-    raise ValueError(f"scale has shape {tuple(scale.shape)} but "
-                     f"{spec.granularity} on values of shape {shape} needs "
-                     f"{expected}.")
-  scale_dtype = np.dtype(scale.dtype)
-  if spec.is_mx and scale_dtype != np.dtype(ml_dtypes.float8_e8m0fnu):
-    raise ValueError(f"MX scales must be float8_e8m0fnu, got {scale_dtype}.")
-  if not spec.is_mx and not jnp.issubdtype(scale_dtype, jnp.floating):
-    raise ValueError(f"scale must be a float array, got {scale_dtype}.")
-  if spec.symmetric != (zero_point is None):
-    kind = "symmetric" if spec.symmetric else "affine"
-    state = "missing" if zero_point is None else "present"
-    raise ValueError(f"the spec is {kind} but the zero point is {state}.")
-  if zero_point is not None and (
-      tuple(zero_point.shape) != expected or
-      not jnp.issubdtype(zero_point.dtype, jnp.integer)):
-    raise ValueError(f"zero point must be integers of the scale's shape "
-                     f"{expected}, got {np.dtype(zero_point.dtype)} "
-                     f"{tuple(zero_point.shape)}.")
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"the dequantized dtype must be a float dtype, got "
-                     f"{dtype}.")
-
-
-# ------------------------------------------------------------------ trees
-
-
-def _check_key(key: Any, path: tuple[Any, ...]) -> None:
-  where = SEPARATOR.join(map(str, path)) or "<root>"
-  if isinstance(key, bool) or not isinstance(key, (str, int)):
-    raise ValueError(f"jaxq.save: key {key!r} under {where!r} must be a str "
-                     f"or an int.")
-  if isinstance(key, str) and SEPARATOR in key:
-    raise ValueError(f"jaxq.save: key {key!r} under {where!r} contains the "
-                     f"separator {SEPARATOR!r}, which names tensors.")
-
-
-@dataclasses.dataclass
-class _Encoder:
-  """Accumulates stored tensors and manifest entries while walking a tree."""
-
-  tensors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-  entries: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-  float_bytes: int = 0
-  num_arrays: int = 0
-  num_qarrays: int = 0
-
-  def add(self, name: str, x: Any) -> None:
-    if name in self.tensors:
-      raise ValueError(f"jaxq.save: two leaves are both stored as {name!r}; "
-                       f"rename one of the keys.")
-    self.tensors[name], self.entries[name] = _encode(np.asarray(x), name)
-
-  def node(self, node: Any, path: tuple[Any, ...]) -> dict[str, Any]:
-    name = SEPARATOR.join(map(str, path))
-    if isinstance(node, Mapping):
-      items = []
-      for key, child in node.items():
-        _check_key(key, path)
-        items.append([key, self.node(child, path + (key,))])
-      return {"type": "dict", "items": items}
-    if node is None:
-      return {"type": "none"}
-    if isinstance(node, QArray):
-      try:
-        check_qarray(node.values, node.scale, node.zero_point, node.spec,
-                     np.dtype(node.dtype))
-      except ValueError as e:
-        raise ValueError(f"jaxq.save: QArray at {name!r}: {e}") from None
-      for field in _QARRAY_FIELDS:
-        if getattr(node, field) is not None:
-          self.add(f"{name}.{field}", getattr(node, field))
-      self.num_qarrays += 1
-      self.float_bytes += math.prod(node.shape) * np.dtype(node.dtype).itemsize
-      return {"type": "qarray", "name": name,
-              "spec": _spec_to_json(node.spec, f"QArray at {name!r}"),
-              "dtype": np.dtype(node.dtype).name, "shape": list(node.shape)}
-    if isinstance(node, (jax.Array, np.ndarray, np.generic)):
-      self.add(name, node)
-      self.num_arrays += 1
-      self.float_bytes += np.asarray(node).nbytes
-      # NumPy leaves come back as NumPy: jnp.asarray would turn int64 and
-      # float64 into 32 bits unless x64 is on.
-      return {"type": "array", "name": name,
-              "numpy": not isinstance(node, jax.Array)}
-    raise ValueError(f"jaxq.save: the leaf at {name!r} is a "
-                     f"{type(node).__name__}; expected an array, a QArray "
-                     f"or None.")
-
-
-def _decode_tree(node: Mapping[str, Any], arrays: dict[str, np.ndarray]
-                 ) -> Any:
-  """Rebuilds the tree of ``node``, taking its tensors out of ``arrays``."""
-  kind = node["type"]
-  if kind == "dict":
-    return {key: _decode_tree(child, arrays) for key, child in node["items"]}
-  if kind == "none":
-    return None
-  name = node["name"]
-  if kind == "array":
-    array = arrays.pop(name)
-    return np.array(array) if node["numpy"] else jnp.asarray(array)
-  if kind == "qarray":
-    spec, dtype = _spec_from_json(node["spec"]), _dtype(node["dtype"])
-    values, scale, zero_point = (arrays.pop(f"{name}.{f}", None)
-                                 for f in _QARRAY_FIELDS)
-    if values is None or scale is None:
-      raise CheckpointError(f"QArray at {name!r}: values or scale missing.")
-    try:
-      if tuple(values.shape) != tuple(node["shape"]):
-        raise ValueError(f"values have shape {tuple(values.shape)}, the "
-                         f"manifest says {tuple(node['shape'])}.")
-      check_qarray(values, scale, zero_point, spec, dtype)
-    except ValueError as e:
-      raise CheckpointError(f"QArray at {name!r} does not match its spec "
-                            f"{spec}: {e}") from None
-    return QArray(values=jnp.asarray(values), scale=jnp.asarray(scale),
-                  zero_point=None if zero_point is None else
-                  jnp.asarray(zero_point), spec=spec, dtype=dtype)
-  raise CheckpointError(f"unknown tree node type {kind!r}.")
 
 
 # --------------------------------------------------------------- save/load
@@ -553,37 +218,6 @@ def save(path: str | os.PathLike, serving_variables: Mapping[Any, Any],
                     num_qarrays=encoder.num_qarrays)
 
 
-def _manifest(data: bytes) -> dict[str, Any]:
-  """The verified manifest in the header of the file contents ``data``."""
-  if len(data) < _HEADER_LENGTH.size:
-    raise CheckpointError(f"the file is truncated: {len(data)} bytes.")
-  (header_length,) = _HEADER_LENGTH.unpack_from(data)
-  header_end = _HEADER_LENGTH.size + header_length
-  if header_end > len(data):
-    raise CheckpointError(
-        f"the file is truncated or corrupted: its header claims "
-        f"{header_length} bytes but the file has {len(data)}.")
-  header = json.loads(data[_HEADER_LENGTH.size:header_end])
-  metadata = header.get("__metadata__") or {}
-  if MANIFEST_KEY not in metadata or DIGEST_KEY not in metadata:
-    raise CheckpointError("no jaxq manifest in the header: not a jaxq "
-                          "checkpoint, or its header is corrupted.")
-  text = metadata[MANIFEST_KEY]
-  if hashlib.sha256(text.encode()).hexdigest() != metadata[DIGEST_KEY]:
-    raise CheckpointError("the manifest does not match its checksum; the "
-                          "header is corrupted.")
-  manifest = json.loads(text)
-  version = manifest.get("format_version")
-  if not isinstance(version, int) or version < 1:
-    raise CheckpointError(f"invalid format version {version!r}.")
-  if version > FORMAT_VERSION:
-    raise CheckpointError(
-        f"written by jaxq {manifest.get('jaxq_version', '?')} in format "
-        f"version {version}; this jaxq ({jaxq.__version__}) reads up to "
-        f"version {FORMAT_VERSION}. Upgrade jaxq to load it.")
-  return manifest
-
-
 def _read(path: str | os.PathLike) -> tuple[bytes, dict[str, Any]]:
   """The file's bytes and its verified manifest."""
   path = os.fspath(path)
@@ -653,3 +287,8 @@ def load(path: str | os.PathLike) -> Loaded:
     raise CheckpointError(f"{where}: invalid manifest: "
                           f"{type(e).__name__}: {e}") from None
   return Loaded(variables=variables, rules=rules, metadata=metadata)
+
+
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "DIGEST_KEY",
+           "FORMAT_VERSION", "Loaded", "MANIFEST_KEY", "SEPARATOR",
+           "SaveReport", "check_qarray", "load", "read_manifest", "save"]

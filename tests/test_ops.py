@@ -194,7 +194,7 @@ def test_dot_general_grouped_in_chunks(monkeypatch, lhs_spec, rhs_spec,
   matmul = lambda a, b: jaxq.dot_general(a, b, MATMUL)
   batched = jax.jit(matmul)(lhs, rhs)
   assert not _loops(matmul, lhs, rhs)
-  monkeypatch.setattr(jaxq.ops, "MAX_GROUPED_ELEMENTS", 8 * 16)
+  monkeypatch.setattr(jaxq.grouped_dot, "MAX_GROUPED_ELEMENTS", 8 * 16)
   assert _loops(matmul, lhs, rhs)
   chunked = jax.jit(lambda a, b: jaxq.dot_general(a, b, MATMUL))(lhs, rhs)
   _assert_close(chunked, _dequantize64(lhs) @ _dequantize64(rhs))
@@ -205,7 +205,7 @@ def test_dot_general_grouped_in_chunks(monkeypatch, lhs_spec, rhs_spec,
 
 def test_dot_general_chunks_with_batch_dims_and_two_contractions(
     monkeypatch):
-  monkeypatch.setattr(jaxq.ops, "MAX_GROUPED_ELEMENTS", 1)
+  monkeypatch.setattr(jaxq.grouped_dot, "MAX_GROUPED_ELEMENTS", 1)
   # Scales vary along the batch axes and along both contracted axes.
   lhs = _quantize(_random(8, (2, 3, 4, 64)), _int8(PerBlock((2, 16))))
   rhs = _quantize(_random(9, (2, 4, 64, 5)), _int8(PerGroup(2, 32)))
