@@ -40,6 +40,10 @@ the original model's variables work unchanged in qat and calibrate mode):
 * ``quant_ranges`` (read in qat and serve mode for static act specs): per
   layer, ``{"act": {"amax": a}}`` (plus ``"amin"`` for affine specs), as
   made by `jaxq.flax.act_ranges` or `jaxq.convert`.
+* ``quant_fixed`` (read in every mode): per layer, what the PTQ algorithms
+  (`jaxq.gptq`, `jaxq.awq`, `jaxq.smoothquant`) fixed, never trained:
+  ``{"weight_range": {"amax": a[, "amin": b]}, "act_smooth": s}`` (see
+  `jaxq.flax.core.FIXED_NAMES`).
 * learned ranges (specs with ``learn="lsq"``/``"pact"``): trainable entries
   of ``params`` beside the layer's own, ``params/<layer>/jaxq/weight_scale``
   and ``.../act_scale`` (``weight_clip``/``act_clip`` for PACT; see
@@ -74,6 +78,7 @@ from jaxq.spec import QArray
 
 STATS = "quant_stats"
 RANGES = "quant_ranges"
+FIXED = "quant_fixed"
 LEARNED = "jaxq"
 
 _PROMOTING = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.ConvTranspose)
@@ -121,6 +126,11 @@ class _Layer(core.LayerVariables):
   def get_range(self) -> core.ActRange | None:
     if self.scope.has_variable(RANGES, core.ACT_STATS):
       return self.scope.get_variable(RANGES, core.ACT_STATS)
+    return None
+
+  def get_fixed(self, name: str) -> Any | None:
+    if self.scope.has_variable(FIXED, name):
+      return self.scope.get_variable(FIXED, name)
     return None
 
   def recording(self) -> bool:
@@ -265,7 +275,9 @@ class QuantizedLinen:
         return inputs, kernel, bias
       layer.append(_Layer(module, quant))
       if int8 and int8_qat.uses_int8_forward(quant):
-        return inputs, kernel, bias  # The int8 op quantizes them itself.
+        layer[0].check_int8_forward()
+        # The int8 op quantizes them itself.
+        return layer[0].smoothed(inputs), kernel, bias
       return layer[0].act(inputs), layer[0].weight(kernel), bias
 
     hooks: dict[str, Any] = {"promote_dtype": promote_dtype}

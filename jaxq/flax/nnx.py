@@ -30,6 +30,9 @@ Each quantized layer also carries:
 * ``jaxq_act_range``: a `QuantRange` variable ``{"amax": ...}`` for a static
   act spec, loaded with ``nnx.update(qmodel, jaxq.flax.act_ranges(...))`` or
   from `jaxq.convert`'s state.
+* ``jaxq_weight_range``, ``jaxq_act_smooth``: `QuantFixed` variables, what
+  the PTQ algorithms (`jaxq.gptq`, `jaxq.awq`, `jaxq.smoothquant`) fixed
+  (see `jaxq.flax.core.FIXED_NAMES`), never trained.
 * ``jaxq_weight_scale``, ``jaxq_act_scale`` (``jaxq_weight_clip``,
   ``jaxq_act_clip`` for PACT): ``nnx.Param`` learned ranges of specs with
   ``learn`` set (see `jaxq.flax.core`), created by the first qat-mode call
@@ -83,6 +86,11 @@ class QuantRange(nnx.Variable):
   """A static activation range ``{"amax": ...[, "amin": ...]}``."""
 
 
+class QuantFixed(nnx.Variable):
+  """A PTQ algorithm's fixed per-layer variable: a weight range
+  ``{"amax": ...[, "amin": ...]}`` or input smoothing factors."""
+
+
 class _Held:
   """Stands in for a weight ``Param`` whose value is a QArray for one call.
 
@@ -133,6 +141,10 @@ class _Layer(core.LayerVariables):
     held = getattr(self.module, "jaxq_act_range", None)
     return None if held is None else held.get_value()
 
+  def get_fixed(self, name: str) -> Any | None:
+    held = getattr(self.module, f"jaxq_{name}", None)
+    return None if held is None else held.get_value()
+
   def get_learned(self, name: str) -> jax.Array | None:
     param = getattr(self.module, f"jaxq_{name}", None)
     return None if param is None else param.get_value()
@@ -170,7 +182,8 @@ class _QuantizedLayer:
       else:
         x, w, bias = original((x, w, bias), dtype=dtype, inexact=inexact)
       if int8:
-        return x, w, bias  # The int8 op quantizes them itself.
+        layer.check_int8_forward()
+        return layer.smoothed(x), w, bias  # The int8 op quantizes them.
       return layer.act(x), layer.weight(w), bias
 
     hooks: dict[str, Any] = {"promote_dtype": promote_dtype}
