@@ -27,7 +27,10 @@ and ``bias`` divided by ``s``, LayerNorm/RMSNorm) or a Dense (kernel
 columns and bias divided; a stored weight range per output channel too).
 Layers folded into one op share one input, so they share one ``s``, found
 from their kernels concatenated along the output axis (attention's query,
-key and value after one LayerNorm).
+key and value after one LayerNorm). The op's output must feed only the
+layers folded into it: in a post-LayerNorm transformer (BERT) the norm's
+output also feeds the residual sum, and folding there changes the model;
+leave such layers out of ``fold_into`` (they scale their own input).
 
 Kernels are viewed as 2-D ``(d_in, d_out)``: the contraction axes are the
 kernel's leading axes that equal the input's trailing axes (one for Dense;
@@ -467,7 +470,7 @@ def awq(qmodel: Any, variables: Any, data: Iterable[Any], *,
 
 def gptq(qmodel: Any, variables: Any, data: Iterable[Any], *,
          percdamp: float = 0.1, block_size: int = 128,
-         act_order: bool = False, layers: Collection[str] | None = None,
+         act_order: bool = True, layers: Collection[str] | None = None,
          progress: bool = True) -> Any:
   """GPTQ (Frantar et al., 2023), layer by layer in model order.
 
