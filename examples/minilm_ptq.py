@@ -213,6 +213,7 @@ def algorithm_rows(pretrained: minilm.Pretrained, calibration: Sequence[str],
                    evaluation: Sequence[str], reference: np.ndarray,
                    configs: Sequence[str], layers: str = r".*",
                    w8a8: Sequence[str] = W8A8_METHODS,
+                   methods: Sequence[str] = W4_METHODS,
                    progress: bool = False) -> list[Row]:
   """One `Row` per (config, method): calibrated on ``calibration``,
   evaluated on ``evaluation`` (``reference``: their float embeddings)."""
@@ -222,7 +223,7 @@ def algorithm_rows(pretrained: minilm.Pretrained, calibration: Sequence[str],
                                      ).items() if re.fullmatch(layers, k)}
   rows = []
   for config in configs:
-    for method in W4_METHODS:
+    for method in methods:
       start = time.perf_counter()
       spec = W4_CONFIGS[config]
       if method.endswith("mse"):
