@@ -49,7 +49,11 @@ Weight ranges honour the weight spec's ``calibration`` (`weight_range`):
 every mode that quantizes the weight: serve (on the fly), `jaxq.convert`,
 the starting value of a learned weight scale, and qat, which recomputes the
 range on every step from the current weight (a jitted grid; its gradient is
-stopped, so the range is a constant of each step, as abs-max is). Any other
+stopped, so the range is a constant of each step, as abs-max is): the
+fake-quant model equals the served one, which scoring in qat mode
+(`jaxq.sensitivity`) needs. For training it costs a grid of fake-quants per
+step (see the README's numerics); ``learn="lsq"`` starts its scale from the
+range once instead. Any other
 calibration on a weight raises, naming the layer, when the model is built.
 
 Fixed per-layer variables (`FIXED_NAMES`), written by the PTQ algorithms
