@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import pathlib
 import sys
 import time
@@ -240,6 +241,8 @@ def algorithm_rows(pretrained: minilm.Pretrained, calibration: Sequence[str],
       rows.append(_evaluate(pretrained, cal, serving, evaluation, reference,
                             f"{config} {method}", report.quantized_bytes,
                             start))
+      if progress:
+        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
   if w8a8:
     rules = (jaxq.Rule(layers, module_types=("Dense",), weight=W8A8_WEIGHT,
                        act=W8A8_ACT),)
@@ -266,6 +269,65 @@ def algorithm_rows(pretrained: minilm.Pretrained, calibration: Sequence[str],
       serving, report = jaxq.convert(cal, variables, ranges=ranges)
       rows.append(_evaluate(pretrained, cal, serving, evaluation, reference,
                             name, report.quantized_bytes, start))
+      if progress:
+        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+  return rows
+
+
+QWIX_LAYERS = r"layers_\d+/(attention/(query|key|value|output)|ffn_in|ffn_out)"
+QWIX_TILES = {"W4 per-channel": None, "W4 g128": 128, "W4 g32": 32}
+
+
+def qwix_rows(pretrained: minilm.Pretrained, calibration: Sequence[str],
+              evaluation: Sequence[str], reference: np.ndarray,
+              configs: Sequence[str], methods: Sequence[str] = (
+                  "RTN", "AWQ", "GPTQ"), layers: str = QWIX_LAYERS
+              ) -> list[Row]:
+  """Qwix's own RTN, AWQ and GPTQ (its providers and ``quantize_params``)
+  on the same Dense layers, W4 weight-only, same sentences (needs the
+  ``bench`` extra). Qwix's calibration sees the padding tokens."""
+  import qwix  # pylint: disable=import-outside-toplevel
+  from qwix.contrib import awq as qwix_awq  # pylint: disable=import-outside-toplevel
+  from qwix.contrib import gptq as qwix_gptq  # pylint: disable=import-outside-toplevel
+  params = pretrained.variables["params"]
+  data = batches(pretrained, calibration)
+  algorithms = {
+      "AWQ": (qwix_awq.AwqRule, qwix_awq.AwqCalibrationProvider,
+              qwix_awq.quantize_params, qwix_awq.AwqInferenceProvider),
+      "GPTQ": (qwix_gptq.GptqRule, qwix_gptq.GptqCalibrationProvider,
+               qwix_gptq.quantize_params, qwix.PtqProvider)}
+  rows = []
+  for config in configs:
+    for method in methods:
+      start = time.perf_counter()
+      options = dict(module_path=layers, weight_qtype="int4",
+                     tile_size=QWIX_TILES[config])
+      ptq = qwix.quantize_model(
+          pretrained.model,
+          qwix.PtqProvider([qwix.QuantizationRule(**options)]))
+      abstract = jax.eval_shape(ptq.init, jax.random.key(0),
+                                *data[0])["params"]
+      if method == "RTN":
+        quantized, served = qwix.quantize_params(params, abstract), ptq
+      else:
+        rule_type, calibrate, quantize, infer = algorithms[method]
+        rule = rule_type(**options)
+        recorder = qwix.quantize_model(pretrained.model, calibrate([rule]))
+        stats: Any = {}
+        for batch in data:
+          _, new = recorder.apply({"params": params, "quant_stats": stats},
+                                  *batch, mutable="quant_stats")
+          stats = new["quant_stats"]
+        quantized = quantize(params, abstract, stats)
+        served = qwix.quantize_model(pretrained.model, infer([rule]))
+      embeddings = minilm.embed(pretrained, evaluation,
+                                variables={"params": quantized},
+                                apply_fn=served.apply)
+      cosines = row_cosines(embeddings, reference)
+      rows.append(Row(f"{config} Qwix {method}", float(cosines.mean()),
+                      float(cosines.min()), tree_bytes({"params": quantized}),
+                      time.perf_counter() - start))
+      print(format_table(rows[-1:]).splitlines()[-1], flush=True)
   return rows
 
 
@@ -311,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--no-progress", action="store_true")
   parser.add_argument("--algorithms", action="store_true",
                       help="run only section 3, the PTQ algorithms")
+  parser.add_argument("--no-qwix", action="store_true",
+                      help="section 3 without Qwix's rows")
   parser.add_argument("--configs", nargs="*", default=list(W4_CONFIGS),
                       choices=list(W4_CONFIGS), metavar="NAME",
                       help=f"section 3's W4 configs, from {list(W4_CONFIGS)}")
@@ -373,7 +437,13 @@ def algorithms_section(args: argparse.Namespace) -> list[Row]:
   print(f"\nPTQ algorithms: calibrated on {len(calibration)} sentences, "
         f"evaluated on {len(evaluation)} others (cosine to float)\n")
   rows = algorithm_rows(pretrained, calibration, evaluation, reference,
-                        configs, layers, w8a8)
+                        configs, layers, w8a8, progress=not args.no_progress)
+  if importlib.util.find_spec("qwix") is not None and not args.no_qwix:
+    rows += qwix_rows(pretrained, calibration, evaluation, reference,
+                      configs, ("RTN", "AWQ") if args.quick else (
+                          "RTN", "AWQ", "GPTQ"),
+                      QWIX_LAYERS.replace(r"\d+", "0") if args.quick
+                      else QWIX_LAYERS)
   rows = [Row("float32", 1.0, 1.0, tree_bytes(pretrained.variables), 0.0)
           ] + rows
   print(format_table(rows))
