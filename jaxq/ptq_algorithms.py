@@ -341,11 +341,41 @@ def _setup(qmodel: Any, variables: Any, data: Iterable[Any],
   return adapter, batches, targets, adapter.variables
 
 
+def _act_range(view: _View, rows: jax.Array, x_shape: tuple[int, ...],
+               what: str) -> core.ActRange:
+  """The static act range of a layer from its unmasked (smoothed) rows."""
+  spec = view.info.act
+  if spec is None or spec.dynamic:
+    raise ValueError(f"{what}: act_ranges needs a static act spec on "
+                     f"{view.info.path!r}, whose rule has {spec}.")
+  if not isinstance(spec.granularity, granularity_lib.PerTensor) or (
+      spec.calibration not in ("max", "percentile")):
+    raise ValueError(
+        f"{what}: act_ranges computes per-tensor 'max' or 'percentile' "
+        f"ranges, but {view.info.path!r} has {spec.granularity} with "
+        f"calibration={spec.calibration!r}; calibrate it with jaxq.calibrate.")
+  shape = granularity_lib.scale_shape(spec.granularity, x_shape)
+  values = np.asarray(rows)
+  if spec.calibration == "max":
+    amax = np.max(values) if not spec.symmetric else np.max(np.abs(values))
+    amin = np.min(values)
+  else:
+    q = spec.percentile
+    amax = (np.percentile(np.abs(values), q) if spec.symmetric
+            else np.percentile(values, q))
+    amin = np.percentile(values, 100.0 - q)
+  out = {"amax": jnp.full(shape, amax, jnp.float32)}
+  if not spec.symmetric:
+    out["amin"] = jnp.full(shape, min(float(amin), 0.0), jnp.float32)
+  return out
+
+
 def smoothquant(qmodel: Any, variables: Any, data: Iterable[Any], *,
                 alpha: float | Mapping[str, float] | None = 0.5,
                 alphas: Sequence[float] = smoothquant_lib.DEFAULT_ALPHAS,
                 fold_into: Mapping[str, str] | None = None,
                 layers: Collection[str] | None = None,
+                act_ranges: bool = False,
                 progress: bool = True) -> Any:
   """SmoothQuant (Xiao et al., 2023) on every quantized matmul layer.
 
@@ -367,6 +397,11 @@ def smoothquant(qmodel: Any, variables: Any, data: Iterable[Any], *,
     alphas: the search grid.
     fold_into: ``{layer_path: op_path}``, see the module docstring.
     layers: the paths to smooth (default: every quantized matmul layer).
+    act_ranges: also write each smoothed layer's static activation range
+      (its act spec's per-tensor ``"max"`` or ``"percentile"``) from the
+      unmasked rows of ``X / s``, so `jaxq.convert` needs no further
+      calibration and padding enters no range (`jaxq.calibrate` observes
+      every position).
     progress: a tqdm bar per layer group.
 
   Returns:
@@ -387,6 +422,7 @@ def smoothquant(qmodel: Any, variables: Any, data: Iterable[Any], *,
                                                 layers, what)
   captured = _capture(adapter, batches, [i.path for i in targets], variables,
                       what)
+  ranges: dict[str, core.ActRange] = {}
   for op, members in _bar(_groups(targets, fold_into, what), what, progress):
     kernels = [adapter.get_weight(i.path, variables)[0] for i in members]
     views = [_view(i, k, captured.inputs[i.path][0][0], what)
@@ -409,6 +445,15 @@ def smoothquant(qmodel: Any, variables: Any, data: Iterable[Any], *,
           jnp.max(jnp.abs(rows), axis=0), kernel_cat, chosen)
     variables = _apply_factors(adapter, variables, op, views, factors,
                                kernels, [None] * len(views), what)
+    if act_ranges:
+      smoothed = rows / factors
+      for view in views:
+        ranges[view.info.path] = _act_range(
+            view, smoothed, tuple(captured.inputs[view.info.path][0][0].shape),
+            what)
+  if act_ranges:
+    variables = adapter.with_variables(variables).with_ranges(
+        ranges).variables
   return variables
 
 

@@ -384,3 +384,29 @@ def test_calibrate_mode_is_required():
   model, cal, params = _linen()
   with pytest.raises(ValueError, match="mode='calibrate'"):
     jaxq.gptq(cal.with_mode("qat"), params, _batches(), progress=False)
+
+
+def test_smoothquant_act_ranges_skip_padding_and_serve():
+  _, cal, params = _linen()
+  run = lambda x: jaxq.smoothquant(cal, params, _batches(x), alpha=0.5,
+                                   fold_into=FOLD, act_ranges=True,
+                                   progress=False)
+  smoothed = run(None)
+  # Huge values at padding positions change no range.
+  jax.tree.map(np.testing.assert_array_equal,
+               run(_inputs(0).at[:, 4:].set(1e6)), smoothed)
+  assert set(smoothed["quant_ranges"]) == set(PATHS)
+  # down's range is the max of its unmasked inputs divided by its factors.
+  captured = jaxq.flax.adapt(cal, smoothed).capture_inputs(_batches(),
+                                                          ["down"])
+  x_down = np.asarray(captured.inputs["down"][0][0])[np.asarray(MASK)]
+  factors = smoothed["quant_fixed"]["down"]["act_smooth"]
+  np.testing.assert_allclose(
+      smoothed["quant_ranges"]["down"]["act"]["amax"].reshape(()),
+      np.max(np.abs(x_down / factors)), rtol=1e-6)
+  # Convert needs no calibration pass: the ranges are in the variables.
+  serving, _ = jaxq.convert(cal, smoothed)
+  x = _inputs(5)
+  served = cal.with_mode("serve").apply(serving, x)
+  qat = cal.with_mode("qat").apply(smoothed, x)
+  np.testing.assert_allclose(served, qat, rtol=1e-4, atol=1e-4)
