@@ -44,9 +44,16 @@ padding are dropped before any statistic (abs-max, mean magnitude, ``X^T
 X``), so padding never counts.
 
 GPTQ is sequential, as in the paper: each layer's inputs are captured with
-the kernels of the layers before it already quantized. ``percdamp``
-defaults to 0.1 (the paper's 0.01 overfits a small calibration set: on
-MiniLM's 32 sentences 0.1 held out better, see the README).
+the kernels of the layers before it already quantized. Defaults chosen on
+MiniLM, calibrated on 32 sentences and scored on held-out ones (mean
+cosine to float): ``percdamp=0.1``, since the paper's 0.01 fits a small
+calibration set (W4 per-channel 0.955 against 0.966 with 0.1; g128 0.973
+against 0.978), and ``act_order=True`` (0.947 without it, W4
+per-channel, percdamp 0.01).
+
+Statistics of static activation ranges: `jaxq.calibrate` observes every
+position, padding included; ``smoothquant(..., act_ranges=True)`` writes
+the ranges from the unmasked rows instead.
 """
 
 from __future__ import annotations
