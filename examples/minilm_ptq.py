@@ -46,6 +46,7 @@ import argparse
 import dataclasses
 import importlib.util
 import pathlib
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -219,7 +220,6 @@ def algorithm_rows(pretrained: minilm.Pretrained, calibration: Sequence[str],
   """One `Row` per (config, method): calibrated on ``calibration``,
   evaluated on ``evaluation`` (``reference``: their float embeddings)."""
   data = masked_batches(pretrained, calibration)
-  import re  # pylint: disable=import-outside-toplevel
   folds = {k: v for k, v in fold_map(pretrained.model.config.num_layers
                                      ).items() if re.fullmatch(layers, k)}
   rows = []
@@ -288,9 +288,11 @@ def qwix_rows(pretrained: minilm.Pretrained, calibration: Sequence[str],
   """Qwix's own RTN, AWQ and GPTQ (its providers and ``quantize_params``)
   on the same Dense layers, W4 weight-only, same sentences (needs the
   ``bench`` extra). Qwix's calibration sees the padding tokens."""
-  import qwix  # pylint: disable=import-outside-toplevel
-  from qwix.contrib import awq as qwix_awq  # pylint: disable=import-outside-toplevel
-  from qwix.contrib import gptq as qwix_gptq  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  import qwix
+  from qwix.contrib import awq as qwix_awq
+  from qwix.contrib import gptq as qwix_gptq
+  # pylint: enable=import-outside-toplevel
   params = pretrained.variables["params"]
   data = batches(pretrained, calibration)
   algorithms = {

@@ -195,7 +195,8 @@ def init_learned(qmodel: QuantizedLinen | flax_nnx.Module, *args: Any,
 
 __all__ = [
     "Batch", "LayerInfo", "LayerQuant", "LinenAdapter", "Mode", "ModelAdapter",
-    "NnxAdapter", "QuantFixed", "QuantRange", "QuantStat", "QuantizedLinen", "Rule",
+    "NnxAdapter", "QuantFixed", "QuantRange", "QuantStat", "QuantizedLinen",
+    "Rule",
     "act_ranges", "adapt", "init_learned", "layers", "pure_variables",
     "quantize_model", "unmatched_rules",
 ]
