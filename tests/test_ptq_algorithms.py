@@ -410,3 +410,32 @@ def test_smoothquant_act_ranges_skip_padding_and_serve():
   served = cal.with_mode("serve").apply(serving, x)
   qat = cal.with_mode("qat").apply(smoothed, x)
   np.testing.assert_allclose(served, qat, rtol=1e-4, atol=1e-4)
+
+
+class _General(nn.Module):
+  """DenseGeneral contracting two axes, then an Einsum."""
+
+  @nn.compact
+  def __call__(self, x):  # (b, t, 2, 8)
+    h = nn.DenseGeneral(12, axis=(-2, -1), name="general")(x)
+    return nn.Einsum((12, 6), "btd,dh->bth", name="einsum")(h)
+
+
+@pytest.mark.parametrize("algorithm", ["gptq", "awq"])
+def test_dense_general_and_einsum_kernels_reshape_to_2d(algorithm):
+  model = _General()
+  x = _inputs(0).reshape(4, 6, 2, 8)
+  params = model.init(jax.random.key(0), x)
+  cal = jaxq.quantize_model(model, RULES, mode="calibrate")
+  batches = [Batch((x,), {}, MASK)]
+  variables = getattr(jaxq, algorithm)(cal, params, batches, progress=False)
+  kernel = variables["params"]["general"]["kernel"]
+  assert kernel.shape == (2, 8, 12)
+  assert variables["quant_fixed"]["general"]["weight_range"]["amax"].shape \
+      == (1, 1, 12)
+  result = jaxq.calibrate(cal, variables, batches, progress=False)
+  serving, _ = jaxq.convert(cal, variables, result.stats)
+  served = cal.with_mode("serve").apply(serving, x)
+  qat = cal.with_mode("qat").apply(
+      {**variables, "quant_ranges": serving["quant_ranges"]}, x)
+  np.testing.assert_allclose(served, qat, rtol=1e-4, atol=1e-4)
