@@ -283,11 +283,12 @@ QWIX_TILES = {"W4 per-channel": None, "W4 g128": 128, "W4 g32": 32}
 def qwix_rows(pretrained: minilm.Pretrained, calibration: Sequence[str],
               evaluation: Sequence[str], reference: np.ndarray,
               configs: Sequence[str], methods: Sequence[str] = (
-                  "RTN", "AWQ", "GPTQ"), layers: str = QWIX_LAYERS
-              ) -> list[Row]:
+                  "RTN", "AWQ", "GPTQ"), layers: str = QWIX_LAYERS,
+              progress: bool = False) -> list[Row]:
   """Qwix's own RTN, AWQ and GPTQ (its providers and ``quantize_params``)
   on the same Dense layers, W4 weight-only, same sentences (needs the
-  ``bench`` extra). Qwix's calibration sees the padding tokens."""
+  ``bench`` extra). Qwix's calibration sees the padding tokens; its bytes
+  count int4 values one per byte (unpacked), unlike `jaxq.convert`'s."""
   # pylint: disable=import-outside-toplevel
   import qwix
   from qwix.contrib import awq as qwix_awq
@@ -331,7 +332,8 @@ def qwix_rows(pretrained: minilm.Pretrained, calibration: Sequence[str],
       rows.append(Row(f"{config} Qwix {method}", float(cosines.mean()),
                       float(cosines.min()), tree_bytes({"params": quantized}),
                       time.perf_counter() - start))
-      print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+      if progress:
+        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
   return rows
 
 
@@ -447,7 +449,7 @@ def algorithms_section(args: argparse.Namespace) -> list[Row]:
                       configs, ("RTN", "AWQ") if args.quick else (
                           "RTN", "AWQ", "GPTQ"),
                       QWIX_LAYERS.replace(r"\d+", "0") if args.quick
-                      else QWIX_LAYERS)
+                      else QWIX_LAYERS, progress=not args.no_progress)
   rows = [Row("float32", 1.0, 1.0, tree_bytes(pretrained.variables), 0.0)
           ] + rows
   print(format_table(rows))
