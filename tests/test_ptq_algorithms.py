@@ -439,3 +439,25 @@ def test_dense_general_and_einsum_kernels_reshape_to_2d(algorithm):
   qat = cal.with_mode("qat").apply(
       {**variables, "quant_ranges": serving["quant_ranges"]}, x)
   np.testing.assert_allclose(served, qat, rtol=1e-4, atol=1e-4)
+
+
+def test_nnx_smoothquant_act_ranges_match_linen():
+  _, cal, params = _linen()
+  linen_vars = jaxq.smoothquant(cal, params, _batches(), alpha=0.5,
+                                fold_into=FOLD, act_ranges=True,
+                                progress=False)
+  model, ncal = _nnx_twin()
+  nnx_vars = jaxq.smoothquant(ncal, None, _batches(), alpha=0.5,
+                              fold_into=FOLD, act_ranges=True, progress=False)
+  for path in PATHS:
+    np.testing.assert_allclose(
+        nnx_vars[path]["jaxq_act_range"].get_value()["amax"],
+        linen_vars["quant_ranges"][path]["act"]["amax"], rtol=1e-5)
+  serve = jaxq.quantize_model(model, RULES, mode="serve")
+  serving, _ = jaxq.convert(serve, nnx_vars)
+  nnx.update(serve, serving)
+  linen_serving, _ = jaxq.convert(cal, linen_vars)
+  np.testing.assert_allclose(
+      serve(_inputs(5)),
+      cal.with_mode("serve").apply(linen_serving, _inputs(5)),
+      rtol=1e-4, atol=1e-4)
