@@ -51,6 +51,12 @@ calibration set (W4 per-channel 0.955 against 0.966 with 0.1; g128 0.973
 against 0.978), and ``act_order=True`` (0.947 without it, W4
 per-channel, percdamp 0.01).
 
+Combinations: each pass starts from the variables of the one before.
+Inputs are captured as the layer receives them and divided by the layer's
+stored ``act_smooth`` before any statistic, so GPTQ or AWQ after
+`smoothquant` see the smoothed inputs its kernels multiply, and a second
+smoothing pass multiplies ``act_smooth`` by its own factors.
+
 Statistics of static activation ranges: `jaxq.calibrate` observes every
 position, padding included; ``smoothquant(..., act_ranges=True)`` writes
 the ranges from the unmasked rows instead.
@@ -254,6 +260,16 @@ def _rows(view: _View, captured: Any, what: str) -> jax.Array:
   return jnp.asarray(rows)
 
 
+def _layer_rows(adapter: ModelAdapter, variables: Any, view: _View,
+                captured: Any, what: str) -> jax.Array:
+  """`_rows` as the layer's matmul sees them: divided by the smoothing
+  factors an earlier `smoothquant`/`awq` stored on the layer (the capture
+  records the layer's arguments, before the layer divides them)."""
+  rows = _rows(view, captured, what)
+  factors = adapter.read(view.info.path, core.ACT_SMOOTH, variables)
+  return rows if factors is None else rows / jnp.reshape(factors, (-1,))
+
+
 def _input_stats(rows: jax.Array) -> algorithms.InputStats:
   stats = algorithms.init_input_stats(rows.shape[-1])
   return algorithms.update_input_stats(stats, rows)
@@ -325,9 +341,12 @@ def _apply_factors(adapter: ModelAdapter, variables: Any, op: str | None,
         scaled, old.dtype)
     if kernel_range is not None:
       values[(view.info.path, core.WEIGHT_RANGE)] = kernel_range
-    if op is None:
+    if op is None:  # Stacks on the factors of an earlier pass, if any.
+      earlier = adapter.read(view.info.path, core.ACT_SMOOTH, variables)
+      total = factors if earlier is None else factors * jnp.reshape(
+          earlier, (-1,))
       values[(view.info.path, core.ACT_SMOOTH)] = jnp.reshape(
-          factors, view.in_shape).astype(jnp.float32)
+          total, view.in_shape).astype(jnp.float32)
   variables = adapter.write(values, variables)
   if op is not None:
     variables = _fold(adapter, variables, op, factors, what)
@@ -434,7 +453,7 @@ def smoothquant(qmodel: Any, variables: Any, data: Iterable[Any], *,
     kernels = [adapter.get_weight(i.path, variables)[0] for i in members]
     views = [_view(i, k, captured.inputs[i.path][0][0], what)
              for i, k in zip(members, kernels)]
-    rows = _rows(views[0], captured, what)
+    rows = _layer_rows(adapter, variables, views[0], captured, what)
     kernel_cat = jnp.concatenate([v.to_2d(k) for v, k in zip(views, kernels)],
                                  axis=1)
     chosen = (per_layer.get(members[0].path) if isinstance(alpha, Mapping)
@@ -500,7 +519,8 @@ def awq(qmodel: Any, variables: Any, data: Iterable[Any], *,
       raise ValueError(f"{what}: {[i.path for i in members]} share one input "
                        f"(fold_into {op!r}) but have different weight specs "
                        f"{sorted(map(str, specs))}.")
-    stats = _input_stats(_rows(views[0], captured, what))
+    stats = _input_stats(_layer_rows(adapter, variables, views[0], captured,
+                                     what))
     kernel_cat = jnp.concatenate([v.to_2d(k) for v, k in zip(views, kernels)],
                                  axis=1)
     try:
@@ -555,7 +575,7 @@ def gptq(qmodel: Any, variables: Any, data: Iterable[Any], *,
                         [info.path], variables, what)
     kernel, _ = adapter.get_weight(info.path, variables)
     view = _view(info, kernel, captured.inputs[info.path][0][0], what)
-    rows = _rows(view, captured, what)
+    rows = _layer_rows(adapter, variables, view, captured, what)
     hessian = algorithms.hessian_update(
         jnp.zeros((view.d_in, view.d_in), jnp.float32), rows)
     stored = adapter.read(info.path, core.WEIGHT_RANGE, variables)

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import jaxq
+import jaxq.algorithms
 from jaxq import PerChannel, PerTensor, QuantSpec
 from jaxq.flax import Batch
 
@@ -461,3 +462,33 @@ def test_nnx_smoothquant_act_ranges_match_linen():
       serve(_inputs(5)),
       cal.with_mode("serve").apply(linen_serving, _inputs(5)),
       rtol=1e-4, atol=1e-4)
+
+
+def test_gptq_after_smoothquant_sees_the_smoothed_inputs():
+  model, cal, params = _linen()
+  smoothed = _linen_result("smoothquant")
+  both = jaxq.gptq(cal, smoothed, _batches(), progress=False)
+  # down's Hessian is built from its inputs divided by its factors.
+  captured = jaxq.flax.adapt(cal, both).capture_inputs(_batches(), ["down"])
+  rows = np.asarray(captured.inputs["down"][0][0])[np.asarray(MASK)]
+  factors = smoothed["quant_fixed"]["down"]["act_smooth"]
+  hessian = jaxq.algorithms.hessian_update(jnp.zeros((16, 16)),
+                                          jnp.asarray(rows / factors))
+  expected = jaxq.algorithms.gptq(smoothed["params"]["down"]["kernel"],
+                                  hessian, W4, percdamp=0.1, act_order=True)
+  np.testing.assert_allclose(both["params"]["down"]["kernel"],
+                             expected.kernel, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(both["quant_fixed"]["down"]["act_smooth"],
+                                factors)
+
+
+def test_a_second_smoothing_pass_stacks_its_factors():
+  model, cal, params = _linen()
+  once = _linen_result("smoothquant")
+  twice = jaxq.smoothquant(cal, once, _batches(), alpha=0.5, progress=False)
+  x = _inputs(3)
+  out, _ = cal.apply(twice, x, mutable=["quant_stats"])
+  np.testing.assert_allclose(out, model.apply(params, x), rtol=1e-4,
+                             atol=1e-4)
+  assert not np.allclose(twice["quant_fixed"]["down"]["act_smooth"],
+                         once["quant_fixed"]["down"]["act_smooth"])
