@@ -492,3 +492,18 @@ def test_a_second_smoothing_pass_stacks_its_factors():
                              atol=1e-4)
   assert not np.allclose(twice["quant_fixed"]["down"]["act_smooth"],
                          once["quant_fixed"]["down"]["act_smooth"])
+
+
+def test_learned_weight_scale_starts_from_the_calibrated_range():
+  model = nn.Dense(8)
+  x = jnp.ones((2, 64))
+  spec = QuantSpec("int4", PerChannel(axis=-1), calibration="mse",
+                   learn="lsq")
+  qmodel = jaxq.quantize_model(model, [jaxq.Rule(".*", weight=spec)])
+  variables = qmodel.init(jax.random.key(0), x)
+  kernel = variables["params"]["kernel"]
+  _, amax = jaxq.algorithms.weight_range(kernel, spec)
+  np.testing.assert_allclose(variables["params"]["jaxq"]["weight_scale"],
+                             jaxq.learned.init_param(spec, amax), rtol=1e-6)
+  _, abs_max = jaxq.compute_range(kernel, spec)
+  assert not np.allclose(amax, abs_max)  # mse clipped some channel.
