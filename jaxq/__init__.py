@@ -32,6 +32,9 @@ from jaxq.ops import dot_general
 from jaxq.ops import einsum
 from jaxq.ptq import CalibrationResult
 from jaxq.ptq import calibrate
+from jaxq.ptq_algorithms import awq
+from jaxq.ptq_algorithms import gptq
+from jaxq.ptq_algorithms import smoothquant
 from jaxq.quantize import check_range
 from jaxq.quantize import compute_range
 from jaxq.quantize import dequantize

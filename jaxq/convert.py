@@ -21,6 +21,12 @@ with ``mask``) is quantized as ``kernel * mask``, the kernel that QAT
 fake-quantizes, so the `QArray` holds the mask and serve mode runs the layer
 without multiplying by it again (a float kernel is still masked there).
 
+A weight's range is the one `jaxq.flax.core.weight_range` gives: a range
+stored by GPTQ or AWQ (linen ``quant_fixed/<layer>/weight_range``, nnx
+``jaxq_weight_range``), else its spec's ``calibration`` (``"max"``,
+``"percentile"`` or the ``"mse"`` clipping search of
+`jaxq.algorithms.weight_range`), exactly as the serve and qat modes do.
+
 Weights of learned specs (``learn="lsq"``/``"pact"``) are quantized with
 their trained scales, read from the variables (linen
 ``params/<layer>/jaxq/weight_scale``, nnx ``jaxq_weight_scale``), which
@@ -85,9 +91,16 @@ def tree_bytes(tree: Any) -> int:
              for x in leaves)
 
 
+def _layer_quant(info: jaxq_flax.LayerInfo) -> core.LayerQuant:
+  """The serve-mode `LayerQuant` of a layer, for its weight's range."""
+  return core.LayerQuant(path=info.path, module_type=info.module_type,
+                         weight=info.weight, act=info.act, mode="serve")
+
+
 def _quantize_weight(info: jaxq_flax.LayerInfo, value: Any,
                      learned_param: Any | None = None,
-                     mask: jax.Array | None = None) -> QArray:
+                     mask: jax.Array | None = None,
+                     stored_range: core.ActRange | None = None) -> QArray:
   """``info``'s weight quantized; a masked layer's as ``value * mask``,
   the kernel its QAT fake-quantizes (so serving skips the mask)."""
   if isinstance(value, QArray):
@@ -112,7 +125,8 @@ def _quantize_weight(info: jaxq_flax.LayerInfo, value: Any,
           f"but its weight {info.weight_name!r} has {info.weight_shape}.")
     value = value * mask
   if info.weight.learn is None:
-    return quantize(value, info.weight)
+    amin, amax = core.weight_range(_layer_quant(info), value, stored_range)
+    return quantize(value, info.weight, amax=amax, amin=amin)
   if learned_param is None:
     raise ValueError(
         f"convert: {info.path!r} has a learned weight range "
@@ -124,19 +138,21 @@ def _quantize_weight(info: jaxq_flax.LayerInfo, value: Any,
 
 
 def _quantize_stacked(info: jaxq_flax.LayerInfo, value: Any,
-                      learned_param: Any | None, mask: jax.Array | None
-                      ) -> QArray:
+                      learned_param: Any | None, mask: jax.Array | None,
+                      stored_range: core.ActRange | None = None) -> QArray:
   """`_quantize_weight`, per layer for a weight stacked by ``nn.scan`` over
   layers: ``(L, *weight_shape)`` values quantized slice by slice, so the
   QArray's values, scales (and learned scales) all lead with ``L`` and the
   scan slices them as it slices the float params."""
   shape = tuple(getattr(value, "shape", ()))
   if len(shape) != len(info.weight_shape) + 1 or shape[1:] != info.weight_shape:
-    return _quantize_weight(info, value, learned_param, mask)
+    return _quantize_weight(info, value, learned_param, mask, stored_range)
   # Slice by slice on concrete arrays (not vmap), so that every check of
   # `_quantize_weight` sees real values; then the leaves are stacked.
-  slices = [_quantize_weight(info, value[i], None if learned_param is None
-                             else learned_param[i], mask)
+  slices = [_quantize_weight(
+      info, value[i], None if learned_param is None else learned_param[i],
+      mask, None if stored_range is None
+      else jax.tree.map(lambda r: r[i], stored_range))  # noqa: B023
             for i in range(shape[0])]
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *slices)
 
@@ -158,7 +174,8 @@ def _serving_weights(adapter: ModelAdapter, variables: Any
       learned_param = adapter.read(
           info.path, core.learned_name("weight", info.weight), variables)
     qa = _quantize_stacked(info, value, learned_param,
-                           adapter.mask(info.path, variables))
+                           adapter.mask(info.path, variables),
+                           adapter.read(info.path, core.WEIGHT_RANGE, variables))
     report.append(LayerBytes(info.path, tree_bytes(value), qa.nbytes))
     quantized[(info.path, info.weight_name)] = qa
   if missing:

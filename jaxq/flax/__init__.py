@@ -58,6 +58,7 @@ from jaxq.flax.core import Mode
 from jaxq.flax.linen import QuantizedLinen
 from jaxq.flax.linen import SCAN_AXES
 from jaxq.flax.linen_adapter import LinenAdapter
+from jaxq.flax.nnx import QuantFixed
 from jaxq.flax.nnx import QuantRange
 from jaxq.flax.nnx_adapter import NnxAdapter
 from jaxq.flax.nnx import QuantStat
@@ -227,7 +228,8 @@ def init_learned(qmodel: QuantizedLinen | flax_nnx.Module, *args: Any,
 
 __all__ = [
     "Batch", "LayerInfo", "LayerQuant", "LinenAdapter", "Mode", "ModelAdapter",
-    "NnxAdapter", "QuantRange", "QuantStat", "QuantizedLinen", "Rule", "SCAN_AXES",
+    "NnxAdapter", "QuantFixed", "QuantRange", "QuantStat", "QuantizedLinen",
+    "Rule", "SCAN_AXES",
     "act_ranges", "adapt", "init_learned", "layers", "pure_variables",
     "quantize_model", "unmatched_rules",
 ]

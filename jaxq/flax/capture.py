@@ -35,6 +35,7 @@ from flax import traverse_util
 from jaxq.flax.batch import batch_arguments
 
 CAPTURE = "jaxq_capture"
+STATS = "quant_stats"  # `jaxq.flax.linen.STATS` (linen imports this module).
 ApplyFn = Callable[..., Any]
 
 _ARRAY = object()  # Marks where a captured call argument was an array.
@@ -117,7 +118,10 @@ class LinenCapture:
 
     args, kwargs = batch_arguments(batch)
     with nn.intercept_methods(interceptor):
-      _, state = self._apply(variables, *args, mutable=[CAPTURE], **kwargs)
+      # A calibrate-mode model records its observer states: let it (they
+      # are dropped), so that its layers' inputs can be captured too.
+      _, state = self._apply(variables, *args, mutable=[CAPTURE, STATS],
+                             **kwargs)
     flat = traverse_util.flatten_dict(dict(state.get(CAPTURE, {})))
     return {"/".join(key[:-1]): calls for key, calls in flat.items()}
 

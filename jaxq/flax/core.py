@@ -43,6 +43,32 @@ batch's. In qat mode the layer fake-quantizes with them (`jaxq.learned`,
 whose gradients train them); in serve mode it quantizes with them, and
 `jaxq.convert` builds the serving weights from them.
 
+Weight ranges honour the weight spec's ``calibration`` (`weight_range`):
+``"max"`` (the default: `jaxq.quantize`'s own abs-max), ``"percentile"`` or
+``"mse"`` (a jitted clipping search, `jaxq.algorithms.weight_range`), in
+every mode that quantizes the weight: serve (on the fly), `jaxq.convert`,
+the starting value of a learned weight scale, and qat, which recomputes the
+range on every step from the current weight (a jitted grid; its gradient is
+stopped, so the range is a constant of each step, as abs-max is): the
+fake-quant model equals the served one, which scoring in qat mode
+(`jaxq.sensitivity`) needs. For training it costs a grid of fake-quants per
+step (see the README's numerics); ``learn="lsq"`` starts its scale from the
+range once instead. Any other
+calibration on a weight raises, naming the layer, when the model is built.
+
+Fixed per-layer variables (`FIXED_NAMES`), written by the PTQ algorithms
+(`jaxq.smoothquant`, `jaxq.awq`, `jaxq.gptq`) and never trained:
+
+* ``"weight_range"``: ``{"amax"[, "amin"]}`` in the weight spec's keepdims
+  scale shape; when present it is the weight's range in every mode (GPTQ's
+  kernel lies on that grid, an abs-max recomputed from it need not).
+* ``"act_smooth"``: per-input-channel factors ``s``, shaped like the
+  kernel's contraction axes (``(d_in,)`` for a Dense); the layer divides
+  its input by them before anything else (calibrate mode observes
+  ``x / s``; qat and serve quantize ``x / s``, an elementwise scale that
+  XLA fuses into the activation quantization), its kernel having been
+  multiplied by them (SmoothQuant, AWQ without a preceding op to fold into).
+
 The serve-mode ops (`jaxq.flax.serve_ops`) and the int8 forward of qat
 mode (`jaxq.flax.int8_qat`) live in modules of their own; this one holds
 what every layer shares.
@@ -61,6 +87,7 @@ import jax.numpy as jnp
 from jaxq import calibration
 from jaxq import granularity as granularity_lib
 from jaxq import learned
+from jaxq.algorithms.weight_range import weight_range as search_weight_range
 from jaxq.granularity import PerChannel
 from jaxq.quantize import compute_range
 from jaxq.quantize import dequantize
@@ -80,6 +107,12 @@ ActRange = dict[str, jax.Array]
 WEIGHT_STATS = "weight"
 ACT_STATS = "act"
 ENABLED = "enabled"  # A switchable layer's on/off flag.
+# The fixed variables of the PTQ algorithms (see the module docstring).
+WEIGHT_RANGE = "weight_range"
+ACT_SMOOTH = "act_smooth"
+FIXED_NAMES = (WEIGHT_RANGE, ACT_SMOOTH)
+# The calibrations a weight's range supports.
+WEIGHT_CALIBRATIONS = ("max", "percentile", "mse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,15 +244,45 @@ def layer_quant(path: str, module: object, rule: Any | None,
                      switchable=switchable)
   if weight is not None:
     check_spec(quant, weight, weight_shape, "weight")
+    if weight.calibration not in WEIGHT_CALIBRATIONS:
+      raise ValueError(
+          f"jaxq: the weight spec of {path!r} ({quant.module_type}) has "
+          f"calibration={weight.calibration!r}, which describes activations; "
+          f"a weight's range supports {WEIGHT_CALIBRATIONS}.")
   return quant
 
 
 # Weights.
 
 
-def transform_weight(layer: LayerQuant, w: jax.Array | QArray
+def weight_range(layer: LayerQuant, w: jax.Array,
+                 stored: ActRange | None = None
+                 ) -> tuple[jax.Array | None, jax.Array | None]:
+  """``(amin, amax)`` of the layer's weight: the ``stored`` range when given
+  (checked against the scale shape), else the spec's ``calibration``;
+  ``(None, None)`` for ``"max"``, which `jaxq.quantize` computes itself."""
+  spec = layer.weight
+  if stored is not None:
+    shape = granularity_lib.scale_shape(spec.granularity, tuple(w.shape))
+    amax, amin = stored["amax"], stored.get("amin")
+    if tuple(jnp.shape(amax)) != tuple(shape) or (
+        (amin is None) != spec.symmetric):
+      raise ValueError(
+          f"jaxq: the stored weight range of {layer.path!r} has amax of shape "
+          f"{tuple(jnp.shape(amax))}{'' if amin is None else ' and an amin'}, "
+          f"but its weight spec {spec} on shape {tuple(w.shape)} needs "
+          f"{tuple(shape)}{'' if spec.symmetric else ' and an amin'}.")
+    return amin, amax
+  if spec.calibration == "max":
+    return None, None
+  return search_weight_range(jax.lax.stop_gradient(w), spec)
+
+
+def transform_weight(layer: LayerQuant, w: jax.Array | QArray,
+                     stored_range: ActRange | None = None
                      ) -> jax.Array | QArray:
-  """The weight as the layer's op sees it in ``layer.mode`` (see the table)."""
+  """The weight as the layer's op sees it in ``layer.mode`` (see the table),
+  with the range `weight_range` gives."""
   spec = layer.weight
   if spec is None or layer.mode == "calibrate":
     return w
@@ -232,9 +295,10 @@ def transform_weight(layer: LayerQuant, w: jax.Array | QArray
                        f"with {w.spec}, but the rule asks for {spec}.")
     return w
   check_spec(layer, spec, w.shape, "weight")
+  amin, amax = weight_range(layer, w, stored_range)
   if layer.mode == "qat":
-    return fake_quant(w, spec)
-  return quantize(w, spec)
+    return fake_quant(w, spec, amax=amax, amin=amin)
+  return quantize(w, spec, amax=amax, amin=amin)
 
 
 def observe_weight(layer: LayerQuant, state: Any | None, w: jax.Array) -> Any:
@@ -374,6 +438,10 @@ class LayerVariables(abc.ABC):
     return self.get_range()
 
   @abc.abstractmethod
+  def get_fixed(self, name: str) -> Any | None:
+    """The fixed variable ``name`` (one of `FIXED_NAMES`), if it exists."""
+
+  @abc.abstractmethod
   def get_learned(self, name: str) -> jax.Array | None:
     """The learned parameter ``name`` (see `learned_name`), if it exists."""
 
@@ -398,9 +466,15 @@ class LayerVariables(abc.ABC):
   def weight_param(self, w: jax.Array | QArray) -> jax.Array:
     """The learned weight parameter, created from ``w``'s own range."""
     spec = self.quant.weight
+
+    def initial() -> jax.Array:
+      _, amax = weight_range(self.quant, w, self.get_fixed(WEIGHT_RANGE))
+      return learned.init_param(
+          spec, compute_range(w, spec)[1] if amax is None else amax)
+
     return self._learned(
         "weight", spec, learned_scale_shape(self.quant, spec, w.shape),
-        lambda: learned.init_param(spec, compute_range(w, spec)[1]))
+        initial)
 
   def act_param(self, x: jax.Array) -> jax.Array:
     """The learned act parameter, created from the calibrated range when one
@@ -437,7 +511,29 @@ class LayerVariables(abc.ABC):
           self.quant, self.get_stats(WEIGHT_STATS), w))
     if self.quant.weight.learn is not None and self.quant.mode != "calibrate":
       return self._switched(self._learned_weight(w), w)
-    return self._switched(transform_weight(self.quant, w), w)
+    return self._switched(
+        transform_weight(self.quant, w, self.get_fixed(WEIGHT_RANGE)), w)
+
+  def smoothed(self, x: jax.Array) -> jax.Array:
+    """``x`` divided by the layer's ``"act_smooth"`` factors, if any."""
+    factors = self.get_fixed(ACT_SMOOTH)
+    if factors is None:
+      return x
+    shape = tuple(jnp.shape(factors))
+    if tuple(x.shape[x.ndim - len(shape):]) != shape:
+      raise ValueError(
+          f"jaxq: the smoothing factors of {self.quant.path!r} have shape "
+          f"{shape}, which does not match the trailing axes of its input of "
+          f"shape {tuple(x.shape)}.")
+    return (x / factors.astype(x.dtype)).astype(x.dtype)
+
+  def check_int8_forward(self) -> None:
+    """Raises when the int8 qat forward would skip a stored weight range."""
+    if self.get_fixed(WEIGHT_RANGE) is not None:
+      raise ValueError(
+          f"jaxq: {self.quant.path!r} has a stored weight range (from GPTQ or "
+          f"AWQ), which the int8 qat forward does not use; build the model "
+          f"with int8_forward=False.")
 
   def _learned_weight(self, w: jax.Array | QArray) -> jax.Array | QArray:
     spec = self.quant.weight
@@ -449,7 +545,9 @@ class LayerVariables(abc.ABC):
     return learned.quantize_with_scale(w, learned.scale_of(param, spec), spec)
 
   def act(self, x: jax.Array) -> jax.Array | QArray:
-    """The input for the layer's op; records its statistics in calibrate."""
+    """The input for the layer's op (divided by its smoothing factors, if
+    any); records its statistics in calibrate mode."""
+    x = self.smoothed(x)
     if self.quant.act is None:
       return x
     if self.quant.mode == "calibrate":
@@ -529,6 +627,8 @@ def embed_lookup(layer: LayerQuant, table: jax.Array | QArray,
       rows = learned.learned_fake_quant(
           rows, jnp.take(learned_param, flat_ids, axis=0), layer.weight)
     elif layer.mode == "qat":
-      rows = fake_quant(rows, layer.weight)
+      # Row-local scales: the rows' own ranges are the table's rows' ranges.
+      amin, amax = weight_range(layer, rows)
+      rows = fake_quant(rows, layer.weight, amax=amax, amin=amin)
   return rows.reshape(tuple(ids.shape) + (features,))
 

@@ -99,6 +99,8 @@ class QatLayer(Protocol):
 
   def act(self, x: jax.Array) -> jax.Array: ...
 
+  def smoothed(self, x: jax.Array) -> jax.Array: ...
+
   def weight(self, w: jax.Array) -> jax.Array: ...
 
   def backward_key(self) -> jax.Array: ...
@@ -369,7 +371,8 @@ def _qat_op(layer_vars: QatLayer, x: jax.Array, w: jax.Array,
   if not uses_int8_forward(layer):
     # Fake-quant with backward="float" (uses_qat_op).
     return float_backward(float_op, layer_vars.act(x), layer_vars.weight(w),
-                          x, w)
+                          layer_vars.smoothed(x), w)
+  x = layer_vars.smoothed(x)  # SmoothQuant's input scaling, if any.
   check_spec(layer, layer.act, x.shape, "activation")
   check_spec(layer, layer.weight, w.shape, "weight")
   out_dtype = preferred_element_type or jnp.result_type(x.dtype, w.dtype)

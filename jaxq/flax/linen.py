@@ -41,6 +41,10 @@ the original model's variables work unchanged in qat and calibrate mode):
 * ``quant_ranges`` (read in qat and serve mode for static act specs): per
   layer, ``{"act": {"amax": a}}`` (plus ``"amin"`` for affine specs), as
   made by `jaxq.flax.act_ranges` or `jaxq.convert`.
+* ``quant_fixed`` (read in every mode): per layer, what the PTQ algorithms
+  (`jaxq.gptq`, `jaxq.awq`, `jaxq.smoothquant`) fixed, never trained:
+  ``{"weight_range": {"amax": a[, "amin": b]}, "act_smooth": s}`` (see
+  `jaxq.flax.core.FIXED_NAMES`).
 * learned ranges (specs with ``learn="lsq"``/``"pact"``): trainable entries
   of ``params`` beside the layer's own, ``params/<layer>/jaxq/weight_scale``
   and ``.../act_scale`` (``weight_clip``/``act_clip`` for PACT; see
@@ -107,6 +111,7 @@ from jaxq.spec import QArray
 STATS = "quant_stats"
 RANGES = "quant_ranges"
 ENABLED = "quant_enabled"  # Switchable layers' on/off flags (`with_enabled`).
+FIXED = "quant_fixed"
 LEARNED = "jaxq"
 # What ``nn.scan`` (or ``nn.vmap``) over layers adds to its ``variable_axes``
 # so that jaxq's collections are stacked per layer like the params:
@@ -198,6 +203,11 @@ class _Layer(core.LayerVariables):
       raise _lifted_error(self.quant.path, RANGES)
     return None
 
+  def get_fixed(self, name: str) -> Any | None:
+    if self.scope.has_variable(FIXED, name):
+      return self.scope.get_variable(FIXED, name)
+    return None
+
   def recording(self) -> bool:
     return not self.initializing  # Init data is not calibration data.
 
@@ -236,6 +246,7 @@ class _Layer(core.LayerVariables):
     quant = self.quant
     if (self.initializing and quant.mode != "calibrate" and quant.static_act
         and quant.act.learn is None and self.get_range() is None):
+      x = self.smoothed(x)
       return core.transform_act(quant, x, self.range_for(x))
     return super().act(x)
 
@@ -460,7 +471,9 @@ class QuantizedLinen:
       layer.append(_Layer(module, quant))
       self._record_fallback(module, quant, inputs.shape, kernel.shape)
       if qat_op and int8_qat.uses_qat_op(quant):
-        return inputs, kernel, bias  # The qat op quantizes them itself.
+        if int8_qat.uses_int8_forward(quant):
+          layer[0].check_int8_forward()
+        return inputs, kernel, bias  # The qat op quantizes (and smooths).
       return layer[0].act(inputs), layer[0].weight(kernel), bias
 
     hooks: dict[str, Any] = {"promote_dtype": promote_dtype}

@@ -55,7 +55,7 @@ def _mutable_node(tree: dict, path: str) -> dict:
   """The dict at ``path``, copying the dicts on the way (no aliasing)."""
   node = tree
   for name in path.split("/") if path else []:
-    node[name] = dict(node[name])
+    node[name] = dict(node.get(name, {}))
     node = node[name]
   return node
 
@@ -216,6 +216,9 @@ class LinenAdapter:
            ) -> Any | None:
     variables = self.variables if variables is None else variables
     self._known(path, variables)
+    if name in core.FIXED_NAMES:  # The PTQ algorithms' fixed variables.
+      node = _lookup(variables.get(linen_lib.FIXED, {}), path)
+      return node.get(name) if isinstance(node, Mapping) else None
     node = _lookup(variables.get("params", {}), path)
     if not isinstance(node, Mapping):
       return None
@@ -240,13 +243,19 @@ class LinenAdapter:
             variables: Any | None = None) -> dict[str, Any]:
     variables = self.variables if variables is None else variables
     params = dict(variables["params"])
+    fixed = dict(variables.get(linen_lib.FIXED, {}))
     for (path, name), value in values.items():
       self._known(path, variables)
+      if name in core.FIXED_NAMES:
+        _mutable_node(fixed, path)[name] = value
+        continue
       node = _mutable_node(params, path)
       if name not in node and name in adapter_lib.LEARNED_NAMES:
         node[linen_lib.LEARNED] = dict(node.get(linen_lib.LEARNED, {}))
         node = node[linen_lib.LEARNED]
       node[name] = value
+    if fixed:
+      return {**variables, "params": params, linen_lib.FIXED: fixed}
     return {**variables, "params": params}
 
   def set_kernel(self, path: str, kernel: jax.Array,

@@ -34,6 +34,9 @@ Each quantized layer also carries:
 * ``jaxq_act_range``: a `QuantRange` variable ``{"amax": ...}`` for a static
   act spec, loaded with ``nnx.update(qmodel, jaxq.flax.act_ranges(...))`` or
   from `jaxq.convert`'s state.
+* ``jaxq_weight_range``, ``jaxq_act_smooth``: `QuantFixed` variables, what
+  the PTQ algorithms (`jaxq.gptq`, `jaxq.awq`, `jaxq.smoothquant`) fixed
+  (see `jaxq.flax.core.FIXED_NAMES`), never trained.
 * ``jaxq_weight_scale``, ``jaxq_act_scale`` (``jaxq_weight_clip``,
   ``jaxq_act_clip`` for PACT): ``nnx.Param`` learned ranges of specs with
   ``learn`` set (see `jaxq.flax.core`), created by the first qat-mode call
@@ -119,6 +122,11 @@ class QuantRange(nnx.Variable):
 
 class QuantEnabled(nnx.Variable):
   """A switchable layer's on/off flag, a boolean scalar (``switchable``)."""
+
+
+class QuantFixed(nnx.Variable):
+  """A PTQ algorithm's fixed per-layer variable: a weight range
+  ``{"amax": ...[, "amin": ...]}`` or input smoothing factors."""
 
 
 class _Held:
@@ -213,6 +221,10 @@ class _Layer(core.LayerVariables):
     flag = getattr(self.module, ENABLED_ATTR, None)
     return None if flag is None else flag.get_value()
 
+  def get_fixed(self, name: str) -> Any | None:
+    held = getattr(self.module, f"jaxq_{name}", None)
+    return None if held is None else held.get_value()
+
   def get_learned(self, name: str) -> jax.Array | None:
     param = getattr(self.module, f"jaxq_{name}", None)
     return None if param is None else param.get_value()
@@ -265,7 +277,9 @@ class _QuantizedLayer:
       else:
         x, w, bias = original((x, w, bias), dtype=dtype, inexact=inexact)
       if qat_op:
-        return x, w, bias  # The qat op quantizes them itself.
+        if int8_qat.uses_int8_forward(layer.quant):
+          layer.check_int8_forward()
+        return x, w, bias  # The qat op quantizes (and smooths) them.
       return layer.act(x), layer.weight(w), bias
 
     hooks: dict[str, Any] = {"promote_dtype": promote_dtype}

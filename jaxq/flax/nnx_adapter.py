@@ -263,6 +263,9 @@ class NnxAdapter:
     for (path, name), value in values.items():
       self._module(path)
       key = _key(path) + (name,)
+      if name in core.FIXED_NAMES:  # The PTQ algorithms' fixed variables.
+        flat[_key(path) + (f"jaxq_{name}",)] = nnx_lib.QuantFixed(value)
+        continue
       if key not in flat and name in adapter_lib.LEARNED_NAMES:
         key = _key(path) + (f"jaxq_{name}",)
       if key in flat:
