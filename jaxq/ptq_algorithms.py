@@ -212,10 +212,10 @@ def _targets(adapter: ModelAdapter, batches: Sequence[Any],
 
 
 def _capture(adapter: ModelAdapter, batches: Sequence[Any],
-             paths: Sequence[str], variables: Any, what: str
-             ) -> Any:
+             paths: Sequence[str], variables: Any, what: str,
+             capture: Any = None) -> Any:
   try:
-    return adapter.capture_inputs(batches, paths, variables)
+    return adapter.capture_inputs(batches, paths, variables, capture=capture)
   except ValueError as e:
     raise ValueError(f"{what}: calibration never reached a layer: {e}"
                      ) from None
@@ -569,10 +569,15 @@ def gptq(qmodel: Any, variables: Any, data: Iterable[Any], *,
   what = "gptq"
   adapter, batches, targets, variables = _setup(qmodel, variables, data,
                                                 layers, what)
+  # One compiled capture of every target for the whole loop: the loop
+  # writes only kernels (same shapes), and the weight ranges at the end, so
+  # the variables keep their structure and the capture compiles once.
+  capturing = adapter.with_variables(variables)
+  paths = [info.path for info in targets]
+  capture = capturing.capture(paths)
+  ranges = {}
   for info in _bar(targets, what, progress):
-    # A fresh adapter: nnx rebuilds its graph with the new fixed variables.
-    captured = _capture(adapter.with_variables(variables), batches,
-                        [info.path], variables, what)
+    captured = _capture(capturing, batches, paths, variables, what, capture)
     kernel, _ = adapter.get_weight(info.path, variables)
     view = _view(info, kernel, captured.inputs[info.path][0][0], what)
     rows = _layer_rows(adapter, variables, view, captured, what)
@@ -596,8 +601,7 @@ def gptq(qmodel: Any, variables: Any, data: Iterable[Any], *,
       raise ValueError(f"{what}: {info.path!r}: {e}") from None
     variables = adapter.write({
         (info.path, info.weight_name): view.from_2d(result.kernel,
-                                                    kernel.dtype),
-        (info.path, core.WEIGHT_RANGE): view.range_from_2d(result.amin,
-                                                           result.amax),
-    }, variables)
-  return variables
+                                                    kernel.dtype)}, variables)
+    ranges[(info.path, core.WEIGHT_RANGE)] = view.range_from_2d(result.amin,
+                                                                result.amax)
+  return adapter.write(ranges, variables)

@@ -202,8 +202,11 @@ class ModelAdapter(Protocol):
     """The `jaxq.flax.capture` pass of the layers at ``paths``."""
 
   def capture_inputs(self, batches: Sequence[Any], paths: Collection[str],
-                     variables: Any | None = None) -> LayerInputs:
-    """Inputs and outputs of the layers at ``paths``, per call and batch."""
+                     variables: Any | None = None, *, capture: Any = None
+                     ) -> LayerInputs:
+    """Inputs and outputs of the layers at ``paths``, per call and batch;
+    ``capture``, a pass of ``capture(paths)`` to reuse: one compilation for
+    every call with variables of the same structure (a sequential loop)."""
 
   def replay(self, path: str, call: Any, mode: core.Mode,
              rule: rules_lib.Rule) -> Callable[[Sequence[jax.Array]], Any]:
@@ -270,7 +273,8 @@ class ModelAdapter(Protocol):
 
 
 def capture_inputs(adapter: ModelAdapter, batches: Sequence[Any],
-                   paths: Collection[str], variables: Any) -> LayerInputs:
+                   paths: Collection[str], variables: Any, *,
+                   capture: Any = None) -> LayerInputs:
   """`ModelAdapter.capture_inputs` from the adapter's `capture` pass (shared
   by both APIs: the passes return the same ``Captured``)."""
   known = adapter.layers()
@@ -278,7 +282,8 @@ def capture_inputs(adapter: ModelAdapter, batches: Sequence[Any],
   if unknown:
     raise ValueError(f"capture_inputs: no layer at {unknown}; the model's "
                      f"layers are {sorted(known)}.")
-  capture = adapter.capture(paths)
+  if capture is None:
+    capture = adapter.capture(paths)
   inputs: dict[str, list[list[jax.Array]]] = {}
   outputs: dict[str, list[list[Any]]] = {}
   for batch in batches:

@@ -182,11 +182,11 @@ class LinenAdapter:
     return LinenCapture(self._runner.apply, paths)
 
   def capture_inputs(self, batches: Sequence[Any], paths: Collection[str],
-                     variables: Any | None = None
+                     variables: Any | None = None, *, capture: Any = None
                      ) -> adapter_lib.LayerInputs:
     return adapter_lib.capture_inputs(
         self, batches, paths, self.variables if variables is None
-        else variables)
+        else variables, capture=capture)
 
   def replay(self, path: str, call: LayerCall, mode: core.Mode,
              rule: rules_lib.Rule) -> adapter_lib.ApplyFn:
