@@ -188,7 +188,7 @@ class _Layer(core.LayerVariables):
       # Concrete (eager apply) ranges only; traced ones were checked where
       # they were made (act_ranges, convert).
       checks.check_act_range("jaxq", self.quant.path, act_range,
-                             self.quant.act.symmetric)
+                             self.quant.act)
       return act_range
     call = _CALL.get()
     outer = _lookup(call.ranges, self.quant.path) if call else None

@@ -208,7 +208,7 @@ class _Layer(core.LayerVariables):
     # Concrete (an eager call) ranges are checked here; under jit they are
     # traced and were checked where they were made (act_ranges, convert).
     checks.check_act_range("jaxq", self.quant.path, act_range,
-                           self.quant.act.symmetric)
+                           self.quant.act)
     return act_range
 
   def get_enabled(self) -> jax.Array | None:
