@@ -510,7 +510,8 @@ def main(argv: Sequence[str] | None = None) -> Summary:
   variables, float_row = train_or_load(out, data, settings, retrain)
   rows = [float_row]
   timer = Timer()
-  folded = jaxq.fold_batchnorm(variables, digits_cnn.CONV_BN_PAIRS)
+  folded = jaxq.fold_batchnorm(variables, digits_cnn.CONV_BN_PAIRS,
+                               model=MODEL, batch=data.x_train[:1])
   rows.append(Row("float32, BatchNorm folded", accuracy(MODEL, folded, data),
                   digits_cnn.tree_bytes(folded), None, timer()))
 

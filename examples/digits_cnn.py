@@ -483,7 +483,9 @@ def quantized_rows(variables: Variables, data: Digits, config: TrainConfig,
     ``"QAT <LOW_BIT>"`` and ``"QAT <LOW_BIT> LSQ"``; accuracies are the
     serve-mode model's.
   """
-  folded = jaxq.fold_batchnorm(variables, CONV_BN_PAIRS)
+  # model= and batch=: each BatchNorm's own epsilon is read from the model.
+  folded = jaxq.fold_batchnorm(variables, CONV_BN_PAIRS, model=DigitsCNN(),
+                               batch=data.x_train[:1])
   rows = []
   for name, weight in WEIGHTS.items():
     start = time.perf_counter()

@@ -60,7 +60,8 @@ def study(model: digits_cnn.DigitsCNN, variables: digits_cnn.Variables,
   """Prints the accuracies, the sensitivity, the partial quantization and
   the report of `STUDY` for trained ``variables`` (BatchNorm folded here);
   returns the sensitivity table, the partial quantization and the report."""
-  folded = jaxq.fold_batchnorm(variables, digits_cnn.CONV_BN_PAIRS)
+  folded = jaxq.fold_batchnorm(variables, digits_cnn.CONV_BN_PAIRS,
+                               model=model, batch=data.x_train[:1])
 
   def eval_fn(apply_fn, v) -> float:  # Test accuracy: higher is better.
     return digits_cnn.evaluate(apply_fn, v, data.x_test, data.y_test)

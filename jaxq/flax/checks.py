@@ -12,13 +12,14 @@ ranges being loaded), naming the layer path and the parameter.
   1 inf values". Traced values (inside ``jit``) and QArrays are not
   checked: a traced weight cannot be read without a host round trip per
   step, and a QArray was checked when `jaxq.convert` made it.
-* `check_act_range(what, path, act_range, symmetric=None)`: ``{"amax"[,
-  "amin"]}`` in any (scale) shape; valid when every element is finite,
-  ``amax >= 0`` for a symmetric spec and ``amin <= amax`` for an affine one
-  (a zero range is valid: all-zero inputs quantize to zeros). Traced ranges
-  are not checked here (see `jaxq.flax.nnx` for what happens under
-  ``jit``). Same semantics as ``jaxq.quantize.check_range`` of the
-  primitives, which callers can switch to once it lands.
+* `check_act_range(what, path, act_range, spec)`: ``{"amax"[, "amin"]}`` in
+  any (scale) shape for the act `QuantSpec` ``spec``; valid as
+  `jaxq.quantize.check_range` defines it (the one definition: finite,
+  ``amax >= 0`` symmetric, ``amin <= amax`` affine, a zero range valid),
+  whose message follows "layer 'Dense_1'"'s. Traced ranges are not checked
+  here: this runs on every call that reads a range, and a traced check
+  would cost a host round trip per step (see `jaxq.flax.nnx` for what
+  happens under ``jit``; ranges are checked where they are made).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from jaxq.spec import QArray
+from jaxq import quantize as quantize_lib
+from jaxq.spec import QArray, QuantSpec
 
 
 def _concrete(value: Any) -> bool:
@@ -54,44 +56,21 @@ def check_finite_weight(what: str, path: str, name: str, weight: Any) -> None:
 
 
 def check_act_range(what: str, path: str, act_range: Mapping[str, Any] | None,
-                    symmetric: bool | None = None) -> None:
+                    spec: QuantSpec | None = None) -> None:
   """Raises a ValueError naming the layer if a concrete static range is
-  non-finite, negative (symmetric) or has ``amin > amax`` (affine);
-  ``symmetric`` None: affine when the range holds ``amin``."""
+  invalid for ``spec`` (`jaxq.quantize.check_range`). ``spec`` None (a range
+  for a layer without an act spec): checked as affine when the range holds
+  ``amin``, else symmetric."""
   if not act_range or "amax" not in act_range:
     return
-  if symmetric is None:
-    symmetric = "amin" not in act_range
   amax, amin = act_range["amax"], act_range.get("amin")
   if not _concrete(amax) or (amin is not None and not _concrete(amin)):
     return
-  amax = np.asarray(amax, np.float32)
-  problems = []
-  if not np.all(np.isfinite(amax)):
-    problems.append(
-        f"amax holds non-finite values {_few(amax[~np.isfinite(amax)])}")
-  if amin is None:
-    if not symmetric:
-      problems.append("an affine spec needs amin, which is missing")
-    elif np.any(amax < 0):
-      problems.append(f"amax holds negative values {_few(amax[amax < 0])}")
-  else:
-    amin = np.asarray(amin, np.float32)
-    if not np.all(np.isfinite(amin)):
-      problems.append(
-          f"amin holds non-finite values {_few(amin[~np.isfinite(amin)])}")
-    with np.errstate(invalid="ignore"):
-      above = np.broadcast_to(amin > amax, np.broadcast_shapes(
-          amin.shape, amax.shape))
-    if np.any(above):
-      problems.append(f"amin > amax at {int(np.count_nonzero(above))} "
-                      f"position(s)")
-  if problems:
+  if spec is None:
+    spec = QuantSpec("int8", symmetric=amin is None)
+  try:
+    quantize_lib.check_range(spec, amax, amin)
+  except ValueError as e:
     raise ValueError(
         f"{what}: the static activation range of layer {path!r} is invalid: "
-        f"{'; '.join(problems)}. Recalibrate (check the data for NaN/inf) or "
-        f"fix the loaded ranges.")
-
-
-def _few(values: np.ndarray) -> list[float]:
-  return [float(v) for v in np.ravel(values)[:4]]
+        f"{e}") from None

@@ -593,9 +593,15 @@ def embed_spec(spec: QuantSpec, table_shape: tuple[int, ...]) -> QuantSpec:
   A lookup reads rows, so the table keeps its rule's granularity when each
   block lies within one row (per-row channels, groups or MX along the
   features) and otherwise gets one scale per row, ``PerChannel(axis=0)``.
+  A one-row table (``V == 1``) is decided as a two-row one: every block of
+  it lies in its row, yet a per-tensor scale gathered per looked-up row
+  would be ``(N, 1)`` under a spec that needs ``(1, 1)``.
   """
+  shape = tuple(table_shape)
+  if shape and shape[0] == 1:
+    shape = (2, *shape[1:])
   try:
-    row_local = spec.granularity.block_shape(tuple(table_shape))[0] == 1
+    row_local = spec.granularity.block_shape(shape)[0] == 1
   except ValueError:
     row_local = False
   return spec if row_local else spec.replace(granularity=PerChannel(axis=0))

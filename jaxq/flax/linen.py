@@ -99,7 +99,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxq import calibration
-from jaxq import granularity as granularity_lib
 from jaxq.flax import checks
 from jaxq.flax import core
 from jaxq.flax import int8_qat
@@ -194,7 +193,7 @@ class _Layer(core.LayerVariables):
       # Concrete (eager apply) ranges only; traced ones were checked where
       # they were made (act_ranges, convert).
       checks.check_act_range("jaxq", self.quant.path, act_range,
-                             self.quant.act.symmetric)
+                             self.quant.act)
       return act_range
     call = _CALL.get()
     outer = _lookup(call.ranges, self.quant.path) if call else None
@@ -395,38 +394,21 @@ class QuantizedLinen:
     return quant
 
   def _record_fallback(self, module: nn.Module, quant: core.LayerQuant,
-                       x_shape: tuple[int, ...], w_shape: tuple[int, ...]
-                       ) -> None:
+                       w_shape: tuple[int, ...]) -> None:
     """Records in the layer's `LayerInfo` why serve mode cannot run it as
-    one low-bit op (`serve_ops.format_fallback_reason`, and for
-    convolutions `serve_ops.conv_fallback_reason`), or None."""
-    if quant.act is None:
-      return
-    kinds = (None, None) if quant.weight is None else (
-        quant.weight.fmt.name, quant.weight.fmt.kind)
-    reason = serve_ops.format_fallback_reason(
-        quant.act.fmt.name, quant.act.fmt.kind, *kinds)
-    if reason is None and isinstance(module, (nn.Conv, nn.ConvTranspose)):
-      reason = self._conv_fallback(module, quant, x_shape, w_shape)
+    one low-bit op (`serve_ops.layer_fallback_reason`, from its specs and
+    kernel shape, as nnx decides it), or None."""
+    is_conv = isinstance(module, (nn.Conv, nn.ConvTranspose))
+    reason = serve_ops.layer_fallback_reason(
+        quant.act, quant.weight,
+        conv_kernel_shape=tuple(w_shape) if is_conv else None,
+        transposed=(isinstance(module, nn.ConvTranspose) and
+                    module.transpose_kernel),
+        feature_group_count=getattr(module, "feature_group_count", 1))
     info = self._layers[quant.path]
     if info.serve_fallback != reason:
       self._layers[quant.path] = dataclasses.replace(
           info, serve_fallback=reason)
-
-  def _conv_fallback(self, module: nn.Module, quant: core.LayerQuant,
-                     x_shape: tuple[int, ...], w_shape: tuple[int, ...]
-                     ) -> str | None:
-    try:
-      x_scale = granularity_lib.scale_shape(quant.act.granularity, x_shape)
-      w_scale = (granularity_lib.scale_shape(quant.weight.granularity,
-                                             w_shape)
-                 if quant.weight is not None else None)
-    except ValueError:
-      return None  # The spec does not apply; the layer's own checks raise.
-    transposed = (isinstance(module, nn.ConvTranspose) and
-                  module.transpose_kernel)
-    return serve_ops.conv_fallback_reason(
-        x_scale, w_scale, 0, -2 if transposed else -1)
 
   def _intercept(self, next_fun, args, kwargs, context) -> Any:
     module = context.module
@@ -469,7 +451,7 @@ class QuantizedLinen:
                            f"no rule quantizes it.")
         return inputs, kernel, bias
       layer.append(_Layer(module, quant))
-      self._record_fallback(module, quant, inputs.shape, kernel.shape)
+      self._record_fallback(module, quant, kernel.shape)
       if qat_op and int8_qat.uses_qat_op(quant):
         if int8_qat.uses_int8_forward(quant):
           layer[0].check_int8_forward()

@@ -340,7 +340,7 @@ class LinenAdapter:
     for path, act_range in ranges.items():
       info = layers.get(path)
       checks.check_act_range(what, path, act_range,
-                             info.act.symmetric if info and info.act else None)
+                             info.act if info else None)
 
   def ranges_from(self, ranges: Mapping[str, core.ActRange]
                   ) -> dict[str, Any]:

@@ -24,7 +24,9 @@ and any method of the model.
 Each quantized layer also carries:
 
 * ``jaxq_layer``: its `LayerQuant` (static), or None when a skip rule or no
-  rule applies; ``jaxq_info``: its `LayerInfo`.
+  rule applies; ``jaxq_info``: its `LayerInfo`, whose ``serve_fallback`` is
+  decided at quantize time from the specs and the kernel shape, as linen
+  decides it (`jaxq.flax.serve_ops.layer_fallback_reason`).
 * ``jaxq_rngs``: with ``backward="int8"``, the ``nnx.Rngs`` given to
   `quantize_model` (one object shared by the layers), whose key rounds the
   gradient.
@@ -214,7 +216,7 @@ class _Layer(core.LayerVariables):
     # Concrete (an eager call) ranges are checked here; under jit they are
     # traced and were checked where they were made (act_ranges, convert).
     checks.check_act_range("jaxq", self.quant.path, act_range,
-                           self.quant.act.symmetric)
+                           self.quant.act)
     return act_range
 
   def get_enabled(self) -> jax.Array | None:
@@ -444,7 +446,13 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
         path=path_str, module_type=type(module).__name__, rule=rule,
         weight_shape=shape, weight_name=_weight_name(module),
         weight=quant and quant.weight, act=quant and quant.act,
-        mask=module.mask if isinstance(module, _MASKED) else None)
+        mask=module.mask if isinstance(module, _MASKED) else None,
+        serve_fallback=None if quant is None or isinstance(
+            module, nnx.Embed) else serve_ops.layer_fallback_reason(
+            quant.act, quant.weight,
+            conv_kernel_shape=shape if isinstance(module, _MASKED) else None,
+            transposed=getattr(module, "transpose_kernel", False),
+            feature_group_count=getattr(module, "feature_group_count", 1)))
     infos.append(info)
     # The layer becomes its quantized subclass in place (the model is a
     # clone), so that every path reaching a shared layer reaches the

@@ -345,7 +345,7 @@ class NnxAdapter:
     for path, act_range in ranges.items():
       info = self._layers.get(path)
       checks.check_act_range(what, path, act_range,
-                             info.act.symmetric if info and info.act else None)
+                             info.act if info else None)
 
   def ranges_from(self, ranges: Mapping[str, core.ActRange]) -> nnx.State:
     """A ``State`` of `QuantRange` variables from path -> act range."""

@@ -118,8 +118,10 @@ class LayerInfo:
       summed axis (a ``PerToken()`` act rule that matched a conv), or an
       activation and weight of an integer and a float format (fp8 x int8),
       serve by the fallback: the input dequantized (equal to QAT's
-      fake-quantized input) times the low-bit weight, weight-only. Recorded
-      for linen layers when traced.
+      fake-quantized input) times the low-bit weight, weight-only. Decided
+      from the specs and the kernel shape (a conv input with more than one
+      example and position): when traced for linen, at quantize time for
+      nnx (`jaxq.flax.serve_ops.layer_fallback_reason`).
     stacked: the size of the leading stack axis of the stored weight when
       the layer runs inside ``nn.scan`` over layers (the stored weight is
       ``(stacked, *weight_shape)``; ``weight_shape`` is one layer's), or

@@ -30,6 +30,7 @@ import numpy as np
 from flax.linen import linear as linen_linear
 from jax import lax
 
+from jaxq import granularity as granularity_lib
 from jaxq import ops
 from jaxq.quantize import dequantize
 from jaxq.spec import QArray
@@ -146,6 +147,53 @@ def conv_fallback_reason(x_scale_shape: Sequence[int] | None,
             f"needs them per tensor or per output channel, "
             f"PerChannel(axis={out_axis})")
   return None
+
+
+def layer_fallback_reason(act: Any, weight: Any, *,
+                          conv_kernel_shape: Sequence[int] | None = None,
+                          transposed: bool = False,
+                          feature_group_count: int = 1) -> str | None:
+  """Why serve runs a layer by the fallback, from its specs alone, or None.
+
+  The same decision for linen and nnx (nnx decides at quantize time, before
+  any input is seen): the formats (`format_fallback_reason`), then for a
+  convolution (``conv_kernel_shape`` given) the scales its specs give an
+  input of the kernel's rank with more than one example and position
+  (`conv_fallback_reason`). An input of one example and one position serves
+  as an integer op even where this names a reason.
+
+  Args:
+    act, weight: the layer's `QuantSpec`s (None when not quantized).
+    conv_kernel_shape: a convolution's kernel shape, ``(*window, in, out)``
+      (``(*window, out, in)`` when ``transposed``); None for other layers.
+    transposed: a ``transpose_kernel=True`` ConvTranspose kernel.
+    feature_group_count: the convolution's groups (the input has
+      ``in * feature_group_count`` channels).
+  """
+  if act is None:
+    return None
+  reason = format_fallback_reason(
+      act.fmt.name, act.fmt.kind, *((None, None) if weight is None else
+                                    (weight.fmt.name, weight.fmt.kind)))
+  if reason is not None or conv_kernel_shape is None:
+    return reason
+  w_shape = tuple(conv_kernel_shape)
+  in_features = w_shape[-1 if transposed else -2] * feature_group_count
+  x_shape = (2,) * (len(w_shape) - 1) + (in_features,)
+  try:
+    x_scale = granularity_lib.scale_shape(act.granularity, x_shape)
+    w_scale = (None if weight is None else
+               granularity_lib.scale_shape(weight.granularity, w_shape))
+  except ValueError:
+    return None  # The spec does not apply; the layer's own checks raise.
+  reason = conv_fallback_reason(x_scale, w_scale, 0,
+                                -2 if transposed else -1)
+  if reason is not None and reason.startswith("the input's"):
+    # Name the granularity, not the scale shape of a stand-in input.
+    reason = (f"the input's scales ({act.granularity!r}) vary along an "
+              f"axis the convolution sums over; an integer convolution "
+              f"needs them per tensor or per example")
+  return reason
 
 
 def _scale_shape(x: Any) -> tuple[int, ...] | None:

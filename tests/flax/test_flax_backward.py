@@ -318,7 +318,9 @@ def test_digits_qat_with_int8_backward_recovers_ptq_loss():
   data = digits_cnn.load_digits(seed=0)
   config = digits_cnn.TrainConfig(epochs=2, seed=0)
   variables, float_accuracy = digits_cnn.train(data, config, progress=False)
-  folded = jaxq.fold_batchnorm(variables, digits_cnn.CONV_BN_PAIRS)
+  folded = jaxq.fold_batchnorm(variables, digits_cnn.CONV_BN_PAIRS,
+                               model=digits_cnn.DigitsCNN(),
+                               batch=data.x_train[:1])
   rules = digits_cnn.rules_for(digits_cnn.WEIGHTS[digits_cnn.LOW_BIT])
   qat, calibrated = digits_cnn.ptq(folded, rules, data, 256)
   ptq_accuracy, _ = digits_cnn.serve(qat, calibrated, data)

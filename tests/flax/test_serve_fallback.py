@@ -117,3 +117,69 @@ def test_mixed_integer_and_float_formats_serve_by_the_fallback():
   y_serve = qat.with_mode("serve").apply(serving, x)
   np.testing.assert_allclose(y_serve, y_qat, rtol=1e-4,
                              atol=1e-4 * fm.max_abs(y_qat))
+
+
+def _linen_and_nnx_fallbacks(rules) -> tuple[list, list]:
+  """The serve_fallback of each layer, in call order, for the linen and
+  the nnx CNN (the same layers); nnx's is known before any call."""
+  model = fm.LinenCNN()
+  x = fm.cnn_input(jax.random.key(1))
+  variables = model.init(jax.random.key(0), x)
+  qat = jaxq.quantize_model(model, rules, "qat")
+  qat.apply(variables, x)
+  linen = [jaxq.layers(qat)[p].serve_fallback for p in CONVS + ("Dense_0",)]
+  nnx_q = jaxq.quantize_model(fm.NnxCNN(nnx.Rngs(0)), rules, "serve")
+  nnx_layers = jaxq.layers(nnx_q)
+  nnx_fallbacks = [nnx_layers[p].serve_fallback
+                   for p in ("conv1", "depthwise", "conv3", "head")]
+  return linen, nnx_fallbacks
+
+
+def test_nnx_reports_the_same_fallback_as_linen_for_per_token_convs():
+  linen, nnx_fallbacks = _linen_and_nnx_fallbacks(RULES)
+  assert nnx_fallbacks == linen
+  assert all("per tensor or per example" in r for r in nnx_fallbacks[:3])
+  assert nnx_fallbacks[3] is None
+
+
+def test_nnx_reports_the_same_fallback_as_linen_for_kernel_scales():
+  rules = (jaxq.Rule(r".*", weight=QuantSpec("int8", PerChannel(axis=-2)),
+                     act=QuantSpec("int8")),)
+  linen, nnx_fallbacks = _linen_and_nnx_fallbacks(rules)
+  assert nnx_fallbacks == linen
+  # The depthwise conv's kernel has one input channel: no variation there.
+  assert ["output channel" in (r or "") for r in nnx_fallbacks] == [
+      True, False, True, False]
+
+
+def test_nnx_reports_the_same_fallback_as_linen_for_mixed_formats():
+  rules = (jaxq.Rule(r".*", weight=fm.W8, act=QuantSpec("float8_e4m3fn")),)
+  linen, nnx_fallbacks = _linen_and_nnx_fallbacks(rules)
+  assert nnx_fallbacks == linen
+  assert all("cannot share a low-bit op" in r for r in nnx_fallbacks)
+
+
+def test_nnx_per_tensor_layers_report_no_fallback():
+  rules = (jaxq.Rule(r".*", weight=fm.W8, act=QuantSpec("int8")),)
+  linen, nnx_fallbacks = _linen_and_nnx_fallbacks(rules)
+  assert nnx_fallbacks == linen == [None] * 4
+
+
+def test_nnx_conv_transpose_fallback_matches_linen():
+  rules = (jaxq.Rule(r".*", weight=QuantSpec("int8", PerChannel(axis=-2)),
+                     act=QuantSpec("int8")),)
+  x = jax.random.normal(jax.random.key(1), (2, 5, 5, 3))
+  reasons = []
+  for transpose_kernel in (False, True):
+    model = nn.ConvTranspose(4, (3, 3), transpose_kernel=transpose_kernel)
+    qat = jaxq.quantize_model(model, rules, "qat")
+    qat.apply(model.init(jax.random.key(0), x), x)
+    layer = nnx.ConvTranspose(3, 4, (3, 3), transpose_kernel=transpose_kernel,
+                              rngs=nnx.Rngs(0))
+    nnx_q = jaxq.quantize_model(layer, rules, "qat")
+    assert jaxq.layers(nnx_q)[""].serve_fallback == (
+        jaxq.layers(qat)[""].serve_fallback)
+    reasons.append(jaxq.layers(qat)[""].serve_fallback)
+  # (*window, in, out) with scales along in falls back; (*window, out, in)
+  # with scales along out is the integer op.
+  assert "output channel" in reasons[0] and reasons[1] is None
