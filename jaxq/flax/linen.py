@@ -440,8 +440,7 @@ class _QatOp:
   ``backward`` (`jaxq.flax.int8_qat`).
 
   ``layer`` holds the call's `ScopeVariables` once ``promote_dtype`` has
-  matched the
-  layer; a float layer (skip rule, or no rule) keeps ``original``.
+  matched the layer; a float layer (skip rule, or no rule) keeps ``original``.
   """
 
   layer: list[ScopeVariables]
