@@ -64,8 +64,6 @@ the ranges from the unmasked rows instead.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import jax
@@ -74,6 +72,7 @@ import numpy as np
 import tqdm
 
 from jaxq import algorithms
+from jaxq import ptq_layers
 from jaxq import flax as jaxq_flax
 from jaxq import granularity as granularity_lib
 from jaxq.algorithms import smoothquant as smoothquant_lib
@@ -81,107 +80,6 @@ from jaxq.flax import batch as batch_lib
 from jaxq.flax import core
 from jaxq.flax.adapter import ModelAdapter
 from jaxq.flax.rules import LayerInfo
-from jaxq.spec import QuantSpec
-
-# Module types whose kernel is one matmul's right operand.
-_MATMUL_TYPES = ("Dense", "DenseGeneral", "Einsum", "Linear",
-                 "LinearGeneral")
-
-
-@dataclasses.dataclass(frozen=True)
-class _View:
-  """A layer's kernel as a 2-D ``(d_in, d_out)`` matmul operand."""
-
-  info: LayerInfo
-  kernel_shape: tuple[int, ...]
-  num_in: int  # The kernel's leading axes that contract with the input.
-  spec: QuantSpec  # The weight spec on the 2-D view.
-
-  @property
-  def d_in(self) -> int:
-    return math.prod(self.kernel_shape[:self.num_in])
-
-  @property
-  def d_out(self) -> int:
-    return math.prod(self.kernel_shape[self.num_in:])
-
-  @property
-  def in_shape(self) -> tuple[int, ...]:
-    return self.kernel_shape[:self.num_in]
-
-  def to_2d(self, kernel: jax.Array) -> jax.Array:
-    return jnp.reshape(kernel, (self.d_in, self.d_out)).astype(jnp.float32)
-
-  def from_2d(self, kernel: jax.Array, dtype: Any) -> jax.Array:
-    return jnp.reshape(kernel, self.kernel_shape).astype(dtype)
-
-  def range_from_2d(self, amin: jax.Array | None, amax: jax.Array
-                    ) -> core.ActRange:
-    """A 2-D range as the weight spec's keepdims scale shape."""
-    shape = granularity_lib.scale_shape(self.info.weight.granularity,
-                                        self.kernel_shape)
-    out = {"amax": jnp.reshape(amax, shape).astype(jnp.float32)}
-    if amin is not None:
-      out["amin"] = jnp.reshape(amin, shape).astype(jnp.float32)
-    return out
-
-
-def _num_in(info: LayerInfo, kernel_shape: tuple[int, ...],
-            x_shape: tuple[int, ...], what: str) -> int:
-  """How many leading kernel axes contract with the input's trailing ones."""
-  if info.module_type in ("Dense", "Linear"):
-    return 1
-  candidates = [n for n in range(1, len(kernel_shape))
-                if n <= len(x_shape) - 1 and
-                tuple(kernel_shape[:n]) == tuple(x_shape[len(x_shape) - n:])]
-  if len(candidates) != 1:
-    raise ValueError(
-        f"{what}: cannot view the kernel of {info.path!r} "
-        f"({info.module_type}, shape {kernel_shape}) on inputs of shape "
-        f"{x_shape} as one (d_in, d_out) matmul: "
-        f"{'no' if not candidates else 'several'} leading kernel axes match "
-        f"the input's trailing axes; skip the layer (layers=...).")
-  return candidates[0]
-
-
-def _spec_2d(info: LayerInfo, kernel_shape: tuple[int, ...], num_in: int,
-             what: str) -> QuantSpec:
-  """The weight spec on the 2-D view, or a ValueError naming the layer."""
-  spec = info.weight
-  if len(kernel_shape) == 2:
-    return spec
-  blocks = spec.granularity.block_shape(kernel_shape)
-  in_shape, out_shape = kernel_shape[:num_in], kernel_shape[num_in:]
-  in_blocks, out_blocks = blocks[:num_in], blocks[num_in:]
-  d_in, d_out = math.prod(in_shape), math.prod(out_shape)
-  if spec.is_mx or not (all(b == 1 for b in out_blocks) or
-                        tuple(out_blocks) == tuple(out_shape)):
-    granularity = None
-  elif tuple(in_blocks) == tuple(in_shape):
-    granularity = (granularity_lib.PerTensor() if tuple(out_blocks) ==
-                   tuple(out_shape) else granularity_lib.PerChannel(axis=-1))
-  elif num_in == 1 and all(b == 1 for b in out_blocks):
-    granularity = granularity_lib.PerGroup(axis=0, size=in_blocks[0])
-  else:
-    granularity = None
-  if granularity is None or (d_in, d_out) == (0, 0):
-    raise ValueError(
-        f"{what}: the weight spec {spec.granularity} of {info.path!r} "
-        f"(kernel {kernel_shape}) has blocks {tuple(blocks)}, which do not "
-        f"map onto its (d_in, d_out) = ({d_in}, {d_out}) view; use per "
-        f"tensor, one scale per output element, or groups along one input "
-        f"axis.")
-  return spec.replace(granularity=granularity)
-
-
-def _check_layer_type(info: LayerInfo, what: str) -> None:
-  if info.module_type not in _MATMUL_TYPES and not any(
-      info.module_type.endswith(t) for t in _MATMUL_TYPES):
-    raise ValueError(
-        f"{what}: {info.path!r} is a {info.module_type}, which {what} cannot "
-        f"handle (it supports {', '.join(_MATMUL_TYPES)}); leave it out with "
-        f"layers=[...] or a skip rule.")
-
 
 def _targets(adapter: ModelAdapter, batches: Sequence[Any],
              layers: Collection[str] | None, what: str) -> list[LayerInfo]:
@@ -205,74 +103,10 @@ def _targets(adapter: ModelAdapter, batches: Sequence[Any],
             if info.weight is not None and info.module_type != "Embed" and
             (layers is None or info.path in layers)]
   for info in chosen:
-    _check_layer_type(info, what)
+    ptq_layers.check_layer_type(info, what)
   if not chosen:
     raise ValueError(f"{what}: no quantized matmul layer to process.")
   return chosen
-
-
-def _capture(adapter: ModelAdapter, batches: Sequence[Any],
-             paths: Sequence[str], variables: Any, what: str,
-             capture: Any = None) -> Any:
-  try:
-    return adapter.capture_inputs(batches, paths, variables, capture=capture)
-  except ValueError as e:
-    raise ValueError(f"{what}: calibration never reached a layer: {e}"
-                     ) from None
-
-
-def _view(info: LayerInfo, kernel: jax.Array, x: jax.Array,
-          what: str) -> _View:
-  shape = tuple(kernel.shape)
-  num_in = _num_in(info, shape, tuple(x.shape), what)
-  return _View(info, shape, num_in, _spec_2d(info, shape, num_in, what))
-
-
-def _rows(view: _View, captured: Any, what: str) -> jax.Array:
-  """The layer's input rows ``(n, d_in)`` over every call and batch, with
-  the masked (padding) rows dropped."""
-  path = view.info.path
-  out = []
-  for call in captured.inputs[path]:
-    for x, mask in zip(call, captured.masks):
-      lead = tuple(x.shape[:x.ndim - view.num_in])
-      flat = np.asarray(jnp.reshape(x, (-1, view.d_in)), np.float32)
-      if mask is not None:
-        mask = np.asarray(mask, bool)
-        if mask.shape != lead:
-          try:
-            mask = np.broadcast_to(mask.reshape(
-                mask.shape + (1,) * (len(lead) - mask.ndim)), lead)
-          except ValueError:
-            raise ValueError(
-                f"{what}: the batch mask of shape {mask.shape} does not fit "
-                f"the inputs of {path!r} of shape {tuple(x.shape)} (leading "
-                f"axes {lead}).") from None
-        flat = flat[mask.reshape(-1)]
-      out.append(flat)
-  rows = np.concatenate(out, axis=0)
-  if not np.all(np.isfinite(rows)):
-    raise ValueError(f"{what}: the calibration inputs of {path!r} hold NaN or "
-                     f"inf at unmasked positions.")
-  if rows.shape[0] == 0:
-    raise ValueError(f"{what}: every input row of {path!r} is masked out; "
-                     f"calibration never reached it with real data.")
-  return jnp.asarray(rows)
-
-
-def _layer_rows(adapter: ModelAdapter, variables: Any, view: _View,
-                captured: Any, what: str) -> jax.Array:
-  """`_rows` as the layer's matmul sees them: divided by the smoothing
-  factors an earlier `smoothquant`/`awq` stored on the layer (the capture
-  records the layer's arguments, before the layer divides them)."""
-  rows = _rows(view, captured, what)
-  factors = adapter.read(view.info.path, core.ACT_SMOOTH, variables)
-  return rows if factors is None else rows / jnp.reshape(factors, (-1,))
-
-
-def _input_stats(rows: jax.Array) -> algorithms.InputStats:
-  stats = algorithms.init_input_stats(rows.shape[-1])
-  return algorithms.update_input_stats(stats, rows)
 
 
 def _groups(targets: Sequence[LayerInfo],
@@ -329,7 +163,7 @@ def _fold(adapter: ModelAdapter, variables: Any, op: str,
 
 
 def _apply_factors(adapter: ModelAdapter, variables: Any, op: str | None,
-                   views: Sequence[_View], factors: jax.Array,
+                   views: Sequence[ptq_layers.MatmulView], factors: jax.Array,
                    kernels: Sequence[jax.Array],
                    ranges: Sequence[core.ActRange | None], what: str) -> Any:
   """Writes the scaled kernels (and ranges), and folds or stores ``1/s``."""
@@ -367,7 +201,8 @@ def _setup(qmodel: Any, variables: Any, data: Iterable[Any],
   return adapter, batches, targets, adapter.variables
 
 
-def _act_range(view: _View, rows: jax.Array, x_shape: tuple[int, ...],
+def _act_range(view: ptq_layers.MatmulView, rows: jax.Array,
+               x_shape: tuple[int, ...],
                what: str) -> core.ActRange:
   """The static act range of a layer from its unmasked (smoothed) rows."""
   spec = view.info.act
@@ -446,14 +281,15 @@ def smoothquant(qmodel: Any, variables: Any, data: Iterable[Any], *,
     smoothquant_lib.check_alpha(a, what)
   adapter, batches, targets, variables = _setup(qmodel, variables, data,
                                                 layers, what)
-  captured = _capture(adapter, batches, [i.path for i in targets], variables,
-                      what)
+  captured = ptq_layers.capture(adapter, batches, [i.path for i in targets],
+                                variables, what)
   ranges: dict[str, core.ActRange] = {}
   for op, members in _bar(_groups(targets, fold_into, what), what, progress):
     kernels = [adapter.get_weight(i.path, variables)[0] for i in members]
-    views = [_view(i, k, captured.inputs[i.path][0][0], what)
+    views = [ptq_layers.matmul_view(i, k, captured.inputs[i.path][0][0],
+                                    what)
              for i, k in zip(members, kernels)]
-    rows = _layer_rows(adapter, variables, views[0], captured, what)
+    rows = ptq_layers.layer_rows(adapter, variables, views[0], captured, what)
     kernel_cat = jnp.concatenate([v.to_2d(k) for v, k in zip(views, kernels)],
                                  axis=1)
     chosen = (per_layer.get(members[0].path) if isinstance(alpha, Mapping)
@@ -508,19 +344,20 @@ def awq(qmodel: Any, variables: Any, data: Iterable[Any], *,
   what = "awq"
   adapter, batches, targets, variables = _setup(qmodel, variables, data,
                                                 layers, what)
-  captured = _capture(adapter, batches, [i.path for i in targets], variables,
-                      what)
+  captured = ptq_layers.capture(adapter, batches, [i.path for i in targets],
+                                variables, what)
   for op, members in _bar(_groups(targets, fold_into, what), what, progress):
     kernels = [adapter.get_weight(i.path, variables)[0] for i in members]
-    views = [_view(i, k, captured.inputs[i.path][0][0], what)
+    views = [ptq_layers.matmul_view(i, k, captured.inputs[i.path][0][0],
+                                    what)
              for i, k in zip(members, kernels)]
     specs = {v.spec for v in views}
     if len(specs) != 1:
       raise ValueError(f"{what}: {[i.path for i in members]} share one input "
                        f"(fold_into {op!r}) but have different weight specs "
                        f"{sorted(map(str, specs))}.")
-    stats = _input_stats(_layer_rows(adapter, variables, views[0], captured,
-                                     what))
+    stats = ptq_layers.input_stats(ptq_layers.layer_rows(
+        adapter, variables, views[0], captured, what))
     kernel_cat = jnp.concatenate([v.to_2d(k) for v, k in zip(views, kernels)],
                                  axis=1)
     try:
@@ -574,13 +411,15 @@ def gptq(qmodel: Any, variables: Any, data: Iterable[Any], *,
   # the variables keep their structure and the capture compiles once.
   capturing = adapter.with_variables(variables)
   paths = [info.path for info in targets]
-  capture = capturing.capture(paths)
+  capture_pass = capturing.capture(paths)
   ranges = {}
   for info in _bar(targets, what, progress):
-    captured = _capture(capturing, batches, paths, variables, what, capture)
+    captured = ptq_layers.capture(capturing, batches, paths, variables, what,
+                                  capture_pass)
     kernel, _ = adapter.get_weight(info.path, variables)
-    view = _view(info, kernel, captured.inputs[info.path][0][0], what)
-    rows = _layer_rows(adapter, variables, view, captured, what)
+    view = ptq_layers.matmul_view(info, kernel,
+                                  captured.inputs[info.path][0][0], what)
+    rows = ptq_layers.layer_rows(adapter, variables, view, captured, what)
     hessian = algorithms.hessian_update(
         jnp.zeros((view.d_in, view.d_in), jnp.float32), rows)
     stored = adapter.read(info.path, core.WEIGHT_RANGE, variables)

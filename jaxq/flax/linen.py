@@ -90,7 +90,6 @@ that serve as integer ops).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -99,47 +98,30 @@ import jax
 import jax.numpy as jnp
 
 from jaxq import calibration
-from jaxq.flax import checks
 from jaxq.flax import core
 from jaxq.flax import int8_qat
 from jaxq.flax import rules as rules_lib
 from jaxq.flax import serve_ops
-from jaxq.quantize import compute_range
+from jaxq.flax.linen_variables import CURRENT_CALL
+from jaxq.flax.linen_variables import CallContext
+from jaxq.flax.linen_variables import ENABLED
+from jaxq.flax.linen_variables import FIXED
+from jaxq.flax.linen_variables import LEARNED
+from jaxq.flax.linen_variables import RANGES
+from jaxq.flax.linen_variables import SCAN_AXES
+from jaxq.flax.linen_variables import STATS
+from jaxq.flax.linen_variables import ScopeVariables
+from jaxq.flax.linen_variables import act_ranges
+from jaxq.flax.linen_variables import lookup
+from jaxq.flax.linen_variables import with_enabled
 from jaxq.spec import QArray
 
-STATS = "quant_stats"
-RANGES = "quant_ranges"
-ENABLED = "quant_enabled"  # Switchable layers' on/off flags (`with_enabled`).
-FIXED = "quant_fixed"
-LEARNED = "jaxq"
-# What ``nn.scan`` (or ``nn.vmap``) over layers adds to its ``variable_axes``
-# so that jaxq's collections are stacked per layer like the params:
-# ``nn.scan(Block, variable_axes={"params": 0, **jaxq.flax.SCAN_AXES}, ...)``.
-# Learned ranges live under ``params`` and are stacked with it.
-SCAN_AXES = {STATS: 0, RANGES: 0}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Call:
-  """What the outer ``init``/``apply`` call was given, for the errors of
-  layers inside lifted transforms (whose scopes see only the collections
-  the transform passes on)."""
-
-  stats_mutable: bool
-  ranges: Any
-
-
-_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
-    "jaxq_linen_call", default=None)
-
-
-def _lifted_error(path: str, collection: str) -> ValueError:
-  return ValueError(
-      f"jaxq: {path!r} runs inside a lifted transform (nn.scan or nn.vmap "
-      f"over layers) whose variable_axes lack jaxq's {collection!r} "
-      f"collection, so the layer cannot see it. Add jaxq's collections to "
-      f"the transform: variable_axes={{'params': 0, "
-      f"**jaxq.flax.SCAN_AXES}} (SCAN_AXES = {SCAN_AXES}).")
+# The collections and helpers live in `jaxq.flax.linen_variables`; they are
+# part of this module's interface too.
+__all__ = [
+    "ENABLED", "FIXED", "LEARNED", "RANGES", "SCAN_AXES", "STATS",
+    "QuantizedLinen", "act_ranges", "quantize_linen", "with_enabled",
+]
 
 _PROMOTING = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.ConvTranspose)
 _MASKED = (nn.Conv, nn.ConvTranspose)  # Their kernel is ``kernel * mask``.
@@ -161,110 +143,6 @@ def _attributes(module: nn.Module, **values: Any) -> Iterator[None]:
 
 def _path(module: nn.Module) -> str:
   return "/".join(module.path)
-
-
-class _Layer(core.LayerVariables):
-  """One call of one matched layer; variables in the module's scope."""
-
-  def __init__(self, module: nn.Module, quant: core.LayerQuant):
-    super().__init__(quant)
-    self.module = module
-    self.scope = module.scope
-    self.initializing = module.is_initializing()
-
-  def get_stats(self, name: str) -> Any | None:
-    if self.scope.has_variable(STATS, name):
-      return self.scope.get_variable(STATS, name)
-    return None
-
-  def put_stats(self, name: str, state: Any) -> None:
-    if not self.scope.is_mutable_collection(STATS):
-      call = _CALL.get()
-      if call is not None and call.stats_mutable:
-        raise _lifted_error(self.quant.path, STATS)
-      raise ValueError(
-          f"jaxq calibrate: {self.quant.path!r} records observer states in "
-          f"the {STATS!r} collection; call apply(..., mutable=[{STATS!r}]).")
-    self.scope.put_variable(STATS, name, state)
-
-  def get_range(self) -> core.ActRange | None:
-    if self.scope.has_variable(RANGES, core.ACT_STATS):
-      act_range = self.scope.get_variable(RANGES, core.ACT_STATS)
-      # Concrete (eager apply) ranges only; traced ones were checked where
-      # they were made (act_ranges, convert).
-      checks.check_act_range("jaxq", self.quant.path, act_range,
-                             self.quant.act)
-      return act_range
-    call = _CALL.get()
-    outer = _lookup(call.ranges, self.quant.path) if call else None
-    if isinstance(outer, Mapping) and core.ACT_STATS in outer:
-      # The call holds this layer's range, but its scope cannot see it.
-      raise _lifted_error(self.quant.path, RANGES)
-    return None
-
-  def get_fixed(self, name: str) -> Any | None:
-    if self.scope.has_variable(FIXED, name):
-      return self.scope.get_variable(FIXED, name)
-    return None
-
-  def recording(self) -> bool:
-    return not self.initializing  # Init data is not calibration data.
-
-  def backward_key(self) -> jax.Array:
-    """backward="int8"'s key: the ``"jaxq"`` rng of ``apply``, made for
-    this layer (``make_rng`` folds in its path and call count)."""
-    if self.initializing and not self.module.has_rng(int8_qat.RNG_NAME):
-      return jax.random.key(0)  # init takes no gradient: any key will do.
-    if not self.module.has_rng(int8_qat.RNG_NAME):
-      raise ValueError(
-          f"jaxq qat backward='int8': {self.quant.path!r} "
-          f"({self.quant.module_type}) rounds its gradient stochastically "
-          f"and needs a PRNG key; pass rngs={{{int8_qat.RNG_NAME!r}: key}} "
-          f"to apply (a new key per step).")
-    return self.module.make_rng(int8_qat.RNG_NAME)
-
-  def get_enabled(self) -> jax.Array | None:
-    if self.scope.has_variable(ENABLED, core.ENABLED):
-      return self.scope.get_variable(ENABLED, core.ENABLED)
-    return None
-
-  def range_for(self, x: jax.Array) -> core.ActRange | None:
-    """The loaded static range; while initialising without one, ``x``'s:
-    ``init`` (e.g. under jax.eval_shape, to trace the layers before
-    calibrating) runs before any range exists."""
-    act_range = self.get_range()
-    quant = self.quant
-    if (act_range is None and self.initializing and quant.static_act and
-        quant.act.learn is None and quant.mode != "calibrate"):
-      amin, amax = compute_range(x, quant.act)
-      act_range = {"amax": amax} if amin is None else {"amin": amin,
-                                                        "amax": amax}
-    return act_range
-
-  def act(self, x: jax.Array) -> jax.Array | QArray:
-    quant = self.quant
-    if (self.initializing and quant.mode != "calibrate" and quant.static_act
-        and quant.act.learn is None and self.get_range() is None):
-      x = self.smoothed(x)
-      return core.transform_act(quant, x, self.range_for(x))
-    return super().act(x)
-
-  def get_learned(self, name: str) -> jax.Array | None:
-    if self.scope.has_variable("params", LEARNED):
-      return self.scope.get_variable("params", LEARNED).get(name)
-    return None
-
-  def put_learned(self, name: str, value: jax.Array) -> None:
-    if not self.scope.is_mutable_collection("params"):
-      raise ValueError(
-          f"jaxq: {self.quant.path!r} has a learned range but the params lack "
-          f"'{self.quant.path}/{LEARNED}/{name}'; create the learned "
-          f"parameters with qmodel.init or jaxq.qat.init_learned(qmodel, "
-          f"variables, *inputs).")
-    learned = {}
-    if self.scope.has_variable("params", LEARNED):
-      learned = dict(self.scope.get_variable("params", LEARNED))
-    self.scope.put_variable("params", LEARNED, {**learned, name: value})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,18 +210,18 @@ class QuantizedLinen:
     first argument does)."""
     variables = {} if initializing else args[0]
     mutable = kwargs.get("mutable", False)
-    call = _Call(
+    call = CallContext(
         stats_mutable=mutable is True or (
             isinstance(mutable, (list, tuple, set, str)) and
             STATS in ([mutable] if isinstance(mutable, str) else mutable)),
         ranges=variables.get(RANGES) if isinstance(variables, Mapping)
         else None)
-    token = _CALL.set(call)
+    token = CURRENT_CALL.set(call)
     try:
       with nn.intercept_methods(self._intercept):
         out = fn(*args, **kwargs)
     finally:
-      _CALL.reset(token)
+      CURRENT_CALL.reset(token)
     params = (out if initializing else variables)
     if isinstance(params, Mapping) and "params" in params:
       self._note_stacked(params["params"])
@@ -356,7 +234,7 @@ class QuantizedLinen:
     """Marks the layers whose stored weight has one more leading axis than
     the layer sees: layers scanned (``nn.scan``) over a stack."""
     for path, info in list(self._layers.items()):
-      node = _lookup(params, path)
+      node = lookup(params, path)
       weight = node.get(info.weight_name) if isinstance(node, Mapping) else None
       shape = tuple(getattr(weight, "shape", ()))
       stacked = (shape[0] if len(shape) == len(info.weight_shape) + 1 and
@@ -427,7 +305,7 @@ class QuantizedLinen:
   def _promoting(self, module: nn.Module, next_fun, args, kwargs) -> Any:
     """Flax layers that pass ``(inputs, kernel, bias)`` to ``promote_dtype``."""
     original = module.promote_dtype
-    layer: list[_Layer] = []
+    layer: list[ScopeVariables] = []
     # The qat op: the int8 forward, or a non-STE backward.
     qat_op = ((self.int8_forward or self.backward != "ste") and
               self.mode == "qat" and
@@ -450,7 +328,7 @@ class QuantizedLinen:
           raise ValueError(f"jaxq: {_path(module)!r} holds a QArray weight but "
                            f"no rule quantizes it.")
         return inputs, kernel, bias
-      layer.append(_Layer(module, quant))
+      layer.append(ScopeVariables(module, quant))
       self._record_fallback(module, quant, kernel.shape)
       if qat_op and int8_qat.uses_qat_op(quant):
         if int8_qat.uses_int8_forward(quant):
@@ -530,7 +408,7 @@ class QuantizedLinen:
         raise ValueError(f"jaxq: {_path(module)!r} holds a QArray table but "
                          f"no rule quantizes its weight.")
       return next_fun(query)
-    layer = _Layer(module, quant)
+    layer = ScopeVariables(module, quant)
     dtype = module.dtype or table.dtype
     if method == "__call__":
       if not jnp.issubdtype(query.dtype, jnp.integer):
@@ -561,11 +439,11 @@ class _QatOp:
   """A matmul layer's op in qat mode with ``int8_forward`` or a non-STE
   ``backward`` (`jaxq.flax.int8_qat`).
 
-  ``layer`` holds the call's `_Layer` once ``promote_dtype`` has matched the
-  layer; a float layer (skip rule, or no rule) keeps ``original``.
+  ``layer`` holds the call's `ScopeVariables` once ``promote_dtype`` has
+  matched the layer; a float layer (skip rule, or no rule) keeps ``original``.
   """
 
-  layer: list[_Layer]
+  layer: list[ScopeVariables]
   qat_op: Callable[..., jax.Array]
   original: Callable[..., jax.Array]
 
@@ -596,7 +474,7 @@ class _WeightOp:
         self.module, w.shape, name_of(w))
     op = self.original
     if quant is not None:
-      layer = _Layer(self.module, quant)
+      layer = ScopeVariables(self.module, quant)
       x_float, w_float = x, w
       x, w = layer.act(x), layer.weight(w)
       if (quant.mode == "qat" and quant.backward == "float" and
@@ -645,52 +523,3 @@ def quantize_linen(model: nn.Module, rules: Sequence[rules_lib.Rule],
                         on_nonfinite=on_nonfinite, observer_for=observer_for,
                         int8_forward=int8_forward, backward=backward,
                         switchable=switchable)
-
-
-def with_enabled(variables: Mapping[str, Any], enabled: Mapping[str, Any]
-                 ) -> dict[str, Any]:
-  """``variables`` with a ``quant_enabled`` collection of path -> flag (a
-  boolean scalar; layers left out keep their flag, on by default)."""
-  def copy(tree: Mapping[str, Any]) -> dict[str, Any]:  # No aliasing.
-    return {k: copy(v) if isinstance(v, Mapping) else v
-            for k, v in tree.items()}
-
-  flags = copy(variables.get(ENABLED, {}))
-  for path, on in enabled.items():
-    node = flags
-    for name in path.split("/") if path else []:
-      node = node.setdefault(name, {})
-    node[core.ENABLED] = jnp.asarray(on, jnp.bool_)
-  return {**variables, ENABLED: flags}
-
-
-def act_ranges(qmodel: QuantizedLinen, stats: Any) -> dict[str, Any]:
-  """The ``quant_ranges`` collection finalized from a ``quant_stats`` tree."""
-  ranges: dict[str, Any] = {}
-  for path, info in qmodel.layers().items():
-    if info.act is None or info.module_type == "Embed":
-      continue
-    if info.act.dynamic and info.act.learn is None:
-      continue
-    node = _lookup(stats, path)
-    if info.act.learn is not None and (node is None or
-                                       core.ACT_STATS not in node):
-      continue  # A learned range may start from its first batch instead.
-    if node is None or core.ACT_STATS not in node:
-      raise ValueError(f"jaxq: no activation statistics for {path!r}, which "
-                       f"has a static act spec; run it in calibrate mode on "
-                       f"at least one batch.")
-    subtree = ranges
-    for name in path.split("/") if path else []:
-      subtree = subtree.setdefault(name, {})
-    subtree[core.ACT_STATS] = core.finalize_range(
-        qmodel.observer_for(info.act), node[core.ACT_STATS])
-  return ranges
-
-
-def _lookup(tree: Any, path: str) -> Any:
-  for name in path.split("/") if path else []:
-    if not isinstance(tree, Mapping) or name not in tree:
-      return None
-    tree = tree[name]
-  return tree

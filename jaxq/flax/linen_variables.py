@@ -1,0 +1,217 @@
+"""The variables of quantized linen layers, in jaxq's own collections.
+
+A quantized linen layer keeps everything jaxq adds beside the model's
+``params`` in collections of its module scope (see `jaxq.flax.linen` for
+when each exists): ``quant_stats`` (observer states, calibrate mode),
+``quant_ranges`` (static activation ranges), ``quant_fixed`` (the PTQ
+algorithms' weight ranges and smoothing factors), ``quant_enabled``
+(switchable layers' on/off flags) and learned ranges under
+``params/<layer>/jaxq``. `ScopeVariables` reads and writes them for one call
+of one layer; `act_ranges` and `with_enabled` build whole collections.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+from typing import TYPE_CHECKING, Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxq.flax import checks
+from jaxq.flax import core
+from jaxq.flax import int8_qat
+from jaxq.quantize import compute_range
+from jaxq.spec import QArray
+
+if TYPE_CHECKING:
+  from jaxq.flax.linen import QuantizedLinen
+
+STATS = "quant_stats"
+RANGES = "quant_ranges"
+ENABLED = "quant_enabled"  # Switchable layers' on/off flags (`with_enabled`).
+FIXED = "quant_fixed"
+LEARNED = "jaxq"
+# What ``nn.scan`` (or ``nn.vmap``) over layers adds to its ``variable_axes``
+# so that jaxq's collections are stacked per layer like the params:
+# ``nn.scan(Block, variable_axes={"params": 0, **jaxq.flax.SCAN_AXES}, ...)``.
+# Learned ranges live under ``params`` and are stacked with it.
+SCAN_AXES = {STATS: 0, RANGES: 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class CallContext:
+  """What the outer ``init``/``apply`` call was given, for the errors of
+  layers inside lifted transforms (whose scopes see only the collections
+  the transform passes on)."""
+
+  stats_mutable: bool
+  ranges: Any
+
+
+CURRENT_CALL: contextvars.ContextVar[CallContext | None] = (
+    contextvars.ContextVar("jaxq_linen_call", default=None))
+
+
+def _lifted_error(path: str, collection: str) -> ValueError:
+  return ValueError(
+      f"jaxq: {path!r} runs inside a lifted transform (nn.scan or nn.vmap "
+      f"over layers) whose variable_axes lack jaxq's {collection!r} "
+      f"collection, so the layer cannot see it. Add jaxq's collections to "
+      f"the transform: variable_axes={{'params': 0, "
+      f"**jaxq.flax.SCAN_AXES}} (SCAN_AXES = {SCAN_AXES}).")
+
+
+class ScopeVariables(core.LayerVariables):
+  """One call of one matched layer; variables in the module's scope."""
+
+  def __init__(self, module: nn.Module, quant: core.LayerQuant):
+    super().__init__(quant)
+    self.module = module
+    self.scope = module.scope
+    self.initializing = module.is_initializing()
+
+  def get_stats(self, name: str) -> Any | None:
+    if self.scope.has_variable(STATS, name):
+      return self.scope.get_variable(STATS, name)
+    return None
+
+  def put_stats(self, name: str, state: Any) -> None:
+    if not self.scope.is_mutable_collection(STATS):
+      call = CURRENT_CALL.get()
+      if call is not None and call.stats_mutable:
+        raise _lifted_error(self.quant.path, STATS)
+      raise ValueError(
+          f"jaxq calibrate: {self.quant.path!r} records observer states in "
+          f"the {STATS!r} collection; call apply(..., mutable=[{STATS!r}]).")
+    self.scope.put_variable(STATS, name, state)
+
+  def get_range(self) -> core.ActRange | None:
+    if self.scope.has_variable(RANGES, core.ACT_STATS):
+      act_range = self.scope.get_variable(RANGES, core.ACT_STATS)
+      # Concrete (eager apply) ranges only; traced ones were checked where
+      # they were made (act_ranges, convert).
+      checks.check_act_range("jaxq", self.quant.path, act_range,
+                             self.quant.act)
+      return act_range
+    call = CURRENT_CALL.get()
+    outer = lookup(call.ranges, self.quant.path) if call else None
+    if isinstance(outer, Mapping) and core.ACT_STATS in outer:
+      # The call holds this layer's range, but its scope cannot see it.
+      raise _lifted_error(self.quant.path, RANGES)
+    return None
+
+  def get_fixed(self, name: str) -> Any | None:
+    if self.scope.has_variable(FIXED, name):
+      return self.scope.get_variable(FIXED, name)
+    return None
+
+  def recording(self) -> bool:
+    return not self.initializing  # Init data is not calibration data.
+
+  def backward_key(self) -> jax.Array:
+    """backward="int8"'s key: the ``"jaxq"`` rng of ``apply``, made for
+    this layer (``make_rng`` folds in its path and call count)."""
+    if self.initializing and not self.module.has_rng(int8_qat.RNG_NAME):
+      return jax.random.key(0)  # init takes no gradient: any key will do.
+    if not self.module.has_rng(int8_qat.RNG_NAME):
+      raise ValueError(
+          f"jaxq qat backward='int8': {self.quant.path!r} "
+          f"({self.quant.module_type}) rounds its gradient stochastically "
+          f"and needs a PRNG key; pass rngs={{{int8_qat.RNG_NAME!r}: key}} "
+          f"to apply (a new key per step).")
+    return self.module.make_rng(int8_qat.RNG_NAME)
+
+  def get_enabled(self) -> jax.Array | None:
+    if self.scope.has_variable(ENABLED, core.ENABLED):
+      return self.scope.get_variable(ENABLED, core.ENABLED)
+    return None
+
+  def range_for(self, x: jax.Array) -> core.ActRange | None:
+    """The loaded static range; while initialising without one, ``x``'s:
+    ``init`` (e.g. under jax.eval_shape, to trace the layers before
+    calibrating) runs before any range exists."""
+    act_range = self.get_range()
+    quant = self.quant
+    if (act_range is None and self.initializing and quant.static_act and
+        quant.act.learn is None and quant.mode != "calibrate"):
+      amin, amax = compute_range(x, quant.act)
+      act_range = {"amax": amax} if amin is None else {"amin": amin,
+                                                        "amax": amax}
+    return act_range
+
+  def act(self, x: jax.Array) -> jax.Array | QArray:
+    quant = self.quant
+    if (self.initializing and quant.mode != "calibrate" and quant.static_act
+        and quant.act.learn is None and self.get_range() is None):
+      x = self.smoothed(x)
+      return core.transform_act(quant, x, self.range_for(x))
+    return super().act(x)
+
+  def get_learned(self, name: str) -> jax.Array | None:
+    if self.scope.has_variable("params", LEARNED):
+      return self.scope.get_variable("params", LEARNED).get(name)
+    return None
+
+  def put_learned(self, name: str, value: jax.Array) -> None:
+    if not self.scope.is_mutable_collection("params"):
+      raise ValueError(
+          f"jaxq: {self.quant.path!r} has a learned range but the params lack "
+          f"'{self.quant.path}/{LEARNED}/{name}'; create the learned "
+          f"parameters with qmodel.init or jaxq.qat.init_learned(qmodel, "
+          f"variables, *inputs).")
+    learned = {}
+    if self.scope.has_variable("params", LEARNED):
+      learned = dict(self.scope.get_variable("params", LEARNED))
+    self.scope.put_variable("params", LEARNED, {**learned, name: value})
+
+
+def with_enabled(variables: Mapping[str, Any], enabled: Mapping[str, Any]
+                 ) -> dict[str, Any]:
+  """``variables`` with a ``quant_enabled`` collection of path -> flag (a
+  boolean scalar; layers left out keep their flag, on by default)."""
+  def copy(tree: Mapping[str, Any]) -> dict[str, Any]:  # No aliasing.
+    return {k: copy(v) if isinstance(v, Mapping) else v
+            for k, v in tree.items()}
+
+  flags = copy(variables.get(ENABLED, {}))
+  for path, on in enabled.items():
+    node = flags
+    for name in path.split("/") if path else []:
+      node = node.setdefault(name, {})
+    node[core.ENABLED] = jnp.asarray(on, jnp.bool_)
+  return {**variables, ENABLED: flags}
+
+
+def act_ranges(qmodel: "QuantizedLinen", stats: Any) -> dict[str, Any]:
+  """The ``quant_ranges`` collection finalized from a ``quant_stats`` tree."""
+  ranges: dict[str, Any] = {}
+  for path, info in qmodel.layers().items():
+    if info.act is None or info.module_type == "Embed":
+      continue
+    if info.act.dynamic and info.act.learn is None:
+      continue
+    node = lookup(stats, path)
+    if info.act.learn is not None and (node is None or
+                                       core.ACT_STATS not in node):
+      continue  # A learned range may start from its first batch instead.
+    if node is None or core.ACT_STATS not in node:
+      raise ValueError(f"jaxq: no activation statistics for {path!r}, which "
+                       f"has a static act spec; run it in calibrate mode on "
+                       f"at least one batch.")
+    subtree = ranges
+    for name in path.split("/") if path else []:
+      subtree = subtree.setdefault(name, {})
+    subtree[core.ACT_STATS] = core.finalize_range(
+        qmodel.observer_for(info.act), node[core.ACT_STATS])
+  return ranges
+
+
+def lookup(tree: Any, path: str) -> Any:
+  for name in path.split("/") if path else []:
+    if not isinstance(tree, Mapping) or name not in tree:
+      return None
+    tree = tree[name]
+  return tree

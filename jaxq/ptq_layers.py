@@ -1,0 +1,193 @@
+"""One matmul layer as the PTQ algorithms see it: a 2-D kernel and its rows.
+
+`MatmulView` views a Dense/DenseGeneral/Einsum (nnx Linear/LinearGeneral/
+Einsum) kernel as a 2-D ``(d_in, d_out)`` matmul operand, with the weight
+spec mapped onto that view (`spec_2d`); `capture` records the layers' inputs
+through the model adapter, and `input_rows` / `layer_rows` flatten them to
+``(n, d_in)`` rows with the padding rows of a `jaxq.flax.Batch` mask
+dropped (and divided by the layer's stored smoothing factors), the input of
+every statistic of `jaxq.ptq_algorithms`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq import algorithms
+from jaxq import granularity as granularity_lib
+from jaxq.flax import core
+from jaxq.flax.adapter import ModelAdapter
+from jaxq.flax.rules import LayerInfo
+from jaxq.spec import QuantSpec
+
+# Module types whose kernel is one matmul's right operand.
+MATMUL_TYPES = ("Dense", "DenseGeneral", "Einsum", "Linear",
+                 "LinearGeneral")
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulView:
+  """A layer's kernel as a 2-D ``(d_in, d_out)`` matmul operand."""
+
+  info: LayerInfo
+  kernel_shape: tuple[int, ...]
+  num_in: int  # The kernel's leading axes that contract with the input.
+  spec: QuantSpec  # The weight spec on the 2-D view.
+
+  @property
+  def d_in(self) -> int:
+    return math.prod(self.kernel_shape[:self.num_in])
+
+  @property
+  def d_out(self) -> int:
+    return math.prod(self.kernel_shape[self.num_in:])
+
+  @property
+  def in_shape(self) -> tuple[int, ...]:
+    return self.kernel_shape[:self.num_in]
+
+  def to_2d(self, kernel: jax.Array) -> jax.Array:
+    return jnp.reshape(kernel, (self.d_in, self.d_out)).astype(jnp.float32)
+
+  def from_2d(self, kernel: jax.Array, dtype: Any) -> jax.Array:
+    return jnp.reshape(kernel, self.kernel_shape).astype(dtype)
+
+  def range_from_2d(self, amin: jax.Array | None, amax: jax.Array
+                    ) -> core.ActRange:
+    """A 2-D range as the weight spec's keepdims scale shape."""
+    shape = granularity_lib.scale_shape(self.info.weight.granularity,
+                                        self.kernel_shape)
+    out = {"amax": jnp.reshape(amax, shape).astype(jnp.float32)}
+    if amin is not None:
+      out["amin"] = jnp.reshape(amin, shape).astype(jnp.float32)
+    return out
+
+
+def num_in_axes(info: LayerInfo, kernel_shape: tuple[int, ...],
+            x_shape: tuple[int, ...], what: str) -> int:
+  """How many leading kernel axes contract with the input's trailing ones."""
+  if info.module_type in ("Dense", "Linear"):
+    return 1
+  candidates = [n for n in range(1, len(kernel_shape))
+                if n <= len(x_shape) - 1 and
+                tuple(kernel_shape[:n]) == tuple(x_shape[len(x_shape) - n:])]
+  if len(candidates) != 1:
+    raise ValueError(
+        f"{what}: cannot view the kernel of {info.path!r} "
+        f"({info.module_type}, shape {kernel_shape}) on inputs of shape "
+        f"{x_shape} as one (d_in, d_out) matmul: "
+        f"{'no' if not candidates else 'several'} leading kernel axes match "
+        f"the input's trailing axes; skip the layer (layers=...).")
+  return candidates[0]
+
+
+def spec_2d(info: LayerInfo, kernel_shape: tuple[int, ...], num_in: int,
+             what: str) -> QuantSpec:
+  """The weight spec on the 2-D view, or a ValueError naming the layer."""
+  spec = info.weight
+  if len(kernel_shape) == 2:
+    return spec
+  blocks = spec.granularity.block_shape(kernel_shape)
+  in_shape, out_shape = kernel_shape[:num_in], kernel_shape[num_in:]
+  in_blocks, out_blocks = blocks[:num_in], blocks[num_in:]
+  d_in, d_out = math.prod(in_shape), math.prod(out_shape)
+  if spec.is_mx or not (all(b == 1 for b in out_blocks) or
+                        tuple(out_blocks) == tuple(out_shape)):
+    granularity = None
+  elif tuple(in_blocks) == tuple(in_shape):
+    granularity = (granularity_lib.PerTensor() if tuple(out_blocks) ==
+                   tuple(out_shape) else granularity_lib.PerChannel(axis=-1))
+  elif num_in == 1 and all(b == 1 for b in out_blocks):
+    granularity = granularity_lib.PerGroup(axis=0, size=in_blocks[0])
+  else:
+    granularity = None
+  if granularity is None or (d_in, d_out) == (0, 0):
+    raise ValueError(
+        f"{what}: the weight spec {spec.granularity} of {info.path!r} "
+        f"(kernel {kernel_shape}) has blocks {tuple(blocks)}, which do not "
+        f"map onto its (d_in, d_out) = ({d_in}, {d_out}) view; use per "
+        f"tensor, one scale per output element, or groups along one input "
+        f"axis.")
+  return spec.replace(granularity=granularity)
+
+
+def check_layer_type(info: LayerInfo, what: str) -> None:
+  if info.module_type not in MATMUL_TYPES and not any(
+      info.module_type.endswith(t) for t in MATMUL_TYPES):
+    raise ValueError(
+        f"{what}: {info.path!r} is a {info.module_type}, which {what} cannot "
+        f"handle (it supports {', '.join(MATMUL_TYPES)}); leave it out with "
+        f"layers=[...] or a skip rule.")
+
+
+def capture(adapter: ModelAdapter, batches: Sequence[Any],
+            paths: Sequence[str], variables: Any, what: str,
+            capture_pass: Any = None) -> Any:
+  """The inputs of the layers at ``paths`` (`ModelAdapter.capture_inputs`;
+  ``capture_pass`` a compiled pass to reuse), a missing layer named."""
+  try:
+    return adapter.capture_inputs(batches, paths, variables,
+                                  capture=capture_pass)
+  except ValueError as e:
+    raise ValueError(f"{what}: calibration never reached a layer: {e}"
+                     ) from None
+
+
+def matmul_view(info: LayerInfo, kernel: jax.Array, x: jax.Array,
+          what: str) -> MatmulView:
+  shape = tuple(kernel.shape)
+  num_in = num_in_axes(info, shape, tuple(x.shape), what)
+  return MatmulView(info, shape, num_in, spec_2d(info, shape, num_in, what))
+
+
+def input_rows(view: MatmulView, captured: Any, what: str) -> jax.Array:
+  """The layer's input rows ``(n, d_in)`` over every call and batch, with
+  the masked (padding) rows dropped."""
+  path = view.info.path
+  out = []
+  for call in captured.inputs[path]:
+    for x, mask in zip(call, captured.masks):
+      lead = tuple(x.shape[:x.ndim - view.num_in])
+      flat = np.asarray(jnp.reshape(x, (-1, view.d_in)), np.float32)
+      if mask is not None:
+        mask = np.asarray(mask, bool)
+        if mask.shape != lead:
+          try:
+            mask = np.broadcast_to(mask.reshape(
+                mask.shape + (1,) * (len(lead) - mask.ndim)), lead)
+          except ValueError:
+            raise ValueError(
+                f"{what}: the batch mask of shape {mask.shape} does not fit "
+                f"the inputs of {path!r} of shape {tuple(x.shape)} (leading "
+                f"axes {lead}).") from None
+        flat = flat[mask.reshape(-1)]
+      out.append(flat)
+  rows = np.concatenate(out, axis=0)
+  if not np.all(np.isfinite(rows)):
+    raise ValueError(f"{what}: the calibration inputs of {path!r} hold NaN or "
+                     f"inf at unmasked positions.")
+  if rows.shape[0] == 0:
+    raise ValueError(f"{what}: every input row of {path!r} is masked out; "
+                     f"calibration never reached it with real data.")
+  return jnp.asarray(rows)
+
+
+def layer_rows(adapter: ModelAdapter, variables: Any, view: MatmulView,
+                captured: Any, what: str) -> jax.Array:
+  """`input_rows` as the layer's matmul sees them: divided by the smoothing
+  factors an earlier `smoothquant`/`awq` stored on the layer (the capture
+  records the layer's arguments, before the layer divides them)."""
+  rows = input_rows(view, captured, what)
+  factors = adapter.read(view.info.path, core.ACT_SMOOTH, variables)
+  return rows if factors is None else rows / jnp.reshape(factors, (-1,))
+
+
+def input_stats(rows: jax.Array) -> algorithms.InputStats:
+  stats = algorithms.init_input_stats(rows.shape[-1])
+  return algorithms.update_input_stats(stats, rows)
