@@ -76,7 +76,6 @@ what every layer shares.
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 import functools
 from typing import Any, Callable, Literal
@@ -89,7 +88,6 @@ from jaxq import granularity as granularity_lib
 from jaxq import learned
 from jaxq.algorithms.weight_range import weight_range as search_weight_range
 from jaxq.granularity import PerChannel
-from jaxq.quantize import compute_range
 from jaxq.quantize import dequantize
 from jaxq.quantize import fake_quant
 from jaxq.quantize import quantize
@@ -136,7 +134,7 @@ class LayerQuant:
     switchable: in qat mode, whether the layer reads an on/off flag
       (`LayerVariables.get_enabled`) and, when it is off, hands its op the
       float operands, so one compiled model runs any subset of its layers
-      quantized (`jaxq.sensitivity`); see `switch`.
+      quantized (`jaxq.sensitivity`); see `jaxq.flax.layer_variables.switch`.
   """
 
   path: str
@@ -394,197 +392,6 @@ def finalize_range(observer: calibration.Observer, state: Any) -> ActRange:
     return {"amin": jnp.asarray(amin, jnp.float32),
             "amax": jnp.asarray(amax, jnp.float32)}
   return {"amax": jnp.asarray(chosen, jnp.float32)}
-
-
-def switch(enabled: jax.Array | None, quantized: jax.Array,
-           original: jax.Array) -> jax.Array:
-  """``quantized`` where the layer's flag is on, else ``original``.
-
-  ``enabled`` is a boolean scalar read from the variables (so flipping it
-  needs no recompilation), or None (no flag given: the layer is on).
-  """
-  if enabled is None:
-    return quantized
-  return jnp.where(enabled, quantized, original.astype(quantized.dtype))
-
-
-class LayerVariables(abc.ABC):
-  """A layer's quantization step on its operands, over some variable store.
-
-  Linen keeps the variables in collections of the module's scope, nnx as
-  attributes of the module; subclasses say how to read and write them and
-  this class does the rest (the table in the module docstring).
-  """
-
-  def __init__(self, quant: LayerQuant):
-    self.quant = quant
-
-  @abc.abstractmethod
-  def get_stats(self, name: str) -> Any | None:
-    """The observer state ``name`` (``WEIGHT_STATS`` or ``ACT_STATS``)."""
-
-  @abc.abstractmethod
-  def put_stats(self, name: str, state: Any) -> None:
-    """Stores the observer state ``name``."""
-
-  @abc.abstractmethod
-  def get_range(self) -> ActRange | None:
-    """The static activation range, if one was loaded."""
-
-  def range_for(self, x: jax.Array) -> ActRange | None:
-    """The static range to quantize ``x`` with: the loaded one (linen's
-    ``init`` falls back to ``x``'s own, see `jaxq.flax.linen`)."""
-    del x
-    return self.get_range()
-
-  @abc.abstractmethod
-  def get_fixed(self, name: str) -> Any | None:
-    """The fixed variable ``name`` (one of `FIXED_NAMES`), if it exists."""
-
-  @abc.abstractmethod
-  def get_learned(self, name: str) -> jax.Array | None:
-    """The learned parameter ``name`` (see `learned_name`), if it exists."""
-
-  @abc.abstractmethod
-  def put_learned(self, name: str, value: jax.Array) -> None:
-    """Creates the learned parameter ``name``, or raises a ValueError naming
-    the layer when parameters cannot be created now."""
-
-  def _learned(self, what: str, spec: QuantSpec, shape: tuple[int, ...],
-               initial: Callable[[], jax.Array]) -> jax.Array:
-    name = learned_name(what, spec)
-    param = self.get_learned(name)
-    if param is None:
-      param = jax.lax.stop_gradient(initial())
-      self.put_learned(name, param)
-    if tuple(param.shape) != tuple(shape):
-      raise ValueError(
-          f"jaxq: the learned {name!r} of {self.quant.path!r} has shape "
-          f"{tuple(param.shape)}, but the layer needs {tuple(shape)}.")
-    return param
-
-  def weight_param(self, w: jax.Array | QArray) -> jax.Array:
-    """The learned weight parameter, created from ``w``'s own range."""
-    spec = self.quant.weight
-
-    def initial() -> jax.Array:
-      _, amax = weight_range(self.quant, w, self.get_fixed(WEIGHT_RANGE))
-      return learned.init_param(
-          spec, compute_range(w, spec)[1] if amax is None else amax)
-
-    return self._learned(
-        "weight", spec, learned_scale_shape(self.quant, spec, w.shape),
-        initial)
-
-  def act_param(self, x: jax.Array) -> jax.Array:
-    """The learned act parameter, created from the calibrated range when one
-    is loaded, else from ``x``'s."""
-    spec = self.quant.act
-    shape = learned_act_shape(self.quant, tuple(x.shape))
-
-    def initial() -> jax.Array:
-      act_range = self.get_range()
-      amax = (act_range["amax"] if act_range else compute_range(x, spec)[1])
-      return learned.init_param(spec, jnp.reshape(amax, shape))
-
-    return self._learned("act", spec, shape, initial)
-
-  def recording(self) -> bool:
-    """Whether calibrate mode records now (not while initialising)."""
-    return True
-
-  def get_enabled(self) -> jax.Array | None:
-    """A switchable layer's on/off flag (a boolean scalar), or None."""
-    return None
-
-  def _switched(self, quantized: Any, original: jax.Array) -> Any:
-    if not self.quant.switchable:
-      return quantized
-    return switch(self.get_enabled(), quantized, original)
-
-  def weight(self, w: jax.Array | QArray) -> jax.Array | QArray:
-    """The weight for the layer's op; records its range in calibrate mode."""
-    if self.quant.weight is None:
-      return w
-    if self.quant.mode == "calibrate" and self.recording():
-      self.put_stats(WEIGHT_STATS, observe_weight(
-          self.quant, self.get_stats(WEIGHT_STATS), w))
-    if self.quant.weight.learn is not None and self.quant.mode != "calibrate":
-      return self._switched(self._learned_weight(w), w)
-    return self._switched(
-        transform_weight(self.quant, w, self.get_fixed(WEIGHT_RANGE)), w)
-
-  def smoothed(self, x: jax.Array) -> jax.Array:
-    """``x`` divided by the layer's ``"act_smooth"`` factors, if any."""
-    factors = self.get_fixed(ACT_SMOOTH)
-    if factors is None:
-      return x
-    shape = tuple(jnp.shape(factors))
-    if tuple(x.shape[x.ndim - len(shape):]) != shape:
-      raise ValueError(
-          f"jaxq: the smoothing factors of {self.quant.path!r} have shape "
-          f"{shape}, which does not match the trailing axes of its input of "
-          f"shape {tuple(x.shape)}.")
-    return (x / factors.astype(x.dtype)).astype(x.dtype)
-
-  def check_int8_forward(self) -> None:
-    """Raises when the int8 qat forward would skip a stored weight range."""
-    if self.get_fixed(WEIGHT_RANGE) is not None:
-      raise ValueError(
-          f"jaxq: {self.quant.path!r} has a stored weight range (from GPTQ or "
-          f"AWQ), which the int8 qat forward does not use; build the model "
-          f"with int8_forward=False.")
-
-  def _learned_weight(self, w: jax.Array | QArray) -> jax.Array | QArray:
-    spec = self.quant.weight
-    if isinstance(w, QArray):  # Converted with the learned scale already.
-      return transform_weight(self.quant, w)
-    param = self.weight_param(w)
-    if self.quant.mode == "qat":
-      return learned.learned_fake_quant(w, param, spec)
-    return learned.quantize_with_scale(w, learned.scale_of(param, spec), spec)
-
-  def act(self, x: jax.Array) -> jax.Array | QArray:
-    """The input for the layer's op (divided by its smoothing factors, if
-    any); records its statistics in calibrate mode."""
-    x = self.smoothed(x)
-    if self.quant.act is None:
-      return x
-    if self.quant.mode == "calibrate":
-      if self.quant.static_act and self.recording():
-        self.put_stats(ACT_STATS, observe_act(
-            self.quant, self.get_stats(ACT_STATS), x))
-      return x
-    spec = self.quant.act
-    if spec.learn is not None:
-      param = self.act_param(x)
-      if self.quant.mode == "qat":
-        return self._switched(learned.learned_fake_quant(x, param, spec), x)
-      return learned.quantize_with_scale(x, learned.scale_of(param, spec),
-                                         spec)
-    return self._switched(transform_act(
-        self.quant, x, self.get_range() if self.quant.static_act else None), x)
-
-  def embed(self, table: jax.Array | QArray, ids: jax.Array) -> jax.Array:
-    """An embedding lookup (weight-only); records the table's range."""
-    if self.quant.mode == "calibrate" and self.recording():
-      self.put_stats(WEIGHT_STATS, observe_weight(
-          self.quant, self.get_stats(WEIGHT_STATS), table))
-    if self.quant.weight.learn is None or self.quant.mode == "calibrate":
-      rows = embed_lookup(self.quant, table, ids)
-    elif self.quant.mode == "serve":
-      return embed_lookup(self.quant, self._learned_weight(table), ids)
-    else:
-      rows = embed_lookup(self.quant, table, ids,
-                          learned_param=self.weight_param(table))
-    enabled = self.get_enabled() if self.quant.switchable else None
-    if enabled is None:
-      return rows
-    return switch(enabled, rows, embed_lookup(
-        dataclasses.replace(self.quant, mode="calibrate"), table, ids))
-
-
-# Embedding lookups: weight-only, reading only the looked-up rows.
 
 
 def embed_spec(spec: QuantSpec, table_shape: tuple[int, ...]) -> QuantSpec:

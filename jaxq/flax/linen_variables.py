@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from jaxq.flax import checks
 from jaxq.flax import core
+from jaxq.flax import layer_variables
 from jaxq.flax import int8_qat
 from jaxq.quantize import compute_range
 from jaxq.spec import QArray
@@ -64,7 +65,7 @@ def _lifted_error(path: str, collection: str) -> ValueError:
       f"**jaxq.flax.SCAN_AXES}} (SCAN_AXES = {SCAN_AXES}).")
 
 
-class ScopeVariables(core.LayerVariables):
+class ScopeVariables(layer_variables.LayerVariables):
   """One call of one matched layer; variables in the module's scope."""
 
   def __init__(self, module: nn.Module, quant: core.LayerQuant):

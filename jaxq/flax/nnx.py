@@ -95,6 +95,7 @@ from flax import nnx
 
 from jaxq.flax import checks
 from jaxq.flax import core
+from jaxq.flax import layer_variables
 from jaxq.flax import int8_qat
 from jaxq.flax import rules as rules_lib
 from jaxq.flax import serve_ops
@@ -190,7 +191,7 @@ def _hooks(module: nnx.Module, hooks: dict[str, Any]) -> Iterator[None]:
     _HOOKS.reset(token)
 
 
-class _Layer(core.LayerVariables):
+class _Layer(layer_variables.LayerVariables):
   """A quantized nnx layer's variables, kept as its attributes."""
 
   def __init__(self, module: nnx.Module):
