@@ -457,7 +457,7 @@ def _assert_same(actual, expected, what):
 @pytest.mark.parametrize("fmt,symmetric", FORMATS,
                          ids=[f"{f}-{'sym' if s else 'affine'}"
                               for f, s in FORMATS])
-@hypothesis.settings(max_examples=10, deadline=None)
+@hypothesis.settings(max_examples=6, deadline=None)
 @hypothesis.given(data=st.data())
 def test_edge_data_matches_float64_reference(fmt, symmetric, data):
   names = [g for g in GRANULARITIES if symmetric or g != "MX"]
