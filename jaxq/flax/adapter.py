@@ -316,6 +316,20 @@ def unknown_layer(path: str, known: Collection[str], what: str) -> ValueError:
                     f"{sorted(known)}.")
 
 
+def set_kernel(adapter: ModelAdapter, path: str, kernel: jax.Array,
+               variables: Any | None) -> Any:
+  """`ModelAdapter.set_kernel` from its `get_weight`, `read` and `write`
+  (shared by both APIs): the layer's weight, by the name its `LayerInfo`
+  gives (a float model's: ``kernel``, else ``embedding``), replaced."""
+  old, _ = adapter.get_weight(path, variables)
+  check_same_shape(path, old, kernel)
+  info = adapter.layers().get(path)
+  name = info.weight_name if info else (
+      "embedding" if adapter.read(path, "kernel", variables) is None
+      else "kernel")
+  return adapter.write({(path, name): kernel}, variables)
+
+
 def check_same_shape(path: str, old: jax.Array, new: jax.Array) -> None:
   """Raises a ValueError naming the layer when a new weight's shape differs."""
   if tuple(old.shape) != tuple(new.shape):

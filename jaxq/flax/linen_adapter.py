@@ -260,14 +260,8 @@ class LinenAdapter:
 
   def set_kernel(self, path: str, kernel: jax.Array,
                  variables: Any | None = None) -> dict[str, Any]:
-    variables = self.variables if variables is None else variables
-    old, _ = self.get_weight(path, variables)
-    adapter_lib.check_same_shape(path, old, kernel)
-    info = self.layers().get(path)
-    name = info.weight_name if info else (
-        "embedding" if self.read(path, "kernel", variables) is None
-        else "kernel")
-    return self.write({(path, name): kernel}, variables)
+    return adapter_lib.set_kernel(
+        self, path, kernel, self.variables if variables is None else variables)
 
   # Statistics and ranges.
 

@@ -276,13 +276,7 @@ class NnxAdapter:
 
   def set_kernel(self, path: str, kernel: jax.Array,
                  variables: Any | None = None) -> nnx.State:
-    old, _ = self.get_weight(path, variables)
-    adapter_lib.check_same_shape(path, old, kernel)
-    info = self.layers().get(path)
-    name = info.weight_name if info else (
-        "embedding" if self.read(path, "kernel", variables) is None
-        else "kernel")
-    return self.write({(path, name): kernel}, variables)
+    return adapter_lib.set_kernel(self, path, kernel, variables)
 
   # Statistics and ranges.
 
