@@ -74,3 +74,12 @@ def check_act_range(what: str, path: str, act_range: Mapping[str, Any] | None,
     raise ValueError(
         f"{what}: the static activation range of layer {path!r} is invalid: "
         f"{e}") from None
+
+
+def check_act_ranges(what: str, ranges: Mapping[str, Any],
+                     layers: Mapping[str, Any]) -> None:
+  """`check_act_range` for every ``path -> range`` of ``ranges``, each
+  checked against its layer's act spec (``layers``: path -> `LayerInfo`)."""
+  for path, act_range in ranges.items():
+    info = layers.get(path)
+    check_act_range(what, path, act_range, info.act if info else None)

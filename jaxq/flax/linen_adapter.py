@@ -329,12 +329,7 @@ class LinenAdapter:
 
   def _check_ranges(self, what: str,
                     ranges: Mapping[str, core.ActRange]) -> None:
-    """Raises naming the layer for an invalid concrete range."""
-    layers = self.layers()
-    for path, act_range in ranges.items():
-      info = layers.get(path)
-      checks.check_act_range(what, path, act_range,
-                             info.act if info else None)
+    checks.check_act_ranges(what, ranges, self.layers())
 
   def ranges_from(self, ranges: Mapping[str, core.ActRange]
                   ) -> dict[str, Any]:

@@ -335,11 +335,7 @@ class NnxAdapter:
 
   def _check_ranges(self, what: str,
                     ranges: Mapping[str, core.ActRange]) -> None:
-    """Raises naming the layer for an invalid concrete range."""
-    for path, act_range in ranges.items():
-      info = self._layers.get(path)
-      checks.check_act_range(what, path, act_range,
-                             info.act if info else None)
+    checks.check_act_ranges(what, ranges, self._layers)
 
   def ranges_from(self, ranges: Mapping[str, core.ActRange]) -> nnx.State:
     """A ``State`` of `QuantRange` variables from path -> act range."""
