@@ -28,6 +28,7 @@ from jaxq.flax import rules as rules_lib
 from jaxq.flax.batch import call_model
 from jaxq.flax.capture import LinenCapture
 from jaxq.flax.capture import LayerCall
+from jaxq.flax.linen_variables import lookup
 from jaxq.flax.rules import LayerInfo
 
 _WHAT = "jaxq"
@@ -41,14 +42,6 @@ def check_variables(variables: Any, what: str) -> None:
            if isinstance(variables, Mapping) else type(variables).__name__)
     raise ValueError(f"{what}: a linen model needs its variables "
                      f"{{'params': ...}}, got {got}.")
-
-
-def _lookup(tree: Any, path: str) -> Any:
-  for name in path.split("/") if path else []:
-    if not isinstance(tree, Mapping) or name not in tree:
-      return None
-    tree = tree[name]
-  return tree
 
 
 def _mutable_node(tree: dict, path: str) -> dict:
@@ -197,7 +190,7 @@ class LinenAdapter:
                                      calibration.observer_for)
     variables = {}
     for collection, tree in self.variables.items():
-      node = _lookup(tree, path) if path else tree
+      node = lookup(tree, path) if path else tree
       if node is not None:
         variables[collection] = node
     return adapter_lib.replay(layer.apply, call, variables)
@@ -206,7 +199,7 @@ class LinenAdapter:
 
   def _known(self, path: str, variables: Any) -> None:
     layers = self.layers()
-    if path not in layers and _lookup(variables.get("params", {}),
+    if path not in layers and lookup(variables.get("params", {}),
                                       path) is None:
       raise adapter_lib.unknown_layer(path, layers or sorted(
           "/".join(k[:-1]) for k in traverse_util.flatten_dict(
@@ -217,9 +210,9 @@ class LinenAdapter:
     variables = self.variables if variables is None else variables
     self._known(path, variables)
     if name in core.FIXED_NAMES:  # The PTQ algorithms' fixed variables.
-      node = _lookup(variables.get(linen_lib.FIXED, {}), path)
+      node = lookup(variables.get(linen_lib.FIXED, {}), path)
       return node.get(name) if isinstance(node, Mapping) else None
-    node = _lookup(variables.get("params", {}), path)
+    node = lookup(variables.get("params", {}), path)
     if not isinstance(node, Mapping):
       return None
     if name in node:

@@ -211,6 +211,7 @@ def act_ranges(qmodel: "QuantizedLinen", stats: Any) -> dict[str, Any]:
 
 
 def lookup(tree: Any, path: str) -> Any:
+  """The node of a nested dict at a "/"-joined ``path``, or None."""
   for name in path.split("/") if path else []:
     if not isinstance(tree, Mapping) or name not in tree:
       return None
