@@ -386,9 +386,12 @@ def gptq(qmodel: Any, variables: Any, data: Iterable[Any], *,
   Each layer's Hessian ``2 X^T X`` comes from its unmasked inputs captured
   with the earlier layers' kernels already replaced by their GPTQ kernels
   (sequential, as in the paper). Writes the dequantized kernel and its
-  ``weight_range``. Runs after `awq` or `smoothquant` too (their kernels and
-  factors are the starting point; a stored AWQ range of a per-tensor or
-  per-channel spec stays the grid).
+  ``weight_range``. A weight spec with ``calibration="mse"`` searches each
+  range's clipping by the layer's output error (the squared weight error
+  weighted by the Hessian diagonal, see `jaxq.algorithms.gptq`). Runs after
+  `awq` or `smoothquant` too (their kernels and factors are the starting
+  point; a stored AWQ range of a per-tensor or per-channel spec stays the
+  grid).
 
   Args:
     qmodel, variables, data, layers, progress: as `smoothquant`.

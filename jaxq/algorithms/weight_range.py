@@ -15,7 +15,11 @@ Calibrations (``spec.calibration``):
   ratios in ``[min_ratio, 1]`` whose range ``r * (amin, amax)`` minimises the
   block's squared quantization error ``sum (w - fake_quant(w))**2``. The grid
   is evaluated in ``jit`` by `jax.lax.map` (a batch of ratios at a time, so
-  memory stays a few copies of ``w``), never by a Python loop.
+  memory stays a few copies of ``w``), never by a Python loop. An optional
+  ``error_weight`` (broadcastable to ``S``, >= 0) weights each element's
+  squared error: GPTQ passes its Hessian diagonal per input row, so that the
+  search minimises the layer's output error rather than the weight's, and
+  never clips a weight that multiplies a large input channel.
 
 ``"entropy"`` (KL between histograms) describes activations, not a weight's
 few thousand values per scale: it raises rather than being ignored.
@@ -56,20 +60,26 @@ def _percentile_range(w: jax.Array, spec: QuantSpec,
 
 
 def block_squared_error(w: jax.Array, w_hat: jax.Array,
-                        blocks: tuple[int, ...]) -> jax.Array:
-  """``sum (w - w_hat)**2`` over each block; the scale shape."""
-  return jnp.sum(block_elements(jnp.square(w - w_hat), blocks), axis=-1)
+                        blocks: tuple[int, ...],
+                        error_weight: jax.Array | None = None) -> jax.Array:
+  """``sum error_weight * (w - w_hat)**2`` over each block (weight 1 by
+  default); the scale shape."""
+  squared = jnp.square(w - w_hat)
+  if error_weight is not None:
+    squared = squared * error_weight
+  return jnp.sum(block_elements(squared, blocks), axis=-1)
 
 
 def _mse_range(w: jax.Array, spec: QuantSpec, blocks: tuple[int, ...],
-               num_ratios: int, min_ratio: float) -> Range:
+               num_ratios: int, min_ratio: float,
+               error_weight: jax.Array | None) -> Range:
   amin, amax = compute_range(w, spec)
   ratios = jnp.linspace(1.0, min_ratio, num_ratios, dtype=jnp.float32)
 
   def error(ratio):
     lo = None if amin is None else amin * ratio
     w_hat = fake_quant(w, spec, amax=amax * ratio, amin=lo)
-    return block_squared_error(w, w_hat, blocks)
+    return block_squared_error(w, w_hat, blocks, error_weight)
 
   errors = jax.lax.map(error, ratios, batch_size=min(num_ratios, 8))
   # argmin takes the first minimum: ties keep the larger (less clipped) ratio.
@@ -80,7 +90,8 @@ def _mse_range(w: jax.Array, spec: QuantSpec, blocks: tuple[int, ...],
 @functools.partial(jax.jit,
                    static_argnames=("spec", "num_ratios", "min_ratio"))
 def weight_range(w: jax.Array, spec: QuantSpec, *, num_ratios: int = 100,
-                 min_ratio: float = 0.5) -> Range:
+                 min_ratio: float = 0.5,
+                 error_weight: jax.Array | None = None) -> Range:
   """``(amin, amax)`` of each block of ``w`` as ``spec.calibration`` asks.
 
   Args:
@@ -88,14 +99,18 @@ def weight_range(w: jax.Array, spec: QuantSpec, *, num_ratios: int = 100,
     spec: the weight's quantizer; its granularity must fit ``w.shape``.
     num_ratios: grid size of the ``"mse"`` search.
     min_ratio: smallest clipping ratio of the ``"mse"`` search, in (0, 1].
+    error_weight: ``"mse"`` only: a weight >= 0 per element of the squared
+      error, broadcastable to ``w.shape``; e.g. (d_in, 1) per input row.
 
   Returns:
     ``(amin, amax)`` float32 in the scale shape; ``amin`` is None for
     symmetric specs. Pass them to `jaxq.quantize` as ``amax=``/``amin=``.
 
   Raises:
-    ValueError: for ``calibration="entropy"``, a bad grid, or a granularity
-      that does not fit ``w.shape`` (naming the axis and sizes).
+    ValueError: for ``calibration="entropy"``, a bad grid, a granularity
+      that does not fit ``w.shape`` (naming the axis and sizes), or an
+      ``error_weight`` that does not broadcast to it or comes without
+      ``calibration="mse"``.
   """
   if not 0.0 < min_ratio <= 1.0:
     raise ValueError(f"weight_range: min_ratio must be in (0, 1], got "
@@ -109,12 +124,25 @@ def weight_range(w: jax.Array, spec: QuantSpec, *, num_ratios: int = 100,
                      f"{w.dtype} with shape {tuple(w.shape)}.")
   blocks = spec.granularity.block_shape(tuple(w.shape))
   w = w.astype(jnp.float32)
+  if error_weight is not None:
+    if spec.calibration != "mse":
+      raise ValueError(f"weight_range: error_weight weights the 'mse' "
+                       f"search; calibration={spec.calibration!r} has none.")
+    error_weight = jnp.asarray(error_weight, jnp.float32)
+    try:
+      shape = jnp.broadcast_shapes(error_weight.shape, w.shape)
+    except ValueError:
+      shape = None
+    if shape != w.shape:
+      raise ValueError(f"weight_range: error_weight of shape "
+                       f"{tuple(error_weight.shape)} does not broadcast to "
+                       f"the weight's shape {tuple(w.shape)}.")
   if spec.calibration == "max":
     return compute_range(w, spec)
   if spec.calibration == "percentile":
     return _percentile_range(w, spec, blocks)
   if spec.calibration == "mse":
-    return _mse_range(w, spec, blocks, num_ratios, min_ratio)
+    return _mse_range(w, spec, blocks, num_ratios, min_ratio, error_weight)
   raise ValueError(f"weight_range: calibration {spec.calibration!r} is for "
                    f"activations; a weight's range supports 'max', "
                    f"'percentile' and 'mse'.")

@@ -113,3 +113,32 @@ def test_ranges_of_a_dense_general_kernel():
   _, amax = weight_range(w, mse, num_ratios=20)
   assert amax.shape == (1, 4, 6)
   assert np.all(amax <= np.abs(w).max(axis=0, keepdims=True))
+
+
+def test_mse_error_weight_picks_the_weighted_grid_minimum():
+  w = heavy_tailed((32, 4), seed=4)
+  rng = np.random.default_rng(4)
+  row_weight = np.exp(2.0 * rng.normal(size=(32, 1))).astype(np.float32)
+  spec = QuantSpec("int4", PerChannel(-1), calibration="mse")
+  _, amax = weight_range(w, spec, num_ratios=11, min_ratio=0.5,
+                         error_weight=row_weight)
+  full = np.abs(w).max(axis=0, keepdims=True)
+  ratios = np.linspace(1.0, 0.5, 11, dtype=np.float32)
+  errors = [np.sum(row_weight * (w - np.asarray(
+      jaxq.fake_quant(w, spec, amax=full * r))) ** 2, axis=0)
+            for r in ratios]
+  best = ratios[np.argmin(errors, axis=0)]
+  np.testing.assert_allclose(amax, full * best, rtol=1e-5)
+  _, unweighted = weight_range(w, spec, num_ratios=11, min_ratio=0.5)
+  assert not np.allclose(amax, unweighted)
+
+
+def test_error_weight_is_checked():
+  w = heavy_tailed()
+  mse = QuantSpec("int4", PerChannel(-1), calibration="mse")
+  with pytest.raises(ValueError, match="error_weight weights the 'mse'"):
+    weight_range(w, mse.replace(calibration="max"),
+                 error_weight=np.ones((64, 1)))
+  with pytest.raises(ValueError, match=r"shape \(24, 1\) does not broadcast "
+                     r"to the weight's shape \(64, 24\)"):
+    weight_range(w, mse, error_weight=np.ones((24, 1)))
