@@ -14,6 +14,7 @@ modes.
 
 from __future__ import annotations
 
+import importlib
 import re
 
 import flax.linen as nn
@@ -290,3 +291,39 @@ def test_accuracy_tools_trace_the_model_a_fixed_number_of_times(mode):
   # partial_quantize, given the table's stats: the layer order and one
   # switchable model for every configuration.
   assert deep[1] <= 2
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_serve_mode_tools_equal_the_per_configuration_path(api, monkeypatch):
+  """jaxq.sensitivity and partial_quantize in serve mode give what they gave
+  when they compiled a served model per configuration and each layer alone:
+  the same metrics and skipped layers, and the same SQNR and MSE."""
+  adapter = _adapter(api)
+  reference = np.asarray(adapter.apply_fn()(adapter.variables, IDS))
+
+  def eval_fn(apply_fn, variables):
+    return -float(np.mean((np.asarray(apply_fn(variables, IDS)) -
+                           reference) ** 2))
+
+  def tools():
+    table = jaxq.sensitivity(adapter.model, adapter.variables, RULES, eval_fn,
+                             [IDS], mode="serve", progress=False)
+    result = jaxq.partial_quantize(
+        adapter.model, adapter.variables, RULES, eval_fn, [IDS],
+        max_drop=0.5, table=table, mode="serve", progress=False)
+    return table, result
+
+  table, result = tools()
+  # The module (``jaxq.sensitivity`` the name is the function). SQNR and
+  # MSE come from other programs (the model with one layer on, against the
+  # layer compiled alone), whose float sums XLA may order differently.
+  monkeypatch.setattr(importlib.import_module("jaxq.sensitivity"),
+                      "_switched", lambda *args: None)
+  old_table, old_result = tools()
+  assert table.paths == old_table.paths and set(table.paths) == set(QUANTIZED)
+  for row, old in zip(table.rows, old_table.rows):
+    assert (row.metric, row.drop) == (old.metric, old.drop), row.path
+    np.testing.assert_allclose(row.sqnr_db, old.sqnr_db, rtol=1e-5)
+    np.testing.assert_allclose(row.mse, old.mse, rtol=1e-4)
+  assert (result.skipped, result.history) == (old_result.skipped,
+                                              old_result.history)
