@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import warnings
 
 import flax.linen as nn
 import jax
@@ -327,3 +328,65 @@ def test_serve_mode_tools_equal_the_per_configuration_path(api, monkeypatch):
     np.testing.assert_allclose(row.mse, old.mse, rtol=1e-4)
   assert (result.skipped, result.history) == (old_result.skipped,
                                               old_result.history)
+
+
+class LinenOthers(nn.Module):
+  """The layers serve mode runs through jaxq's own calls: an Einsum, a
+  ConvTranspose and an embedding's ``attend``."""
+
+  @nn.compact
+  def __call__(self, ids):
+    embed = nn.Embed(16, 6, name="embed")
+    x = embed(ids)
+    x = nn.Einsum((6, 6), "btd,de->bte", name="einsum")(x)
+    x = nn.ConvTranspose(6, (3,), strides=(2,), name="convt")(x)
+    return embed.attend(x)
+
+
+class NnxOthers(nnx.Module):
+  """`LinenOthers` in nnx."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.embed = nnx.Embed(16, 6, rngs=rngs)
+    self.einsum = nnx.Einsum("btd,de->bte", (6, 6), (6,), rngs=rngs)
+    self.convt = nnx.ConvTranspose(6, 6, (3,), strides=(2,), rngs=rngs)
+
+  def __call__(self, ids):
+    x = self.einsum(self.embed(ids))
+    return self.embed.attend(self.convt(x))
+
+
+OTHERS = ("embed", "einsum", "convt")
+OTHER_RULES = (jaxq.Rule(r"embed", weight=W4_C),
+               jaxq.Rule(r".*", weight=W4_C, act=A8_DYNAMIC))
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_switchable_serve_einsum_conv_transpose_and_attend(api):
+  """Every subset equals the model served by its own rules. The float
+  branch of a ConvTranspose is jaxq's convolution of the dilated input, the
+  float layer's lax.conv_transpose a different program for the same sums:
+  equal to float32 rounding."""
+  if api == "linen":
+    model = LinenOthers()
+    adapter = jaxq_flax.adapt(model, model.init(jax.random.key(1), IDS))
+  else:
+    adapter = jaxq_flax.adapt(NnxOthers(nnx.Rngs(1)), None)
+  switched = adapter.quantize(OTHER_RULES, "serve", switchable=True)
+  apply_fn = switched.apply_fn()
+  float_out = np.asarray(adapter.apply_fn()(adapter.variables, IDS))
+  for subset in [()] + [(p,) for p in OTHERS] + [OTHERS]:
+    rules = tuple(jaxq.Rule(re.escape(p), skip=True) for p in OTHERS
+                  if p not in subset) + OTHER_RULES
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # Rules the subset leaves unmatched.
+      own = adapter.quantize(rules, "serve")
+      expected = np.asarray(own.apply_fn()(own.variables, IDS))
+    got = np.asarray(apply_fn(
+        switched.set_enabled({p: p in subset for p in OTHERS}), IDS))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5,
+                               err_msg=str(subset))
+    # The flags take effect: int4 weights move the output far more.
+    assert np.allclose(got, float_out, rtol=1e-5, atol=1e-5) == (
+        not subset), subset
+  assert apply_fn._cache_size() == 1  # pylint: disable=protected-access
