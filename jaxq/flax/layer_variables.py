@@ -8,6 +8,12 @@ collections of the module's scope (`jaxq.flax.linen_variables`), nnx as
 attributes of the module (`jaxq.flax.nnx`); a subclass says how to read and
 write them, and this class applies the layer's `LayerQuant` to its operands
 (``weight``, ``act``, ``embed``) with them.
+
+A switchable layer's flag acts on its operands in qat mode (`switch`: the
+fake-quantized or the float operand of the float op) and on its op in serve
+mode (`LayerVariables.switched_op`, wrapped as flax's op by `SwitchedOp`:
+``lax.cond`` between the low-bit op on the QArrays and the float op, whose
+operands have other types and cannot be selected elementwise).
 """
 
 from __future__ import annotations
