@@ -8,9 +8,9 @@
 * `scored`, `run_alone`: the ``(apply_fn, variables)`` of the model quantized
   by some rules with those ranges, and one layer run alone on its captured
   float inputs;
-* `switched`: the same for any subset of the quantized layers in qat mode,
-  from one compilation (each layer's quantization switched on or off by a
-  flag in the variables, `jaxq.flax.ModelAdapter.set_enabled`);
+* `switched`: the same for any subset of the quantized layers, in qat or
+  serve mode, from one compilation (each layer's quantization switched on
+  or off by a flag in the variables, `jaxq.flax.ModelAdapter.set_enabled`);
 * `error_sums`, `sqnr_db`: the SQNR arithmetic of both.
 """
 
@@ -157,15 +157,18 @@ class Switched:
 
 
 def switched(adapter: ModelAdapter, rules: Sequence[Rule],
-             calibrated: Calibrated) -> Switched:
-  """The `Switched` qat model of ``adapter`` quantized by ``rules``.
+             calibrated: Calibrated, mode: str = "qat") -> Switched:
+  """The `Switched` model of ``adapter`` quantized by ``rules`` in ``mode``.
 
   Quantizing only the layers at a subset ``S`` this way computes what
   ``scored`` computes for rules that quantize ``S`` alone (each layer of
   ``S`` gets the spec of the rule ``rules`` give it; a layer that is off
-  hands its op the float operands), without compiling the model per subset.
+  hands its op the float operands in qat mode, and runs its float op
+  instead of the low-bit one in serve mode, where the weights of the layers
+  that are on are quantized on the fly from the float variables, as
+  ``scored`` quantizes them), without compiling the model per subset.
   """
-  quantized = adapter.quantize(rules, "qat", switchable=True).with_ranges(
+  quantized = adapter.quantize(rules, mode, switchable=True).with_ranges(
       calibrated.act_ranges)
   return Switched(adapter=quantized, apply_fn=quantized.apply_fn(),
                   paths=tuple(calibrated.quantized))

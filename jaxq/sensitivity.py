@@ -41,8 +41,8 @@ Conventions (the same for flax.linen and flax.nnx models):
   of their classes; see `jaxq.flax.capture`); the layer's quantized output
   is the layer's output in the model with only that layer quantized
   (everything upstream is float), recorded by the same capture pass of the
-  switchable qat model (see Cost). A module called several times (shared
-  weights), and every layer in serve mode, is instead run ALONE, quantized,
+  switchable model (see Cost). A module called several times (shared
+  weights) is instead run ALONE, quantized,
   on exactly its float inputs (linen: an unbound copy of the module with
   its own variables; nnx: the layer of the model quantized with only that
   layer's rule, split off with ``nnx.split``), call by call, so the number
@@ -53,20 +53,24 @@ Conventions (the same for flax.linen and flax.nnx models):
   tracing the capture pass; layers the model never calls are left out).
 
 Cost: one calibration pass, one float evaluation and one float capture
-pass; then, in qat mode, ONE compilation of the model for every
+pass; then, in either mode, ONE compilation of the model for every
 configuration: the model is quantized by all the rules with an on/off flag
 per layer held in its variables (`jaxq.flax.ModelAdapter.quantize(...,
-switchable=True)`, `set_enabled`); a layer that is off hands its op the
-float operands, so each configuration computes exactly what the model
-quantized by that configuration's rules alone computes, and ``eval_fn``'s
-``apply_fn`` is the same jitted function every time (an ``eval_fn`` that
-calls it directly never recompiles; ``partial_quantize``'s greedy loop
-reuses it too). The SQNR of a layer called once comes from one capture
-pass of that switchable model with only the layer on (its input is then the
-float one, as if it ran alone on it), compiled once for all layers; a
-shared layer is still run alone per call (one small compilation each).
-Serve mode compiles the model per configuration and each layer alone
-(the low-bit ops take other operand types than the float ones).
+switchable=True)`, `set_enabled`). In qat mode a layer that is off hands
+its op the float operands; in serve mode its flag selects, by
+``lax.cond`` (only one branch runs), the low-bit op on the quantized
+operands (weights quantized on the fly from the float variables, as
+`jaxq.convert` would store them) or the layer's float op. So each
+configuration computes exactly what the model quantized (served) by that
+configuration's rules alone computes, and ``eval_fn``'s ``apply_fn`` is the
+same jitted function every time (an ``eval_fn`` that calls it directly
+never recompiles; ``partial_quantize``'s greedy loop reuses it too). The
+SQNR of a layer called once comes from one capture pass of that switchable
+model with only the layer on (its input is then the float one, as if it
+ran alone on it), compiled once for all layers; a shared layer is still run
+alone per call (one small compilation each). In serve mode a layer's
+operands are quantized inside its low-bit branch, so a layer that is off
+costs only its float op.
 """
 
 from __future__ import annotations
@@ -188,9 +192,9 @@ def _evaluate(eval_fn: EvalFn, apply_fn: ApplyFn, variables: Any,
 def _switched(model: ModelAdapter, rules: Sequence[Rule],
               calibrated: Calibrated, mode: EvalMode
               ) -> analysis.Switched | None:
-  """The qat model that scores every subset of layers from one compilation;
-  None in serve mode, which compiles the model per subset."""
-  return analysis.switched(model, rules, calibrated) if mode == "qat" else None
+  """The model that scores every subset of layers from one compilation (the
+  benchmark replaces this with None to measure the per-subset path)."""
+  return analysis.switched(model, rules, calibrated, mode)
 
 
 def _switched_error_sums(switched: analysis.Switched, capture: Any,

@@ -27,9 +27,11 @@ called on ``x`` of shape ``(*lead, in)``):
   layers traced so far; a float model has none until `quantize`).
 * ``quantize(rules, mode, switchable=False) -> ModelAdapter``: the model
   quantized by ``rules`` in ``mode``, with the same variables (nnx: a
-  quantized copy). ``switchable`` (qat mode): every quantized layer reads an
-  on/off flag from the variables and computes in float while it is off, so
-  one compiled ``apply_fn`` runs any subset of the layers quantized.
+  quantized copy). ``switchable`` (qat or serve mode): every quantized layer
+  reads an on/off flag from the variables and computes in float while it is
+  off, so one compiled ``apply_fn`` runs any subset of the layers quantized
+  (serve mode: by ``lax.cond`` between the low-bit and the float op, on
+  float weights).
 * ``set_enabled(enabled, variables=None) -> variables``: new variables with
   the flags of the switchable layers at the paths of ``enabled`` (path ->
   bool) set; the others keep theirs (on unless set). Flags are boolean

@@ -131,10 +131,15 @@ class LayerQuant:
       int8 values (see `jaxq.flax.int8_qat`).
     backward: in qat mode, the matmul layers' backward: ``"ste"``,
       ``"float"`` or ``"int8"`` (see `jaxq.flax.int8_qat`).
-    switchable: in qat mode, whether the layer reads an on/off flag
-      (`LayerVariables.get_enabled`) and, when it is off, hands its op the
-      float operands, so one compiled model runs any subset of its layers
-      quantized (`jaxq.sensitivity`); see `jaxq.flax.layer_variables.switch`.
+    switchable: whether the layer reads an on/off flag
+      (`LayerVariables.get_enabled`), so one compiled model runs any subset
+      of its layers quantized (`jaxq.sensitivity`). In qat mode a layer that
+      is off hands its op the float operands
+      (`jaxq.flax.layer_variables.switch`); in serve mode the flag selects,
+      by ``lax.cond`` (one branch runs), the low-bit op on the quantized
+      operands or the float op on the float ones
+      (`LayerVariables.switched_op`; the weights must be float, quantized
+      on the fly in the low-bit branch).
   """
 
   path: str
@@ -196,12 +201,15 @@ def check_on_nonfinite(on_nonfinite: str) -> None:
 
 def check_switchable(switchable: bool, mode: str, int8_forward: bool
                      ) -> None:
-  """Raises unless a per-layer on/off switch applies (qat mode, float op)."""
-  if switchable and (mode != "qat" or int8_forward):
+  """Raises unless a per-layer on/off switch applies: qat mode without the
+  int8 forward, or serve mode (see `LayerQuant.switchable`)."""
+  if switchable and (mode not in ("qat", "serve") or
+                     (mode == "qat" and int8_forward)):
     raise ValueError(
         f"quantize_model: switchable layers need mode='qat' without "
         f"int8_forward (the switch selects fake-quantized or float operands "
-        f"of the float op), got mode={mode!r}, int8_forward={int8_forward}.")
+        f"of the float op) or mode='serve' (it selects the low-bit op or the "
+        f"float op), got mode={mode!r}, int8_forward={int8_forward}.")
 
 
 def check_spec(layer: LayerQuant, spec: QuantSpec, shape: tuple[int, ...],

@@ -8,13 +8,19 @@ collections of the module's scope (`jaxq.flax.linen_variables`), nnx as
 attributes of the module (`jaxq.flax.nnx`); a subclass says how to read and
 write them, and this class applies the layer's `LayerQuant` to its operands
 (``weight``, ``act``, ``embed``) with them.
+
+A switchable layer's flag acts on its operands in qat mode (`switch`: the
+fake-quantized or the float operand of the float op) and on its op in serve
+mode (`LayerVariables.switched_op`, wrapped as flax's op by `SwitchedOp`:
+``lax.cond`` between the low-bit op on the QArrays and the float op, whose
+operands have other types and cannot be selected elementwise).
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -142,9 +148,40 @@ class LayerVariables(abc.ABC):
     return None
 
   def _switched(self, quantized: Any, original: jax.Array) -> Any:
-    if not self.quant.switchable:
+    # Qat mode switches operands; serve mode switches ops (`switched_op`).
+    if not self.quant.switchable or self.quant.mode != "qat":
       return quantized
     return switch(self.get_enabled(), quantized, original)
+
+  def _check_float_weight(self, w: Any) -> None:
+    if isinstance(w, QArray):
+      raise ValueError(
+          f"jaxq serve: the switchable layer {self.quant.path!r} holds a "
+          f"QArray weight (from jaxq.convert); a switchable serve model "
+          f"needs the float weights, which it quantizes when the layer is "
+          f"on.")
+
+  def switched_op(self, low_bit_op: Callable[[Any, Any], jax.Array],
+                  float_op: Callable[[jax.Array, jax.Array], jax.Array],
+                  x: jax.Array, w: jax.Array) -> jax.Array:
+    """A switchable serve layer's op on its float input ``x`` and weight ``w``.
+
+    On: ``low_bit_op(act(x), weight(w))``, the QArrays serve mode makes (the
+    weight quantized on the fly). Off: ``float_op(smoothed(x), w)``, what
+    the layer computes when no rule quantizes it (its smoothing factors, if
+    any, still divide the input, as the qat switch does). ``lax.cond`` on
+    the flag runs one of the two, and the result has the float op's dtype.
+    Without a flag (``init``) the layer is on.
+    """
+    self._check_float_weight(w)
+    low_bit = lambda: low_bit_op(self.act(x), self.weight(w))
+    enabled = self.get_enabled()
+    if enabled is None:
+      return low_bit()
+    unquantized = lambda: float_op(self.smoothed(x), w)
+    dtype = jax.eval_shape(unquantized).dtype
+    return jax.lax.cond(enabled, lambda: low_bit().astype(dtype),
+                        unquantized)
 
   def weight(self, w: jax.Array | QArray) -> jax.Array | QArray:
     """The weight for the layer's op; records its range in calibrate mode."""
@@ -211,6 +248,8 @@ class LayerVariables(abc.ABC):
 
   def embed(self, table: jax.Array | QArray, ids: jax.Array) -> jax.Array:
     """An embedding lookup (weight-only); records the table's range."""
+    if self.quant.switchable:
+      self._check_float_weight(table)
     if self.quant.mode == "calibrate" and self.recording():
       self.put_stats(WEIGHT_STATS, observe_weight(
           self.quant, self.get_stats(WEIGHT_STATS), table))
@@ -228,4 +267,36 @@ class LayerVariables(abc.ABC):
         dataclasses.replace(self.quant, mode="calibrate"), table, ids))
 
 
-# Embedding lookups: weight-only, reading only the looked-up rows.
+@dataclasses.dataclass(frozen=True, eq=False)
+class SwitchedOp:
+  """A switchable serve layer's op: flax's op signature, `switched_op` inside.
+
+  ``layer`` holds the call's `LayerVariables` once the layer is matched (an
+  empty sequence for a float layer, which runs ``float_op``). The operands
+  are the first two positional arguments, after the subscripts for an
+  einsum (``subscripts=True``); the input first, unless ``weight_first``.
+  """
+
+  layer: Sequence[LayerVariables]
+  low_bit_op: Callable[..., jax.Array]
+  float_op: Callable[..., jax.Array]
+  subscripts: bool = False
+  weight_first: bool = False
+
+  def __call__(self, *args, **kwargs) -> jax.Array:
+    if not self.layer:
+      return self.float_op(*args, **kwargs)
+    split = 1 if self.subscripts else 0
+    head, (lhs, rhs), rest = (args[:split], args[split:split + 2],
+                              args[split + 2:])
+
+    def bound(op: Callable[..., jax.Array]) -> Callable[[Any, Any], Any]:
+      def run(x: Any, w: Any) -> jax.Array:
+        pair = (w, x) if self.weight_first else (x, w)
+        return op(*head, *pair, *rest, **kwargs)
+      return run
+
+    x, w = (rhs, lhs) if self.weight_first else (lhs, rhs)
+    return self.layer[0].switched_op(bound(self.low_bit_op),
+                                     bound(self.float_op), x, w)
+

@@ -114,6 +114,7 @@ from jaxq.flax.linen_variables import ScopeVariables
 from jaxq.flax.linen_variables import act_ranges
 from jaxq.flax.linen_variables import lookup
 from jaxq.flax.linen_variables import with_enabled
+from jaxq.flax.layer_variables import SwitchedOp
 from jaxq.spec import QArray
 
 # The collections and helpers live in `jaxq.flax.linen_variables`; they are
@@ -163,8 +164,9 @@ class QuantizedLinen:
     switchable: each quantized layer reads an on/off flag from the
       ``quant_enabled`` collection (``{<layer path>: {"enabled": bool}}``,
       made by `with_enabled`; on when absent) and computes in float when
-      off, so one compilation runs any subset of layers quantized (qat
-      mode only; see `jaxq.flax.core.LayerQuant`).
+      off, so one compilation runs any subset of layers quantized (qat and
+      serve modes; serve mode selects the low-bit or the float op by
+      ``lax.cond`` and needs float params; see `jaxq.flax.core.LayerQuant`).
   """
 
   model: nn.Module
@@ -310,6 +312,8 @@ class QuantizedLinen:
     qat_op = ((self.int8_forward or self.backward != "ste") and
               self.mode == "qat" and
               not isinstance(module, (nn.Conv, nn.ConvTranspose)))
+    # A switchable serve layer: float operands, a `SwitchedOp` as its op.
+    switched_serve = self.mode == "serve" and self.switchable
 
     def promote_dtype(inputs, kernel, bias=None, *, dtype=None,
                       inexact=True):
@@ -330,6 +334,8 @@ class QuantizedLinen:
         return inputs, kernel, bias
       layer.append(ScopeVariables(module, quant))
       self._record_fallback(module, quant, kernel.shape)
+      if switched_serve:
+        return inputs, kernel, bias  # The switched op quantizes them.
       if qat_op and int8_qat.uses_qat_op(quant):
         if int8_qat.uses_int8_forward(quant):
           layer[0].check_int8_forward()
@@ -346,6 +352,9 @@ class QuantizedLinen:
                      else module.dot_general or jax.lax.dot_general)
       hooks.update(dot_general=_QatOp(layer, int8_qat.qat_dot_general,
                                       original_op), dot_general_cls=None)
+    if switched_serve:
+      return self._switched_serve(module, layer, promote_dtype, next_fun,
+                                  args, kwargs)
     if self.mode == "serve":
       if isinstance(module, nn.ConvTranspose):
         return self._conv_transpose(module, promote_dtype, *args, **kwargs)
@@ -360,6 +369,33 @@ class QuantizedLinen:
       else:
         hooks.update(dot_general=serve_ops.serve_dot_general,
                      dot_general_cls=None)
+    with _attributes(module, **hooks):
+      return next_fun(*args, **kwargs)
+
+  def _switched_serve(self, module: nn.Module, layer: list[ScopeVariables],
+                      promote_dtype, next_fun, args, kwargs) -> Any:
+    """A promoting layer of a switchable serve model: its op a `SwitchedOp`
+    (the low-bit op or the layer's own float op, by the layer's flag) on
+    the float operands that ``promote_dtype`` passes through."""
+    if isinstance(module, nn.ConvTranspose):
+      return self._conv_transpose(
+          module, promote_dtype, *args,
+          conv=SwitchedOp(layer, serve_ops.serve_conv,
+                          jax.lax.conv_general_dilated), **kwargs)
+    if isinstance(module, nn.Einsum):
+      return self._einsum(
+          module, promote_dtype,
+          SwitchedOp(layer, serve_ops.serve_einsum, jnp.einsum,
+                     subscripts=True), *args, **kwargs)
+    field = ("conv_general_dilated" if isinstance(module, nn.Conv)
+             else "dot_general")
+    own = getattr(module, f"{field}_cls")
+    float_op = (own() if own else getattr(module, field) or
+                getattr(jax.lax, field))
+    low_bit_op = (serve_ops.serve_conv if isinstance(module, nn.Conv)
+                  else serve_ops.serve_dot_general)
+    hooks = {field: SwitchedOp(layer, low_bit_op, float_op),
+             f"{field}_cls": None, "promote_dtype": promote_dtype}
     with _attributes(module, **hooks):
       return next_fun(*args, **kwargs)
 
@@ -383,7 +419,9 @@ class QuantizedLinen:
     return y
 
   def _conv_transpose(self, module: nn.ConvTranspose, promote_dtype,
-                      inputs: jax.Array) -> jax.Array:
+                      inputs: jax.Array,
+                      conv: Callable[..., jax.Array] = serve_ops.serve_conv
+                      ) -> jax.Array:
     """``nn.ConvTranspose.__call__`` with `jaxq.conv` (linen's calls
     ``lax.conv_transpose``, which takes no op): see
     `jaxq.flax.serve_ops.serve_conv_transpose`."""
@@ -396,7 +434,7 @@ class QuantizedLinen:
                          module.param_dtype) if module.use_bias else None)
     return serve_ops.serve_conv_transpose(
         _path(module), config, inputs, kernel, bias,
-        lambda x, w, b: promote_dtype(x, w, b, dtype=module.dtype))
+        lambda x, w, b: promote_dtype(x, w, b, dtype=module.dtype), conv)
 
   def _embed(self, module: nn.Embed, method: str, next_fun,
              query: jax.Array) -> jax.Array:
@@ -415,9 +453,15 @@ class QuantizedLinen:
         raise ValueError(f"jaxq: {quant.path!r} (Embed) needs integer ids, "
                          f"got dtype {query.dtype}.")
       return layer.embed(table, query).astype(dtype)
-    table = layer.weight(table)
     query = query.astype(dtype)
     dims = (((query.ndim - 1,), (1,)), ((), ()))
+    if quant.mode == "serve" and quant.switchable:
+      return layer.switched_op(
+          lambda q, t: serve_ops.serve_dot_general(
+              q, serve_ops.computing_in(t, dtype), dims),
+          lambda q, t: jax.lax.dot_general(q, t.astype(dtype), dims),
+          query, table)
+    table = layer.weight(table)
     if isinstance(table, QArray):
       return serve_ops.serve_dot_general(
           query, serve_ops.computing_in(table, dtype), dims)
@@ -473,6 +517,12 @@ class _WeightOp:
     quant = self.qmodel._quant(  # pylint: disable=protected-access
         self.module, w.shape, name_of(w))
     op = self.original
+    if quant is not None and quant.mode == "serve" and quant.switchable:
+      low_bit_op = (serve_ops.serve_dot_general if self.field == "dot_general"
+                    else serve_ops.serve_conv)
+      return SwitchedOp([ScopeVariables(self.module, quant)], low_bit_op,
+                        self.original, weight_first=not weight_is_rhs)(
+                            lhs, rhs, *args, **kwargs)
     if quant is not None:
       layer = ScopeVariables(self.module, quant)
       x_float, w_float = x, w

@@ -269,6 +269,8 @@ class _QuantizedLayer:
     original = self.promote_dtype
     qat_kind = next((c for c in _QAT_OPS if isinstance(self, c)), None)
     qat_op = qat_kind is not None and int8_qat.uses_qat_op(layer.quant)
+    # A switchable serve layer: float operands, a `SwitchedOp` as its op.
+    switched_serve = layer.quant.mode == "serve" and layer.quant.switchable
 
     def promote_dtype(arrays, /, *, dtype=None, inexact=True):
       x, w, bias = arrays
@@ -279,6 +281,8 @@ class _QuantizedLayer:
         w = serve_ops.computing_in(w, x.dtype)
       else:
         x, w, bias = original((x, w, bias), dtype=dtype, inexact=inexact)
+      if switched_serve:
+        return x, w, bias  # The switched op quantizes them.
       if qat_op:
         if int8_qat.uses_int8_forward(layer.quant):
           layer.check_int8_forward()
@@ -297,7 +301,10 @@ class _QuantizedLayer:
       return serve_ops.serve_conv_transpose(
           layer.quant.path, serve_ops.ConvTransposeConfig.of(self), inputs,
           self.kernel.get_value(), bias,
-          lambda x, w, b: promote_dtype((x, w, b), dtype=self.dtype))
+          lambda x, w, b: promote_dtype((x, w, b), dtype=self.dtype),
+          layer_variables.SwitchedOp([layer], serve_ops.serve_conv,
+                                     jax.lax.conv_general_dilated)
+          if switched_serve else serve_ops.serve_conv)
     if layer.quant.mode == "serve":
       kind = next((c for c in _OPS if isinstance(self, c)), None)
       if kind is None:
@@ -306,6 +313,11 @@ class _QuantizedLayer:
             f", which takes no injectable op; skip it with a Rule(..., "
             f"skip=True).")
       name, op = _OPS[kind]
+      if switched_serve:  # The low-bit op or the layer's own, by its flag.
+        own = (self.dot_general_cls() if name == "dot_general" and
+               getattr(self, "dot_general_cls", None) else getattr(self, name))
+        op = layer_variables.SwitchedOp([layer], op, own,
+                                        subscripts=kind is nnx.Einsum)
       hooks[name] = op
       if kind in (nnx.Linear, nnx.LinearGeneral):
         hooks["dot_general_cls"] = None
@@ -339,10 +351,18 @@ class _QuantizedEmbed:
   def attend(self, query, *args, **kwargs):
     if self.jaxq_layer is None or self.jaxq_layer.weight is None:
       return self.jaxq_float_class.attend(self, query, *args, **kwargs)
-    table = _Layer(self).weight(self.embedding.get_value())
+    layer = _Layer(self)
+    table = self.embedding.get_value()
     dtype = self.dtype or table.dtype
     query = query.astype(dtype)
     dims = (((query.ndim - 1,), (1,)), ((), ()))
+    if layer.quant.mode == "serve" and layer.quant.switchable:
+      return layer.switched_op(
+          lambda q, t: serve_ops.serve_dot_general(
+              q, serve_ops.computing_in(t, dtype), dims),
+          lambda q, t: jax.lax.dot_general(q, t.astype(dtype), dims),
+          query, table)
+    table = layer.weight(table)
     if isinstance(table, QArray):
       return serve_ops.serve_dot_general(
           query, serve_ops.computing_in(table, dtype), dims)
@@ -414,9 +434,10 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
                  switchable: bool = False) -> nnx.Module:
   """See `jaxq.quantize_model`: a quantized copy of an nnx module.
 
-  ``switchable`` (qat mode): each quantized layer also holds a
+  ``switchable`` (qat or serve mode): each quantized layer also holds a
   `QuantEnabled` flag ``jaxq_enabled`` (on), read on every call, and
-  computes in float while it is off (see `jaxq.flax.core.LayerQuant`).
+  computes in float while it is off (see `jaxq.flax.core.LayerQuant`;
+  serve mode needs float weights and selects the op by ``lax.cond``).
   """
   core.check_switchable(switchable, mode, int8_forward)
   qmodel = nnx.clone(model)

@@ -367,7 +367,8 @@ def serve_conv_transpose(
     path: str, config: ConvTransposeConfig, inputs: jax.Array,
     kernel: jax.Array | QArray, bias: jax.Array | None,
     promote: Callable[[jax.Array, jax.Array | QArray, jax.Array | None],
-                      tuple[Any, Any, Any]]) -> jax.Array:
+                      tuple[Any, Any, Any]],
+    conv: Callable[..., jax.Array] = serve_conv) -> jax.Array:
   """A ``ConvTranspose`` layer's ``__call__`` with `jaxq.conv` (serve mode).
 
   ``lax.conv_transpose`` is ``lax.conv_general_dilated`` with the input
@@ -391,6 +392,9 @@ def serve_conv_transpose(
     bias: ``(out,)``, or None.
     promote: ``(inputs, kernel, bias) -> (x, w, bias)``, the layer's dtype
       promotion that also quantizes ``x`` and ``w`` (as for every layer).
+    conv: ``lax.conv_general_dilated``'s signature: `serve_conv`, or a
+      switchable layer's op (`jaxq.flax.layer_variables.SwitchedOp`), which
+      gets the float operands from ``promote`` and quantizes them itself.
 
   Returns:
     ``(*batch, *out_window, out)``, as the float layer returns.
@@ -410,7 +414,7 @@ def serve_conv_transpose(
   dimension_numbers = config.dimension_numbers()
   if config.transpose_kernel:
     w = _flip_window(w, rank)
-  y = serve_conv(x, w, (1,) * rank, config.conv_padding(),
+  y = conv(x, w, (1,) * rank, config.conv_padding(),
                  lhs_dilation=config.strides,
                  rhs_dilation=config.kernel_dilation,
                  dimension_numbers=dimension_numbers,
