@@ -213,3 +213,45 @@ def test_sharded_masked_batches_give_single_device_stats(framework):
                             progress=False)
     spread = jaxq.calibrate(cal, variables, sharded, methods, progress=False)
     _assert_equal(spread.stats, single.stats)
+
+
+class _Block(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, _):
+    return x + nn.Dense(FEATURES, name="mix")(x), None
+
+
+class LinenScanned(nn.Module):
+  """Two blocks as one ``nn.scan``: the mask reaches layers inside it."""
+
+  @nn.compact
+  def __call__(self, x):
+    stack = nn.scan(_Block, variable_axes={"params": 0, **jaxq.flax.SCAN_AXES},
+                    split_rngs={"params": True}, length=2)
+    return stack(name="layers")(x, None)[0]
+
+
+def test_masked_calibration_inside_nn_scan_equals_the_real_rows():
+  model = LinenScanned()
+  variables = model.init(jax.random.key(0), jnp.zeros((1, FEATURES)))
+  cal = jaxq.quantize_model(model, (jaxq.Rule(r".*", weight=W8, act=A8),),
+                            "calibrate")
+  data = _data(2)
+  masked = jaxq.calibrate(cal, variables, _masked(data), progress=False)
+  removed = jaxq.calibrate(cal, variables, _removed(data), progress=False)
+  assert masked.ranges()["layers"]["mix"]["act"]["amax"].shape == (2, 1, 1, 1)
+  _assert_equal(masked.ranges(), removed.ranges())
+
+
+def test_an_observer_without_a_mask_argument_is_refused_naming_the_layer():
+  cal, variables = _model("linen")
+  plain = jaxq.calibration.max()
+  no_mask = plain._replace(update=lambda state, x: plain.update(state, x))
+  with pytest.raises(ValueError, match=r"'Dense_1'.*takes no mask"):
+    jaxq.calibrate(cal, variables, _masked(_data(1)), {"mine": no_mask},
+                   progress=False)
+  # Without a mask it is used as before.
+  result = jaxq.calibrate(cal, variables, _removed(_data(1)),
+                          {"mine": no_mask}, progress=False)
+  assert result.methods == ("mine",)
