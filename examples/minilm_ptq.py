@@ -4,11 +4,12 @@ The study of the real pretrained sentence encoder of `examples/minilm.py`:
 
 1. Float against W8A8 at each granularity pairing (activation-weight, see
    DESIGN.md): T-T and T-C with static per-tensor activation ranges
-   calibrated on the sentences (max), K-C with dynamic per-token
-   activations, G-G with groups of 128 along the contraction axis (hidden
-   384 = 3 x 128, feed-forward 1536 = 12 x 128), and MX (fp8 e4m3 elements
-   sharing an e8m0 scale per 32). Embedding tables are weight-only int8
-   with one scale per row in every configuration. Each model is calibrated
+   calibrated on the sentences (max; the attention mask keeps padding
+   out), K-C with dynamic per-token activations, G-G with groups of 128
+   along the contraction axis (hidden 384 = 3 x 128, feed-forward 1536 =
+   12 x 128), and MX (fp8 e4m3 elements sharing an e8m0 scale per 32).
+   Embedding tables are weight-only int8 with one scale per row in every
+   configuration. Each model is calibrated
    with `jaxq.calibrate`, converted with `jaxq.convert` and run in serve
    mode (the low-bit matmuls). The table gives the cosine similarity of each
    sentence's embedding to its float embedding (mean and min over the
@@ -29,7 +30,8 @@ The study of the real pretrained sentence encoder of `examples/minilm.py`:
    post-LayerNorm: a LayerNorm's output also feeds the residual sum, so it
    cannot absorb them).
    Calibration batches carry the attention mask (`jaxq.flax.Batch`), so
-   padding enters no statistic.
+   padding enters no statistic (of `jaxq.calibrate` either, as in
+   section 1).
 
 Sections 1 and 2 calibrate and evaluate on the same sentences
 (examples/data/sentences.txt): the point is the error each quantizer adds,
@@ -104,18 +106,14 @@ def batches(pretrained: minilm.Pretrained, sentences: Sequence[str],
           for i in range(0, len(sentences), batch_size)]
 
 
-def _forward(apply: Any, batch: minilm.Batch) -> Any:
-  return apply(*batch)
-
-
 def serve_embeddings(pretrained: minilm.Pretrained, rules: Rules,
                      sentences: Sequence[str]
                      ) -> tuple[np.ndarray, jaxq.ConvertReport]:
   """Calibrates, converts and embeds with the serve-mode model: (N, H)."""
   calibrate = jaxq.quantize_model(pretrained.model, rules, mode="calibrate")
   result = jaxq.calibrate(calibrate, pretrained.variables,
-                          batches(pretrained, sentences), progress=False,
-                          forward=_forward)
+                          masked_batches(pretrained, sentences),
+                          progress=False)
   serving, convert_report = jaxq.convert(calibrate, pretrained.variables,
                                          result.stats)
   serve = jaxq.quantize_model(pretrained.model, rules, mode="serve")
@@ -256,13 +254,12 @@ def algorithm_rows(pretrained: minilm.Pretrained, calibration: Sequence[str],
     for method in w8a8:
       if method == "SmoothQuant":
         start = time.perf_counter()
-        # The act ranges too (max of the unmasked X / s): jaxq.calibrate
-        # would also see the padding tokens.
         variables = jaxq.smoothquant(cal, pretrained.variables, data,
                                      alpha=SMOOTHQUANT_ALPHA,
-                                     fold_into=folds, act_ranges=True,
-                                     progress=progress)
-        ranges = None
+                                     fold_into=folds, progress=progress)
+        # The ranges of the smoothed inputs X / s, masked like the others.
+        ranges = jaxq.calibrate(cal, variables, data,
+                                progress=progress).ranges()
         name = f"W8A8 static SmoothQuant a={SMOOTHQUANT_ALPHA} (max)"
       else:
         variables, ranges = pretrained.variables, result.ranges(

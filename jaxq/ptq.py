@@ -26,6 +26,15 @@ empty observer states with the shapes of the first batch's (found with
 the same before and after every step. A batch sharded over devices needs
 nothing more: the observers' reductions inside the jitted step are global.
 
+Padding: a `jaxq.flax.Batch` with a ``mask`` (True at real positions, the
+shape of the layer inputs' leading axes, e.g. a ``(batch, seq)`` attention
+mask) keeps its padding out of every act statistic: the step hands the
+mask to each static act layer's observer (`jaxq.flax.calibration_mask`),
+so max ranges, histograms and the ranges every method picks from them are
+those of the real positions alone, and NaN/inf at padding are not counted.
+A layer whose input does not start with the mask's axes (after pooling)
+raises, naming it. Batches without a mask run the unmasked observers.
+
 ``stats`` is what the model itself records: linen's ``"quant_stats"``
 collection (``{path...: {"weight": state, "act": state}}``) or the nnx
 ``State`` of `jaxq.flax.QuantStat` variables; `jaxq.act_ranges` and
@@ -380,7 +389,8 @@ def calibrate(qmodel: QuantizedModel, variables: Any,
       Default: `jaxq.flax.batch.call_model`, the batch convention of every
       workflow (an array is the one positional argument, a tuple the
       positional arguments, a mapping the keyword arguments, a
-      `jaxq.flax.Batch` both).
+      `jaxq.flax.Batch` both). A `jaxq.flax.Batch`'s mask keeps padding
+      out of the statistics with either (see the module docstring).
     on_nonfinite: ``"raise"`` a ValueError naming the batch and the layers
       whose input holds NaN or inf, or ``"count"`` them (skipped; see
       `CalibrationResult.nonfinite`). Default: the model's setting.
@@ -393,8 +403,9 @@ def calibrate(qmodel: QuantizedModel, variables: Any,
   Raises:
     ValueError: for an empty ``batches``, a model not in calibrate mode,
       unknown methods, methods whose shared state a layer's spec cannot
-      have (naming the layers), or non-finite inputs (naming the batch and
-      the layers) unless they are counted.
+      have (naming the layers), a batch mask that does not match a layer's
+      input (naming the layer and both shapes), or non-finite inputs
+      (naming the batch and the layers) unless they are counted.
   """
   return calibrate_adapter(
       jaxq_flax.adapt(qmodel, variables, what="calibrate"), batches, methods,

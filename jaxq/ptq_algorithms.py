@@ -57,9 +57,9 @@ stored ``act_smooth`` before any statistic, so GPTQ or AWQ after
 `smoothquant` see the smoothed inputs its kernels multiply, and a second
 smoothing pass multiplies ``act_smooth`` by its own factors.
 
-Statistics of static activation ranges: `jaxq.calibrate` observes every
-position, padding included; ``smoothquant(..., act_ranges=True)`` writes
-the ranges from the unmasked rows instead.
+Static activation ranges: `jaxq.calibrate` on the same masked batches
+leaves the padding out too; ``smoothquant(..., act_ranges=True)`` writes
+ranges from the unmasked rows without a separate pass.
 """
 
 from __future__ import annotations

@@ -15,10 +15,13 @@ Every observer is an ``(init, update, finalize)`` triple of pure functions
 obs = jaxq.observers.observer_for(spec)    # from spec.calibration
 state = obs.init(x, spec)
 state = jax.jit(obs.update)(state, x)      # once per batch
+state = obs.update(state, x, mask)         # mask: x's leading axes, False
+                                           # at padding (counts in nothing)
 amax = obs.finalize(state)                 # keepdims scale shape
 ```
 
 NaN/Inf are left out of every statistic and counted: `nonfinite_count`.
+Positions a ``mask`` marks False are left out and not counted at all.
 A zero-size batch leaves a state unchanged.
 States from different devices or runs combine with `merge`.
 """

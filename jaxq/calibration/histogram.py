@@ -44,6 +44,10 @@ reciprocal width.
 
 Counts are int32, exact up to 2**31 - 1 per bin.
 
+A ``mask`` over the batch's leading axes (`update_histogram`) leaves its
+False positions out of everything above (counts, range growth, ``amax``,
+``nonfinite``): the state equals that of the batch with them removed.
+
 Only static, reduce-everything-but-channels granularities have histograms:
 `PerTensor` and `PerChannel`. Per-token ranges are dynamic by nature and
 per-group / per-block / MX ranges are per weight block, so those raise.
@@ -181,20 +185,34 @@ def coarsen(counts: jax.Array, shift: jax.Array) -> jax.Array:
   return jnp.zeros_like(counts).at[rows, target].add(counts)
 
 
-def update_histogram(state: HistogramState, x: jax.Array) -> HistogramState:
-  """Adds batch ``x`` to the histograms, growing their ranges as needed."""
+def update_histogram(state: HistogramState, x: jax.Array,
+                     mask: jax.Array | None = None) -> HistogramState:
+  """Adds batch ``x`` to the histograms, growing their ranges as needed.
+
+  ``mask`` (optional, over ``x``'s leading axes, see
+  `jaxq.calibration.base.broadcast_mask`): False positions enter no count,
+  no range growth and no maximum, as if they were not in ``x``.
+  """
   spec = state.spec
   base.check_float(x, "histogram observer update")
   base.check_shape("histogram observer update",
                    granularity_lib.scale_shape(spec.granularity,
                                                tuple(x.shape)),
                    x, spec, tuple(state.range.shape))
+  keep = (None if mask is None else
+          base.broadcast_mask(mask, x, "histogram observer update"))
   if x.size == 0:  # Nothing to observe.
     return state
   num_bins = state.num_bins
   magnitude = jnp.abs(channels_first(x.astype(jnp.float32), spec))
   finite = jnp.isfinite(magnitude)
-  magnitude = jnp.where(finite, magnitude, 0.0)
+  if keep is None:
+    observed, nonfinite = finite, jnp.sum(~finite, dtype=jnp.int32)
+  else:
+    keep = channels_first(keep, spec)
+    observed = finite & keep
+    nonfinite = jnp.sum(keep & ~finite, dtype=jnp.int32)
+  magnitude = jnp.where(observed, magnitude, 0.0)
   batch_amax = jnp.max(magnitude, axis=1)
 
   old_range = state.range.reshape(-1)
@@ -213,13 +231,13 @@ def update_histogram(state: HistogramState, x: jax.Array) -> HistogramState:
                        magnitude / new_range[:, None] * num_bins)
   bins = jnp.clip(jnp.ceil(position) - 1, 0, num_bins - 1).astype(jnp.int32)
   rows = jnp.arange(counts.shape[0])[:, None]
-  counts = counts.at[rows, bins].add(finite.astype(jnp.int32))
+  counts = counts.at[rows, bins].add(observed.astype(jnp.int32))
 
   return HistogramState(
       counts=counts.reshape(state.counts.shape),
       range=new_range.reshape(state.range.shape),
       amax=jnp.maximum(state.amax, batch_amax.reshape(state.amax.shape)),
-      nonfinite=state.nonfinite + jnp.sum(~finite, dtype=jnp.int32),
+      nonfinite=state.nonfinite + nonfinite,
       spec=spec)
 
 

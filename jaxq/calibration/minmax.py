@@ -14,6 +14,9 @@ Semantics:
   merge by plain min / max); a block that has seen no finite value
   finalizes to ``(0, 0)``.
 * NaN and +-inf are excluded and counted in ``nonfinite``.
+* A ``mask`` over the leading axes (`jaxq.calibration.base.broadcast_mask`)
+  leaves its False positions out of every block's range and of the count;
+  a block with no position left keeps its old range.
 
 Two states over the same spec and shape merge by ``max(amax)``,
 ``min(amin)`` and ``sum(nonfinite)`` (`merge_max_states`).
@@ -81,17 +84,27 @@ def _batch_range(x: jax.Array, blocks: tuple[int, ...], symmetric: bool,
           granularity_lib.block_reduce(keep(x, -jnp.inf), blocks, jnp.max))
 
 
-def _update(state: MaxState, x: jax.Array) -> MaxState:
+def _update(state: MaxState, x: jax.Array,
+            mask: jax.Array | None = None) -> MaxState:
   spec = state.spec
   base.check_float(x, "max observer update")
   shape = tuple(x.shape)
   base.check_shape("max observer update",
                    granularity_lib.scale_shape(spec.granularity, shape), x,
                    spec, tuple(state.amax.shape))
+  keep = (None if mask is None else
+          base.broadcast_mask(mask, x, "max observer update"))
   if x.size == 0:  # Nothing to observe.
     return state
   blocks = spec.granularity.block_shape(shape)
   x = x.astype(jnp.float32)
+  if keep is not None:
+    # Masked positions are not data: they enter no range and no count.
+    finite = jnp.isfinite(x)
+    batch_amin, batch_amax = _batch_range(x, blocks, spec.symmetric,
+                                          keep & finite)
+    return _combined(state, batch_amin, batch_amax,
+                     jnp.sum(keep & ~finite, dtype=jnp.int32))
   # Plain reductions propagate NaN/inf, so finite block ranges prove a clean
   # batch; only a batch with non-finite values pays for masking and counting
   # (a mask fused into the reduction costs far more than the reduction).
@@ -105,6 +118,13 @@ def _update(state: MaxState, x: jax.Array) -> MaxState:
                              if r is not None]))
   (batch_amin, batch_amax), count = jax.lax.cond(
       clean, lambda: (plain, jnp.zeros((), jnp.int32)), masked)
+  return _combined(state, batch_amin, batch_amax, count)
+
+
+def _combined(state: MaxState, batch_amin: jax.Array | None,
+              batch_amax: jax.Array, count: jax.Array) -> MaxState:
+  """``state`` with one batch's block ranges and non-finite count added."""
+  spec = state.spec
   nonfinite = state.nonfinite + count
   if spec.symmetric:
     return MaxState(amax=jnp.maximum(state.amax, batch_amax), amin=None,

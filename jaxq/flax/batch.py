@@ -10,10 +10,15 @@ model with `call_model`, so a batch means the same thing everywhere:
 * a mapping: the keyword arguments, ``model(**batch)``;
 * a `Batch`: ``model(*batch.args, **batch.kwargs)``, plus an optional
   ``mask`` that is not passed to the model: ``mask[...]`` is True where the
-  position is real data and False where it is padding, shaped like the
-  leading (batch, sequence...) axes of the layer inputs. Workflows that
-  gather per-position statistics (the per-layer capture, and the
-  algorithms of issue 14) read it with `batch_mask`; the model never sees it.
+  position is real data and False where it is padding (bool, or 0/1
+  integers such as a tokenizer's attention mask), shaped like the leading
+  (batch, sequence...) axes of the layer inputs. Every workflow that
+  gathers per-position statistics reads it with `batch_mask`, and padding
+  counts in none of them: `jaxq.calibrate`'s observers (ranges, histograms;
+  each layer gets it through `jaxq.flax.calibration_mask`, and a layer
+  whose input does not start with the mask's axes, e.g. after pooling,
+  raises naming it), the per-layer capture and the PTQ algorithms'
+  statistics (SmoothQuant, AWQ, GPTQ Hessians). The model never sees it.
 
 "model" is linen's ``apply`` with the variables bound (``lambda *a, **k:
 qmodel.apply(variables, *a, **k)``) or an nnx module. A workflow's
@@ -36,10 +41,10 @@ class Batch:
   Attributes:
     args: the model's positional arguments.
     kwargs: its keyword arguments.
-    mask: None, or a boolean array, True at real positions and False at
-      padding, broadcastable against the leading axes of the layer inputs
-      (e.g. ``(batch, seq)`` for a ``(batch, seq, features)`` activation).
-      Never passed to the model.
+    mask: None, or a boolean (or 0/1 integer) array, True at real
+      positions and False at padding, shaped like the leading axes of the
+      layer inputs (e.g. ``(batch, seq)`` for a ``(batch, seq, features)``
+      activation) and broadcast over the rest. Never passed to the model.
   """
 
   args: tuple[Any, ...] = ()

@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable, Literal
 
 import jax
@@ -375,12 +376,25 @@ def check_finite(layer: LayerQuant, what: str, old: Any | None, new: Any
     report(seen)
 
 
-def observe_act(layer: LayerQuant, state: Any | None, x: jax.Array) -> Any:
-  """Folds ``x`` into the act observer's state (static act specs only)."""
+def observe_act(layer: LayerQuant, state: Any | None, x: jax.Array,
+                mask: jax.Array | None = None) -> Any:
+  """Folds ``x`` into the act observer's state (static act specs only);
+  ``mask`` (over ``x``'s leading axes, False at padding), if given, keeps
+  the masked positions out of it."""
   check_spec(layer, layer.act, x.shape, "activation")
   observer = layer.observer_for(layer.act)
-  new = observer.update(observer.init(x, layer.act) if state is None
-                        else state, x)
+  state = observer.init(x, layer.act) if state is None else state
+  if mask is None:
+    new = observer.update(state, x)
+  else:
+    try:
+      inspect.signature(observer.update).bind(state, x, mask)
+    except (TypeError, ValueError):
+      raise ValueError(
+          f"jaxq calibrate: the act observer of {layer.path!r} takes no mask "
+          f"(its update is not (state, x, mask=None)), but the batch has a "
+          f"padding mask; build observers with jaxq.observers.") from None
+    new = observer.update(state, x, mask)
   check_finite(layer, "input activation", state, new)
   return new
 

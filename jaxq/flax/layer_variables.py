@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxq import learned
+from jaxq.flax import calibration_mask
 from jaxq.flax.core import ACT_SMOOTH
 from jaxq.flax.core import ACT_STATS
 from jaxq.flax.core import WEIGHT_RANGE
@@ -234,7 +235,8 @@ class LayerVariables(abc.ABC):
     if self.quant.mode == "calibrate":
       if self.quant.static_act and self.recording():
         self.put_stats(ACT_STATS, observe_act(
-            self.quant, self.get_stats(ACT_STATS), x))
+            self.quant, self.get_stats(ACT_STATS), x,
+            calibration_mask.layer_mask(self.quant.path, x.shape)))
       return x
     spec = self.quant.act
     if spec.learn is not None:

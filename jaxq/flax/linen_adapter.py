@@ -21,6 +21,8 @@ from flax import traverse_util
 
 from jaxq import calibration
 from jaxq.flax import adapter as adapter_lib
+from jaxq.flax import batch as batch_lib
+from jaxq.flax import calibration_mask
 from jaxq.flax import checks
 from jaxq.flax import core
 from jaxq.flax import linen as linen_lib
@@ -299,7 +301,9 @@ class LinenAdapter:
         current[0] = updated[linen_lib.STATS]
         return out
 
-      forward(apply, batch)
+      # The batch's padding mask reaches the layers' act observers.
+      with calibration_mask.masking(batch_lib.batch_mask(batch)):
+        forward(apply, batch)
       return current[0]
 
     stats = jax.eval_shape(run, variables, {}, batch)

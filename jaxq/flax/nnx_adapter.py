@@ -22,6 +22,8 @@ from flax import nnx
 
 from jaxq import calibration
 from jaxq.flax import adapter as adapter_lib
+from jaxq.flax import batch as batch_lib
+from jaxq.flax import calibration_mask
 from jaxq.flax import checks
 from jaxq.flax import core
 from jaxq.flax import nnx as nnx_lib
@@ -310,7 +312,9 @@ class NnxAdapter:
           module.jaxq_layer, on_nonfinite="count", observer_for=observer_for))
 
     def record(module: nnx.Module, batch: Any) -> nnx.Module:
-      forward(module, batch)
+      # The batch's padding mask reaches the layers' act observers.
+      with calibration_mask.masking(batch_lib.batch_mask(batch)):
+        forward(module, batch)
       return module
 
     # The abstract model has the QuantStat variables the first batch creates.
@@ -321,8 +325,7 @@ class NnxAdapter:
 
     @jax.jit
     def step(rest: nnx.State, stats: nnx.State, batch: Any):
-      module = nnx.merge(graphdef, stats, rest)
-      forward(module, batch)
+      module = record(nnx.merge(graphdef, stats, rest), batch)
       stats = nnx.state(module, nnx_lib.QuantStat)
       return stats, _nonfinite_counts(stats, paths)
 
