@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import nbclient
@@ -20,8 +21,11 @@ def test_notebooks_exist():
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, monkeypatch):
   monkeypatch.setenv("JAXQ_NOTEBOOK_QUICK", "1")
-  # The kernel must not inherit the suite's 8 fake host devices.
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  # The kernel must not inherit the suite's 8 fake host devices, only its
+  # compile-time flags (conftest.py).
+  flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+           if not flag.startswith("--xla_force_host_platform_device_count")]
+  monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
   notebook = nbformat.read(EXAMPLES / name, as_version=4)
   client = nbclient.NotebookClient(notebook, timeout=600,
                                    kernel_name="python3",
