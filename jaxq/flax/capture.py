@@ -123,7 +123,12 @@ class LinenCapture:
       _, state = self._apply(variables, *args, mutable=[CAPTURE, STATS],
                              **kwargs)
     flat = traverse_util.flatten_dict(dict(state.get(CAPTURE, {})))
-    return {"/".join(key[:-1]): calls for key, calls in flat.items()}
+    captured = {"/".join(key[:-1]): calls for key, calls in flat.items()}
+    for path, calls in self.calls.items():
+      # nn.scan traces its body twice (shapes, then the loop) but keeps one
+      # sow per call: one call, its arrays stacked per layer.
+      del calls[len(captured.get(path, calls)):]
+    return captured
 
 
 class _Recording:

@@ -193,6 +193,10 @@ class LinenAdapter:
       node = lookup(tree, path) if path else tree
       if node is not None:
         variables[collection] = node
+    info = self.layers().get(path)
+    if info is not None and info.stacked:  # Inside nn.scan over layers.
+      return adapter_lib.replay(adapter_lib.stacked_apply(layer.apply), call,
+                                variables)
     return adapter_lib.replay(layer.apply, call, variables)
 
   # Weights and other variables of a layer.

@@ -370,6 +370,39 @@ def _path(path: tuple[Any, ...]) -> str:
   return "/".join(str(p) for p in path)
 
 
+def _layer_weight_shape(module: nnx.Module) -> tuple[int, ...]:
+  """The weight shape one layer of ``module`` uses, from its configuration
+  (``nnx.vmap`` over layers stacks the stored weight; the layer's own
+  attributes keep one layer's sizes)."""
+  if isinstance(module, nnx.Embed):
+    return (module.num_embeddings, module.features)
+  if isinstance(module, nnx.Linear):
+    return (module.in_features, module.out_features)
+  if isinstance(module, nnx.LinearGeneral):
+    return (*module.batch_axis.values(), *module.in_features,
+            *module.out_features)
+  return tuple(module.kernel_shape)  # Einsum, Conv, ConvTranspose.
+
+
+def _stacked(path: str, module: nnx.Module, stored: tuple[int, ...]
+             ) -> tuple[tuple[int, ...], int | None]:
+  """``(one layer's weight shape, stack size or None)``: a weight stored
+  ``(L, *shape)`` belongs to ``L`` layers made by ``nnx.vmap`` and run by
+  ``nnx.scan`` over layers, which hands each iteration one slice."""
+  shape = _layer_weight_shape(module)
+  if stored == shape:
+    return shape, None
+  if len(stored) == len(shape) + 1 and stored[1:] == shape:
+    return shape, stored[0]
+  raise ValueError(
+      f"quantize_model: the nnx layer {path!r} ({type(module).__name__}) "
+      f"stores its {_weight_name(module)!r} with shape {stored}, but one "
+      f"layer's is {shape}. jaxq supports one stack axis in front (layers "
+      f"made with nnx.vmap and run with nnx.scan over layers, weight "
+      f"(L, *{shape})); nested stacks are not supported: stack the layers "
+      f"along one axis, or skip the layer with a Rule(..., skip=True).")
+
+
 def _paths_of_layers(root: nnx.Module) -> dict[int, list[tuple[Any, ...]]]:
   """``id(layer) -> every path`` by which the graph reaches each layer of
   `_LAYERS` (``nnx.iter_graph`` yields a shared node once, at its first)."""
@@ -429,8 +462,8 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
     if not isinstance(module, _LAYERS):
       continue
     weight = getattr(module, _weight_name(module)).get_value()
-    shape = tuple(weight.shape)
     path_str = _path(path)
+    shape, stacked = _stacked(path_str, module, tuple(weight.shape))
     rule = rules_lib.match(rules, path_str, module)
     if rule is not None and not rule.skip and rule.weight is not None:
       checks.check_finite_weight("quantize_model", path_str,
@@ -453,7 +486,8 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
             quant.act, quant.weight,
             conv_kernel_shape=shape if isinstance(module, _MASKED) else None,
             transposed=getattr(module, "transpose_kernel", False),
-            feature_group_count=getattr(module, "feature_group_count", 1)))
+            feature_group_count=getattr(module, "feature_group_count", 1)),
+        stacked=stacked)
     infos.append(info)
     # The layer becomes its quantized subclass in place (the model is a
     # clone), so that every path reaching a shared layer reaches the

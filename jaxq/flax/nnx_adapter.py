@@ -58,8 +58,9 @@ def _act_states(stats: nnx.State) -> dict[str, Any]:
 
 def _nonfinite_counts(stats: nnx.State, paths: Sequence[str]) -> jax.Array:
   states = _act_states(stats)
-  return jnp.asarray([calibration.nonfinite_count(states[p]) for p in paths],
-                     jnp.int32).reshape(len(paths))
+  # jnp.sum: a state stacked by nnx.scan over layers counts per layer.
+  return jnp.asarray([jnp.sum(calibration.nonfinite_count(states[p]))
+                      for p in paths], jnp.int32).reshape(len(paths))
 
 
 def _lookup(variables: nnx.State, key: tuple[Any, ...]) -> Any | None:
