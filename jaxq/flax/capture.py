@@ -131,6 +131,13 @@ class LinenCapture:
     return captured
 
 
+class _Captured(nnx.Variable):
+  """A recording layer's calls so far, ``((arrays, output), ...)``: a
+  variable, so that ``nnx.scan`` over layers hands it out stacked per layer
+  like the layer's other variables (a value kept elsewhere would leak the
+  scan's tracers)."""
+
+
 class _Recording:
   """Mixin of `NnxCapture`'s layers: hands each call to the capture pass."""
 
@@ -138,7 +145,10 @@ class _Recording:
 
   def __call__(self, *args, **kwargs):
     out = self.jaxq_recorded_class.__call__(self, *args, **kwargs)
-    self.jaxq_capture_sink(self.jaxq_capture_path, args, kwargs, out)
+    arrays = self.jaxq_capture_sink(self.jaxq_capture_path, args, kwargs)
+    held = getattr(self, "jaxq_captured", None)
+    calls = () if held is None else held.get_value()
+    setattr(self, "jaxq_captured", _Captured(calls + ((arrays, out),)))
     return out
 
 
@@ -195,19 +205,26 @@ class NnxCapture:
 
   def _trace(self, state: nnx.State, batch: Any) -> Captured:
     self.calls.clear()  # Filled again by this trace, in call order.
-    captured: dict[str, list[Any]] = {}
 
-    def sink(path: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-             out: Any) -> None:
+    def sink(path: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+             ) -> tuple[jax.Array, ...]:
       call, arrays = LayerCall.of(None, args, kwargs)
       self.calls.setdefault(path, []).append(call)
-      captured.setdefault(path, []).append((arrays, out))
+      return arrays
 
     model = nnx.merge(self._graphdef, state)
-    for module in nnx_modules(model).values():
-      if isinstance(module, _Recording):
-        # Set on this trace's copy only, so the graphdef never holds it.
-        object.__setattr__(module, "jaxq_capture_sink", sink)
+    recording = [m for m in nnx_modules(model).values()
+                 if isinstance(m, _Recording)]
+    for module in recording:
+      # Set on this trace's copy only, so the graphdef never holds it.
+      object.__setattr__(module, "jaxq_capture_sink", sink)
     args, kwargs = batch_arguments(batch)
     model(*args, **kwargs)
-    return {path: tuple(calls) for path, calls in captured.items()}
+    captured = {}
+    for module in recording:
+      held = getattr(module, "jaxq_captured", None)
+      if held is not None:
+        captured[module.jaxq_capture_path] = tuple(held.get_value())
+    for path, calls in self.calls.items():
+      del calls[len(captured.get(path, calls)):]  # As `LinenCapture`.
+    return captured

@@ -498,7 +498,9 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
     if rngs is not None and int8_qat.uses_qat_op(quant):
       setattr(module, "jaxq_rngs", rngs)  # One stream shared by the layers.
     if quant is not None and switchable:
-      setattr(module, ENABLED_ATTR, QuantEnabled(jnp.asarray(True)))
+      # A stacked layer: one flag per layer, as nnx.scan slices it.
+      setattr(module, ENABLED_ATTR, QuantEnabled(
+          jnp.full(() if stacked is None else (stacked,), True)))
   object.__setattr__(qmodel, _RULES_ATTR, tuple(rules))
   rules_lib.warn_unmatched(rules, infos)
   return qmodel
