@@ -222,3 +222,93 @@ def test_learned_ranges_stack_with_the_params():
   y_serve = jax.jit(qat.with_mode("serve").apply)(serving, x)
   np.testing.assert_allclose(y_serve, y_qat, rtol=1e-5,
                              atol=1e-5 * float(jnp.max(jnp.abs(y_qat))))
+
+
+# PTQ algorithms and sensitivity on linen scanned layers.
+
+
+def test_scan_axes_name_every_per_layer_collection():
+  assert jaxq.flax.SCAN_AXES == {"quant_stats": 0, "quant_ranges": 0,
+                                 "quant_fixed": 0, "jaxq_capture": 0}
+
+
+@pytest.fixture(scope="module")
+def twin_cal():
+  model = Scanned()
+  variables = model.init(jax.random.key(0), _x())
+  twin_vars = {"params": _unrolled_params(variables["params"])}
+  return (jaxq.quantize_model(model, RULES, "calibrate"), variables,
+          jaxq.quantize_model(Unrolled(), RULES, "calibrate"), twin_vars)
+
+
+@pytest.mark.parametrize("algorithm", ["smoothquant", "awq", "gptq"])
+def test_ptq_algorithm_per_layer_of_the_stack_equals_unrolled(twin_cal,
+                                                              algorithm):
+  # Each layer of the stack is processed on its own inputs (GPTQ block by
+  # block, in the order the scan runs them), and its kernel and fixed
+  # variables land in its slice: the unrolled twin's, stacked.
+  cal, variables, twin, twin_vars = twin_cal
+  run = getattr(jaxq, algorithm)
+  batches = [_x(), 3.0 * _x(2)]
+  out = run(cal, variables, batches, progress=False)
+  twin_out = run(twin, twin_vars, batches, progress=False)
+  fixed = out["quant_fixed"]["layers"]
+  for name in ("up", "down"):
+    kernel = out["params"]["layers"][name]["kernel"]
+    assert kernel.shape[0] == L
+    for i in range(L):
+      np.testing.assert_allclose(
+          kernel[i], twin_out["params"][f"layers_{i}"][name]["kernel"],
+          rtol=1e-6, atol=1e-7)
+      jax.tree.map(lambda a, b, i=i: np.testing.assert_allclose(
+          a[i], b, rtol=1e-6, atol=1e-7), fixed[name],
+                   twin_out["quant_fixed"][f"layers_{i}"][name])
+  assert not np.allclose(out["params"]["layers"]["up"]["kernel"],
+                         variables["params"]["layers"]["up"]["kernel"])
+  # The scan hands each layer its fixed variables: QAT equals the twin's.
+  ranges = jaxq.calibrate(cal, out, batches, progress=False).ranges()
+  twin_ranges = jaxq.calibrate(twin, twin_out, batches, progress=False
+                               ).ranges()
+  x = _x(5)
+  y = jax.jit(cal.with_mode("qat").apply)({**out, "quant_ranges": ranges}, x)
+  y_twin = jax.jit(twin.with_mode("qat").apply)(
+      {**twin_out, "quant_ranges": twin_ranges}, x)
+  np.testing.assert_allclose(y, y_twin, rtol=1e-5, atol=1e-5)
+
+
+def test_forgotten_fixed_axis_says_what_to_add(twin_cal):
+  cal, variables, _, _ = twin_cal
+  out = jaxq.smoothquant(cal, variables, [_x()], progress=False)
+  old_axes = Scanned(axes=(("quant_stats", 0), ("quant_ranges", 0)))
+  with pytest.raises(ValueError, match=r"'layers/up'.*'quant_fixed'.*"
+                     r"\*\*jaxq.flax.SCAN_AXES"):
+    jaxq.quantize_model(old_axes, RULES, "calibrate").apply(
+        out, _x(), mutable=["quant_stats"])
+
+
+def test_sensitivity_switches_a_stack_as_one_layer():
+  # One flag per path: the row of 'layers/up' quantizes every layer of the
+  # stack, as rules quantizing `layers_<i>/up` of the twin do.
+  model = Scanned()
+  variables = model.init(jax.random.key(0), _x())
+  batches = [_x(), 3.0 * _x(2)]
+  x = _x(7)
+
+  def metric(apply_fn, v):
+    return -float(jnp.mean(jnp.square(apply_fn(v, x))))
+
+  table = jaxq.sensitivity(model, variables, RULES, metric, batches,
+                           progress=False)
+  assert set(table.paths) == {"inp", "layers/up", "layers/down", "head"}
+  row = {r.path: r for r in table.rows}["layers/up"]
+  twin_vars = {"params": _unrolled_params(variables["params"])}
+  up_only = (jaxq.Rule(r"layers_\d+/up", weight=RULES[0].weight,
+                       act=RULES[0].act),)
+  twin_cal = jaxq.quantize_model(Unrolled(), up_only, "calibrate")
+  ranges = jaxq.calibrate(twin_cal, twin_vars, batches,
+                          progress=False).ranges()
+  twin_qat = twin_cal.with_mode("qat")
+  expected = metric(jax.jit(twin_qat.apply),
+                    {**twin_vars, "quant_ranges": ranges})
+  np.testing.assert_allclose(row.metric, expected, rtol=1e-5)
+  assert row.drop != 0.0 and np.isfinite(row.sqnr_db)
