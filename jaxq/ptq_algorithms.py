@@ -57,6 +57,12 @@ stored ``act_smooth`` before any statistic, so GPTQ or AWQ after
 `smoothquant` see the smoothed inputs its kernels multiply, and a second
 smoothing pass multiplies ``act_smooth`` by its own factors.
 
+Scanned layers (linen ``nn.scan`` with ``jaxq.flax.SCAN_AXES``, nnx
+``nnx.vmap`` + ``nnx.scan``): each layer of the stack is processed on its
+own inputs (`jaxq.ptq_layers.LayerSlice`), its kernel and fixed variables
+written to its slice, as for the unrolled model; GPTQ runs a scanned block
+layer by layer (``(a, 0), (b, 0), (a, 1), ...``), capturing before each.
+
 Statistics of static activation ranges: `jaxq.calibrate` observes every
 position, padding included; ``smoothquant(..., act_ranges=True)`` writes
 the ranges from the unmasked rows instead.

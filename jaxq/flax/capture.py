@@ -17,6 +17,10 @@ be replayed alone on exactly the inputs it saw in the model. Under a
 quantized model the outputs are the quantized layer's, the arguments always
 what the caller passed (activation quantization happens inside the layer).
 Batches follow `jaxq.flax.batch`; a `Batch`'s mask is not passed.
+A layer inside a scan over layers (linen ``nn.scan`` with
+``jaxq.flax.SCAN_AXES``, which holds the capture collection; nnx
+``nnx.scan``, which stacks the recording variable) is one call whose
+arrays and output lead with the stack size ``L``.
 
 Most callers want `jaxq.flax.adapt(...).capture_inputs`, built on this.
 """

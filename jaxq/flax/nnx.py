@@ -64,6 +64,20 @@ path in nnx's traversal order (sorted attribute names: ``dec`` before
 state. Rules that would treat its paths differently raise a ValueError
 naming both paths.
 
+Scan over layers (Flax's way of stacking ``L`` blocks: created by
+``nnx.vmap`` over split rngs, run by ``nnx.scan`` over the stacked state):
+a layer whose stored weight is ``(L, *shape)``, ``shape`` the one its
+configuration gives (``in_features``..., ``kernel_shape``), is a stack of
+``L`` layers; its `LayerInfo` has ``weight_shape = shape`` and ``stacked =
+L``. Each iteration of the scan runs one slice, so the quantized class
+sees one layer's weight, and the variables it creates inside the scan
+(`QuantStat`, learned ranges) come out stacked ``(L, ...)``, like the
+`QuantRange`, `QuantFixed` and `QuantEnabled` variables it reads (a
+switchable stack holds ``(L,)`` flags, set together for its path);
+`jaxq.convert` quantizes the stacked weight slice by slice. A weight with
+more leading axes (nested stacks) raises naming the layer. This needs
+``nnx.scan``'s default graph updates, which hand out the new variables.
+
 Threads: a qat or serve call never changes the layer's attributes. The
 per-call hooks (the quantizing ``promote_dtype``, the serve ops, the
 QArray kernel) live in a `contextvars.ContextVar` keyed by the layer, and
