@@ -33,6 +33,7 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from flax import traverse_util
 
@@ -61,15 +62,19 @@ class LayerCall:
   module: nn.Module | None
   treedef: Any
   static: tuple[Any, ...]
+  # linen: the shapes of the params the layer saw in this call (one slice
+  # of the stored ones inside nn.scan over layers), or None.
+  param_shapes: Any = None
 
   @classmethod
   def of(cls, module: nn.Module | None, args: tuple[Any, ...],
-         kwargs: Mapping[str, Any]) -> tuple[LayerCall, tuple[jax.Array, ...]]:
+         kwargs: Mapping[str, Any], param_shapes: Any = None
+         ) -> tuple[LayerCall, tuple[jax.Array, ...]]:
     """The call of ``module(*args, **kwargs)`` and its array arguments."""
     leaves, treedef = jax.tree.flatten((args, dict(kwargs)))
     arrays = tuple(x for x in leaves if isinstance(x, jax.Array))
     static = tuple(_ARRAY if isinstance(x, jax.Array) else x for x in leaves)
-    return cls(module, treedef, static), arrays
+    return cls(module, treedef, static, param_shapes), arrays
 
   def arguments(self, arrays: Sequence[jax.Array]
                 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -115,7 +120,9 @@ class LinenCapture:
       module = context.module
       path = "/".join(module.path)
       if context.method_name == "__call__" and path in self.paths:
-        call, arrays = LayerCall.of(module.clone(parent=None), args, kwargs)
+        call, arrays = LayerCall.of(
+            module.clone(parent=None), args, kwargs,
+            jax.tree.map(jnp.shape, dict(module.variables.get("params", {}))))
         self.calls.setdefault(path, []).append(call)
         module.sow(CAPTURE, "calls", (arrays, out))
       return out
