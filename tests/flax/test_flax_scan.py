@@ -507,3 +507,19 @@ def test_nnx_nested_stack_is_refused_naming_the_layer():
   with pytest.raises(ValueError, match=r"'stack'.*\(2, 3, 8, 8\).*one stack "
                      r"axis"):
     jaxq.quantize_model(Nested(), RULES, "calibrate")
+
+
+def test_report_measures_each_layer_of_the_stack_on_its_own():
+  model = Scanned()
+  variables = model.init(jax.random.key(0), _x())
+  rows = {r.path: r for r in jaxq.report(model, variables, [_x()],
+                                         rules=RULES).rows}
+  kernel = variables["params"]["layers"]["up"]["kernel"]
+  signal = noise = 0.0
+  for i in range(L):  # One scale per column of each layer, not of the stack.
+    deq = jaxq.dequantize(jaxq.quantize(kernel[i], RULES[0].weight))
+    signal += float(jnp.sum(jnp.square(kernel[i])))
+    noise += float(jnp.sum(jnp.square(deq - kernel[i])))
+  np.testing.assert_allclose(rows["layers/up"].weight_sqnr_db,
+                             10.0 * np.log10(signal / noise), rtol=1e-5)
+  assert np.isfinite(rows["layers/up"].act_sqnr_db)
