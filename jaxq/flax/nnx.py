@@ -558,9 +558,14 @@ def act_ranges(qmodel: nnx.Module, stats: nnx.State) -> nnx.State:
     if state is None and quant.act.learn is not None:
       continue  # A learned range may start from its first batch instead.
     if state is None:
+      hint = "" if module.jaxq_info.stacked is None else (
+          f" It is a stack of {module.jaxq_info.stacked} layers (nnx.scan "
+          f"over layers): a scan with graph_updates=False (or graph=False) "
+          f"drops the statistics its layers create; use nnx.scan's default "
+          f"graph updates.")
       raise ValueError(f"jaxq: no activation statistics for {quant.path!r}, "
                        f"which has a static act spec; run it in calibrate "
-                       f"mode on at least one batch.")
+                       f"mode on at least one batch.{hint}")
     ranges[tuple(path) + ("jaxq_act_range",)] = QuantRange(
         core.finalize_range(quant.observer_for(quant.act), state))
   return nnx.from_flat_state(ranges)

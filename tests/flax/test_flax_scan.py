@@ -523,3 +523,20 @@ def test_report_measures_each_layer_of_the_stack_on_its_own():
   np.testing.assert_allclose(rows["layers/up"].weight_sqnr_db,
                              10.0 * np.log10(signal / noise), rtol=1e-5)
   assert np.isfinite(rows["layers/up"].act_sqnr_db)
+
+
+def test_nnx_scan_without_graph_updates_says_why_stats_are_missing():
+  class NoUpdates(NnxScanned):
+
+    def __call__(self, x):
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                graph_updates=False)
+      def forward(x, block):
+        return block(x)
+
+      return self.head(forward(self.inp(x), self.layers))
+
+  cal = jaxq.quantize_model(NoUpdates(nnx.Rngs(0)), RULES, "calibrate")
+  with pytest.raises(ValueError, match=r"'layers/\w+'.*stack of 3 layers.*"
+                     r"graph_updates=False"):
+    jaxq.calibrate(cal, None, [_x()], progress=False).ranges()
