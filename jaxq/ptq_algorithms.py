@@ -57,6 +57,12 @@ stored ``act_smooth`` before any statistic, so GPTQ or AWQ after
 `smoothquant` see the smoothed inputs its kernels multiply, and a second
 smoothing pass multiplies ``act_smooth`` by its own factors.
 
+Scanned layers (linen ``nn.scan`` with ``jaxq.flax.SCAN_AXES``, nnx
+``nnx.vmap`` + ``nnx.scan``): each layer of the stack is processed on its
+own inputs (`jaxq.ptq_layers.LayerSlice`), its kernel and fixed variables
+written to its slice, as for the unrolled model; GPTQ runs a scanned block
+layer by layer (``(a, 0), (b, 0), (a, 1), ...``), capturing before each.
+
 Static activation ranges: `jaxq.calibrate` on the same masked batches
 leaves the padding out too; ``smoothquant(..., act_ranges=True)`` writes
 ranges from the unmasked rows without a separate pass.
@@ -283,39 +289,48 @@ def smoothquant(qmodel: Any, variables: Any, data: Iterable[Any], *,
                                                 layers, what)
   captured = ptq_layers.capture(adapter, batches, [i.path for i in targets],
                                 variables, what)
-  ranges: dict[str, core.ActRange] = {}
+  ranges: dict[str, list[core.ActRange]] = {}
+  stacked_paths: set[str] = set()
   for op, members in _bar(_groups(targets, fold_into, what), what, progress):
-    kernels = [adapter.get_weight(i.path, variables)[0] for i in members]
-    views = [ptq_layers.matmul_view(i, k, captured.inputs[i.path][0][0],
-                                    what)
-             for i, k in zip(members, kernels)]
-    rows = ptq_layers.layer_rows(adapter, variables, views[0], captured, what)
-    kernel_cat = jnp.concatenate([v.to_2d(k) for v, k in zip(views, kernels)],
-                                 axis=1)
-    chosen = (per_layer.get(members[0].path) if isinstance(alpha, Mapping)
-              else alpha)
-    if chosen is None:
-      act = members[0].act
-      if act is None:
-        raise ValueError(f"{what}: searching alpha for {members[0].path!r} "
-                         f"needs an act spec; its rule has none.")
-      factors = algorithms.search_alpha(
-          kernel_cat, rows, weight_spec=views[0].spec, act_spec=act,
-          alphas=tuple(alphas)).factors
-    else:
-      factors = algorithms.smoothing_factors(
-          jnp.max(jnp.abs(rows), axis=0), kernel_cat, chosen)
-    variables = _apply_factors(adapter, variables, op, views, factors,
-                               kernels, [None] * len(views), what)
-    if act_ranges:
-      smoothed = rows / factors
-      for view in views:
-        ranges[view.info.path] = _act_range(
-            view, smoothed, tuple(captured.inputs[view.info.path][0][0].shape),
-            what)
+    stacked = ptq_layers.stack_of(adapter, members, op, variables, what)
+    stacked_paths.update(stacked)
+    # A stack of scanned layers: each layer on its own inputs.
+    for part in ptq_layers.parts(adapter, stacked):
+      part_captured = part.inputs(captured) if stacked else captured
+      kernels = [part.get_weight(i.path, variables)[0] for i in members]
+      views = [ptq_layers.matmul_view(
+          i, k, part_captured.inputs[i.path][0][0], what)
+               for i, k in zip(members, kernels)]
+      rows = ptq_layers.layer_rows(part, variables, views[0], part_captured,
+                                   what)
+      kernel_cat = jnp.concatenate(
+          [v.to_2d(k) for v, k in zip(views, kernels)], axis=1)
+      chosen = (per_layer.get(members[0].path) if isinstance(alpha, Mapping)
+                else alpha)
+      if chosen is None:
+        act = members[0].act
+        if act is None:
+          raise ValueError(f"{what}: searching alpha for {members[0].path!r} "
+                           f"needs an act spec; its rule has none.")
+        factors = algorithms.search_alpha(
+            kernel_cat, rows, weight_spec=views[0].spec, act_spec=act,
+            alphas=tuple(alphas)).factors
+      else:
+        factors = algorithms.smoothing_factors(
+            jnp.max(jnp.abs(rows), axis=0), kernel_cat, chosen)
+      variables = _apply_factors(part, variables, op, views, factors,
+                                 kernels, [None] * len(views), what)
+      if act_ranges:
+        smoothed = rows / factors
+        for view in views:
+          ranges.setdefault(view.info.path, []).append(_act_range(
+              view, smoothed,
+              tuple(part_captured.inputs[view.info.path][0][0].shape), what))
   if act_ranges:
-    variables = adapter.with_variables(variables).with_ranges(
-        ranges).variables
+    variables = adapter.with_variables(variables).with_ranges({
+        path: _stack(layer_ranges) if path in stacked_paths
+        else layer_ranges[0] for path, layer_ranges in ranges.items()
+    }).variables
   return variables
 
 
@@ -347,34 +362,51 @@ def awq(qmodel: Any, variables: Any, data: Iterable[Any], *,
   captured = ptq_layers.capture(adapter, batches, [i.path for i in targets],
                                 variables, what)
   for op, members in _bar(_groups(targets, fold_into, what), what, progress):
-    kernels = [adapter.get_weight(i.path, variables)[0] for i in members]
-    views = [ptq_layers.matmul_view(i, k, captured.inputs[i.path][0][0],
-                                    what)
-             for i, k in zip(members, kernels)]
-    specs = {v.spec for v in views}
-    if len(specs) != 1:
-      raise ValueError(f"{what}: {[i.path for i in members]} share one input "
-                       f"(fold_into {op!r}) but have different weight specs "
-                       f"{sorted(map(str, specs))}.")
-    stats = ptq_layers.input_stats(ptq_layers.layer_rows(
-        adapter, variables, views[0], captured, what))
-    kernel_cat = jnp.concatenate([v.to_2d(k) for v, k in zip(views, kernels)],
-                                 axis=1)
-    try:
-      result = algorithms.awq(kernel_cat, stats, views[0].spec,
-                              num_exponents=num_exponents,
-                              clip_ratios=clip_ratios, min_clip=min_clip)
-    except ValueError as e:
-      raise ValueError(f"{what}: {members[0].path!r}: {e}") from None
-    ranges, start = [], 0
-    for view in views:
-      cols = slice(start, start + view.d_out)
-      start += view.d_out
-      amin = None if result.amin is None else result.amin[:, cols]
-      ranges.append(view.range_from_2d(amin, result.amax[:, cols]))
-    variables = _apply_factors(adapter, variables, op, views, result.factors,
-                               kernels, ranges, what)
+    stacked = ptq_layers.stack_of(adapter, members, op, variables, what)
+    # A stack of scanned layers: each layer on its own inputs.
+    for part in ptq_layers.parts(adapter, stacked):
+      variables = _awq_group(part, variables, op, members,
+                             part.inputs(captured) if stacked else captured,
+                             num_exponents, clip_ratios, min_clip, what)
   return variables
+
+
+def _awq_group(adapter: ModelAdapter | ptq_layers.LayerSlice, variables: Any,
+               op: str | None, members: Sequence[LayerInfo], captured: Any,
+               num_exponents: int, clip_ratios: int, min_clip: float,
+               what: str) -> Any:
+  """`awq` on the layers sharing one input (one layer of a stack)."""
+  kernels = [adapter.get_weight(i.path, variables)[0] for i in members]
+  views = [ptq_layers.matmul_view(i, k, captured.inputs[i.path][0][0], what)
+           for i, k in zip(members, kernels)]
+  specs = {v.spec for v in views}
+  if len(specs) != 1:
+    raise ValueError(f"{what}: {[i.path for i in members]} share one input "
+                     f"(fold_into {op!r}) but have different weight specs "
+                     f"{sorted(map(str, specs))}.")
+  stats = ptq_layers.input_stats(ptq_layers.layer_rows(
+      adapter, variables, views[0], captured, what))
+  kernel_cat = jnp.concatenate([v.to_2d(k) for v, k in zip(views, kernels)],
+                               axis=1)
+  try:
+    result = algorithms.awq(kernel_cat, stats, views[0].spec,
+                            num_exponents=num_exponents,
+                            clip_ratios=clip_ratios, min_clip=min_clip)
+  except ValueError as e:
+    raise ValueError(f"{what}: {members[0].path!r}: {e}") from None
+  ranges, start = [], 0
+  for view in views:
+    cols = slice(start, start + view.d_out)
+    start += view.d_out
+    amin = None if result.amin is None else result.amin[:, cols]
+    ranges.append(view.range_from_2d(amin, result.amax[:, cols]))
+  return _apply_factors(adapter, variables, op, views, result.factors,
+                        kernels, ranges, what)
+
+
+def _stack(layer_ranges: Sequence[core.ActRange]) -> core.ActRange:
+  """One range per layer of a stack, stacked ``(L, ...)``."""
+  return jax.tree.map(lambda *a: jnp.stack(a), *layer_ranges)
 
 
 def gptq(qmodel: Any, variables: Any, data: Iterable[Any], *,
@@ -415,35 +447,79 @@ def gptq(qmodel: Any, variables: Any, data: Iterable[Any], *,
   capturing = adapter.with_variables(variables)
   paths = [info.path for info in targets]
   capture_pass = capturing.capture(paths)
-  ranges = {}
-  for info in _bar(targets, what, progress):
-    captured = ptq_layers.capture(capturing, batches, paths, variables, what,
-                                  capture_pass)
-    kernel, _ = adapter.get_weight(info.path, variables)
-    view = ptq_layers.matmul_view(info, kernel,
-                                  captured.inputs[info.path][0][0], what)
-    rows = ptq_layers.layer_rows(adapter, variables, view, captured, what)
-    hessian = algorithms.hessian_update(
-        jnp.zeros((view.d_in, view.d_in), jnp.float32), rows)
-    stored = adapter.read(info.path, core.WEIGHT_RANGE, variables)
-    fixed = {}
-    if stored is not None and view.spec.granularity.block_shape(
-        (view.d_in, view.d_out))[0] == view.d_in:
-      shape = (1, 1) if view.spec.granularity.block_shape(
-          (view.d_in, view.d_out)) == (view.d_in, view.d_out) else (
-              1, view.d_out)
-      fixed = {"amax": jnp.reshape(stored["amax"], shape)}
-      if "amin" in stored:
-        fixed["amin"] = jnp.reshape(stored["amin"], shape)
-    try:
-      result = algorithms.gptq(view.to_2d(kernel), hessian, view.spec,
-                               percdamp=percdamp, block_size=block_size,
-                               act_order=act_order, **fixed)
-    except ValueError as e:
-      raise ValueError(f"{what}: {info.path!r}: {e}") from None
-    variables = adapter.write({
-        (info.path, info.weight_name): view.from_2d(result.kernel,
-                                                    kernel.dtype)}, variables)
-    ranges[(info.path, core.WEIGHT_RANGE)] = view.range_from_2d(result.amin,
-                                                                result.amax)
-  return adapter.write(ranges, variables)
+  ranges: dict[str, list[core.ActRange]] = {}
+  for info, index in _bar(_sequence(targets), what, progress):
+    # Layer ``index`` of a stack: a slice of the stacked variables.
+    part = adapter if index is None else ptq_layers.LayerSlice(
+        adapter, {info.path: info.stacked}, index)
+    captured = ptq_layers.capture(capturing, batches, paths, variables,
+                                  what, capture_pass)
+    variables, layer_range = _gptq_layer(
+        part, variables, info,
+        captured if index is None else part.inputs(captured), percdamp,
+        block_size, act_order, what)
+    ranges.setdefault(info.path, []).append(layer_range)
+  for info in targets:  # Written at the end: the capture compiles once.
+    layer_ranges = ranges[info.path]
+    value = _stack(layer_ranges) if info.stacked else layer_ranges[0]
+    variables = adapter.write({(info.path, core.WEIGHT_RANGE): value},
+                              variables)
+  return variables
+
+
+def _sequence(targets: Sequence[LayerInfo]
+              ) -> list[tuple[LayerInfo, int | None]]:
+  """``(layer, index in its stack or None)`` in the order the model runs
+  them: consecutive layers scanned over one stack of ``L`` (a scanned
+  block) run block by block, ``(a, 0), (b, 0), (a, 1), (b, 1)...``."""
+  order: list[tuple[LayerInfo, int | None]] = []
+  block: list[LayerInfo] = []
+
+  def flush() -> None:
+    if block:
+      order.extend((info, i) for i in range(block[0].stacked)
+                   for info in block)
+      block.clear()
+
+  for info in targets:
+    if not (info.stacked and block and block[0].stacked == info.stacked):
+      flush()
+    if info.stacked:
+      block.append(info)
+    else:
+      order.append((info, None))
+  flush()
+  return order
+
+
+def _gptq_layer(adapter: ModelAdapter | ptq_layers.LayerSlice,
+                variables: Any, info: LayerInfo, captured: Any,
+                percdamp: float, block_size: int, act_order: bool, what: str
+                ) -> tuple[Any, core.ActRange]:
+  """`gptq` on one layer: new variables with its kernel, and its range."""
+  kernel, _ = adapter.get_weight(info.path, variables)
+  view = ptq_layers.matmul_view(info, kernel,
+                                captured.inputs[info.path][0][0], what)
+  rows = ptq_layers.layer_rows(adapter, variables, view, captured, what)
+  hessian = algorithms.hessian_update(
+      jnp.zeros((view.d_in, view.d_in), jnp.float32), rows)
+  stored = adapter.read(info.path, core.WEIGHT_RANGE, variables)
+  fixed = {}
+  if stored is not None and view.spec.granularity.block_shape(
+      (view.d_in, view.d_out))[0] == view.d_in:
+    shape = (1, 1) if view.spec.granularity.block_shape(
+        (view.d_in, view.d_out)) == (view.d_in, view.d_out) else (
+            1, view.d_out)
+    fixed = {"amax": jnp.reshape(stored["amax"], shape)}
+    if "amin" in stored:
+      fixed["amin"] = jnp.reshape(stored["amin"], shape)
+  try:
+    result = algorithms.gptq(view.to_2d(kernel), hessian, view.spec,
+                             percdamp=percdamp, block_size=block_size,
+                             act_order=act_order, **fixed)
+  except ValueError as e:
+    raise ValueError(f"{what}: {info.path!r}: {e}") from None
+  variables = adapter.write({
+      (info.path, info.weight_name): view.from_2d(result.kernel,
+                                                  kernel.dtype)}, variables)
+  return variables, view.range_from_2d(result.amin, result.amax)

@@ -7,13 +7,20 @@ through the model adapter, and `input_rows` / `layer_rows` flatten them to
 ``(n, d_in)`` rows with the padding rows of a `jaxq.flax.Batch` mask
 dropped (and divided by the layer's stored smoothing factors), the input of
 every statistic of `jaxq.ptq_algorithms`.
+
+Layers scanned over a stack of ``L`` (linen ``nn.scan`` with
+``jaxq.flax.SCAN_AXES``) store ``(L, *kernel)`` weights and are captured
+with ``(L, *lead, d_in)`` inputs: `LayerSlice` is layer ``i`` of such a
+stack, an adapter whose reads give slice ``i`` and whose writes set it, and
+`LayerSlice.inputs` slices the captured inputs likewise, so the algorithms
+process each layer of the stack on its own inputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +29,7 @@ import numpy as np
 from jaxq import algorithms
 from jaxq import granularity as granularity_lib
 from jaxq.flax import core
+from jaxq.flax.adapter import LayerInputs
 from jaxq.flax.adapter import ModelAdapter
 from jaxq.flax.rules import LayerInfo
 from jaxq.spec import QuantSpec
@@ -191,3 +199,108 @@ def layer_rows(adapter: ModelAdapter, variables: Any, view: MatmulView,
 def input_stats(rows: jax.Array) -> algorithms.InputStats:
   stats = algorithms.init_input_stats(rows.shape[-1])
   return algorithms.update_input_stats(stats, rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSlice:
+  """Layer ``index`` of stacked layers, as the algorithms read and write it.
+
+  Duck-types the `ModelAdapter` methods the algorithms use (``get_weight``,
+  ``read``, ``write``): at the paths of ``stacked`` (path -> ``L``) a read
+  returns slice ``index`` of the stored ``(L, ...)`` value and a write sets
+  it (a fixed variable written first is created for the whole stack:
+  ``act_smooth`` ones, a ``weight_range`` zeros until each layer writes its
+  own); other paths pass through.
+  """
+
+  adapter: ModelAdapter
+  stacked: Mapping[str, int]
+  index: int
+
+  def _one(self, path: str, value: Any) -> Any:
+    if value is None or path not in self.stacked:
+      return value
+    return jax.tree.map(lambda a: a[self.index], value)
+
+  def get_weight(self, path: str, variables: Any
+                 ) -> tuple[jax.Array, jax.Array | None]:
+    kernel, bias = self.adapter.get_weight(path, variables)
+    return self._one(path, kernel), self._one(path, bias)
+
+  def read(self, path: str, name: str, variables: Any) -> Any | None:
+    return self._one(path, self.adapter.read(path, name, variables))
+
+  def write(self, values: Mapping[tuple[str, str], Any], variables: Any
+            ) -> Any:
+    full = {}
+    for (path, name), value in values.items():
+      if path not in self.stacked:
+        full[(path, name)] = value
+        continue
+      old = self.adapter.read(path, name, variables)
+      if old is None:
+        fill = 1.0 if name == core.ACT_SMOOTH else 0.0
+        old = jax.tree.map(lambda a, path=path: jnp.full(
+            (self.stacked[path],) + tuple(jnp.shape(a)), fill,
+            jnp.asarray(a).dtype), value)
+      full[(path, name)] = jax.tree.map(
+          lambda o, a: o.at[self.index].set(jnp.asarray(a, o.dtype)),
+          old, value)
+    return self.adapter.write(full, variables)
+
+  def inputs(self, captured: LayerInputs) -> LayerInputs:
+    """The captured inputs and outputs of this layer of the stacks."""
+    def one(path: str, calls: Any) -> Any:
+      if path not in self.stacked:
+        return calls
+      return tuple(tuple(jax.tree.map(lambda a: a[self.index], x)
+                         for x in call) for call in calls)
+
+    return LayerInputs(
+        inputs={p: one(p, c) for p, c in captured.inputs.items()},
+        outputs={p: one(p, c) for p, c in captured.outputs.items()},
+        masks=captured.masks)
+
+
+def stack_of(adapter: ModelAdapter, infos: Sequence[LayerInfo],
+             op: str | None, variables: Any, what: str) -> dict[str, int]:
+  """path -> ``L`` for layers processed together (one fold group) that are
+  scanned over a stack of ``L`` (and their fold op, which must be scanned
+  with them); {} for ordinary layers. Raises naming the layers when only
+  some are stacked, or stacks differ, or the op is outside the scan."""
+  sizes = {info.path: info.stacked for info in infos}
+  if not any(sizes.values()):
+    return {}
+  if len(set(sizes.values())) != 1:
+    raise ValueError(
+        f"{what}: the layers {sorted(sizes)} share one input but are not "
+        f"scanned over the same stack of layers (stack sizes {sizes}); fold "
+        f"them separately (fold_into=...) or leave some out (layers=...).")
+  size = next(iter(sizes.values()))
+  stacked = dict(sizes)
+  if op is not None:
+    kernel = adapter.read(op, "kernel", variables)
+    target = kernel if kernel is not None else adapter.read(
+        op, "scale", variables)
+    ndim = 3 if kernel is not None else 2
+    if target is None or jnp.ndim(target) < ndim or (
+        jnp.shape(target)[0] != size):
+      raise ValueError(
+          f"{what}: {sorted(sizes)} run in a scan over {size} layers, so the "
+          f"op they fold into, {op!r}, must run in the same scan (its "
+          f"parameters stacked ({size}, ...)), but its "
+          f"{'kernel' if kernel is not None else 'scale'} has shape "
+          f"{None if target is None else tuple(jnp.shape(target))}; leave "
+          f"the layers out of fold_into.")
+    stacked[op] = size
+  return stacked
+
+
+def parts(adapter: ModelAdapter, stacked: Mapping[str, int]
+          ) -> list[ModelAdapter | LayerSlice]:
+  """The adapter itself for ordinary layers, else one `LayerSlice` per
+  layer of the stack."""
+  if not stacked:
+    return [adapter]
+  size = next(iter(stacked.values()))
+  return [LayerSlice(adapter, dict(stacked), i) for i in range(size)]

@@ -48,6 +48,7 @@ import os
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxq import analysis
@@ -195,8 +196,12 @@ def _weight_numbers(info: rules_lib.LayerInfo, w: jax.Array
   float_bytes = int(np.prod(np.shape(w))) * np.dtype(w.dtype).itemsize
   if info.weight is None:
     return None, float_bytes, float_bytes
-  signal, noise, qa = _weight_error(w, spec=info.weight)
-  return sqnr_db(float(signal), float(noise)), float_bytes, qa.nbytes
+  error = functools.partial(_weight_error, spec=info.weight)
+  if info.stacked:  # Scan over layers: each layer's slice on its own.
+    error = jax.vmap(error)
+  signal, noise, qa = error(w)
+  return (sqnr_db(float(jnp.sum(signal)), float(jnp.sum(noise))),
+          float_bytes, qa.nbytes)
 
 
 @functools.partial(jax.jit, static_argnames="spec")
@@ -300,9 +305,12 @@ def report(model: Any, variables: Any,
           states[path] = hist_observer.init(x, _histogram_spec(info.act))
         states[path] = update(states[path], x)
         if info.act is not None:
-          sums[path] += np.asarray(_act_error(
-              x, act_range.get("amin"), act_range.get("amax"),
-              spec=info.act))
+          error = functools.partial(_act_error, spec=info.act)
+          if info.stacked:  # Each layer's inputs with its own range.
+            error = jax.vmap(error)
+          sums[path] += np.sum(np.asarray(error(
+              x, act_range.get("amin"), act_range.get("amax"))).reshape(
+                  3, -1), axis=1)
 
   histograms = {}
   for path, state in states.items():

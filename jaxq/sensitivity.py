@@ -290,7 +290,9 @@ def sensitivity(model: nn.Module | nnx.Module,
     scored = (switched.scored([path]) if switched else analysis.scored(
         model, analysis.single_layer_rules(info), calibrated, mode))
     metric = _evaluate(eval_fn, *scored, what)
-    if switched and len(float_capture.calls[path]) == 1:
+    # A stacked layer (scan over layers) switches the whole stack: its
+    # later layers would see quantized inputs, so it runs alone instead.
+    if switched and len(float_capture.calls[path]) == 1 and not info.stacked:
       signal, noise, count = _switched_error_sums(
           switched, switched_capture, path, batches, float_calls)
     else:

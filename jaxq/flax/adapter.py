@@ -352,3 +352,24 @@ def replay(apply: ApplyFn, call: Any, variables: Any
     return apply(variables, *args, **kwargs)
 
   return lambda arrays: run(variables, arrays)
+
+
+def stacked_apply(apply: ApplyFn) -> ApplyFn:
+  """``apply`` of one layer, vmapped over a stack of layers (``nn.scan`` or
+  ``nnx.scan`` over layers): the variables and the captured array arguments
+  lead with ``L``, each slice runs one layer; other arguments are static."""
+
+  def run(variables: Any, *args: Any, **kwargs: Any) -> Any:
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
+
+    def one(layer_variables: Any, arrays: Sequence[jax.Array]) -> Any:
+      filled = list(leaves)
+      for i, array in zip(where, arrays):
+        filled[i] = array
+      one_args, one_kwargs = treedef.unflatten(filled)
+      return apply(layer_variables, *one_args, **one_kwargs)
+
+    return jax.vmap(one)(variables, [leaves[i] for i in where])
+
+  return run

@@ -17,6 +17,10 @@ be replayed alone on exactly the inputs it saw in the model. Under a
 quantized model the outputs are the quantized layer's, the arguments always
 what the caller passed (activation quantization happens inside the layer).
 Batches follow `jaxq.flax.batch`; a `Batch`'s mask is not passed.
+A layer inside a scan over layers (linen ``nn.scan`` with
+``jaxq.flax.SCAN_AXES``, which holds the capture collection; nnx
+``nnx.scan``, which stacks the recording variable) is one call whose
+arrays and output lead with the stack size ``L``.
 
 Most callers want `jaxq.flax.adapt(...).capture_inputs`, built on this.
 """
@@ -29,6 +33,7 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from flax import traverse_util
 
@@ -57,15 +62,19 @@ class LayerCall:
   module: nn.Module | None
   treedef: Any
   static: tuple[Any, ...]
+  # linen: the shapes of the params the layer saw in this call (one slice
+  # of the stored ones inside nn.scan over layers), or None.
+  param_shapes: Any = None
 
   @classmethod
   def of(cls, module: nn.Module | None, args: tuple[Any, ...],
-         kwargs: Mapping[str, Any]) -> tuple[LayerCall, tuple[jax.Array, ...]]:
+         kwargs: Mapping[str, Any], param_shapes: Any = None
+         ) -> tuple[LayerCall, tuple[jax.Array, ...]]:
     """The call of ``module(*args, **kwargs)`` and its array arguments."""
     leaves, treedef = jax.tree.flatten((args, dict(kwargs)))
     arrays = tuple(x for x in leaves if isinstance(x, jax.Array))
     static = tuple(_ARRAY if isinstance(x, jax.Array) else x for x in leaves)
-    return cls(module, treedef, static), arrays
+    return cls(module, treedef, static, param_shapes), arrays
 
   def arguments(self, arrays: Sequence[jax.Array]
                 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -111,7 +120,9 @@ class LinenCapture:
       module = context.module
       path = "/".join(module.path)
       if context.method_name == "__call__" and path in self.paths:
-        call, arrays = LayerCall.of(module.clone(parent=None), args, kwargs)
+        call, arrays = LayerCall.of(
+            module.clone(parent=None), args, kwargs,
+            jax.tree.map(jnp.shape, dict(module.variables.get("params", {}))))
         self.calls.setdefault(path, []).append(call)
         module.sow(CAPTURE, "calls", (arrays, out))
       return out
@@ -123,7 +134,19 @@ class LinenCapture:
       _, state = self._apply(variables, *args, mutable=[CAPTURE, STATS],
                              **kwargs)
     flat = traverse_util.flatten_dict(dict(state.get(CAPTURE, {})))
-    return {"/".join(key[:-1]): calls for key, calls in flat.items()}
+    captured = {"/".join(key[:-1]): calls for key, calls in flat.items()}
+    for path, calls in self.calls.items():
+      # nn.scan traces its body twice (shapes, then the loop) but keeps one
+      # sow per call: one call, its arrays stacked per layer.
+      del calls[len(captured.get(path, calls)):]
+    return captured
+
+
+class _Captured(nnx.Variable):
+  """A recording layer's calls so far, ``((arrays, output), ...)``: a
+  variable, so that ``nnx.scan`` over layers hands it out stacked per layer
+  like the layer's other variables (a value kept elsewhere would leak the
+  scan's tracers)."""
 
 
 class _Recording:
@@ -133,7 +156,10 @@ class _Recording:
 
   def __call__(self, *args, **kwargs):
     out = self.jaxq_recorded_class.__call__(self, *args, **kwargs)
-    self.jaxq_capture_sink(self.jaxq_capture_path, args, kwargs, out)
+    arrays = self.jaxq_capture_sink(self.jaxq_capture_path, args, kwargs)
+    held = getattr(self, "jaxq_captured", None)
+    calls = () if held is None else held.get_value()
+    setattr(self, "jaxq_captured", _Captured(calls + ((arrays, out),)))
     return out
 
 
@@ -190,19 +216,26 @@ class NnxCapture:
 
   def _trace(self, state: nnx.State, batch: Any) -> Captured:
     self.calls.clear()  # Filled again by this trace, in call order.
-    captured: dict[str, list[Any]] = {}
 
-    def sink(path: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-             out: Any) -> None:
+    def sink(path: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+             ) -> tuple[jax.Array, ...]:
       call, arrays = LayerCall.of(None, args, kwargs)
       self.calls.setdefault(path, []).append(call)
-      captured.setdefault(path, []).append((arrays, out))
+      return arrays
 
     model = nnx.merge(self._graphdef, state)
-    for module in nnx_modules(model).values():
-      if isinstance(module, _Recording):
-        # Set on this trace's copy only, so the graphdef never holds it.
-        object.__setattr__(module, "jaxq_capture_sink", sink)
+    recording = [m for m in nnx_modules(model).values()
+                 if isinstance(m, _Recording)]
+    for module in recording:
+      # Set on this trace's copy only, so the graphdef never holds it.
+      object.__setattr__(module, "jaxq_capture_sink", sink)
     args, kwargs = batch_arguments(batch)
     model(*args, **kwargs)
-    return {path: tuple(calls) for path, calls in captured.items()}
+    captured = {}
+    for module in recording:
+      held = getattr(module, "jaxq_captured", None)
+      if held is not None:
+        captured[module.jaxq_capture_path] = tuple(held.get_value())
+    for path, calls in self.calls.items():
+      del calls[len(captured.get(path, calls)):]  # As `LinenCapture`.
+    return captured

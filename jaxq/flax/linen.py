@@ -58,9 +58,13 @@ models are written): the stored kernel is ``(L, *kernel)`` and each
 iteration's layer sees one slice. The scan must carry jaxq's collections
 like the params: ``nn.scan(Block, variable_axes={"params": 0,
 **jaxq.flax.SCAN_AXES}, split_rngs={"params": True}, length=L)``
-(``SCAN_AXES = {"quant_stats": 0, "quant_ranges": 0}``; learned ranges live
-under ``params`` and are stacked with them). Observer states, act ranges
-and learned ranges then gain the leading ``L`` axis (one range per layer;
+(``SCAN_AXES`` names jaxq's per-layer collections: ``quant_stats``,
+``quant_ranges``, ``quant_fixed`` and the capture pass's ``jaxq_capture``;
+learned ranges live under ``params`` and are stacked with them; a
+switchable layer's ``quant_enabled`` flag is read from the outer call, one
+flag per path for the whole stack). Observer states, act ranges, the PTQ
+algorithms' fixed variables and learned ranges then gain the leading ``L``
+axis (one per layer;
 `jaxq.flax.core.finalize_range` finalizes stacked states per layer),
 `jaxq.convert` quantizes a stacked kernel slice by slice (a `QArray` whose
 values and scales lead with ``L``, sliced by the scan in serve mode), and
@@ -217,7 +221,9 @@ class QuantizedLinen:
             isinstance(mutable, (list, tuple, set, str)) and
             STATS in ([mutable] if isinstance(mutable, str) else mutable)),
         ranges=variables.get(RANGES) if isinstance(variables, Mapping)
-        else None)
+        else None,
+        collections={c: variables[c] for c in (FIXED, ENABLED)
+                     if isinstance(variables, Mapping) and c in variables})
     token = CURRENT_CALL.set(call)
     try:
       with nn.intercept_methods(self._intercept):

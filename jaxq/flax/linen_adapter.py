@@ -79,6 +79,19 @@ def _nonfinite_counts(stats: Any, paths: Sequence[str]) -> jax.Array:
                      jnp.int32).reshape(len(paths))
 
 
+def _stacked_call(call: LayerCall, params: Any) -> bool:
+  """Whether the stored ``params`` of a captured layer are its call's
+  params stacked along one leading axis (``nn.scan`` over layers)."""
+  if not call.param_shapes or params is None:
+    return False
+  seen = jax.tree.leaves(call.param_shapes, is_leaf=lambda x: isinstance(
+      x, tuple))
+  stored = [tuple(jnp.shape(a)) for a in jax.tree.leaves(dict(params))]
+  return len(seen) == len(stored) and all(
+      len(b) == len(a) + 1 and b[1:] == tuple(a) and b[0] == stored[0][0]
+      for a, b in zip(seen, stored))
+
+
 @dataclasses.dataclass(frozen=True)
 class LinenAdapter:
   """A linen module (float, or its `QuantizedLinen`) and its variables.
@@ -195,6 +208,10 @@ class LinenAdapter:
       node = lookup(tree, path) if path else tree
       if node is not None:
         variables[collection] = node
+    if _stacked_call(call, variables.get("params")):
+      # Inside nn.scan over layers: the layer saw one slice of its params.
+      return adapter_lib.replay(adapter_lib.stacked_apply(layer.apply), call,
+                                variables)
     return adapter_lib.replay(layer.apply, call, variables)
 
   # Weights and other variables of a layer.

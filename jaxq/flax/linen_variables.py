@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxq.flax import capture
 from jaxq.flax import checks
 from jaxq.flax import core
 from jaxq.flax import layer_variables
@@ -38,8 +39,13 @@ LEARNED = "jaxq"
 # What ``nn.scan`` (or ``nn.vmap``) over layers adds to its ``variable_axes``
 # so that jaxq's collections are stacked per layer like the params:
 # ``nn.scan(Block, variable_axes={"params": 0, **jaxq.flax.SCAN_AXES}, ...)``.
-# Learned ranges live under ``params`` and are stacked with it.
-SCAN_AXES = {STATS: 0, RANGES: 0}
+# Every per-layer collection: observer states, static ranges, the PTQ
+# algorithms' fixed variables and the inputs a capture pass records (which
+# the PTQ algorithms and jaxq.sensitivity read layer by layer). Learned
+# ranges live under ``params`` and are stacked with it. Switchable layers'
+# flags (``quant_enabled``) are not scanned: one flag per path switches the
+# whole stack, read from the outer call (`ScopeVariables.get_enabled`).
+SCAN_AXES = {STATS: 0, RANGES: 0, FIXED: 0, capture.CAPTURE: 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +56,8 @@ class CallContext:
 
   stats_mutable: bool
   ranges: Any
+  # The other collections a layer reads (FIXED, ENABLED), by name.
+  collections: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 CURRENT_CALL: contextvars.ContextVar[CallContext | None] = (
@@ -104,9 +112,20 @@ class ScopeVariables(layer_variables.LayerVariables):
       raise _lifted_error(self.quant.path, RANGES)
     return None
 
+  def _outer(self, collection: str, name: str) -> None:
+    """Raises when the call holds this layer's variable ``name`` of
+    ``collection`` but the layer's scope cannot see it (a lifted transform
+    without jaxq's collections): the layer would silently go without."""
+    call = CURRENT_CALL.get()
+    held = call and call.collections.get(collection)
+    node = lookup(held, self.quant.path) if held else None
+    if isinstance(node, Mapping) and name in node:
+      raise _lifted_error(self.quant.path, collection)
+
   def get_fixed(self, name: str) -> Any | None:
     if self.scope.has_variable(FIXED, name):
       return self.scope.get_variable(FIXED, name)
+    self._outer(FIXED, name)
     return None
 
   def recording(self) -> bool:
@@ -126,8 +145,16 @@ class ScopeVariables(layer_variables.LayerVariables):
     return self.module.make_rng(int8_qat.RNG_NAME)
 
   def get_enabled(self) -> jax.Array | None:
+    """The layer's flag; inside a lifted transform (``nn.scan`` over
+    layers), whose scope does not see ``quant_enabled``, the outer call's
+    flag at the layer's path: one boolean for every layer of the stack."""
     if self.scope.has_variable(ENABLED, core.ENABLED):
       return self.scope.get_variable(ENABLED, core.ENABLED)
+    call = CURRENT_CALL.get()
+    flags = call and call.collections.get(ENABLED)
+    node = lookup(flags, self.quant.path) if flags else None
+    if isinstance(node, Mapping) and core.ENABLED in node:
+      return node[core.ENABLED]
     return None
 
   def range_for(self, x: jax.Array) -> core.ActRange | None:
@@ -172,7 +199,8 @@ class ScopeVariables(layer_variables.LayerVariables):
 def with_enabled(variables: Mapping[str, Any], enabled: Mapping[str, Any]
                  ) -> dict[str, Any]:
   """``variables`` with a ``quant_enabled`` collection of path -> flag (a
-  boolean scalar; layers left out keep their flag, on by default)."""
+  boolean scalar; layers left out keep their flag, on by default; a path
+  scanned over a stack of layers switches the whole stack)."""
   def copy(tree: Mapping[str, Any]) -> dict[str, Any]:  # No aliasing.
     return {k: copy(v) if isinstance(v, Mapping) else v
             for k, v in tree.items()}

@@ -64,6 +64,20 @@ path in nnx's traversal order (sorted attribute names: ``dec`` before
 state. Rules that would treat its paths differently raise a ValueError
 naming both paths.
 
+Scan over layers (Flax's way of stacking ``L`` blocks: created by
+``nnx.vmap`` over split rngs, run by ``nnx.scan`` over the stacked state):
+a layer whose stored weight is ``(L, *shape)``, ``shape`` the one its
+configuration gives (``in_features``..., ``kernel_shape``), is a stack of
+``L`` layers; its `LayerInfo` has ``weight_shape = shape`` and ``stacked =
+L``. Each iteration of the scan runs one slice, so the quantized class
+sees one layer's weight, and the variables it creates inside the scan
+(`QuantStat`, learned ranges) come out stacked ``(L, ...)``, like the
+`QuantRange`, `QuantFixed` and `QuantEnabled` variables it reads (a
+switchable stack holds ``(L,)`` flags, set together for its path);
+`jaxq.convert` quantizes the stacked weight slice by slice. A weight with
+more leading axes (nested stacks) raises naming the layer. This needs
+``nnx.scan``'s default graph updates, which hand out the new variables.
+
 Threads: a qat or serve call never changes the layer's attributes. The
 per-call hooks (the quantizing ``promote_dtype``, the serve ops, the
 QArray kernel) live in a `contextvars.ContextVar` keyed by the layer, and
@@ -390,6 +404,39 @@ def _path(path: tuple[Any, ...]) -> str:
   return "/".join(str(p) for p in path)
 
 
+def _layer_weight_shape(module: nnx.Module) -> tuple[int, ...]:
+  """The weight shape one layer of ``module`` uses, from its configuration
+  (``nnx.vmap`` over layers stacks the stored weight; the layer's own
+  attributes keep one layer's sizes)."""
+  if isinstance(module, nnx.Embed):
+    return (module.num_embeddings, module.features)
+  if isinstance(module, nnx.Linear):
+    return (module.in_features, module.out_features)
+  if isinstance(module, nnx.LinearGeneral):
+    return (*module.batch_axis.values(), *module.in_features,
+            *module.out_features)
+  return tuple(module.kernel_shape)  # Einsum, Conv, ConvTranspose.
+
+
+def _stacked(path: str, module: nnx.Module, stored: tuple[int, ...]
+             ) -> tuple[tuple[int, ...], int | None]:
+  """``(one layer's weight shape, stack size or None)``: a weight stored
+  ``(L, *shape)`` belongs to ``L`` layers made by ``nnx.vmap`` and run by
+  ``nnx.scan`` over layers, which hands each iteration one slice."""
+  shape = _layer_weight_shape(module)
+  if stored == shape:
+    return shape, None
+  if len(stored) == len(shape) + 1 and stored[1:] == shape:
+    return shape, stored[0]
+  raise ValueError(
+      f"quantize_model: the nnx layer {path!r} ({type(module).__name__}) "
+      f"stores its {_weight_name(module)!r} with shape {stored}, but one "
+      f"layer's is {shape}. jaxq supports one stack axis in front (layers "
+      f"made with nnx.vmap and run with nnx.scan over layers, weight "
+      f"(L, *{shape})); nested stacks are not supported: stack the layers "
+      f"along one axis, or skip the layer with a Rule(..., skip=True).")
+
+
 def _paths_of_layers(root: nnx.Module) -> dict[int, list[tuple[Any, ...]]]:
   """``id(layer) -> every path`` by which the graph reaches each layer of
   `_LAYERS` (``nnx.iter_graph`` yields a shared node once, at its first)."""
@@ -450,8 +497,8 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
     if not isinstance(module, _LAYERS):
       continue
     weight = getattr(module, _weight_name(module)).get_value()
-    shape = tuple(weight.shape)
     path_str = _path(path)
+    shape, stacked = _stacked(path_str, module, tuple(weight.shape))
     rule = rules_lib.match(rules, path_str, module)
     if rule is not None and not rule.skip and rule.weight is not None:
       checks.check_finite_weight("quantize_model", path_str,
@@ -474,7 +521,8 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
             quant.act, quant.weight,
             conv_kernel_shape=shape if isinstance(module, _MASKED) else None,
             transposed=getattr(module, "transpose_kernel", False),
-            feature_group_count=getattr(module, "feature_group_count", 1)))
+            feature_group_count=getattr(module, "feature_group_count", 1)),
+        stacked=stacked)
     infos.append(info)
     # The layer becomes its quantized subclass in place (the model is a
     # clone), so that every path reaching a shared layer reaches the
@@ -485,7 +533,9 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
     if rngs is not None and int8_qat.uses_qat_op(quant):
       setattr(module, "jaxq_rngs", rngs)  # One stream shared by the layers.
     if quant is not None and switchable:
-      setattr(module, ENABLED_ATTR, QuantEnabled(jnp.asarray(True)))
+      # A stacked layer: one flag per layer, as nnx.scan slices it.
+      setattr(module, ENABLED_ATTR, QuantEnabled(
+          jnp.full(() if stacked is None else (stacked,), True)))
   object.__setattr__(qmodel, _RULES_ATTR, tuple(rules))
   rules_lib.warn_unmatched(rules, infos)
   return qmodel
@@ -529,9 +579,14 @@ def act_ranges(qmodel: nnx.Module, stats: nnx.State) -> nnx.State:
     if state is None and quant.act.learn is not None:
       continue  # A learned range may start from its first batch instead.
     if state is None:
+      hint = "" if module.jaxq_info.stacked is None else (
+          f" It is a stack of {module.jaxq_info.stacked} layers (nnx.scan "
+          f"over layers): a scan with graph_updates=False (or graph=False) "
+          f"drops the statistics its layers create; use nnx.scan's default "
+          f"graph updates.")
       raise ValueError(f"jaxq: no activation statistics for {quant.path!r}, "
                        f"which has a static act spec; run it in calibrate "
-                       f"mode on at least one batch.")
+                       f"mode on at least one batch.{hint}")
     ranges[tuple(path) + ("jaxq_act_range",)] = QuantRange(
         core.finalize_range(quant.observer_for(quant.act), state))
   return nnx.from_flat_state(ranges)

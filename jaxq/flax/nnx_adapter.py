@@ -60,8 +60,9 @@ def _act_states(stats: nnx.State) -> dict[str, Any]:
 
 def _nonfinite_counts(stats: nnx.State, paths: Sequence[str]) -> jax.Array:
   states = _act_states(stats)
-  return jnp.asarray([calibration.nonfinite_count(states[p]) for p in paths],
-                     jnp.int32).reshape(len(paths))
+  # jnp.sum: a state stacked by nnx.scan over layers counts per layer.
+  return jnp.asarray([jnp.sum(calibration.nonfinite_count(states[p]))
+                      for p in paths], jnp.int32).reshape(len(paths))
 
 
 def _lookup(variables: nnx.State, key: tuple[Any, ...]) -> Any | None:
@@ -174,7 +175,10 @@ class NnxAdapter:
                        f"model's are {switchable} (quantize it with "
                        f"switchable=True).")
     for path, on in enabled.items():
-      flat[keys[path]] = nnx_lib.QuantEnabled(jnp.asarray(on, jnp.bool_))
+      # A stacked layer (nnx.scan over layers) holds one flag per layer:
+      # the path switches the whole stack.
+      flat[keys[path]] = nnx_lib.QuantEnabled(jnp.broadcast_to(
+          jnp.asarray(on, jnp.bool_), jnp.shape(flat[keys[path]].get_value())))
     return nnx.from_flat_state(flat)
 
   def with_variables(self, variables: Any) -> "NnxAdapter":
@@ -222,8 +226,11 @@ class NnxAdapter:
     the model's already."""
     del mode, rule
     graphdef, state = nnx.split(self._modules[path])
-    return adapter_lib.replay(
-        lambda s, *a, **k: nnx.merge(graphdef, s)(*a, **k), call, state)
+    apply = lambda s, *a, **k: nnx.merge(graphdef, s)(*a, **k)
+    info = self._layers.get(path)
+    if info is not None and info.stacked:  # Inside nnx.scan over layers.
+      apply = adapter_lib.stacked_apply(apply)
+    return adapter_lib.replay(apply, call, state)
 
   # Weights and other variables of a layer.
 
