@@ -49,10 +49,8 @@ The backward (``backward``, `BACKWARDS`), for a loss gradient ``g`` of
   distance to the STE gradient is 0.44-0.53% of its norm on the same
   W8A8 models (``grad_err``; the noise averages out over steps). Both
   matmuls contract their left operand's last axis, the layout XLA:CPU's
-  int8 kernels take; ``dw`` comes out transposed, and on a CPU moving it
-  into the weight's layout costs about as much as the float matmul it
-  replaces, so there the step is about as fast as the float one: it
-  is meant for accelerators. It needs symmetric
+  int8 kernels take, so a CPU with fast int8 matmuls (AMX, VNNI) runs
+  them too. It needs symmetric
   integer specs whose scales are constant along the contraction (T/C
   weights, T/K activations) and no batch dimension in the matmul; other
   layers raise a ValueError naming the layer.
@@ -311,6 +309,20 @@ def _stochastic_int8(v: jax.Array, axis: int, key: jax.Array
   return _round_int8(v, scale, jax.random.bits(key, (2,), jnp.uint32)), scale
 
 
+def _transposed(a: jax.Array, positive: jax.Array) -> jax.Array:
+  """``a.T`` (2D) as a row-major copy, for the left operand of a dot.
+
+  XLA folds a plain transpose into the dot that consumes it, which then
+  contracts its left operand's first axis: XLA:CPU widens such an int8 dot
+  to int32 and runs it about 100x slower. Read through a dynamic slice at
+  an offset XLA cannot prove is zero (``positive < 0``: never, for a
+  positive scalar), the transpose stays a copy of the small int8 operand.
+  """
+  zero = (positive < 0).astype(jnp.int32)
+  padded = jnp.pad(a.T, ((0, 1), (0, 0)))
+  return jax.lax.dynamic_slice(padded, (zero, 0), a.T.shape)
+
+
 def _int8_backward(matmul: _Matmul, qx: QArray,
                    qw: QArray, g: jax.Array, key: jax.Array
                    ) -> tuple[jax.Array, jax.Array]:
@@ -319,10 +331,8 @@ def _int8_backward(matmul: _Matmul, qx: QArray,
   Both matmuls contract the last axis of their left operand, the layout
   XLA:CPU's fast int8 kernels take (one contracting the first axis is
   widened to int32 and runs about 100x slower): ``dx_hat`` contracts the
-  output features of ``g`` and of ``qw``; ``dw`` is computed transposed,
-  ``dw^T = (g * s_x)^T . qx``, its left operand rounded from ``g^T``
-  directly (a transposing read, which XLA cannot fold back into the dot:
-  the noise added before the rounding is not a transpose).
+  output features of ``g`` and of ``qw``; ``dw = qx^T . (g * s_x)`` takes
+  a row-major copy of ``qx^T`` (`_transposed`).
   """
   x_values, x_scale = matmul.operand(qx, matmul.x_perm, matmul.x_free,
                                      len(matmul.x_free))
@@ -339,17 +349,16 @@ def _int8_backward(matmul: _Matmul, qx: QArray,
   dx2 = jax.lax.dot_general(_round_int8(g_dx, s_dx, seed_dx), w_values,
                             (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.int32)
-  # dw = (qx * s_x)^T . g = qx^T . (g * s_x): one scale per column of g,
-  # i.e. per row of g^T.
+  # dw = (qx * s_x)^T . g = qx^T . (g * s_x): one scale per column of g.
   g_dw = g2 * x_scale[:, None]
   s_dw = _int8_scale(g_dw, 0)
-  g_dw_t = _round_int8(g_dw.T, s_dw.T, seed_dw)
-  dw2_t = jax.lax.dot_general(g_dw_t, x_values, (((1,), (0,)), ((), ())),
-                              preferred_element_type=jnp.int32)
+  dw2 = jax.lax.dot_general(_transposed(x_values, s_dw[0, 0]),
+                            _round_int8(g_dw, s_dw, seed_dw),
+                            (((1,), (0,)), ((), ())),
+                            preferred_element_type=jnp.int32)
   dx_hat = matmul.back(dx2.astype(jnp.float32) * s_dx, qx.shape,
                        matmul.x_perm)
-  dw = matmul.back(jnp.transpose(dw2_t.astype(jnp.float32) * s_dw.T),
-                   qw.shape, matmul.w_perm)
+  dw = matmul.back(dw2.astype(jnp.float32) * s_dw, qw.shape, matmul.w_perm)
   return dx_hat, dw
 
 
