@@ -49,22 +49,33 @@ def median_time(fn: Callable[..., Any], *args: Any, warmup: int = 2,
 
 
 def interleaved_times(fns: dict[str, Callable[[], Any]], *, warmup: int = 2,
-                      repeats: int = 10) -> dict[str, np.ndarray]:
-  """Wall times (seconds) of several zero-argument callables, round-robin.
+                      repeats: int = 10, shuffle_seed: int | None = None,
+                      clock: Callable[[], float] = time.perf_counter
+                      ) -> dict[str, np.ndarray]:
+  """Times (seconds) of several zero-argument callables, round-robin.
 
   Returns one array of ``repeats`` times per name; entry ``i`` of every
   array comes from round ``i``, so that ratios can be taken round by round.
-  Interleaving spreads machine noise evenly over the implementations.
+  Interleaving spreads machine noise evenly over the implementations; with
+  ``shuffle_seed`` each round also runs them in a new random order, so that
+  none always runs first or after the same neighbour. ``clock`` is
+  ``time.perf_counter`` (wall time) or ``time.process_time`` (this
+  process's CPU time over all its threads: steadier on a machine shared
+  with other jobs, where waiting for a core adds to wall time alone).
   """
   for fn in fns.values():
     for _ in range(warmup):
       jax.block_until_ready(fn())
   times: dict[str, list[float]] = {name: [] for name in fns}
+  order = list(fns)
+  rng = np.random.default_rng(shuffle_seed)
   for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - start)
+    if shuffle_seed is not None:
+      rng.shuffle(order)
+    for name in order:
+      start = clock()
+      jax.block_until_ready(fns[name]())
+      times[name].append(clock() - start)
   return {name: np.asarray(t) for name, t in times.items()}
 
 

@@ -43,16 +43,18 @@ The backward (``backward``, `BACKWARDS`), for a loss gradient ``g`` of
   quantized per token (one scale per row of ``g``, over the output
   features), ``dw = qx^T . (g * s_x)`` with ``g * s_x`` quantized per
   output channel (one scale per column, over the tokens); both roundings
-  of the gradient are stochastic (``floor(v / s + u)``, ``u ~ U[0, 1)``), so
-  each is unbiased: ``E[dx_hat]`` and ``E[dw]`` are the STE gradient. Its
+  of the gradient are stochastic (``floor(v / s + u)``, ``u ~ U[0, 1)``
+  from a counter-based hash of each element's index, seeded by the key),
+  so each is unbiased: ``E[dx_hat]`` and ``E[dw]`` are the STE gradient. Its
   distance to the STE gradient is 0.44-0.53% of its norm on the same
-  W8A8 models (``grad_err``; the noise averages out over steps). On a CPU
-  it is slower than the float step (XLA:CPU runs these transposed int8
-  dots off its fast path, and draws the rounding noise with threefry): it
-  is meant for accelerators. It needs symmetric
-  integer specs whose scales are constant along the contraction (T/C
-  weights, T/K activations) and no batch dimension in the matmul; other
-  layers raise a ValueError naming the layer.
+  W8A8 models (``grad_err``; the noise averages out over steps). Both
+  matmuls contract their left operand's last axis, the layout XLA:CPU's
+  int8 kernels take, so a CPU with fast int8 matmuls (AMX, VNNI) gains
+  too: on ``benchmarks/qat_overhead.py``'s models the step takes about
+  0.5-0.65x the float step's CPU time there. It needs symmetric integer
+  specs whose scales are constant along the contraction (T/C weights, T/K
+  activations) and no batch dimension in the matmul; other layers raise a
+  ValueError naming the layer.
   The rounding noise needs a PRNG key per layer and step. linen: pass
   ``rngs={"jaxq": key}`` to ``apply`` (each layer folds its path in, as
   ``make_rng`` does; a new key per step gives new noise). nnx: give
@@ -261,21 +263,78 @@ def _unsupported(layer: LayerQuant, why: str) -> ValueError:
       f"another rule or use backward='ste' or 'float'.")
 
 
+def _uniform_noise(seed: jax.Array, shape: tuple[int, int]) -> jax.Array:
+  """Float32 noise in ``[0, 1)`` of a 2D ``shape``, on a 2**-24 grid.
+
+  Counter-based: each element hashes its flat index with the two uint32
+  words of ``seed`` (murmur3's 32-bit finalizer, applied twice).
+  Elementwise, so XLA fuses it into the rounding that uses it; drawing the
+  same noise with ``jax.random.uniform`` (threefry, a loop on the CPU)
+  costs more than an int8 matmul of the same size.
+  """
+  rows = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
+  cols = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
+  h = _fmix32((rows * jnp.uint32(shape[1]) + cols) * jnp.uint32(0x9E3779B9)
+              + seed[0])
+  h = _fmix32(h ^ seed[1])
+  return (h >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+  """murmur3's finalizer: every input bit flips each output bit with
+  probability about 1/2 (uint32 arithmetic wraps)."""
+  h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+  h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _int8_scale(v: jax.Array, axis: int) -> jax.Array:
+  """The symmetric int8 scale of ``v`` (2D) along ``axis`` (kept)."""
+  amax = jnp.max(jnp.abs(v), axis=axis, keepdims=True)
+  return jnp.where(amax > 0, amax / 127.0, 1.0)
+
+
+def _round_int8(v: jax.Array, scale: jax.Array, seed: jax.Array
+                ) -> jax.Array:
+  """``floor(v / scale + u)`` saturated to int8, ``u ~ U[0, 1)``: unbiased,
+  ``E[values * scale] = v`` (up to the noise's 2**-24 grid)."""
+  noise = _uniform_noise(seed, v.shape)
+  return jnp.clip(jnp.floor(v / scale + noise), -127, 127).astype(jnp.int8)
+
+
 def _stochastic_int8(v: jax.Array, axis: int, key: jax.Array
                      ) -> tuple[jax.Array, jax.Array]:
   """``v`` (float32, 2D) as int8 values and a scale along ``axis`` (kept),
   rounded stochastically so that ``E[values * scale] = v``."""
-  amax = jnp.max(jnp.abs(v), axis=axis, keepdims=True)
-  scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-  noise = jax.random.uniform(key, v.shape, jnp.float32)
-  values = jnp.clip(jnp.floor(v / scale + noise), -127, 127)
-  return values.astype(jnp.int8), scale
+  scale = _int8_scale(v, axis)
+  return _round_int8(v, scale, jax.random.bits(key, (2,), jnp.uint32)), scale
+
+
+def _transposed(a: jax.Array, positive: jax.Array) -> jax.Array:
+  """``a.T`` (2D) as a row-major copy, for the left operand of a dot.
+
+  XLA folds a plain transpose into the dot that consumes it, which then
+  contracts its left operand's first axis: XLA:CPU widens such an int8 dot
+  to int32 and runs it about 100x slower. Read through a dynamic slice at
+  an offset XLA cannot prove is zero (``positive < 0``: never, for a
+  positive scalar), the transpose stays a copy of the small int8 operand.
+  """
+  zero = (positive < 0).astype(jnp.int32)
+  padded = jnp.pad(a.T, ((0, 1), (0, 0)))
+  return jax.lax.dynamic_slice(padded, (zero, 0), a.T.shape)
 
 
 def _int8_backward(matmul: _Matmul, qx: QArray,
                    qw: QArray, g: jax.Array, key: jax.Array
                    ) -> tuple[jax.Array, jax.Array]:
-  """``(dx_hat, dw)`` from int8 x int8 -> int32 matmuls (module docstring)."""
+  """``(dx_hat, dw)`` from int8 x int8 -> int32 matmuls (module docstring).
+
+  Both matmuls contract the last axis of their left operand, the layout
+  XLA:CPU's fast int8 kernels take (one contracting the first axis is
+  widened to int32 and runs about 100x slower): ``dx_hat`` contracts the
+  output features of ``g`` and of ``qw``; ``dw = qx^T . (g * s_x)`` takes
+  a row-major copy of ``qx^T`` (`_transposed`).
+  """
   x_values, x_scale = matmul.operand(qx, matmul.x_perm, matmul.x_free,
                                      len(matmul.x_free))
   w_values, w_scale = matmul.operand(qw, matmul.w_perm, matmul.w_free,
@@ -283,14 +342,20 @@ def _int8_backward(matmul: _Matmul, qx: QArray,
   rows, cols = x_values.shape[0], w_values.shape[1]
   g2 = jnp.transpose(g, matmul.out_perm).reshape(rows, cols).astype(
       jnp.float32)
-  key_dx, key_dw = jax.random.split(key)
+  # One draw from the key seeds both roundings.
+  seed_dx, seed_dw = jax.random.bits(key, (2, 2), jnp.uint32)
   # dx_hat = g . (qw * s_w)^T = (g * s_w) . qw^T: one scale per row of g.
-  g_dx, s_dx = _stochastic_int8(g2 * w_scale[None, :], 1, key_dx)
-  dx2 = jax.lax.dot_general(g_dx, w_values, (((1,), (1,)), ((), ())),
+  g_dx = g2 * w_scale[None, :]
+  s_dx = _int8_scale(g_dx, 1)
+  dx2 = jax.lax.dot_general(_round_int8(g_dx, s_dx, seed_dx), w_values,
+                            (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.int32)
   # dw = (qx * s_x)^T . g = qx^T . (g * s_x): one scale per column of g.
-  g_dw, s_dw = _stochastic_int8(g2 * x_scale[:, None], 0, key_dw)
-  dw2 = jax.lax.dot_general(x_values, g_dw, (((0,), (0,)), ((), ())),
+  g_dw = g2 * x_scale[:, None]
+  s_dw = _int8_scale(g_dw, 0)
+  dw2 = jax.lax.dot_general(_transposed(x_values, s_dw[0, 0]),
+                            _round_int8(g_dw, s_dw, seed_dw),
+                            (((1,), (0,)), ((), ())),
                             preferred_element_type=jnp.int32)
   dx_hat = matmul.back(dx2.astype(jnp.float32) * s_dx, qx.shape,
                        matmul.x_perm)

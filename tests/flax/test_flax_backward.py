@@ -25,6 +25,7 @@ from flax import nnx
 import jaxq
 from flax_models import DYNAMIC_RULES, STATIC_RULES, LinenMLP, NnxMLP
 from jaxq import PerChannel, PerToken, QuantSpec
+from jaxq import hlo
 from jaxq.flax import int8_qat
 
 X = jax.random.normal(jax.random.key(1), (16, 8))
@@ -223,6 +224,46 @@ def test_stochastic_int8_is_unbiased_and_in_range():
   # One rounding's error is below a scale step; the mean of 512 is ~20x less.
   step = float(jnp.max(scale))
   assert float(jnp.max(jnp.abs(mean - v))) < 0.2 * step
+
+
+def test_uniform_noise_is_uniform_and_seeded():
+  seed = jnp.array([3, 5], jnp.uint32)
+  u = np.asarray(int8_qat._uniform_noise(seed, (64, 256)))
+  assert u.dtype == np.float32 and u.min() >= 0.0 and u.max() < 1.0
+  # 16 bins of 1024 expected draws each: a few sigma (32) of slack.
+  counts = np.histogram(u, bins=16, range=(0.0, 1.0))[0]
+  assert np.all(np.abs(counts - 1024) < 160), counts
+  # Neighbours along either axis are uncorrelated.
+  for a, b in ((u[:, 1:], u[:, :-1]), (u[1:], u[:-1])):
+    assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.03
+  other = np.asarray(int8_qat._uniform_noise(seed + 1, (64, 256)))
+  assert np.mean(other == u) < 0.01
+  np.testing.assert_array_equal(
+      int8_qat._uniform_noise(seed, (64, 256)), u)  # Deterministic.
+
+
+class _Wide(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(64)(nn.relu(nn.Dense(128)(x)))
+
+
+def test_int8_backward_compiles_to_int8_dots():
+  # Each backward matmul contracts its left operand's last axis: XLA:CPU
+  # widens an int8 dot contracting the first axis to int32 (and runs it
+  # ~100x slower), which the compiled program would show as an "int" dot.
+  model = _Wide()
+  x = jax.random.normal(jax.random.key(0), (64, 32))
+  params = model.init(jax.random.key(1), x)["params"]
+  qmodel = jaxq.quantize_model(model, DYNAMIC_RULES, "qat", int8_forward=True,
+                               backward="int8")
+  grad = jax.jit(jax.grad(lambda p: jnp.sum(qmodel.apply(
+      {"params": p}, x, rngs={"jaxq": KEY}) ** 2)))
+  text = grad.lower(params).compile().as_text()
+  kinds = [m.kind for m in hlo.parse_hlo(text, jax.default_backend())]
+  # 2 forward, 2 dw, 1 dx (the input's own gradient is not asked for).
+  assert kinds == ["int8"] * 5, kinds
 
 
 @pytest.mark.parametrize("rules", [DYNAMIC_RULES, STATIC_RULES],
