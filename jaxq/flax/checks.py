@@ -17,16 +17,14 @@ ranges being loaded), naming the layer path and the parameter.
   `jaxq.quantize.check_range` defines it (the one definition: finite,
   ``amax >= 0`` symmetric, ``amin <= amax`` affine, not 0 everywhere),
   whose message follows "layer 'Dense_1'"'s. A range of 0 everywhere (the
-  layer's input was 0 in every calibration batch, or the layer never ran)
-  raises a `jaxq.quantize.ZeroRangeError` saying so and what to do: a
-  calibrated layer whose static range would quantize every input to 0.
-  These checks run where ranges enter: `jaxq.act_ranges`,
+  layer's input was 0 in every calibration batch, so it would serve every
+  input as 0) raises a `jaxq.quantize.ZeroRangeError` saying so and what
+  to do. These checks run where ranges enter: `jaxq.act_ranges`,
   `jaxq.CalibrationResult.ranges`, `jaxq.convert` and loading ranges into
   a model (``with_ranges``, an eager QAT or serve call). Traced ranges are
-  not checked
-  here: this runs on every call that reads a range, and a traced check
-  would cost a host round trip per step (see `jaxq.flax.nnx` for what
-  happens under ``jit``; ranges are checked where they are made).
+  not checked here: this runs on every call that reads a range, and a
+  traced check would cost a host round trip per step (under ``jit`` an
+  invalid range, 0 included, gives NaN; see `jaxq.quantize`).
 """
 
 from __future__ import annotations
