@@ -41,6 +41,7 @@ from jaxq.quantize import dequantize
 from jaxq.quantize import fake_quant
 from jaxq.quantize import quantize
 from jaxq.quantize import scale_from_range
+from jaxq.quantize import ZeroRangeError
 from jaxq.report import report
 from jaxq.sensitivity import partial_quantize
 from jaxq.sensitivity import sensitivity

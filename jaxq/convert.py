@@ -126,7 +126,8 @@ def _quantize_weight(info: jaxq_flax.LayerInfo, value: Any,
     value = value * mask
   if info.weight.learn is None:
     amin, amax = core.weight_range(_layer_quant(info), value, stored_range)
-    return quantize(value, info.weight, amax=amax, amin=amin)
+    return quantize(value, info.weight, amax=amax, amin=amin,
+                    range_from_data=True)
   if learned_param is None:
     raise ValueError(
         f"convert: {info.path!r} has a learned weight range "

@@ -243,7 +243,7 @@ def scale_of(param: jax.Array, spec: QuantSpec) -> jax.Array:
 def init_param(spec: QuantSpec, amax: jax.Array) -> jax.Array:
   """The learned parameter that starts from the range ``amax``: the scale
   ``amax / qmax`` (LSQ) or the clip ``amax`` (PACT), float32."""
-  scale, _ = scale_from_range(spec, amax)
+  scale, _ = scale_from_range(spec, amax, range_from_data=True)
   return scale if spec.learn == "lsq" else scale * spec.fmt.qmax
 
 

@@ -17,17 +17,23 @@ Numerics:
   ``q = round(x / scale) + zero_point``; ``x_hat = (q - zero_point) * scale``.
 * MX: ``scale = 2 ** (floor(log2(amax)) - emax)`` with ``emax`` the element
   format's (OCP Microscaling v1.0), stored as e8m0.
-* A zero ``amax`` gives ``scale = 1``: all-zero input quantizes to zeros.
-  Affine spans wider than the float32 maximum (``[-2e38, 2e38]``) are
-  divided by the number of levels end by end, so the scale stays finite,
-  and dequantized values are clipped to the finite float32 range.
+* A zero range computed from data gives ``scale = 1`` (``2**-126`` for
+  MX): an all-zero block quantizes to zeros exactly. Affine spans wider
+  than the float32 maximum (``[-2e38, 2e38]``) are divided by the number
+  of levels end by end, so the scale stays finite, and dequantized values
+  are clipped to the finite float32 range.
 * Static ranges (``amax``, ``amin`` passed in) must be finite, with
-  ``amax >= 0`` when symmetric and ``amin <= amax`` when affine; zero is a
-  valid range. Concrete ranges are checked and raise a ValueError naming the
-  bad element (`check_range`). Under ``jit`` their values are unknown when
-  tracing, so an invalid traced range makes the scale, and with it the
-  output, NaN: never a finite, wrong answer. `check_range` also checks
-  traced ranges, with a host callback, for callers that can afford one.
+  ``amax >= 0`` when symmetric and ``amin <= amax`` when affine, and not
+  zero everywhere: a static range of 0 (``amin == amax == 0`` when affine)
+  would quantize every input to 0, right only if the input is always 0.
+  Some zero entries (dead channels) are valid. Concrete ranges are checked
+  and raise a ValueError naming the bad element (`check_range`). Under
+  ``jit`` their values are unknown when tracing, so an invalid traced range
+  makes the scale, and with it the output, NaN: never a finite, wrong
+  answer. `check_range` also checks traced ranges, with a host callback,
+  for callers that can afford one. Callers passing a range they computed
+  from ``x`` itself (a weight's clipped range) say so with
+  ``range_from_data=True``: a zero range is then ``x`` being zero there.
 * Zero-size arrays quantize to zero-size values with unit scales (see
   `jaxq.granularity.scale_shape` for the scale shape).
 * Ranges computed from data ignore NaN and +-inf, block by block, so one bad
@@ -94,9 +100,28 @@ def _is_traced(*arrays) -> bool:
   return any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
+class ZeroRangeError(ValueError):
+  """A static range that is zero everywhere (see `check_range`)."""
+
+
+def _zero_problem(spec: QuantSpec, amax: np.ndarray,
+                  amin: np.ndarray | None) -> str | None:
+  """Why a valid concrete range is refused as static, or None: it is zero
+  everywhere (an empty range has nothing to refuse)."""
+  if amax.size == 0 or np.any(amax != 0) or (
+      amin is not None and np.any(amin != 0)):
+    return None
+  what = ("amax is 0 in every one of its" if spec.symmetric
+          else "amin and amax are 0 in every one of their")
+  return (f"{what} {amax.size} element(s): a static range of 0 "
+          f"quantizes every input to 0, which is right only if the input "
+          f"is always 0")
+
+
 def _range_problem(spec: QuantSpec, amax: np.ndarray,
                    amin: np.ndarray | None) -> str | None:
-  """What is wrong with a concrete range, or None when it is valid."""
+  """What is wrong with a concrete range, or None when it is valid (a zero
+  range included: see `_zero_problem`)."""
 
   def first_bad(name: str, values: np.ndarray, bad: np.ndarray, rule: str
                 ) -> str:
@@ -127,17 +152,38 @@ def _range_problem(spec: QuantSpec, amax: np.ndarray,
   return None
 
 
-def _raise_range_problem(spec: QuantSpec, where: str, amax, amin) -> None:
-  problem = _range_problem(spec, np.asarray(amax),
-                           None if amin is None else np.asarray(amin))
+def _raise_range_problem(spec: QuantSpec, where: str, amax, amin, *,
+                         range_from_data: bool = False) -> None:
+  """Raises a ValueError (a `ZeroRangeError` for a static range of 0) if
+  the concrete range is invalid; a zero range is valid ``range_from_data``."""
+  amax = np.asarray(amax, np.float32)
+  amin = None if amin is None else np.asarray(amin, np.float32)
+  problem = _range_problem(spec, amax, amin)
+  error = ValueError
+  if problem is None and not range_from_data:
+    problem, error = _zero_problem(spec, amax, amin), ZeroRangeError
   if problem is not None:
     prefix = f"{where!r}: " if where else ""
-    raise ValueError(
+    raise error(
         f"{prefix}invalid static range for {spec.format} "
         f"({'symmetric' if spec.symmetric else 'affine'}, "
         f"{spec.granularity}): {problem}. A static range must be finite, "
-        f"with amax >= 0 (symmetric) or amin <= amax (affine); recalibrate "
-        f"or fix the loaded ranges.")
+        f"with amax >= 0 (symmetric) or amin <= amax (affine), and not 0 "
+        f"everywhere; recalibrate with data that reaches it, use a dynamic "
+        f"range, or fix the loaded ranges.")
+
+
+def _nan_if_zero(spec: QuantSpec, amax: jax.Array, amin: jax.Array | None
+                 ) -> jax.Array:
+  """``amax``, NaN everywhere when the range is 0 everywhere: a traced
+  static range of 0 then gives a NaN scale, as other invalid ranges do."""
+  amax = jnp.asarray(amax, jnp.float32)
+  if amax.size == 0:
+    return amax
+  zero = jnp.all(amax == 0)
+  if not spec.symmetric and amin is not None:
+    zero = zero & jnp.all(jnp.asarray(amin, jnp.float32) == 0)
+  return jnp.where(zero, jnp.nan, amax)
 
 
 def check_range(spec: QuantSpec, amax: jax.Array,
@@ -145,7 +191,19 @@ def check_range(spec: QuantSpec, amax: jax.Array,
   """Raises unless ``(amin, amax)`` is a valid static range for ``spec``.
 
   Valid: finite everywhere, ``amax >= 0`` (symmetric) or ``amin <= amax``
-  (affine; ``amin`` required). A zero range is valid.
+  (affine; ``amin`` required), and not 0 everywhere.
+
+  Zero ranges: a range computed from data at run time (dynamic
+  activations, a weight's own range, a zero tensor quantized without a
+  range) may be 0, and a zero block then quantizes to zeros exactly. A
+  static range (calibrated, loaded, or passed as ``amax=``/``amin=``) that
+  is 0 everywhere (``amin == amax == 0`` when affine) is refused with a
+  `ZeroRangeError` (a ValueError): it would quantize every input to 0,
+  silently wrong once the input is not 0, and it means calibration never
+  saw a non-zero value there. Some zero entries of a per-channel or
+  per-block range (dead channels) are valid. Under ``jit``, `quantize`,
+  `fake_quant` and `scale_from_range` turn a traced static range of 0 into
+  a NaN scale, like any other invalid range.
 
   Concrete arrays are checked now and raise a ValueError naming ``where``
   (e.g. the layer path), the bad element and its value. Traced arrays are
@@ -200,7 +258,8 @@ def compute_range(x: jax.Array, spec: QuantSpec
 
 
 def scale_from_range(spec: QuantSpec, amax: jax.Array,
-                     amin: jax.Array | None = None
+                     amin: jax.Array | None = None, *,
+                     range_from_data: bool = False
                      ) -> tuple[jax.Array, jax.Array | None]:
   """Turns a range into ``(scale, zero_point)``.
 
@@ -208,11 +267,16 @@ def scale_from_range(spec: QuantSpec, amax: jax.Array,
     spec: the quantizer.
     amax: float array; max |x| (symmetric) or max x (affine).
     amin: min x, affine only.
+    range_from_data: True when the range was computed from the data it
+      will quantize (e.g. a weight's own range), so a range of 0 everywhere
+      means the data is 0 and gives a finite scale. False (a static range):
+      a range of 0 everywhere is refused (see `check_range`).
 
   Returns:
     ``scale`` as float32 (already rounded to a power of two for MX) and
     ``zero_point`` as int32, or None when symmetric. Finite and positive
-    for every valid range, zero included.
+    for every valid range; zero entries of a range get ``scale = 1``
+    (``2**-126`` for MX).
 
   Raises:
     ValueError: for a concrete invalid range (see `check_range`). A traced
@@ -223,7 +287,10 @@ def scale_from_range(spec: QuantSpec, amax: jax.Array,
                      "amax.")
   if not _is_traced(amax, amin):
     _raise_range_problem(spec, "scale_from_range", amax,
-                         None if spec.symmetric else amin)
+                         None if spec.symmetric else amin,
+                         range_from_data=range_from_data)
+  elif not range_from_data:
+    amax = _nan_if_zero(spec, amax, amin)
   return _scale_from_range(spec, amax, amin)
 
 
@@ -277,7 +344,8 @@ def _scale_from_range(spec: QuantSpec, amax: jax.Array,
   return scale, zero_point.astype(jnp.int32)
 
 
-def _resolve_scale(x: jax.Array, spec: QuantSpec, amax, amin
+def _resolve_scale(x: jax.Array, spec: QuantSpec, amax, amin,
+                   range_from_data: bool
                    ) -> tuple[jax.Array, jax.Array | None]:
   """Scale and zero point from a given range, or from ``x`` itself."""
   shape = tuple(x.shape)
@@ -294,7 +362,10 @@ def _resolve_scale(x: jax.Array, spec: QuantSpec, amax, amin
                          "as amax.")
       amin = _check_range_shape("amin", amin, expected, spec, shape)
     if not _is_traced(amax, amin):
-      _raise_range_problem(spec, "", amax, amin)
+      _raise_range_problem(spec, "", amax, amin,
+                           range_from_data=range_from_data)
+    elif not range_from_data:
+      amax = _nan_if_zero(spec, amax, amin)
   return _scale_from_range(spec, jax.lax.stop_gradient(amax),
                           None if amin is None else jax.lax.stop_gradient(amin))
 
@@ -345,8 +416,8 @@ def _clip_to_float32(x: jax.Array) -> jax.Array:
 
 
 def quantize(x: jax.Array, spec: QuantSpec, *, amax: jax.Array | None = None,
-             amin: jax.Array | None = None, key: jax.Array | None = None
-             ) -> QArray:
+             amin: jax.Array | None = None, key: jax.Array | None = None,
+             range_from_data: bool = False) -> QArray:
   """Quantizes ``x`` with ``spec``.
 
   Args:
@@ -357,18 +428,25 @@ def quantize(x: jax.Array, spec: QuantSpec, *, amax: jax.Array | None = None,
       the range saturate.
     amin: the range's lower end, for affine specs with a static range.
     key: PRNG key, required when ``spec.rounding == "stochastic"``.
+    range_from_data: True when ``amax``/``amin`` were computed from ``x``
+      itself (e.g. a weight's clipped range), so a range of 0 everywhere
+      is ``x`` being 0 and quantizes to zeros. False: the range is static
+      and must not be 0 everywhere (see `check_range`).
 
   Returns:
     A `QArray` with ``values`` in ``spec.fmt.dtype`` and the scale (e8m0 for
     MX, float32 otherwise).
 
   Raises:
-    ValueError: for integer input, or when the granularity does not fit
-      ``x.shape`` (axis out of range, size not dividing the axis).
+    ValueError: for integer input, when the granularity does not fit
+      ``x.shape`` (axis out of range, size not dividing the axis), or for
+      an invalid concrete range (`check_range`; a static range of 0
+      everywhere raises a `ZeroRangeError`). Traced invalid ranges give
+      NaN.
   """
   x = jnp.asarray(x)
   _check_float(x, "quantize")
-  scale, zero_point = _resolve_scale(x, spec, amax, amin)
+  scale, zero_point = _resolve_scale(x, spec, amax, amin, range_from_data)
   values = _quantize_values(x, spec, scale, zero_point, key)
   if spec.is_mx:
     scale = scale.astype(formats_lib.E8M0_DTYPE)
@@ -453,7 +531,8 @@ _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 def fake_quant(x: jax.Array, spec: QuantSpec, *,
                amax: jax.Array | None = None, amin: jax.Array | None = None,
-               key: jax.Array | None = None) -> jax.Array:
+               key: jax.Array | None = None,
+               range_from_data: bool = False) -> jax.Array:
   """``dequantize(quantize(x, spec))`` with a straight-through gradient.
 
   The forward pass equals ``dequantize(quantize(x, spec, ...))`` exactly and
@@ -474,6 +553,6 @@ def fake_quant(x: jax.Array, spec: QuantSpec, *,
   """
   x = jnp.asarray(x)
   _check_float(x, "fake_quant")
-  scale, zero_point = _resolve_scale(x, spec, amax, amin)
+  scale, zero_point = _resolve_scale(x, spec, amax, amin, range_from_data)
   contains_x = amax is None and not spec.is_mx
   return _fake_quant(spec, x, scale, zero_point, key, contains_x)

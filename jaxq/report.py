@@ -232,7 +232,8 @@ def _act_error(x: jax.Array, amin: jax.Array | None, amax: jax.Array | None,
                *, spec: QuantSpec) -> tuple[jax.Array, ...]:
   """`error_sums` of ``x`` and its fake-quant (static range when given)."""
   return error_sums(
-      (x,), (fake_quant(x, spec, amax=amax, amin=amin),))
+      (x,), (fake_quant(x, spec, amax=amax, amin=amin,
+                        range_from_data=True),))
 
 
 def report(model: Any, variables: Any,

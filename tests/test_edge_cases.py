@@ -55,16 +55,110 @@ def test_affine_amin_above_amax_raises():
     jaxq.scale_from_range(spec, jnp.float32(1.0), jnp.float32(np.inf))
 
 
-def test_zero_static_amax_is_finite():
-  # A zero range (a channel calibration only saw zeros in) is valid: the
-  # scale is finite and zeros stay zeros.
-  spec = QuantSpec("int8", PerChannel(axis=-1))
-  x = jnp.array([[0.0, 1.0], [0.0, -2.0]])
-  out = jaxq.fake_quant(x, spec, amax=jnp.array([[0.0, 2.0]]))
-  assert np.all(np.isfinite(np.asarray(out)))
-  np.testing.assert_array_equal(np.asarray(out[:, 0]), [0.0, 0.0])
-  scale, _ = jaxq.scale_from_range(spec, jnp.zeros((1, 2)))
+ZERO_RANGE_SPECS = [QuantSpec("int8"), QuantSpec("int4", PerChannel(axis=-1)),
+                    QuantSpec("uint8", symmetric=False),
+                    QuantSpec("float8_e4m3fn", MX(axis=-1, size=8))]
+
+
+def _spec_id(spec: QuantSpec) -> str:
+  return f"{spec.format}-{type(spec.granularity).__name__}"
+
+
+def _zero_range(spec: QuantSpec, x: jax.Array) -> dict[str, jax.Array]:
+  shape = jaxq.granularity.scale_shape(spec.granularity, tuple(x.shape))
+  zeros = jnp.zeros(shape, jnp.float32)
+  return {"amax": zeros} if spec.symmetric else {"amin": zeros,
+                                                 "amax": zeros}
+
+
+@pytest.mark.parametrize("spec", ZERO_RANGE_SPECS, ids=_spec_id)
+def test_static_range_of_zero_raises(spec):
+  # A static range of 0 would quantize every input to 0: silently wrong
+  # for any input that is not 0. Symmetric, affine (amin == amax == 0)
+  # and MX alike.
+  x = jnp.linspace(-1.0, 1.0, 16).reshape(2, 8)
+  zero = _zero_range(spec, x)
+  for fn in (jaxq.fake_quant, jaxq.quantize):
+    with pytest.raises(jaxq.ZeroRangeError,
+                       match=r"0 in every one of (its|their) \d+ "
+                             r"element\(s\)"):
+      fn(x, spec, **zero)
+  with pytest.raises(jaxq.ZeroRangeError, match="'scale_from_range'"):
+    jaxq.scale_from_range(spec, **zero)
+  with pytest.raises(ValueError, match=r"'dense/act'.* 0 in every"):
+    jaxq.check_range(spec, where="dense/act", **zero)
+
+
+def test_scalar_amax_zero_raises():
+  with pytest.raises(ValueError, match="amax is 0"):
+    jaxq.fake_quant(jnp.ones(4), QuantSpec("int8"), amax=0.0)
+
+
+@pytest.mark.parametrize("spec", ZERO_RANGE_SPECS, ids=_spec_id)
+def test_traced_static_range_of_zero_is_nan(spec):
+  # Under jit the values are unknown while tracing: a range of 0 makes the
+  # output NaN, as any invalid traced range does; a valid one does not.
+  x = jnp.linspace(-1.0, 1.0, 16).reshape(2, 8)
+  zero = _zero_range(spec, x)
+  for fn in (jaxq.fake_quant, lambda *a, **k: jaxq.dequantize(
+      jaxq.quantize(*a, **k))):
+    out = jax.jit(lambda x, r: fn(x, spec, **r))(x, zero)  # noqa: B023
+    assert np.all(np.isnan(np.asarray(out)))
+  scale, _ = jax.jit(lambda r: jaxq.scale_from_range(spec, **r))(zero)
+  assert np.all(np.isnan(np.asarray(scale, np.float32)))
+  ones = jax.tree.map(lambda a: a + 1.0, zero)
+  ones = {**ones, "amin": -ones["amin"]} if "amin" in ones else ones
+  out = jax.jit(lambda x, r: jaxq.fake_quant(x, spec, **r))(x, ones)
+  np.testing.assert_array_equal(np.asarray(out),
+                                np.asarray(jaxq.fake_quant(x, spec, **ones)))
+  checked = jax.jit(lambda r: jaxq.check_range(spec, where="fc/act", **r))
+  with pytest.raises(Exception, match=r"'fc/act'.* 0 in every"):
+    jax.block_until_ready(checked(zero))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int8", PerChannel(axis=-1)),
+                                  QuantSpec("uint8", PerChannel(axis=-1),
+                                            symmetric=False)],
+                         ids=_spec_id)
+def test_static_range_with_some_zero_channels_is_valid(spec):
+  # Dead channels (calibration only saw zeros there) keep a finite scale;
+  # their zeros stay zeros and the other channels quantize on their range.
+  x = jnp.array([[0.0, 1.0, 0.0], [0.0, -2.0, 0.5]])
+  amin, amax = jaxq.compute_range(x, spec)  # Given as a static range.
+  assert float(amax[0, 0]) == 0.0 and float(amax[0, 1]) != 0.0
+  want = jaxq.fake_quant(x, spec)
+  for fq in (jaxq.fake_quant, jax.jit(jaxq.fake_quant, static_argnums=1)):
+    out = fq(x, spec, amax=amax, amin=amin)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(out[:, 0]), [0.0, 0.0])
+  jaxq.check_range(spec, amax, amin)
+  scale, _ = jaxq.scale_from_range(spec, amax, amin)
   assert np.all(np.isfinite(np.asarray(scale))) and np.all(scale > 0)
+
+
+@pytest.mark.parametrize("spec", ZERO_RANGE_SPECS, ids=_spec_id)
+def test_ranges_from_data_may_be_zero(spec):
+  # A range computed from the data (a dynamic range, a zero tensor, a
+  # weight's own range passed with range_from_data=True) may be 0: the
+  # zeros quantize to zeros exactly, with a finite positive scale, eager
+  # and under jit.
+  x = jnp.zeros((2, 8), jnp.float32)
+  zero = _zero_range(spec, x)
+  for fn in (lambda x: jaxq.fake_quant(x, spec),
+             lambda x: jaxq.fake_quant(x, spec, range_from_data=True, **zero),
+             lambda x: jaxq.dequantize(jaxq.quantize(x, spec)),
+             lambda x: jaxq.dequantize(jaxq.quantize(
+                 x, spec, range_from_data=True, **zero))):
+    for f in (fn, jax.jit(fn)):
+      out = np.asarray(f(x))
+      np.testing.assert_array_equal(out, np.zeros_like(out))
+  qa = jaxq.quantize(x, spec)
+  scale = np.asarray(qa.scale).astype(np.float32)
+  assert np.all(np.isfinite(scale) & (scale > 0))
+  scale, _ = jax.jit(lambda r: jaxq.scale_from_range(
+      spec, range_from_data=True, **r))(zero)
+  scale = np.asarray(scale).astype(np.float32)
+  assert np.all(np.isfinite(scale) & (scale > 0))
 
 
 def test_invalid_traced_range_is_nan_not_garbage():

@@ -4,9 +4,13 @@
   `jaxq.quantize_model` raise naming the layer path and the parameter, with
   the NaN and inf counts; a served model never turns them into finite
   numbers.
-* Invalid static ranges (non-finite, negative amax, ``amin > amax``): convert
-  and loading them into an eagerly called QAT or serve model raise naming the
-  layer.
+* Invalid static ranges (non-finite, negative amax, ``amin > amax``, 0
+  everywhere): convert and loading them into an eagerly called QAT or serve
+  model raise naming the layer. A layer whose calibration input was 0 in
+  every batch gets a range of 0, refused by `jaxq.act_ranges`,
+  `jaxq.CalibrationResult.ranges` and `jaxq.convert` with a message saying
+  what to do; under ``jit`` a loaded range of 0 gives NaN. Ranges with only
+  some zero channels (dead units) stay valid.
 * `jaxq.act_ranges` on a linen model that never traced its layers raises
   saying what to call; ``init`` of a QAT model with static activations
   traces under ``jax.eval_shape`` before it has ranges.
@@ -140,12 +144,13 @@ _BAD_AFFINE = [
                          [(AFFINE, *b) for b in _BAD_AFFINE])
 def test_invalid_static_ranges_are_refused(rules, bad, problem):
   """convert, and an eager QAT/serve call with the range loaded, refuse it,
-  naming the layer; a valid range (zero included) passes."""
+  naming the layer; a valid range passes (a range of 0 is refused too, see
+  test_calibrated_zero_range_is_refused_naming_the_layer)."""
   model, x = LinenMLP(), _x()
   variables = model.init(jax.random.key(1), x)
   serve = jaxq.quantize_model(model, rules, "serve")
   jax.eval_shape(serve.init, jax.random.key(0), x)
-  good = {"amax": jnp.array([0.0])}
+  good = {"amax": jnp.array([1.0])}
   if "amin" in bad:
     good = {"amin": jnp.array([-1.0]), "amax": jnp.array([1.0])}
   ranges = {"Dense_0": {"act": good}, "Dense_1": {"act": bad}}
@@ -171,6 +176,165 @@ def test_invalid_static_ranges_are_refused(rules, bad, problem):
   nnx.update(nnx_qat, nnx_ranges)
   with pytest.raises(ValueError, match=nnx_match):
     nnx_qat(x)
+
+
+def _dead_first_layer(params: dict, kernel: str, bias: str, units) -> dict:
+  """``params`` with the given hidden units of the first layer dead: zero
+  kernel columns and bias -1, so relu gives 0 there for every input."""
+  params = dict(params)
+  params[kernel] = jnp.asarray(params[kernel]).at[:, units].set(0.0)
+  params[bias] = jnp.asarray(params[bias]).at[units].set(-1.0)
+  return params
+
+
+_ZERO_RANGE = (r"{what}: layer '{path}': its static activation range \(act\) "
+               r"is 0 .*the calibration data never reached it with a "
+               r"non-zero value.*dynamic=True.*skip=True")
+
+
+def _zero_ranges(result: jaxq.CalibrationResult) -> dict:
+  """The linen ranges of ``result``'s stats, finalized without checks."""
+  return {path: {"act": jaxq.flax.core.finalize_range(
+      jaxq.observers.max(), node["act"])}
+          for path, node in result.stats.items()}
+
+
+@pytest.mark.parametrize("rules", [STATIC, AFFINE], ids=["symmetric",
+                                                          "affine"])
+def test_calibrated_zero_range_is_refused_naming_the_layer(rules):
+  """The second layer's input is 0 in every calibration batch (its inputs
+  are dead relu units): act_ranges, CalibrationResult.ranges and convert
+  refuse the range of 0 (it would serve every input as 0), linen and nnx."""
+  model, x = LinenMLP(), _x()
+  variables = model.init(jax.random.key(1), x)
+  params = dict(variables["params"])
+  # Linen names the layers in construction order: Dense_1 runs first.
+  params["Dense_1"] = _dead_first_layer(params["Dense_1"], "kernel", "bias",
+                                        slice(None))
+  variables = {"params": params}
+  cal = jaxq.quantize_model(model, rules, "calibrate")
+  result = jaxq.calibrate(cal, variables, [x, _x(1)], progress=False)
+  serve = jaxq.quantize_model(model, rules, "serve")
+  jax.eval_shape(serve.init, jax.random.key(0), x)
+  for what, call in (
+      ("act_ranges", lambda: jaxq.act_ranges(serve, result.stats)),
+      ("act_ranges", result.ranges),
+      # convert finalizes the stats with act_ranges, which names itself.
+      ("act_ranges", lambda: jaxq.convert(serve, variables, result.stats)),
+      ("convert", lambda: jaxq.convert(serve, variables,
+                                       ranges=_zero_ranges(result)))):
+    with pytest.raises(jaxq.ZeroRangeError,
+                       match=_ZERO_RANGE.format(what=what, path="Dense_0")):
+      call()
+  # One pass, several methods (affine specs keep no histogram).
+  methods = ("max", "mse") if rules is STATIC else ("max",)
+  several = jaxq.calibrate(cal, variables, [x], methods=methods,
+                           progress=False)
+  with pytest.raises(jaxq.ZeroRangeError,
+                     match=_ZERO_RANGE.format(what="jaxq", path="Dense_0")):
+    several.ranges(methods[-1])
+
+  nnx_model = NnxMLP(nnx.Rngs(1))
+  fc1 = _dead_first_layer({"kernel": nnx_model.fc1.kernel.get_value(),
+                           "bias": nnx_model.fc1.bias.get_value()},
+                          "kernel", "bias", slice(None))
+  nnx_model.fc1.kernel.set_value(fc1["kernel"])
+  nnx_model.fc1.bias.set_value(fc1["bias"])
+  nnx_cal = jaxq.quantize_model(nnx_model, rules, "calibrate")
+  stats = jaxq.calibrate(nnx_cal, None, [x], progress=False).stats
+  nnx_serve = jaxq.quantize_model(nnx_model, rules, "serve")
+  zero = {"amax": jnp.zeros((1,))}
+  if rules is AFFINE:
+    zero["amin"] = jnp.zeros((1,))
+  zero_ranges = nnx.State({
+      "fc1": {"jaxq_act_range": jaxq.flax.QuantRange(
+          jax.tree.map(lambda a: a + 1.0, zero))},
+      "fc2": {"jaxq_act_range": jaxq.flax.QuantRange(zero)}})
+  for what, call in (
+      ("act_ranges", lambda: jaxq.act_ranges(nnx_serve, stats)),
+      ("act_ranges", lambda: jaxq.convert(nnx_serve, nnx.state(nnx_model),
+                                          stats)),
+      ("convert", lambda: jaxq.convert(nnx_serve, nnx.state(nnx_model),
+                                       ranges=zero_ranges))):
+    with pytest.raises(jaxq.ZeroRangeError,
+                       match=_ZERO_RANGE.format(what=what, path="fc2")):
+      call()
+
+
+def test_loaded_zero_range_raises_eagerly_and_is_nan_under_jit():
+  """A range of 0 loaded by hand into QAT or serve: an eager call raises
+  naming the layer; a jitted call (ranges traced) outputs NaN, never the
+  finite output of an input quantized to 0."""
+  model, x = LinenMLP(), _x()
+  variables = model.init(jax.random.key(1), x)
+  # The output layer's (Dense_0): a NaN input to a later static quantizer
+  # would become 0 there (NaN quantizes to 0).
+  ranges = {"Dense_1": {"act": {"amax": jnp.array([4.0])}},
+            "Dense_0": {"act": {"amax": jnp.array([0.0])}}}
+  loaded = {**variables, "quant_ranges": ranges}
+  qat = jaxq.quantize_model(model, STATIC, "qat")
+  with pytest.raises(jaxq.ZeroRangeError,
+                     match=_ZERO_RANGE.format(what="jaxq", path="Dense_0")):
+    qat.apply(loaded, x)
+  assert np.all(np.isnan(np.asarray(jax.jit(qat.apply)(loaded, x))))
+  serve = jaxq.quantize_model(model, STATIC, "serve")
+  jax.eval_shape(serve.init, jax.random.key(0), x)
+  serving, _ = jaxq.convert(serve, variables, ranges={
+      "Dense_1": ranges["Dense_1"], "Dense_0": {"act": {"amax":
+                                                       jnp.array([1.0])}}})
+  serving["quant_ranges"] = ranges
+  with pytest.raises(jaxq.ZeroRangeError, match="'Dense_0'"):
+    serve.apply(serving, x)
+  assert np.all(np.isnan(np.asarray(jax.jit(serve.apply)(serving, x))))
+
+  nnx_qat = jaxq.quantize_model(NnxMLP(nnx.Rngs(1)), STATIC, "qat")
+  nnx.update(nnx_qat, nnx.State({
+      "fc1": {"jaxq_act_range": jaxq.flax.QuantRange({"amax":
+                                                      jnp.array([4.0])})},
+      "fc2": {"jaxq_act_range": jaxq.flax.QuantRange({"amax":
+                                                      jnp.array([0.0])})}}))
+  with pytest.raises(jaxq.ZeroRangeError,
+                     match=_ZERO_RANGE.format(what="jaxq", path="fc2")):
+    nnx_qat(x)
+  assert np.all(np.isnan(np.asarray(nnx.jit(lambda m, x: m(x))(nnx_qat, x))))
+
+
+def test_dead_channels_keep_a_valid_per_channel_range():
+  """Some dead units (0 in every batch) in a per-channel static range: the
+  range is valid, convert and serve run, and serve equals QAT."""
+  rules = (jaxq.Rule(r".*", weight=W8, act=QuantSpec(
+      "int8", PerChannel(axis=-1), dynamic=False)),)
+  model, x = LinenMLP(), _x()
+  variables = model.init(jax.random.key(1), x)
+  params = dict(variables["params"])
+  params["Dense_1"] = _dead_first_layer(params["Dense_1"], "kernel", "bias",
+                                        jnp.array([0, 3, 5]))
+  variables = {"params": params}
+  cal = jaxq.quantize_model(model, rules, "calibrate")
+  stats = jaxq.calibrate(cal, variables, [x, _x(1)], progress=False).stats
+  ranges = jaxq.act_ranges(cal, stats)
+  amax = np.asarray(ranges["Dense_0"]["act"]["amax"]).ravel()
+  assert np.all(amax[[0, 3, 5]] == 0) and np.all(amax[[1, 2, 4, 6, 7]] > 0)
+  qat = jaxq.quantize_model(model, rules, "qat")
+  want = qat.apply({**variables, "quant_ranges": ranges}, x)
+  serve = jaxq.quantize_model(model, rules, "serve")
+  jax.eval_shape(serve.init, jax.random.key(0), x)
+  serving, _ = jaxq.convert(serve, variables, stats)
+  got = serve.apply(serving, x)
+  assert bool(jnp.all(jnp.isfinite(got)))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_linen_init_on_zeros_traces_static_act_layers():
+  """init on an all-zero input (the usual shape-only init) is not refused
+  as a range of 0: the stand-in range of init is the input's own."""
+  model = LinenMLP()
+  zeros = jnp.zeros((1, IN))
+  for int8_forward in (False, True):
+    qat = jaxq.quantize_model(model, STATIC, "qat", int8_forward=int8_forward)
+    variables = qat.init(jax.random.key(0), zeros)
+    assert sorted(variables["params"]) == ["Dense_0", "Dense_1"]
 
 
 def test_act_ranges_of_an_untraced_linen_model_says_what_to_call():

@@ -134,7 +134,8 @@ def _awq(kernel, abs_mean, gram, spec, num_exponents, clip_ratios, min_clip):
 
   def clip_error(ratio):
     lo = None if amin0 is None else amin0 * ratio
-    w_q = fake_quant(w_s, spec, amax=amax0 * ratio, amin=lo)
+    w_q = fake_quant(w_s, spec, amax=amax0 * ratio, amin=lo,
+                     range_from_data=True)
     return block_output_error(gram_s, w_s - w_q, blocks)
 
   clip_errors = jax.lax.map(clip_error, ratios, batch_size=min(clip_ratios, 4))

@@ -227,7 +227,8 @@ def _gptq(kernel, hessian, amin, amax, spec, percdamp, block_size,
       done = done.at[g].set(True)
       row = w_block[k]
       q = fake_quant(row[None], row_spec, amax=amax_all[g][None],
-                     amin=None if spec.symmetric else amin_all[g][None])[0]
+                     amin=None if spec.symmetric else amin_all[g][None],
+                     range_from_data=True)[0]
       err = (row - q) / u_inner[k, k]
       w_block = w_block - u_inner[k][:, None] * err[None, :]
       q_block = q_block.at[k].set(q)

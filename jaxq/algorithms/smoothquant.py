@@ -88,10 +88,12 @@ def smoothed_output_error(kernel: jax.Array, flat: jax.Array,
   (masked rows are zero rows, which quantize to zero and add nothing)."""
   x_s = flat / factors
   act_amin, act_amax = compute_range(x_s, act_spec)
-  x_q = fake_quant(x_s, act_spec, amax=act_amax, amin=act_amin)
+  x_q = fake_quant(x_s, act_spec, amax=act_amax, amin=act_amin,
+                   range_from_data=True)
   w_s = kernel * factors[:, None]
   w_amin, w_amax = weight_range(w_s, weight_spec)
-  w_q = fake_quant(w_s, weight_spec, amax=w_amax, amin=w_amin)
+  w_q = fake_quant(w_s, weight_spec, amax=w_amax, amin=w_amin,
+                   range_from_data=True)
   hi = jax.lax.Precision.HIGHEST
   diff = (jnp.matmul(flat, kernel, precision=hi) -
           jnp.matmul(x_q, w_q, precision=hi))

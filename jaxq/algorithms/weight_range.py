@@ -78,7 +78,8 @@ def _mse_range(w: jax.Array, spec: QuantSpec, blocks: tuple[int, ...],
 
   def error(ratio):
     lo = None if amin is None else amin * ratio
-    w_hat = fake_quant(w, spec, amax=amax * ratio, amin=lo)
+    w_hat = fake_quant(w, spec, amax=amax * ratio, amin=lo,
+                       range_from_data=True)
     return block_squared_error(w, w_hat, blocks, error_weight)
 
   errors = jax.lax.map(error, ratios, batch_size=min(num_ratios, 8))

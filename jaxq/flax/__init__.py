@@ -215,7 +215,8 @@ def act_ranges(qmodel: QuantizedLinen | flax_nnx.Module, stats: Any) -> Any:
     ValueError: for a linen model that has not traced the layers the stats
       hold (trace it first: ``jax.eval_shape(qmodel.init, key, x)`` works
       before it has ranges), or naming the layer when a range is invalid
-      (non-finite, negative amax, or ``amin > amax``).
+      (non-finite, negative amax, ``amin > amax``, or 0 everywhere: a
+      `jaxq.ZeroRangeError`, for a layer whose calibration input was 0).
   """
   return adapt(qmodel, what="act_ranges").act_ranges(stats)
 

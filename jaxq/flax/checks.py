@@ -15,11 +15,16 @@ ranges being loaded), naming the layer path and the parameter.
 * `check_act_range(what, path, act_range, spec)`: ``{"amax"[, "amin"]}`` in
   any (scale) shape for the act `QuantSpec` ``spec``; valid as
   `jaxq.quantize.check_range` defines it (the one definition: finite,
-  ``amax >= 0`` symmetric, ``amin <= amax`` affine, a zero range valid),
-  whose message follows "layer 'Dense_1'"'s. Traced ranges are not checked
-  here: this runs on every call that reads a range, and a traced check
-  would cost a host round trip per step (see `jaxq.flax.nnx` for what
-  happens under ``jit``; ranges are checked where they are made).
+  ``amax >= 0`` symmetric, ``amin <= amax`` affine, not 0 everywhere),
+  whose message follows "layer 'Dense_1'"'s. A range of 0 everywhere (the
+  layer's input was 0 in every calibration batch, so it would serve every
+  input as 0) raises a `jaxq.quantize.ZeroRangeError` saying so and what
+  to do. These checks run where ranges enter: `jaxq.act_ranges`,
+  `jaxq.CalibrationResult.ranges`, `jaxq.convert` and loading ranges into
+  a model (``with_ranges``, an eager QAT or serve call). Traced ranges are
+  not checked here: this runs on every call that reads a range, and a
+  traced check would cost a host round trip per step (under ``jit`` an
+  invalid range, 0 included, gives NaN; see `jaxq.quantize`).
 """
 
 from __future__ import annotations
@@ -70,6 +75,16 @@ def check_act_range(what: str, path: str, act_range: Mapping[str, Any] | None,
     spec = QuantSpec("int8", symmetric=amin is None)
   try:
     quantize_lib.check_range(spec, amax, amin)
+  except quantize_lib.ZeroRangeError:
+    raise quantize_lib.ZeroRangeError(
+        f"{what}: layer {path!r}: its static activation range (act) is 0 "
+        f"(amax{'' if amin is None else ' and amin'} 0 in all "
+        f"{np.size(amax)} element(s)): the calibration data never reached "
+        f"it with a non-zero value, so every input would quantize to 0. "
+        f"Calibrate with data that exercises it, use dynamic activations "
+        f"for it (QuantSpec(..., dynamic=True)), or leave the layer in "
+        f"float (a Rule matching {path!r} with skip=True, first)."
+        ) from None
   except ValueError as e:
     raise ValueError(
         f"{what}: the static activation range of layer {path!r} is invalid: "

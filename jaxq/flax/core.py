@@ -303,9 +303,11 @@ def transform_weight(layer: LayerQuant, w: jax.Array | QArray,
     return w
   check_spec(layer, spec, w.shape, "weight")
   amin, amax = weight_range(layer, w, stored_range)
+  # The weight's own range (stored by GPTQ/AWQ or searched now): zero
+  # where the weight is.
   if layer.mode == "qat":
-    return fake_quant(w, spec, amax=amax, amin=amin)
-  return quantize(w, spec, amax=amax, amin=amin)
+    return fake_quant(w, spec, amax=amax, amin=amin, range_from_data=True)
+  return quantize(w, spec, amax=amax, amin=amin, range_from_data=True)
 
 
 def observe_weight(layer: LayerQuant, state: Any | None, w: jax.Array) -> Any:
@@ -464,6 +466,7 @@ def embed_lookup(layer: LayerQuant, table: jax.Array | QArray,
     elif layer.mode == "qat":
       # Row-local scales: the rows' own ranges are the table's rows' ranges.
       amin, amax = weight_range(layer, rows)
-      rows = fake_quant(rows, layer.weight, amax=amax, amin=amin)
+      rows = fake_quant(rows, layer.weight, amax=amax, amin=amin,
+                        range_from_data=True)
   return rows.reshape(tuple(ids.shape) + (features,))
 

@@ -166,6 +166,10 @@ class ScopeVariables(layer_variables.LayerVariables):
     if (act_range is None and self.initializing and quant.static_act and
         quant.act.learn is None and quant.mode != "calibrate"):
       amin, amax = compute_range(x, quant.act)
+      # A static range may not be 0 everywhere (init often runs on zeros):
+      # where x's range is 0, x is 0, which a range of 1 keeps 0 as well.
+      zero = (amax == 0) if amin is None else (amax == 0) & (amin == 0)
+      amax = jnp.where(zero, 1.0, amax)
       act_range = {"amax": amax} if amin is None else {"amin": amin,
                                                         "amax": amax}
     return act_range
