@@ -97,4 +97,20 @@ def check_act_ranges(what: str, ranges: Mapping[str, Any],
   checked against its layer's act spec (``layers``: path -> `LayerInfo`)."""
   for path, act_range in ranges.items():
     info = layers.get(path)
-    check_act_range(what, path, act_range, info.act if info else None)
+    spec = info.act if info else None
+    stacked = info.stacked if info else None
+    if stacked and _is_stacked(act_range, stacked):
+      # One range per layer of a scanned stack: each layer's own must be
+      # valid (one zero slice is a layer that saw only zeros).
+      for i in range(stacked):
+        check_act_range(what, f"{path}[{i}]",
+                        {k: v[i] for k, v in act_range.items()}, spec)
+    else:
+      check_act_range(what, path, act_range, spec)
+
+
+def _is_stacked(act_range: Mapping[str, Any], stacked: int) -> bool:
+  """Whether every concrete entry of ``act_range`` has a leading axis of
+  ``stacked`` layers."""
+  return all(_concrete(v) and np.ndim(v) >= 1 and np.shape(v)[0] == stacked
+             for v in act_range.values())

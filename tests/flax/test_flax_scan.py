@@ -540,3 +540,18 @@ def test_nnx_scan_without_graph_updates_says_why_stats_are_missing():
   with pytest.raises(ValueError, match=r"'layers/\w+'.*stack of 3 layers.*"
                      r"graph_updates=False"):
     jaxq.calibrate(cal, None, [_x()], progress=False).ranges()
+
+
+def test_a_layer_of_the_stack_that_saw_only_zeros_is_named():
+  # Layer 1's `up` is zero, so its `down` only ever sees relu(0) = 0: the
+  # stacked range is valid overall, but that layer's own slice is 0.
+  model = Scanned()
+  variables = model.init(jax.random.key(0), _x())
+  params = jax.tree.map(lambda a: a, variables["params"])
+  up = dict(params["layers"]["up"])
+  up = {k: v.at[1].set(0.0) for k, v in up.items()}
+  params["layers"] = {**params["layers"], "up": up}
+  cal = jaxq.quantize_model(model, RULES, "calibrate")
+  result = jaxq.calibrate(cal, {"params": params}, [_x()], progress=False)
+  with pytest.raises(jaxq.ZeroRangeError, match=r"layers/down\[1\]"):
+    result.ranges()
