@@ -26,9 +26,9 @@ quantization maps ``amax`` to `Format.amax_level`: ``qmax`` in the narrow
 range, where ``+-amax`` land on ``+-qmax``; ``qmax + 0.5`` in the full
 range ``[-qmax - 1, qmax]``, where ``+amax`` saturates to ``qmax`` and
 ``-amax`` rounds to ``qmin`` (off its tie by a float32 margin): every
-element of the range still ends within half a step, and the step is finer by a
-factor ``(qmax + 0.5) / qmax`` (1 + 1/14 for int4; 1 + 1/254 for int8,
-too little to leave the TensorRT/TFLite convention).
+element of the range still ends within half a step, and the step is finer
+by a factor ``(qmax + 0.5) / qmax`` (1 + 1/14 for int4; 1 + 1/254 for
+int8, too little to leave the TensorRT/TFLite convention).
 
 ``float8_e8m0fnu`` (e8m0) is not an element format: it is the power-of-two
 scale type of Microscaling, see `to_e8m0`.
