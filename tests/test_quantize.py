@@ -294,15 +294,18 @@ def _check_round_trip(x: np.ndarray, spec: QuantSpec, blocks: Shape) -> None:
   assert x_hat.dtype == x.dtype
   x_hat = np.asarray(x_hat, np.float64)
   if fmt.kind == "int":
-    # The full range puts amax at qmax + 0.5 exactly, so allow float32
-    # rounding of amax / scale just beyond it (as for floats below).
-    edge = 1 + 2.0**-20
+    # The full range puts amax at qmax + 0.5 raised by 2**-20, so allow
+    # that and float32 rounding of amax / scale beyond it.
+    edge = 1 + 2.0**-19
     representable = (y >= (fmt.qmin - 0.5) * edge) & (
         y <= (fmt.qmax + 0.5) * edge)
   else:  # allow for float32 rounding of amax / scale just above qmax
     representable = np.abs(y) <= fmt.qmax * (1 + 2.0**-20)
   # float32 rounding in x / scale and q * scale adds a few ulps of |x|.
   slack = 2.0**-21 * (np.abs(x) + np.abs(x_hat))
+  if spec.symmetric and fmt.kind == "int" and not spec.narrow_range:
+    # +amax sits the 2**-20 nudge of (qmax + 0.5) beyond half a step.
+    slack = slack + (fmt.qmax + 0.5) * 2.0**-20 * s
   bound = _half_ulp(np.clip(y, fmt.qmin, fmt.qmax), spec) * s + slack
   error = np.abs(x_hat - x)
   worst = np.argmax(np.where(representable, error - bound, -np.inf))
