@@ -274,6 +274,7 @@ def algorithm_rows(pretrained: minilm.Pretrained, calibration: Sequence[str],
 
 
 QWIX_LAYERS = r"layers_\d+/(attention/(query|key|value|output)|ffn_in|ffn_out)"
+QWIX_METHODS = ("RTN", "AWQ", "GPTQ")
 QWIX_TILES = {"W4 per-channel": None, "W4 g128": 128, "W4 g32": 32}
 
 
@@ -381,6 +382,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--configs", nargs="*", default=list(W4_CONFIGS),
                       choices=list(W4_CONFIGS), metavar="NAME",
                       help=f"section 3's W4 configs, from {list(W4_CONFIGS)}")
+  methods = [*W4_METHODS, *(f"W8A8 {m}" for m in W8A8_METHODS),
+             *(f"Qwix {m}" for m in QWIX_METHODS)]
+  parser.add_argument("--methods", nargs="*", default=None, choices=methods,
+                      metavar="NAME",
+                      help=f"section 3's methods (default: all), from "
+                           f"{methods}")
   args = parser.parse_args(argv)
   progress = not args.no_progress
   if args.algorithms:
@@ -436,15 +443,22 @@ def algorithms_section(args: argparse.Namespace) -> list[Row]:
                                evaluation[:QUICK_SENTENCES])
     layers, configs, w8a8 = (QUICK_ALGORITHM_LAYERS, configs[:1],
                              ("max", "SmoothQuant"))
+  w4, qwix_methods = W4_METHODS, (("RTN", "AWQ") if args.quick
+                                   else QWIX_METHODS)
+  if args.methods is not None:
+    w4 = [m for m in w4 if m in args.methods]
+    w8a8 = [m for m in w8a8 if f"W8A8 {m}" in args.methods]
+    qwix_methods = [m for m in qwix_methods if f"Qwix {m}" in args.methods]
   reference = minilm.embed(pretrained, evaluation)
   print(f"\nPTQ algorithms: calibrated on {len(calibration)} sentences, "
         f"evaluated on {len(evaluation)} others (cosine to float)\n")
   rows = algorithm_rows(pretrained, calibration, evaluation, reference,
-                        configs, layers, w8a8, progress=not args.no_progress)
-  if importlib.util.find_spec("qwix") is not None and not args.no_qwix:
+                        configs, layers, w8a8, w4,
+                        progress=not args.no_progress)
+  if (importlib.util.find_spec("qwix") is not None and not args.no_qwix and
+      qwix_methods):
     rows += qwix_rows(pretrained, calibration, evaluation, reference,
-                      configs, ("RTN", "AWQ") if args.quick else (
-                          "RTN", "AWQ", "GPTQ"),
+                      configs, qwix_methods,
                       QWIX_LAYERS.replace(r"\d+", "0") if args.quick
                       else QWIX_LAYERS, progress=not args.no_progress)
   rows = [Row("float32", 1.0, 1.0, tree_bytes(pretrained.variables), 0.0)

@@ -12,12 +12,23 @@ name                kind       range                   notes
 ==================  =========  ======================  =====================
 ``int8``            int        [-127, 127]             narrow by default;
                                                        full [-128, 127]
-``int4``            int        [-7, 7]                 full [-8, 7]
+``int4``            int        [-8, 7]                 full by default;
+                                                       narrow [-7, 7]
 ``uint8``           int        [0, 255]                affine only
 ``float8_e4m3fn``   float      [-448, 448]             saturating cast
 ``float8_e5m2``     float      [-57344, 57344]         saturating cast
 ``float4_e2m1fn``   float      [-6, 6]                 saturating cast
 ==================  =========  ======================  =====================
+
+Signed integers of at most 4 bits default to the full two's complement
+range, wider ones to the narrow range (`default_narrow_range`). Symmetric
+quantization maps ``amax`` to `Format.amax_level`: ``qmax`` in the narrow
+range, where ``+-amax`` land on ``+-qmax``; ``qmax + 0.5`` in the full
+range ``[-qmax - 1, qmax]``, where ``+amax`` saturates to ``qmax`` and
+``-amax`` rounds to ``qmin`` (off its tie by a float32 margin): every
+element of the range still ends within half a step, and the step is finer
+by a factor ``(qmax + 0.5) / qmax`` (1 + 1/14 for int4; 1 + 1/254 for
+int8, too little to leave the TensorRT/TFLite convention).
 
 ``float8_e8m0fnu`` (e8m0) is not an element format: it is the power-of-two
 scale type of Microscaling, see `to_e8m0`.
@@ -43,6 +54,10 @@ import numpy as np
 
 Rounding = Literal["nearest", "stochastic"]
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
+
+# Relative margin that moves a full-range ``-amax`` off its rounding tie,
+# well above float32's rounding of the scale and division (< 2**-22).
+FULL_RANGE_NUDGE = 2.0 ** -20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +96,31 @@ class Format:
   @property
   def is_signed(self) -> bool:
     return self.qmin < 0
+
+  @property
+  def is_full_range(self) -> bool:
+    """Whether a signed integer format spans all of two's complement,
+    ``[-qmax - 1, qmax]``."""
+    return self.kind == "int" and self.qmin == -self.qmax - 1
+
+  @property
+  def amax_level(self) -> float:
+    """The scaled value a symmetric range's ``amax`` maps to.
+
+    A symmetric scale is ``amax / amax_level``: ``qmax`` for floats and the
+    narrow signed integer range; ``qmax + 0.5`` for the full range
+    ``[-qmax - 1, qmax]``, so that ``+amax`` saturates to ``qmax`` and
+    ``-amax`` rounds to ``qmin``, each half a step away, and no element of
+    the range ends further from its value. That level is raised by a
+    relative ``FULL_RANGE_NUDGE`` (2**-20): exactly at ``qmax + 0.5``,
+    ``-amax`` would sit on a rounding tie that the float32 rounding of the
+    scale decides (to ``qmin + 1`` for most ranges), so results would hang
+    on the order of float operations (GPTQ's block size, a device's
+    division).
+    """
+    if self.is_full_range:
+      return (self.qmax + 0.5) * (1.0 + FULL_RANGE_NUDGE)
+    return self.qmax
 
 
 _INT_DTYPES = {
@@ -122,17 +162,36 @@ def canonical_name(fmt: str | np.dtype | type) -> str:
   return name
 
 
-def get_format(fmt: str | np.dtype | type, *, narrow_range: bool = True
-               ) -> Format:
+def default_narrow_range(fmt: str | np.dtype | type) -> bool:
+  """The default ``narrow_range`` of a format.
+
+  False (the full range) for signed integers of at most 4 bits, where the
+  finer step of `Format.amax_level` is worth a few percent of error; True
+  for wider signed integers (int8 keeps [-127, 127], the TensorRT/TFLite
+  convention) and for every other format, which ignores it.
+  """
+  name = canonical_name(fmt)
+  if name not in _INT_DTYPES:
+    return True
+  info = ml_dtypes.iinfo(_INT_DTYPES[name])
+  return not (info.min < 0 and info.bits <= 4)
+
+
+def get_format(fmt: str | np.dtype | type, *,
+               narrow_range: bool | None = None) -> Format:
   """Returns the `Format` for a name or dtype.
 
   Args:
     fmt: a format name such as ``"int8"`` or a dtype such as ``jnp.int8``.
     narrow_range: for signed integers, use the symmetric range
-      ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` (``[-127, 127]`` for int8) rather
-      than the full two's complement range. Ignored for other formats.
+      ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` (``[-127, 127]`` for int8) when
+      True, the full two's complement range when False; None takes
+      `default_narrow_range` (narrow for int8, full for int4). Ignored for
+      other formats.
   """
   name = canonical_name(fmt)
+  if narrow_range is None:
+    narrow_range = default_narrow_range(name)
   if name in _INT_DTYPES:
     dtype = _INT_DTYPES[name]
     info = ml_dtypes.iinfo(dtype)

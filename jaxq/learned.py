@@ -31,6 +31,13 @@ qmax)``, summed over the elements that share a scale:
   ``qmin / qmax`` where ``v < qmin`` (``-1`` for the narrow signed range,
   i.e. ``x <= -alpha``) and ``0`` inside (the straight-through estimator
   ignores the rounding grid's dependence on ``alpha``).
+
+Starting from a range (`init_param`), both take the scale of
+`jaxq.scale_from_range`, so training starts from `jaxq.fake_quant` with
+that range: ``amax / qmax`` in the narrow integer range, ``amax / (qmax +
+0.5)`` in the full range (int4's default). PACT's clip is the largest level
+``s * qmax`` either way: ``amax`` in the narrow range, half a step below it
+in the full range.
 """
 
 from __future__ import annotations
@@ -241,8 +248,13 @@ def scale_of(param: jax.Array, spec: QuantSpec) -> jax.Array:
 
 
 def init_param(spec: QuantSpec, amax: jax.Array) -> jax.Array:
-  """The learned parameter that starts from the range ``amax``: the scale
-  ``amax / qmax`` (LSQ) or the clip ``amax`` (PACT), float32."""
+  """The learned parameter that starts from the range ``amax``, float32.
+
+  LSQ: the scale `jaxq.scale_from_range` gives (``amax / qmax``, or
+  ``amax / (qmax + 0.5)`` in the full integer range). PACT: the clip
+  ``scale * qmax`` (``amax`` in the narrow range, half a step below it in
+  the full range).
+  """
   scale, _ = scale_from_range(spec, amax, range_from_data=True)
   return scale if spec.learn == "lsq" else scale * spec.fmt.qmax
 

@@ -6,11 +6,18 @@ Shapes: ``x`` has any shape ``S``; the range arrays (``amax``, ``amin``), the
 
 Numerics:
 
-* Symmetric: ``scale = amax / qmax``; ``q = round(x / scale)`` saturated to
-  ``[qmin, qmax]``; ``x_hat = q * scale``. The scale's division is a
-  multiplication by the float32 reciprocal of ``qmax`` (``qmax - qmin``
-  when affine), as XLA compiles it inside ``jit``, so eager and jitted
-  scales, and the ties they round, are identical.
+* Symmetric: ``scale = amax / amax_level``; ``q = round(x / scale)``
+  saturated to ``[qmin, qmax]``; ``x_hat = q * scale``. ``amax_level`` is
+  the format's `jaxq.formats.Format.amax_level`: ``qmax`` for floats and
+  the narrow integer range (int8's default, [-127, 127]), ``qmax + 0.5``
+  for the full range (int4's default, [-8, 7], ``scale = amax / 7.5``),
+  where ``+amax`` saturates to ``qmax`` and ``-amax`` rounds to ``qmin``:
+  the error stays within half a step on a finer grid. (The full range's
+  level is raised by 2**-20 relative, so that ``-amax`` lies off its
+  rounding tie whatever the float32 rounding.) The scale's division
+  is a multiplication by the float32 reciprocal of ``amax_level``
+  (``qmax - qmin`` when affine), as XLA compiles it inside ``jit``, so
+  eager and jitted scales, and the ties they round, are identical.
 * Affine (integer formats): the range is widened to include 0, then
   ``scale = (amax - amin) / (qmax - qmin)`` and
   ``zero_point = round(qmin - amin / scale)``, so 0.0 is exact;
@@ -322,8 +329,8 @@ def _scale_from_range(spec: QuantSpec, amax: jax.Array,
     scale = formats_lib.pow2(exponent - fmt.emax)
     return jnp.where(valid & (amax >= 0), scale, jnp.nan), None
   if spec.symmetric:
-    scale = jnp.maximum(jnp.where(amax > 0, amax * _reciprocal(fmt.qmax),
-                                  1.0), tiny)
+    scale = jnp.maximum(
+        jnp.where(amax > 0, amax * _reciprocal(fmt.amax_level), 1.0), tiny)
     return jnp.where(valid & (amax >= 0), scale, jnp.nan), None
   amin = jnp.asarray(amin, jnp.float32)
   valid = valid & jnp.isfinite(amin) & (amin <= amax)
@@ -547,7 +554,13 @@ def fake_quant(x: jax.Array, spec: QuantSpec, *,
   scales saturate by design) contains every finite element, so there the
   clipped estimator is the identity and is applied as such: no mask is
   computed and no residual kept (elements at the range's ends pass the
-  gradient even when ``qmax * scale`` rounds an ulp below ``amax``).
+  gradient even when ``qmax * scale`` rounds an ulp below ``amax``, or,
+  in the full integer range, lies half a step below it: those elements
+  round to ``qmax`` within half a step, as any element inside does).
+  A static ``amax`` in the full range masks by the representable range
+  itself: the gradient stops above ``qmax * scale``, half a step below
+  ``amax``, and passes down to ``qmin * scale``, half a step beyond
+  ``-amax``.
 
   Args: as for `quantize`.
   """

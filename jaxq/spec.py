@@ -59,7 +59,17 @@ class QuantSpec:
       ``"percentile"`` (at ``percentile``), ``"entropy"`` (KL) or ``"mse"``.
     percentile: the percentile used when ``calibration == "percentile"``.
     narrow_range: signed integers use [-qmax, qmax] (e.g. [-127, 127]) when
-      True, the full two's complement range when False.
+      True, the full two's complement range [-qmax - 1, qmax] when False.
+      None (the default) resolves per format when the spec is built
+      (`jaxq.formats.default_narrow_range`): full for signed integers of at
+      most 4 bits (int4: [-8, 7]), narrow for wider ones (int8: [-127,
+      127]); other formats ignore it. A symmetric full-range scale is
+      ``amax / (qmax + 0.5)`` (int4: ``amax / 7.5``; see
+      `jaxq.formats.Format.amax_level`): ``+amax`` saturates to ``qmax``
+      and ``-amax`` rounds to ``-qmax - 1``, each within half a step, on a
+      finer grid than the narrow range's ``amax / qmax``.
+      `replace` with a new ``format`` resolves a default (None) again for
+      the new format, and keeps an explicit True or False.
     rounding: ``"nearest"`` (half to even) or ``"stochastic"`` (needs a key).
     ste: gradient of `fake_quant`: ``"clipped"`` (identity inside the
       representable range, zero outside) or ``"identity"``.
@@ -81,7 +91,7 @@ class QuantSpec:
   symmetric: bool = True
   calibration: str = "max"
   percentile: float = 99.99
-  narrow_range: bool = True
+  narrow_range: bool | None = None
   rounding: formats_lib.Rounding = "nearest"
   ste: Literal["clipped", "identity"] = "clipped"
   dynamic: bool = True
@@ -89,6 +99,18 @@ class QuantSpec:
 
   def __post_init__(self):
     object.__setattr__(self, "format", formats_lib.canonical_name(self.format))
+    # Not a field: equal specs quantize alike whether the range was given
+    # or defaulted; only `replace` with a new format tells them apart.
+    object.__setattr__(self, "_narrow_range_given",
+                       self.narrow_range is not None)
+    if self.narrow_range is None:
+      object.__setattr__(self, "narrow_range",
+                         formats_lib.default_narrow_range(self.format))
+    elif not isinstance(self.narrow_range, (bool, np.bool_)):
+      raise ValueError(f"QuantSpec: narrow_range must be True, False or None "
+                       f"(the format's default), got {self.narrow_range!r}.")
+    else:
+      object.__setattr__(self, "narrow_range", bool(self.narrow_range))
     if not isinstance(self.granularity, granularity_lib.Granularity):
       raise ValueError(f"QuantSpec: granularity must be a jaxq granularity "
                        f"(PerTensor, PerChannel, ...), got {self.granularity!r}.")
@@ -139,7 +161,14 @@ class QuantSpec:
     return isinstance(self.granularity, granularity_lib.MX)
 
   def replace(self, **changes) -> "QuantSpec":
-    """Returns a copy with ``changes`` applied (validated again)."""
+    """Returns a copy with ``changes`` applied (validated again).
+
+    A new ``format`` without ``narrow_range`` takes the new format's default
+    range when this spec's range was a default, and keeps it when it was
+    given explicitly.
+    """
+    if "narrow_range" not in changes and not self._narrow_range_given:
+      changes["narrow_range"] = None  # Stays a default, for a later format.
     return dataclasses.replace(self, **changes)
 
 

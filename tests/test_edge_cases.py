@@ -500,8 +500,12 @@ def _check_against_reference(x: np.ndarray, spec: QuantSpec, qa: QArray,
           amax > 0, amax, 1.0))), -127)
       candidates = [2.0 ** np.clip(exponent - fmt.emax, -126, 127)]
     else:
+      # The full signed integer range maps amax to qmax + 0.5, nudged up
+      # by 2**-20 off the rounding tie.
+      full = fmt.kind == "int" and not spec.narrow_range
+      level = (fmt.qmax + 0.5) * (1 + 2.0**-20) if full else fmt.qmax
       candidates = [np.maximum(np.where(amax > 0, d, 1.0), TINY)
-                    for d in _divisions(amax, fmt.qmax)]
+                    for d in _divisions(amax, level)]
     scale = _one_of(actual_scale, candidates, "scale")
     zero = np.zeros_like(scale)
   else:

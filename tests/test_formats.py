@@ -241,3 +241,31 @@ def test_to_e8m0_stores_clamped_powers_of_two():
                           ("float8_e5m2", 3, 3), ("float4_e2m1fn", 7, 4)])
 def test_storage_bytes_packs_sub_byte_formats(name, count, want):
   assert formats.storage_bytes(formats.get_format(name), count) == want
+
+
+# The full range's level qmax + 0.5 is nudged up by 2**-20, off the tie.
+NUDGE = 1 + 2.0**-20
+
+
+@pytest.mark.parametrize(
+    "name,narrow,qmin,amax_level",
+    [("int8", True, -127, 127.0), ("int4", False, -8, 7.5 * NUDGE),
+     ("uint8", True, 0, 255.0), ("float8_e4m3fn", True, -448, 448.0),
+     ("float4_e2m1fn", True, -6, 6.0)])
+def test_default_range_is_full_for_int4_and_narrow_for_int8(
+    name, narrow, qmin, amax_level):
+  assert formats.default_narrow_range(name) is narrow
+  fmt = formats.get_format(name)
+  assert fmt == formats.get_format(name, narrow_range=narrow)
+  assert fmt.qmin == qmin and fmt.amax_level == amax_level
+  assert fmt.is_full_range == (fmt.kind == "int" and not narrow)
+
+
+@pytest.mark.parametrize("name,narrow_range,qmin,amax_level",
+                         [("int4", True, -7, 7.0),
+                          ("int8", False, -128, 127.5 * NUDGE)])
+def test_explicit_range_overrides_the_default(name, narrow_range, qmin,
+                                              amax_level):
+  fmt = formats.get_format(name, narrow_range=narrow_range)
+  assert (fmt.qmin, fmt.amax_level) == (qmin, amax_level)
+  assert fmt.is_full_range == (not narrow_range)

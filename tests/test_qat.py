@@ -96,6 +96,36 @@ def test_pact_clip_gradient():
   np.testing.assert_allclose(g, [-128 / 127], rtol=1e-6)
 
 
+def test_learned_ranges_start_from_the_int4_full_range():
+  """int4's default [-8, 7]: both learned ranges start as jaxq.fake_quant
+  with step amax / 7.5, and LSQ's saturated gradient is qmin = -8."""
+  x = _data((32, 6), seed=5)
+  amax = jnp.abs(x).max(axis=0, keepdims=True)
+  lsq = QuantSpec("int4", PerChannel(axis=-1), learn="lsq")
+  assert not lsq.narrow_range
+  want = jaxq.fake_quant(x, lsq.replace(learn=None), amax=amax)
+  scale = learned.init_param(lsq, amax)
+  np.testing.assert_allclose(scale, amax / 7.5, rtol=2e-6)
+  np.testing.assert_array_equal(learned.lsq_fake_quant(x, scale, lsq), want)
+  values = np.asarray(learned.quantize_with_scale(x, scale, lsq).values)
+  assert values.min() == -8 and values.max() == 7
+  pact = lsq.replace(learn="pact")
+  clip = learned.init_param(pact, amax)  # The largest level, 7 steps.
+  np.testing.assert_allclose(clip, amax * 7 / 7.5, rtol=2e-6)
+  np.testing.assert_allclose(learned.pact_fake_quant(x, clip, pact), want,
+                             rtol=1e-6, atol=1e-7)
+  # LSQ: saturated elements contribute qmin = -8 below, qmax = 7 above.
+  row = jnp.array([[-9.0, 0.3, 7.4, 12.0]])
+  saturated = jnp.array([[1.0, 0.0, 1.0, 1.0]])
+  loss = lambda s: jnp.sum(learned.lsq_fake_quant(
+      row, s, lsq.replace(granularity=PerTensor()), grad_scale=1.0) *
+                           saturated)
+  one = jnp.array([[1.0]])
+  fd = (loss(one + 1e-3) - loss(one - 1e-3)) / 2e-3
+  np.testing.assert_allclose(jax.grad(loss)(one), [[-8 + 7 + 7]], rtol=1e-6)
+  np.testing.assert_allclose(fd, -8 + 7 + 7, rtol=1e-3)
+
+
 def test_learned_params_broadcast_and_bf16():
   x = _data((4, 5, 6)).astype(jnp.bfloat16)
   spec = QuantSpec("int8", PerChannel(axis=-1), learn="lsq")

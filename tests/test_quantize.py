@@ -103,7 +103,12 @@ def _reference_scale(spec: QuantSpec, amin: np.ndarray | None,
     exponent = np.clip(np.where(amax > 0, exponent, -126), -126, 127)
     return np.ldexp(np.float32(1.0), exponent.astype(np.int32)), None
   if spec.symmetric:
-    return np.where(amax > 0, amax / np.float32(fmt.qmax),
+    # The full signed integer range maps amax to qmax + 0.5 (nudged up by
+    # 2**-20 off the rounding tie), else to qmax.
+    full = fmt.kind == "int" and not spec.narrow_range
+    level = np.float32((fmt.qmax + 0.5) * (1 + 2.0**-20) if full
+                       else fmt.qmax)
+    return np.where(amax > 0, amax / level,
                     np.float32(1.0)).astype(np.float32), None
   amin, amax = np.minimum(amin, 0), np.maximum(amax, 0)
   span = (amax - amin).astype(np.float32)
@@ -176,6 +181,84 @@ def test_worked_example_per_channel_error_is_lower():
 
 
 # ----------------------------------------------------------------------------
+# Integer ranges: int4 defaults to the full [-8, 7], int8 to [-127, 127].
+
+
+def _signed_columns(seed: int = 0) -> np.ndarray:
+  """(64, 6) Gaussian columns whose abs-max is negative in columns 0-2 and
+  positive in 3-5."""
+  x = np.random.default_rng(seed).standard_normal((64, 6)).astype(np.float32)
+  x *= np.float32([0.3, 1.0, 4.0, 0.5, 2.0, 9.0])
+  peak = np.abs(x).max(axis=0) * np.float32(1.25)
+  x[7] = np.where(np.arange(6) < 3, -peak, peak)
+  return x
+
+
+def test_int4_defaults_to_the_full_range_with_step_amax_over_7_5():
+  x = _signed_columns()
+  spec = QuantSpec("int4", PerChannel(axis=-1))
+  assert not spec.narrow_range and (spec.fmt.qmin, spec.fmt.qmax) == (-8, 7)
+  qa = jaxq.quantize(x, spec)
+  amax = np.abs(x).max(axis=0, keepdims=True)
+  scale = np.asarray(qa.scale)
+  # Step amax / 7.5, up to the 2**-20 nudge off the -amax tie.
+  np.testing.assert_allclose(scale, amax / 7.5, rtol=2e-6)
+  values = np.asarray(qa.values).astype(np.int32)
+  # -amax reaches -8 in every column whose extreme is negative; +amax
+  # saturates to 7.
+  np.testing.assert_array_equal(values[7], [-8, -8, -8, 7, 7, 7])
+  assert values.min() >= -8 and values.max() <= 7
+  error = np.abs(np.asarray(jaxq.dequantize(qa), np.float64) - x)
+  assert np.all(error <= 0.5 * scale * (1 + 1e-4))
+  np.testing.assert_array_equal(np.asarray(jaxq.fake_quant(x, spec)),
+                                np.asarray(jaxq.dequantize(qa)))
+  # The finer step beats the narrow range's amax / 7 on Gaussian data.
+  narrow = jaxq.fake_quant(x, spec.replace(narrow_range=True))
+  assert np.sum(error ** 2) < 0.95 * np.sum((np.asarray(narrow) - x) ** 2)
+
+
+def test_int4_narrow_range_keeps_step_amax_over_7():
+  x = _signed_columns(1)
+  spec = QuantSpec("int4", PerChannel(axis=-1), narrow_range=True)
+  qa = jaxq.quantize(x, spec)
+  amax = np.abs(x).max(axis=0, keepdims=True)
+  np.testing.assert_array_equal(np.asarray(qa.scale),
+                                amax * np.float32(1 / 7))
+  values = np.asarray(qa.values).astype(np.int32)
+  np.testing.assert_array_equal(values[7], [-7, -7, -7, 7, 7, 7])
+  assert values.min() >= -7
+
+
+def test_int8_default_is_unchanged_narrow():
+  x = _signed_columns(2)
+  spec = QuantSpec("int8", PerChannel(axis=-1))
+  assert spec.narrow_range and spec == QuantSpec("int8", PerChannel(-1),
+                                                 narrow_range=True)
+  qa = jaxq.quantize(x, spec)
+  amax = np.abs(x).max(axis=0, keepdims=True)
+  np.testing.assert_array_equal(np.asarray(qa.scale),
+                                amax * np.float32(1 / 127))
+  np.testing.assert_array_equal(np.asarray(qa.values)[7],
+                                [-127, -127, -127, 127, 127, 127])
+  # The explicit full int8 range takes the same rule as int4's default.
+  full = jaxq.quantize(x, spec.replace(narrow_range=False))
+  np.testing.assert_allclose(np.asarray(full.scale), amax / 127.5, rtol=2e-6)
+  np.testing.assert_array_equal(np.asarray(full.values)[7],
+                                [-128, -128, -128, 127, 127, 127])
+
+
+def test_full_range_static_amax_jit_matches_eager():
+  x = _signed_columns(3)
+  spec = QuantSpec("int4", PerGroup(axis=0, size=16))
+  amax = jaxq.compute_range(x, spec)[1] * 0.8  # Some clipping at both ends.
+  eager = jaxq.quantize(x, spec, amax=amax)
+  jitted = jax.jit(lambda x, a: jaxq.quantize(x, spec, amax=a))(x, amax)
+  chex.assert_trees_all_equal(jitted, eager)
+  values = np.asarray(eager.values).astype(np.int32)
+  assert values.min() == -8 and values.max() == 7
+
+
+# ----------------------------------------------------------------------------
 # Properties over every format x granularity.
 
 
@@ -211,11 +294,18 @@ def _check_round_trip(x: np.ndarray, spec: QuantSpec, blocks: Shape) -> None:
   assert x_hat.dtype == x.dtype
   x_hat = np.asarray(x_hat, np.float64)
   if fmt.kind == "int":
-    representable = (y >= fmt.qmin - 0.5) & (y <= fmt.qmax + 0.5)
+    # The full range puts amax at qmax + 0.5 raised by 2**-20, so allow
+    # that and float32 rounding of amax / scale beyond it.
+    edge = 1 + 2.0**-19
+    representable = (y >= (fmt.qmin - 0.5) * edge) & (
+        y <= (fmt.qmax + 0.5) * edge)
   else:  # allow for float32 rounding of amax / scale just above qmax
     representable = np.abs(y) <= fmt.qmax * (1 + 2.0**-20)
   # float32 rounding in x / scale and q * scale adds a few ulps of |x|.
   slack = 2.0**-21 * (np.abs(x) + np.abs(x_hat))
+  if spec.symmetric and fmt.kind == "int" and not spec.narrow_range:
+    # +amax sits the 2**-20 nudge of (qmax + 0.5) beyond half a step.
+    slack = slack + (fmt.qmax + 0.5) * 2.0**-20 * s
   bound = _half_ulp(np.clip(y, fmt.qmin, fmt.qmax), spec) * s + slack
   error = np.abs(x_hat - x)
   worst = np.argmax(np.where(representable, error - bound, -np.inf))

@@ -97,3 +97,36 @@ def test_qarray_shape_and_nbytes():
   assert mx.nbytes == 64 * 32 // 2 + 64 * 1  # one e8m0 byte per 32 elements
   affine = jaxq.quantize(x, QuantSpec("uint8", PerTensor(), symmetric=False))
   assert affine.nbytes == 64 * 32 + 4 + 4
+
+
+@pytest.mark.parametrize("name,narrow", [("int8", True), ("int4", False),
+                                         ("uint8", True),
+                                         ("float8_e4m3fn", True)])
+def test_spec_narrow_range_defaults_per_format(name, narrow):
+  spec = QuantSpec(name, symmetric=name != "uint8")
+  assert spec.narrow_range is narrow
+  # The resolved default is the same value as the explicit one.
+  explicit = QuantSpec(name, symmetric=name != "uint8", narrow_range=narrow)
+  assert spec == explicit and hash(spec) == hash(explicit)
+  assert spec.fmt == explicit.fmt
+
+
+def test_spec_explicit_narrow_range_is_kept():
+  assert QuantSpec("int4", narrow_range=True).fmt.qmin == -7
+  assert QuantSpec("int8", narrow_range=False).fmt.qmin == -128
+  with pytest.raises(ValueError, match="narrow_range must be"):
+    QuantSpec("int4", narrow_range="full")
+
+
+def test_spec_replace_format_resolves_a_default_range_again():
+  # A defaulted range follows the format, through any number of replaces.
+  w8 = QuantSpec("int8", PerChannel(-1))
+  w4 = w8.replace(granularity=PerGroup(size=32)).replace(format="int4")
+  assert not w4.narrow_range and w4.fmt.qmin == -8
+  assert w4.replace(format="int8").narrow_range
+  # An explicit range stays, whatever the format.
+  narrow = QuantSpec("int8", narrow_range=True)
+  assert narrow.replace(format="int4").narrow_range
+  assert not QuantSpec("int4", narrow_range=False).replace(
+      format="int8").narrow_range
+  assert w8.replace(format="int4", narrow_range=True).fmt.qmin == -7

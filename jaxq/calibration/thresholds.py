@@ -40,9 +40,16 @@ for int8 at 2048 bins): about 2 ms per channel on a CPU.
   ``[1, num_bins]``) minimising the expected squared error per element:
   bins whose centre lies beyond the amax are clipped, costing
   ``(centre - amax)**2``; bins inside cost the rounding noise
-  ``step**2 / 12``, ``step = scale = amax / qmax`` for integer formats and
-  the local grid spacing ``scale * 2**(e - mantissa_bits)`` of the binade
-  ``e`` for float formats. The errors are computed in units of the bin
+  ``step**2 / 12``, ``step = scale = amax / amax_level`` for integer
+  formats and the local grid spacing ``scale * 2**(e - mantissa_bits)`` of
+  the binade ``e`` for float formats (`jaxq.formats.Format.amax_level`:
+  ``qmax``, or ``qmax + 0.5`` in the full integer range). In the full range
+  the two signs clip at different ends, ``qmax * scale = amax - step / 2``
+  above and ``-(qmax + 1) * scale = -(amax + step / 2)`` below, so a clipped
+  bin costs the mean of the two signs' errors, ``d = centre - amax``:
+  ``((d + step / 2)**2 + (d - step / 2)**2) / 2`` (the second the rounding
+  noise while ``d <= step / 2``); with ``step / 2`` zero, ``d**2`` as
+  above. The errors are computed in units of the bin
   width, so the choice does not depend on the data's magnitude (squares of
   values below 1e-19 would underflow, above 1e19 overflow).
 """
@@ -203,11 +210,17 @@ def _mse_one(counts: jax.Array, width: jax.Array, *,
   num_bins = counts.shape[0]
   candidates = jnp.arange(1, num_bins + 1, dtype=jnp.float32)  # (T,)
   centres = jnp.arange(num_bins, dtype=jnp.float32) + 0.5
-  scale = candidates / fmt.qmax
-  clipped = centres[None, :] > candidates[:, None]
+  scale = candidates / fmt.amax_level
+  # How far beyond +-amax each sign saturates: half a step in the full
+  # integer range (below at amax + half, above at amax - half), else 0.
+  half = ((fmt.amax_level - fmt.qmax) * scale)[:, None]
+  distance = centres[None, :] - candidates[:, None]
+  clipped = distance > 0
   step = _rounding_step(centres[None, :], scale[:, None], fmt)
-  error = jnp.where(clipped, (centres[None, :] - candidates[:, None]) ** 2,
-                    step ** 2 / 12.0)
+  noise = step ** 2 / 12.0
+  clip_error = 0.5 * (distance + half) ** 2 + 0.5 * jnp.where(
+      distance > half, (distance - half) ** 2, noise)
+  error = jnp.where(clipped, clip_error, noise)
   total_error = jnp.sum(counts[None, :].astype(jnp.float32) * error, axis=-1)
   return candidates[jnp.argmin(total_error)] * width
 

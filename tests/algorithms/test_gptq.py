@@ -16,9 +16,15 @@ from jaxq import MX, PerChannel, PerGroup, PerTensor, QuantSpec
 from jaxq.algorithms import gptq, hessian_update
 
 
-def reference_gptq(w, h, qmax, group_size, act_order=False, percdamp=0.01):
+def reference_gptq(w, h, qmax, group_size, act_order=False, percdamp=0.01,
+                   full_range=True):
   """The paper's GPTQ in float64, symmetric integers; groups along d_in,
-  each group's abs-max taken from its current rows when first reached."""
+  each group's abs-max taken from its current rows when first reached.
+  The full range (int4's default) rounds onto [-qmax - 1, qmax] with step
+  amax / (qmax + 0.5) (nudged by 2**-20), the narrow one onto [-qmax, qmax]
+  with step amax / qmax."""
+  level = (qmax + 0.5) * (1 + 2.0**-20) if full_range else qmax
+  qmin = -qmax - 1 if full_range else -qmax
   w, h = np.array(w, np.float64), np.array(h, np.float64)
   d_in, d_out = w.shape
   dead = np.diag(h) == 0
@@ -38,8 +44,8 @@ def reference_gptq(w, h, qmax, group_size, act_order=False, percdamp=0.01):
     if not done[g]:
       amax[g] = np.max(np.abs(w[group_of == g]), axis=0)
       done[g] = True
-    scale = np.where(amax[g] > 0, amax[g] / qmax, 1.0)
-    q[i] = np.clip(np.round(w[i] / scale), -qmax, qmax) * scale
+    scale = np.where(amax[g] > 0, amax[g] / level, 1.0)
+    q[i] = np.clip(np.round(w[i] / scale), qmin, qmax) * scale
     err = (w[i] - q[i]) / u[i, i]
     w[i:] -= np.outer(u[i, i:], err)
   return q[np.argsort(perm)], amax
@@ -63,15 +69,17 @@ def hessian_of(x, mask=None):
   return hessian_update(jnp.zeros((x.shape[-1],) * 2), x, mask)
 
 
-@pytest.mark.parametrize("group_size,act_order", [
-    (64, False), (64, True), (16, False), (16, True)])
-def test_matches_numpy_reference(group_size, act_order):
+# int4's default full range, and its narrow range once.
+@pytest.mark.parametrize("group_size,act_order,full_range", [
+    (64, False, True), (64, True, True), (16, False, False), (16, True, True)])
+def test_matches_numpy_reference(group_size, act_order, full_range):
   x, w = problem()
   granularity = (PerChannel(-1) if group_size == 64
                  else PerGroup(axis=0, size=group_size))
-  spec = QuantSpec("int4", granularity)
+  spec = QuantSpec("int4", granularity, narrow_range=not full_range)
   h = 2.0 * x.astype(np.float64).T @ x
-  want, want_amax = reference_gptq(w, h, 7, group_size, act_order)
+  want, want_amax = reference_gptq(w, h, 7, group_size, act_order,
+                                   full_range=full_range)
   got = gptq(w, hessian_of(x), spec, block_size=24, act_order=act_order)
   step = want_amax.max() / 7
   # float32 vs float64 can flip a rounding near a tie; almost all agree.
@@ -217,7 +225,10 @@ def test_fixed_range_is_used_and_checked():
   amax = 0.8 * np.abs(w).max(axis=0, keepdims=True)
   result = gptq(w, hessian_of(x), spec, amax=amax)
   np.testing.assert_array_equal(result.amax, amax)
-  assert np.all(np.abs(result.kernel) <= amax * (1 + 1e-6))
+  # int4's full range: [-8, 7] steps of amax / 7.5 (nudged by 2**-20).
+  step = amax / (7.5 * (1 + 2.0**-20))
+  assert np.all(result.kernel <= 7 * step * (1 + 1e-6))
+  assert np.all(result.kernel >= -8 * step * (1 + 1e-6))
   with pytest.raises(ValueError, match=r"scale shape \(1, 16\)"):
     gptq(w, hessian_of(x), spec, amax=amax[0])
   with pytest.raises(ValueError, match="chooses each group's range"):

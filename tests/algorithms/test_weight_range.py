@@ -75,16 +75,20 @@ def test_mse_never_worse_than_max_per_scale(spec):
     assert np.sum(err_mse) < 0.95 * np.sum(err_max)
 
 
-def test_mse_picks_the_grid_minimum():
+# int4's default full range: step amax / 7.5 over [-8, 7]; narrow: amax / 7.
+@pytest.mark.parametrize("narrow_range,level,qmin", [(None, 7.5, -8),
+                                                     (True, 7.0, -7)])
+def test_mse_picks_the_grid_minimum(narrow_range, level, qmin):
   w = heavy_tailed((32, 4), seed=3)
-  spec = QuantSpec("int4", PerChannel(-1), calibration="mse")
+  spec = QuantSpec("int4", PerChannel(-1), calibration="mse",
+                   narrow_range=narrow_range)
   _, amax = weight_range(w, spec, num_ratios=11, min_ratio=0.5)
   full = np.abs(w).max(axis=0)
   for col in range(4):
     errors = []
     for r in np.linspace(1.0, 0.5, 11):
-      step = full[col] * r / 7
-      q = np.clip(np.round(w[:, col] / step), -7, 7) * step
+      step = full[col] * r / level
+      q = np.clip(np.round(w[:, col] / step), qmin, 7) * step
       errors.append(np.sum((w[:, col] - q) ** 2))
     best = np.linspace(1.0, 0.5, 11)[int(np.argmin(errors))]
     np.testing.assert_allclose(amax[0, col], full[col] * best, rtol=1e-5)

@@ -65,16 +65,26 @@ def _kl_threshold_bin(counts: np.ndarray, num_levels: int, start_bin: int
 
 def _expected_mse(counts: np.ndarray, width: float, amax: float,
                   qmax: float, mantissa_bits: int | None,
-                  min_exponent: int) -> float:
-  """Clipping error beyond amax plus step**2 / 12 rounding noise inside."""
+                  min_exponent: int, full_range: bool = False) -> float:
+  """Clipping error beyond amax plus step**2 / 12 rounding noise inside.
+
+  In the full integer range (scale ``amax / (qmax + 0.5)``) positive values
+  saturate half a step below amax and negative ones half a step beyond it:
+  a clipped bin costs the mean of the two signs' errors.
+  """
   centres = (np.arange(counts.size) + 0.5) * width
-  scale = amax / qmax
+  scale = amax / (qmax + 0.5 if full_range else qmax)
   if mantissa_bits is None:
     step = np.full_like(centres, scale)
   else:
     exponent = np.floor(np.log2(np.maximum(centres / scale, 1e-30)))
     step = scale * 2.0 ** (np.maximum(exponent, min_exponent) - mantissa_bits)
-  error = np.where(centres > amax, (centres - amax) ** 2, step ** 2 / 12)
+  noise = step ** 2 / 12
+  half = scale / 2 if full_range else 0.0
+  beyond = centres - amax
+  above = (beyond + half) ** 2  # Positive values, saturated at amax - half.
+  below = np.where(beyond > half, (beyond - half) ** 2, noise)
+  error = np.where(beyond > 0, (above + below) / 2, noise)
   return float(np.sum(counts * error) / counts.sum())
 
 
@@ -173,11 +183,39 @@ def test_mse_minimises_brute_force_mse(fmt):
   info = spec.fmt
   mantissa = None if info.kind == "int" else info.mantissa_bits
   mse = lambda a: _expected_mse(counts, width, a, info.qmax, mantissa,
-                                info.min_normal_exponent)
+                                info.min_normal_exponent, info.is_full_range)
   brute_force = min(mse(i * width) for i in range(1, 513))
   assert mse(amax) <= brute_force * (1 + 1e-5)
   # The optimum is a bin edge, found among all of them.
   assert abs(amax / width - round(amax / width)) < 1e-3
+
+
+@pytest.mark.parametrize("narrow_range", [True, False],
+                         ids=["narrow", "full"])
+def test_mse_models_the_int4_quantizer(narrow_range):
+  """The model's error is the real fake-quant error, and its choice is
+  within a fraction of a percent of the best range on a fine grid."""
+  batches = _laplace_batches(5, n=2)
+  x = jnp.asarray(np.concatenate(batches))
+  spec = QuantSpec("int4", calibration="mse", narrow_range=narrow_range)
+  obs = jaxq.observers.mse(num_bins=512)
+  state = _calibrate(obs, spec, batches)
+  amax = obs.finalize(state)[0]
+  counts = np.asarray(state.counts)[0]
+  width = float(state.range[0]) / 512
+  actual = jax.jit(jax.vmap(lambda a: jnp.mean(
+      (jaxq.fake_quant(x, spec, amax=a) - x) ** 2)))
+  chosen = float(actual(amax[None])[0])
+  model = _expected_mse(counts, width, float(amax), spec.fmt.qmax, None, 0,
+                        full_range=not narrow_range)
+  assert model == pytest.approx(chosen, rel=0.03)
+  grid = jnp.arange(64, 513, dtype=jnp.float32) * width
+  assert chosen <= float(jnp.min(actual(grid))) * 1.005
+  if not narrow_range:  # The finer step: below the narrow range's best.
+    narrow = spec.replace(narrow_range=True)
+    narrow_best = jnp.min(jax.vmap(lambda a: jnp.mean(
+        (jaxq.fake_quant(x, narrow, amax=a) - x) ** 2))(grid))
+    assert chosen < 0.95 * float(narrow_best)
 
 
 def test_range_growth_loses_no_counts():
