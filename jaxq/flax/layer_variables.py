@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from jaxq import learned
 from jaxq.flax import calibration_mask
+from jaxq.flax import serve_ops
 from jaxq.flax.core import ACT_SMOOTH
 from jaxq.flax.core import ACT_STATS
 from jaxq.flax.core import WEIGHT_RANGE
@@ -267,6 +268,24 @@ class LayerVariables(abc.ABC):
       return rows
     return switch(enabled, rows, embed_lookup(
         dataclasses.replace(self.quant, mode="calibrate"), table, ids))
+
+  def attend(self, query: jax.Array, table: jax.Array | QArray,
+             dtype: Any) -> jax.Array:
+    """``query @ table.T`` (an embedding's ``attend``) with the table
+    quantized as the layer's weight; ``query`` is in ``dtype``."""
+    query = query.astype(dtype)
+    dims = (((query.ndim - 1,), (1,)), ((), ()))
+    if self.quant.mode == "serve" and self.quant.switchable:
+      return self.switched_op(
+          lambda q, t: serve_ops.serve_dot_general(
+              q, serve_ops.computing_in(t, dtype), dims),
+          lambda q, t: jax.lax.dot_general(q, t.astype(dtype), dims),
+          query, table)
+    table = self.weight(table)
+    if isinstance(table, QArray):
+      return serve_ops.serve_dot_general(
+          query, serve_ops.computing_in(table, dtype), dims)
+    return jax.lax.dot_general(query, table.astype(dtype), dims)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

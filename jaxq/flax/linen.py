@@ -459,19 +459,7 @@ class QuantizedLinen:
         raise ValueError(f"jaxq: {quant.path!r} (Embed) needs integer ids, "
                          f"got dtype {query.dtype}.")
       return layer.embed(table, query).astype(dtype)
-    query = query.astype(dtype)
-    dims = (((query.ndim - 1,), (1,)), ((), ()))
-    if quant.mode == "serve" and quant.switchable:
-      return layer.switched_op(
-          lambda q, t: serve_ops.serve_dot_general(
-              q, serve_ops.computing_in(t, dtype), dims),
-          lambda q, t: jax.lax.dot_general(q, t.astype(dtype), dims),
-          query, table)
-    table = layer.weight(table)
-    if isinstance(table, QArray):
-      return serve_ops.serve_dot_general(
-          query, serve_ops.computing_in(table, dtype), dims)
-    return jax.lax.dot_general(query, table.astype(dtype), dims)
+    return layer.attend(query, table, dtype)
 
   def _custom(self, module: nn.Module, next_fun, args, kwargs) -> Any:
     """User modules with a ``dot_general``/``conv_general_dilated`` field."""

@@ -368,19 +368,7 @@ class _QuantizedEmbed:
     layer = _Layer(self)
     table = self.embedding.get_value()
     dtype = self.dtype or table.dtype
-    query = query.astype(dtype)
-    dims = (((query.ndim - 1,), (1,)), ((), ()))
-    if layer.quant.mode == "serve" and layer.quant.switchable:
-      return layer.switched_op(
-          lambda q, t: serve_ops.serve_dot_general(
-              q, serve_ops.computing_in(t, dtype), dims),
-          lambda q, t: jax.lax.dot_general(q, t.astype(dtype), dims),
-          query, table)
-    table = layer.weight(table)
-    if isinstance(table, QArray):
-      return serve_ops.serve_dot_general(
-          query, serve_ops.computing_in(table, dtype), dims)
-    return jax.lax.dot_general(query, table.astype(dtype), dims)
+    return layer.attend(query, table, dtype)
 
 
 @functools.lru_cache(maxsize=None)
