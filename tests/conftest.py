@@ -3,14 +3,6 @@
 Eight host CPU devices let the sharding tests run on any machine; XLA reads
 the flag once, so it must be set before JAX initialises its backends.
 
-The suite is dominated by XLA:CPU compile time, so XLA's LLVM backend runs
-at optimisation level 0 (`COMPILE_FLAGS`; about a fifth less CPU time): the
-HLO passes (fusion, layout, the int8 dots `jaxq.inspect` checks) are
-unchanged, only the machine code is less optimised. Float results can move
-by a rounding step (no fused multiply-adds), as they do between CPU models,
-which every test's tolerance already allows. Subprocess tests (benchmarks,
-notebooks) inherit the flag through the environment.
-
 Under xdist (`-n auto`, `--dist loadgroup` in pyproject.toml), the tests of
 a module that builds a module-scoped fixture run on one worker, so the
 fixture (a trained model, a loaded checkpoint) is built once, not once per
@@ -22,11 +14,7 @@ import os
 
 import pytest
 
-COMPILE_FLAGS = "--xla_backend_optimization_level=0"
-
-os.environ.setdefault(
-    "XLA_FLAGS",
-    f"--xla_force_host_platform_device_count=8 {COMPILE_FLAGS}")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import hypothesis  # noqa: E402
 

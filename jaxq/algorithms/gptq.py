@@ -58,6 +58,7 @@ import jax.numpy as jnp
 from jaxq.algorithms import stats as stats_lib
 from jaxq.algorithms.weight_range import weight_range
 from jaxq.granularity import MX, PerChannel
+from jaxq.quantize import compute_range
 from jaxq.quantize import fake_quant
 from jaxq.spec import QuantSpec
 
@@ -106,9 +107,31 @@ def _range(w: jax.Array, spec: QuantSpec, row_weight: jax.Array
            ) -> tuple[jax.Array | None, jax.Array]:
   """`weight_range` of (rows, d_out) ``w``; an "mse" search weights each
   row's squared error by ``row_weight`` (rows,), its Hessian diagonal."""
+  unclipped = spec.symmetric and spec.fmt.is_full_range
   if spec.calibration == "mse":
-    return weight_range(w, spec, error_weight=row_weight[:, None])
+    amin, amax = weight_range(w, spec, error_weight=row_weight[:, None])
+    if unclipped:  # A search that chose not to clip: clip neither end.
+      amax = jnp.where(amax >= compute_range(w, spec)[1],
+                       _unclipped_amax(w, spec), amax)
+    return amin, amax
+  if spec.calibration == "max" and unclipped:
+    return None, _unclipped_amax(w, spec)
   return weight_range(w, spec)
+
+
+def _unclipped_amax(w: jax.Array, spec: QuantSpec) -> jax.Array:
+  """The full-range symmetric amax whose step puts neither end of ``w``'s
+  blocks beyond the grid: ``step = max(max w / qmax, -min w / -qmin)``.
+
+  The abs-max step ``amax / (qmax + 0.5)`` saturates a weight at +amax half
+  a step low; GPTQ would treat that clipping like rounding and spread it,
+  amplified by the Hessian, over the rows it has not reached, which fits
+  the calibration inputs only (an outlier input's weight is clipped most).
+  """
+  fmt = spec.fmt
+  amin, amax = compute_range(w, spec.replace(symmetric=False))
+  step = jnp.maximum(amax / fmt.qmax, amin / fmt.qmin)
+  return step * jnp.float32(fmt.amax_level)
 
 
 def _inverse_hessian_factor(hessian: jax.Array

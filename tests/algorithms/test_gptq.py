@@ -20,9 +20,10 @@ def reference_gptq(w, h, qmax, group_size, act_order=False, percdamp=0.01,
                    full_range=True):
   """The paper's GPTQ in float64, symmetric integers; groups along d_in,
   each group's abs-max taken from its current rows when first reached.
-  The full range (int4's default) rounds onto [-qmax - 1, qmax] with step
-  amax / (qmax + 0.5) (nudged by 2**-20), the narrow one onto [-qmax, qmax]
-  with step amax / qmax."""
+  The full range (int4's default) rounds onto [-qmax - 1, qmax] with the
+  step that clips neither end, max(max w / qmax, -min w / (qmax + 1)),
+  stored as amax = step * (qmax + 0.5) (nudged by 2**-20); the narrow one
+  onto [-qmax, qmax] with step amax / qmax, amax = max |w|."""
   level = (qmax + 0.5) * (1 + 2.0**-20) if full_range else qmax
   qmin = -qmax - 1 if full_range else -qmax
   w, h = np.array(w, np.float64), np.array(h, np.float64)
@@ -42,7 +43,9 @@ def reference_gptq(w, h, qmax, group_size, act_order=False, percdamp=0.01,
   for i in range(d_in):
     g = group_of[i]
     if not done[g]:
-      amax[g] = np.max(np.abs(w[group_of == g]), axis=0)
+      rows = w[group_of == g]
+      amax[g] = (np.maximum(rows.max(0) / qmax, -rows.min(0) / -qmin) * level
+                 if full_range else np.max(np.abs(rows), axis=0))
       done[g] = True
     scale = np.where(amax[g] > 0, amax[g] / level, 1.0)
     q[i] = np.clip(np.round(w[i] / scale), qmin, qmax) * scale
@@ -150,6 +153,9 @@ def test_mse_ranges_do_not_clip_the_weights_of_an_outlier_input(granularity):
   plain = gptq(w, h, spec, percdamp=0.1, act_order=True)
   mse = gptq(w, h, spec.replace(calibration="mse"), percdamp=0.1,
              act_order=True)
+  # GPTQ's full-range step clips neither end of the grid, so w[0] = 0.6
+  # stays on it in both (the weight's own error clipped it to 0.4).
+  np.testing.assert_allclose(plain.kernel[0], w[0], rtol=1e-5)
   np.testing.assert_allclose(mse.kernel[0], w[0], rtol=1e-5)
   assert layer_error(x_held_out, w, mse.kernel) <= 1.1 * layer_error(
       x_held_out, w, plain.kernel)
