@@ -31,6 +31,13 @@ Scales (the spec's granularity on (d_in, d_out)):
   ``act_order`` the groups stay the spec's contiguous groups of the
   original order, so the result is an ordinary jaxq per-group weight.
 
+On a symmetric full-range integer grid (int4's default [-8, 7]) the "max"
+range is the step that clips neither end, ``max(max w / 7, -min w / 8)``,
+not the abs-max step ``amax / 7.5``, which saturates +amax half a step low:
+GPTQ would spread that clip, amplified by the Hessian, as it spreads
+rounding error (`_unclipped_amax`). An "mse" search that keeps its ratio at
+1 takes the same step.
+
 ``calibration="mse"`` searches each range's clipping by the layer's output
 error, not the weight's: each row's squared error is weighted by its
 (dampened) Hessian diagonal ``H_ii``, the output error when the inputs are
