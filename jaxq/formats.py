@@ -28,7 +28,12 @@ range ``[-qmax - 1, qmax]``, where ``+amax`` saturates to ``qmax`` and
 ``-amax`` rounds to ``qmin`` (off its tie by a float32 margin): every
 element of the range still ends within half a step, and the step is finer
 by a factor ``(qmax + 0.5) / qmax`` (1 + 1/14 for int4; 1 + 1/254 for
-int8, too little to leave the TensorRT/TFLite convention).
+int8, too little to leave the TensorRT/TFLite convention). As the full grid
+reaches one step further below zero than above, a range computed from data
+counts a negative value at ``(qmax + 0.5) / (qmax + 1.5)`` of its size
+(`Format.negative_reach`, `range_magnitude`): ``amax = max(max x, -min x *
+7.5 / 8.5)`` for int4, the smallest range that holds both ends of ``x``
+within half a step, so the step is finer whenever one sign dominates.
 
 ``float8_e8m0fnu`` (e8m0) is not an element format: it is the power-of-two
 scale type of Microscaling, see `to_e8m0`.
@@ -122,6 +127,16 @@ class Format:
       return (self.qmax + 0.5) * (1.0 + FULL_RANGE_NUDGE)
     return self.qmax
 
+  @property
+  def negative_reach(self) -> float:
+    """How far below zero a symmetric range holds values within half a
+    step, relative to its ``amax``: 1, except in the full integer range,
+    whose ``qmin`` is one step beyond ``-qmax``: ``(qmax + 1.5) / (qmax +
+    0.5)`` (8.5 / 7.5 for int4)."""
+    if self.is_full_range:
+      return (self.qmax + 1.5) / (self.qmax + 0.5)
+    return 1.0
+
 
 _INT_DTYPES = {
     "int8": np.dtype(np.int8),
@@ -208,6 +223,19 @@ def get_format(fmt: str | np.dtype | type, *,
                 mantissa_bits=int(finfo.nmant),
                 min_normal_exponent=int(finfo.minexp),
                 has_nan=name != "float4_e2m1fn")
+
+
+def range_magnitude(x: jax.Array, negative_reach: float = 1.0) -> jax.Array:
+  """What a symmetric range takes the maximum of: ``|x|``, with negative
+  values divided by ``negative_reach`` (`Format.negative_reach`).
+
+  Its maximum over a block is the smallest ``amax`` whose grid holds every
+  element of the block within half a step: ``max(max x, -min x /
+  negative_reach)``.
+  """
+  if negative_reach == 1.0:
+    return jnp.abs(x)
+  return jnp.maximum(x, -x * np.float32(1.0 / negative_reach))
 
 
 def _stochastic_float_round(x: jax.Array, fmt: Format, key: jax.Array

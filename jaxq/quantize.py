@@ -14,7 +14,12 @@ Numerics:
   where ``+amax`` saturates to ``qmax`` and ``-amax`` rounds to ``qmin``:
   the error stays within half a step on a finer grid. (The full range's
   level is raised by 2**-20 relative, so that ``-amax`` lies off its
-  rounding tie whatever the float32 rounding.) The scale's division
+  rounding tie whatever the float32 rounding.) A range computed from data
+  (`compute_range`) is ``max |x|``, except in the full range, where the
+  grid reaches one step further below zero: ``max(max x, -min x *
+  (qmax + 0.5) / (qmax + 1.5))``, the smallest range holding both ends of
+  ``x`` within half a step (`jaxq.formats.Format.negative_reach`), so a
+  block whose negative end dominates gets a finer step. The scale's division
   is a multiplication by the float32 reciprocal of ``amax_level``
   (``qmax - qmin`` when affine), as XLA compiles it inside ``jit``, so
   eager and jitted scales, and the ties they round, are identical.
@@ -87,19 +92,23 @@ def _check_range_shape(name: str, value: jax.Array, expected: tuple[int, ...],
   return value
 
 
-def _finite_abs_max(x: jax.Array, blocks: tuple[int, ...]) -> jax.Array:
-  """``max |x|`` of each block over its finite elements (0 if none).
+def _finite_block_max(x: jax.Array, blocks: tuple[int, ...],
+                      negative_reach: float) -> jax.Array:
+  """The block maximum of ``range_magnitude(x)`` (``max |x|`` when
+  ``negative_reach`` is 1) over finite elements (0 if none).
 
-  The plain ``max |x|`` fuses into one reduction with no masked copy of
-  ``x``, and it is the answer whenever it is finite everywhere: a finite
-  block maximum means no inf in the block, and a NaN either propagates (not
-  finite) or is skipped, which is what masking it to 0 does too, as
-  ``|x| >= 0``. Only otherwise is the masked reduction computed.
+  The plain reduction fuses into one pass with no masked copy of ``x``, and
+  it is the answer whenever it is finite everywhere: a finite block maximum
+  means no inf in the block, and a NaN either propagates (not finite) or is
+  skipped, which is what masking it to 0 does too, as the magnitude is
+  ``>= 0``. Only otherwise is the masked reduction computed.
   """
-  fast = granularity_lib.block_reduce(jnp.abs(x), blocks, jnp.max)
-  # |x| is recomputed in the branch: shared, it would be materialised.
+  magnitude = lambda: formats_lib.range_magnitude(x, negative_reach)
+  fast = granularity_lib.block_reduce(magnitude(), blocks, jnp.max)
+  # The magnitude is recomputed in the branch: shared, it would be
+  # materialised.
   masked = lambda: granularity_lib.block_reduce(
-      jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0), blocks, jnp.max)
+      jnp.where(jnp.isfinite(x), magnitude(), 0.0), blocks, jnp.max)
   return jax.lax.cond(jnp.all(jnp.isfinite(fast)), lambda: fast, masked)
 
 
@@ -244,8 +253,11 @@ def compute_range(x: jax.Array, spec: QuantSpec
 
   Returns:
     ``(amin, amax)`` in float32 of the scale shape. Symmetric specs give
-    ``amin = None`` and ``amax = max |x|``; affine specs give the minimum and
-    maximum. A block with no finite element gives 0.
+    ``amin = None`` and ``amax = max |x|``, or, in the full integer range
+    (int4's default), ``max(max x, -min x / negative_reach)``, the smallest
+    range that holds both ends within half a step (see
+    `jaxq.formats.Format.negative_reach`); affine specs give the minimum
+    and maximum. A block with no finite element gives 0.
   """
   _check_float(x, "compute_range")
   if x.size == 0:  # Nothing to reduce: unit scales.
@@ -255,7 +267,7 @@ def compute_range(x: jax.Array, spec: QuantSpec
   blocks = spec.granularity.block_shape(tuple(x.shape))
   x = x.astype(jnp.float32)
   if spec.symmetric:
-    return None, _finite_abs_max(x, blocks)
+    return None, _finite_block_max(x, blocks, spec.negative_reach)
   finite = jnp.isfinite(x)
   amin = granularity_lib.block_reduce(jnp.where(finite, x, 0.0), blocks,
                                       jnp.min)
@@ -272,7 +284,8 @@ def scale_from_range(spec: QuantSpec, amax: jax.Array,
 
   Args:
     spec: the quantizer.
-    amax: float array; max |x| (symmetric) or max x (affine).
+    amax: float array; the symmetric range (``max |x|``, see
+      `compute_range`) or max x (affine).
     amin: min x, affine only.
     range_from_data: True when the range was computed from the data it
       will quantize (e.g. a weight's own range), so a range of 0 everywhere

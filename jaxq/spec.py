@@ -160,6 +160,15 @@ class QuantSpec:
   def is_mx(self) -> bool:
     return isinstance(self.granularity, granularity_lib.MX)
 
+  @property
+  def negative_reach(self) -> float:
+    """`jaxq.formats.Format.negative_reach` of a symmetric, non-MX spec (1
+    otherwise): a range computed from data is the block maximum of
+    ``jaxq.formats.range_magnitude(x, negative_reach)``."""
+    if not self.symmetric or self.is_mx:
+      return 1.0
+    return self.fmt.negative_reach
+
   def replace(self, **changes) -> "QuantSpec":
     """Returns a copy with ``changes`` applied (validated again).
 

@@ -87,7 +87,15 @@ def _reference_range(x: np.ndarray, spec: QuantSpec, blocks: Shape
                      ) -> tuple[np.ndarray | None, np.ndarray]:
   finite = np.where(np.isfinite(x), x, 0.0).astype(np.float32)
   if spec.symmetric:
-    return None, _block_reduce(np.abs(finite), blocks, np.max)
+    fmt = spec.fmt
+    if fmt.kind == "int" and not spec.narrow_range and not spec.is_mx:
+      # The full range counts a negative value at (qmax + .5) / (qmax + 1.5):
+      # its grid reaches one step further below zero.
+      magnitude = np.maximum(
+          finite, -finite * np.float32((fmt.qmax + 0.5) / (fmt.qmax + 1.5)))
+    else:
+      magnitude = np.abs(finite)
+    return None, _block_reduce(magnitude, blocks, np.max)
   return (_block_reduce(finite, blocks, np.min),
           _block_reduce(finite, blocks, np.max))
 
@@ -194,27 +202,62 @@ def _signed_columns(seed: int = 0) -> np.ndarray:
   return x
 
 
-def test_int4_defaults_to_the_full_range_with_step_amax_over_7_5():
+def test_int4_defaults_to_the_full_range_with_a_step_holding_both_ends():
   x = _signed_columns()
   spec = QuantSpec("int4", PerChannel(axis=-1))
   assert not spec.narrow_range and (spec.fmt.qmin, spec.fmt.qmax) == (-8, 7)
   qa = jaxq.quantize(x, spec)
-  amax = np.abs(x).max(axis=0, keepdims=True)
   scale = np.asarray(qa.scale)
-  # Step amax / 7.5, up to the 2**-20 nudge off the -amax tie.
-  np.testing.assert_allclose(scale, amax / 7.5, rtol=2e-6)
+  # The smallest step that keeps max x within half a step of 7 and min x
+  # within half a step of -8 (up to the 2**-20 nudge off the ties).
+  step = np.maximum(x.max(axis=0) / 7.5, -x.min(axis=0) / 8.5)[None]
+  np.testing.assert_allclose(scale, step, rtol=2e-6)
+  # Columns 0-2 end further below zero: their step is amax / 8.5, finer
+  # than the abs-max step amax / 7.5 of columns 3-5.
+  amax = np.abs(x).max(axis=0, keepdims=True)
+  np.testing.assert_allclose(scale[:, :3], amax[:, :3] / 8.5, rtol=2e-6)
+  np.testing.assert_allclose(scale[:, 3:], amax[:, 3:] / 7.5, rtol=2e-6)
   values = np.asarray(qa.values).astype(np.int32)
-  # -amax reaches -8 in every column whose extreme is negative; +amax
-  # saturates to 7.
+  # The negative extremes reach -8; the positive ones saturate to 7.
   np.testing.assert_array_equal(values[7], [-8, -8, -8, 7, 7, 7])
   assert values.min() >= -8 and values.max() <= 7
   error = np.abs(np.asarray(jaxq.dequantize(qa), np.float64) - x)
   assert np.all(error <= 0.5 * scale * (1 + 1e-4))
   np.testing.assert_array_equal(np.asarray(jaxq.fake_quant(x, spec)),
                                 np.asarray(jaxq.dequantize(qa)))
-  # The finer step beats the narrow range's amax / 7 on Gaussian data.
+  # The finer step beats the narrow range's amax / 7 on Gaussian data, and
+  # the abs-max step amax / 7.5 where the negative end dominates.
   narrow = jaxq.fake_quant(x, spec.replace(narrow_range=True))
   assert np.sum(error ** 2) < 0.95 * np.sum((np.asarray(narrow) - x) ** 2)
+  abs_max_step = jaxq.fake_quant(x, spec, amax=amax)
+  per_column = lambda x_hat: np.sum((np.asarray(x_hat) - x) ** 2, axis=0)
+  assert np.all(per_column(jaxq.dequantize(qa))[:3]
+                < per_column(abs_max_step)[:3])
+
+
+def test_full_range_is_the_smallest_holding_both_ends_within_half_a_step():
+  x = _signed_columns(3)
+  for spec in (QuantSpec("int4", PerChannel(axis=-1)),
+               QuantSpec("int8", PerChannel(axis=-1), narrow_range=False)):
+    qmin, qmax = spec.fmt.qmin, spec.fmt.qmax
+    _, amax = jaxq.compute_range(x, spec)
+    np.testing.assert_allclose(
+        amax[0], np.maximum(x.max(0), -x.min(0) * (qmax + 0.5) / (qmax + 1.5)),
+        rtol=1e-6)
+    step = np.asarray(jaxq.quantize(x, spec).scale)
+    error = np.abs(np.asarray(jaxq.fake_quant(x, spec), np.float64) - x)
+    # Half a step, plus the 2**-20 nudge of the level at the far end.
+    assert np.all(error <= step * (0.5 + (qmax + 1.5) * 2.0**-19))
+    # One percent finer, and an end leaves the grid by more than half a step.
+    finer = jaxq.fake_quant(x, spec, amax=amax * 0.99)
+    assert np.all(np.abs(np.asarray(finer) - x).max(axis=0)
+                  > 0.5 * 0.99 * step[0])
+  # Narrow and float formats keep max |x|.
+  for spec in (QuantSpec("int4", PerChannel(-1), narrow_range=True),
+               QuantSpec("int8", PerChannel(-1)),
+               QuantSpec("float8_e4m3fn", PerChannel(-1))):
+    np.testing.assert_array_equal(jaxq.compute_range(x, spec)[1],
+                                  np.abs(x).max(axis=0, keepdims=True))
 
 
 def test_int4_narrow_range_keeps_step_amax_over_7():
@@ -242,7 +285,9 @@ def test_int8_default_is_unchanged_narrow():
                                 [-127, -127, -127, 127, 127, 127])
   # The explicit full int8 range takes the same rule as int4's default.
   full = jaxq.quantize(x, spec.replace(narrow_range=False))
-  np.testing.assert_allclose(np.asarray(full.scale), amax / 127.5, rtol=2e-6)
+  np.testing.assert_allclose(
+      np.asarray(full.scale)[0],
+      np.maximum(x.max(axis=0) / 127.5, -x.min(axis=0) / 128.5), rtol=2e-6)
   np.testing.assert_array_equal(np.asarray(full.values)[7],
                                 [-128, -128, -128, 127, 127, 127])
 

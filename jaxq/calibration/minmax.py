@@ -8,7 +8,10 @@ per-group, per-block and MX.
 
 Semantics:
 
-* Symmetric specs track ``amax = max |x|`` per block, starting from 0.
+* Symmetric specs track ``amax = max |x|`` per block, starting from 0 (in
+  the full integer range, int4's default, the block maximum of
+  `jaxq.formats.range_magnitude`, as `jaxq.compute_range` gives: the
+  maximum over batches of each batch's range is the range of all of them).
 * Affine specs track ``amin = min x`` and ``amax = max x`` per block,
   starting from ``+inf`` / ``-inf`` (the identities of min / max, so states
   merge by plain min / max); a block that has seen no finite value
@@ -30,6 +33,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxq import formats as formats_lib
 from jaxq import granularity as granularity_lib
 from jaxq.calibration import base
 from jaxq.spec import QuantSpec
@@ -69,16 +73,18 @@ def _init(x: jax.Array, spec: QuantSpec) -> MaxState:
                   nonfinite=jnp.zeros((), jnp.int32), spec=spec)
 
 
-def _batch_range(x: jax.Array, blocks: tuple[int, ...], symmetric: bool,
+def _batch_range(x: jax.Array, blocks: tuple[int, ...], spec: QuantSpec,
                  finite: jax.Array | None) -> tuple[jax.Array | None, jax.Array]:
-  """``(amin, amax)`` of every block (``amin`` None when symmetric).
+  """``(amin, amax)`` of every block (``amin`` None when symmetric), as
+  `jaxq.compute_range` defines them.
 
   With a ``finite`` mask, non-finite values are left out; without one, they
   propagate (NaN and inf win every max/min).
   """
   keep = lambda a, fill: a if finite is None else jnp.where(finite, a, fill)
-  if symmetric:
-    return None, granularity_lib.block_reduce(keep(jnp.abs(x), 0.0), blocks,
+  if spec.symmetric:
+    magnitude = formats_lib.range_magnitude(x, spec.negative_reach)
+    return None, granularity_lib.block_reduce(keep(magnitude, 0.0), blocks,
                                               jnp.max)
   return (granularity_lib.block_reduce(keep(x, jnp.inf), blocks, jnp.min),
           granularity_lib.block_reduce(keep(x, -jnp.inf), blocks, jnp.max))
@@ -101,17 +107,17 @@ def _update(state: MaxState, x: jax.Array,
   if keep is not None:
     # Masked positions are not data: they enter no range and no count.
     finite = jnp.isfinite(x)
-    batch_amin, batch_amax = _batch_range(x, blocks, spec.symmetric,
+    batch_amin, batch_amax = _batch_range(x, blocks, spec,
                                           keep & finite)
     return _combined(state, batch_amin, batch_amax,
                      jnp.sum(keep & ~finite, dtype=jnp.int32))
   # Plain reductions propagate NaN/inf, so finite block ranges prove a clean
   # batch; only a batch with non-finite values pays for masking and counting
   # (a mask fused into the reduction costs far more than the reduction).
-  plain = _batch_range(x, blocks, spec.symmetric, finite=None)
+  plain = _batch_range(x, blocks, spec, finite=None)
 
   def masked() -> tuple[tuple[jax.Array | None, jax.Array], jax.Array]:
-    return (_batch_range(x, blocks, spec.symmetric, jnp.isfinite(x)),
+    return (_batch_range(x, blocks, spec, jnp.isfinite(x)),
             base.count_nonfinite(x))
 
   clean = jnp.all(jnp.stack([jnp.all(jnp.isfinite(r)) for r in plain

@@ -71,8 +71,11 @@ def test_mse_never_worse_than_max_per_scale(spec):
   err_max = block_squared_error(w, jaxq.fake_quant(w, max_spec), blocks)
   assert amax.shape == jaxq.compute_range(w, spec)[1].shape
   assert np.all(err_mse <= err_max * (1 + 1e-6))
-  if spec.format == "int4":  # Clipping t(3) tails pays off at 4 bits.
-    assert np.sum(err_mse) < 0.95 * np.sum(err_max)
+  if spec.format == "int4":  # Clipping t(3) tails pays off at 4 bits,
+    # most over the 64 weights of a channel (the max range of a group of 16
+    # clips little less than the best ratio does).
+    gain = 0.98 if isinstance(spec.granularity, PerChannel) else 0.999
+    assert np.sum(err_mse) < gain * np.sum(err_max)
 
 
 # int4's default full range: step amax / 7.5 over [-8, 7]; narrow: amax / 7.
@@ -83,7 +86,10 @@ def test_mse_picks_the_grid_minimum(narrow_range, level, qmin):
   spec = QuantSpec("int4", PerChannel(-1), calibration="mse",
                    narrow_range=narrow_range)
   _, amax = weight_range(w, spec, num_ratios=11, min_ratio=0.5)
-  full = np.abs(w).max(axis=0)
+  # Ratio 1 is the max range: in the full range, the smallest holding both
+  # ends within half a step.
+  reach = 1.0 if narrow_range else 8.5 / 7.5
+  full = np.maximum(w.max(axis=0), -w.min(axis=0) / reach)
   for col in range(4):
     errors = []
     for r in np.linspace(1.0, 0.5, 11):
@@ -126,7 +132,7 @@ def test_mse_error_weight_picks_the_weighted_grid_minimum():
   spec = QuantSpec("int4", PerChannel(-1), calibration="mse")
   _, amax = weight_range(w, spec, num_ratios=11, min_ratio=0.5,
                          error_weight=row_weight)
-  full = np.abs(w).max(axis=0, keepdims=True)
+  full = jaxq.compute_range(w, spec)[1]
   ratios = np.linspace(1.0, 0.5, 11, dtype=np.float32)
   errors = [np.sum(row_weight * (w - np.asarray(
       jaxq.fake_quant(w, spec, amax=full * r))) ** 2, axis=0)

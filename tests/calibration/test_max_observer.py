@@ -59,8 +59,16 @@ def test_per_group_max_matches_numpy():
   spec = QuantSpec("int4", PerGroup(axis=-1, size=4))
   amax = jaxq.observers.max().finalize(
       _run(jaxq.observers.max(), spec, batches))
-  expected = np.abs(np.stack(batches)).max(axis=0).reshape(4, 4, 4).max(-1)
+  stacked = np.stack(batches)
+  # int4's full range counts negative values at 7.5 / 8.5 (its grid reaches
+  # -8): the range of all batches is the max of each batch's.
+  magnitude = np.maximum(stacked, -stacked * np.float32(7.5 / 8.5))
+  expected = magnitude.max(axis=0).reshape(4, 4, 4).max(-1)
   np.testing.assert_array_equal(np.asarray(amax), expected)
+  narrow = jaxq.observers.max().finalize(_run(
+      jaxq.observers.max(), spec.replace(narrow_range=True), batches))
+  np.testing.assert_array_equal(
+      np.asarray(narrow), np.abs(stacked).max(axis=0).reshape(4, 4, 4).max(-1))
 
 
 def test_affine_tracks_min_and_max():
