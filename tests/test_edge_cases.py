@@ -493,7 +493,14 @@ def _check_against_reference(x: np.ndarray, spec: QuantSpec, qa: QArray,
   finite = np.where(np.isfinite(x), x, 0.0)
   actual_scale = np.asarray(qa.scale.astype(jnp.float32), np.float64)
   if spec.symmetric:
-    amax = _per_block(np.abs(finite), blocks, np.max)
+    magnitude = np.abs(finite)
+    if fmt.kind == "int" and not spec.narrow_range and not spec.is_mx:
+      # The full range's grid reaches one step further below zero: negative
+      # values count (qmax + 0.5) / (qmax + 1.5) of their size (a float32
+      # product, exact in float64 before rounding).
+      magnitude = _f32(np.maximum(finite, -finite * np.float64(np.float32(
+          (fmt.qmax + 0.5) / (fmt.qmax + 1.5)))))
+    amax = _per_block(magnitude, blocks, np.max)
     if spec.is_mx:
       exponent = np.where(amax > 0, np.floor(np.log2(np.where(
           amax > 0, amax, 1.0))), -127)

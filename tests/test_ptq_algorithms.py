@@ -186,9 +186,12 @@ def test_linen_and_nnx_twins_give_the_same_variables(algorithm):
   for key in linen_read:
     np.testing.assert_allclose(linen_read[key], nnx_read[key], rtol=1e-4,
                                atol=1e-5, err_msg=str(key))
-  # The algorithm changed the kernels.
-  assert not np.allclose(linen_read[("q", "kernel")],
-                         params["params"]["q"]["kernel"])
+  # The algorithm changed the kernels (AWQ's coarse grid of 5 exponents keeps
+  # exponent 0 for the LayerNorm group q, k of this toy; it scales down's).
+  changed = [path for path in PATHS
+             if not np.allclose(linen_read[(path, "kernel")],
+                                params["params"][path]["kernel"])]
+  assert changed, algorithm
 
 
 def test_what_each_algorithm_stores():

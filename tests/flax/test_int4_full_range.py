@@ -97,8 +97,9 @@ def test_linen_learned_int4_scales_serve_equals_qat():
                             "qat")
   variables = jaxq.qat.init_learned(qat, variables, x)
   scale = variables["params"]["jaxq"]["weight_scale"]
-  np.testing.assert_allclose(scale, np.abs(w).max(0, keepdims=True) / 7.5,
-                             rtol=2e-6)
+  # The full range's step: max w at 7, min w at -8, each within half a step.
+  np.testing.assert_allclose(
+      scale, np.maximum(w.max(0) / 7.5, -w.min(0) / 8.5)[None], rtol=2e-6)
   # A trained (moved) scale: serve still reproduces QAT.
   variables["params"]["jaxq"]["weight_scale"] = scale * 0.9
   serving, _ = jaxq.convert(qat, variables)
