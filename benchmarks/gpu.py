@@ -11,7 +11,7 @@ section         what
 ==============  ==============================================================
 matmul          ``benchmarks/matmul.py --large``: bf16, float32, int8 T-C /
                 K-C / G-G and MX fp8 at M = N = K in 1024, 4096, 8192
-                (``--quick``: 256, 512), plus, per variant, what its compiled
+                (``--quick``: 256), plus, per variant, what its compiled
                 matmul multiplies (`jaxq.inspect` of one dynamic matmul)
 qat_overhead    ``benchmarks/qat_overhead.py --int8-forward`` on the d=2048
                 transformer block in bfloat16 (``--quick``: the small MLP in
