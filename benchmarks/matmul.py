@@ -1,7 +1,7 @@
 """Matmul throughput: float32 and bfloat16 against jaxq's low-bit dot_general.
 
-For M = N = K in {1024, 4096} (``--quick``: 256 only, a smoke run; ``--large`` adds
-8192), times ``(M, K) x (K, N)`` for:
+For M = N = K in {1024, 4096} (``--quick``: 256 only, a smoke run;
+``--large`` adds 8192), times ``(M, K) x (K, N)`` for:
 
 =================  =========================  ===============================
 variant            activation (lhs)           weight (rhs)
