@@ -11,7 +11,7 @@ section         what
 ==============  ==============================================================
 matmul          ``benchmarks/matmul.py --large``: bf16, float32, int8 T-C /
                 K-C / G-G and MX fp8 at M = N = K in 1024, 4096, 8192
-                (``--quick``: 256, 512), plus, per variant, what its compiled
+                (``--quick``: 256), plus, per variant, what its compiled
                 matmul multiplies (`jaxq.inspect` of one dynamic matmul)
 qat_overhead    ``benchmarks/qat_overhead.py --int8-forward`` on the d=2048
                 transformer block in bfloat16 (``--quick``: the small MLP in
@@ -75,11 +75,13 @@ MINILM_RULES = (
 )
 
 
-def _script(name: str, args: list[str]) -> list[dict[str, Any]]:
-  """Runs ``benchmarks/NAME.py ARGS --json TMP``; its table goes to our
-  stdout, its rows come back. Raises on failure with its stderr's tail."""
+def _script(name: str, args: list[str], keep: pathlib.Path | None
+            ) -> list[dict[str, Any]]:
+  """Runs ``benchmarks/NAME.py ARGS --json KEEP/NAME.json`` (a temporary
+  file when ``keep`` is None); its table goes to our stdout, its rows come
+  back. Raises on failure with its stderr's tail."""
   with tempfile.TemporaryDirectory() as tmp:
-    out = pathlib.Path(tmp) / f"{name}.json"
+    out = (keep or pathlib.Path(tmp)) / f"{name}.json"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
@@ -110,10 +112,11 @@ def backward_modes(help_text: str) -> tuple[str, list[str]] | None:
   return flag, [a for mode in modes for a in (flag, mode)]
 
 
-def run_matmul(quick: bool) -> list[dict[str, Any]]:
+def run_matmul(quick: bool, keep: pathlib.Path | None
+               ) -> list[dict[str, Any]]:
   """matmul.py's rows, each with its variant's compiled matmul kinds."""
   import matmul  # benchmarks/matmul.py: its variants and dimension numbers.
-  rows = _script("matmul", ["--quick"] if quick else ["--large"])
+  rows = _script("matmul", ["--quick"] if quick else ["--large"], keep)
   size = 256 if quick else 1024
   x = jax.random.normal(jax.random.key(0), (size, size), jnp.bfloat16)
   shares: dict[str, dict[str, float]] = {}
@@ -163,7 +166,8 @@ def _qat_step_shares(quick: bool) -> dict[tuple[str, str], str]:
   return shares
 
 
-def run_qat(quick: bool) -> list[dict[str, Any]]:
+def run_qat(quick: bool, keep: pathlib.Path | None
+            ) -> list[dict[str, Any]]:
   """qat_overhead.py with the int8 forward and every backward mode."""
   help_text = subprocess.run(
       [sys.executable, str(HERE / "qat_overhead.py"), "--help"],
@@ -181,7 +185,7 @@ def run_qat(quick: bool) -> list[dict[str, Any]]:
   else:
     print("qat_overhead.py offers no --backward option yet: the int8 "
           "forward with the exact straight-through backward only.")
-  rows = _script("qat_overhead", args)
+  rows = _script("qat_overhead", args, keep)
   shares = _qat_step_shares(quick)
   for row in rows:
     row["section"] = "qat_overhead"
@@ -193,8 +197,11 @@ def _shares_text(shares: dict[str, float]) -> str:
   return " ".join(f"{k}:{100 * v:.0f}%" for k, v in shares.items() if v)
 
 
-def run_minilm(quick: bool) -> list[dict[str, Any]]:
-  """One MiniLM batch: bf16 and float32 float models and int8 W8A8 K-C."""
+def run_minilm(quick: bool, keep: pathlib.Path | None
+               ) -> list[dict[str, Any]]:
+  """One MiniLM batch: bf16 and float32 float models and int8 W8A8 K-C
+  (runs no script: nothing to keep)."""
+  del keep
   sys.path.insert(0, str(ROOT / "examples"))
   import minilm  # examples/minilm.py: the loader.
   pretrained = minilm.load_pretrained()
@@ -246,7 +253,14 @@ def main() -> None:
   p = _harness.parser(__doc__.splitlines()[0])
   p.add_argument("--sections", nargs="+", choices=SECTIONS,
                  default=list(SECTIONS), help="run only these sections")
+  # The test suite checks these files as the scripts' quick runs rather
+  # than running the same scripts a second time.
+  p.add_argument("--script-json", metavar="DIR", type=pathlib.Path,
+                 default=None, help="keep the JSON of each script run "
+                 "(matmul.py, qat_overhead.py) as DIR/NAME.json")
   args = p.parse_args()
+  if args.script_json is not None:
+    args.script_json.mkdir(parents=True, exist_ok=True)
   rows: list[dict[str, Any]] = []
   skipped: dict[str, str] = {}
   failed: dict[str, str] = {}
@@ -255,7 +269,7 @@ def main() -> None:
     start = time.perf_counter()
     print(f"\n## {section}", flush=True)
     try:
-      rows += RUNNERS[section](args.quick)
+      rows += RUNNERS[section](args.quick, args.script_json)
     except (ImportError, FileNotFoundError) as e:
       # A missing optional piece (the MiniLM wheel): said, not hidden.
       skipped[section] = f"{type(e).__name__}: {e}".splitlines()[0]

@@ -87,6 +87,7 @@ step, and ``jaxq`` (fake-quant STE) within 1.15x of it.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -328,7 +329,10 @@ def _importable(name: str) -> bool:
   return True
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None
+               ) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+  """The parser and the command line, checked (``argv``: sys.argv[1:] when
+  None). Without ``--backward``, every mode of `BACKWARDS`."""
   p = _harness.parser(__doc__.splitlines()[0])
   p.add_argument("--int8-forward", action="store_true",
                  help="add jaxq-int8: QAT with the forward on int8 matmuls")
@@ -351,11 +355,16 @@ def main() -> None:
   p.add_argument("--large", action="store_true", default=None,
                  help="add block-2048 (d=2048, 16 heads, 8 x 1024 tokens); "
                       "on by default on an accelerator")
-  args = p.parse_args()
+  args = p.parse_args(argv)
   if "int8" in args.backward and not args.int8_forward and (
       args.backward != list(BACKWARDS)):
     p.error("--backward int8 multiplies the int8 forward's values; add "
             "--int8-forward")
+  return p, args
+
+
+def main(argv: list[str] | None = None) -> None:
+  p, args = parse_args(argv)
   backwards = ["ste"] + [b for b in BACKWARDS
                          if b in args.backward and b != "ste"]
   on_cpu = jax.default_backend() == "cpu"

@@ -248,9 +248,12 @@ def algorithm_rows(pretrained: minilm.Pretrained, calibration: Sequence[str],
     start = time.perf_counter()
     methods = {"max": "max", "entropy": "entropy",
                "percentile": "percentile:99.99"}
-    result = jaxq.calibrate(cal, pretrained.variables, data,
-                            methods=tuple(methods.values()),
-                            progress=progress)
+    # One pass for the rows asked for (histograms only when a row needs them).
+    methods = {k: v for k, v in methods.items() if k in w8a8}
+    if methods:
+      result = jaxq.calibrate(cal, pretrained.variables, data,
+                              methods=tuple(methods.values()),
+                              progress=progress)
     for method in w8a8:
       if method == "SmoothQuant":
         start = time.perf_counter()

@@ -1,7 +1,12 @@
 """Every script in ``benchmarks/`` runs with ``--quick`` and writes the JSON
 the convention in DESIGN.md promises: ``{"benchmark", "device", "rows"}``,
 each row with ``case``, ``impl``, ``median_s`` and ``ratio``. Speed itself
-is never asserted here; what the rows say about correctness is."""
+is never asserted here; what the rows say about correctness is.
+
+``gpu.py --quick`` runs ``matmul.py`` and ``qat_overhead.py`` with the quick
+arguments their own tests want, so one module-scoped run of it (kept whole on
+one xdist worker by tests/conftest.py) serves all three tests: it keeps each
+script's JSON (``--script-json``) and passes each script's stdout through."""
 
 from __future__ import annotations
 
@@ -22,8 +27,14 @@ def _run(name: str, tmp_path: pathlib.Path, *args: str) -> list[dict]:
       [sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick", "--json",
        str(out), *args], capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
+  return _check(name, done.stdout, out)
+
+
+def _check(name: str, stdout: str, out: pathlib.Path) -> list[dict]:
+  """The convention's checks of NAME.py's stdout and its JSON file ``out``;
+  returns the rows."""
   # The table goes to stdout as well as the file.
-  assert f"# {name} on " in done.stdout
+  assert f"# {name} on " in stdout
   result = json.loads(out.read_text())
   assert result["benchmark"] == name and result["device"]
   rows = result["rows"]
@@ -35,6 +46,19 @@ def _run(name: str, tmp_path: pathlib.Path, *args: str) -> list[dict]:
   return rows
 
 
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory) -> tuple[str, pathlib.Path]:
+  """``gpu.py --quick``: its stdout and the folder of its JSON, which also
+  holds the JSON of each script it ran."""
+  tmp = tmp_path_factory.mktemp("gpu")
+  done = subprocess.run(
+      [sys.executable, str(BENCHMARKS / "gpu.py"), "--quick", "--json",
+       str(tmp / "gpu.json"), "--script-json", str(tmp / "scripts")],
+      capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done.stdout, tmp
+
+
 @pytest.mark.slow
 def test_primitives(tmp_path):
   rows = _run("primitives", tmp_path)
@@ -44,8 +68,11 @@ def test_primitives(tmp_path):
 
 
 @pytest.mark.slow
-def test_matmul(tmp_path):
-  rows = _run("matmul", tmp_path)
+def test_matmul(gpu_run):
+  # gpu.py ran `matmul.py --quick` as it is.
+  stdout, tmp = gpu_run
+  assert "/matmul.py --quick --json " in stdout
+  rows = _check("matmul", stdout, tmp / "scripts" / "matmul.json")
   for row in rows:
     if row["impl"] == "bf16":
       assert row["ratio"] == 1
@@ -65,11 +92,21 @@ def test_calibration(tmp_path):
 
 
 @pytest.mark.slow
-def test_qat_overhead(tmp_path):
-  # The peers (an optional extra) and the second model only add compile
-  # time here.
-  rows = _run("qat_overhead", tmp_path, "--int8-forward", "--repeats", "2",
-              "--no-peers", "--case", "mlp")
+def test_qat_overhead(gpu_run, monkeypatch):
+  # gpu.py ran qat_overhead.py with these arguments (the peers, an optional
+  # extra, and the second model only add compile time here) and every
+  # backward mode its --help lists, which is what no --backward means.
+  stdout, tmp = gpu_run
+  args = ["--int8-forward", "--quick", "--repeats", "2", "--no-peers",
+          "--case", "mlp"]
+  modes = ["--backward", "ste", "float", "int8"]
+  assert f"/qat_overhead.py {' '.join(args + modes)} --json " in stdout
+  monkeypatch.syspath_prepend(str(BENCHMARKS))
+  import qat_overhead  # pylint: disable=import-outside-toplevel
+  assert (qat_overhead.parse_args(args)[1] ==
+          qat_overhead.parse_args(args + modes)[1])
+  rows = _check("qat_overhead", stdout,
+                tmp / "scripts" / "qat_overhead.json")
   # Every backward mode by default: ste and float for both forwards, int8
   # for the int8 forward.
   assert {r["impl"] for r in rows} == {
@@ -99,10 +136,11 @@ def test_qat_overhead(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu(tmp_path):
+def test_gpu(gpu_run):
   # The accelerator run, unchanged on a CPU: every section, one JSON.
-  rows = _run("gpu", tmp_path)
-  result = json.loads((tmp_path / "gpu.json").read_text())
+  stdout, tmp = gpu_run
+  rows = _check("gpu", stdout, tmp / "gpu.json")
+  result = json.loads((tmp / "gpu.json").read_text())
   assert result["skipped"] == {} and result["failed"] == {}
   sections = {r["section"] for r in rows}
   # The MiniLM wheel is a test dependency (README), so nothing is skipped.

@@ -157,9 +157,34 @@ def test_format_table_rows_relative_to_first():
     digits_cnn.format_table([])
 
 
-def test_main_quick_prints_float_row(trained, quantized, capsys):
-  _, accuracy = trained
+def test_main_quick_prints_float_row(trained, quantized, data, capsys,
+                                     monkeypatch):
+  variables, accuracy = trained
+  # main's training and quantization are the fixtures' calls (training is
+  # deterministic, see test_training_is_deterministic): answered from them,
+  # once each, after checking that main asks for exactly those.
+  calls = []
+
+  def train(main_data, config, progress):
+    calls.append("train")
+    np.testing.assert_array_equal(main_data.x_train, data.x_train)
+    np.testing.assert_array_equal(main_data.y_test, data.y_test)
+    assert config == QUICK and progress is False
+    return trained
+
+  def quantized_rows(main_variables, main_data, config, qat_config,
+                     progress):
+    calls.append("quantized_rows")
+    assert main_variables is variables
+    np.testing.assert_array_equal(main_data.x_test, data.x_test)
+    assert config == QUICK and qat_config == digits_cnn.QUICK_QAT
+    assert progress is False
+    return list(quantized.values())
+
+  monkeypatch.setattr(digits_cnn, "train", train)
+  monkeypatch.setattr(digits_cnn, "quantized_rows", quantized_rows)
   digits_cnn.main(["--quick", "--no-progress"])
+  assert calls == ["train", "quantized_rows"]
   out, err = capsys.readouterr()
   float_row = next(line for line in out.splitlines()
                    if line.startswith("float32"))
