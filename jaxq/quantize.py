@@ -364,28 +364,42 @@ def _scale_from_range(spec: QuantSpec, amax: jax.Array,
   return scale, zero_point.astype(jnp.int32)
 
 
-def _resolve_scale(x: jax.Array, spec: QuantSpec, amax, amin,
+def _checked_range(x: jax.Array, spec: QuantSpec, amax, amin,
                    range_from_data: bool
-                   ) -> tuple[jax.Array, jax.Array | None]:
-  """Scale and zero point from a given range, or from ``x`` itself."""
+                   ) -> tuple[jax.Array | None, jax.Array | None]:
+  """The given range broadcast to the scale shape and, when concrete,
+  checked now (`check_range`); ``(None, None)`` to compute it from ``x``.
+  Raises for a granularity that does not fit ``x``."""
   shape = tuple(x.shape)
   expected = granularity_lib.scale_shape(spec.granularity, shape)
   if amax is None:
     if amin is not None:
       raise ValueError("amin was given without amax.")
-    amin, amax = compute_range(x, spec)
+    return None, None
+  amax = _check_range_shape("amax", amax, expected, spec, shape)
+  if spec.symmetric:
+    amin = None
+  elif amin is None:
+    raise ValueError("An affine spec (symmetric=False) needs amin as well "
+                     "as amax.")
   else:
-    amax = _check_range_shape("amax", amax, expected, spec, shape)
-    if not spec.symmetric:
-      if amin is None:
-        raise ValueError("An affine spec (symmetric=False) needs amin as well "
-                         "as amax.")
-      amin = _check_range_shape("amin", amin, expected, spec, shape)
-    if not _is_traced(amax, amin):
-      _raise_range_problem(spec, "", amax, amin,
-                           range_from_data=range_from_data)
-    elif not range_from_data:
-      amax = _nan_if_zero(spec, amax, amin)
+    amin = _check_range_shape("amin", amin, expected, spec, shape)
+  if not _is_traced(amax, amin):
+    _raise_range_problem(spec, "", amax, amin,
+                         range_from_data=range_from_data)
+  return amin, amax
+
+
+def _resolve_scale(x: jax.Array, spec: QuantSpec, amax, amin,
+                   range_from_data: bool
+                   ) -> tuple[jax.Array, jax.Array | None]:
+  """Scale and zero point from a range `_checked_range` passed, or from
+  ``x`` itself."""
+  if amax is None:
+    amin, amax = compute_range(x, spec)
+  elif not range_from_data:
+    # A traced static range of 0 gives NaN (a concrete one raised already).
+    amax = _nan_if_zero(spec, amax, amin)
   return _scale_from_range(spec, jax.lax.stop_gradient(amax),
                           None if amin is None else jax.lax.stop_gradient(amin))
 
@@ -466,6 +480,18 @@ def quantize(x: jax.Array, spec: QuantSpec, *, amax: jax.Array | None = None,
   """
   x = jnp.asarray(x)
   _check_float(x, "quantize")
+  amin, amax = _checked_range(x, spec, amax, amin, range_from_data)
+  return _quantize(x, spec, amax, amin, key, range_from_data)
+
+
+# The arithmetic of `quantize` and `fake_quant` (after the checks) is one
+# compiled program per spec and shape: called eagerly, as `jaxq.convert`
+# does for every weight, op-by-op dispatch would compile each of its dozens
+# of operations separately. Under an outer `jit` it is inlined.
+@functools.partial(jax.jit, static_argnames=("spec", "range_from_data"))
+def _quantize(x: jax.Array, spec: QuantSpec, amax: jax.Array | None,
+              amin: jax.Array | None, key: jax.Array | None,
+              range_from_data: bool) -> QArray:
   scale, zero_point = _resolve_scale(x, spec, amax, amin, range_from_data)
   values = _quantize_values(x, spec, scale, zero_point, key)
   if spec.is_mx:
@@ -579,6 +605,16 @@ def fake_quant(x: jax.Array, spec: QuantSpec, *,
   """
   x = jnp.asarray(x)
   _check_float(x, "fake_quant")
-  scale, zero_point = _resolve_scale(x, spec, amax, amin, range_from_data)
+  amin, amax = _checked_range(x, spec, amax, amin, range_from_data)
+  return _fake_quant_compiled(x, spec, amax, amin, key, range_from_data)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "range_from_data"))
+def _fake_quant_compiled(x: jax.Array, spec: QuantSpec,
+                         amax: jax.Array | None, amin: jax.Array | None,
+                         key: jax.Array | None,
+                         range_from_data: bool) -> jax.Array:
+  """`fake_quant` after its checks, compiled as `_quantize` is."""
   contains_x = amax is None and not spec.is_mx
+  scale, zero_point = _resolve_scale(x, spec, amax, amin, range_from_data)
   return _fake_quant(spec, x, scale, zero_point, key, contains_x)
