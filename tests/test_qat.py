@@ -174,7 +174,8 @@ def _calibrated_linen(rules, x):
   model = _MLP()
   variables = model.init(KEY, x)
   cal = jaxq.quantize_model(model, rules, "calibrate")
-  _, stats = cal.apply(variables, x, mutable=["quant_stats"])
+  _, stats = jax.jit(lambda v, x: cal.apply(v, x, mutable=["quant_stats"]))(
+      variables, x)
   ranges = jaxq.act_ranges(cal, stats["quant_stats"])
   return cal.with_mode("qat"), {**variables, "quant_ranges": ranges}
 
@@ -352,14 +353,16 @@ def test_int8_dot_general_is_fake_quant_matmul(lhs_shape, rhs_shape, dims,
     return (jaxq.fake_quant(lhs2, QuantSpec("int8", PerToken())) @
             jaxq.fake_quant(rhs2, QuantSpec("int8", PerChannel(-1))))
 
-  out = jaxq.qat.int8_dot_general(lhs, rhs, dims)
-  np.testing.assert_allclose(out, reference(lhs, rhs), rtol=1e-5, atol=1e-5)
+  # Jitted: one compilation each instead of one per eager op.
+  out = jax.jit(jaxq.qat.int8_dot_general, static_argnums=2)(lhs, rhs, dims)
+  np.testing.assert_allclose(out, jax.jit(reference)(lhs, rhs), rtol=1e-5,
+                             atol=1e-5)
   cotangent = jax.random.normal(jax.random.key(7), out.shape)
-  grads = jax.grad(lambda a, b: jnp.sum(
-      jaxq.qat.int8_dot_general(a, b, dims) * cotangent), argnums=(0, 1))(
+  grads = jax.jit(jax.grad(lambda a, b: jnp.sum(
+      jaxq.qat.int8_dot_general(a, b, dims) * cotangent), argnums=(0, 1)))(
           lhs, rhs)
-  expected = jax.grad(lambda a, b: jnp.sum(reference(a, b) * cotangent),
-                      argnums=(0, 1))(lhs, rhs)
+  expected = jax.jit(jax.grad(lambda a, b: jnp.sum(
+      reference(a, b) * cotangent), argnums=(0, 1)))(lhs, rhs)
   for got, want in zip(grads, expected):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   jaxpr = jax.make_jaxpr(jax.grad(lambda a, b: jnp.sum(
