@@ -40,8 +40,13 @@ def test_lsq_forward_and_gradients_match_the_formulas():
   x = _data()
   scale = jnp.abs(x).max(axis=0, keepdims=True) / 127 * 0.6  # Some clip.
   cotangent = jax.random.normal(jax.random.key(3), x.shape)
-  y, vjp = jax.vjp(lambda x, s: learned.lsq_fake_quant(x, s, W_LSQ), x, scale)
-  dx, ds = vjp(cotangent)
+
+  @jax.jit  # One compilation instead of one per eager op.
+  def forward_and_vjp(x, s, cotangent):
+    y, vjp = jax.vjp(lambda x, s: learned.lsq_fake_quant(x, s, W_LSQ), x, s)
+    return y, vjp(cotangent)
+
+  y, (dx, ds) = forward_and_vjp(x, scale, cotangent)
 
   xs, ss, gs = (np.asarray(a, np.float64) for a in (x, scale, cotangent))
   y_ref, ds_elem, inside = _np_lsq(xs, ss, -127, 127)
@@ -61,8 +66,9 @@ def test_lsq_scale_gradient_is_exact_where_saturated():
   x = jnp.array([[-9.0, 0.3, 7.5, 12.0]])
   scale = jnp.array([[0.05]])  # Range +-6.35: three elements saturate.
   saturated = jnp.array([[1.0, 0.0, 1.0, 1.0]])
-  loss = lambda s: jnp.sum(learned.lsq_fake_quant(x, s, W_LSQ.replace(
-      granularity=PerTensor()), grad_scale=1.0) * saturated)
+  loss = jax.jit(lambda s: jnp.sum(learned.lsq_fake_quant(
+      x, s, W_LSQ.replace(granularity=PerTensor()), grad_scale=1.0) *
+                                    saturated))
   eps = 1e-3
   fd = (loss(scale + eps) - loss(scale - eps)) / (2 * eps)
   np.testing.assert_allclose(jax.grad(loss)(scale), [[fd]], rtol=1e-4)
@@ -79,20 +85,25 @@ def test_pact_clip_gradient():
   # d/d clip is 1 above, -1 below (narrow range), 0 inside: finite
   # differences agree exactly on the saturated elements.
   weights = jnp.array([1.0, 0.0, 0.0, 1.0, 2.0])
-  loss = lambda c: jnp.sum(learned.pact_fake_quant(x, c, spec) * weights)
+  # Jitted: one compilation each instead of one per eager op.
+  loss = jax.jit(lambda c: jnp.sum(learned.pact_fake_quant(x, c, spec) *
+                                   weights))
   eps = 1e-3
   fd = (loss(clip + eps) - loss(clip - eps)) / (2 * eps)
   np.testing.assert_allclose(jax.grad(loss)(clip), [-1.0 + 1.0 + 2.0],
                              rtol=1e-6)
   np.testing.assert_allclose(fd, 2.0, rtol=1e-3)
   # Inside the clip: straight-through for x, nothing for the clip.
-  dx = jax.grad(lambda x: jnp.sum(learned.pact_fake_quant(x, clip, spec)))(x)
+  dx = jax.jit(jax.grad(lambda x: jnp.sum(learned.pact_fake_quant(
+      x, clip, spec))))(x)
   np.testing.assert_array_equal(dx, [0, 1, 1, 0, 0])
-  inside = lambda c: jnp.sum(learned.pact_fake_quant(x[1:3], c, spec))
+  inside = jax.jit(lambda c: jnp.sum(learned.pact_fake_quant(x[1:3], c,
+                                                               spec)))
   assert float(jax.grad(inside)(clip)[0]) == 0.0
   # Full signed range: below, x_hat = qmin * clip / qmax.
   full = spec.replace(narrow_range=False)
-  g = jax.grad(lambda c: learned.pact_fake_quant(x[:1], c, full)[0])(clip)
+  g = jax.jit(jax.grad(lambda c: learned.pact_fake_quant(x[:1], c, full)[0]
+                       ))(clip)
   np.testing.assert_allclose(g, [-128 / 127], rtol=1e-6)
 
 
@@ -117,9 +128,9 @@ def test_learned_ranges_start_from_the_int4_full_range():
   # LSQ: saturated elements contribute qmin = -8 below, qmax = 7 above.
   row = jnp.array([[-9.0, 0.3, 7.4, 12.0]])
   saturated = jnp.array([[1.0, 0.0, 1.0, 1.0]])
-  loss = lambda s: jnp.sum(learned.lsq_fake_quant(
+  loss = jax.jit(lambda s: jnp.sum(learned.lsq_fake_quant(
       row, s, lsq.replace(granularity=PerTensor()), grad_scale=1.0) *
-                           saturated)
+                                    saturated))
   one = jnp.array([[1.0]])
   fd = (loss(one + 1e-3) - loss(one - 1e-3)) / 2e-3
   np.testing.assert_allclose(jax.grad(loss)(one), [[-8 + 7 + 7]], rtol=1e-6)
@@ -130,8 +141,8 @@ def test_learned_params_broadcast_and_bf16():
   x = _data((4, 5, 6)).astype(jnp.bfloat16)
   spec = QuantSpec("int8", PerChannel(axis=-1), learn="lsq")
   scale = jnp.full((6,), 0.02)  # (C,) broadcasts to the (1, 1, 6) scales.
-  y, ds = jax.value_and_grad(
-      lambda s: jnp.sum(learned.lsq_fake_quant(x, s, spec)), argnums=0)(scale)
+  y, ds = jax.jit(jax.value_and_grad(
+      lambda s: jnp.sum(learned.lsq_fake_quant(x, s, spec)), argnums=0))(scale)
   assert ds.shape == (6,) and y.dtype == jnp.bfloat16
   y_keep = learned.lsq_fake_quant(x, scale.reshape(1, 1, 6), spec)
   np.testing.assert_array_equal(learned.lsq_fake_quant(x, scale, spec), y_keep)
@@ -174,7 +185,8 @@ def _calibrated_linen(rules, x):
   model = _MLP()
   variables = model.init(KEY, x)
   cal = jaxq.quantize_model(model, rules, "calibrate")
-  _, stats = cal.apply(variables, x, mutable=["quant_stats"])
+  _, stats = jax.jit(lambda v, x: cal.apply(v, x, mutable=["quant_stats"]))(
+      variables, x)
   ranges = jaxq.act_ranges(cal, stats["quant_stats"])
   return cal.with_mode("qat"), {**variables, "quant_ranges": ranges}
 
@@ -352,14 +364,16 @@ def test_int8_dot_general_is_fake_quant_matmul(lhs_shape, rhs_shape, dims,
     return (jaxq.fake_quant(lhs2, QuantSpec("int8", PerToken())) @
             jaxq.fake_quant(rhs2, QuantSpec("int8", PerChannel(-1))))
 
-  out = jaxq.qat.int8_dot_general(lhs, rhs, dims)
-  np.testing.assert_allclose(out, reference(lhs, rhs), rtol=1e-5, atol=1e-5)
+  # Jitted: one compilation each instead of one per eager op.
+  out = jax.jit(jaxq.qat.int8_dot_general, static_argnums=2)(lhs, rhs, dims)
+  np.testing.assert_allclose(out, jax.jit(reference)(lhs, rhs), rtol=1e-5,
+                             atol=1e-5)
   cotangent = jax.random.normal(jax.random.key(7), out.shape)
-  grads = jax.grad(lambda a, b: jnp.sum(
-      jaxq.qat.int8_dot_general(a, b, dims) * cotangent), argnums=(0, 1))(
+  grads = jax.jit(jax.grad(lambda a, b: jnp.sum(
+      jaxq.qat.int8_dot_general(a, b, dims) * cotangent), argnums=(0, 1)))(
           lhs, rhs)
-  expected = jax.grad(lambda a, b: jnp.sum(reference(a, b) * cotangent),
-                      argnums=(0, 1))(lhs, rhs)
+  expected = jax.jit(jax.grad(lambda a, b: jnp.sum(
+      reference(a, b) * cotangent), argnums=(0, 1)))(lhs, rhs)
   for got, want in zip(grads, expected):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   jaxpr = jax.make_jaxpr(jax.grad(lambda a, b: jnp.sum(

@@ -132,10 +132,10 @@ def test_float_backward_multiplies_the_float_operands(int8_forward):
                                int8_forward=int8_forward)
   ste = jaxq.quantize_model(model, DYNAMIC_RULES, "qat")
   loss = lambda q: lambda p, x: jnp.sum(q.apply({"params": p}, x) ** 2)
-  (grads, dx) = jax.grad(loss(qmodel), argnums=(0, 1))(params, X)
+  (grads, dx) = jax.jit(jax.grad(loss(qmodel), argnums=(0, 1)))(params, X)
   # The reference: g = dloss/dy at the quantized forward, times the float
   # operands (the dynamic ranges' estimator is the identity).
-  g = 2 * ste.apply({"params": params}, X)
+  g = 2 * jax.jit(ste.apply)({"params": params}, X)
   kernel = params["Dense_0"]["kernel"]
   np.testing.assert_allclose(grads["Dense_0"]["kernel"], X.T @ g, rtol=1e-4,
                              atol=1e-4)
@@ -143,7 +143,7 @@ def test_float_backward_multiplies_the_float_operands(int8_forward):
                              atol=1e-4)
   np.testing.assert_allclose(dx, g @ kernel.T, rtol=1e-4, atol=1e-4)
   # ...which is not the STE gradient (that one takes the quantized ones).
-  ste_grads = jax.grad(loss(ste))(params, X)
+  ste_grads = jax.jit(jax.grad(loss(ste)))(params, X)
   assert 1e-4 < _distance(grads, ste_grads) < 0.05
 
 
@@ -164,11 +164,10 @@ def test_float_backward_reaches_user_modules():
   qmodel = jaxq.quantize_model(model, DYNAMIC_RULES, "qat", backward="float")
   ste = jaxq.quantize_model(model, DYNAMIC_RULES, "qat")
   loss = lambda q: lambda p: jnp.sum(q.apply({"params": p}, X) ** 2)
-  g = 2 * ste.apply({"params": params}, X)
-  np.testing.assert_allclose(jax.grad(loss(qmodel))(params)["w"], X.T @ g,
-                             rtol=1e-4, atol=1e-4)
-  assert _distance(jax.grad(loss(qmodel))(params),
-                   jax.grad(loss(ste))(params)) > 1e-4
+  g = 2 * jax.jit(ste.apply)({"params": params}, X)
+  grads = jax.jit(jax.grad(loss(qmodel)))(params)
+  np.testing.assert_allclose(grads["w"], X.T @ g, rtol=1e-4, atol=1e-4)
+  assert _distance(grads, jax.jit(jax.grad(loss(ste)))(params)) > 1e-4
 
 
 @pytest.mark.parametrize("rules", [DYNAMIC_RULES, STATIC_RULES],
@@ -200,8 +199,8 @@ def test_float_backward_nnx():
                                backward="float")
   ste = jaxq.quantize_model(nnx_model, DYNAMIC_RULES, "qat")
   loss = lambda m: jnp.sum(m(X) ** 2)
-  float_grads = nnx.state(nnx.grad(loss)(qmodel), nnx.Param)
-  ste_grads = nnx.state(nnx.grad(loss)(ste), nnx.Param)
+  float_grads = nnx.state(nnx.jit(nnx.grad(loss))(qmodel), nnx.Param)
+  ste_grads = nnx.state(nnx.jit(nnx.grad(loss))(ste), nnx.Param)
   assert 1e-4 < _distance(float_grads, ste_grads) < 0.05
   graphdef, state = nnx.split(qmodel)
   # Fake-quant stays: no int8 matmul.
@@ -214,8 +213,8 @@ def test_float_backward_nnx():
 def test_stochastic_int8_is_unbiased_and_in_range():
   v = jax.random.normal(jax.random.key(0), (4, 64))
   keys = jax.random.split(jax.random.key(1), 512)
-  values, scale = jax.vmap(
-      lambda k: int8_qat._stochastic_int8(v, 1, k))(keys)
+  values, scale = jax.jit(jax.vmap(
+      lambda k: int8_qat._stochastic_int8(v, 1, k)))(keys)
   assert values.dtype == jnp.int8
   assert int(jnp.max(jnp.abs(values))) <= 127
   np.testing.assert_allclose(scale[0, :, 0],
@@ -287,8 +286,8 @@ def test_int8_backward_runs_int8_dots_near_the_ste_gradient(rules):
   # 3 layers: each forward, dx and dw matmul is int8 x int8 -> int32, and
   # no float matmul is left.
   assert _dots(grad, params, X, KEY) == (9, 9)
-  reference = jax.grad(lambda p, x: loss(ste, p, x), argnums=(0, 1))(
-      params, X)
+  reference = jax.jit(jax.grad(lambda p, x: loss(ste, p, x),
+                               argnums=(0, 1)))(params, X)
   one = grad(params, X, KEY)
   assert 1e-4 < _distance(one, reference) < 0.1
   # New keys, new noise; the mean over keys converges to the STE gradient.
@@ -308,7 +307,7 @@ def test_int8_backward_nnx_draws_from_its_stream():
   grad = nnx.jit(nnx.grad(loss))
   first = nnx.state(grad(qmodel), nnx.Param)
   second = nnx.state(grad(qmodel), nnx.Param)  # The stream advanced.
-  reference = nnx.state(nnx.grad(loss)(ste), nnx.Param)
+  reference = nnx.state(nnx.jit(nnx.grad(loss))(ste), nnx.Param)
   assert 1e-4 < _distance(first, reference) < 0.1
   assert _distance(second, first) > 1e-4
   graphdef, state = nnx.split(qmodel)
@@ -335,9 +334,9 @@ def test_int8_backward_einsum_near_the_ste_gradient():
   int8 = jaxq.quantize_model(model, rules, "qat", int8_forward=True,
                              backward="int8")
   ste = jaxq.quantize_model(model, rules, "qat")
-  grad = jax.grad(loss(int8), argnums=(0, 1))
+  grad = jax.jit(jax.grad(loss(int8), argnums=(0, 1)))
   assert _dots(grad, params, x, KEY) == (3, 3)
-  reference = jax.grad(loss(ste), argnums=(0, 1))(params, x, KEY)
+  reference = jax.jit(jax.grad(loss(ste), argnums=(0, 1)))(params, x, KEY)
   assert 1e-4 < _distance(grad(params, x, KEY), reference) < 0.1
 
 
@@ -369,8 +368,9 @@ def test_digits_qat_with_int8_backward_recovers_ptq_loss():
   qat = jaxq.quantize_model(digits_cnn.DigitsCNN(), rules, "qat",
                             int8_forward=True, backward="int8")
   frozen = {k: v for k, v in calibrated.items() if k != "params"}
-  x_train = jnp.asarray(data.x_train)
-  y_train = jnp.asarray(data.y_train)
+  # Batches are cut from the host arrays: an eager slice of a device array
+  # compiles once per offset.
+  x_train, y_train = np.asarray(data.x_train), np.asarray(data.y_train)
   batches = x_train.shape[0] // config.batch_size
   steps = config.epochs * batches
   tx = digits_cnn.make_qat_optimizer(config, digits_cnn.QUICK_QAT, steps)
@@ -387,7 +387,7 @@ def test_digits_qat_with_int8_backward_recovers_ptq_loss():
     return jax.tree.map(jnp.add, params, updates), opt_state
 
   assert _dots(lambda p: jax.grad(lambda p: jnp.sum(qat.apply(
-      {"params": p, **frozen}, x_train[:4], train=False,
+      {"params": p, **frozen}, jnp.asarray(x_train[:4]), train=False,
       rngs={"jaxq": KEY})))(p), calibrated["params"])[0] == 3
   params = calibrated["params"]
   opt_state = tx.init(params)

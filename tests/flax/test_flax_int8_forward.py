@@ -43,7 +43,8 @@ def _linen_variables(rules):
   variables = model.init(jax.random.key(0), X)
   if rules is STATIC_RULES:
     cal = jaxq.quantize_model(model, rules, "calibrate")
-    _, stats = cal.apply(variables, X, mutable=["quant_stats"])
+    _, stats = jax.jit(lambda v, x: cal.apply(
+        v, x, mutable=["quant_stats"]))(variables, X)
     # A narrow range, so the clipped STE zeroes some gradients.
     ranges = jax.tree.map(lambda a: a * 0.5,
                           jaxq.act_ranges(cal, stats["quant_stats"]))
@@ -62,7 +63,7 @@ def test_linen_matches_fake_quant_qat(rules):
   params = variables["params"]
   _assert_close(int8.apply(variables, X), qat.apply(variables, X))
   grads = jax.jit(jax.grad(loss(int8), argnums=(0, 1)))(params, X)
-  expected = jax.grad(loss(qat), argnums=(0, 1))(params, X)
+  expected = jax.jit(jax.grad(loss(qat), argnums=(0, 1)))(params, X)
   jax.tree.map(_assert_close, grads, expected)
   assert _int8_dots(lambda x: int8.apply(variables, x), X) == 3
   assert _int8_dots(lambda x: qat.apply(variables, x), X) == 0
@@ -75,8 +76,9 @@ def test_nnx_matches_fake_quant_qat():
   int8 = jaxq.quantize_model(model, DYNAMIC_RULES, "qat", int8_forward=True)
   _assert_close(int8(X), qat(X))
   loss = lambda m, x: jnp.sum(m(x) ** 2)
-  grads = nnx.grad(loss, argnums=(0, 1))(int8, X)
-  expected = nnx.grad(loss, argnums=(0, 1))(qat, X)
+  # Jitted: one compilation instead of one per eager op.
+  grads = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(int8, X)
+  expected = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(qat, X)
   jax.tree.map(_assert_close, nnx.state(grads[0], nnx.Param), nnx.state(
       expected[0], nnx.Param))
   _assert_close(grads[1], expected[1])
@@ -132,8 +134,11 @@ def test_heads_out_projection_matches_fake_quant(contraction_axis, dot_shape):
   assert _int8_dot_shapes(lambda x: int8.apply(variables, x), x) == [
       dot_shape]
   loss = lambda q: lambda p, x: jnp.sum(q.apply({"params": p}, x) ** 2)
-  grads = jax.grad(loss(int8), argnums=(0, 1))(variables["params"], x)
-  expected = jax.grad(loss(qat), argnums=(0, 1))(variables["params"], x)
+  # Jitted: one compilation instead of one per eager op.
+  grads = jax.jit(jax.grad(loss(int8), argnums=(0, 1)))(variables["params"],
+                                                        x)
+  expected = jax.jit(jax.grad(loss(qat), argnums=(0, 1)))(
+      variables["params"], x)
   jax.tree.map(_assert_close, grads, expected)
 
 
@@ -149,8 +154,8 @@ def test_einsum_linen_and_nnx():
   nnx_int8 = jaxq.quantize_model(layer, DYNAMIC_RULES, "qat",
                                  int8_forward=True)
   _assert_close(nnx_int8(X), nnx_qat(X))
-  dx = jax.grad(lambda x: jnp.sum(nnx_int8(x) ** 2))(X)
-  _assert_close(dx, jax.grad(lambda x: jnp.sum(nnx_qat(x) ** 2))(X))
+  dx = jax.jit(jax.grad(lambda x: jnp.sum(nnx_int8(x) ** 2)))(X)
+  _assert_close(dx, jax.jit(jax.grad(lambda x: jnp.sum(nnx_qat(x) ** 2)))(X))
 
 
 @pytest.mark.parametrize("weight,act,match", [
