@@ -264,6 +264,15 @@ def compute_range(x: jax.Array, spec: QuantSpec
     zeros = jnp.zeros(granularity_lib.scale_shape(spec.granularity,
                                                   tuple(x.shape)), jnp.float32)
     return (None if spec.symmetric else zeros), zeros
+  spec.granularity.block_shape(tuple(x.shape))  # Raises if it does not fit.
+  return _compute_range(x, spec)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _compute_range(x: jax.Array, spec: QuantSpec
+                   ) -> tuple[jax.Array | None, jax.Array]:
+  """`compute_range` of a non-empty float ``x``, compiled once per spec and
+  shape (as `quantize` is)."""
   blocks = spec.granularity.block_shape(tuple(x.shape))
   x = x.astype(jnp.float32)
   if spec.symmetric:
@@ -508,8 +517,13 @@ def dequantize(qa: QArray) -> jax.Array:
     ValueError: when ``qa`` does not match its spec (`check_qarray`).
   """
   check_qarray(qa, "dequantize", "qa")
-  return _dequantize_values(qa.values, qa.scale, qa.zero_point, qa.spec,
-                            qa.dtype)
+  return _dequantize_compiled(qa.values, qa.scale, qa.zero_point, qa.spec,
+                              qa.dtype)
+
+
+# One compiled program per spec and shape, as `quantize` is.
+_dequantize_compiled = jax.jit(_dequantize_values,
+                               static_argnames=("spec", "dtype"))
 
 
 def _fake_quant_values(x: jax.Array, spec: QuantSpec, scale: jax.Array,
