@@ -35,13 +35,13 @@ from jaxq.ptq import calibrate
 from jaxq.ptq_algorithms import awq
 from jaxq.ptq_algorithms import gptq
 from jaxq.ptq_algorithms import smoothquant
-from jaxq.quantize import check_range
 from jaxq.quantize import compute_range
 from jaxq.quantize import dequantize
 from jaxq.quantize import fake_quant
 from jaxq.quantize import quantize
 from jaxq.quantize import scale_from_range
-from jaxq.quantize import ZeroRangeError
+from jaxq.range_checks import check_range
+from jaxq.range_checks import ZeroRangeError
 from jaxq.report import report
 from jaxq.sensitivity import partial_quantize
 from jaxq.sensitivity import sensitivity

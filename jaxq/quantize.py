@@ -39,10 +39,10 @@ Numerics:
   zero everywhere: a static range of 0 (``amin == amax == 0`` when affine)
   would quantize every input to 0, right only if the input is always 0.
   Some zero entries (dead channels) are valid. Concrete ranges are checked
-  and raise a ValueError naming the bad element (`check_range`). Under
+  and raise a ValueError naming the bad element (`jaxq.check_range`). Under
   ``jit`` their values are unknown when tracing, so an invalid traced range
   makes the scale, and with it the output, NaN: never a finite, wrong
-  answer. `check_range` also checks traced ranges, with a host callback,
+  answer. `jaxq.check_range` also checks traced ranges, with a host callback,
   for callers that can afford one. Callers passing a range they computed
   from ``x`` itself (a weight's clipped range) say so with
   ``range_from_data=True``: a zero range is then ``x`` being zero there.
@@ -69,6 +69,7 @@ import numpy as np
 
 from jaxq import formats as formats_lib
 from jaxq import granularity as granularity_lib
+from jaxq import range_checks
 from jaxq.spec import QArray, QuantSpec, check_qarray
 
 
@@ -112,141 +113,6 @@ def _finite_block_max(x: jax.Array, blocks: tuple[int, ...],
   return jax.lax.cond(jnp.all(jnp.isfinite(fast)), lambda: fast, masked)
 
 
-def _is_traced(*arrays) -> bool:
-  return any(isinstance(a, jax.core.Tracer) for a in arrays)
-
-
-class ZeroRangeError(ValueError):
-  """A static range that is zero everywhere (see `check_range`)."""
-
-
-def _zero_problem(spec: QuantSpec, amax: np.ndarray,
-                  amin: np.ndarray | None) -> str | None:
-  """Why a valid concrete range is refused as static, or None: it is zero
-  everywhere (an empty range has nothing to refuse)."""
-  if amax.size == 0 or np.any(amax != 0) or (
-      amin is not None and np.any(amin != 0)):
-    return None
-  what = ("amax is 0 in every one of its" if spec.symmetric
-          else "amin and amax are 0 in every one of their")
-  return (f"{what} {amax.size} element(s): a static range of 0 "
-          f"quantizes every input to 0, which is right only if the input "
-          f"is always 0")
-
-
-def _range_problem(spec: QuantSpec, amax: np.ndarray,
-                   amin: np.ndarray | None) -> str | None:
-  """What is wrong with a concrete range, or None when it is valid (a zero
-  range included: see `_zero_problem`)."""
-
-  def first_bad(name: str, values: np.ndarray, bad: np.ndarray, rule: str
-                ) -> str:
-    index = tuple(int(i) for i in np.argwhere(bad)[0])
-    return (f"{name} must be {rule}, but {int(bad.sum())} of its "
-            f"{values.size} element(s) are not, e.g. {name}{index} = "
-            f"{float(values[index])}")
-
-  amax = np.asarray(amax, np.float32).reshape(np.shape(amax))
-  if amax.ndim == 0:
-    amax = amax.reshape(1)
-  if not np.all(np.isfinite(amax)):
-    return first_bad("amax", amax, ~np.isfinite(amax), "finite")
-  if spec.symmetric:
-    if np.any(amax < 0):
-      return first_bad("amax", amax, amax < 0,
-                       "non-negative (it is max |x|)")
-    return None
-  if amin is None:
-    return ("an affine spec (symmetric=False) needs amin as well as amax")
-  amin = np.broadcast_to(np.asarray(amin, np.float32), amax.shape)
-  if not np.all(np.isfinite(amin)):
-    return first_bad("amin", amin, ~np.isfinite(amin), "finite")
-  if np.any(amin > amax):
-    index = tuple(int(i) for i in np.argwhere(amin > amax)[0])
-    return (f"amin{index} = {float(amin[index])} is greater than "
-            f"amax{index} = {float(amax[index])}")
-  return None
-
-
-def _raise_range_problem(spec: QuantSpec, where: str, amax, amin, *,
-                         range_from_data: bool = False) -> None:
-  """Raises a ValueError (a `ZeroRangeError` for a static range of 0) if
-  the concrete range is invalid; a zero range is valid ``range_from_data``."""
-  amax = np.asarray(amax, np.float32)
-  amin = None if amin is None else np.asarray(amin, np.float32)
-  problem = _range_problem(spec, amax, amin)
-  error = ValueError
-  if problem is None and not range_from_data:
-    problem, error = _zero_problem(spec, amax, amin), ZeroRangeError
-  if problem is not None:
-    prefix = f"{where!r}: " if where else ""
-    raise error(
-        f"{prefix}invalid static range for {spec.format} "
-        f"({'symmetric' if spec.symmetric else 'affine'}, "
-        f"{spec.granularity}): {problem}. A static range must be finite, "
-        f"with amax >= 0 (symmetric) or amin <= amax (affine), and not 0 "
-        f"everywhere; recalibrate with data that reaches it, use a dynamic "
-        f"range, or fix the loaded ranges.")
-
-
-def _nan_if_zero(spec: QuantSpec, amax: jax.Array, amin: jax.Array | None
-                 ) -> jax.Array:
-  """``amax``, NaN everywhere when the range is 0 everywhere: a traced
-  static range of 0 then gives a NaN scale, as other invalid ranges do."""
-  amax = jnp.asarray(amax, jnp.float32)
-  if amax.size == 0:
-    return amax
-  zero = jnp.all(amax == 0)
-  if not spec.symmetric and amin is not None:
-    zero = zero & jnp.all(jnp.asarray(amin, jnp.float32) == 0)
-  return jnp.where(zero, jnp.nan, amax)
-
-
-def check_range(spec: QuantSpec, amax: jax.Array,
-                amin: jax.Array | None = None, *, where: str = "") -> None:
-  """Raises unless ``(amin, amax)`` is a valid static range for ``spec``.
-
-  Valid: finite everywhere, ``amax >= 0`` (symmetric) or ``amin <= amax``
-  (affine; ``amin`` required), and not 0 everywhere.
-
-  Zero ranges: a range computed from data at run time (dynamic
-  activations, a weight's own range, a zero tensor quantized without a
-  range) may be 0, and a zero block then quantizes to zeros exactly. A
-  static range (calibrated, loaded, or passed as ``amax=``/``amin=``) that
-  is 0 everywhere (``amin == amax == 0`` when affine) is refused with a
-  `ZeroRangeError` (a ValueError): it would quantize every input to 0,
-  silently wrong once the input is not 0, and it means calibration never
-  saw a non-zero value there. Some zero entries of a per-channel or
-  per-block range (dead channels) are valid. Under ``jit``, `quantize`,
-  `fake_quant` and `scale_from_range` turn a traced static range of 0 into
-  a NaN scale, like any other invalid range.
-
-  Concrete arrays are checked now and raise a ValueError naming ``where``
-  (e.g. the layer path), the bad element and its value. Traced arrays are
-  checked when the computation runs, by a ``jax.debug.callback`` that
-  raises the same message (surfacing as a ``JaxRuntimeError``); that costs
-  one host round trip per call, so call it where ranges enter (loading,
-  converting), not on every step.
-
-  Args:
-    spec: the quantizer the range is for.
-    amax: max |x| (symmetric) or max x (affine), any shape.
-    amin: min x, affine only.
-    where: what holds the range, for the message (e.g. ``"dense/act"``).
-  """
-  if spec.symmetric:
-    amin = None
-  if not spec.symmetric and amin is None:
-    _raise_range_problem(spec, where, np.zeros(1), None)
-  if _is_traced(amax, amin):
-    jax.debug.callback(
-        lambda a, b: _raise_range_problem(spec, where, a, b),
-        jnp.asarray(amax, jnp.float32),
-        None if amin is None else jnp.asarray(amin, jnp.float32))
-    return
-  _raise_range_problem(spec, where, amax, amin)
-
-
 def compute_range(x: jax.Array, spec: QuantSpec
                   ) -> tuple[jax.Array | None, jax.Array]:
   """The data range of each block of ``x``, ignoring non-finite elements.
@@ -265,12 +131,12 @@ def compute_range(x: jax.Array, spec: QuantSpec
                                                   tuple(x.shape)), jnp.float32)
     return (None if spec.symmetric else zeros), zeros
   spec.granularity.block_shape(tuple(x.shape))  # Raises if it does not fit.
-  return _compute_range(x, spec)
+  return _compute_range_compiled(x, spec)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _compute_range(x: jax.Array, spec: QuantSpec
-                   ) -> tuple[jax.Array | None, jax.Array]:
+def _compute_range_compiled(x: jax.Array, spec: QuantSpec
+                            ) -> tuple[jax.Array | None, jax.Array]:
   """`compute_range` of a non-empty float ``x``, compiled once per spec and
   shape (as `quantize` is)."""
   blocks = spec.granularity.block_shape(tuple(x.shape))
@@ -299,7 +165,7 @@ def scale_from_range(spec: QuantSpec, amax: jax.Array,
     range_from_data: True when the range was computed from the data it
       will quantize (e.g. a weight's own range), so a range of 0 everywhere
       means the data is 0 and gives a finite scale. False (a static range):
-      a range of 0 everywhere is refused (see `check_range`).
+      a range of 0 everywhere is refused (see `jaxq.check_range`).
 
   Returns:
     ``scale`` as float32 (already rounded to a power of two for MX) and
@@ -308,18 +174,18 @@ def scale_from_range(spec: QuantSpec, amax: jax.Array,
     (``2**-126`` for MX).
 
   Raises:
-    ValueError: for a concrete invalid range (see `check_range`). A traced
+    ValueError: for a concrete invalid range (see `jaxq.check_range`). A traced
       invalid range gives a NaN scale instead.
   """
   if not spec.symmetric and amin is None:
     raise ValueError("scale_from_range: an affine spec needs amin as well as "
                      "amax.")
-  if not _is_traced(amax, amin):
-    _raise_range_problem(spec, "scale_from_range", amax,
+  if not range_checks.is_traced(amax, amin):
+    range_checks.raise_range_problem(spec, "scale_from_range", amax,
                          None if spec.symmetric else amin,
                          range_from_data=range_from_data)
   elif not range_from_data:
-    amax = _nan_if_zero(spec, amax, amin)
+    amax = range_checks.nan_if_zero(spec, amax, amin)
   return _scale_from_range(spec, amax, amin)
 
 
@@ -377,7 +243,7 @@ def _checked_range(x: jax.Array, spec: QuantSpec, amax, amin,
                    range_from_data: bool
                    ) -> tuple[jax.Array | None, jax.Array | None]:
   """The given range broadcast to the scale shape and, when concrete,
-  checked now (`check_range`); ``(None, None)`` to compute it from ``x``.
+  checked now (`jaxq.check_range`); ``(None, None)`` to compute it from ``x``.
   Raises for a granularity that does not fit ``x``."""
   shape = tuple(x.shape)
   expected = granularity_lib.scale_shape(spec.granularity, shape)
@@ -393,8 +259,8 @@ def _checked_range(x: jax.Array, spec: QuantSpec, amax, amin,
                      "as amax.")
   else:
     amin = _check_range_shape("amin", amin, expected, spec, shape)
-  if not _is_traced(amax, amin):
-    _raise_range_problem(spec, "", amax, amin,
+  if not range_checks.is_traced(amax, amin):
+    range_checks.raise_range_problem(spec, "", amax, amin,
                          range_from_data=range_from_data)
   return amin, amax
 
@@ -408,7 +274,7 @@ def _resolve_scale(x: jax.Array, spec: QuantSpec, amax, amin,
     amin, amax = compute_range(x, spec)
   elif not range_from_data:
     # A traced static range of 0 gives NaN (a concrete one raised already).
-    amax = _nan_if_zero(spec, amax, amin)
+    amax = range_checks.nan_if_zero(spec, amax, amin)
   return _scale_from_range(spec, jax.lax.stop_gradient(amax),
                           None if amin is None else jax.lax.stop_gradient(amin))
 
@@ -474,7 +340,7 @@ def quantize(x: jax.Array, spec: QuantSpec, *, amax: jax.Array | None = None,
     range_from_data: True when ``amax``/``amin`` were computed from ``x``
       itself (e.g. a weight's clipped range), so a range of 0 everywhere
       is ``x`` being 0 and quantizes to zeros. False: the range is static
-      and must not be 0 everywhere (see `check_range`).
+      and must not be 0 everywhere (see `jaxq.check_range`).
 
   Returns:
     A `QArray` with ``values`` in ``spec.fmt.dtype`` and the scale (e8m0 for
@@ -483,14 +349,14 @@ def quantize(x: jax.Array, spec: QuantSpec, *, amax: jax.Array | None = None,
   Raises:
     ValueError: for integer input, when the granularity does not fit
       ``x.shape`` (axis out of range, size not dividing the axis), or for
-      an invalid concrete range (`check_range`; a static range of 0
+      an invalid concrete range (`jaxq.check_range`; a static range of 0
       everywhere raises a `ZeroRangeError`). Traced invalid ranges give
       NaN.
   """
   x = jnp.asarray(x)
   _check_float(x, "quantize")
   amin, amax = _checked_range(x, spec, amax, amin, range_from_data)
-  return _quantize(x, spec, amax, amin, key, range_from_data)
+  return _quantize_compiled(x, spec, amax, amin, key, range_from_data)
 
 
 # The arithmetic of `quantize` and `fake_quant` (after the checks) is one
@@ -498,9 +364,10 @@ def quantize(x: jax.Array, spec: QuantSpec, *, amax: jax.Array | None = None,
 # does for every weight, op-by-op dispatch would compile each of its dozens
 # of operations separately. Under an outer `jit` it is inlined.
 @functools.partial(jax.jit, static_argnames=("spec", "range_from_data"))
-def _quantize(x: jax.Array, spec: QuantSpec, amax: jax.Array | None,
-              amin: jax.Array | None, key: jax.Array | None,
-              range_from_data: bool) -> QArray:
+def _quantize_compiled(x: jax.Array, spec: QuantSpec,
+                       amax: jax.Array | None, amin: jax.Array | None,
+                       key: jax.Array | None,
+                       range_from_data: bool) -> QArray:
   scale, zero_point = _resolve_scale(x, spec, amax, amin, range_from_data)
   values = _quantize_values(x, spec, scale, zero_point, key)
   if spec.is_mx:
@@ -628,7 +495,7 @@ def _fake_quant_compiled(x: jax.Array, spec: QuantSpec,
                          amax: jax.Array | None, amin: jax.Array | None,
                          key: jax.Array | None,
                          range_from_data: bool) -> jax.Array:
-  """`fake_quant` after its checks, compiled as `_quantize` is."""
+  """`fake_quant` after its checks, compiled as `_quantize_compiled` is."""
   contains_x = amax is None and not spec.is_mx
   scale, zero_point = _resolve_scale(x, spec, amax, amin, range_from_data)
   return _fake_quant(spec, x, scale, zero_point, key, contains_x)

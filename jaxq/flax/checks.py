@@ -14,11 +14,11 @@ ranges being loaded), naming the layer path and the parameter.
   step, and a QArray was checked when `jaxq.convert` made it.
 * `check_act_range(what, path, act_range, spec)`: ``{"amax"[, "amin"]}`` in
   any (scale) shape for the act `QuantSpec` ``spec``; valid as
-  `jaxq.quantize.check_range` defines it (the one definition: finite,
+  `jaxq.range_checks.check_range` defines it (the one definition: finite,
   ``amax >= 0`` symmetric, ``amin <= amax`` affine, not 0 everywhere),
   whose message follows "layer 'Dense_1'"'s. A range of 0 everywhere (the
   layer's input was 0 in every calibration batch, so it would serve every
-  input as 0) raises a `jaxq.quantize.ZeroRangeError` saying so and what
+  input as 0) raises a `jaxq.range_checks.ZeroRangeError` saying so and what
   to do. These checks run where ranges enter: `jaxq.act_ranges`,
   `jaxq.CalibrationResult.ranges`, `jaxq.convert` and loading ranges into
   a model (``with_ranges``, an eager QAT or serve call). Traced ranges are
@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from jaxq import quantize as quantize_lib
+from jaxq import range_checks
 from jaxq.spec import QArray, QuantSpec
 
 
@@ -63,7 +63,7 @@ def check_finite_weight(what: str, path: str, name: str, weight: Any) -> None:
 def check_act_range(what: str, path: str, act_range: Mapping[str, Any] | None,
                     spec: QuantSpec | None = None) -> None:
   """Raises a ValueError naming the layer if a concrete static range is
-  invalid for ``spec`` (`jaxq.quantize.check_range`). ``spec`` None (a range
+  invalid for ``spec`` (`jaxq.range_checks.check_range`). ``spec`` None (a range
   for a layer without an act spec): checked as affine when the range holds
   ``amin``, else symmetric."""
   if not act_range or "amax" not in act_range:
@@ -74,9 +74,9 @@ def check_act_range(what: str, path: str, act_range: Mapping[str, Any] | None,
   if spec is None:
     spec = QuantSpec("int8", symmetric=amin is None)
   try:
-    quantize_lib.check_range(spec, amax, amin)
-  except quantize_lib.ZeroRangeError:
-    raise quantize_lib.ZeroRangeError(
+    range_checks.check_range(spec, amax, amin)
+  except range_checks.ZeroRangeError:
+    raise range_checks.ZeroRangeError(
         f"{what}: layer {path!r}: its static activation range (act) is 0 "
         f"(amax{'' if amin is None else ' and amin'} 0 in all "
         f"{np.size(amax)} element(s)): the calibration data never reached "

@@ -1,5 +1,5 @@
 """`jaxq.flax.checks`: a layer's static range is valid exactly when the
-primitives' `jaxq.quantize.check_range` says so, named by the layer."""
+primitives' `jaxq.range_checks.check_range` says so, named by the layer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from jaxq import PerChannel, QuantSpec
 from jaxq.flax import checks
-from jaxq.quantize import check_range
+from jaxq.range_checks import check_range
 
 SYMMETRIC = QuantSpec("int8", PerChannel(axis=-1))
 AFFINE = QuantSpec("uint8", PerChannel(axis=-1), symmetric=False)
