@@ -35,7 +35,7 @@ positions, caches)``), so prefill and decode are pure functions that
 ``model.apply(variables, tokens)`` is what the PTQ tools calibrate.
 
 Text: no data hub is reachable, so the text is the standard library's own
-docstrings (`module_text`): calibration text from `CALIBRATION_MODULES`,
+docstrings (`module_docstrings`): calibration text from `CALIBRATION_MODULES`,
 evaluation text from the disjoint `EVALUATION_MODULES`.
 
 Checked by hand (not in CI): greedy answers to a few chat prompts are
@@ -53,6 +53,7 @@ import importlib
 import importlib.util
 import inspect
 import pathlib
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -433,14 +434,15 @@ EVALUATION_MODULES = (
     "tarfile", "urllib.parse", "zipfile")
 
 
-def module_text(names: Sequence[str]) -> str:
+def module_docstrings(names: Sequence[str]) -> list[str]:
   """The docstrings of modules and of their public classes and functions.
 
-  In a fixed order (modules as given, members sorted), blank-line separated,
-  each docstring cleaned by `inspect.cleandoc`; a docstring is kept once.
+  In a fixed order (modules as given, members sorted), each cleaned by
+  `inspect.cleandoc` and kept once; docstrings under 40 characters are left
+  out.
   """
   seen: set[str] = set()
-  parts: list[str] = []
+  docs: list[str] = []
 
   def add(obj: Any) -> None:
     doc = getattr(obj, "__doc__", None)
@@ -448,22 +450,36 @@ def module_text(names: Sequence[str]) -> str:
       doc = inspect.cleandoc(doc)
       if doc not in seen:
         seen.add(doc)
-        parts.append(doc)
+        docs.append(doc)
 
-  for name in names:
-    module = importlib.import_module(name)
-    add(module)
-    for member_name in sorted(vars(module)):
-      member = vars(module)[member_name]
-      if member_name.startswith("_") or getattr(
-          member, "__module__", None) != module.__name__:
-        continue
-      add(member)
-      if inspect.isclass(member):
-        for method_name in sorted(vars(member)):
-          if not method_name.startswith("_"):
-            add(vars(member)[method_name])
-  return "\n\n".join(parts)
+  with warnings.catch_warnings():  # deprecated aliases warn on access
+    warnings.simplefilter("ignore", DeprecationWarning)
+    for name in names:
+      module = importlib.import_module(name)
+      add(module)
+      for member_name in sorted(vars(module)):
+        member = vars(module)[member_name]
+        if member_name.startswith("_") or getattr(
+            member, "__module__", None) != module.__name__:
+          continue
+        add(member)
+        if inspect.isclass(member):
+          for method_name in sorted(vars(member)):
+            if not method_name.startswith("_"):
+              add(vars(member)[method_name])
+  return docs
+
+
+def calibration_text() -> str:
+  """`CALIBRATION_MODULES`' docstrings, blank-line separated."""
+  return "\n\n".join(module_docstrings(CALIBRATION_MODULES))
+
+
+def evaluation_text() -> str:
+  """`EVALUATION_MODULES`' docstrings, less any the calibration text has."""
+  seen = set(module_docstrings(CALIBRATION_MODULES))
+  return "\n\n".join(doc for doc in module_docstrings(EVALUATION_MODULES)
+                      if doc not in seen)
 
 
 def token_windows(tokenizer: Any, text: str, window: int,
@@ -485,14 +501,14 @@ def token_windows(tokenizer: Any, text: str, window: int,
 def calibration_windows(window: int = 256, count: int = 16) -> np.ndarray:
   """Calibration token windows from `CALIBRATION_MODULES`' docstrings."""
   return token_windows(load_pretrained().tokenizer,
-                       module_text(CALIBRATION_MODULES), window, count)
+                       calibration_text(), window, count)
 
 
 @functools.lru_cache(maxsize=8)
 def evaluation_windows(window: int = 256, count: int = 32) -> np.ndarray:
   """Held-out token windows from `EVALUATION_MODULES`' docstrings."""
   return token_windows(load_pretrained().tokenizer,
-                       module_text(EVALUATION_MODULES), window, count)
+                       evaluation_text(), window, count)
 
 
 # --------------------------------------------------------------------------

