@@ -343,3 +343,33 @@ def to_e8m0(exponent: jax.Array) -> jax.Array:
 def storage_bytes(fmt: Format, num_elements: int) -> int:
   """Bytes needed to store ``num_elements`` values, sub-byte types packed."""
   return (num_elements * fmt.bits + 7) // 8
+
+
+NIBBLE_DTYPES: tuple[np.dtype, ...] = (np.dtype(ml_dtypes.int4),)
+
+
+def pack_nibbles(values: jax.Array) -> jax.Array:
+  """Packs int4 ``values`` two per byte along the last axis.
+
+  ``(..., 2n)`` int4 -> ``(..., n)`` uint8, element ``2i`` in the low
+  nibble of byte ``i`` (the order `jaxq.save` stores). A bitcast: no
+  arithmetic, works under ``jit``.
+
+  Raises:
+    ValueError: if ``values`` is not int4 or its last axis is odd.
+  """
+  if np.dtype(values.dtype) not in NIBBLE_DTYPES or values.shape[-1] % 2:
+    raise ValueError(f"pack_nibbles: expected int4 values with an even last "
+                     f"axis, got dtype {values.dtype} and shape "
+                     f"{tuple(values.shape)}.")
+  pairs = values.reshape(*values.shape[:-1], values.shape[-1] // 2, 2)
+  return jax.lax.bitcast_convert_type(pairs, jnp.uint8)
+
+
+def unpack_nibbles(packed: jax.Array) -> jax.Array:
+  """Inverse of `pack_nibbles`: ``(..., n)`` uint8 -> ``(..., 2n)`` int4."""
+  if np.dtype(packed.dtype) != np.uint8:
+    raise ValueError(f"unpack_nibbles: expected uint8 bytes, got dtype "
+                     f"{packed.dtype}.")
+  pairs = jax.lax.bitcast_convert_type(packed, jnp.int4)
+  return pairs.reshape(*packed.shape[:-1], packed.shape[-1] * 2)

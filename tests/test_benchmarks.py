@@ -195,3 +195,15 @@ def test_sensitivity(tmp_path):
       layers - 1)
   assert by_impl["partial", "jaxq"]["compiles"] == 1
   assert by_impl["partial", "jaxq-recompile"]["compiles"] == layers
+
+
+def test_kvcache(tmp_path):
+  rows = {row["case"]: row for row in _run("kvcache", tmp_path)}
+  assert rows["float32"]["attn_rel_err"] < 1e-5
+  assert rows["int8 token"]["attn_rel_err"] < 0.05
+  assert 0.5 < rows["int8 token"]["bytes_vs_bf16"] < 0.6
+  assert 0.25 < rows["int4 token"]["bytes_vs_bf16"] < 0.3
+  # On keys with outlier channels, KIVI and the Hadamard rotation pay at int4.
+  for better in ("int4 kivi-g32", "int4 token+hadamard"):
+    assert rows[better]["attn_rel_err"] < 0.6 * rows["int4 token"][
+        "attn_rel_err"]

@@ -1,0 +1,258 @@
+"""The KV cache's functional core: writes, block-by-block attention, formats,
+KIVI and Hadamard, ragged batches, GQA and sizes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxq import formats
+from jaxq import kvcache
+from jaxq.checkpoint_tensors import _pack_nibbles
+
+B, T, H_KV, H_Q, D = 2, 32, 2, 4, 16
+
+update = jax.jit(kvcache.update)
+attend = jax.jit(kvcache.attend)
+
+
+def _rel(a, b) -> float:
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def qkv() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  rng = np.random.default_rng(0)
+  query = rng.normal(size=(B, T, H_Q, D)).astype(np.float32)
+  key = rng.normal(size=(B, T, H_KV, D)).astype(np.float32)
+  value = rng.normal(size=(B, T, H_KV, D)).astype(np.float32)
+  return query, key, value
+
+
+@pytest.fixture(scope="module")
+def outlier_keys() -> np.ndarray:
+  """Keys like a real LLM's: two channels of each head 10x the others."""
+  rng = np.random.default_rng(1)
+  key = rng.normal(size=(B, T, H_KV, D)).astype(np.float32)
+  key[..., [3, 11]] *= 10.0
+  return key
+
+
+def _fill(spec, key, value, positions=None, **init_kwargs):
+  cache = kvcache.init(spec, batch=B, max_length=T, num_kv_heads=H_KV,
+                       head_dim=D, **init_kwargs)
+  positions = jnp.zeros((B,), jnp.int32) if positions is None else positions
+  return update(cache, key, value, positions)
+
+
+# (spec, tolerance of attention's relative error on unit-normal data)
+FORMAT_CASES = [
+    (kvcache.KVCacheSpec(None), 1e-5),
+    (kvcache.KVCacheSpec("int8"), 0.02),
+    (kvcache.KVCacheSpec("float8_e4m3fn"), 0.06),
+    (kvcache.KVCacheSpec("int4"), 0.3),
+    (kvcache.KVCacheSpec("int4", key_granularity="channel", group_size=8,
+                         block_size=16), 0.3),
+]
+
+
+@pytest.mark.parametrize("spec,tolerance", FORMAT_CASES,
+                         ids=lambda c: getattr(c, "format", None) and
+                         f"{c.format}-{c.key_granularity}")
+def test_prefill_attention_matches_float_reference(qkv, spec, tolerance):
+  query, key, value = qkv
+  positions = jnp.zeros((B,), jnp.int32)
+  cache = _fill(spec, key, value)
+  out = attend(cache, query, positions)
+  ref = kvcache.reference_attention(query, key, value, positions)
+  assert out.shape == (B, T, H_Q, D)
+  error = _rel(out, ref)
+  assert error < tolerance
+  if spec.quantized:  # Really quantized: not the float answer.
+    assert error > 1e-4
+
+
+def test_reference_attention_is_gqa_with_repeated_heads(qkv):
+  """Query head h reads KV head h // (H_q / H_kv), as jnp.repeat gives."""
+  query, key, value = qkv
+  positions = jnp.zeros((B,), jnp.int32)
+  groups = H_Q // H_KV
+  mha = kvcache.reference_attention(query, jnp.repeat(key, groups, axis=2),
+                                    jnp.repeat(value, groups, axis=2),
+                                    positions)
+  np.testing.assert_allclose(
+      kvcache.reference_attention(query, key, value, positions), mha,
+      atol=1e-5)
+  logits = np.einsum("bshd,bthd->bhst", query[:, :, 2:3], key[:, :, 1:2])
+  logits /= np.sqrt(D)
+  logits = np.where(np.tril(np.ones((T, T), bool)), logits, -np.inf)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  head2 = np.einsum("bhst,bthd->bshd", weights, value[:, :, 1:2])
+  np.testing.assert_allclose(mha[:, :, 2:3], head2, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", [
+    kvcache.KVCacheSpec("int8", block_size=8),
+    kvcache.KVCacheSpec("int4", hadamard=True, block_size=8),
+], ids=["int8", "int4-hadamard"])
+def test_decode_token_by_token_equals_one_shot_prefill(qkv, spec):
+  query, key, value = qkv
+  prefill = 5
+  one_shot = _fill(spec, key, value)
+  expected = attend(one_shot, query, jnp.zeros((B,), jnp.int32))
+
+  @jax.jit
+  def generate(cache):
+    cache = kvcache.update(cache, key[:, :prefill], value[:, :prefill],
+                           jnp.zeros((B,), jnp.int32))
+    first = kvcache.attend(cache, query[:, :prefill],
+                           jnp.zeros((B,), jnp.int32))
+
+    def step(cache, t):
+      positions = jnp.full((B,), t, jnp.int32)
+      take = lambda x: jax.lax.dynamic_slice_in_dim(x, t, 1, axis=1)
+      cache = kvcache.update(cache, take(key), take(value), positions)
+      return cache, kvcache.attend(cache, take(query), positions)[:, 0]
+
+    cache, rest = jax.lax.scan(step, cache, jnp.arange(prefill, T))
+    return cache, jnp.concatenate([first, rest.transpose(1, 0, 2, 3)], 1)
+
+  cache, out = generate(kvcache.init(spec, batch=B, max_length=T,
+                                     num_kv_heads=H_KV, head_dim=D))
+  np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, cache, one_shot)
+
+
+def test_kivi_decode_stays_close_to_one_shot_prefill(qkv, outlier_keys):
+  """KIVI re-quantizes an incomplete group as tokens arrive; decoding keeps
+  the one-shot error level."""
+  query, _, value = qkv
+  key = outlier_keys
+  spec = kvcache.KVCacheSpec("int4", key_granularity="channel", group_size=8,
+                             block_size=16)
+  zeros = jnp.zeros((B,), jnp.int32)
+  ref = kvcache.reference_attention(query, key, value, zeros)
+  one_shot = _rel(attend(_fill(spec, key, value), query, zeros), ref)
+  cache = _fill(spec, key[:, :3], value[:, :3])
+  outs = [attend(cache, query[:, :3], zeros)]
+  for t in range(3, T):
+    positions = jnp.full((B,), t, jnp.int32)
+    cache = update(cache, key[:, t:t + 1], value[:, t:t + 1], positions)
+    outs.append(attend(cache, query[:, t:t + 1], positions))
+  decoded = _rel(jnp.concatenate(outs, 1), ref)
+  assert decoded < 1.5 * one_shot, (decoded, one_shot)
+
+
+@pytest.mark.parametrize("spec", [
+    kvcache.KVCacheSpec("int8", block_size=8),
+    kvcache.KVCacheSpec("int8", key_granularity="channel", group_size=4,
+                        block_size=8),
+], ids=["token", "channel"])
+def test_ragged_batch_rows_see_only_their_own_tokens(qkv, spec):
+  """Row 0 holds 7 tokens, row 1 holds 20; each decodes one more. Padding
+  written past a row's end by the prefill (other keys of the same size) is
+  never attended."""
+  query, key, value = qkv
+  lengths = jnp.array([7, 20], jnp.int32)
+  padded_key = jnp.where(jnp.arange(T)[None, :, None, None] <
+                         lengths[:, None, None, None], key, -key[:, ::-1])
+  cache = _fill(spec, padded_key[:, :20], value[:, :20])
+  cache = update(cache, key[jnp.arange(B), lengths][:, None],
+                 value[jnp.arange(B), lengths][:, None], lengths)
+  out = attend(cache, query[jnp.arange(B), lengths][:, None], lengths)
+  for row, length in enumerate((7, 20)):
+    ref = kvcache.reference_attention(
+        query[row:row + 1, length:length + 1], key[row:row + 1, :length + 1],
+        value[row:row + 1, :length + 1], jnp.array([length]))
+    assert _rel(out[row:row + 1], ref) < 0.02, row
+
+
+def test_block_size_does_not_change_the_answer(qkv):
+  """A block that does not divide the cache (the last block is shifted
+  back and masked) gives the one-block result."""
+  query, key, value = qkv
+  positions = jnp.array([3, 9], jnp.int32)
+  outs = []
+  for block_size in (32, 12, 5):
+    spec = kvcache.KVCacheSpec("int8", block_size=block_size)
+    cache = _fill(spec, key, value)
+    outs.append(attend(cache, query[:, :T - 9], positions))
+  np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
+  np.testing.assert_allclose(outs[2], outs[0], atol=1e-5)
+
+
+def test_static_per_head_ranges(qkv):
+  query, key, value = qkv
+  key_amax = np.abs(key).max(axis=(0, 1, 3))
+  value_amax = np.abs(value).max(axis=(0, 1, 3))
+  spec = kvcache.KVCacheSpec("int8", key_granularity="head",
+                             value_granularity="head")
+  cache = _fill(spec, key, value, key_amax=key_amax, value_amax=value_amax)
+  assert cache.key_scale.shape == (1, 1, H_KV, 1)
+  np.testing.assert_allclose(cache.key_scale[0, 0, :, 0], key_amax / 127,
+                             rtol=1e-6)
+  positions = jnp.zeros((B,), jnp.int32)
+  ref = kvcache.reference_attention(query, key, value, positions)
+  assert _rel(attend(cache, query, positions), ref) < 0.03
+  # A range too small saturates: keys read back clipped to it.
+  small = _fill(spec, key, value, key_amax=key_amax / 4,
+                value_amax=value_amax)
+  read_key, _ = kvcache.read(small)
+  assert float(jnp.max(jnp.abs(read_key[:, :, 0]))) <= key_amax[0] / 4 + 1e-6
+
+
+def test_read_dequantizes_and_rotates_back(qkv):
+  _, key, value = qkv
+  for spec in (kvcache.KVCacheSpec(None), kvcache.KVCacheSpec(
+      "int8", hadamard=True)):
+    read_key, read_value = kvcache.read(_fill(spec, key, value))
+    assert read_key.shape == (B, T, H_KV, D)
+    assert _rel(read_key, key) < (1e-6 if spec.format is None else 0.01)
+    assert _rel(read_value, value) < (1e-6 if spec.format is None else 0.01)
+
+
+def test_int4_is_packed_and_sizes_are_reported(qkv):
+  _, key, value = qkv
+  sizes = {}
+  for fmt in (None, "int8", "int4", "float8_e4m3fn"):
+    cache = kvcache.init(kvcache.KVCacheSpec(fmt), batch=B, max_length=T,
+                         num_kv_heads=H_KV, head_dim=D, dtype=jnp.bfloat16)
+    sizes[fmt] = kvcache.nbytes(cache)
+  int4 = kvcache.init(kvcache.KVCacheSpec("int4"), batch=B, max_length=T,
+                      num_kv_heads=H_KV, head_dim=D)
+  assert int4.key.dtype == jnp.uint8 and int4.key.shape == (B, T, H_KV, D // 2)
+  elements = 2 * B * T * H_KV * D
+  scales = 2 * B * T * H_KV * 4  # float32, one per token per head
+  assert sizes[None] == elements * 2
+  assert sizes["int8"] == sizes["float8_e4m3fn"] == elements + scales
+  assert sizes["int4"] == elements // 2 + scales
+  # Packing is a bitcast in jaxq.save's nibble order.
+  values = jnp.asarray(np.arange(-8, 8).reshape(2, 8), jnp.int4)
+  packed = formats.pack_nibbles(values)
+  np.testing.assert_array_equal(packed.reshape(-1),
+                                _pack_nibbles(np.asarray(values)))
+  np.testing.assert_array_equal(formats.unpack_nibbles(packed), values)
+
+
+def test_kivi_and_hadamard_cut_int4_error_on_outlier_channels(qkv,
+                                                              outlier_keys):
+  query, _, value = qkv
+  key = outlier_keys
+  positions = jnp.zeros((B,), jnp.int32)
+  ref = kvcache.reference_attention(query, key, value, positions)
+  errors = {}
+  for name, spec in {
+      "token": kvcache.KVCacheSpec("int4"),
+      "kivi": kvcache.KVCacheSpec("int4", key_granularity="channel",
+                                  group_size=8),
+      "hadamard": kvcache.KVCacheSpec("int4", hadamard=True),
+  }.items():
+    cache = _fill(spec, key, value)
+    key_error = _rel(kvcache.read(cache)[0], key)
+    errors[name] = (key_error, _rel(attend(cache, query, positions), ref))
+  for better in ("kivi", "hadamard"):
+    assert errors[better][0] < 0.7 * errors["token"][0], errors
+    assert errors[better][1] < errors["token"][1], errors
