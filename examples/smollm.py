@@ -221,9 +221,15 @@ class SmolLM(nn.Module):
 
 def init_caches(config: LlamaConfig, spec: Any, batch: int, max_length: int,
                 dtype: Any = jnp.float32) -> tuple[Any, ...]:
-  """One empty `jaxq.kvcache.KVCache` per block, by ``spec``."""
+  """One empty `jaxq.kvcache.KVCache` per block, by ``spec`` (None: float).
+
+  ``max_length`` is rounded up to whole token groups for KIVI-style specs
+  (``key_granularity="channel"``), whose cache holds whole groups.
+  """
   from jaxq import kvcache  # pylint: disable=g-import-not-at-top
   spec = kvcache.KVCacheSpec(format=None) if spec is None else spec
+  if spec.key_granularity == "channel":
+    max_length = -(-max_length // spec.group_size) * spec.group_size
   return tuple(
       kvcache.init(spec, batch=batch, max_length=max_length,
                    num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
@@ -402,6 +408,19 @@ class Pretrained:
   def eos_id(self) -> int:
     return self.tokenizer.token_to_id("<|im_end|>")
 
+  def truncated(self, num_layers: int) -> Pretrained:
+    """The model cut after its first ``num_layers`` blocks (the final norm
+    and tied head kept): for quick checks of the mechanics, not quality."""
+    if not 1 <= num_layers <= self.config.num_layers:
+      raise ValueError(f"num_layers must be in [1, {self.config.num_layers}]"
+                       f", got {num_layers}.")
+    config = dataclasses.replace(self.config, num_layers=num_layers)
+    params = {name: value for name, value in self.variables["params"].items()
+              if not name.startswith("layers_") or
+              int(name.split("_")[1]) < num_layers}
+    return Pretrained(SmolLM(config, self.model.dtype), {"params": params},
+                      self.tokenizer)
+
 
 @functools.lru_cache(maxsize=2)
 def load_pretrained(dtype: Any = jnp.float32) -> Pretrained:
@@ -528,44 +547,82 @@ def _jit_nll(apply_fn: Any) -> Any:
                                                 tokens))
 
 
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def _decode_nll(apply_fn: Any, variables: Params, tokens: jax.Array,
+                caches: tuple[Any, ...]) -> jax.Array:
+  """`_nll` by teacher-forced decode: token t written to the caches, then
+  the logits for t + 1 read through them, one ``lax.fori_loop`` step each."""
+  batch, length = tokens.shape
+
+  def step(t, carry):
+    total, caches = carry
+    token = jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1)
+    logits, caches = apply_fn(variables, token, jnp.full(batch, t, jnp.int32),
+                              caches)
+    target = jax.lax.dynamic_slice_in_dim(tokens, t + 1, 1, axis=1)
+    log_probs = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32))
+    return total - jnp.take_along_axis(log_probs, target, axis=-1)[:, 0], caches
+
+  total, _ = jax.lax.fori_loop(0, length - 1, step,
+                               (jnp.zeros(batch, jnp.float32), caches))
+  return total
+
+
 def perplexity(apply_fn: Any, variables: Params, windows: np.ndarray, *,
-               batch_size: int = 8) -> float:
+               batch_size: int = 8, cache_spec: Any = None,
+               config: LlamaConfig = LlamaConfig()) -> float:
   """exp(mean next-token NLL) over the windows (N, L): N (L - 1) predictions.
 
   ``apply_fn(variables, tokens) -> logits`` is the float or a quantized
-  model's apply function.
+  model's apply function. Without ``cache_spec`` each window runs as one
+  causal pass; with a `jaxq.kvcache.KVCacheSpec` it runs as generation
+  does, teacher-forced through the jitted decode loop: each token is
+  written into the (quantized) caches and the next one predicted from them.
   """
-  nll = _jit_nll(apply_fn)
   total = 0.0
   for start in range(0, len(windows), batch_size):
-    total += float(jnp.sum(nll(variables, windows[start:start + batch_size])))
+    batch = jnp.asarray(windows[start:start + batch_size])
+    if cache_spec is None:
+      nll = _jit_nll(apply_fn)(variables, batch)
+    else:
+      caches = init_caches(config, cache_spec, batch.shape[0],
+                           batch.shape[1])
+      nll = _decode_nll(apply_fn, variables, batch, caches)
+    total += float(jnp.sum(nll))
   return float(np.exp(total / (windows.shape[0] * (windows.shape[1] - 1))))
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "apply_fn", "max_new_tokens", "temperature", "top_k"))
-def generate_tokens(apply_fn: Any, variables: Params, prompts: jax.Array,
-                    lengths: jax.Array, caches: tuple[Any, ...],
-                    rng: jax.Array, *, max_new_tokens: int,
-                    temperature: float = 0.0, top_k: int = 0
-                    ) -> tuple[jax.Array, tuple[Any, ...]]:
-  """Prefill then decode, one jitted program: (B, max_new_tokens) new tokens.
+def prefill(apply_fn: Any, variables: Params, prompts: jax.Array,
+            lengths: jax.Array, caches: tuple[Any, ...]
+            ) -> tuple[jax.Array, tuple[Any, ...]]:
+  """Writes right-padded prompts (B, P) into the caches: (last logits, caches).
 
-  ``prompts`` (B, P) are right-padded to P, row b holding ``lengths[b]``
-  real tokens; ``caches`` hold at least P + max_new_tokens positions. The
-  prefill writes all P positions (the padding's keys sit beyond each row's
-  own positions and decode overwrites them, so causality masks them); decode
-  step t writes row b's token at lengths[b] + t. ``temperature`` 0 is greedy;
-  otherwise sampling from softmax(logits / temperature), from the ``top_k``
-  most likely tokens when ``top_k`` > 0.
+  Row b holds ``lengths[b]`` real tokens; the last logits (B, V) are those
+  at position ``lengths[b] - 1``. All P positions are written: the padding's
+  keys sit beyond each row's own positions, where causality masks them until
+  decode overwrites them.
   """
   batch = prompts.shape[0]
   logits, caches = apply_fn(variables, prompts, jnp.zeros(batch, jnp.int32),
                             caches)
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)
+  return last[:, 0], caches
+
+
+def decode(apply_fn: Any, variables: Params, logits: jax.Array,
+           lengths: jax.Array, caches: tuple[Any, ...], rng: jax.Array, *,
+           max_new_tokens: int, temperature: float = 0.0, top_k: int = 0
+           ) -> tuple[jax.Array, tuple[Any, ...]]:
+  """``max_new_tokens`` decode steps in one ``lax.fori_loop``: (B, N) tokens.
+
+  ``logits`` (B, V) predict each row's next token, which step t writes at
+  position ``lengths[b] + t``. ``temperature`` 0 is greedy; otherwise
+  sampling from softmax(logits / temperature), from the ``top_k`` most
+  likely tokens when ``top_k`` > 0.
+  """
+  batch = logits.shape[0]
 
   def pick(logits: jax.Array, key: jax.Array) -> jax.Array:
-    logits = logits[:, -1]
     if temperature == 0.0:
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
@@ -580,12 +637,29 @@ def generate_tokens(apply_fn: Any, variables: Params, prompts: jax.Array,
     token = pick(logits, key)
     out = out.at[:, t].set(token)
     logits, caches = apply_fn(variables, token[:, None], lengths + t, caches)
-    return out, caches, logits, rng
+    return out, caches, logits[:, 0], rng
 
   out = jnp.zeros((batch, max_new_tokens), jnp.int32)
   out, caches, _, _ = jax.lax.fori_loop(0, max_new_tokens, step,
-                                        (out, caches, last, rng))
+                                        (out, caches, logits, rng))
   return out, caches
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "apply_fn", "max_new_tokens", "temperature", "top_k"))
+def generate_tokens(apply_fn: Any, variables: Params, prompts: jax.Array,
+                    lengths: jax.Array, caches: tuple[Any, ...],
+                    rng: jax.Array, *, max_new_tokens: int,
+                    temperature: float = 0.0, top_k: int = 0
+                    ) -> tuple[jax.Array, tuple[Any, ...]]:
+  """`prefill` then `decode`, one jitted program: (B, max_new_tokens).
+
+  ``caches`` must hold at least P + max_new_tokens positions.
+  """
+  logits, caches = prefill(apply_fn, variables, prompts, lengths, caches)
+  return decode(apply_fn, variables, logits, lengths, caches, rng,
+                max_new_tokens=max_new_tokens, temperature=temperature,
+                top_k=top_k)
 
 
 def generate(pretrained: Pretrained, prompts: Sequence[str], *,

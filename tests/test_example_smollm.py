@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import jaxq
-from jaxq import PerChannel, QuantSpec
+from jaxq import PerChannel, QuantSpec, kvcache
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -155,3 +155,40 @@ def test_perplexity_float_and_int8_weights(pretrained):
   served = jaxq.quantize_model(pretrained.model, rules, mode="serve")
   int8_ppl = smollm.perplexity(served.apply, pretrained.variables, windows)
   assert abs(int8_ppl / float_ppl - 1) < 0.02
+
+
+@pytest.fixture(scope="module")
+def two_blocks(pretrained) -> smollm.Pretrained:
+  return pretrained.truncated(2)
+
+
+def test_truncated_checks_its_argument(pretrained):
+  with pytest.raises(ValueError, match=r"num_layers must be in \[1, 30\]"):
+    pretrained.truncated(31)
+
+
+def test_decode_through_float_cache_equals_causal_pass(two_blocks):
+  windows = smollm.evaluation_windows(256, 2)[:, :40]
+  apply_fn, variables = two_blocks.model.apply, two_blocks.variables
+  causal = smollm.perplexity(apply_fn, variables, windows)
+  decoded = smollm.perplexity(apply_fn, variables, windows,
+                              cache_spec=kvcache.KVCacheSpec(None),
+                              config=two_blocks.config)
+  np.testing.assert_allclose(decoded, causal, rtol=1e-5)
+  int8 = smollm.perplexity(apply_fn, variables, windows,
+                           cache_spec=kvcache.KVCacheSpec("int8"),
+                           config=two_blocks.config)
+  assert int8 != decoded and abs(int8 / decoded - 1) < 0.01
+
+
+def test_greedy_generation_ragged_batch_equals_recompute(two_blocks):
+  prompts = ["The capital of France is", "def f(x):\n    return"]
+  batched = smollm.generate(two_blocks, prompts, max_new_tokens=5)
+  apply_fn = jax.jit(two_blocks.model.apply)
+  for prompt, text in zip(prompts, batched):
+    ids = two_blocks.tokenizer.encode(prompt).ids
+    for _ in range(5):
+      logits = apply_fn(two_blocks.variables, jnp.asarray([ids]))
+      ids.append(int(jnp.argmax(logits[0, -1])))
+    want = two_blocks.tokenizer.decode(ids[-5:])
+    assert text == want
