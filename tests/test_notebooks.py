@@ -14,7 +14,8 @@ NOTEBOOKS = sorted(p.name for p in EXAMPLES.glob("*.ipynb"))
 
 
 def test_notebooks_exist():
-  assert {"quickstart.ipynb", "ptq.ipynb", "minilm_ptq.ipynb"} <= set(NOTEBOOKS)
+  assert {"quickstart.ipynb", "ptq.ipynb", "minilm_ptq.ipynb",
+          "smollm.ipynb"} <= set(NOTEBOOKS)
 
 
 @pytest.mark.slow
