@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxq
 from jaxq import formats
 from jaxq import kvcache
 from jaxq.checkpoint_tensors import _pack_nibbles
@@ -186,10 +187,19 @@ def test_block_size_does_not_change_the_answer(qkv):
 
 def test_static_per_head_ranges(qkv):
   query, key, value = qkv
-  key_amax = np.abs(key).max(axis=(0, 1, 3))
-  value_amax = np.abs(value).max(axis=(0, 1, 3))
   spec = kvcache.KVCacheSpec("int8", key_granularity="head",
                              value_granularity="head")
+  # Calibrated by a jaxq observer, over two batches of keys.
+  observer = jaxq.observers.max()
+  state = observer.init(key[:, :16], spec.key_quant_spec())
+  for chunk in (key[:, :16], key[:, 16:]):
+    state = observer.update(state, chunk)
+  key_amax = observer.finalize(state)
+  assert key_amax.shape == (1, 1, H_KV, 1)
+  np.testing.assert_allclose(key_amax.reshape(-1),
+                             np.abs(key).max(axis=(0, 1, 3)))
+  key_amax = np.asarray(key_amax).reshape(-1)
+  value_amax = np.abs(value).max(axis=(0, 1, 3))
   cache = _fill(spec, key, value, key_amax=key_amax, value_amax=value_amax)
   assert cache.key_scale.shape == (1, 1, H_KV, 1)
   np.testing.assert_allclose(cache.key_scale[0, 0, :, 0], key_amax / 127,
