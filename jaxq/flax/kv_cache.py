@@ -21,6 +21,12 @@ rewritten. Three kinds of attention take one:
   the attention output. Their own ``spec`` (a float cache by default) is
   what a matching rule replaces: for linen under `jaxq.quantize_model`'s
   interceptor, for nnx in the quantized copy `jaxq.quantize_model` returns.
+
+A rule's spec applies in every mode (qat, calibrate, serve). Static
+per-head ranges (``"head"`` granularity) are data the cache is made with:
+`NnxKVCacheAttention.init_cache` takes them; the linen modules, which make
+their cache in ``init``, take dynamic scales only (``"token"``,
+``"channel"``) and raise otherwise.
 """
 
 from __future__ import annotations

@@ -151,9 +151,12 @@ def init(spec: KVCacheSpec, *, batch: int, max_length: int,
     batch, max_length, num_kv_heads, head_dim: the cache shape ``(B, T, H,
       D)``.
     dtype: the float dtype `read` returns, and a float cache stores.
-    key_amax, value_amax: ``(num_kv_heads,)`` static ranges (``max |k|``
-      per head, e.g. from `jaxq.calibrate`) for a ``"head"`` granularity;
-      not allowed otherwise.
+    key_amax, value_amax: static ranges, one per KV head (``max |k|`` per
+      head, any shape of ``num_kv_heads`` elements, e.g. a jaxq observer's
+      ``(1, 1, H, 1)`` result on keys under ``spec.key_quant_spec()``), for
+      a ``"head"`` granularity; not allowed otherwise. With
+      ``spec.hadamard``, ``key_amax`` is the range of the rotated keys
+      (`jaxq.kvcache.hadamard.rotate`), which the cache stores.
 
   Raises:
     ValueError: for a non-positive size, an odd ``head_dim`` with int4, a
