@@ -34,7 +34,7 @@ covered layers and the variable collections.
 
 A rule's ``kv_cache`` gives matching attention modules a quantized KV cache
 (`jaxq.flax.kv_cache`): Flax's ``MultiHeadDotProductAttention(decode=True)``
-in linen, and jaxq's `KVCacheAttention` (linen) / `NnxKVCacheAttention`
+in linen, ``nnx.MultiHeadAttention`` decoding in nnx, and jaxq's `KVCacheAttention` (linen) / `NnxKVCacheAttention`
 (nnx) for a model's own attention.
 
 Workflows reach a model through ``adapt(model, variables)``, a

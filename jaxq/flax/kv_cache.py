@@ -14,6 +14,14 @@ rewritten. Three kinds of attention take one:
   `jaxq.kvcache.attend`. The projections stay Flax's ``DenseGeneral``
   layers, so weight rules still apply to them. Decode steps take no
   ``mask`` (the cache is causal) and no dropout.
+* ``flax.nnx.MultiHeadAttention`` (``decode=True``, or ``decode=True`` in
+  the call): in the quantized copy that `jaxq.quantize_model` returns,
+  ``init_cache(input_shape)`` makes a `jaxq.kvcache.KVCache`
+  (``jaxq_kv_cache``, an ``nnx.Cache``, beside ``cache_index``) instead of
+  ``cached_key`` / ``cached_value``, and each decode call appends its tokens
+  and attends through `jaxq.kvcache.attend`; calls that do not decode run
+  Flax's attention unchanged. As for linen: no ``mask``, no dropout while
+  decoding.
 * `KVCacheAttention` (linen) and `NnxKVCacheAttention` (nnx): jaxq's cache
   modules, for a user's own attention (GQA, RoPE, ragged batches): called
   with the already projected (and rotated) ``query``, ``key``, ``value``
@@ -31,6 +39,8 @@ their cache in ``init``, take dynamic scales only (``"token"``,
 
 from __future__ import annotations
 
+import contextvars
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -187,3 +197,91 @@ class NnxKVCacheAttention(nnx.Module):
     cache = kvcache.update(cache, key, value, positions)
     self.cache.set_value(cache)
     return kvcache.attend(cache, query, positions, scale=self.scale)
+
+
+# The nnx MultiHeadAttention being called, and whether it decodes: its
+# `attention_fn` (jaxq's, set once on the quantized copy) reads it, so a
+# call never changes the module's attributes.
+_CALL: contextvars.ContextVar[tuple[nnx.Module, bool] | None] = (
+    contextvars.ContextVar("jaxq_nnx_attention_call", default=None))
+
+
+def _nnx_attention_fn(query: jax.Array, key: jax.Array, value: jax.Array,
+                      mask: jax.Array | None = None, **kwargs) -> jax.Array:
+  """The ``attention_fn`` of a cached nnx ``MultiHeadAttention``."""
+  module, decoding = _CALL.get()
+  if not decoding:
+    return module.jaxq_attention_fn(query, key, value, mask=mask, **kwargs)
+  if mask is not None:
+    raise ValueError(f"jaxq: {type(module).__name__} decodes through a "
+                     f"quantized KV cache, which is causal: pass mask=None "
+                     f"in decode steps.")
+  cache = module.jaxq_kv_cache.get_value()
+  positions = jnp.full((key.shape[0],), module.cache_index.get_value(),
+                       jnp.int32)
+  cache = kvcache.update(cache, key, value, positions)
+  module.jaxq_kv_cache.set_value(cache)
+  module.cache_index.set_value(module.cache_index.get_value() + key.shape[1])
+  return kvcache.attend(cache, query, positions).astype(query.dtype)
+
+
+class _CachedMultiHeadAttention:
+  """What a cached ``nnx.MultiHeadAttention`` adds (see `cached_class`)."""
+
+  def init_cache(self, input_shape: tuple[int, ...],
+                 dtype: Any = jnp.float32) -> None:
+    """An empty cache for inputs of ``(batch, max_length, features)``."""
+    if len(input_shape) != 3:
+      raise ValueError(
+          f"jaxq: a quantized KV cache takes inputs with one batch axis, "
+          f"(batch, max_length, features); init_cache got {input_shape}.")
+    self.jaxq_kv_cache = nnx.Cache(kvcache.init(
+        self.jaxq_kv_spec, batch=input_shape[0], max_length=input_shape[1],
+        num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, dtype=dtype))
+    self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))
+
+  def __call__(self, *args, decode: bool | None = None, **kwargs):
+    decoding = self.decode if decode is None else decode
+    if decoding and self.jaxq_kv_cache is None:
+      raise ValueError("Autoregressive cache not initialized, call "
+                       "``init_cache`` first.")
+    token = _CALL.set((self, bool(decoding)))
+    try:
+      return self.jaxq_float_class.__call__(self, *args, decode=False,
+                                            **kwargs)
+    finally:
+      _CALL.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def cached_class(cls: type) -> type:
+  """The subclass of an nnx ``MultiHeadAttention`` class that decodes
+  through a jaxq cache (cached, so jit-stable)."""
+  mixin = _CachedMultiHeadAttention
+  namespace = {"__module__": __name__, "__slots__": (),
+               "__qualname__": f"KVCached{cls.__name__}",
+               "jaxq_float_class": cls, "__call__": mixin.__call__,
+               "init_cache": mixin.init_cache}
+  return type(f"KVCached{cls.__name__}", (cls, mixin), namespace)
+
+
+def use_nnx_cache(module: nnx.Module, spec: KVCacheSpec) -> None:
+  """Gives the nnx attention ``module`` (of a model's quantized copy) a
+  ``spec`` cache: jaxq's cache modules take the spec; a
+  ``MultiHeadAttention`` becomes its `cached_class` in place, with a cache
+  already made, made again (empty) in the spec."""
+  if isinstance(module, NnxKVCacheAttention):
+    module.set_spec(spec)
+    return
+  made = getattr(module, "cached_key", None)
+  if not isinstance(module, _CachedMultiHeadAttention):
+    object.__setattr__(module, "__class__", cached_class(type(module)))
+    module.jaxq_attention_fn = module.attention_fn
+    module.attention_fn = _nnx_attention_fn
+    module.jaxq_kv_cache = nnx.data(None)
+  module.jaxq_kv_spec = spec
+  if made is not None:
+    module.cached_key = module.cached_value = None
+    shape = tuple(made.get_value().shape)
+    module.init_cache(shape[:2] + (module.in_features,),
+                      made.get_value().dtype)

@@ -446,6 +446,10 @@ def _paths_of_layers(root: nnx.Module) -> dict[int, list[tuple[Any, ...]]]:
   return paths
 
 
+# Attention modules a rule's kv_cache applies to.
+_ATTENTION = (nnx.MultiHeadAttention, kv_cache.NnxKVCacheAttention)
+
+
 def _check_aliases(rules: Sequence[rules_lib.Rule], path: str,
                    aliases: Sequence[str], module: nnx.Module,
                    rule: rules_lib.Rule | None) -> None:
@@ -480,10 +484,10 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
   all_paths = _paths_of_layers(qmodel)
   infos, kv_rules = [], []
   for path, module in list(nnx.iter_graph(qmodel)):
-    if isinstance(module, kv_cache.NnxKVCacheAttention):
+    if isinstance(module, _ATTENTION):
       rule = rules_lib.match_kv_cache(rules, _path(path), module)
       if rule is not None and not rule.skip:
-        module.set_spec(rule.kv_cache)
+        kv_cache.use_nnx_cache(module, rule.kv_cache)
         kv_rules.append(rule)
       continue
     if isinstance(module, (_QuantizedLayer, _QuantizedEmbed)):
@@ -556,7 +560,7 @@ def unmatched_rules(qmodel: nnx.Module) -> tuple[rules_lib.Rule, ...]:
   rules = getattr(qmodel, _RULES_ATTR)
   kv_rules = [rules_lib.match_kv_cache(rules, _path(path), module)
               for path, module in nnx.iter_graph(qmodel)
-              if isinstance(module, kv_cache.NnxKVCacheAttention)]
+              if isinstance(module, _ATTENTION)]
   return rules_lib.unmatched(rules, layers(qmodel).values(),
                              [r for r in kv_rules if r is not None])
 

@@ -18,8 +18,9 @@ rules = [
 ```
 
 A rule's ``kv_cache`` (a `jaxq.kvcache.KVCacheSpec`) quantizes the KV cache
-of the attention modules it matches: Flax's ``MultiHeadDotProductAttention``
-with ``decode=True`` (linen) and jaxq's cache modules
+of the attention modules it matches: Flax's decoding attention (linen's
+``MultiHeadDotProductAttention(decode=True)``, nnx's ``MultiHeadAttention``)
+and jaxq's cache modules
 (`jaxq.flax.kv_cache`). Weight layers skip rules that carry only a
 ``kv_cache``, and attention modules skip rules that carry none (`match`,
 `match_kv_cache`), so one list of rules can say both.

@@ -168,3 +168,28 @@ def test_nnx_cache_module_takes_its_spec_from_the_rule():
   with pytest.raises(ValueError, match="init_cache"):
     NnxKVCacheAttention(2, 8, T)(jnp.ones((B, 1, 4, 8)), jnp.ones(
         (B, 1, 2, 8)), jnp.ones((B, 1, 2, 8)), jnp.zeros((B,), jnp.int32))
+
+
+def test_nnx_multi_head_attention_decodes_through_the_rules_cache():
+  model = nnx.MultiHeadAttention(num_heads=HEADS, in_features=F,
+                                 qkv_features=F, decode=True,
+                                 rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(4), (B, T, F))
+  model.init_cache(x.shape)
+  qmodel = jaxq.quantize_model(model, [jaxq.Rule(r".*", kv_cache=INT8)])
+  assert qmodel.jaxq_kv_cache.get_value().spec == INT8  # Made again.
+  assert model.cached_key is not None  # The float model keeps its own.
+
+  @nnx.jit
+  def run(m, x):
+    return jnp.concatenate([m(x[:, t:t + 1]) for t in range(T)], 1)
+
+  expected, out = run(model, x), run(qmodel, x)
+  assert 1e-5 < _rel(out, expected) < 0.02
+  assert int(qmodel.cache_index.get_value()) == T
+  # Calls that do not decode run Flax's attention unchanged.
+  np.testing.assert_array_equal(qmodel(x, decode=False),
+                                model(x, decode=False))
+  with pytest.raises(ValueError, match="mask=None"):
+    qmodel.init_cache(x.shape)
+    qmodel(x[:, :1], mask=jnp.ones((B, HEADS, 1, T), bool))
