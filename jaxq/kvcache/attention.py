@@ -17,6 +17,7 @@ values, written plainly: the yardstick for tests and benchmarks.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -72,6 +73,14 @@ def attend(cache: KVCache, query: jax.Array, positions: jax.Array, *,
   query = jnp.asarray(query)
   positions = jnp.asarray(positions)
   _check_query(cache, query, positions)
+  return _attend_compiled(cache, query, positions, scale)
+
+
+# One compiled program per spec and shape when called eagerly; inlined under
+# an outer `jit`.
+@functools.partial(jax.jit, static_argnames=("scale",))
+def _attend_compiled(cache: KVCache, query: jax.Array, positions: jax.Array,
+                     scale: float | None) -> jax.Array:
   batch, tokens, query_heads, head_dim = query.shape
   kv_heads = cache.num_kv_heads
   groups = query_heads // kv_heads
@@ -122,6 +131,9 @@ def attend(cache: KVCache, query: jax.Array, positions: jax.Array, *,
   return out.astype(query.dtype)
 
 
+# Compiled once per shape: called eagerly, op-by-op dispatch would compile
+# each of its operations separately.
+@functools.partial(jax.jit, static_argnames=("scale",))
 def reference_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                         positions: jax.Array, *, scale: float | None = None
                         ) -> jax.Array:

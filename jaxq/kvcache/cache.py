@@ -404,6 +404,14 @@ def update(cache: KVCache, key: jax.Array, value: jax.Array,
   key, value = jnp.asarray(key), jnp.asarray(value)
   positions = jnp.asarray(positions)
   _check_write(cache, key, value, positions)
+  return _update_compiled(cache, key, value, positions)
+
+
+# One compiled program per spec and shape when called eagerly (as
+# `jaxq.quantize`); inlined under an outer `jit`.
+@jax.jit
+def _update_compiled(cache: KVCache, key: jax.Array, value: jax.Array,
+                     positions: jax.Array) -> KVCache:
   positions = positions.astype(jnp.int32)
   tokens = key.shape[1]
   if cache.spec.hadamard:
@@ -424,6 +432,11 @@ def read(cache: KVCache) -> tuple[jax.Array, jax.Array]:
   in ``cache.dtype`` (keys rotated back when ``spec.hadamard``). Empty
   slots read as 0. Materialises a float copy: attention uses
   `jaxq.kvcache.attend`, which dequantizes block by block."""
+  return _read_compiled(cache)
+
+
+@jax.jit
+def _read_compiled(cache: KVCache) -> tuple[jax.Array, jax.Array]:
   length = cache.max_length
   key = dequantize_tokens(cache, "key", 0, length)
   if cache.spec.hadamard:
