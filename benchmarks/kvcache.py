@@ -5,7 +5,8 @@ heads, head_dim 64): unit-normal, except 4 channels per head that are 10x
 larger (the outlier channels of real keys); values and queries are
 unit-normal. For each `jaxq.kvcache.KVCacheSpec` (format x key
 granularity, with and without the Hadamard rotation) the benchmark fills a
-cache of ``T`` tokens (2048; ``--quick``: 128) with one prefill and reports:
+cache of ``T`` tokens (2048; ``--quick``: 128) with one prefill and reports
+(``int-qk``: ``integer_qk=True``, logits as int8 x int8 -> int32):
 
 * ``attn_rel_err``: the relative L2 error of causal attention for all ``T``
   queries against `jaxq.kvcache.reference_attention` on the float keys and
@@ -69,6 +70,9 @@ def specs(quick: bool) -> dict[str, kvcache.KVCacheSpec]:
   if not quick:
     cases["int8 static-head"] = kvcache.KVCacheSpec(
         "int8", key_granularity="head", value_granularity="head")
+    for fmt in ("int8", "int4"):  # q . k as int8 x int8 -> int32.
+      cases[f"{fmt} token int-qk"] = kvcache.KVCacheSpec(fmt,
+                                                         integer_qk=True)
   return cases
 
 
@@ -101,7 +105,7 @@ def run(length: int, repeats: int, quick: bool) -> list[dict]:
     rows.append({
         "case": name, "impl": "float" if spec.format is None else "jaxq",
         "format": str(spec.format), "key_granularity": spec.key_granularity,
-        "hadamard": spec.hadamard,
+        "hadamard": spec.hadamard, "integer_qk": spec.integer_qk,
         "attn_rel_err": _rel(prefill_attend(cache, query, start), reference),
         "key_rel_err": _rel(kvcache.read(cache)[0], key),
         "bytes_vs_bf16": kvcache.nbytes(cache) / bf16_bytes})

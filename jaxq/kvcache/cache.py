@@ -289,16 +289,28 @@ def dequantize_tokens(cache: KVCache, which: str, start: jax.Array | int,
   the rows; for ``"channel"`` keys it must be a multiple of ``group_size``
   and ``length`` too.
   """
+  tokens = stored_tokens(cache, which, start, length)
+  if isinstance(tokens, QArray):
+    return dequantize(tokens)
+  return tokens.astype(jnp.float32)
+
+
+def stored_tokens(cache: KVCache, which: str, start: jax.Array | int,
+                  length: int) -> QArray | jax.Array:
+  """Like `dequantize_tokens`, but as stored: a `QArray` (int4 unpacked)
+  of the spec's granularity, or the float array of a float cache."""
   spec = cache.spec
   stored = jax.lax.dynamic_slice_in_dim(getattr(cache, which), start, length,
                                         axis=1)
+  if not spec.quantized:
+    return stored
   scale = getattr(cache, f"{which}_scale")
-  if spec.quantized and _granularity(spec, which) == "token":
+  if _granularity(spec, which) == "token":
     scale = jax.lax.dynamic_slice_in_dim(scale, start, length, axis=1)
-  elif spec.quantized and _granularity(spec, which) == "channel":
+  elif _granularity(spec, which) == "channel":
     scale = jax.lax.dynamic_slice_in_dim(scale, start // spec.group_size,
                                          length // spec.group_size, axis=1)
-  return _dequantize(spec, which, stored, scale)
+  return _as_qarray(spec, which, stored, scale)
 
 
 def _granularity(spec: KVCacheSpec, which: str) -> str:
@@ -309,14 +321,18 @@ def _quant_spec(spec: KVCacheSpec, which: str):
   return spec.key_quant_spec() if which == "key" else spec.value_quant_spec()
 
 
+def _as_qarray(spec: KVCacheSpec, which: str, stored: jax.Array,
+               scale: jax.Array) -> QArray:
+  return QArray(values=_decode(stored, spec), scale=scale, zero_point=None,
+                spec=_quant_spec(spec, which), dtype=np.dtype(np.float32))
+
+
 def _dequantize(spec: KVCacheSpec, which: str, stored: jax.Array,
                 scale: jax.Array | None) -> jax.Array:
   """Stored tokens and their scales, as float32 ``(B, S, H, D)``."""
   if not spec.quantized:
     return stored.astype(jnp.float32)
-  qa = QArray(values=_decode(stored, spec), scale=scale, zero_point=None,
-              spec=_quant_spec(spec, which), dtype=np.dtype(np.float32))
-  return dequantize(qa)
+  return dequantize(_as_qarray(spec, which, stored, scale))
 
 
 def _update_token_scaled(cache: KVCache, which: str, x: jax.Array,

@@ -267,3 +267,17 @@ def test_kivi_and_hadamard_cut_int4_error_on_outlier_channels(qkv,
   for better in ("kivi", "hadamard"):
     assert errors[better][0] < 0.7 * errors["token"][0], errors
     assert errors[better][1] < errors["token"][1], errors
+
+
+def test_integer_qk_multiplies_int8_and_matches_dequantized_keys(qkv):
+  query, key, value = qkv
+  positions = jnp.zeros((B,), jnp.int32)
+  integer = kvcache.KVCacheSpec("int8", block_size=8, integer_qk=True)
+  cache = _fill(integer, key, value)
+  out = attend(cache, query, positions)
+  # The same stored keys, dequantized: only the queries' int8 rounding
+  # differs.
+  dequantized = attend(_fill(INT8, key, value), query, positions)
+  assert _rel(out, dequantized) < 0.01
+  report = jaxq.inspect(kvcache.attend, cache, query, positions)
+  assert report.summary().shares["int8"] > 0.4, report
