@@ -5,7 +5,8 @@ heads, head_dim 64): unit-normal, except 4 channels per head that are 10x
 larger (the outlier channels of real keys); values and queries are
 unit-normal. For each `jaxq.kvcache.KVCacheSpec` (format x key
 granularity, with and without the Hadamard rotation) the benchmark fills a
-cache of ``T`` tokens (2048; ``--quick``: 128) with one prefill and reports:
+cache of ``T`` tokens (2048; ``--quick``: 128) with one prefill and reports
+(``int-qk``: ``integer_qk=True``, logits as int8 x int8 -> int32):
 
 * ``attn_rel_err``: the relative L2 error of causal attention for all ``T``
   queries against `jaxq.kvcache.reference_attention` on the float keys and
@@ -52,26 +53,32 @@ def synthetic_qkv(batch: int, length: int, seed: int = 0
 
 
 def specs(quick: bool) -> dict[str, kvcache.KVCacheSpec]:
-  """The cases; ``quick`` leaves out fp8 and KIVI with Hadamard."""
+  """The cases; ``quick`` keeps float32, int8 and int4 (per token, KIVI,
+  Hadamard)."""
   cases = {"float32": kvcache.KVCacheSpec(None)}
   for fmt in ("int8", "float8_e4m3fn", "int4"):
     for hadamard in (False, True):
-      if quick and hadamard and fmt == "float8_e4m3fn":
-        continue
       suffix = "+hadamard" if hadamard else ""
-      cases[f"{fmt} token{suffix}"] = kvcache.KVCacheSpec(
-          fmt, hadamard=hadamard)
+      if not quick or (fmt != "float8_e4m3fn" and
+                       (fmt, hadamard) != ("int8", True)):
+        cases[f"{fmt} token{suffix}"] = kvcache.KVCacheSpec(
+            fmt, hadamard=hadamard)
       if fmt == "int4" and not (quick and hadamard):
         cases[f"{fmt} kivi-g{GROUP_SIZE}{suffix}"] = kvcache.KVCacheSpec(
             fmt, key_granularity="channel", group_size=GROUP_SIZE,
             hadamard=hadamard)
-  cases["int8 static-head"] = kvcache.KVCacheSpec(
-      "int8", key_granularity="head", value_granularity="head")
+  if not quick:
+    cases["int8 static-head"] = kvcache.KVCacheSpec(
+        "int8", key_granularity="head", value_granularity="head")
+    for fmt in ("int8", "int4"):  # q . k as int8 x int8 -> int32.
+      cases[f"{fmt} token int-qk"] = kvcache.KVCacheSpec(fmt,
+                                                         integer_qk=True)
   return cases
 
 
 def _rel(a: jax.Array, b: jax.Array) -> float:
-  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def run(length: int, repeats: int, quick: bool) -> list[dict]:
@@ -98,7 +105,7 @@ def run(length: int, repeats: int, quick: bool) -> list[dict]:
     rows.append({
         "case": name, "impl": "float" if spec.format is None else "jaxq",
         "format": str(spec.format), "key_granularity": spec.key_granularity,
-        "hadamard": spec.hadamard,
+        "hadamard": spec.hadamard, "integer_qk": spec.integer_qk,
         "attn_rel_err": _rel(prefill_attend(cache, query, start), reference),
         "key_rel_err": _rel(kvcache.read(cache)[0], key),
         "bytes_vs_bf16": kvcache.nbytes(cache) / bf16_bytes})

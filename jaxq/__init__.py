@@ -7,6 +7,7 @@ Fake-quant for QAT, jit-compiled calibration for PTQ, and real low-bit
 from jaxq import calibration
 from jaxq import formats
 from jaxq import granularity
+from jaxq import kvcache
 from jaxq import learned
 from jaxq import observers
 from jaxq import qat

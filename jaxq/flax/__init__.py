@@ -32,6 +32,11 @@ calibration: `act_ranges` finalizes them from the stats with the observers'
 per-module docstrings of `jaxq.flax.linen` and `jaxq.flax.nnx` list the
 covered layers and the variable collections.
 
+A rule's ``kv_cache`` gives matching attention modules a quantized KV cache
+(`jaxq.flax.kv_cache`): Flax's ``MultiHeadDotProductAttention(decode=True)``
+in linen, ``nnx.MultiHeadAttention`` decoding in nnx, and jaxq's `KVCacheAttention` (linen) / `NnxKVCacheAttention`
+(nnx) for a model's own attention.
+
 Workflows reach a model through ``adapt(model, variables)``, a
 `ModelAdapter` (`jaxq.flax.adapter`): the one place that tells linen from
 nnx. Batches follow one convention (`jaxq.flax.batch`).
@@ -54,6 +59,8 @@ from jaxq.flax import rules as rules_lib
 from jaxq.flax.adapter import ModelAdapter
 from jaxq.flax.batch import Batch
 from jaxq.flax.core import LayerQuant
+from jaxq.flax.kv_cache import KVCacheAttention
+from jaxq.flax.kv_cache import NnxKVCacheAttention
 from jaxq.flax.core import Mode
 from jaxq.flax.linen import QuantizedLinen
 from jaxq.flax.linen import SCAN_AXES

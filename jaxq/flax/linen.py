@@ -104,6 +104,7 @@ import jax.numpy as jnp
 from jaxq import calibration
 from jaxq.flax import core
 from jaxq.flax import int8_qat
+from jaxq.flax import kv_cache
 from jaxq.flax import rules as rules_lib
 from jaxq.flax import serve_ops
 from jaxq.flax.linen_variables import CURRENT_CALL
@@ -146,6 +147,10 @@ def _attributes(module: nn.Module, **values: Any) -> Iterator[None]:
       object.__setattr__(module, name, value)
 
 
+# Attention modules a rule's kv_cache applies to.
+_ATTENTION = (nn.MultiHeadDotProductAttention, kv_cache.KVCacheAttention)
+
+
 def _path(module: nn.Module) -> str:
   return "/".join(module.path)
 
@@ -183,6 +188,9 @@ class QuantizedLinen:
   switchable: bool = False
   _layers: dict[str, rules_lib.LayerInfo] = dataclasses.field(
       default_factory=dict, compare=False, repr=False)
+  # Path -> the rule giving an attention module its KV cache.
+  _kv_caches: dict[str, rules_lib.Rule] = dataclasses.field(
+      default_factory=dict, compare=False, repr=False)
   _warned: list[bool] = dataclasses.field(
       default_factory=lambda: [False], compare=False, repr=False)
 
@@ -199,6 +207,7 @@ class QuantizedLinen:
     """The same model and rules in another mode (sharing the layer record)."""
     core.check_mode(mode)
     return dataclasses.replace(self, mode=mode, _layers=self._layers,
+                               _kv_caches=self._kv_caches,
                                _warned=self._warned)
 
   def layers(self) -> dict[str, rules_lib.LayerInfo]:
@@ -206,8 +215,9 @@ class QuantizedLinen:
     return dict(self._layers)
 
   def unmatched_rules(self) -> tuple[rules_lib.Rule, ...]:
-    """The rules that no traced layer got."""
-    return rules_lib.unmatched(self.rules, self._layers.values())
+    """The rules that no traced layer (or KV cache) got."""
+    return rules_lib.unmatched(self.rules, self._layers.values(),
+                               self._kv_caches.values())
 
   def _run(self, fn: Callable[..., Any], initializing: bool, *args,
            **kwargs) -> Any:
@@ -233,9 +243,10 @@ class QuantizedLinen:
     params = (out if initializing else variables)
     if isinstance(params, Mapping) and "params" in params:
       self._note_stacked(params["params"])
-    if self._layers and not self._warned[0]:
+    if (self._layers or self._kv_caches) and not self._warned[0]:
       self._warned[0] = True
-      rules_lib.warn_unmatched(self.rules, self._layers.values())
+      rules_lib.warn_unmatched(self.rules, self._layers.values(),
+                               self._kv_caches.values())
     return out
 
   def _note_stacked(self, params: Any) -> None:
@@ -298,6 +309,8 @@ class QuantizedLinen:
 
   def _intercept(self, next_fun, args, kwargs, context) -> Any:
     module = context.module
+    if isinstance(module, _ATTENTION) and context.method_name == "__call__":
+      return self._kv_cache(module, next_fun, args, kwargs)
     if isinstance(module, nn.Embed):
       if context.method_name in ("__call__", "attend"):
         return self._embed(module, context.method_name, next_fun, *args,
@@ -309,6 +322,23 @@ class QuantizedLinen:
              for f in _OP_FIELDS if f in module.__dataclass_fields__):
       return self._custom(module, next_fun, args, kwargs)
     return next_fun(*args, **kwargs)
+
+  def _kv_cache(self, module: nn.Module, next_fun, args, kwargs) -> Any:
+    """An attention module: the KV cache its rule gives (`jaxq.flax.kv_cache`),
+    if any; Flax's attention only when it decodes (``decode=True``)."""
+    path = _path(module)
+    rule = rules_lib.match_kv_cache(self.rules, path, module)
+    decodes = getattr(module, "decode", True)
+    if rule is None or rule.skip or not decodes:
+      return next_fun(*args, **kwargs)
+    self._kv_caches[path] = rule
+    if isinstance(module, kv_cache.KVCacheAttention):
+      hooks = dict(spec=rule.kv_cache)
+    else:  # Flax's own: its projections, jaxq's cache and attention.
+      hooks = dict(decode=False, attention_fn=kv_cache.linen_attention_fn(
+          module, rule.kv_cache))
+    with _attributes(module, **hooks):
+      return next_fun(*args, **kwargs)
 
   def _promoting(self, module: nn.Module, next_fun, args, kwargs) -> Any:
     """Flax layers that pass ``(inputs, kernel, bias)`` to ``promote_dtype``."""

@@ -111,6 +111,7 @@ from jaxq.flax import checks
 from jaxq.flax import core
 from jaxq.flax import layer_variables
 from jaxq.flax import int8_qat
+from jaxq.flax import kv_cache
 from jaxq.flax import rules as rules_lib
 from jaxq.flax import serve_ops
 from jaxq.spec import QArray
@@ -445,6 +446,10 @@ def _paths_of_layers(root: nnx.Module) -> dict[int, list[tuple[Any, ...]]]:
   return paths
 
 
+# Attention modules a rule's kv_cache applies to.
+_ATTENTION = (nnx.MultiHeadAttention, kv_cache.NnxKVCacheAttention)
+
+
 def _check_aliases(rules: Sequence[rules_lib.Rule], path: str,
                    aliases: Sequence[str], module: nnx.Module,
                    rule: rules_lib.Rule | None) -> None:
@@ -477,8 +482,14 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
   core.check_switchable(switchable, mode, int8_forward)
   qmodel = nnx.clone(model)
   all_paths = _paths_of_layers(qmodel)
-  infos = []
+  infos, kv_rules = [], []
   for path, module in list(nnx.iter_graph(qmodel)):
+    if isinstance(module, _ATTENTION):
+      rule = rules_lib.match_kv_cache(rules, _path(path), module)
+      if rule is not None and not rule.skip:
+        kv_cache.use_nnx_cache(module, rule.kv_cache)
+        kv_rules.append(rule)
+      continue
     if isinstance(module, (_QuantizedLayer, _QuantizedEmbed)):
       raise ValueError(f"quantize_model: {_path(path)!r} is already quantized; "
                        f"quantize the original float model instead.")
@@ -525,7 +536,7 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
       setattr(module, ENABLED_ATTR, QuantEnabled(
           jnp.full(() if stacked is None else (stacked,), True)))
   object.__setattr__(qmodel, _RULES_ATTR, tuple(rules))
-  rules_lib.warn_unmatched(rules, infos)
+  rules_lib.warn_unmatched(rules, infos, kv_rules)
   return qmodel
 
 
@@ -546,8 +557,12 @@ def unmatched_rules(qmodel: nnx.Module) -> tuple[rules_lib.Rule, ...]:
   if not hasattr(qmodel, _RULES_ATTR):
     raise ValueError("unmatched_rules: expected a model returned by "
                      "jaxq.quantize_model.")
-  return rules_lib.unmatched(getattr(qmodel, _RULES_ATTR),
-                             layers(qmodel).values())
+  rules = getattr(qmodel, _RULES_ATTR)
+  kv_rules = [rules_lib.match_kv_cache(rules, _path(path), module)
+              for path, module in nnx.iter_graph(qmodel)
+              if isinstance(module, _ATTENTION)]
+  return rules_lib.unmatched(rules, layers(qmodel).values(),
+                             [r for r in kv_rules if r is not None])
 
 
 def _flat_values(state: nnx.State) -> dict[tuple[Any, ...], Any]:

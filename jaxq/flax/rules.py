@@ -17,6 +17,14 @@ rules = [
 ]
 ```
 
+A rule's ``kv_cache`` (a `jaxq.kvcache.KVCacheSpec`) quantizes the KV cache
+of the attention modules it matches: Flax's decoding attention (linen's
+``MultiHeadDotProductAttention(decode=True)``, nnx's ``MultiHeadAttention``)
+and jaxq's cache modules
+(`jaxq.flax.kv_cache`). Weight layers skip rules that carry only a
+``kv_cache``, and attention modules skip rules that carry none (`match`,
+`match_kv_cache`), so one list of rules can say both.
+
 `LayerInfo` records which rule each layer got; `unmatched` lists the rules
 that matched no layer (a likely typo in a regex), which `quantize_model`
 also reports with a `UserWarning`.
@@ -31,6 +39,7 @@ from typing import Iterable, Sequence
 
 import jax
 
+from jaxq.kvcache.spec import KVCacheSpec
 from jaxq.spec import QuantSpec
 
 ModuleType = type | str
@@ -50,8 +59,10 @@ class Rule:
       in float. ``act.dynamic`` picks per-batch ranges (True) or static
       ranges calibrated beforehand (False). Embedding lookups are weight-only
       and ignore ``act``.
-    skip: leave the matching layers in float; ``weight`` and ``act`` must be
-      None.
+    kv_cache: how the matching attention modules cache keys and values
+      (`jaxq.kvcache.KVCacheSpec`), or None. A rule may carry it alone.
+    skip: leave the matching layers (and caches) in float; ``weight``,
+      ``act`` and ``kv_cache`` must be None.
     module_types: restrict the rule to these module types: classes (matched
       with ``isinstance``) or class names (matched against the names of the
       module's class and its bases, e.g. ``"Dense"`` or ``"Linear"``).
@@ -60,6 +71,7 @@ class Rule:
   path_regex: str
   weight: QuantSpec | None = None
   act: QuantSpec | None = None
+  kv_cache: KVCacheSpec | None = None
   skip: bool = False
   module_types: tuple[ModuleType, ...] | None = None
 
@@ -73,12 +85,18 @@ class Rule:
       if spec is not None and not isinstance(spec, QuantSpec):
         raise ValueError(f"Rule({self.path_regex!r}): {name} must be a "
                          f"QuantSpec or None, got {spec!r}.")
-    if self.skip and (self.weight is not None or self.act is not None):
+    if self.kv_cache is not None and not isinstance(self.kv_cache,
+                                                    KVCacheSpec):
+      raise ValueError(f"Rule({self.path_regex!r}): kv_cache must be a "
+                       f"jaxq.kvcache.KVCacheSpec or None, got "
+                       f"{self.kv_cache!r}.")
+    carries = (self.weight, self.act, self.kv_cache)
+    if self.skip and any(c is not None for c in carries):
       raise ValueError(f"Rule({self.path_regex!r}): a skip rule cannot also "
-                       f"carry weight or act specs.")
-    if not self.skip and self.weight is None and self.act is None:
+                       f"carry weight, act or kv_cache specs.")
+    if not self.skip and all(c is None for c in carries):
       raise ValueError(f"Rule({self.path_regex!r}): give a weight spec, an "
-                       f"act spec, or skip=True.")
+                       f"act spec, a kv_cache spec, or skip=True.")
     if self.module_types is not None:
       types = (self.module_types,) if isinstance(
           self.module_types, (type, str)) else tuple(self.module_types)
@@ -158,21 +176,39 @@ def check_rules(rules: Sequence[Rule] | Rule, caller: str = "quantize_model"
   return rules
 
 
+def _only_kv_cache(rule: Rule) -> bool:
+  return rule.kv_cache is not None and rule.weight is None and (
+      rule.act is None)
+
+
 def match(rules: Sequence[Rule], path: str, module: object) -> Rule | None:
-  """The first rule that applies to ``module`` at ``path``, or None."""
-  return next((r for r in rules if r.matches(path, module)), None)
+  """The first rule that applies to the layer ``module`` at ``path``, or
+  None; rules that carry only a ``kv_cache`` are not for layers."""
+  return next((r for r in rules
+               if not _only_kv_cache(r) and r.matches(path, module)), None)
 
 
-def unmatched(rules: Sequence[Rule], layers: Iterable[LayerInfo]
-              ) -> tuple[Rule, ...]:
-  """The rules that no layer got (first match wins, so shadowed rules too)."""
+def match_kv_cache(rules: Sequence[Rule], path: str, module: object
+                   ) -> Rule | None:
+  """The first rule with a ``kv_cache`` (or ``skip``) that applies to the
+  attention ``module`` at ``path``, or None."""
+  return next((r for r in rules if (r.kv_cache is not None or r.skip) and
+               r.matches(path, module)), None)
+
+
+def unmatched(rules: Sequence[Rule], layers: Iterable[LayerInfo],
+              kv_cache_rules: Iterable[Rule] = ()) -> tuple[Rule, ...]:
+  """The rules that no layer (nor, for ``kv_cache_rules``, attention
+  module) got; first match wins, so shadowed rules too."""
   used = {id(layer.rule) for layer in layers if layer.rule is not None}
+  used |= {id(rule) for rule in kv_cache_rules}
   return tuple(r for r in rules if id(r) not in used)
 
 
-def warn_unmatched(rules: Sequence[Rule], layers: Iterable[LayerInfo]) -> None:
+def warn_unmatched(rules: Sequence[Rule], layers: Iterable[LayerInfo],
+                   kv_cache_rules: Iterable[Rule] = ()) -> None:
   """Warns with a `UserWarning` naming every rule that matched no layer."""
-  missing = unmatched(rules, layers)
+  missing = unmatched(rules, layers, kv_cache_rules)
   if missing:
     names = ", ".join(repr(r.path_regex) for r in missing)
     warnings.warn(f"jaxq: {len(missing)} rule(s) matched no layer: {names}. "

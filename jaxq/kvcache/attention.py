@@ -7,6 +7,10 @@ softmax (running max, normaliser and weighted sum, all float32). The loop
 stops after the last block any query can see (``max(positions) + S``), so
 a decode step over a short sequence in a long cache costs only its length.
 
+With ``spec.integer_qk`` the logits are int8 x int8 -> int32 products
+(`jaxq.einsum`) of queries quantized per token per head and the stored
+keys, rescaled by both scales; values are dequantized as above.
+
 Grouped-query attention: ``H_q`` query heads share ``H_kv`` cache heads,
 query head ``h`` reading KV head ``h // (H_q / H_kv)`` (the Llama / Flax
 ``repeat`` convention).
@@ -17,14 +21,17 @@ values, written plainly: the yardstick for tests and benchmarks.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
+from jaxq import ops
 from jaxq.kvcache import cache as cache_lib
 from jaxq.kvcache import hadamard
 from jaxq.kvcache.cache import KVCache
+from jaxq.quantize import quantize
 
 
 def _check_query(cache: KVCache, query: jax.Array, positions: jax.Array
@@ -72,6 +79,14 @@ def attend(cache: KVCache, query: jax.Array, positions: jax.Array, *,
   query = jnp.asarray(query)
   positions = jnp.asarray(positions)
   _check_query(cache, query, positions)
+  return _attend_compiled(cache, query, positions, scale)
+
+
+# One compiled program per spec and shape when called eagerly; inlined under
+# an outer `jit`.
+@functools.partial(jax.jit, static_argnames=("scale",))
+def _attend_compiled(cache: KVCache, query: jax.Array, positions: jax.Array,
+                     scale: float | None) -> jax.Array:
   batch, tokens, query_heads, head_dim = query.shape
   kv_heads = cache.num_kv_heads
   groups = query_heads // kv_heads
@@ -83,6 +98,8 @@ def attend(cache: KVCache, query: jax.Array, positions: jax.Array, *,
   if cache.spec.hadamard:
     q = hadamard.rotate(q)
   q = q.reshape(batch, tokens, kv_heads, groups, head_dim)
+  if cache.spec.integer_qk:
+    q = quantize(q, cache.spec.query_quant_spec())
   query_pos = positions.astype(jnp.int32)[:, None] + jnp.arange(tokens)
   # Blocks past the furthest visible key are never read.
   needed = jnp.clip((jnp.max(query_pos) + block) // block, 1, num_blocks)
@@ -92,9 +109,14 @@ def attend(cache: KVCache, query: jax.Array, positions: jax.Array, *,
     # The last block is shifted back to end at T (T need not be a multiple
     # of the block); keys an earlier block covered are masked out.
     start = jnp.minimum(i * block, cache.max_length - block)
-    key = cache_lib.dequantize_tokens(cache, "key", start, block)
+    if cache.spec.integer_qk:  # int8 x int8 -> int32, rescaled.
+      logits = ops.einsum("bsngd,btnd->bngst", q,
+                          cache_lib.stored_tokens(cache, "key", start, block),
+                          preferred_element_type=jnp.float32)
+    else:
+      key = cache_lib.dequantize_tokens(cache, "key", start, block)
+      logits = jnp.einsum("bsngd,btnd->bngst", q, key)
     value = cache_lib.dequantize_tokens(cache, "value", start, block)
-    logits = jnp.einsum("bsngd,btnd->bngst", q, key)
     key_pos = start + jnp.arange(block)
     visible = ((key_pos[None, None, :] <= query_pos[:, :, None]) &
                (key_pos >= i * block)[None, None, :])
@@ -122,6 +144,9 @@ def attend(cache: KVCache, query: jax.Array, positions: jax.Array, *,
   return out.astype(query.dtype)
 
 
+# Compiled once per shape: called eagerly, op-by-op dispatch would compile
+# each of its operations separately.
+@functools.partial(jax.jit, static_argnames=("scale",))
 def reference_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                         positions: jax.Array, *, scale: float | None = None
                         ) -> jax.Array:

@@ -151,9 +151,12 @@ def init(spec: KVCacheSpec, *, batch: int, max_length: int,
     batch, max_length, num_kv_heads, head_dim: the cache shape ``(B, T, H,
       D)``.
     dtype: the float dtype `read` returns, and a float cache stores.
-    key_amax, value_amax: ``(num_kv_heads,)`` static ranges (``max |k|``
-      per head, e.g. from `jaxq.calibrate`) for a ``"head"`` granularity;
-      not allowed otherwise.
+    key_amax, value_amax: static ranges, one per KV head (``max |k|`` per
+      head, any shape of ``num_kv_heads`` elements, e.g. a jaxq observer's
+      ``(1, 1, H, 1)`` result on keys under ``spec.key_quant_spec()``), for
+      a ``"head"`` granularity; not allowed otherwise. With
+      ``spec.hadamard``, ``key_amax`` is the range of the rotated keys
+      (`jaxq.kvcache.hadamard.rotate`), which the cache stores.
 
   Raises:
     ValueError: for a non-positive size, an odd ``head_dim`` with int4, a
@@ -286,16 +289,28 @@ def dequantize_tokens(cache: KVCache, which: str, start: jax.Array | int,
   the rows; for ``"channel"`` keys it must be a multiple of ``group_size``
   and ``length`` too.
   """
+  tokens = stored_tokens(cache, which, start, length)
+  if isinstance(tokens, QArray):
+    return dequantize(tokens)
+  return tokens.astype(jnp.float32)
+
+
+def stored_tokens(cache: KVCache, which: str, start: jax.Array | int,
+                  length: int) -> QArray | jax.Array:
+  """Like `dequantize_tokens`, but as stored: a `QArray` (int4 unpacked)
+  of the spec's granularity, or the float array of a float cache."""
   spec = cache.spec
   stored = jax.lax.dynamic_slice_in_dim(getattr(cache, which), start, length,
                                         axis=1)
+  if not spec.quantized:
+    return stored
   scale = getattr(cache, f"{which}_scale")
-  if spec.quantized and _granularity(spec, which) == "token":
+  if _granularity(spec, which) == "token":
     scale = jax.lax.dynamic_slice_in_dim(scale, start, length, axis=1)
-  elif spec.quantized and _granularity(spec, which) == "channel":
+  elif _granularity(spec, which) == "channel":
     scale = jax.lax.dynamic_slice_in_dim(scale, start // spec.group_size,
                                          length // spec.group_size, axis=1)
-  return _dequantize(spec, which, stored, scale)
+  return _as_qarray(spec, which, stored, scale)
 
 
 def _granularity(spec: KVCacheSpec, which: str) -> str:
@@ -306,14 +321,18 @@ def _quant_spec(spec: KVCacheSpec, which: str):
   return spec.key_quant_spec() if which == "key" else spec.value_quant_spec()
 
 
+def _as_qarray(spec: KVCacheSpec, which: str, stored: jax.Array,
+               scale: jax.Array) -> QArray:
+  return QArray(values=_decode(stored, spec), scale=scale, zero_point=None,
+                spec=_quant_spec(spec, which), dtype=np.dtype(np.float32))
+
+
 def _dequantize(spec: KVCacheSpec, which: str, stored: jax.Array,
                 scale: jax.Array | None) -> jax.Array:
   """Stored tokens and their scales, as float32 ``(B, S, H, D)``."""
   if not spec.quantized:
     return stored.astype(jnp.float32)
-  qa = QArray(values=_decode(stored, spec), scale=scale, zero_point=None,
-              spec=_quant_spec(spec, which), dtype=np.dtype(np.float32))
-  return dequantize(qa)
+  return dequantize(_as_qarray(spec, which, stored, scale))
 
 
 def _update_token_scaled(cache: KVCache, which: str, x: jax.Array,
@@ -401,6 +420,14 @@ def update(cache: KVCache, key: jax.Array, value: jax.Array,
   key, value = jnp.asarray(key), jnp.asarray(value)
   positions = jnp.asarray(positions)
   _check_write(cache, key, value, positions)
+  return _update_compiled(cache, key, value, positions)
+
+
+# One compiled program per spec and shape when called eagerly (as
+# `jaxq.quantize`); inlined under an outer `jit`.
+@jax.jit
+def _update_compiled(cache: KVCache, key: jax.Array, value: jax.Array,
+                     positions: jax.Array) -> KVCache:
   positions = positions.astype(jnp.int32)
   tokens = key.shape[1]
   if cache.spec.hadamard:
@@ -421,6 +448,11 @@ def read(cache: KVCache) -> tuple[jax.Array, jax.Array]:
   in ``cache.dtype`` (keys rotated back when ``spec.hadamard``). Empty
   slots read as 0. Materialises a float copy: attention uses
   `jaxq.kvcache.attend`, which dequantizes block by block."""
+  return _read_compiled(cache)
+
+
+@jax.jit
+def _read_compiled(cache: KVCache) -> tuple[jax.Array, jax.Array]:
   length = cache.max_length
   key = dequantize_tokens(cache, "key", 0, length)
   if cache.spec.hadamard:

@@ -64,6 +64,12 @@ class KVCacheSpec:
       orthonormal Hadamard matrix of size ``head_dim`` before quantizing,
       which leaves ``q . k`` unchanged and spreads an outlier channel over
       all channels. ``head_dim`` must be a power of two.
+    integer_qk: compute ``q . k`` as int8 x int8 -> int32 (`jaxq.einsum`)
+      on the stored keys (int4 widened), with the queries quantized to int8
+      per token per head at each `jaxq.kvcache.attend`; the scales rescale
+      the integer logits exactly. For int8 and int4 keys whose scales do
+      not vary along ``head_dim`` (``"token"`` or ``"head"``). Values are
+      dequantized either way.
     block_size: keys dequantized per step of `jaxq.kvcache.attend`'s
       online-softmax loop (the largest float copy of the cache it makes);
       rounded down to a multiple of ``group_size`` (at least one group) for
@@ -75,6 +81,7 @@ class KVCacheSpec:
   value_granularity: ValueGranularity = "token"
   group_size: int = 32
   hadamard: bool = False
+  integer_qk: bool = False
   block_size: int = 128
 
   def __post_init__(self):
@@ -96,12 +103,24 @@ class KVCacheSpec:
       raise ValueError(f"KVCacheSpec: unknown value_granularity "
                        f"{self.value_granularity!r}; expected one of "
                        f"{VALUE_GRANULARITIES}.")
+    if self.integer_qk and (self.format not in ("int8", "int4") or
+                            self.key_granularity == "channel"):
+      raise ValueError(
+          f"KVCacheSpec: integer_qk multiplies int8 queries by integer keys "
+          f"whose scales are constant along head_dim: it needs format int8 "
+          f"or int4 and key_granularity 'token' or 'head', got format "
+          f"{self.format!r} and key_granularity {self.key_granularity!r}.")
     for name in ("group_size", "block_size"):
       size = getattr(self, name)
       if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (
           size <= 0):
         raise ValueError(f"KVCacheSpec: {name} must be a positive integer, "
                          f"got {size!r}.")
+
+  def query_quant_spec(self) -> QuantSpec:
+    """The queries' `QuantSpec` for ``integer_qk``: int8 per token per head
+    (``(B, S, H_kv, groups, D)`` -> scales ``(B, S, H_kv, groups, 1)``)."""
+    return QuantSpec("int8", granularity_lib.PerToken(contraction_axis=-1))
 
   def attention_block(self, max_length: int) -> int:
     """The tokens `jaxq.kvcache.attend` dequantizes per step in a cache of

@@ -45,7 +45,7 @@ def test_nnx_reports_unmatched_rules_at_quantize_model():
 
 @pytest.mark.parametrize("rule_args, message", [
     (dict(skip=True, weight=W8), "skip rule"),
-    (dict(), "weight spec, an act spec, or skip"),
+    (dict(), "weight spec, an act spec, a kv_cache spec, or skip"),
     (dict(weight="int8"), "must be a QuantSpec"),
 ])
 def test_malformed_rules_raise(rule_args, message):

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxq
 from jaxq import formats
 from jaxq import kvcache
 from jaxq.checkpoint_tensors import _pack_nibbles
@@ -17,9 +18,17 @@ B, T, H_KV, H_Q, D = 2, 32, 2, 4, 16
 update = jax.jit(kvcache.update)
 attend = jax.jit(kvcache.attend)
 
+# Shared specs (equal specs and shapes reuse one compiled program).
+INT8 = kvcache.KVCacheSpec("int8", block_size=8)
+INT4 = kvcache.KVCacheSpec("int4", block_size=8)
+KIVI = kvcache.KVCacheSpec("int4", key_granularity="channel", group_size=8,
+                           block_size=16)
+HADAMARD = kvcache.KVCacheSpec("int4", hadamard=True, block_size=8)
+
 
 def _rel(a, b) -> float:
-  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +59,10 @@ def _fill(spec, key, value, positions=None, **init_kwargs):
 # (spec, tolerance of attention's relative error on unit-normal data)
 FORMAT_CASES = [
     (kvcache.KVCacheSpec(None), 1e-5),
-    (kvcache.KVCacheSpec("int8"), 0.02),
+    (INT8, 0.02),
     (kvcache.KVCacheSpec("float8_e4m3fn"), 0.06),
-    (kvcache.KVCacheSpec("int4"), 0.3),
-    (kvcache.KVCacheSpec("int4", key_granularity="channel", group_size=8,
-                         block_size=16), 0.3),
+    (INT4, 0.3),
+    (KIVI, 0.3),
 ]
 
 
@@ -94,10 +102,8 @@ def test_reference_attention_is_gqa_with_repeated_heads(qkv):
   np.testing.assert_allclose(mha[:, :, 2:3], head2, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", [
-    kvcache.KVCacheSpec("int8", block_size=8),
-    kvcache.KVCacheSpec("int4", hadamard=True, block_size=8),
-], ids=["int8", "int4-hadamard"])
+@pytest.mark.parametrize("spec", [INT8, HADAMARD],
+                         ids=["int8", "int4-hadamard"])
 def test_decode_token_by_token_equals_one_shot_prefill(qkv, spec):
   query, key, value = qkv
   prefill = 5
@@ -131,11 +137,11 @@ def test_kivi_decode_stays_close_to_one_shot_prefill(qkv, outlier_keys):
   the one-shot error level."""
   query, _, value = qkv
   key = outlier_keys
-  spec = kvcache.KVCacheSpec("int4", key_granularity="channel", group_size=8,
-                             block_size=16)
+  spec = KIVI
   zeros = jnp.zeros((B,), jnp.int32)
   ref = kvcache.reference_attention(query, key, value, zeros)
-  one_shot = _rel(attend(_fill(spec, key, value), query, zeros), ref)
+  one_shot_cache = _fill(spec, key, value)
+  one_shot = _rel(attend(one_shot_cache, query, zeros), ref)
   cache = _fill(spec, key[:, :3], value[:, :3])
   outs = [attend(cache, query[:, :3], zeros)]
   for t in range(3, T):
@@ -144,30 +150,34 @@ def test_kivi_decode_stays_close_to_one_shot_prefill(qkv, outlier_keys):
     outs.append(attend(cache, query[:, t:t + 1], positions))
   decoded = _rel(jnp.concatenate(outs, 1), ref)
   assert decoded < 1.5 * one_shot, (decoded, one_shot)
+  # The float residual group: every key rounded once, as in one shot.
+  np.testing.assert_array_equal(cache.key, one_shot_cache.key)
+  np.testing.assert_array_equal(cache.key_scale, one_shot_cache.key_scale)
 
 
-@pytest.mark.parametrize("spec", [
-    kvcache.KVCacheSpec("int8", block_size=8),
-    kvcache.KVCacheSpec("int8", key_granularity="channel", group_size=4,
-                        block_size=8),
-], ids=["token", "channel"])
+@pytest.mark.parametrize("spec", [INT8, KIVI], ids=["token", "channel"])
 def test_ragged_batch_rows_see_only_their_own_tokens(qkv, spec):
   """Row 0 holds 7 tokens, row 1 holds 20; each decodes one more. Padding
   written past a row's end by the prefill (other keys of the same size) is
-  never attended."""
+  never attended: attention equals float attention over the row's own
+  dequantized tokens."""
   query, key, value = qkv
   lengths = jnp.array([7, 20], jnp.int32)
   padded_key = jnp.where(jnp.arange(T)[None, :, None, None] <
                          lengths[:, None, None, None], key, -key[:, ::-1])
   cache = _fill(spec, padded_key[:, :20], value[:, :20])
-  cache = update(cache, key[jnp.arange(B), lengths][:, None],
-                 value[jnp.arange(B), lengths][:, None], lengths)
-  out = attend(cache, query[jnp.arange(B), lengths][:, None], lengths)
+  rows = jnp.arange(B)
+  cache = update(cache, key[rows, lengths][:, None],
+                 value[rows, lengths][:, None], lengths)
+  out = attend(cache, query[rows, lengths][:, None], lengths)
+  read_key, read_value = kvcache.read(cache)
   for row, length in enumerate((7, 20)):
+    own = slice(row, row + 1), slice(0, length + 1)
+    assert _rel(read_key[own], key[own]) < (0.01 if spec is INT8 else 0.15)
     ref = kvcache.reference_attention(
-        query[row:row + 1, length:length + 1], key[row:row + 1, :length + 1],
-        value[row:row + 1, :length + 1], jnp.array([length]))
-    assert _rel(out[row:row + 1], ref) < 0.02, row
+        query[row:row + 1, length:length + 1], read_key[own],
+        read_value[own], jnp.array([length]))
+    np.testing.assert_allclose(out[row:row + 1], ref, atol=1e-5)
 
 
 def test_block_size_does_not_change_the_answer(qkv):
@@ -176,7 +186,7 @@ def test_block_size_does_not_change_the_answer(qkv):
   query, key, value = qkv
   positions = jnp.array([3, 9], jnp.int32)
   outs = []
-  for block_size in (32, 12, 5):
+  for block_size in (8, 12, 5):
     spec = kvcache.KVCacheSpec("int8", block_size=block_size)
     cache = _fill(spec, key, value)
     outs.append(attend(cache, query[:, :T - 9], positions))
@@ -186,10 +196,19 @@ def test_block_size_does_not_change_the_answer(qkv):
 
 def test_static_per_head_ranges(qkv):
   query, key, value = qkv
-  key_amax = np.abs(key).max(axis=(0, 1, 3))
-  value_amax = np.abs(value).max(axis=(0, 1, 3))
   spec = kvcache.KVCacheSpec("int8", key_granularity="head",
                              value_granularity="head")
+  # Calibrated by a jaxq observer, over two batches of keys.
+  observer = jaxq.observers.max()
+  state = observer.init(key[:, :16], spec.key_quant_spec())
+  for chunk in (key[:, :16], key[:, 16:]):
+    state = observer.update(state, chunk)
+  key_amax = observer.finalize(state)
+  assert key_amax.shape == (1, 1, H_KV, 1)
+  np.testing.assert_allclose(key_amax.reshape(-1),
+                             np.abs(key).max(axis=(0, 1, 3)))
+  key_amax = np.asarray(key_amax).reshape(-1)
+  value_amax = np.abs(value).max(axis=(0, 1, 3))
   cache = _fill(spec, key, value, key_amax=key_amax, value_amax=value_amax)
   assert cache.key_scale.shape == (1, 1, H_KV, 1)
   np.testing.assert_allclose(cache.key_scale[0, 0, :, 0], key_amax / 127,
@@ -206,12 +225,11 @@ def test_static_per_head_ranges(qkv):
 
 def test_read_dequantizes_and_rotates_back(qkv):
   _, key, value = qkv
-  for spec in (kvcache.KVCacheSpec(None), kvcache.KVCacheSpec(
-      "int8", hadamard=True)):
+  for spec in (kvcache.KVCacheSpec(None), HADAMARD):
     read_key, read_value = kvcache.read(_fill(spec, key, value))
     assert read_key.shape == (B, T, H_KV, D)
-    assert _rel(read_key, key) < (1e-6 if spec.format is None else 0.01)
-    assert _rel(read_value, value) < (1e-6 if spec.format is None else 0.01)
+    assert _rel(read_key, key) < (1e-6 if spec.format is None else 0.1)
+    assert _rel(read_value, value) < (1e-6 if spec.format is None else 0.15)
 
 
 def test_int4_is_packed_and_sizes_are_reported(qkv):
@@ -245,10 +263,7 @@ def test_kivi_and_hadamard_cut_int4_error_on_outlier_channels(qkv,
   ref = kvcache.reference_attention(query, key, value, positions)
   errors = {}
   for name, spec in {
-      "token": kvcache.KVCacheSpec("int4"),
-      "kivi": kvcache.KVCacheSpec("int4", key_granularity="channel",
-                                  group_size=8),
-      "hadamard": kvcache.KVCacheSpec("int4", hadamard=True),
+      "token": INT4, "kivi": KIVI, "hadamard": HADAMARD,
   }.items():
     cache = _fill(spec, key, value)
     key_error = _rel(kvcache.read(cache)[0], key)
@@ -256,3 +271,17 @@ def test_kivi_and_hadamard_cut_int4_error_on_outlier_channels(qkv,
   for better in ("kivi", "hadamard"):
     assert errors[better][0] < 0.7 * errors["token"][0], errors
     assert errors[better][1] < errors["token"][1], errors
+
+
+def test_integer_qk_multiplies_int8_and_matches_dequantized_keys(qkv):
+  query, key, value = qkv
+  positions = jnp.zeros((B,), jnp.int32)
+  integer = kvcache.KVCacheSpec("int8", block_size=8, integer_qk=True)
+  cache = _fill(integer, key, value)
+  out = attend(cache, query, positions)
+  # The same stored keys, dequantized: only the queries' int8 rounding
+  # differs.
+  dequantized = attend(_fill(INT8, key, value), query, positions)
+  assert _rel(out, dequantized) < 0.01
+  report = jaxq.inspect(kvcache.attend, cache, query, positions)
+  assert report.summary().shares["int8"] > 0.4, report

@@ -109,3 +109,12 @@ def test_attention_block_is_whole_key_groups_within_the_cache():
   assert kivi.attention_block(32) == 8
   assert kivi.attention_block(64) == 8
   assert kvcache.KVCacheSpec("int8", block_size=100).attention_block(32) == 32
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(format="float8_e4m3fn"), dict(format=None),
+    dict(format="int4", key_granularity="channel")])
+def test_integer_qk_needs_integer_keys_scaled_along_tokens(kwargs):
+  with pytest.raises(ValueError, match="integer_qk .* needs format int8 or "
+                     "int4 and key_granularity 'token' or 'head'"):
+    kvcache.KVCacheSpec(integer_qk=True, **kwargs)
