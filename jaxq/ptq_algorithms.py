@@ -70,6 +70,7 @@ ranges from the unmasked rows without a separate pass.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import jax
@@ -434,9 +435,14 @@ def gptq(qmodel: Any, variables: Any, data: Iterable[Any], *,
   Returns:
     New variables (see the module docstring).
 
+  A layer whose calibration inputs are all zero (a zero Hessian) has its
+  kernel rounded to nearest, with a warning naming it; input channels that
+  are zero on every row (dead) get a zero kernel row, as in the paper.
+
   Raises:
     ValueError: naming the layer for a singular Hessian after dampening,
-      a layer never reached, a layer type or spec GPTQ cannot handle.
+      NaN/inf in its unmasked inputs, a layer never reached, a layer type or
+      spec GPTQ cannot handle.
   """
   what = "gptq"
   adapter, batches, targets, variables = _setup(qmodel, variables, data,
@@ -492,6 +498,16 @@ def _sequence(targets: Sequence[LayerInfo]
   return order
 
 
+def _warn_zero_hessian(hessian: jax.Array, path: str, what: str) -> None:
+  """Warns, naming the layer, when every calibration input of it is zero:
+  `jaxq.algorithms.gptq` then rounds its kernel to nearest."""
+  if not np.any(np.diagonal(np.asarray(hessian))):
+    warnings.warn(
+        f"{what}: every calibration input of {path!r} is zero, so nothing "
+        f"weights its rounding: its kernel is rounded to nearest (not "
+        f"GPTQ). Calibrate on real data.", UserWarning, stacklevel=4)
+
+
 def _gptq_layer(adapter: ModelAdapter | ptq_layers.LayerSlice,
                 variables: Any, info: LayerInfo, captured: Any,
                 percdamp: float, block_size: int, act_order: bool, what: str
@@ -503,6 +519,7 @@ def _gptq_layer(adapter: ModelAdapter | ptq_layers.LayerSlice,
   rows = ptq_layers.layer_rows(adapter, variables, view, captured, what)
   hessian = algorithms.hessian_update(
       jnp.zeros((view.d_in, view.d_in), jnp.float32), rows)
+  _warn_zero_hessian(hessian, info.path, what)
   stored = adapter.read(info.path, core.WEIGHT_RANGE, variables)
   fixed = {}
   if stored is not None and view.spec.granularity.block_shape(

@@ -81,11 +81,9 @@ def test_gptq_on_all_zero_data_warns_and_rounds_to_nearest():
   zeros = jnp.zeros_like(_inputs(0))
   # LayerNorm(0) = its bias = 0: every layer sees only zeros.
   with pytest.warns(UserWarning, match=r"gptq: every calibration input of "
-                                       r"'q' is zero") as caught:
+                                       r"'(q|k|down)' is zero") as caught:
     got = jaxq.gptq(cal, params, [zeros], progress=False)
-  assert {p for p in ("q", "k", "down")
-          if any(repr(p) in str(w.message) for w in caught)} == {
-              "q", "k", "down"}
+  assert len(caught) == 3
   for path in ("q", "k", "down"):
     kernel = params["params"][path]["kernel"]
     amax = got["quant_fixed"][path]["weight_range"]["amax"]
