@@ -27,7 +27,8 @@ and ``bias`` divided by ``s``, LayerNorm/RMSNorm) or a Dense (kernel
 columns and bias divided; a stored weight range per output channel too).
 Layers folded into one op share one input, so they share one ``s``, found
 from their kernels concatenated along the output axis (attention's query,
-key and value after one LayerNorm). The op's output must feed only the
+key and value after one LayerNorm); under a per-tensor weight spec AWQ's
+range is that of the concatenation, shared by the layers. The op's output must feed only the
 layers folded into it: in a post-LayerNorm transformer (BERT) the norm's
 output also feeds the residual sum, and folding there changes the model;
 leave such layers out of ``fold_into`` (they scale their own input).
@@ -395,14 +396,36 @@ def _awq_group(adapter: ModelAdapter | ptq_layers.LayerSlice, variables: Any,
                             clip_ratios=clip_ratios, min_clip=min_clip)
   except ValueError as e:
     raise ValueError(f"{what}: {members[0].path!r}: {e}") from None
-  ranges, start = [], 0
-  for view in views:
-    cols = slice(start, start + view.d_out)
-    start += view.d_out
-    amin = None if result.amin is None else result.amin[:, cols]
-    ranges.append(view.range_from_2d(amin, result.amax[:, cols]))
+  ranges = _member_ranges(views, result.amin, result.amax, what)
   return _apply_factors(adapter, variables, op, views, result.factors,
                         kernels, ranges, what)
+
+
+def _member_ranges(views: Sequence[ptq_layers.MatmulView],
+                   amin: jax.Array | None, amax: jax.Array, what: str
+                   ) -> list[core.ActRange]:
+  """Each layer's share of a range found on the group's kernels
+  concatenated along the output axis: its columns' scales, or the one
+  scale of a per-tensor spec, shared (the grid the search quantized
+  with)."""
+  total = sum(view.d_out for view in views)
+  per_scale = total // amax.shape[1]  # Output columns per scale column.
+  ranges, start = [], 0
+  for view in views:
+    if amax.shape[1] == 1:
+      cols = slice(0, 1)
+    elif start % per_scale or view.d_out % per_scale:
+      raise ValueError(
+          f"{what}: {[v.info.path for v in views]} share one input, but "
+          f"their weight spec's blocks of {per_scale} output columns "
+          f"straddle two of them ({view.info.path!r} starts at column "
+          f"{start} of {total}); fold them separately.")
+    else:
+      cols = slice(start // per_scale, (start + view.d_out) // per_scale)
+    start += view.d_out
+    ranges.append(view.range_from_2d(None if amin is None else amin[:, cols],
+                                     amax[:, cols]))
+  return ranges
 
 
 def _stack(layer_ranges: Sequence[core.ActRange]) -> core.ActRange:
