@@ -195,6 +195,92 @@ def _apply_factors(adapter: ModelAdapter, variables: Any, op: str | None,
   return variables
 
 
+# A fold that fits the data flow changes the float output by float noise at
+# most (none with `_probe_factors`); a misplaced one by 10% and more.
+_FOLD_TOLERANCE = 1e-3
+
+
+def _probe_factors(size: int) -> jax.Array:
+  """(size,) factors to try a fold with: powers of two in [1/4, 4], uneven
+  across channels, so that a fold that fits changes nothing (exactly)."""
+  return jnp.exp2(jnp.asarray(np.arange(size) * 7 % 5 - 2, jnp.float32))
+
+
+def _output_change(reference: Any, output: Any) -> float:
+  """``||output - reference|| / ||reference||`` over the float leaves; NaN
+  or inf in the same places (padding) count as equal, elsewhere as inf."""
+  diff_sq, ref_sq = 0.0, 0.0
+  for ref, out in zip(jax.tree.leaves(reference), jax.tree.leaves(output)):
+    if not jnp.issubdtype(jnp.result_type(ref), jnp.floating):
+      continue
+    ref = np.asarray(ref, np.float64)
+    out = np.asarray(out, np.float64)
+    same = (ref == out) | (np.isnan(ref) & np.isnan(out))
+    with np.errstate(invalid="ignore"):
+      diff = np.where(same, 0.0, out - ref)
+    if not np.all(np.isfinite(diff)):
+      return float("inf")
+    diff_sq += float(np.sum(diff ** 2))
+    ref_sq += float(np.sum(np.where(np.isfinite(ref), ref, 0.0) ** 2))
+  return (diff_sq / max(ref_sq, np.finfo(np.float64).tiny)) ** 0.5
+
+
+def _check_folds(adapter: ModelAdapter, variables: Any,
+                 groups: Sequence[tuple[str | None, Sequence[LayerInfo]]],
+                 captured: Any, batch: Any, what: str) -> None:
+  """Raises naming the op of a ``fold_into`` that does not fit the model.
+
+  Dividing an op's outputs by ``s`` and multiplying its layers' kernel rows
+  by ``s`` keeps the model's function only when the op's output feeds
+  those layers and nothing else. Before any work, every fold is applied
+  with `_probe_factors` and the float (calibrate-mode) output on ``batch``
+  compared with the model's; when it changed, each fold alone finds the
+  op to blame.
+  """
+  folds = [(op, members) for op, members in groups if op is not None]
+  if not folds:
+    return
+
+  def folded(selected: Sequence[tuple[str, Sequence[LayerInfo]]]) -> Any:
+    probe = variables
+    for op, members in selected:
+      stacked = ptq_layers.stack_of(adapter, members, op, probe, what)
+      for part in ptq_layers.parts(adapter, stacked):
+        part_captured = part.inputs(captured) if stacked else captured
+        kernels = [part.get_weight(i.path, probe)[0] for i in members]
+        views = [ptq_layers.matmul_view(
+            i, k, part_captured.inputs[i.path][0][0], what)
+                 for i, k in zip(members, kernels)]
+        probe = _apply_factors(part, probe, op, views,
+                               _probe_factors(views[0].d_in), kernels,
+                               [None] * len(views), what)
+    return probe
+
+  apply_fn = adapter.apply_fn()  # Compiled once: folds keep the structure.
+  run = lambda v: batch_lib.call_model(
+      lambda *args, **kwargs: apply_fn(v, *args, **kwargs), batch)
+  reference = run(variables)
+  if _output_change(reference, run(folded(folds))) <= _FOLD_TOLERANCE:
+    return
+  for op, members in folds:
+    change = _output_change(reference, run(folded([(op, members)])))
+    if change > _FOLD_TOLERANCE:
+      raise ValueError(
+          f"{what}: folding into {op!r} changes the float model (its output "
+          f"on the first calibration batch moves by {change:.1%} with test "
+          f"factors, float noise is below {_FOLD_TOLERANCE:.1%}): "
+          f"fold_into says {op!r} makes the input of "
+          f"{[i.path for i in members]} and nothing else, but its output "
+          f"reaches the model another way. Fold into the op that produces "
+          f"their input (not a sibling), with every layer that reads it; "
+          f"leave out a norm that also feeds a residual sum (those layers "
+          f"scale their own input).")
+  raise ValueError(
+      f"{what}: the folds {dict((i.path, op) for op, m in folds for i in m)} "
+      f"together change the float model, though none alone does; fold "
+      f"fewer of them.")
+
+
 def _bar(items: Sequence[Any], what: str, progress: bool) -> Iterable[Any]:
   return tqdm.tqdm(items, desc=f"jaxq {what}", unit="layer",
                    disable=None if progress else True)
@@ -293,7 +379,9 @@ def smoothquant(qmodel: Any, variables: Any, data: Iterable[Any], *,
                                 variables, what)
   ranges: dict[str, list[core.ActRange]] = {}
   stacked_paths: set[str] = set()
-  for op, members in _bar(_groups(targets, fold_into, what), what, progress):
+  groups = _groups(targets, fold_into, what)
+  _check_folds(adapter, variables, groups, captured, batches[0], what)
+  for op, members in _bar(groups, what, progress):
     stacked = ptq_layers.stack_of(adapter, members, op, variables, what)
     stacked_paths.update(stacked)
     # A stack of scanned layers: each layer on its own inputs.
@@ -363,7 +451,9 @@ def awq(qmodel: Any, variables: Any, data: Iterable[Any], *,
                                                 layers, what)
   captured = ptq_layers.capture(adapter, batches, [i.path for i in targets],
                                 variables, what)
-  for op, members in _bar(_groups(targets, fold_into, what), what, progress):
+  groups = _groups(targets, fold_into, what)
+  _check_folds(adapter, variables, groups, captured, batches[0], what)
+  for op, members in _bar(groups, what, progress):
     stacked = ptq_layers.stack_of(adapter, members, op, variables, what)
     # A stack of scanned layers: each layer on its own inputs.
     for part in ptq_layers.parts(adapter, stacked):
