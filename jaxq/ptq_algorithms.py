@@ -31,7 +31,12 @@ key and value after one LayerNorm); under a per-tensor weight spec AWQ's
 range is that of the concatenation, shared by the layers. The op's output must feed only the
 layers folded into it: in a post-LayerNorm transformer (BERT) the norm's
 output also feeds the residual sum, and folding there changes the model;
-leave such layers out of ``fold_into`` (they scale their own input).
+leave such layers out of ``fold_into`` (they scale their own input). This
+is checked before any work (`_check_folds`): every fold is applied with
+power-of-two factors (exact: a fold that fits changes nothing) and the
+float output on the first calibration batch compared; a fold that moves
+it (a sibling op, a norm another layer reads too, a norm feeding a
+residual) raises naming the op.
 
 Kernels are viewed as 2-D ``(d_in, d_out)``: the contraction axes are the
 kernel's leading axes that equal the input's trailing axes (one for Dense;
@@ -42,7 +47,8 @@ channel over all output axes, or groups along a single input axis).
 Masks: the inputs are captured batch by batch (`ModelAdapter.
 capture_inputs`), and the rows that a `jaxq.flax.Batch`'s mask marks as
 padding are dropped before any statistic (abs-max, mean magnitude, ``X^T
-X``), so padding never counts.
+X``), so padding never counts, NaN in it included; NaN or inf left in a
+layer's unmasked rows raises a ValueError naming the layer.
 
 GPTQ is sequential, as in the paper: each layer's inputs are captured with
 the kernels of the layers before it already quantized. Defaults chosen on
