@@ -28,15 +28,15 @@ columns and bias divided; a stored weight range per output channel too).
 Layers folded into one op share one input, so they share one ``s``, found
 from their kernels concatenated along the output axis (attention's query,
 key and value after one LayerNorm); under a per-tensor weight spec AWQ's
-range is that of the concatenation, shared by the layers. The op's output must feed only the
-layers folded into it: in a post-LayerNorm transformer (BERT) the norm's
-output also feeds the residual sum, and folding there changes the model;
-leave such layers out of ``fold_into`` (they scale their own input). This
-is checked before any work (`_check_folds`): every fold is applied with
-power-of-two factors (exact: a fold that fits changes nothing) and the
-float output on the first calibration batch compared; a fold that moves
-it (a sibling op, a norm another layer reads too, a norm feeding a
-residual) raises naming the op.
+range is that of the concatenation, shared by the layers. The op's output
+must feed only the layers folded into it: in a post-LayerNorm transformer
+(BERT) the norm's output also feeds the residual sum, and folding there
+changes the model; leave such layers out of ``fold_into`` (they scale
+their own input). This is checked before any work (`_check_folds`):
+every fold is applied with power-of-two factors (exact: a fold that fits
+changes nothing) and the float output on the first calibration batch
+compared; a fold that moves it (a sibling op, a norm another layer reads
+too, a norm feeding a residual) raises naming the op.
 
 Kernels are viewed as 2-D ``(d_in, d_out)``: the contraction axes are the
 kernel's leading axes that equal the input's trailing axes (one for Dense;

@@ -141,12 +141,10 @@ class _Residual(nn.Module):
 def test_fold_that_changes_the_float_model_names_the_op(algorithm, fold_into,
                                                         op):
   _, cal, params = _linen()
-  before = jax.tree.map(np.asarray, params)
   with pytest.raises(ValueError, match=rf"{algorithm}: folding into {op!r} "
                                        r"changes the float model"):
     _cheap(algorithm, cal, params, [Batch((_inputs(0),), {}, MASK)],
            fold_into=fold_into)
-  jax.tree.map(np.testing.assert_array_equal, params, before)
 
 
 def test_fold_into_a_norm_feeding_a_residual_names_the_op():
