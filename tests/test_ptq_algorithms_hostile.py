@@ -106,7 +106,7 @@ def test_awq_per_tensor_group_shares_one_range():
   x = _inputs(0)
   jax.eval_shape(lambda v: cal.apply(v, x, mutable=["quant_stats"]), params)
   got = jaxq.awq(cal, params, [Batch((x,), {}, MASK)], fold_into=FOLD,
-                 num_exponents=5, clip_ratios=5, progress=False)
+                 num_exponents=3, clip_ratios=3, progress=False)
   q_range = got["quant_fixed"]["q"]["weight_range"]["amax"]
   k_range = got["quant_fixed"]["k"]["weight_range"]["amax"]
   # One scale over the group's concatenated kernels, as the search used.
