@@ -194,7 +194,8 @@ def inspect(fn: Callable[..., Any], *args: Any, model: Any = None,
     platforms: None to compile for the current backend and read the
       optimized HLO; else platform names (``"cpu"``, ``"cuda"``,
       ``"rocm"``, ``"tpu"``) to lower for with ``jax.export`` and read the
-      StableHLO (not the device compiler's output; see the module doc).
+      StableHLO (not the device compiler's output; see the module doc);
+      a name given twice is inspected once.
     **kwargs: keyword arguments of ``fn``, traced like ``args`` (bind
       static ones, e.g. linen's ``method=``, with ``functools.partial``).
 
@@ -216,6 +217,7 @@ def inspect(fn: Callable[..., Any], *args: Any, model: Any = None,
   else:
     if isinstance(platforms, str):
       platforms = (platforms,)
+    platforms = tuple(dict.fromkeys(platforms))  # Each named once, in order.
     if not platforms:
       raise ValueError("jaxq.inspect: platforms is empty; give names from "
                        f"{list(EXPORT_PLATFORMS)} or None for the current "

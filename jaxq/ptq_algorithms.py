@@ -27,10 +27,16 @@ and ``bias`` divided by ``s``, LayerNorm/RMSNorm) or a Dense (kernel
 columns and bias divided; a stored weight range per output channel too).
 Layers folded into one op share one input, so they share one ``s``, found
 from their kernels concatenated along the output axis (attention's query,
-key and value after one LayerNorm). The op's output must feed only the
-layers folded into it: in a post-LayerNorm transformer (BERT) the norm's
-output also feeds the residual sum, and folding there changes the model;
-leave such layers out of ``fold_into`` (they scale their own input).
+key and value after one LayerNorm); under a per-tensor weight spec AWQ's
+range is that of the concatenation, shared by the layers. The op's output
+must feed only the layers folded into it: in a post-LayerNorm transformer
+(BERT) the norm's output also feeds the residual sum, and folding there
+changes the model; leave such layers out of ``fold_into`` (they scale
+their own input). This is checked before any work (`_check_folds`):
+every fold is applied with power-of-two factors (exact: a fold that fits
+changes nothing) and the float output on the first calibration batch
+compared; a fold that moves it (a sibling op, a norm another layer reads
+too, a norm feeding a residual) raises naming the op.
 
 Kernels are viewed as 2-D ``(d_in, d_out)``: the contraction axes are the
 kernel's leading axes that equal the input's trailing axes (one for Dense;
@@ -41,7 +47,8 @@ channel over all output axes, or groups along a single input axis).
 Masks: the inputs are captured batch by batch (`ModelAdapter.
 capture_inputs`), and the rows that a `jaxq.flax.Batch`'s mask marks as
 padding are dropped before any statistic (abs-max, mean magnitude, ``X^T
-X``), so padding never counts.
+X``), so padding never counts, NaN in it included; NaN or inf left in a
+layer's unmasked rows raises a ValueError naming the layer.
 
 GPTQ is sequential, as in the paper: each layer's inputs are captured with
 the kernels of the layers before it already quantized. Defaults chosen on
@@ -70,6 +77,7 @@ ranges from the unmasked rows without a separate pass.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import jax
@@ -193,6 +201,92 @@ def _apply_factors(adapter: ModelAdapter, variables: Any, op: str | None,
   return variables
 
 
+# A fold that fits the data flow changes the float output by float noise at
+# most (none with `_probe_factors`); a misplaced one by 10% and more.
+_FOLD_TOLERANCE = 1e-3
+
+
+def _probe_factors(size: int) -> jax.Array:
+  """(size,) factors to try a fold with: powers of two in [1/4, 4], uneven
+  across channels, so that a fold that fits changes nothing (exactly)."""
+  return jnp.exp2(jnp.asarray(np.arange(size) * 7 % 5 - 2, jnp.float32))
+
+
+def _output_change(reference: Any, output: Any) -> float:
+  """``||output - reference|| / ||reference||`` over the float leaves; NaN
+  or inf in the same places (padding) count as equal, elsewhere as inf."""
+  diff_sq, ref_sq = 0.0, 0.0
+  for ref, out in zip(jax.tree.leaves(reference), jax.tree.leaves(output)):
+    if not jnp.issubdtype(jnp.result_type(ref), jnp.floating):
+      continue
+    ref = np.asarray(ref, np.float64)
+    out = np.asarray(out, np.float64)
+    same = (ref == out) | (np.isnan(ref) & np.isnan(out))
+    with np.errstate(invalid="ignore"):
+      diff = np.where(same, 0.0, out - ref)
+    if not np.all(np.isfinite(diff)):
+      return float("inf")
+    diff_sq += float(np.sum(diff ** 2))
+    ref_sq += float(np.sum(np.where(np.isfinite(ref), ref, 0.0) ** 2))
+  return (diff_sq / max(ref_sq, np.finfo(np.float64).tiny)) ** 0.5
+
+
+def _check_folds(adapter: ModelAdapter, variables: Any,
+                 groups: Sequence[tuple[str | None, Sequence[LayerInfo]]],
+                 captured: Any, batch: Any, what: str) -> None:
+  """Raises naming the op of a ``fold_into`` that does not fit the model.
+
+  Dividing an op's outputs by ``s`` and multiplying its layers' kernel rows
+  by ``s`` keeps the model's function only when the op's output feeds
+  those layers and nothing else. Before any work, every fold is applied
+  with `_probe_factors` and the float (calibrate-mode) output on ``batch``
+  compared with the model's; when it changed, each fold alone finds the
+  op to blame.
+  """
+  folds = [(op, members) for op, members in groups if op is not None]
+  if not folds:
+    return
+
+  def folded(selected: Sequence[tuple[str, Sequence[LayerInfo]]]) -> Any:
+    probe = variables
+    for op, members in selected:
+      stacked = ptq_layers.stack_of(adapter, members, op, probe, what)
+      for part in ptq_layers.parts(adapter, stacked):
+        part_captured = part.inputs(captured) if stacked else captured
+        kernels = [part.get_weight(i.path, probe)[0] for i in members]
+        views = [ptq_layers.matmul_view(
+            i, k, part_captured.inputs[i.path][0][0], what)
+                 for i, k in zip(members, kernels)]
+        probe = _apply_factors(part, probe, op, views,
+                               _probe_factors(views[0].d_in), kernels,
+                               [None] * len(views), what)
+    return probe
+
+  apply_fn = adapter.apply_fn()  # Compiled once: folds keep the structure.
+  run = lambda v: batch_lib.call_model(
+      lambda *args, **kwargs: apply_fn(v, *args, **kwargs), batch)
+  reference = run(variables)
+  if _output_change(reference, run(folded(folds))) <= _FOLD_TOLERANCE:
+    return
+  for op, members in folds:
+    change = _output_change(reference, run(folded([(op, members)])))
+    if change > _FOLD_TOLERANCE:
+      raise ValueError(
+          f"{what}: folding into {op!r} changes the float model (its output "
+          f"on the first calibration batch moves by {change:.1%} with test "
+          f"factors, float noise is below {_FOLD_TOLERANCE:.1%}): "
+          f"fold_into says {op!r} makes the input of "
+          f"{[i.path for i in members]} and nothing else, but its output "
+          f"reaches the model another way. Fold into the op that produces "
+          f"their input (not a sibling), with every layer that reads it; "
+          f"leave out a norm that also feeds a residual sum (those layers "
+          f"scale their own input).")
+  raise ValueError(
+      f"{what}: the folds {dict((i.path, op) for op, m in folds for i in m)} "
+      f"together change the float model, though none alone does; fold "
+      f"fewer of them.")
+
+
 def _bar(items: Sequence[Any], what: str, progress: bool) -> Iterable[Any]:
   return tqdm.tqdm(items, desc=f"jaxq {what}", unit="layer",
                    disable=None if progress else True)
@@ -291,7 +385,9 @@ def smoothquant(qmodel: Any, variables: Any, data: Iterable[Any], *,
                                 variables, what)
   ranges: dict[str, list[core.ActRange]] = {}
   stacked_paths: set[str] = set()
-  for op, members in _bar(_groups(targets, fold_into, what), what, progress):
+  groups = _groups(targets, fold_into, what)
+  _check_folds(adapter, variables, groups, captured, batches[0], what)
+  for op, members in _bar(groups, what, progress):
     stacked = ptq_layers.stack_of(adapter, members, op, variables, what)
     stacked_paths.update(stacked)
     # A stack of scanned layers: each layer on its own inputs.
@@ -361,7 +457,9 @@ def awq(qmodel: Any, variables: Any, data: Iterable[Any], *,
                                                 layers, what)
   captured = ptq_layers.capture(adapter, batches, [i.path for i in targets],
                                 variables, what)
-  for op, members in _bar(_groups(targets, fold_into, what), what, progress):
+  groups = _groups(targets, fold_into, what)
+  _check_folds(adapter, variables, groups, captured, batches[0], what)
+  for op, members in _bar(groups, what, progress):
     stacked = ptq_layers.stack_of(adapter, members, op, variables, what)
     # A stack of scanned layers: each layer on its own inputs.
     for part in ptq_layers.parts(adapter, stacked):
@@ -394,14 +492,36 @@ def _awq_group(adapter: ModelAdapter | ptq_layers.LayerSlice, variables: Any,
                             clip_ratios=clip_ratios, min_clip=min_clip)
   except ValueError as e:
     raise ValueError(f"{what}: {members[0].path!r}: {e}") from None
-  ranges, start = [], 0
-  for view in views:
-    cols = slice(start, start + view.d_out)
-    start += view.d_out
-    amin = None if result.amin is None else result.amin[:, cols]
-    ranges.append(view.range_from_2d(amin, result.amax[:, cols]))
+  ranges = _member_ranges(views, result.amin, result.amax, what)
   return _apply_factors(adapter, variables, op, views, result.factors,
                         kernels, ranges, what)
+
+
+def _member_ranges(views: Sequence[ptq_layers.MatmulView],
+                   amin: jax.Array | None, amax: jax.Array, what: str
+                   ) -> list[core.ActRange]:
+  """Each layer's share of a range found on the group's kernels
+  concatenated along the output axis: its columns' scales, or the one
+  scale of a per-tensor spec, shared (the grid the search quantized
+  with)."""
+  total = sum(view.d_out for view in views)
+  per_scale = total // amax.shape[1]  # Output columns per scale column.
+  ranges, start = [], 0
+  for view in views:
+    if amax.shape[1] == 1:
+      cols = slice(0, 1)
+    elif start % per_scale or view.d_out % per_scale:
+      raise ValueError(
+          f"{what}: {[v.info.path for v in views]} share one input, but "
+          f"their weight spec's blocks of {per_scale} output columns "
+          f"straddle two of them ({view.info.path!r} starts at column "
+          f"{start} of {total}); fold them separately.")
+    else:
+      cols = slice(start // per_scale, (start + view.d_out) // per_scale)
+    start += view.d_out
+    ranges.append(view.range_from_2d(None if amin is None else amin[:, cols],
+                                     amax[:, cols]))
+  return ranges
 
 
 def _stack(layer_ranges: Sequence[core.ActRange]) -> core.ActRange:
@@ -434,9 +554,14 @@ def gptq(qmodel: Any, variables: Any, data: Iterable[Any], *,
   Returns:
     New variables (see the module docstring).
 
+  A layer whose calibration inputs are all zero (a zero Hessian) has its
+  kernel rounded to nearest, with a warning naming it; input channels that
+  are zero on every row (dead) get a zero kernel row, as in the paper.
+
   Raises:
     ValueError: naming the layer for a singular Hessian after dampening,
-      a layer never reached, a layer type or spec GPTQ cannot handle.
+      NaN/inf in its unmasked inputs, a layer never reached, a layer type or
+      spec GPTQ cannot handle.
   """
   what = "gptq"
   adapter, batches, targets, variables = _setup(qmodel, variables, data,
@@ -492,6 +617,16 @@ def _sequence(targets: Sequence[LayerInfo]
   return order
 
 
+def _warn_zero_hessian(hessian: jax.Array, path: str, what: str) -> None:
+  """Warns, naming the layer, when every calibration input of it is zero:
+  `jaxq.algorithms.gptq` then rounds its kernel to nearest."""
+  if not np.any(np.diagonal(np.asarray(hessian))):
+    warnings.warn(
+        f"{what}: every calibration input of {path!r} is zero, so nothing "
+        f"weights its rounding: its kernel is rounded to nearest (not "
+        f"GPTQ). Calibrate on real data.", UserWarning, stacklevel=4)
+
+
 def _gptq_layer(adapter: ModelAdapter | ptq_layers.LayerSlice,
                 variables: Any, info: LayerInfo, captured: Any,
                 percdamp: float, block_size: int, act_order: bool, what: str
@@ -503,6 +638,7 @@ def _gptq_layer(adapter: ModelAdapter | ptq_layers.LayerSlice,
   rows = ptq_layers.layer_rows(adapter, variables, view, captured, what)
   hessian = algorithms.hessian_update(
       jnp.zeros((view.d_in, view.d_in), jnp.float32), rows)
+  _warn_zero_hessian(hessian, info.path, what)
   stored = adapter.read(info.path, core.WEIGHT_RANGE, variables)
   fixed = {}
   if stored is not None and view.spec.granularity.block_shape(

@@ -187,6 +187,10 @@ def test_unknown_platform_and_missing_platform_raise():
     jaxq.inspect(model.apply, variables, x, platforms=("gpu",))
   with pytest.raises(ValueError, match="platforms is empty"):
     jaxq.inspect(model.apply, variables, x, platforms=())
+  # A platform named twice is inspected once.
+  once = jaxq.inspect(model.apply, variables, x, platforms=("tpu",))
+  twice = jaxq.inspect(model.apply, variables, x, platforms=("tpu", "tpu"))
+  assert twice.platforms == ("tpu",) and twice.rows == once.rows
   result = jaxq.inspect(model.apply, variables, x, platforms=("cpu", "tpu"))
   with pytest.raises(ValueError, match="name one"):
     result.summary()

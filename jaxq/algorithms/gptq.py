@@ -11,6 +11,11 @@ error over the rows not yet rounded, weighted by the inverse Hessian.
 Algorithm (the paper's, in ``jit``):
 
 * dead inputs (``H_ii == 0``) get ``H_ii = 1`` and a zero kernel row;
+  when every input is dead (a zero Hessian: all-zero calibration inputs)
+  nothing weights the rounding, and zeroing the whole kernel would serve a
+  layer that outputs only its bias: H is taken as the identity instead,
+  whose error feedback is zero, so the kernel is rounded to nearest on the
+  range below (`jaxq.gptq` warns, naming the layer);
 * dampening adds ``percdamp * mean(diag H)`` to the diagonal; a Hessian
   whose Cholesky factorisation still fails raises ValueError;
 * ``act_order`` processes rows by decreasing ``H_ii`` and un-permutes after;
@@ -172,10 +177,10 @@ def _gptq(kernel, hessian, amin, amax, spec, percdamp, block_size,
   d_in, d_out = kernel.shape
   w = kernel.astype(jnp.float32)
   h = hessian.astype(jnp.float32)
-  diag = jnp.diagonal(h)
-  dead = diag == 0
+  dead = jnp.diagonal(h) == 0
   h = h + jnp.diag(jnp.where(dead, 1.0, 0.0))
-  w = jnp.where(dead[:, None], 0.0, w)
+  # With every input dead, H is now I: rounding to nearest (module doc).
+  w = jnp.where((dead & ~jnp.all(dead))[:, None], 0.0, w)
   h = h + percdamp * jnp.mean(jnp.diagonal(h)) * jnp.eye(d_in)
 
   group_size = _group_size(spec, (d_in, d_out))
@@ -309,7 +314,8 @@ def gptq(kernel: jax.Array, hessian: jax.Array, spec: QuantSpec, *,
     amin: the fixed range's lower end, affine specs only.
 
   Returns:
-    `GPTQResult`: the dequantized kernel and the ranges that reproduce it.
+    `GPTQResult`: the dequantized kernel and the ranges that reproduce it;
+    a zero Hessian (no nonzero input) gives the kernel rounded to nearest.
 
   Raises:
     ValueError: mismatched shapes, an unsupported or non-dividing

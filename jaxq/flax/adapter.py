@@ -39,9 +39,12 @@ called on ``x`` of shape ``(*lead, in)``):
 * ``apply(batch, variables=None) -> output``: the model on one batch.
 * ``apply_fn() -> ApplyFn``: ``apply_fn(variables, *args, **kwargs)``,
   jit-compiled: linen ``apply``, nnx ``nnx.merge(graphdef, variables)(...)``.
+  In calibrate mode both give the output alone (the observer states are
+  dropped, and with them their NaN/inf check).
 * ``capture_inputs(batches, paths, variables=None) -> LayerInputs``: the
   inputs each layer at ``paths`` receives over ``batches``, recorded in one
-  jitted float (or quantized-mode) pass per batch under ``variables``:
+  jitted float (or quantized-mode) pass per batch under ``variables``
+  (NaN/inf pass through unchecked: the caller checks them, padding out):
   ``inputs[path][call][b]`` is the ``(*lead, in)`` input of call ``call``
   (0 unless the layer is shared) on batch ``b``; ``outputs`` likewise,
   ``(*lead, out)``; ``masks[b]`` the batch's padding mask or None.

@@ -60,7 +60,8 @@ The backward (``backward``, `BACKWARDS`), for a loss gradient ``g`` of
   ``make_rng`` does; a new key per step gives new noise). nnx: give
   ``quantize_model(..., rngs=nnx.Rngs(jaxq=seed))``, a stream the layers
   share and advance on each call (keep the updated state, as for dropout).
-  A missing key raises a ValueError naming the layer.
+  A forward needs no key (evaluation runs without one); a gradient
+  without one raises a ValueError naming the layer.
 
 Layers without an int8 forward (convolutions, embeddings, user modules with
 their own op) keep fake-quant and its STE backward under ``"int8"``; under
@@ -105,7 +106,9 @@ class QatLayer(Protocol):
 
   def weight(self, w: jax.Array) -> jax.Array: ...
 
-  def backward_key(self) -> jax.Array: ...
+  def backward_key(self) -> jax.Array | None: ...
+
+  def missing_key_error(self) -> ValueError: ...
 
 
 def check_backward(backward: str, int8_forward: bool) -> None:
@@ -369,9 +372,11 @@ def _int8_backward(matmul: _Matmul, qx: QArray,
 def _int8_qat(quant_op: BilinearOp, float_op: BilinearOp,
               matmul: Callable[[], _Matmul], layer: LayerQuant,
               x: jax.Array, w: jax.Array, act_range: ActRange | None,
-              key: jax.Array | None) -> jax.Array:
+              key: jax.Array | None,
+              missing_key: ValueError | None = None) -> jax.Array:
   """``quant_op(quantize(x), quantize(w))``, a bilinear low-bit op, with
-  ``layer.backward``'s gradient (module docstring)."""
+  ``layer.backward``'s gradient (module docstring); ``missing_key``, raised
+  by the ``"int8"`` backward when ``key`` is None (a forward needs none)."""
   amin, amax = static_range(layer, act_range, x.shape)
   backward = layer.backward
   x_dtype, w_dtype = x.dtype, w.dtype
@@ -401,6 +406,8 @@ def _int8_qat(quant_op: BilinearOp, float_op: BilinearOp,
     if backward == "float":
       dx_hat, dw = jax.vjp(float_op, a, b)[1](g)
     elif backward == "int8":
+      if key is None:
+        raise missing_key
       dx_hat, dw = _int8_backward(matmul_2d, a, b, g, key)
     else:
       # The float op's gradients at the dequantized operands, as the
@@ -446,7 +453,9 @@ def _qat_op(layer_vars: QatLayer, x: jax.Array, w: jax.Array,
   return _int8_qat(
       functools.partial(quant_op, preferred_element_type=out_dtype),
       functools.partial(float_op, preferred_element_type=out_dtype),
-      matmul, layer, x, w, act_range, key)
+      matmul, layer, x, w, act_range, key,
+      layer_vars.missing_key_error() if layer.backward == "int8" and
+      key is None else None)
 
 
 def qat_dot_general(layer_vars: QatLayer, x: jax.Array, w: jax.Array,

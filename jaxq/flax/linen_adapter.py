@@ -92,6 +92,23 @@ def _stacked_call(call: LayerCall, params: Any) -> bool:
       for a, b in zip(seen, stored))
 
 
+def _counting(qmodel: linen_lib.QuantizedLinen,
+              observer_for: core.ObserverFor | None = None
+              ) -> linen_lib.QuantizedLinen:
+  """``qmodel`` with observers that count NaN/inf instead of raising
+  (sharing its layer record, so the user's model learns the layers).
+
+  For the passes that check the data themselves (the calibration pass: per
+  layer, padding left out) or drop the observer states (the capture pass,
+  a calibrate-mode forward): the layers' own check runs from inside
+  ``jit``, as a host callback that cannot see the padding mask.
+  """
+  return dataclasses.replace(
+      qmodel, on_nonfinite="count",
+      observer_for=observer_for or qmodel.observer_for,
+      _layers=qmodel._layers, _warned=qmodel._warned)  # pylint: disable=protected-access
+
+
 @dataclasses.dataclass(frozen=True)
 class LinenAdapter:
   """A linen module (float, or its `QuantizedLinen`) and its variables.
@@ -178,16 +195,31 @@ class LinenAdapter:
 
   def apply(self, batch: Any, variables: Any | None = None) -> Any:
     variables = self.variables if variables is None else variables
-    return call_model(lambda *a, **k: self._runner.apply(variables, *a, **k),
-                      batch)
+    apply = self._output_apply()
+    return call_model(lambda *a, **k: apply(variables, *a, **k), batch)
 
   def apply_fn(self) -> adapter_lib.ApplyFn:
-    return jax.jit(self._runner.apply)
+    return jax.jit(self._output_apply())
+
+  def _output_apply(self) -> adapter_lib.ApplyFn:
+    """``apply(variables, *args, **kwargs) -> output`` in every mode: in
+    calibrate mode the float output, the observer states dropped."""
+    if self.qmodel is None or self.qmodel.mode != "calibrate":
+      return self._runner.apply
+    counting = _counting(self.qmodel)
+
+    def apply(variables: Any, *args: Any, **kwargs: Any) -> Any:
+      return counting.apply(variables, *args, mutable=[linen_lib.STATS],
+                            **kwargs)[0]
+
+    return apply
 
   # Capture.
 
   def capture(self, paths: Collection[str]) -> LinenCapture:
-    return LinenCapture(self._runner.apply, paths)
+    # The pass drops the observer states: its caller checks the inputs.
+    runner = self._runner if self.qmodel is None else _counting(self.qmodel)
+    return LinenCapture(runner.apply, paths)
 
   def capture_inputs(self, batches: Sequence[Any], paths: Collection[str],
                      variables: Any | None = None, *, capture: Any = None
@@ -301,11 +333,8 @@ class LinenAdapter:
                        ) -> adapter_lib.CalibrationPass:
     check_variables(self.variables, "calibrate")
     qmodel = self.qmodel
-    # The calibration copy shares the layer record, so that `jaxq.convert`
-    # and `jaxq.act_ranges` know the layers of the user's model afterwards.
-    model = dataclasses.replace(
-        qmodel, on_nonfinite="count", observer_for=observer_for,
-        _layers=qmodel._layers, _warned=qmodel._warned)  # pylint: disable=protected-access
+    # The step returns the NaN/inf counts; `jaxq.calibrate` raises on them.
+    model = _counting(qmodel, observer_for)
     variables = {k: v for k, v in self.variables.items()
                  if k not in (linen_lib.STATS, linen_lib.RANGES)}
 

@@ -131,18 +131,21 @@ class ScopeVariables(layer_variables.LayerVariables):
   def recording(self) -> bool:
     return not self.initializing  # Init data is not calibration data.
 
-  def backward_key(self) -> jax.Array:
+  def backward_key(self) -> jax.Array | None:
     """backward="int8"'s key: the ``"jaxq"`` rng of ``apply``, made for
-    this layer (``make_rng`` folds in its path and call count)."""
-    if self.initializing and not self.module.has_rng(int8_qat.RNG_NAME):
-      return jax.random.key(0)  # init takes no gradient: any key will do.
+    this layer (``make_rng`` folds in its path and call count); None
+    without one (a forward needs none: init, evaluation)."""
     if not self.module.has_rng(int8_qat.RNG_NAME):
-      raise ValueError(
-          f"jaxq qat backward='int8': {self.quant.path!r} "
-          f"({self.quant.module_type}) rounds its gradient stochastically "
-          f"and needs a PRNG key; pass rngs={{{int8_qat.RNG_NAME!r}: key}} "
-          f"to apply (a new key per step).")
+      return None
     return self.module.make_rng(int8_qat.RNG_NAME)
+
+  def missing_key_error(self) -> ValueError:
+    """What a gradient through the layer raises without a key."""
+    return ValueError(
+        f"jaxq qat backward='int8': {self.quant.path!r} "
+        f"({self.quant.module_type}) rounds its gradient stochastically "
+        f"and needs a PRNG key; pass rngs={{{int8_qat.RNG_NAME!r}: key}} "
+        f"to apply (a new key per step).")
 
   def get_enabled(self) -> jax.Array | None:
     """The layer's flag; inside a lifted transform (``nn.scan`` over

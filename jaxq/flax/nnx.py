@@ -247,17 +247,20 @@ class _Layer(layer_variables.LayerVariables):
     param = getattr(self.module, f"jaxq_{name}", None)
     return None if param is None else param.get_value()
 
-  def backward_key(self) -> jax.Array:
+  def backward_key(self) -> jax.Array | None:
     """backward="int8"'s key: the next from the layer's ``jaxq_rngs`` (the
-    ``rngs`` given to `quantize_model`), its ``"jaxq"`` stream or default."""
+    ``rngs`` given to `quantize_model`), its ``"jaxq"`` stream or default;
+    None without one (a forward needs none)."""
     rngs = getattr(self.module, "jaxq_rngs", None)
-    if rngs is None:
-      raise ValueError(
-          f"jaxq qat backward='int8': {self.quant.path!r} "
-          f"({self.quant.module_type}) rounds its gradient stochastically "
-          f"and needs a PRNG key; pass rngs=nnx.Rngs({int8_qat.RNG_NAME}=seed)"
-          f" to quantize_model.")
-    return rngs.jaxq()
+    return None if rngs is None else rngs.jaxq()
+
+  def missing_key_error(self) -> ValueError:
+    """What a gradient through the layer raises without a key."""
+    return ValueError(
+        f"jaxq qat backward='int8': {self.quant.path!r} "
+        f"({self.quant.module_type}) rounds its gradient stochastically "
+        f"and needs a PRNG key; pass rngs=nnx.Rngs({int8_qat.RNG_NAME}=seed)"
+        f" to quantize_model.")
 
   def put_learned(self, name: str, value: jax.Array) -> None:
     if self.quant.mode != "qat":

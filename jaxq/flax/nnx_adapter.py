@@ -53,6 +53,24 @@ def _quantized_layers(model: nnx.Module) -> Iterator[nnx.Module]:
       yield module
 
 
+def _counting(model: nnx.Module,
+              observer_for: core.ObserverFor | None = None) -> nnx.Module:
+  """A clone of ``model`` whose observers count NaN/inf instead of raising.
+
+  For the passes that check the data themselves (the calibration pass: per
+  layer, padding left out) or drop the observer states (the capture pass,
+  a calibrate-mode forward): the layers' own check runs from inside
+  ``jit``, as a host callback that cannot see the padding mask.
+  """
+  model = nnx.clone(model)
+  for module in _quantized_layers(model):
+    layer = module.jaxq_layer
+    object.__setattr__(module, "jaxq_layer", dataclasses.replace(
+        layer, on_nonfinite="count",
+        observer_for=observer_for or layer.observer_for))
+  return model
+
+
 def _act_states(stats: nnx.State) -> dict[str, Any]:
   return {"/".join(map(str, path[:-1])): var.get_value()
           for path, var in nnx.to_flat_state(stats) if path[-1] == _ACT_STATS}
@@ -194,12 +212,20 @@ class NnxAdapter:
       nnx.update(model, self.ranges_from(mine))
     return NnxAdapter(model, nnx.state(model))
 
+  @property
+  def _runner(self) -> nnx.Module:
+    """The model to run: in calibrate mode one whose observers only count
+    NaN/inf (the runs that use it drop the observer states)."""
+    if self.quantized and self.settings().mode == "calibrate":
+      return _counting(self.model)
+    return self.model
+
   def apply(self, batch: Any, variables: Any | None = None) -> Any:
     variables = self.variables if variables is None else variables
-    return call_model(nnx.merge(nnx.graphdef(self.model), variables), batch)
+    return call_model(nnx.merge(nnx.graphdef(self._runner), variables), batch)
 
   def apply_fn(self) -> adapter_lib.ApplyFn:
-    graphdef = nnx.graphdef(self.model)
+    graphdef = nnx.graphdef(self._runner)
 
     @jax.jit
     def apply(state: nnx.State, *args: Any, **kwargs: Any) -> Any:
@@ -210,7 +236,8 @@ class NnxAdapter:
   # Capture.
 
   def capture(self, paths: Collection[str]) -> NnxCapture:
-    return NnxCapture(self.model, paths)
+    # The pass drops the observer states: its caller checks the inputs.
+    return NnxCapture(self._runner, paths)
 
   def capture_inputs(self, batches: Sequence[Any], paths: Collection[str],
                      variables: Any | None = None, *, capture: Any = None
@@ -313,10 +340,8 @@ class NnxAdapter:
   def calibration_pass(self, batch: Any, forward: adapter_lib.Forward,
                        observer_for: core.ObserverFor
                        ) -> adapter_lib.CalibrationPass:
-    model = nnx.clone(self.model)
-    for module in _quantized_layers(model):
-      object.__setattr__(module, "jaxq_layer", dataclasses.replace(
-          module.jaxq_layer, on_nonfinite="count", observer_for=observer_for))
+    # The step returns the NaN/inf counts; `jaxq.calibrate` raises on them.
+    model = _counting(self.model, observer_for)
 
     def record(module: nnx.Module, batch: Any) -> nnx.Module:
       # The batch's padding mask reaches the layers' act observers.

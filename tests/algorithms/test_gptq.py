@@ -204,6 +204,21 @@ def test_dead_input_gets_a_zero_row():
   assert np.all(np.isfinite(result.kernel))
 
 
+@pytest.mark.parametrize("spec", [QuantSpec("int4", PerChannel(-1)),
+                                  QuantSpec("int4", PerGroup(axis=0, size=4))])
+def test_zero_hessian_rounds_to_nearest(spec):
+  # No nonzero input: nothing to weight the rounding by; the kernel is
+  # rounded to nearest on its range rather than zeroed.
+  _, w = problem(seed=8)
+  result = gptq(w, np.zeros((w.shape[0],) * 2, np.float32), spec,
+                act_order=True)
+  np.testing.assert_allclose(
+      result.kernel, jaxq.fake_quant(jnp.asarray(w), spec, amax=result.amax,
+                                     range_from_data=True),
+      rtol=1e-6, atol=1e-7)
+  assert np.linalg.norm(result.kernel - w) < 0.2 * np.linalg.norm(w)
+
+
 def test_singular_hessian_raises():
   x, w = problem(seed=7)
   x[:, 1] = x[:, 0]  # Rank deficient, with no dead row to fix it.

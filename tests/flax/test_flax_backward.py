@@ -87,8 +87,13 @@ def test_int8_backward_needs_the_int8_forward():
 
 def test_keys_missing_or_misplaced_raise():
   qmodel, params, _ = _linen(int8_forward=True, backward="int8")
-  with pytest.raises(ValueError, match=r"'Dense_0'.*rngs=\{'jaxq': key\}"):
+  # The backward runs last layer first: the first one it reaches is named.
+  with pytest.raises(ValueError, match=r"'Dense_1'.*rngs=\{'jaxq': key\}"):
     jax.grad(lambda p: jnp.sum(qmodel.apply({"params": p}, X)))(params)
+  # The key is the backward's: a forward-only evaluation needs none.
+  np.testing.assert_array_equal(
+      qmodel.apply({"params": params}, X),
+      qmodel.apply({"params": params}, X, rngs={"jaxq": KEY}))
   with pytest.raises(ValueError, match="rngs=nnx.Rngs"):
     jaxq.quantize_model(NnxMLP(nnx.Rngs(0)), DYNAMIC_RULES, "qat",
                         int8_forward=True, backward="int8")
