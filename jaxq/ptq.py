@@ -71,6 +71,7 @@ from jax.sharding import PartitionSpec
 
 from jaxq import calibration
 from jaxq import flax as jaxq_flax
+from jaxq.algorithms.stats import InputMoment
 from jaxq.flax import checks
 from jaxq.flax import core
 from jaxq.flax.adapter import CalibrationPass
@@ -163,12 +164,13 @@ def _recording_observer(observers: Mapping[str, calibration.Observer]
 def _empty_state(state: Any) -> Any:
   """The state of ``state``'s observer before any data, with its shapes.
 
-  Histograms start all zero (counts, range, max, non-finite count); max
+  Histograms and input moments start all zero (counts, range, max,
+  non-finite count; row count, sums of squares); max
   states start from 0 (symmetric) or from the identities of max and min,
   ``-inf`` and ``+inf`` (affine), as `jaxq.calibration` documents.
   """
   zeros = lambda a: jnp.zeros(a.shape, a.dtype)
-  if isinstance(state, calibration.HistogramState):
+  if isinstance(state, (calibration.HistogramState, InputMoment)):
     return jax.tree.map(zeros, state)
   if isinstance(state, calibration.MaxState):
     if state.amin is None:
@@ -198,7 +200,8 @@ def _placed_like(stats: Any, batch: Any) -> Any:
 
 
 def _is_state(x: Any) -> bool:
-  return isinstance(x, (calibration.MaxState, calibration.HistogramState))
+  return isinstance(x, (calibration.MaxState, calibration.HistogramState,
+                        InputMoment))
 
 
 def _check_recorded(act_states: Mapping[str, Any],
