@@ -526,6 +526,35 @@ def perplexity(apply_fn: Any, variables: Params, windows: np.ndarray, *,
   return float(np.exp(total / (windows.shape[0] * (windows.shape[1] - 1))))
 
 
+def weight_only_ptq(pretrained: Pretrained, weight: Any,
+                    calibration: np.ndarray | None, *, batch_size: int = 4
+                    ) -> tuple[Any, Params]:
+  """``(apply_fn, serving)``: the model served with every ``*_proj`` Dense
+  quantized weight-only by ``weight`` (a `jaxq.QuantSpec`) and the embedding
+  (tied LM head) int8 per row, by the PTQ path a user runs:
+  ``jaxq.calibrate`` over the ``calibration`` windows (N, L), then
+  ``jaxq.convert`` with its statistics (a ``calibration="mse"`` weight
+  range then minimises each layer's output error). ``calibration=None``:
+  convert without statistics (an ``"mse"`` range minimises the weight's
+  own error). Score it with ``perplexity(apply_fn, serving, windows)``.
+  """
+  import jaxq  # pylint: disable=g-import-not-at-top
+  rules = [jaxq.Rule(r"embed_tokens",
+                     weight=jaxq.QuantSpec("int8", jaxq.PerChannel(axis=0))),
+           jaxq.Rule(r".*_proj", weight=weight)]
+  model, variables = pretrained.model, pretrained.variables
+  cal = jaxq.quantize_model(model, rules, mode="calibrate")
+  stats = None
+  if calibration is not None:
+    batches = [calibration[i:i + batch_size]
+               for i in range(0, len(calibration), batch_size)]
+    stats = jaxq.calibrate(cal, variables, batches, progress=False).stats
+  else:
+    jax.eval_shape(cal.init, jax.random.key(0), calibration_windows(8, 1))
+  serving, _ = jaxq.convert(cal, variables, stats)
+  return jaxq.quantize_model(model, rules, mode="serve").apply, serving
+
+
 @functools.partial(jax.jit, static_argnames=(
     "apply_fn", "max_new_tokens", "temperature", "top_k"))
 def generate_tokens(apply_fn: Any, variables: Params, prompts: jax.Array,
