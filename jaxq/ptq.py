@@ -17,7 +17,10 @@ for method in result.methods:
 What one pass does: each batch goes through the calibrate-mode model in one
 jitted step ``(stats, batch) -> stats`` that runs the float forward and
 folds every matched layer's weight into a max observer and, for static act
-specs (``dynamic=False``), its input activation into the act observer.
+specs (``dynamic=False``), its input activation into the act observer; for a
+weight spec with ``calibration="mse"``, its input's per-channel sum of
+squares (an `InputMoment`, for `jaxq.convert`'s output-error range search,
+see `jaxq.flax.core`).
 Dynamic act specs record nothing: their ranges are taken per batch when
 serving, so one model can mix static and dynamic layers rule by rule. The
 step is compiled once for all batches of one shape: the stats start from
