@@ -181,3 +181,43 @@ def test_input_error_weight_maps_channels_onto_the_kernel():
   empty = moment._replace(count=jnp.asarray(0.0))
   np.testing.assert_allclose(core.input_error_weight(layer, (4, 5), empty),
                              np.ones((4, 1)))
+
+
+class _ScanBlock(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, _):
+    return x + nn.Dense(D_IN, use_bias=False, name="fc")(x), None
+
+
+class _Scanned(nn.Module):
+  """Two blocks in one ``nn.scan``: stacked kernels and statistics."""
+
+  @nn.compact
+  def __call__(self, x):
+    stack = nn.scan(_ScanBlock,
+                    variable_axes={"params": 0, **jaxq.flax.SCAN_AXES},
+                    split_rngs={"params": True}, length=2)
+    return stack(name="layers")(x, None)[0]
+
+
+def test_stacked_layers_search_with_their_own_moments():
+  x = _inputs()
+  model = _Scanned()
+  variables = model.init(jax.random.key(0), x)
+  rules = [jaxq.Rule(r".*", weight=W4_MSE)]
+  cal = jaxq.quantize_model(model, rules, mode="calibrate")
+  stats = jaxq.calibrate(cal, variables, [x], progress=False).stats
+  moment = jaxq.flax.adapt(cal).input_moments(stats)["layers/fc"]
+  assert moment.square_sum.shape == (2, D_IN)
+  # Layer 0 sees x itself; layer 1 the first block's output.
+  np.testing.assert_allclose(moment.square_sum[0],
+                             jnp.sum(jnp.square(x), axis=(0, 1)), rtol=1e-5)
+  serving, _ = jaxq.convert(cal, variables, stats)
+  kernels = variables["params"]["layers"]["fc"]["kernel"]
+  served = serving["params"]["layers"]["fc"]["kernel"]
+  for i in range(2):
+    _, amax = weight_range(kernels[i], W4_MSE,
+                           error_weight=moment.mean_square[i][:, None])
+    np.testing.assert_array_equal(
+        served.values[i], jaxq.quantize(kernels[i], W4_MSE, amax=amax).values)
