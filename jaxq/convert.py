@@ -25,7 +25,12 @@ A weight's range is the one `jaxq.flax.core.weight_range` gives: a range
 stored by GPTQ or AWQ (linen ``quant_fixed/<layer>/weight_range``, nnx
 ``jaxq_weight_range``), else its spec's ``calibration`` (``"max"``,
 ``"percentile"`` or the ``"mse"`` clipping search of
-`jaxq.algorithms.weight_range`), exactly as the serve and qat modes do.
+`jaxq.algorithms.weight_range`), as the serve and qat modes do, with one
+difference: given ``stats`` from `jaxq.calibrate`, an ``"mse"`` weight's
+search minimises the layer's output error, each squared weight error
+weighted by ``E[x^2]`` of its input channel as calibration recorded it
+(`jaxq.flax.core`'s docstring says why; serve and qat, quantizing on the
+fly without data, keep the plain weight MSE).
 
 Weights of learned specs (``learn="lsq"``/``"pact"``) are quantized with
 their trained scales, read from the variables (linen
@@ -47,6 +52,7 @@ import numpy as np
 
 from jaxq import flax as jaxq_flax
 from jaxq import learned
+from jaxq.algorithms.stats import InputMoment
 from jaxq.flax import checks
 from jaxq.flax import core
 from jaxq.flax.adapter import ModelAdapter
@@ -100,9 +106,11 @@ def _layer_quant(info: jaxq_flax.LayerInfo) -> core.LayerQuant:
 def _quantize_weight(info: jaxq_flax.LayerInfo, value: Any,
                      learned_param: Any | None = None,
                      mask: jax.Array | None = None,
-                     stored_range: core.ActRange | None = None) -> QArray:
+                     stored_range: core.ActRange | None = None,
+                     moment: InputMoment | None = None) -> QArray:
   """``info``'s weight quantized; a masked layer's as ``value * mask``,
-  the kernel its QAT fake-quantizes (so serving skips the mask)."""
+  the kernel its QAT fake-quantizes (so serving skips the mask); an "mse"
+  range weighted by the input ``moment`` when given."""
   if isinstance(value, QArray):
     raise ValueError(f"convert: the weight {info.weight_name!r} of "
                      f"{info.path!r} is already a QArray; pass the float "
@@ -125,7 +133,8 @@ def _quantize_weight(info: jaxq_flax.LayerInfo, value: Any,
           f"but its weight {info.weight_name!r} has {info.weight_shape}.")
     value = value * mask
   if info.weight.learn is None:
-    amin, amax = core.weight_range(_layer_quant(info), value, stored_range)
+    amin, amax = core.weight_range(_layer_quant(info), value, stored_range,
+                                   moment)
     return quantize(value, info.weight, amax=amax, amin=amin,
                     range_from_data=True)
   if learned_param is None:
@@ -140,28 +149,33 @@ def _quantize_weight(info: jaxq_flax.LayerInfo, value: Any,
 
 def _quantize_stacked(info: jaxq_flax.LayerInfo, value: Any,
                       learned_param: Any | None, mask: jax.Array | None,
-                      stored_range: core.ActRange | None = None) -> QArray:
+                      stored_range: core.ActRange | None = None,
+                      moment: InputMoment | None = None) -> QArray:
   """`_quantize_weight`, per layer for a weight stacked by ``nn.scan`` over
   layers: ``(L, *weight_shape)`` values quantized slice by slice, so the
   QArray's values, scales (and learned scales) all lead with ``L`` and the
   scan slices them as it slices the float params."""
   shape = tuple(getattr(value, "shape", ()))
   if len(shape) != len(info.weight_shape) + 1 or shape[1:] != info.weight_shape:
-    return _quantize_weight(info, value, learned_param, mask, stored_range)
+    return _quantize_weight(info, value, learned_param, mask, stored_range,
+                            moment)
   # Slice by slice on concrete arrays (not vmap), so that every check of
   # `_quantize_weight` sees real values; then the leaves are stacked.
-  slices = [_quantize_weight(
-      info, value[i], None if learned_param is None else learned_param[i],
-      mask, None if stored_range is None
-      else jax.tree.map(lambda r: r[i], stored_range))  # noqa: B023
+  one = lambda tree, i: None if tree is None else jax.tree.map(
+      lambda a: a[i], tree)
+  slices = [_quantize_weight(info, value[i], one(learned_param, i), mask,
+                             one(stored_range, i), one(moment, i))
             for i in range(shape[0])]
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *slices)
 
 
-def _serving_weights(adapter: ModelAdapter, variables: Any
+def _serving_weights(adapter: ModelAdapter, variables: Any,
+                     stats: Any | None
                      ) -> tuple[Any, tuple[LayerBytes, ...]]:
-  """``variables`` with each quantized layer's weight a `QArray`."""
+  """``variables`` with each quantized layer's weight a `QArray`; ``stats``
+  give the "mse" weights' input moments."""
   adapter.check_convertible(variables)
+  moments = adapter.input_moments(stats)
   quantized, missing, report = {}, [], []
   for info in adapter.layers().values():
     if info.weight is None:
@@ -176,7 +190,8 @@ def _serving_weights(adapter: ModelAdapter, variables: Any
           info.path, core.learned_name("weight", info.weight), variables)
     qa = _quantize_stacked(info, value, learned_param,
                            adapter.mask(info.path, variables),
-                           adapter.read(info.path, core.WEIGHT_RANGE, variables))
+                           adapter.read(info.path, core.WEIGHT_RANGE, variables),
+                           moments.get(info.path))
     report.append(LayerBytes(info.path, tree_bytes(value), qa.nbytes))
     quantized[(info.path, info.weight_name)] = qa
   if missing:
@@ -196,15 +211,18 @@ def convert(qmodel: Any, variables: Any,
     variables: the float variables: linen ``{"params": ...}`` (other
       collections pass through; ``quant_stats`` is dropped), or an nnx
       ``nnx.State`` with the model's ``Param`` paths.
-    stats: the calibration statistics, needed when a rule has a static
-      activation spec and ``variables`` hold no ranges yet: linen's
-      ``"quant_stats"`` collection or ``nnx.state(calibrated, QuantStat)``.
-      Without ``stats`` and ``ranges``, the ranges already in ``variables``
-      (linen's ``"quant_ranges"``, nnx `QuantRange`s, as QAT trains with)
-      are kept.
-    ranges: instead of ``stats``, static activation ranges already
-      finalized, as `jaxq.act_ranges` or `jaxq.CalibrationResult.ranges`
-      (one per calibration method) return them.
+    stats: the calibration statistics (`jaxq.CalibrationResult.stats`:
+      linen's ``"quant_stats"`` collection or ``nnx.state(calibrated,
+      QuantStat)``), needed when a rule has a static activation spec and
+      ``variables`` hold no ranges yet, and read by ``"mse"`` weights for
+      their input's ``E[x^2]`` (their output-error search; without stats,
+      the weight's own MSE). Without ``stats`` and ``ranges``, the ranges
+      already in ``variables`` (linen's ``"quant_ranges"``, nnx
+      `QuantRange`s, as QAT trains with) are kept.
+    ranges: static activation ranges already finalized, as
+      `jaxq.act_ranges` or `jaxq.CalibrationResult.ranges` (one per
+      calibration method) return them; they replace those of ``stats``,
+      which then serve the ``"mse"`` weights alone.
 
   Returns:
     ``(serving, report)``: the variables with each quantized weight replaced
@@ -217,12 +235,11 @@ def convert(qmodel: Any, variables: Any,
       weight or have a different shape (nnx: any missing or extra ``Param``),
       or when a static act spec has no statistics.
   """
-  if stats is not None and ranges is not None:
-    raise ValueError("convert: pass either stats (finalized here) or ranges "
-                     "(already finalized), not both.")
   adapter = jaxq_flax.adapt(qmodel, what="convert")
-  serving, layers = _serving_weights(adapter, variables)
-  serving = adapter.serving(serving, stats, ranges)
+  adapter.check_stats(stats, "convert")
+  serving, layers = _serving_weights(adapter, variables, stats)
+  serving = adapter.serving(serving, None if ranges is not None else stats,
+                            ranges)
   before = adapter.without_stats(variables)
   return serving, ConvertReport(float_bytes=tree_bytes(before),
                                 quantized_bytes=tree_bytes(serving),

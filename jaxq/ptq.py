@@ -17,7 +17,10 @@ for method in result.methods:
 What one pass does: each batch goes through the calibrate-mode model in one
 jitted step ``(stats, batch) -> stats`` that runs the float forward and
 folds every matched layer's weight into a max observer and, for static act
-specs (``dynamic=False``), its input activation into the act observer.
+specs (``dynamic=False``), its input activation into the act observer; for a
+weight spec with ``calibration="mse"``, its input's per-channel sum of
+squares (an `InputMoment`, for `jaxq.convert`'s output-error range search,
+see `jaxq.flax.core`).
 Dynamic act specs record nothing: their ranges are taken per batch when
 serving, so one model can mix static and dynamic layers rule by rule. The
 step is compiled once for all batches of one shape: the stats start from
@@ -71,6 +74,7 @@ from jax.sharding import PartitionSpec
 
 from jaxq import calibration
 from jaxq import flax as jaxq_flax
+from jaxq.algorithms.stats import InputMoment
 from jaxq.flax import checks
 from jaxq.flax import core
 from jaxq.flax.adapter import CalibrationPass
@@ -163,12 +167,13 @@ def _recording_observer(observers: Mapping[str, calibration.Observer]
 def _empty_state(state: Any) -> Any:
   """The state of ``state``'s observer before any data, with its shapes.
 
-  Histograms start all zero (counts, range, max, non-finite count); max
+  Histograms and input moments start all zero (counts, range, max,
+  non-finite count; row count, sums of squares); max
   states start from 0 (symmetric) or from the identities of max and min,
   ``-inf`` and ``+inf`` (affine), as `jaxq.calibration` documents.
   """
   zeros = lambda a: jnp.zeros(a.shape, a.dtype)
-  if isinstance(state, calibration.HistogramState):
+  if isinstance(state, (calibration.HistogramState, InputMoment)):
     return jax.tree.map(zeros, state)
   if isinstance(state, calibration.MaxState):
     if state.amin is None:
@@ -198,7 +203,8 @@ def _placed_like(stats: Any, batch: Any) -> Any:
 
 
 def _is_state(x: Any) -> bool:
-  return isinstance(x, (calibration.MaxState, calibration.HistogramState))
+  return isinstance(x, (calibration.MaxState, calibration.HistogramState,
+                        InputMoment))
 
 
 def _check_recorded(act_states: Mapping[str, Any],

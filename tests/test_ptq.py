@@ -175,8 +175,11 @@ def test_methods_as_observers_and_convert_with_ranges():
   serve = jaxq.quantize_model(model, STATIC_RULES, "serve")
   clipped = serve.apply(serving, batches[-1])
   assert clipped.shape == (batches[-1].shape[0], OUT)
-  with pytest.raises(ValueError, match="either stats.*or ranges"):
-    jaxq.convert(cal, variables, result.stats, ranges=result.ranges("kl"))
+  # Stats beside ranges serve "mse" weights only: the act ranges are kl's.
+  both, _ = jaxq.convert(cal, variables, result.stats,
+                         ranges=result.ranges("kl"))
+  jax.tree.map(np.testing.assert_array_equal, both["quant_ranges"],
+               result.ranges("kl"))
 
 
 def test_bad_methods_raise():

@@ -27,7 +27,10 @@ from jaxq.algorithms.gptq import hessian_update
 from jaxq.algorithms.smoothquant import SmoothQuantResult
 from jaxq.algorithms.smoothquant import search_alpha
 from jaxq.algorithms.smoothquant import smoothing_factors
+from jaxq.algorithms.stats import InputMoment
 from jaxq.algorithms.stats import InputStats
+from jaxq.algorithms.stats import init_input_moment
 from jaxq.algorithms.stats import init_input_stats
+from jaxq.algorithms.stats import update_input_moment
 from jaxq.algorithms.stats import update_input_stats
 from jaxq.algorithms.weight_range import weight_range

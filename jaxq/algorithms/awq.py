@@ -21,7 +21,9 @@ The algorithm, per layer:
    weight's range minimising that scale's share of the output error
    ``d^T (X_g^T X_g / s s^T) d`` (``d`` the block's weight error, ``X_g``
    the block's input channels). Without clipping, the range is
-   `weight_range` of the scaled weight (honouring ``spec.calibration``).
+   `weight_range` of the scaled weight (honouring ``spec.calibration``; an
+   ``"mse"`` search weights each squared error by the scaled input's
+   ``diag(X^T X) / s^2``, the output error's diagonal).
 
 Use of the result: divide the layer's input by ``factors`` (or fold
 ``1 / factors`` into the op before), multiply the kernel rows by them
@@ -123,7 +125,12 @@ def _awq(kernel, abs_mean, gram, spec, num_exponents, clip_ratios, min_clip):
   factors = awq_factors(abs_mean, exponent)
   w_s = kernel * factors[:, None]
   if not clip_ratios:
-    amin, amax = weight_range(w_s, spec)
+    # An "mse" range weighs each error by its scaled input's E[x^2] (the
+    # output error's diagonal), as GPTQ and `jaxq.convert` do.
+    error_weight = None
+    if spec.calibration == "mse":
+      error_weight = (jnp.diagonal(gram) / jnp.square(factors))[:, None]
+    amin, amax = weight_range(w_s, spec, error_weight=error_weight)
     return AWQResult(factors, exponent, jnp.ones_like(amax), amin, amax,
                      errors)
 

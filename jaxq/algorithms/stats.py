@@ -15,6 +15,12 @@ with ``where``, not multiplied by 0).
 * ``gram``: (d_in, d_in) ``X^T X`` (GPTQ's Hessian is ``2 * gram``; AWQ's
   output error ``||X D||^2 = trace(D^T gram D)``).
 
+`InputMoment` keeps only the diagonal of ``gram`` and the row count:
+``count`` () and ``square_sum`` (d_in,), bounded memory whatever d_in (what
+`jaxq.calibrate` records for a weight's data-aware ``"mse"`` range, see
+`jaxq.algorithms.weight_range`). Its rows skip non-finite values (taken as
+0), so one NaN cannot spoil a whole channel's statistic.
+
 Everything is float32 and jit-friendly; `update_input_stats` is pure.
 """
 
@@ -79,6 +85,38 @@ def gram_update(gram: jax.Array, x: jax.Array,
   """``gram + X^T X`` over the kept rows of ``x`` (..., d_in)."""
   flat = rows(x, mask)
   return gram + jnp.matmul(flat.T, flat, precision=jax.lax.Precision.HIGHEST)
+
+
+class InputMoment(NamedTuple):
+  """The second moment of a layer's input per channel; see the module
+  docstring. Fields lead with ``L`` for a stack of layers (``nn.scan``)."""
+  count: jax.Array
+  square_sum: jax.Array
+
+  @property
+  def mean_square(self) -> jax.Array:
+    """``E[x_j^2]`` over the kept rows, (d_in,); 0 before any row."""
+    return self.square_sum / jnp.maximum(self.count, 1.0)[..., None]
+
+
+def init_input_moment(d_in: int) -> InputMoment:
+  """An empty `InputMoment` for inputs with ``d_in`` features."""
+  return InputMoment(count=jnp.zeros((), jnp.float32),
+                     square_sum=jnp.zeros((d_in,), jnp.float32))
+
+
+def update_input_moment(moment: InputMoment, x: jax.Array,
+                        mask: jax.Array | None = None) -> InputMoment:
+  """Adds the kept rows of ``x`` (..., d_in) to ``moment``; ``mask`` as for
+  `rows` (one entry per row); non-finite values count as 0."""
+  if x.shape[-1] != moment.square_sum.shape[-1]:
+    raise ValueError(f"inputs have {x.shape[-1]} features (shape "
+                     f"{tuple(x.shape)}) but the moment was made for "
+                     f"{moment.square_sum.shape[-1]}.")
+  flat = rows(x, mask)
+  squares = jnp.where(jnp.isfinite(flat), jnp.square(flat), 0.0)
+  return InputMoment(count=moment.count + row_count(x, mask),
+                     square_sum=moment.square_sum + jnp.sum(squares, axis=0))
 
 
 @jax.jit

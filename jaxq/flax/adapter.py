@@ -70,7 +70,9 @@ called on ``x`` of shape ``(*lead, in)``):
   the jitted calibration step over the API's statistics container.
 * ``act_states(stats) -> dict[str, state]`` and ``ranges_from(ranges)``:
   per-path observer states out of, and per-path ranges into, the API's
-  containers; ``act_ranges(stats)`` finalizes them by each rule.
+  containers; ``act_ranges(stats)`` finalizes them by each rule;
+  ``input_moments(stats)``: per-path `InputMoment` of the ``"mse"``
+  weights, for their data-aware range (`jaxq.flax.core`).
 * ``read(path, name, variables=None)`` / ``write(values, variables=None)``:
   any variable of a layer by name (``"kernel"``, ``"bias"``,
   ``"embedding"``, the learned ``"weight_scale"``...), the storage behind
@@ -87,6 +89,7 @@ from typing import Any, Callable, Collection, Mapping, Protocol, Sequence
 
 import jax
 
+from jaxq.algorithms.stats import InputMoment
 from jaxq.flax import batch as batch_lib
 from jaxq.flax import core
 from jaxq.flax import rules as rules_lib
@@ -253,6 +256,10 @@ class ModelAdapter(Protocol):
 
   def act_states(self, stats: Any) -> dict[str, Any]:
     """Path -> act observer state of a stats container."""
+
+  def input_moments(self, stats: Any) -> dict[str, InputMoment]:
+    """Path -> the `InputMoment` calibrate mode recorded for an ``"mse"``
+    weight (`jaxq.flax.core.INPUT_MOMENT`); {} for None."""
 
   def act_ranges(self, stats: Any) -> Any:
     """The ranges container, finalized by each layer's rule."""

@@ -30,6 +30,7 @@ from jaxq.flax import calibration_mask
 from jaxq.flax import serve_ops
 from jaxq.flax.core import ACT_SMOOTH
 from jaxq.flax.core import ACT_STATS
+from jaxq.flax.core import INPUT_MOMENT
 from jaxq.flax.core import WEIGHT_RANGE
 from jaxq.flax.core import WEIGHT_STATS
 from jaxq.flax.core import ActRange
@@ -39,7 +40,9 @@ from jaxq.flax.core import learned_act_shape
 from jaxq.flax.core import learned_name
 from jaxq.flax.core import learned_scale_shape
 from jaxq.flax.core import observe_act
+from jaxq.flax.core import observe_input_moment
 from jaxq.flax.core import observe_weight
+from jaxq.flax.core import records_input_moment
 from jaxq.flax.core import transform_act
 from jaxq.flax.core import transform_weight
 from jaxq.flax.core import weight_range
@@ -229,8 +232,14 @@ class LayerVariables(abc.ABC):
 
   def act(self, x: jax.Array) -> jax.Array | QArray:
     """The input for the layer's op (divided by its smoothing factors, if
-    any); records its statistics in calibrate mode."""
+    any); records its statistics in calibrate mode (an ``"mse"`` weight's
+    `InputMoment` too, see `jaxq.flax.core`)."""
     x = self.smoothed(x)
+    calibrating = self.quant.mode == "calibrate" and self.recording()
+    if calibrating and records_input_moment(self.quant):
+      self.put_stats(INPUT_MOMENT, observe_input_moment(
+          self.quant, self.get_stats(INPUT_MOMENT), x,
+          self._moment_mask(x.shape)))
     if self.quant.act is None:
       return x
     if self.quant.mode == "calibrate":
@@ -248,6 +257,15 @@ class LayerVariables(abc.ABC):
                                          spec)
     return self._switched(transform_act(
         self.quant, x, self.get_range() if self.quant.static_act else None), x)
+
+  def _moment_mask(self, shape: tuple[int, ...]) -> jax.Array | None:
+    try:
+      return calibration_mask.layer_mask(self.quant.path, shape)
+    except ValueError as e:
+      raise ValueError(
+          f"{e} (It records its input's E[x^2] for its weight's "
+          f"calibration='mse' range: give it calibration='max', or "
+          f"calibrate without the mask.)") from None
 
   def embed(self, table: jax.Array | QArray, ids: jax.Array) -> jax.Array:
     """An embedding lookup (weight-only); records the table's range."""

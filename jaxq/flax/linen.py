@@ -35,9 +35,11 @@ the original model's variables work unchanged in qat and calibrate mode):
   weight leaf is a `QArray` (serve mode also accepts float weights and
   quantizes them on the fly).
 * ``quant_stats`` (calibrate mode, ``mutable=["quant_stats"]``): per layer,
-  ``{"weight": max-observer state, "act": act-observer state}`` (``act``
-  only for static act specs). Created by the first calibrated batch, never
-  by ``init``.
+  ``{"weight": max-observer state, "act": act-observer state,
+  "input_moment": InputMoment}`` (``act`` only for static act specs,
+  ``input_moment`` only for ``calibration="mse"`` weights, see
+  `jaxq.flax.core`). Created by the first calibrated batch, never by
+  ``init``.
 * ``quant_ranges`` (read in qat and serve mode for static act specs): per
   layer, ``{"act": {"amax": a}}`` (plus ``"amin"`` for affine specs), as
   made by `jaxq.flax.act_ranges` or `jaxq.convert`.

@@ -20,6 +20,7 @@ from flax import nnx
 from flax import traverse_util
 
 from jaxq import calibration
+from jaxq.algorithms.stats import InputMoment
 from jaxq.flax import adapter as adapter_lib
 from jaxq.flax import batch as batch_lib
 from jaxq.flax import calibration_mask
@@ -55,20 +56,27 @@ def _mutable_node(tree: dict, path: str) -> dict:
   return node
 
 
-def _act_states(stats: Any) -> dict[str, Any]:
-  """"/"-joined path -> act observer state of a ``quant_stats`` tree."""
+def _layer_states(stats: Any, name: str, kinds: tuple[type, ...]
+                  ) -> dict[str, Any]:
+  """"/"-joined path -> the state ``name`` (of a type in ``kinds``) of each
+  layer of a ``quant_stats`` tree."""
   found = {}
 
   def visit(node: Any, path: tuple[str, ...]) -> None:
-    for name, child in node.items():
-      if name == core.ACT_STATS and isinstance(
-          child, (calibration.MaxState, calibration.HistogramState)):
+    for key, child in node.items():
+      if key == name and isinstance(child, kinds):
         found["/".join(path)] = child
       elif isinstance(child, Mapping):
-        visit(child, path + (name,))
+        visit(child, path + (key,))
 
   visit(stats, ())
   return found
+
+
+def _act_states(stats: Any) -> dict[str, Any]:
+  """"/"-joined path -> act observer state of a ``quant_stats`` tree."""
+  return _layer_states(stats, core.ACT_STATS,
+                       (calibration.MaxState, calibration.HistogramState))
 
 
 def _nonfinite_counts(stats: Any, paths: Sequence[str]) -> jax.Array:
@@ -369,6 +377,9 @@ class LinenAdapter:
 
   def act_states(self, stats: Any) -> dict[str, Any]:
     return _act_states(stats)
+
+  def input_moments(self, stats: Any) -> dict[str, InputMoment]:
+    return _layer_states(stats or {}, core.INPUT_MOMENT, (InputMoment,))
 
   def _check_ranges(self, what: str,
                     ranges: Mapping[str, core.ActRange]) -> None:

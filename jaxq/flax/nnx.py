@@ -30,9 +30,10 @@ Each quantized layer also carries:
 * ``jaxq_rngs``: with ``backward="int8"``, the ``nnx.Rngs`` given to
   `quantize_model` (one object shared by the layers), whose key rounds the
   gradient.
-* ``jaxq_weight_stats``, ``jaxq_act_stats``: `QuantStat` variables holding
-  observer states, created by the first calibrate-mode call
-  (``nnx.state(qmodel, QuantStat)`` collects them).
+* ``jaxq_weight_stats``, ``jaxq_act_stats``, ``jaxq_input_moment_stats``:
+  `QuantStat` variables holding observer states (the last an "mse"
+  weight's `InputMoment`, see `jaxq.flax.core`), created by the first
+  calibrate-mode call (``nnx.state(qmodel, QuantStat)`` collects them).
 * ``jaxq_act_range``: a `QuantRange` variable ``{"amax": ...}`` for a static
   act spec, loaded with ``nnx.update(qmodel, jaxq.flax.act_ranges(...))`` or
   from `jaxq.convert`'s state.

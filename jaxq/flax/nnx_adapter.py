@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxq import calibration
+from jaxq.algorithms.stats import InputMoment
 from jaxq.flax import adapter as adapter_lib
 from jaxq.flax import batch as batch_lib
 from jaxq.flax import calibration_mask
@@ -36,6 +37,7 @@ from jaxq.flax.rules import LayerInfo
 
 _WHAT = "jaxq"
 _ACT_STATS = f"jaxq_{core.ACT_STATS}_stats"
+_INPUT_MOMENT = f"jaxq_{core.INPUT_MOMENT}_stats"
 _ACT_RANGE = "jaxq_act_range"
 
 
@@ -71,9 +73,14 @@ def _counting(model: nnx.Module,
   return model
 
 
-def _act_states(stats: nnx.State) -> dict[str, Any]:
+def _layer_states(stats: nnx.State, attribute: str) -> dict[str, Any]:
+  """"/"-joined path -> the `QuantStat` ``attribute`` of each layer."""
   return {"/".join(map(str, path[:-1])): var.get_value()
-          for path, var in nnx.to_flat_state(stats) if path[-1] == _ACT_STATS}
+          for path, var in nnx.to_flat_state(stats) if path[-1] == attribute}
+
+
+def _act_states(stats: nnx.State) -> dict[str, Any]:
+  return _layer_states(stats, _ACT_STATS)
 
 
 def _nonfinite_counts(stats: nnx.State, paths: Sequence[str]) -> jax.Array:
@@ -367,6 +374,9 @@ class NnxAdapter:
 
   def act_states(self, stats: Any) -> dict[str, Any]:
     return _act_states(stats)
+
+  def input_moments(self, stats: Any) -> dict[str, InputMoment]:
+    return {} if stats is None else _layer_states(stats, _INPUT_MOMENT)
 
   def _check_ranges(self, what: str,
                     ranges: Mapping[str, core.ActRange]) -> None:

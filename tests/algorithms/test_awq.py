@@ -106,6 +106,22 @@ def test_clipping_never_loses_per_scale(spec):
   assert np.all(clipped.clip_ratio <= 1.0) and np.all(clipped.clip_ratio >= 0.5)
 
 
+def test_mse_range_weighs_the_scaled_inputs_second_moment():
+  """Without clipping, an "mse" spec searches the output error's diagonal
+  (each squared error times the scaled input's E[x^2]), not the weight's."""
+  x, w = salient_problem(seed=2)
+  spec = QuantSpec("int4", PerChannel(-1), calibration="mse")
+  result = awq(w, stats_of(x), spec, num_exponents=5)
+  scaled = scale_kernel(jnp.asarray(w), result.factors)
+  moment = np.sum(x.astype(np.float64) ** 2, axis=0) / np.square(
+      np.asarray(result.factors, np.float64))
+  _, weighted = jaxq.algorithms.weight_range(
+      scaled, spec, error_weight=jnp.asarray(moment, jnp.float32)[:, None])
+  np.testing.assert_allclose(result.amax, weighted, rtol=1e-6)
+  _, plain = jaxq.algorithms.weight_range(scaled, spec)
+  assert not np.allclose(result.amax, plain)
+
+
 def test_block_output_error_sums_to_the_output_error():
   x, w = salient_problem(seed=2)
   diff = np.random.default_rng(0).normal(size=w.shape).astype(np.float32)
