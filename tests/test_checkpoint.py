@@ -83,6 +83,9 @@ CASES = {
                          QuantSpec("int8", PerToken(contraction_axis=(2, 3)))),
     "int8-group": ((16, 6), QuantSpec("int8", PerGroup(0, 4))),
     "int8-block": ((8, 12), QuantSpec("int8", PerBlock((4, 4)))),
+    # Ragged: the last group (block) is shorter; scales ceil(d / size).
+    "int4-ragged-group": ((20, 3), QuantSpec("int4", PerGroup(0, 8))),
+    "int8-ragged-block": ((10, 7), QuantSpec("int8", PerBlock((4, 3)))),
     "int8-affine": ((8, 6), QuantSpec("int8", PerChannel(0), symmetric=False)),
     "uint8-affine": ((8, 6), QuantSpec("uint8", PerGroup(-1, 3),
                                        symmetric=False)),
