@@ -164,7 +164,7 @@ def _pad_ragged_groups(op: str, lhs: _Operand, rhs: _Operand,
     size = layout.lhs_shape[la]
     unit = max((g for g in (_group(lhs, la), _group(rhs, ra))
                 if g is not None), default=size)
-    if size % unit:
+    if size and size % unit:
       lhs_lengths[la] = rhs_lengths[ra] = -(-size // unit) * unit
   if not lhs_lengths:
     return lhs, rhs, layout

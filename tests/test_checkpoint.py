@@ -518,8 +518,11 @@ def _set_spec(name: str, **fields) -> Callable[[dict[str, Any]], None]:
 @pytest.mark.parametrize("name, fields, message", [
     ("params/a", {"granularity": {"type": "PerTensor"}},
      r"scale has shape \(1, 6\) but PerTensor\(\) .* needs \(1, 1\)"),
+    # A group of 3 on 8 rows is ragged (scales (3, 6)); an MX block is not.
     ("params/a", {"granularity": {"type": "PerGroup", "axis": 0,
                                   "size": 3}},
+     r"scale has shape \(1, 6\) .* needs \(3, 6\)"),
+    ("params/a", {"granularity": {"type": "MX", "axis": 0, "size": 3}},
      "the granularity does not fit values of shape"),
     ("params/a", {"format": "float8_e4m3fn"},
      "values are int8 but the spec's format is float8_e4m3fn"),
