@@ -20,7 +20,6 @@ import numpy as np
 from jax import lax
 
 from jaxq.operand import _accumulation_dtype
-from jaxq.operand import _broadcast_blocks
 from jaxq.operand import _Operand
 from jaxq.operand import _operand
 from jaxq.operand import _output_dtype
@@ -45,10 +44,10 @@ def _conv_scale(op: str, side: str, operand: _Operand, kept_axis: int,
           f"{kept_axis}).")
 
 
-def _to_conv_output(x: Array, axis: int, size: int, out_axis: int,
-                    out_ndim: int) -> Array:
-  """Places a per-axis scale (size 1 or ``size``) on ``out_axis``."""
-  x = _broadcast_blocks(x, [size if a == axis else 1 for a in range(x.ndim)])
+def _to_conv_output(x: Array, axis: int, out_axis: int, out_ndim: int
+                    ) -> Array:
+  """Places a per-axis scale (size 1 or the axis' size, 1 on every other
+  axis: `_conv_scale`) on ``out_axis``."""
   shape = [1] * out_ndim
   shape[out_axis] = x.shape[axis]
   return x.reshape(shape)
@@ -113,16 +112,12 @@ def conv(lhs: Operand, rhs: Operand, window_strides: Sequence[int],
     ones_shape[lhs_batch] = 1
     window_sums = convolve(jnp.ones(ones_shape, lop.values.dtype),
                            accumulation)
-    zero_point = _to_conv_output(lop.zero_point, lhs_batch,
-                                 lop.values.shape[lhs_batch], out_batch,
+    zero_point = _to_conv_output(lop.zero_point, lhs_batch, out_batch,
                                  out_ndim)
     acc = acc - zero_point * window_sums
   out = acc.astype(jnp.float32)
   if lop.scale is not None:
-    out = out * _to_conv_output(lop.scale, lhs_batch,
-                                lop.values.shape[lhs_batch], out_batch,
-                                out_ndim)
+    out = out * _to_conv_output(lop.scale, lhs_batch, out_batch, out_ndim)
   if rop.scale is not None:
-    out = out * _to_conv_output(rop.scale, rhs_out, rop.values.shape[rhs_out],
-                                out_feature, out_ndim)
+    out = out * _to_conv_output(rop.scale, rhs_out, out_feature, out_ndim)
   return out.astype(out_dtype)

@@ -2,9 +2,16 @@
 
 `_dot_layout` validates ``((lhs_contract, rhs_contract), (lhs_batch,
 rhs_batch))`` and finds, per contraction pair of size ``d``, the group size
-``g``: the finer of the two sides' scale block sizes along it (one must
-divide the other), so the pair splits into ``d / g`` groups (1 when both
-scales are constant along it).
+``g``: the finer of the two sides' block sizes along it where their scales
+vary (one must divide the other), so the pair splits into ``ceil(d / g)``
+groups (1 when both scales are constant along it).
+
+`_pad_ragged_groups` makes every group whole when a group size does not
+divide ``d`` (a ragged last group, `jaxq.granularity`): it pads the pair on
+both sides up to a multiple of the coarser group, the values with their
+zero point (0 when symmetric), so each padded element contributes ``(a -
+z_a)(b - z_b) = 0``, and the scales with their last group's; from then on
+every contraction splits exactly.
 
 `_grouped_dot` splits each grouped contraction axis into ``(d / g, g)``,
 runs one low-bit ``lax.dot_general`` with the groups as batch dimensions,
@@ -119,18 +126,82 @@ def _dot_layout(op: str, lhs: _Operand, rhs: _Operand,
   groups = []
   for la, ra in zip(lc, rc):
     size = lshape[la]
-    lgroup = size // (1 if lhs.scale is None else lhs.scale.shape[la])
-    rgroup = size // (1 if rhs.scale is None else rhs.scale.shape[ra])
-    fine, coarse = sorted((lgroup, rgroup))
-    if coarse % fine:
+    lgroup, rgroup = _group(lhs, la), _group(rhs, ra)
+    varying = [g for g in (lgroup, rgroup) if g is not None]
+    if len(varying) == 2 and max(varying) % min(varying):
       raise ValueError(
           f"{op}: the scales split contraction axis of size {size} into "
           f"groups of {lgroup} (lhs axis {la}, scale shape "
           f"{tuple(lhs.scale.shape)}) and of {rgroup} (rhs axis {ra}, scale "
           f"shape {tuple(rhs.scale.shape)}); one group size must divide the "
           f"other.")
-    groups.append(size // fine)
+    groups.append(-(-size // min(varying)) if varying else 1)
   return _DotLayout(lshape, rshape, lc, rc, lb, rb, tuple(groups))
+
+
+def _group(operand: _Operand, axis: int) -> int | None:
+  """Elements per scale along ``axis`` where the scale varies along it (the
+  last group may be shorter), None where it is constant."""
+  if operand.scale is None or operand.scale.shape[axis] == 1:
+    return None
+  return operand.blocks[axis]
+
+
+def _pad_ragged_groups(op: str, lhs: _Operand, rhs: _Operand,
+                       layout: _DotLayout,
+                       dimension_numbers: DotDimensionNumbers
+                       ) -> tuple[_Operand, _Operand, _DotLayout]:
+  """Pads every contraction pair to a whole number of its coarser groups.
+
+  A pair of size ``d`` whose coarsest varying group ``g`` does not divide
+  it grows to ``ceil(d / g) * g`` on both sides (`_pad_contraction`); the
+  padding multiplies to exactly 0, so the result is unchanged while every
+  group, scale and chunk after this is whole. Returns the operands and
+  their layout, as given when nothing is ragged.
+  """
+  lhs_lengths, rhs_lengths = {}, {}
+  for la, ra in zip(layout.lhs_contract, layout.rhs_contract):
+    size = layout.lhs_shape[la]
+    unit = max((g for g in (_group(lhs, la), _group(rhs, ra))
+                if g is not None), default=size)
+    if size and size % unit:
+      lhs_lengths[la] = rhs_lengths[ra] = -(-size // unit) * unit
+  if not lhs_lengths:
+    return lhs, rhs, layout
+  for axis, length in lhs_lengths.items():
+    lhs = _pad_contraction(lhs, axis, length)
+  for axis, length in rhs_lengths.items():
+    rhs = _pad_contraction(rhs, axis, length)
+  return lhs, rhs, _dot_layout(op, lhs, rhs, dimension_numbers)
+
+
+def _pad_contraction(operand: _Operand, axis: int, length: int) -> _Operand:
+  """``operand`` padded along ``axis`` to ``length`` elements: the values
+  with the zero point of the last group (0 when symmetric), so that ``a -
+  z_a = 0`` there, and a varying scale and zero point with their last
+  group's, one entry per (whole) block."""
+  values = operand.values
+  pad = length - values.shape[axis]
+  pad_shape = tuple(pad if a == axis else d
+                    for a, d in enumerate(values.shape))
+  if operand.zero_point is None:
+    fill = jnp.zeros(pad_shape, values.dtype)
+  else:
+    last = lax.slice_in_dim(operand.zero_point, -1, None, axis=axis)
+    fill = jnp.broadcast_to(
+        _broadcast_blocks(last, operand.blocks, pad_shape),
+        pad_shape).astype(values.dtype)
+
+  def extend(t: Array | None) -> Array | None:
+    if t is None or t.shape[axis] == 1:
+      return t
+    extra = length // operand.blocks[axis] - t.shape[axis]
+    return jnp.pad(t, [(0, extra if a == axis else 0) for a in range(t.ndim)],
+                   mode="edge")
+
+  return dataclasses.replace(
+      operand, values=jnp.concatenate([values, fill], axis=axis),
+      scale=extend(operand.scale), zero_point=extend(operand.zero_point))
 
 
 def _split_groups(x: Array, layout: _DotLayout, lhs: bool
@@ -154,17 +225,22 @@ def _split_groups(x: Array, layout: _DotLayout, lhs: bool
   return x.reshape(new_shape), batch_axes, group_axes, contract_axes
 
 
-def _to_output_layout(x: Array, layout: _DotLayout, lhs: bool) -> Array:
+def _to_output_layout(x: Array, blocks: Sequence[int], layout: _DotLayout,
+                      lhs: bool) -> Array:
   """Lays out a scale-like array of one side like the grouped matmul output.
 
-  ``x`` has the operand's rank, size 1 or the group count on contraction
-  axes and size 1, a divisor or the full size elsewhere. The result
+  ``x`` has the operand's rank: on contraction axes size 1 or a group
+  count dividing the layout's; elsewhere size 1, the full size, or one
+  entry per block of ``blocks`` (the side's block shape). The result
   broadcasts against (batch..., groups..., lhs free..., rhs free...).
   """
   shape, contract, batch, free = layout.side(lhs)
   num_groups = dict(zip(contract, layout.groups))
   target = [num_groups.get(a, d) for a, d in enumerate(shape)]
-  x = _broadcast_blocks(x, target)
+  # A coarser side's group spans target // size of the layout's groups.
+  repeats = [target[a] // size if a in num_groups and size else b
+             for a, (size, b) in enumerate(zip(x.shape, blocks))]
+  x = _broadcast_blocks(x, repeats, target)
   grouped = tuple(a for a in contract if num_groups[a] > 1)
   ungrouped = tuple(a for a in contract if num_groups[a] == 1)
   x = jnp.transpose(x, batch + grouped + free + ungrouped)
@@ -199,7 +275,8 @@ def _grouped_dot(lhs: _Operand, rhs: _Operand, layout: _DotLayout) -> Array:
   out = acc.astype(jnp.float32)
   for side, operand in ((True, lhs), (False, rhs)):
     if operand.scale is not None:
-      out = out * _to_output_layout(operand.scale, layout, lhs=side)
+      out = out * _to_output_layout(operand.scale, operand.blocks, layout,
+                                    lhs=side)
   if not layout.num_grouped:
     return out
   first = len(layout.lhs_batch)
@@ -211,13 +288,15 @@ def _zero_point_correction(lhs: _Operand, rhs: _Operand, layout: _DotLayout
   """``z_a sum b + z_b sum a - g z_a z_b`` per group, in int32."""
   terms = []
   if lhs.zero_point is not None:
-    lzero = _to_output_layout(lhs.zero_point, layout, lhs=True)
+    lzero = _to_output_layout(lhs.zero_point, lhs.blocks, layout, lhs=True)
     terms.append(lzero * _to_output_layout(
-        _contraction_sums(rhs.values, layout, lhs=False), layout, lhs=False))
+        _contraction_sums(rhs.values, layout, lhs=False),
+        (1,) * rhs.values.ndim, layout, lhs=False))
   if rhs.zero_point is not None:
-    rzero = _to_output_layout(rhs.zero_point, layout, lhs=False)
+    rzero = _to_output_layout(rhs.zero_point, rhs.blocks, layout, lhs=False)
     terms.append(rzero * _to_output_layout(
-        _contraction_sums(lhs.values, layout, lhs=True), layout, lhs=True))
+        _contraction_sums(lhs.values, layout, lhs=True),
+        (1,) * lhs.values.ndim, layout, lhs=True))
   if lhs.zero_point is not None and rhs.zero_point is not None:
     group_size = math.prod(layout.lhs_shape[a] // n for a, n in
                            zip(layout.lhs_contract, layout.groups))

@@ -115,7 +115,8 @@ def _reduce_to_scale(spec: QuantSpec, shape: tuple[int, ...],
                      per_element: jax.Array) -> jax.Array:
   blocks = spec.granularity.block_shape(shape)
   return granularity_lib.block_reduce(
-      granularity_lib.merge_blocks(per_element, shape), blocks, jnp.sum)
+      granularity_lib.merge_blocks(per_element, shape), blocks, jnp.sum,
+      fill=0.0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
@@ -177,7 +178,8 @@ def _check(x: jax.Array, spec: QuantSpec, fn: str) -> jax.Array:
 
 
 def numel_per_scale(spec: QuantSpec, shape: tuple[int, ...]) -> int:
-  """How many elements of an array of ``shape`` share one scale."""
+  """How many elements of an array of ``shape`` share one scale (a whole
+  block; a ragged last block holds fewer)."""
   return math.prod(spec.granularity.block_shape(tuple(shape)))
 
 

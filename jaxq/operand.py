@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax import lax
 
 from jaxq.spec import QArray, check_qarray
 
@@ -50,6 +51,10 @@ class _Operand:
     zero_point: int32 of the scale's shape, or None (integer kinds only).
     kind: ``"int"``, ``"fp8"`` or ``"float"``.
     name: the format, for error messages.
+    blocks: the block shape of the scale (`jaxq.granularity`): along an
+      axis where the scale varies, entry ``j`` covers elements ``[j * b,
+      (j + 1) * b)``, the last block cut short at the axis' end. None
+      without a scale.
   """
 
   values: Array
@@ -57,26 +62,12 @@ class _Operand:
   zero_point: Array | None
   kind: str
   name: str
-
-
-def _check_qarray(op: str, side: str, qa: QArray) -> None:
-  shape, scale_shape = qa.shape, tuple(qa.scale.shape)
-  if len(scale_shape) != len(shape) or any(
-      d % s for d, s in zip(shape, scale_shape)):
-    raise ValueError(
-        f"{op}: {side} QArray has values of shape {shape} and a scale of shape "
-        f"{scale_shape}; the scale must have the same rank and each of its "
-        f"sizes must divide the values' size on that axis.")
-  if qa.zero_point is not None and tuple(qa.zero_point.shape) != scale_shape:
-    raise ValueError(
-        f"{op}: {side} QArray has a zero point of shape "
-        f"{tuple(qa.zero_point.shape)} but a scale of shape {scale_shape}.")
+  blocks: tuple[int, ...] | None
 
 
 def _operand(op: str, side: str, x: Operand) -> _Operand:
   """Converts a QArray or a float array into an `_Operand`."""
   if isinstance(x, QArray):
-    _check_qarray(op, side, x)
     check_qarray(x, op, side)
     values = x.values
     zero_point = (None if x.zero_point is None
@@ -89,14 +80,15 @@ def _operand(op: str, side: str, x: Operand) -> _Operand:
                                               values.dtype))
     kind = "int" if x.spec.fmt.kind == "int" else "fp8"
     return _Operand(values, x.scale.astype(jnp.float32), zero_point, kind,
-                    x.spec.format)
+                    x.spec.format,
+                    x.spec.granularity.block_shape(tuple(x.shape)))
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(
         f"{op}: {side} must be a QArray or a floating-point array, got dtype "
         f"{x.dtype} with shape {tuple(x.shape)}; quantize integer data with "
         f"jaxq.quantize first.")
-  return _Operand(x, None, None, "float", str(x.dtype))
+  return _Operand(x, None, None, "float", str(x.dtype), None)
 
 
 def _as_float(qa: _Operand, dtype: np.dtype, constant_axes: Sequence[int]
@@ -112,22 +104,31 @@ def _as_float(qa: _Operand, dtype: np.dtype, constant_axes: Sequence[int]
     if qa.zero_point is not None:
       # |values - zero_point| <= 255 is exact in every float dtype.
       values = (values.astype(jnp.int32) -
-                _broadcast_blocks(qa.zero_point, values.shape))
-    return _Operand(values.astype(dtype), qa.scale, None, "float", qa.name)
+                _broadcast_blocks(qa.zero_point, qa.blocks, values.shape))
+    return _Operand(values.astype(dtype), qa.scale, None, "float", qa.name,
+                    qa.blocks)
   shape = tuple(qa.values.shape)
   values = qa.values.astype(jnp.float32)
   if qa.zero_point is not None:
-    values = values - _broadcast_blocks(qa.zero_point, shape).astype(
-        jnp.float32)
-  values = values * _broadcast_blocks(qa.scale, shape)
-  return _Operand(values.astype(dtype), None, None, "float", qa.name)
+    values = values - _broadcast_blocks(qa.zero_point, qa.blocks,
+                                        shape).astype(jnp.float32)
+  values = values * _broadcast_blocks(qa.scale, qa.blocks, shape)
+  return _Operand(values.astype(dtype), None, None, "float", qa.name, None)
 
 
-def _broadcast_blocks(x: Array, shape: Sequence[int]) -> Array:
-  """Repeats a keepdims scale to the size of each of its blocked axes."""
-  for axis, (size, target) in enumerate(zip(x.shape, shape)):
+def _broadcast_blocks(x: Array, blocks: Sequence[int], shape: Sequence[int]
+                      ) -> Array:
+  """Repeats a keepdims scale (or zero point) to ``shape``.
+
+  Along each axis where ``x`` varies (size neither 1 nor the target's),
+  each entry is repeated ``blocks[axis]`` times and the result cut at the
+  target size, which drops the padding of a ragged last block.
+  """
+  for axis, (size, block, target) in enumerate(zip(x.shape, blocks, shape)):
     if size not in (1, target):
-      x = jnp.repeat(x, target // size, axis=axis)
+      x = jnp.repeat(x, block, axis=axis)
+      if x.shape[axis] != target:
+        x = lax.slice_in_dim(x, 0, target, axis=axis)
   return x
 
 

@@ -14,7 +14,9 @@ reference) up to float32 rounding, but multiplies the stored low-bit values:
 * Scales that vary along the contraction (G, B, MX and pairings such as
   T-CG or K-G) split each contraction axis of size ``d`` into
   ``(d / g, g)`` with ``g`` the finer of the two sides' group sizes (one
-  must divide the other). Each group's partial sum is scaled and the
+  must divide the other). A ragged last group (``g`` not dividing ``d``)
+  is first padded to whole groups with elements that multiply to 0 (the
+  values' zero point). Each group's partial sum is scaled and the
   groups are summed in float32: for a (m, k) x (k, n) matmul,
   ``out[m, n] = sum_j acc[j, m, n] * s_lhs[m, j] * s_rhs[j, n]``. Small
   products compute every ``acc[j]`` at once (the groups become a batch
@@ -54,6 +56,7 @@ from jaxq.grouped_dot import _chunked_dot
 from jaxq.grouped_dot import _dot_layout
 from jaxq.grouped_dot import _grouped_dot
 from jaxq.grouped_dot import _normalize_axes
+from jaxq.grouped_dot import _pad_ragged_groups
 from jaxq.grouped_dot import DotDimensionNumbers
 from jaxq.operand import _operand
 from jaxq.operand import _output_dtype
@@ -95,6 +98,8 @@ def dot_general(lhs: Operand, rhs: Operand,
   rc = _normalize_axes(op, "rhs", rc, rop.values.shape)
   lop, rop = _resolve_kinds(op, lop, rop, lc, rc)
   layout = _dot_layout(op, lop, rop, dimension_numbers)
+  lop, rop, layout = _pad_ragged_groups(op, lop, rop, layout,
+                                        dimension_numbers)
   plan = _chunk_plan(lop, rop, layout)
   if plan is None:
     return _grouped_dot(lop, rop, layout).astype(out_dtype)

@@ -348,7 +348,9 @@ def quantize(x: jax.Array, spec: QuantSpec, *, amax: jax.Array | None = None,
 
   Raises:
     ValueError: for integer input, when the granularity does not fit
-      ``x.shape`` (axis out of range, size not dividing the axis), or for
+      ``x.shape`` (axis out of range, an MX block size not dividing the
+      axis; a group or block size that does not divide leaves a shorter
+      last group, see `jaxq.granularity`), or for
       an invalid concrete range (`jaxq.check_range`; a static range of 0
       everywhere raises a `ZeroRangeError`). Traced invalid ranges give
       NaN.

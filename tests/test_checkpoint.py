@@ -83,6 +83,9 @@ CASES = {
                          QuantSpec("int8", PerToken(contraction_axis=(2, 3)))),
     "int8-group": ((16, 6), QuantSpec("int8", PerGroup(0, 4))),
     "int8-block": ((8, 12), QuantSpec("int8", PerBlock((4, 4)))),
+    # Ragged: the last group (block) is shorter; scales ceil(d / size).
+    "int4-ragged-group": ((20, 3), QuantSpec("int4", PerGroup(0, 8))),
+    "int8-ragged-block": ((10, 7), QuantSpec("int8", PerBlock((4, 3)))),
     "int8-affine": ((8, 6), QuantSpec("int8", PerChannel(0), symmetric=False)),
     "uint8-affine": ((8, 6), QuantSpec("uint8", PerGroup(-1, 3),
                                        symmetric=False)),
@@ -515,8 +518,11 @@ def _set_spec(name: str, **fields) -> Callable[[dict[str, Any]], None]:
 @pytest.mark.parametrize("name, fields, message", [
     ("params/a", {"granularity": {"type": "PerTensor"}},
      r"scale has shape \(1, 6\) but PerTensor\(\) .* needs \(1, 1\)"),
+    # A group of 3 on 8 rows is ragged (scales (3, 6)); an MX block is not.
     ("params/a", {"granularity": {"type": "PerGroup", "axis": 0,
                                   "size": 3}},
+     r"scale has shape \(1, 6\) .* needs \(3, 6\)"),
+    ("params/a", {"granularity": {"type": "MX", "axis": 0, "size": 3}},
      "the granularity does not fit values of shape"),
     ("params/a", {"format": "float8_e4m3fn"},
      "values are int8 but the spec's format is float8_e4m3fn"),

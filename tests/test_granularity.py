@@ -2,8 +2,9 @@
 
 Each granularity is checked against block shapes written out by hand for a
 few array shapes, and `block_reduce` against a NumPy reference that slices
-every block explicitly. Bad configurations must raise a ValueError naming the
-shape, the axis and the size.
+every block explicitly, ragged last blocks (a size that does not divide its
+axis) included. Bad configurations must raise a ValueError naming the shape,
+the axis and the size.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ BLOCK_CASES = [
     (PerBlock(shape=(2, 2), axes=(0, 2)), (4, 3, 6), (2, 1, 2)),
     (MX(), (4, 64), (1, 32)),
     (MX(axis=0, size=32), (64, 4), (32, 1)),
+    # Ragged: the last group (block) is shorter.
+    (PerGroup(axis=0, size=8), (20, 3), (8, 1)),
+    (PerGroup(axis=-1, size=5), (4, 16), (1, 5)),
+    (PerGroup(axis=1, size=3), (2, 7, 2), (1, 3, 1)),
+    (PerBlock(shape=(3, 4)), (8, 10), (3, 4)),
+    # A group beyond its axis is the whole axis.
+    (PerGroup(axis=-1, size=32), (2, 20), (1, 20)),
+    (PerBlock(shape=(4, 16)), (6, 8), (4, 8)),
 ]
 
 
@@ -48,8 +57,9 @@ def _case_id(case) -> str:
 
 def _reference_block_reduce(x: np.ndarray, blocks: tuple[int, ...],
                             reducer) -> np.ndarray:
-  """Reduces every block by slicing it out, one block at a time."""
-  out_shape = tuple(d // b for d, b in zip(x.shape, blocks))
+  """Reduces every block by slicing it out, one block at a time (a ragged
+  last block is its own, shorter slice)."""
+  out_shape = tuple(-(-d // b) for d, b in zip(x.shape, blocks))
   out = np.empty(out_shape, x.dtype)
   for index in np.ndindex(*out_shape):
     block = x[tuple(slice(i * b, (i + 1) * b) for i, b in zip(index, blocks))]
@@ -62,7 +72,7 @@ def test_block_and_scale_shape(case):
   granularity, shape, blocks = case
   assert granularity.block_shape(shape) == blocks
   assert gl.scale_shape(granularity, shape) == tuple(
-      d // b for d, b in zip(shape, blocks))
+      -(-d // b) for d, b in zip(shape, blocks))
 
 
 @pytest.mark.parametrize("case", BLOCK_CASES, ids=_case_id)
@@ -71,8 +81,9 @@ def test_block_and_scale_shape(case):
 def test_block_reduce_matches_reference(case, reducer):
   granularity, shape, blocks = case
   x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+  # A sum pads a ragged block with zeros; max and min repeat its last element.
   got = gl.block_reduce(jnp.asarray(x), granularity.block_shape(shape),
-                        reducer)
+                        reducer, fill=0.0 if reducer is jnp.sum else None)
   np_reducer = {jnp.max: np.max, jnp.min: np.min, jnp.sum: np.sum}[reducer]
   want = _reference_block_reduce(x, blocks, np_reducer)
   assert got.shape == want.shape
@@ -92,6 +103,7 @@ def test_split_scale_broadcasts_each_block_onto_its_elements(case):
   want = tags
   for axis, b in enumerate(blocks):
     want = np.repeat(want, b, axis=axis)
+  want = want[tuple(slice(0, d) for d in shape)]
   np.testing.assert_array_equal(np.asarray(expanded), want)
 
 
@@ -123,16 +135,25 @@ def test_granularities_are_hashable_values():
     assert isinstance(g, gl.Granularity)
 
 
+def test_scale_shape_of_ragged_groups_is_the_ceiling():
+  # SmolLM2's 576 inputs in groups of 128: four groups of 128, one of 64.
+  assert gl.scale_shape(PerGroup(axis=0, size=128), (576, 1536)) == (5, 1536)
+  assert gl.scale_shape(PerGroup(axis=0, size=64), (576, 1536)) == (9, 1536)
+  assert gl.scale_shape(PerBlock((128, 128)), (576, 200)) == (5, 2)
+  x = jnp.arange(20, dtype=jnp.float32)[:, None] - 10.0
+  amax = gl.block_reduce(jnp.abs(x), (8, 1))
+  np.testing.assert_array_equal(np.asarray(amax)[:, 0], [10.0, 5.0, 9.0])
+
+
 @pytest.mark.parametrize(
     "granularity,shape,axis,size",
-    [(PerGroup(axis=-1, size=5), (4, 16), 1, 5),
-     (PerGroup(axis=0, size=3), (4, 16), 0, 3),
-     (MX(axis=-1, size=32), (4, 48), 1, 32),
-     (PerBlock(shape=(3, 4)), (8, 8), 0, 3),
-     (PerBlock(shape=(4, 3)), (8, 8), 1, 3)])
-def test_size_not_dividing_axis_names_shape_axis_and_size(
+    [(MX(axis=-1, size=32), (4, 48), 1, 32),
+     (MX(axis=0, size=32), (16, 4), 0, 32),
+     (MX(axis=1, size=8), (2, 20, 3), 1, 8)])
+def test_mx_size_not_dividing_axis_names_shape_axis_and_size(
     granularity, shape, axis, size):
-  with pytest.raises(ValueError) as info:
+  # An OCP MX block is whole: no ragged last block.
+  with pytest.raises(ValueError, match="MX block is whole") as info:
     granularity.block_shape(shape)
   message = str(info.value)
   assert f"size {size}" in message

@@ -46,14 +46,18 @@ _quantize = jax.jit(jaxq.quantize, static_argnums=1)
 
 
 def _dequantize64(x: QArray | jax.Array) -> np.ndarray:
-  """(values - zero_point) * scale in float64, scales expanded by repeat."""
+  """(values - zero_point) * scale in float64, scales expanded by repeat
+  (each entry over its block of the spec's block shape)."""
   if not isinstance(x, QArray):
     return np.asarray(x).astype(np.float64)
   values = np.asarray(x.values).astype(np.float64)
+  blocks = x.spec.granularity.block_shape(values.shape)
 
   def expand(t: np.ndarray) -> np.ndarray:
-    for axis, size in enumerate(t.shape):
-      t = np.repeat(t, values.shape[axis] // size, axis=axis)
+    # Each entry covers its block; a ragged last block is cut at the end.
+    for axis, (size, b) in enumerate(zip(t.shape, blocks)):
+      t = np.repeat(t, b, axis=axis)[(slice(None),) * axis +
+                                     (slice(0, values.shape[axis]),)]
     return t
 
   scale = expand(np.asarray(x.scale).astype(np.float64))
@@ -166,6 +170,68 @@ def test_dot_general_any_group_sizes(lhs_group, rhs_group, m, n, seed):
   else:
     _assert_close(matmul(lhs, rhs, MATMUL),
                   _dequantize64(lhs) @ _dequantize64(rhs))
+
+
+# (name, lhs spec, rhs spec) for a (5, 20) x (20, 7) matmul whose groups
+# (and blocks) do not divide the axes: the last one is shorter.
+RAGGED = [
+    ("K-G", _int8(PerToken()), _int8(PerGroup(0, 8))),
+    ("K-G int4", _int8(PerToken()), QuantSpec("int4", PerGroup(0, 8))),
+    ("G-G", _int8(PerGroup(-1, 8)), _int8(PerGroup(0, 8))),
+    ("G-G finer lhs", _int8(PerGroup(-1, 4)), _int8(PerGroup(0, 8))),
+    ("G-G finer rhs", _int8(PerGroup(-1, 16)), _int8(PerGroup(0, 8))),
+    ("G-B", _int8(PerGroup(-1, 8)), _int8(PerBlock((8, 3)))),
+    ("B-B", _int8(PerBlock((2, 8))), _int8(PerBlock((16, 3)))),
+    ("T-CG", _int8(PerTensor()), _int8(PerGroup(0, 6))),
+    ("affine uint8 G x G", QuantSpec("uint8", PerGroup(-1, 8),
+                                     symmetric=False),
+     _int8(PerGroup(0, 4))),
+    ("affine x affine", QuantSpec("uint8", PerTensor(), symmetric=False),
+     QuantSpec("uint8", PerGroup(0, 8), symmetric=False)),
+    ("fp8 G-G", QuantSpec("float8_e4m3fn", PerGroup(-1, 8)),
+     QuantSpec("float8_e4m3fn", PerGroup(0, 8))),
+]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["batched", "chunked"])
+@pytest.mark.parametrize("lhs_spec, rhs_spec", [p[1:] for p in RAGGED],
+                         ids=[p[0] for p in RAGGED])
+def test_dot_general_ragged_groups(monkeypatch, lhs_spec, rhs_spec, chunked):
+  """Groups of 8 on a contraction of 20 (8 + 8 + 4): the low-bit matmul
+  equals the float matmul of the dequantized operands, batched or in a loop
+  over chunks of groups."""
+  lhs = _quantize(_random(14, (5, 20)), lhs_spec)
+  rhs = _quantize(_random(15, (20, 7)), rhs_spec)
+  if chunked:
+    monkeypatch.setattr(jaxq.grouped_dot, "MAX_GROUPED_ELEMENTS", 5 * 7)
+  matmul = lambda a, b: jaxq.dot_general(a, b, MATMUL)
+  assert _loops(matmul, lhs, rhs) == chunked
+  _assert_close(jax.jit(matmul)(lhs, rhs),
+                _dequantize64(lhs) @ _dequantize64(rhs))
+  fp8 = lhs_spec.fmt.kind == "float"
+  _assert_low_bit(matmul, lhs, rhs, operand_dtypes=FP8 if fp8 else {INT8},
+                  result_dtype=FLOAT32 if fp8 else INT32)
+
+
+def test_dot_general_g128_on_576_inputs():
+  """SmolLM2's "g128": 576 inputs are four groups of 128 and one of 64, for
+  a weight and for a grouped activation (G-G), and weight-only."""
+  x = _random(16, (3, 576))
+  w = _quantize(_random(17, (576, 24)), QuantSpec("int4", PerGroup(0, 128)))
+  assert w.scale.shape == (5, 24)
+  for lhs in (_quantize(x, _int8(PerToken())),
+              _quantize(x, _int8(PerGroup(-1, 128))), x):
+    _assert_close(jax.jit(jaxq.dot_general, static_argnums=2)(lhs, w, MATMUL),
+                  _dequantize64(lhs) @ _dequantize64(w))
+
+
+def test_einsum_ragged_groups_with_batch_axes():
+  # Attention scores grouped along a head_dim of 20 in groups of 8.
+  q = _quantize(_random(18, (2, 3, 5, 20)), _int8(PerGroup(-1, 8)))
+  k = _quantize(_random(19, (2, 3, 4, 20)), _int8(PerGroup(-1, 16)))
+  out = jax.jit(functools.partial(jaxq.einsum, "bhtd,bhsd->bhts"))(q, k)
+  _assert_close(out, np.einsum("bhtd,bhsd->bhts", _dequantize64(q),
+                               _dequantize64(k)))
 
 
 GROUPED = [p for p in PAIRINGS if p[0] in (
@@ -437,8 +503,8 @@ def test_error_integer_times_float_format():
 def test_error_scale_does_not_fit_values():
   good = _quantize(_random(0, (4, 64)), _int8(PerGroup(-1, 32)))
   bad = QArray(good.values, jnp.ones((4, 3)), None, good.spec, good.dtype)
-  with pytest.raises(ValueError, match=r"shape \(4, 64\) and a scale of "
-                     r"shape \(4, 3\)"):
+  with pytest.raises(ValueError, match=r"scale of shape \(4, 3\), but .* "
+                     r"values of shape \(4, 64\)"):
     jaxq.dot_general(bad, good, (((1,), (1,)), ((), ())))
 
 

@@ -95,17 +95,22 @@ def block_output_error(gram: jax.Array, diff: jax.Array,
     blocks: the (b_in, b_out) block shape of the weight's scales.
 
   Returns:
-    (d_in / b_in, d_out / b_out), the scale shape.
+    (ceil(d_in / b_in), ceil(d_out / b_out)), the scale shape; a ragged
+    last block counts its own rows and columns.
   """
   d_in, d_out = diff.shape
   b_in, b_out = blocks
-  groups = d_in // b_in
+  groups, columns = -(-d_in // b_in), -(-d_out // b_out)
+  # Zero rows and columns pad ragged blocks whole; they add no error.
+  pad_in, pad_out = groups * b_in - d_in, columns * b_out - d_out
+  gram = jnp.pad(gram, ((0, pad_in), (0, pad_in)))
+  diff = jnp.pad(diff, ((0, pad_in), (0, pad_out)))
   diag = gram.reshape(groups, b_in, groups, b_in)[
       jnp.arange(groups), :, jnp.arange(groups), :]  # (groups, b_in, b_in)
-  diff3 = diff.reshape(groups, b_in, d_out)
+  diff3 = diff.reshape(groups, b_in, columns * b_out)
   per_column = jnp.einsum("gko,gkl,glo->go", diff3, diag, diff3,
                           precision=_HI)
-  return per_column.reshape(groups, d_out // b_out, b_out).sum(-1)
+  return per_column.reshape(groups, columns, b_out).sum(-1)
 
 
 @functools.partial(jax.jit, static_argnames=(

@@ -34,7 +34,11 @@ Scales (the spec's granularity on (d_in, d_out)):
   is reached, from the group's current, error-updated rows (`weight_range`
   again), as the paper's "groups chosen as the columns are processed". With
   ``act_order`` the groups stay the spec's contiguous groups of the
-  original order, so the result is an ordinary jaxq per-group weight.
+  original order, so the result is an ordinary jaxq per-group weight. A
+  ``g`` that does not divide ``d_in`` leaves a shorter last group (576
+  inputs in groups of 128: four of 128, one of 64), ranged over its own
+  rows (the padding of its row list enters as NaN, which `weight_range`
+  skips).
 
 On a symmetric full-range integer grid (int4's default [-8, 7]) the "max"
 range is the step that clips neither end, ``max(max w / 7, -min w / 8)``,
@@ -85,7 +89,7 @@ class GPTQResult(NamedTuple):
     amin: the range's lower end (affine specs) or None; the spec's scale
       shape.
     amax: the range, the spec's scale shape: (1, d_out) per-channel,
-      (d_in / g, d_out) per-group, (1, 1) per-tensor.
+      (ceil(d_in / g), d_out) per-group, (1, 1) per-tensor.
   """
   kernel: jax.Array
   amin: jax.Array | None
@@ -184,7 +188,7 @@ def _gptq(kernel, hessian, amin, amax, spec, percdamp, block_size,
   h = h + percdamp * jnp.mean(jnp.diagonal(h)) * jnp.eye(d_in)
 
   group_size = _group_size(spec, (d_in, d_out))
-  num_groups = d_in // group_size
+  num_groups = -(-d_in // group_size)  # The last group may be shorter.
   grouped = group_size < d_in
   # One kernel row (1, d_out) with one range per element: the spec's own
   # numerics (MX's power-of-two scales included) applied row by row.
@@ -224,9 +228,17 @@ def _gptq(kernel, hessian, amin, amax, spec, percdamp, block_size,
   row_group = jnp.concatenate([
       (perm // group_size).astype(jnp.int32),
       jnp.full((pad,), num_groups, jnp.int32)])
+  # Each group's rows (positions in the processing order), a short last
+  # group padded with row 0, which `row_in_group` masks out of its range.
+  short = num_groups * group_size - d_in
   group_rows = jnp.concatenate([
-      inv_perm.reshape(num_groups, group_size).astype(jnp.int32),
+      jnp.pad(inv_perm, (0, short)).reshape(num_groups,
+                                            group_size).astype(jnp.int32),
       jnp.zeros((1, group_size), jnp.int32)])
+  row_in_group = jnp.concatenate([
+      (jnp.arange(num_groups * group_size) < d_in).reshape(num_groups,
+                                                           group_size),
+      jnp.ones((1, group_size), bool)])
 
   def block_step(b, carry):
     w, amin_all, amax_all, done = carry
@@ -244,12 +256,14 @@ def _gptq(kernel, hessian, amin, amax, spec, percdamp, block_size,
         # The group's rows now: the block-start values minus the pending
         # (lazy) updates from this block's rows rounded so far. Gathered
         # outside the cond so that its operands stay small.
-        rows = group_rows[g]
+        rows, real = group_rows[g], row_in_group[g]
         w_rows, u_rows, h_rows = w[rows], u_block[:, rows], h_diag[rows]
 
         def first_row_of_group(operands):
           amin_all, amax_all, w_rows, u_rows, h_rows, err_block = operands
           current = w_rows - jnp.matmul(u_rows.T, err_block, precision=_HI)
+          # NaN rows are not the group's: every range skips them.
+          current = jnp.where(real[:, None], current, jnp.nan)
           amin, amax = _range(current, spec, h_rows)
           amax_all = amax_all.at[g].set(amax[0])
           if amin is not None:
@@ -318,9 +332,9 @@ def gptq(kernel: jax.Array, hessian: jax.Array, spec: QuantSpec, *,
     a zero Hessian (no nonzero input) gives the kernel rounded to nearest.
 
   Raises:
-    ValueError: mismatched shapes, an unsupported or non-dividing
-      granularity (naming the sizes), a non-finite Hessian, or one still
-      singular after dampening.
+    ValueError: mismatched shapes, an unsupported granularity (or an MX
+      block size not dividing d_in, naming the sizes), a non-finite
+      Hessian, or one still singular after dampening.
   """
   kernel = jnp.asarray(kernel)
   hessian = jnp.asarray(hessian)

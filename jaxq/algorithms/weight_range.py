@@ -21,6 +21,13 @@ Calibrations (``spec.calibration``):
   search minimises the layer's output error rather than the weight's, and
   never clips a weight that multiplies a large input channel.
 
+Every calibration skips NaN elements (`compute_range` ignores non-finite
+ones, the percentile is ``nanpercentile``, the "mse" error sums the other
+elements'), so a caller masks elements out by setting them to NaN, as GPTQ
+does for the rows missing from a short last group. A group or block that
+does not divide its axis is ragged (see `jaxq.granularity`): its last block
+is ranged over its own elements.
+
 ``"entropy"`` (KL between histograms) describes activations, not a weight's
 few thousand values per scale: it raises rather than being ignored.
 """
@@ -32,30 +39,23 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxq.granularity import block_elements
 from jaxq.quantize import compute_range, fake_quant
 from jaxq.spec import QuantSpec
 
 Range = tuple[jax.Array | None, jax.Array]
 
 
-def block_elements(x: jax.Array, blocks: tuple[int, ...]) -> jax.Array:
-  """``x`` regrouped as (scale shape..., elements of one block)."""
-  split = []
-  for d, b in zip(x.shape, blocks):
-    split += [d // b, b]
-  rank = x.ndim
-  perm = [2 * i for i in range(rank)] + [2 * i + 1 for i in range(rank)]
-  scale_shape = tuple(d // b for d, b in zip(x.shape, blocks))
-  return x.reshape(split).transpose(perm).reshape(scale_shape + (-1,))
-
-
 def _percentile_range(w: jax.Array, spec: QuantSpec,
                       blocks: tuple[int, ...]) -> Range:
-  elements = block_elements(w, blocks)
+  # NaN pads a ragged last block and is skipped: its percentile is of its
+  # own elements only.
+  elements = block_elements(w, blocks, fill=jnp.nan)
   if spec.symmetric:
-    return None, jnp.percentile(jnp.abs(elements), spec.percentile, axis=-1)
-  amin = jnp.percentile(elements, 100.0 - spec.percentile, axis=-1)
-  amax = jnp.percentile(elements, spec.percentile, axis=-1)
+    return None, jnp.nanpercentile(jnp.abs(elements), spec.percentile,
+                                   axis=-1)
+  amin = jnp.nanpercentile(elements, 100.0 - spec.percentile, axis=-1)
+  amax = jnp.nanpercentile(elements, spec.percentile, axis=-1)
   return amin, amax
 
 
@@ -63,10 +63,13 @@ def block_squared_error(w: jax.Array, w_hat: jax.Array,
                         blocks: tuple[int, ...],
                         error_weight: jax.Array | None = None) -> jax.Array:
   """``sum error_weight * (w - w_hat)**2`` over each block (weight 1 by
-  default); the scale shape."""
+  default; NaN elements and a ragged last block's padding add nothing);
+  the scale shape."""
   squared = jnp.square(w - w_hat)
   if error_weight is not None:
     squared = squared * error_weight
+  # A NaN element (masked out by its caller) adds no error.
+  squared = jnp.where(jnp.isnan(squared), 0.0, squared)
   return jnp.sum(block_elements(squared, blocks), axis=-1)
 
 
@@ -96,7 +99,7 @@ def weight_range(w: jax.Array, spec: QuantSpec, *, num_ratios: int = 100,
   """``(amin, amax)`` of each block of ``w`` as ``spec.calibration`` asks.
 
   Args:
-    w: float weight of any shape; non-finite elements are not expected.
+    w: float weight of any shape; NaN elements are skipped (a mask).
     spec: the weight's quantizer; its granularity must fit ``w.shape``.
     num_ratios: grid size of the ``"mse"`` search.
     min_ratio: smallest clipping ratio of the ``"mse"`` search, in (0, 1].

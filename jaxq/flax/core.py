@@ -215,7 +215,7 @@ def learned_act_shape(layer: LayerQuant, shape: tuple[int, ...]
         f"may vary along the last axis only: PerTensor or "
         f"PerChannel(axis=-1)), but {spec.granularity} on the input of shape "
         f"{tuple(shape)} has blocks {tuple(blocks)}.")
-  return (shape[-1] // blocks[-1],)
+  return (granularity_lib.scale_shape(spec.granularity, tuple(shape))[-1],)
 
 
 def check_mode(mode: str) -> None:

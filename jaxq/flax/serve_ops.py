@@ -336,11 +336,18 @@ class ConvTransposeConfig:
 
 
 def _flip_window(w: jax.Array | QArray, rank: int) -> jax.Array | QArray:
-  """Reverses the window axes of a kernel, its scales and zero points too
-  (blocks stay whole: each block size divides its axis)."""
+  """Reverses the window axes of a kernel, its scales and zero points too.
+
+  Blocks that divide their window axis stay whole when reversed; a ragged
+  last block along one would come first, off the grid its scale shape
+  describes, so such a kernel is reversed dequantized (weight-only).
+  """
   window = tuple(range(rank))
   if not isinstance(w, QArray):
     return jnp.flip(w, window)
+  blocks = w.spec.granularity.block_shape(w.shape)
+  if any(w.shape[a] % blocks[a] for a in window if blocks[a]):
+    return jnp.flip(dequantize(w), window)
   flip = lambda a: None if a is None else jnp.flip(a, window)
   return dataclasses.replace(w, values=flip(w.values), scale=flip(w.scale),
                              zero_point=flip(w.zero_point))

@@ -67,6 +67,7 @@ def test_factors_are_normalised_and_finite():
 @pytest.mark.parametrize("spec", [
     QuantSpec("int4", PerChannel(-1)),
     QuantSpec("int4", PerGroup(axis=0, size=16)),
+    QuantSpec("int4", PerGroup(axis=0, size=24)),  # Ragged: 24 + 24 + 16.
     QuantSpec("float8_e4m3fn", MX(axis=0, size=32)),
 ])
 def test_awq_beats_rounding(spec):
@@ -85,6 +86,7 @@ def test_awq_beats_rounding(spec):
     QuantSpec("int4", PerChannel(-1)),
     QuantSpec("int4", PerGroup(axis=0, size=16)),
     QuantSpec("uint8", PerGroup(axis=0, size=16), symmetric=False),
+    QuantSpec("int4", PerGroup(axis=0, size=24)),  # Ragged: 24 + 24 + 16.
 ])
 def test_clipping_never_loses_per_scale(spec):
   x, w = salient_problem(seed=1)
@@ -137,6 +139,22 @@ def test_block_output_error_sums_to_the_output_error():
   np.testing.assert_allclose(per_group, want, rtol=1e-4)
 
 
+def test_block_output_error_of_ragged_blocks_is_each_blocks_own():
+  x, w = salient_problem(seed=4)
+  diff = np.random.default_rng(1).normal(size=w.shape).astype(np.float64)
+  gram = jnp.asarray(x.astype(np.float64).T @ x, jnp.float32)
+  # (64, 32) in blocks of (24, 10): rows 24 + 24 + 16, columns 10+10+10+2.
+  got = np.asarray(block_output_error(gram, jnp.asarray(diff, jnp.float32),
+                                      (24, 10)))
+  assert got.shape == (3, 4)
+  x64 = x.astype(np.float64)
+  for i, rows in enumerate((slice(0, 24), slice(24, 48), slice(48, 64))):
+    for j, cols in enumerate((slice(0, 10), slice(10, 20), slice(20, 30),
+                              slice(30, 32))):
+      want = np.sum((x64[:, rows] @ diff[rows, cols]) ** 2)
+      np.testing.assert_allclose(got[i, j], want, rtol=1e-4)
+
+
 def test_masked_rows_change_nothing():
   x, w = salient_problem(seed=3)
   spec = QuantSpec("int4", PerGroup(axis=0, size=16))
@@ -150,9 +168,10 @@ def test_masked_rows_change_nothing():
 
 def test_bad_inputs_raise():
   x, w = salient_problem()
+  # A group may be ragged (tested above), an MX block may not.
   with pytest.raises(ValueError, match="size 24 does not divide axis 0 of "
                      "length 64"):
-    awq(w, stats_of(x), QuantSpec("int4", PerGroup(axis=0, size=24)))
+    awq(w, stats_of(x), QuantSpec("float8_e4m3fn", MX(axis=0, size=24)))
   with pytest.raises(ValueError, match="hold no rows"):
     awq(w, init_input_stats(64), QuantSpec("int4", PerChannel(-1)))
   with pytest.raises(ValueError, match="do not match"):

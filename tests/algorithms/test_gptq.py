@@ -18,8 +18,9 @@ from jaxq.algorithms import gptq, hessian_update
 
 def reference_gptq(w, h, qmax, group_size, act_order=False, percdamp=0.01,
                    full_range=True):
-  """The paper's GPTQ in float64, symmetric integers; groups along d_in,
-  each group's abs-max taken from its current rows when first reached.
+  """The paper's GPTQ in float64, symmetric integers; groups along d_in (the
+  last one shorter when ``group_size`` does not divide d_in), each group's
+  abs-max taken from its current rows when first reached.
   The full range (int4's default) rounds onto [-qmax - 1, qmax] with the
   step that clips neither end, max(max w / qmax, -min w / (qmax + 1)),
   stored as amax = step * (qmax + 0.5) (nudged by 2**-20); the narrow one
@@ -37,8 +38,9 @@ def reference_gptq(w, h, qmax, group_size, act_order=False, percdamp=0.01,
   w, h = w[perm], h[perm][:, perm]
   u = np.linalg.cholesky(np.linalg.inv(h)).T
   group_of = perm // group_size
-  amax = np.zeros((d_in // group_size, d_out))
-  done = np.zeros(d_in // group_size, bool)
+  num_groups = -(-d_in // group_size)  # The last group may be shorter.
+  amax = np.zeros((num_groups, d_out))
+  done = np.zeros(num_groups, bool)
   q = np.zeros_like(w)
   for i in range(d_in):
     g = group_of[i]
@@ -74,7 +76,8 @@ def hessian_of(x, mask=None):
 
 # int4's default full range, and its narrow range once.
 @pytest.mark.parametrize("group_size,act_order,full_range", [
-    (64, False, True), (64, True, True), (16, False, False), (16, True, True)])
+    (64, False, True), (64, True, True), (16, False, False), (16, True, True),
+    (24, True, True)])  # Ragged: 24 + 24 + 16.
 def test_matches_numpy_reference(group_size, act_order, full_range):
   x, w = problem()
   granularity = (PerChannel(-1) if group_size == 64
@@ -112,6 +115,10 @@ def test_beats_round_to_nearest(granularity, act_order):
     QuantSpec("uint8", PerChannel(-1), symmetric=False),
     QuantSpec("float8_e4m3fn", MX(axis=0, size=32)),
     QuantSpec("int4", PerTensor(), calibration="percentile", percentile=99.0),
+    # Ragged groups: 24 + 24 + 16.
+    QuantSpec("int4", PerGroup(axis=0, size=24), calibration="mse"),
+    QuantSpec("uint8", PerGroup(axis=0, size=24), symmetric=False,
+              calibration="percentile", percentile=99.0),
 ])
 def test_result_is_exactly_representable(spec):
   x, w = problem(seed=2)
@@ -229,9 +236,10 @@ def test_singular_hessian_raises():
 def test_bad_inputs_name_the_problem():
   x, w = problem()
   h = hessian_of(x)
+  # A group may be ragged, an MX block may not.
   with pytest.raises(ValueError, match="size 48 does not divide axis 0 of "
                      "length 64"):
-    gptq(w, h, QuantSpec("int4", PerGroup(axis=0, size=48)))
+    gptq(w, h, QuantSpec("float8_e4m3fn", MX(axis=0, size=48)))
   with pytest.raises(ValueError, match="groups along the input axis"):
     gptq(w, h, QuantSpec("int4", PerGroup(axis=-1, size=8)))
   with pytest.raises(ValueError, match=r"must be \(64, 64\)"):

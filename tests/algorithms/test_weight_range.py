@@ -55,9 +55,33 @@ def test_percentile_equals_numpy(granularity, blocks):
       amax, np.percentile(numpy_blocks(w, blocks), 99.0, axis=-1), rtol=1e-5)
 
 
+@pytest.mark.parametrize("granularity", [PerGroup(axis=0, size=24),
+                                         PerBlock((24, 10))],
+                         ids=["G24", "B24x10"])
+@pytest.mark.parametrize("calibration", ["max", "percentile"])
+def test_ragged_blocks_are_ranged_over_their_own_elements(granularity,
+                                                          calibration):
+  # (64, 24): rows 24 + 24 + 16, columns (blocks of 10) 10 + 10 + 4.
+  w = heavy_tailed()
+  spec = QuantSpec("uint8", granularity, symmetric=False,
+                   calibration=calibration, percentile=90.0)
+  amin, amax = weight_range(w, spec)
+  b_rows, b_cols = spec.granularity.block_shape(w.shape)
+  assert amax.shape == (3, 24 if b_cols == 1 else 3)
+  low, high = ((np.min, np.max) if calibration == "max" else
+               (lambda b: np.percentile(b, 10.0),
+                lambda b: np.percentile(b, 90.0)))
+  for i in range(amax.shape[0]):
+    for j in range(amax.shape[1]):
+      block = w[i * b_rows:(i + 1) * b_rows, j * b_cols:(j + 1) * b_cols]
+      np.testing.assert_allclose(amin[i, j], low(block), rtol=1e-5)
+      np.testing.assert_allclose(amax[i, j], high(block), rtol=1e-5)
+
+
 @pytest.mark.parametrize("spec", [
     QuantSpec("int4", PerChannel(-1), calibration="mse"),
     QuantSpec("int4", PerGroup(axis=0, size=16), calibration="mse"),
+    QuantSpec("int4", PerGroup(axis=0, size=24), calibration="mse"),
     QuantSpec("uint8", PerChannel(-1), symmetric=False, calibration="mse"),
     QuantSpec("float8_e4m3fn", MX(axis=0, size=32), calibration="mse"),
 ])
@@ -104,9 +128,10 @@ def test_bad_calibration_and_sizes_raise():
   w = heavy_tailed()
   with pytest.raises(ValueError, match="'entropy' is for activations"):
     weight_range(w, QuantSpec("int8", PerChannel(-1), calibration="entropy"))
+  # A group may be ragged, an MX block may not.
   with pytest.raises(ValueError, match="size 48 does not divide axis 0 of "
                      "length 64"):
-    weight_range(w, QuantSpec("int4", PerGroup(axis=0, size=48)))
+    weight_range(w, QuantSpec("float8_e4m3fn", MX(axis=0, size=48)))
   with pytest.raises(ValueError, match="min_ratio"):
     weight_range(w, QuantSpec("int4", calibration="mse"), min_ratio=0.0)
 

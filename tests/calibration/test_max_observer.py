@@ -71,6 +71,28 @@ def test_per_group_max_matches_numpy():
       np.asarray(narrow), np.abs(stacked).max(axis=0).reshape(4, 4, 4).max(-1))
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_ragged_per_group_range_matches_numpy(symmetric):
+  # 16 features in groups of 5: 5 + 5 + 5 + 1, the last group one column.
+  batches = _batches(4, 3, (4, 16))
+  spec = QuantSpec("int8" if symmetric else "uint8", PerGroup(axis=-1, size=5),
+                   symmetric=symmetric)
+  chosen = jaxq.observers.max().finalize(
+      _run(jaxq.observers.max(), spec, batches))
+  stacked = np.stack(batches)
+  groups = [stacked[..., start:start + 5] for start in range(0, 16, 5)]
+  if symmetric:
+    assert chosen.shape == (4, 4)
+    expected = np.stack([np.abs(g).max(axis=(0, 2)) for g in groups], -1)
+    np.testing.assert_array_equal(np.asarray(chosen), expected)
+  else:
+    amin, amax = chosen
+    np.testing.assert_array_equal(
+        np.asarray(amin), np.stack([g.min(axis=(0, 2)) for g in groups], -1))
+    np.testing.assert_array_equal(
+        np.asarray(amax), np.stack([g.max(axis=(0, 2)) for g in groups], -1))
+
+
 def test_affine_tracks_min_and_max():
   batches = [b + 1.5 for b in _batches(3, 3, (5, 8))]
   spec = QuantSpec("uint8", PerChannel(axis=-1), symmetric=False)

@@ -200,6 +200,21 @@ def test_transposed_kernel_with_input_channel_scales():
                              atol=1e-5 * fm.max_abs(qat_out))
 
 
+def test_transposed_kernel_with_ragged_groups_along_the_window():
+  """Groups of 2 along a window of 3 (2 + 1): reversing the window would put
+  the short group first, so the kernel is reversed dequantized, and serve
+  still equals QAT."""
+  case = Case("transposed-ragged", dict(strides=(2, 2), transpose_kernel=True),
+              (2, 5, 6, 3), QuantSpec("int8", jaxq.PerGroup(axis=0, size=2)))
+  linen_model, variables, _ = _models(case)
+  x = _input(case)
+  rules = [jaxq.Rule(r".*", weight=case.weight, act=A8)]
+  qat_out, serve_out, _ = _linen_qat_and_serve(linen_model, variables, x,
+                                               rules)
+  np.testing.assert_allclose(serve_out, qat_out,
+                             atol=1e-5 * fm.max_abs(qat_out))
+
+
 def test_mask_applies_before_quantizing():
   """A masked kernel serves from its float weights (masked, then quantized,
   as QAT does) and from its QArray (`jaxq.convert` quantizes the masked

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import jaxq
-from jaxq import PerChannel, PerGroup, QuantSpec
+from jaxq import PerChannel, QuantSpec
 
 import flax_models as fm
 
@@ -56,7 +56,9 @@ def test_malformed_rules_raise(rule_args, message):
 
 
 @pytest.mark.parametrize("spec, message", [
-    (QuantSpec("int4", PerGroup(axis=0, size=3)), r"size 3 does not divide"),
+    # A group may be ragged, an MX block may not.
+    (QuantSpec("int8", jaxq.MX(axis=0)), r"size 32 does not divide axis 0 "
+                                         r"of length 8"),
     (QuantSpec("int8", PerChannel(axis=2)), r"axis 2 is out of range"),
 ])
 def test_linen_bad_spec_raises_at_init_naming_layer(spec, message):
