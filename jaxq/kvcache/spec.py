@@ -27,9 +27,11 @@ values          ``(B, T, H, D / value_group_size)``:    ``PerGroup(axis=-1,
 int4 on SmolLM2-135M (``examples/smollm.py``: perplexity of 8 held-out
 windows of 256 tokens, teacher-forced through the decode loop; float
 20.347; see the README's KV cache section for the table and bytes):
-per token-head +27.9%, KIVI (``"channel"`` keys, groups of 32) +3.94%, KIVI
-with ``value_hadamard`` RESULT_VHAD, KIVI with ``float_residual`` and
-``value_hadamard`` RESULT_RES_VHAD.
+per token-head +27.9%, KIVI (``"channel"`` keys, groups of 32) +3.94%;
+with ``value_group_size=32`` +5.08%, and ``value_hadamard`` +3.26%; KIVI
+with ``float_residual`` +2.29%, and ``value_hadamard`` +1.43%, and
+``hadamard`` too +0.71% (all int4 but the residual group's 0 .. 31 float
+tokens).
 """
 
 from __future__ import annotations
