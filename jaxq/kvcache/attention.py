@@ -7,6 +7,10 @@ softmax (running max, normaliser and weighted sum, all float32). The loop
 stops after the last block any query can see (``max(positions) + S``), so
 a decode step over a short sequence in a long cache costs only its length.
 
+With ``spec.float_residual`` the block holding a row's residual key group
+takes that group's float keys and values in place of the dequantized ones;
+with ``spec.value_hadamard`` the output is rotated back once at the end.
+
 With ``spec.integer_qk`` the logits are int8 x int8 -> int32 products
 (`jaxq.einsum`) of queries quantized per token per head and the stored
 keys, rescaled by both scales; values are dequantized as above.
