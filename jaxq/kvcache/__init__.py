@@ -17,7 +17,8 @@ layer and passes them through its jitted prefill and decode steps. No
 Flax here: `jaxq.flax.kv_cache` fits it to Flax attention by rules.
 
 Modules: `spec` (`KVCacheSpec`: format, key/value granularity, KIVI group
-size, Hadamard), `cache` (`KVCache`, `init`, `update`, `read`, `nbytes`),
+size, value channel groups, Hadamard keys and values, KIVI's float
+residual), `cache` (`KVCache`, `init`, `update`, `read`, `nbytes`),
 `attention` (`attend`, block-by-block online softmax; `reference_attention`),
 `hadamard` (the orthonormal rotation).
 """

@@ -7,6 +7,10 @@ softmax (running max, normaliser and weighted sum, all float32). The loop
 stops after the last block any query can see (``max(positions) + S``), so
 a decode step over a short sequence in a long cache costs only its length.
 
+With ``spec.float_residual`` the block holding a row's residual key group
+takes that group's float keys and values in place of the dequantized ones;
+with ``spec.value_hadamard`` the output is rotated back once at the end.
+
 With ``spec.integer_qk`` the logits are int8 x int8 -> int32 products
 (`jaxq.einsum`) of queries quantized per token per head and the stored
 keys, rescaled by both scales; values are dequantized as above.
@@ -52,6 +56,22 @@ def _check_query(cache: KVCache, query: jax.Array, positions: jax.Array
     raise ValueError(f"kvcache.attend: positions must be an integer array of "
                      f"shape (batch,) = ({cache.batch},); got "
                      f"{positions.dtype}{tuple(positions.shape)}.")
+
+
+def _with_residual(cache: KVCache, block: jax.Array, residual: jax.Array,
+                   start: jax.Array) -> jax.Array:
+  """``block`` (B, L, H, D), tokens ``start ..`` of every row, with the
+  float residual group (B, group_size, H, D) in place where it falls in
+  it. Blocks start on group boundaries, so a group is wholly in or out."""
+  group = cache.spec.group_size
+  length = block.shape[1]
+  at = cache.key_residual_group * group - start
+  placed = jax.vmap(lambda b, r, p: jax.lax.dynamic_update_slice_in_dim(
+      b, r.astype(b.dtype), p, axis=0))(block, residual,
+                                       jnp.clip(at, 0, length - group))
+  index = jnp.arange(length)[None, :, None, None]
+  at = at[:, None, None, None]
+  return jnp.where((index >= at) & (index < at + group), placed, block)
 
 
 def attend(cache: KVCache, query: jax.Array, positions: jax.Array, *,
@@ -115,8 +135,12 @@ def _attend_compiled(cache: KVCache, query: jax.Array, positions: jax.Array,
                           preferred_element_type=jnp.float32)
     else:
       key = cache_lib.dequantize_tokens(cache, "key", start, block)
+      if cache.spec.float_residual:
+        key = _with_residual(cache, key, cache.key_residual, start)
       logits = jnp.einsum("bsngd,btnd->bngst", q, key)
     value = cache_lib.dequantize_tokens(cache, "value", start, block)
+    if cache.spec.float_residual:
+      value = _with_residual(cache, value, cache.value_residual, start)
     key_pos = start + jnp.arange(block)
     visible = ((key_pos[None, None, :] <= query_pos[:, :, None]) &
                (key_pos >= i * block)[None, None, :])
@@ -138,6 +162,8 @@ def _attend_compiled(cache: KVCache, query: jax.Array, positions: jax.Array,
   _, normaliser, acc = jax.lax.fori_loop(0, needed, step, carry)
   # Every query sees at least key 0 of its row, so the normaliser is > 0.
   out = acc / normaliser[..., None]
+  if cache.spec.value_hadamard:  # P (V H) H = P V: once per query.
+    out = hadamard.rotate(out)
   out = jnp.where(cache.overflowed[:, None, None, None, None], jnp.nan, out)
   out = out.transpose(0, 3, 1, 2, 4).reshape(batch, tokens, query_heads,
                                              head_dim)

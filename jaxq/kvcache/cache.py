@@ -54,7 +54,7 @@ from jaxq.spec import QArray
     jax.tree_util.register_dataclass,
     data_fields=["key", "value", "key_scale", "value_scale", "key_amax",
                  "value_amax", "key_residual", "key_residual_group",
-                 "overflowed"],
+                 "overflowed", "value_residual"],
     meta_fields=["spec", "dtype"])
 @dataclasses.dataclass(frozen=True)
 class KVCache:
@@ -80,6 +80,10 @@ class KVCache:
       cache (under ``jit``); its attention is NaN.
     spec: the `KVCacheSpec`.
     dtype: the float dtype of `read` and of a float cache.
+    value_residual: ``spec.float_residual`` only (else None): ``(B,
+      group_size, H, D)`` in ``dtype``, the float values of the tokens in
+      ``key_residual``, which `jaxq.kvcache.attend` reads in place of the
+      quantized ones (as it reads ``key_residual`` for keys).
   """
 
   key: jax.Array
@@ -93,6 +97,7 @@ class KVCache:
   overflowed: jax.Array
   spec: KVCacheSpec
   dtype: np.dtype
+  value_residual: jax.Array | None = None
 
   @property
   def batch(self) -> int:
@@ -161,8 +166,9 @@ def init(spec: KVCacheSpec, *, batch: int, max_length: int,
   Raises:
     ValueError: for a non-positive size, an odd ``head_dim`` with int4, a
       ``max_length`` that is not a multiple of ``group_size`` for
-      ``"channel"`` keys, a ``head_dim`` that is not a power of two with
-      ``hadamard``, or a missing, misshapen or invalid static range.
+      ``"channel"`` keys, a ``head_dim`` that is not a multiple of
+      ``value_group_size``, or not a power of two with ``hadamard`` or
+      ``value_hadamard``, or a missing, misshapen or invalid static range.
   """
   if not isinstance(spec, KVCacheSpec):
     raise TypeError(f"kvcache.init: spec must be a KVCacheSpec, got {spec!r}.")
@@ -179,7 +185,10 @@ def init(spec: KVCacheSpec, *, batch: int, max_length: int,
     raise ValueError(f"kvcache.init: max_length {max_length} is not a "
                      f"multiple of group_size {spec.group_size} "
                      f"(key_granularity='channel').")
-  if spec.hadamard:
+  if spec.value_group_size and head_dim % spec.value_group_size:
+    raise ValueError(f"kvcache.init: head_dim {head_dim} is not a multiple "
+                     f"of value_group_size {spec.value_group_size}.")
+  if spec.hadamard or spec.value_hadamard:
     hadamard.hadamard_matrix(head_dim)  # Raises unless a power of two.
   dtype = np.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
@@ -192,19 +201,22 @@ def init(spec: KVCacheSpec, *, batch: int, max_length: int,
   stored_shape = shape[:-1] + (head_dim // 2 if spec.packed else head_dim,)
   storage = _storage_dtype(spec, dtype)
   key_scale = value_scale = residual = residual_group = None
+  value_residual = None
   if spec.quantized:
     key_scale = _empty_scale(spec.key_quant_spec(), shape, key_amax)
     value_scale = _empty_scale(spec.value_quant_spec(), shape, value_amax)
   if spec.quantized and spec.key_granularity == "channel":
     residual = jnp.zeros((batch, spec.group_size) + shape[2:], dtype)
     residual_group = jnp.zeros((batch,), jnp.int32)
+  if spec.float_residual:
+    value_residual = jnp.zeros_like(residual)
   return KVCache(key=jnp.zeros(stored_shape, storage),
                  value=jnp.zeros(stored_shape, storage),
                  key_scale=key_scale, value_scale=value_scale,
                  key_amax=key_amax, value_amax=value_amax,
                  key_residual=residual, key_residual_group=residual_group,
                  overflowed=jnp.zeros((batch,), bool), spec=spec,
-                 dtype=dtype)
+                 dtype=dtype, value_residual=value_residual)
 
 
 def _empty_scale(quant_spec, shape: tuple[int, ...],
@@ -285,7 +297,8 @@ def dequantize_tokens(cache: KVCache, which: str, start: jax.Array | int,
                       length: int) -> jax.Array:
   """Tokens ``[start, start + length)`` of every row of the keys
   (``which="key"``) or values, dequantized to float32 ``(B, length, H,
-  D)``; keys stay rotated when ``spec.hadamard``. ``start`` is shared by
+  D)``; keys (values) stay rotated when ``spec.hadamard``
+  (``value_hadamard``). ``start`` is shared by
   the rows; for ``"channel"`` keys it must be a multiple of ``group_size``
   and ``length`` too.
   """
@@ -351,10 +364,12 @@ def _update_token_scaled(cache: KVCache, which: str, x: jax.Array,
   return out
 
 
-def _update_channel_keys(cache: KVCache, key: jax.Array, positions: jax.Array
-                         ) -> dict[str, jax.Array]:
+def _update_channel_keys(cache: KVCache, key: jax.Array, value: jax.Array,
+                         positions: jax.Array) -> dict[str, jax.Array]:
   """Writes KIVI keys: re-quantizes, from float, every group the write
-  touches, and keeps the float keys of the group the next write starts in.
+  touches, and keeps the float keys (``float_residual``: and values; the
+  caller writes the quantized values) of the group the next write starts
+  in.
   """
   spec, tokens = cache.spec, key.shape[1]
   group = spec.group_size
@@ -367,21 +382,8 @@ def _update_channel_keys(cache: KVCache, key: jax.Array, positions: jax.Array
   stored = _read_rows(cache.key, window_start, window)
   stored_scale = _read_rows(cache.key_scale, first_group, window_groups)
   old = _dequantize(spec, "key", stored, stored_scale)
-  # The residual group's tokens in float, where the window holds it.
-  residual_at = (cache.key_residual_group - first_group) * group
-  residual = _write_rows(jnp.zeros_like(old),
-                         cache.key_residual.astype(jnp.float32),
-                         jnp.clip(residual_at, 0, window - group))
-  index = jnp.arange(window)[None, :, None, None]
-  residual_at = residual_at[:, None, None, None]
-  old = jnp.where((index >= residual_at) & (index < residual_at + group),
-                  residual, old)
-  offset = positions - window_start
-  # The new tokens at their offset in the window (in bounds: see above).
-  new = _write_rows(jnp.zeros_like(old), key.astype(jnp.float32), offset)
-  offset = offset[:, None, None, None]
-  merged = jnp.where(index < offset, old,
-                     jnp.where(index < offset + tokens, new, 0.0))
+  merged = _merge_window(cache, old, cache.key_residual, key, positions,
+                         first_group)
   qa = quantize(merged, spec.key_quant_spec())
   # Groups wholly before the write keep their stored values and scales
   # (quantizing dequantized values again would move them).
@@ -394,11 +396,47 @@ def _update_channel_keys(cache: KVCache, key: jax.Array, positions: jax.Array
   residual_group = end // group
   residual_start = jnp.clip(residual_group * group - window_start, 0,
                             window - group)
-  return {"key": _write_rows(cache.key, values, window_start),
-          "key_scale": _write_rows(cache.key_scale, scale, first_group),
-          "key_residual": _read_rows(merged, residual_start, group).astype(
-              cache.key_residual.dtype),
-          "key_residual_group": residual_group}
+  out = {"key": _write_rows(cache.key, values, window_start),
+         "key_scale": _write_rows(cache.key_scale, scale, first_group),
+         "key_residual": _read_rows(merged, residual_start, group).astype(
+             cache.key_residual.dtype),
+         "key_residual_group": residual_group}
+  if spec.float_residual:  # The same tokens' values, from float too.
+    old_values = _dequantize(
+        spec, "value", _read_rows(cache.value, window_start, window),
+        _read_rows(cache.value_scale, window_start, window)
+        if spec.value_granularity == "token" else cache.value_scale)
+    merged_values = _merge_window(cache, old_values, cache.value_residual,
+                                  value, positions, first_group)
+    out["value_residual"] = _read_rows(
+        merged_values, residual_start, group).astype(cache.value_residual.dtype)
+  return out
+
+
+def _merge_window(cache: KVCache, old: jax.Array, residual: jax.Array,
+                  x: jax.Array, positions: jax.Array, first_group: jax.Array
+                  ) -> jax.Array:
+  """The float tokens of a write's window of whole groups, ``(B, W, H,
+  D)`` from token ``first_group * group_size``: ``old`` (dequantized) with
+  the float ``residual`` group over it where the window holds it, the new
+  ``x`` at ``positions``, zeros after them (stale data never widens a
+  range)."""
+  group = cache.spec.group_size
+  window = old.shape[1]
+  window_start = first_group * group
+  residual_at = (cache.key_residual_group - first_group) * group
+  placed = _write_rows(jnp.zeros_like(old), residual.astype(jnp.float32),
+                       jnp.clip(residual_at, 0, window - group))
+  index = jnp.arange(window)[None, :, None, None]
+  residual_at = residual_at[:, None, None, None]
+  old = jnp.where((index >= residual_at) & (index < residual_at + group),
+                  placed, old)
+  offset = positions - window_start
+  # The new tokens at their offset in the window (in bounds: see caller).
+  new = _write_rows(jnp.zeros_like(old), x.astype(jnp.float32), offset)
+  offset = offset[:, None, None, None]
+  return jnp.where(index < offset, old,
+                   jnp.where(index < offset + x.shape[1], new, 0.0))
 
 
 def update(cache: KVCache, key: jax.Array, value: jax.Array,
@@ -408,7 +446,7 @@ def update(cache: KVCache, key: jax.Array, value: jax.Array,
   Args:
     cache: the layer's `KVCache`.
     key, value: ``(B, S, H, D)`` float, the new tokens' keys and values
-      (keys before any Hadamard rotation: the cache rotates them).
+      (before any Hadamard rotation: the cache rotates them).
     positions: ``(B,)`` int, where in its sequence each row's ``S`` tokens
       start (prefill: 0, decode: the current length). Rows may differ.
 
@@ -432,9 +470,11 @@ def _update_compiled(cache: KVCache, key: jax.Array, value: jax.Array,
   tokens = key.shape[1]
   if cache.spec.hadamard:
     key = hadamard.rotate(key)
+  if cache.spec.value_hadamard:
+    value = hadamard.rotate(value)
   out = {}
   if cache.spec.quantized and cache.spec.key_granularity == "channel":
-    out.update(_update_channel_keys(cache, key, positions))
+    out.update(_update_channel_keys(cache, key, value, positions))
   else:
     out.update(_update_token_scaled(cache, "key", key, positions))
   out.update(_update_token_scaled(cache, "value", value, positions))
@@ -445,7 +485,8 @@ def _update_compiled(cache: KVCache, key: jax.Array, value: jax.Array,
 
 def read(cache: KVCache) -> tuple[jax.Array, jax.Array]:
   """The whole cache dequantized: ``(key, value)``, each ``(B, T, H, D)``
-  in ``cache.dtype`` (keys rotated back when ``spec.hadamard``). Empty
+  in ``cache.dtype`` (rotated back with ``spec.hadamard`` /
+  ``value_hadamard``). Empty
   slots read as 0. Materialises a float copy: attention uses
   `jaxq.kvcache.attend`, which dequantizes block by block."""
   return _read_compiled(cache)
@@ -458,14 +499,18 @@ def _read_compiled(cache: KVCache) -> tuple[jax.Array, jax.Array]:
   if cache.spec.hadamard:
     key = hadamard.rotate(key)
   value = dequantize_tokens(cache, "value", 0, length)
+  if cache.spec.value_hadamard:
+    value = hadamard.rotate(value)
   return key.astype(cache.dtype), value.astype(cache.dtype)
 
 
 def nbytes(cache: KVCache) -> int:
   """Bytes the cache holds: values (int4 packed) plus scales, static
-  ranges and KIVI's float residual group; not the bookkeeping
+  ranges and KIVI's float residual group (keys; values too with
+  ``float_residual``); not the bookkeeping
   (``overflowed``, ``key_residual_group``)."""
   leaves = (cache.key, cache.value, cache.key_scale, cache.value_scale,
-            cache.key_amax, cache.value_amax, cache.key_residual)
+            cache.key_amax, cache.value_amax, cache.key_residual,
+            cache.value_residual)
   return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize
              for a in leaves if a is not None)

@@ -118,3 +118,23 @@ def test_integer_qk_needs_integer_keys_scaled_along_tokens(kwargs):
   with pytest.raises(ValueError, match="integer_qk .* needs format int8 or "
                      "int4 and key_granularity 'token' or 'head'"):
     kvcache.KVCacheSpec(integer_qk=True, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(value_group_size=8, value_granularity="head"), "value_group_size"),
+    (dict(value_group_size=0), "value_group_size"),
+    (dict(float_residual=True), "float_residual"),
+])
+def test_bad_int4_option_fields(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    kvcache.KVCacheSpec("int4", **kwargs)
+
+
+@pytest.mark.parametrize("spec,match", [
+    (kvcache.KVCacheSpec("int4", value_group_size=8),
+     "not a multiple of value_group_size 8"),
+    (kvcache.KVCacheSpec("int4", value_hadamard=True), "power of two"),
+])
+def test_bad_int4_option_init(spec, match):
+  with pytest.raises(ValueError, match=match):
+    kvcache.init(spec, batch=B, max_length=T, num_kv_heads=H_KV, head_dim=12)
