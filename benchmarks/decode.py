@@ -16,7 +16,8 @@ w4          jaxq int4 weights in groups of 32 along the input, weight-only;
 
 each with a float KV cache (the model's dtype) and jaxq's int8 (per token
 per head) and int4 (KIVI: keys per channel in groups of 32 tokens, values
-per token) caches. Per row: decode tokens/s (batch x 128 / the decode
+per token, the unfinished last group in float, keys and values
+Hadamard-rotated) caches. Per row: decode tokens/s (batch x 128 / the decode
 loop's median time), prefill tokens/s, the bytes of the weights and of the
 cache at the benchmark's length, XLA's peak-memory estimate of the decode
 program (arguments + temporaries + outputs, from
@@ -58,7 +59,8 @@ CACHES = {
     "float": None,
     "int8": kvcache.KVCacheSpec("int8"),
     "int4": kvcache.KVCacheSpec("int4", key_granularity="channel",
-                                group_size=32),
+                                group_size=32, float_residual=True,
+                                hadamard=True, value_hadamard=True),
 }
 EMBED_RULE = jaxq.Rule(r"embed_tokens", weight=QuantSpec("int8",
                                                          PerChannel(0)))

@@ -9,7 +9,9 @@ the perplexity and its change relative to the float model in the same run:
   token written to and read from the cache as in generation): int8 and fp8
   e4m3 per token per head, int4 per token per head, int4 KIVI (keys per
   channel in groups of 32 tokens, values per token), with and without a
-  Hadamard rotation of keys and queries.
+  Hadamard rotation of keys and queries, and `INT4_KV`: KIVI with the
+  unfinished last group of 32 tokens kept in float and keys and values
+  rotated.
 * Weights and activations on the 210 Dense layers (q, k, v, o, gate, up,
   down of 30 blocks), served (`jaxq.convert`, serve mode), the tied
   embedding / LM head int8 per row in every row: W8A8 with dynamic per-token
@@ -46,6 +48,12 @@ EMBED = jaxq.Rule(r"embed_tokens", weight=QuantSpec("int8", PerChannel(0)))
 DENSE = r"layers_\d+/(self_attn|mlp)/\w+_proj"
 SMOOTHQUANT_ALPHA = 0.8
 
+# The int4 cache of choice: keys per channel in groups of 32 tokens, the
+# unfinished last group in float, keys and values Hadamard-rotated.
+INT4_KV = kvcache.KVCacheSpec("int4", key_granularity="channel",
+                              group_size=32, float_residual=True,
+                              hadamard=True, value_hadamard=True)
+
 KV_CACHES = {
     "KV int8 per token-head": kvcache.KVCacheSpec("int8"),
     "KV fp8 e4m3 per token-head": kvcache.KVCacheSpec("float8_e4m3fn"),
@@ -56,6 +64,7 @@ KV_CACHES = {
         "int4", key_granularity="channel", group_size=32),
     "KV int4 KIVI + Hadamard": kvcache.KVCacheSpec(
         "int4", key_granularity="channel", group_size=32, hadamard=True),
+    "KV int4 KIVI + float residual + Hadamard K and V": INT4_KV,
 }
 
 W4 = {"per-channel": PerChannel(-1), "g128": PerGroup(0, 128),
