@@ -44,8 +44,9 @@ whose gradients train them); in serve mode it quantizes with them, and
 `jaxq.convert` builds the serving weights from them.
 
 Weight ranges honour the weight spec's ``calibration`` (`weight_range`):
-``"max"`` (the default: `jaxq.quantize`'s own abs-max), ``"percentile"`` or
-``"mse"`` (a jitted clipping search, `jaxq.algorithms.weight_range`), in
+``"max"`` (the default: abs-max), ``"percentile"`` or ``"mse"`` (a jitted
+clipping search), which `jaxq.quantize` and `jaxq.fake_quant` compute
+themselves (`jaxq.compute_range`, `jaxq.range_search`), in
 every mode that quantizes the weight: serve (on the fly), `jaxq.convert`,
 the starting value of a learned weight scale, and qat, which recomputes the
 range on every step from the current weight (a jitted grid; its gradient is
@@ -87,7 +88,7 @@ import jax.numpy as jnp
 from jaxq import calibration
 from jaxq import granularity as granularity_lib
 from jaxq import learned
-from jaxq.algorithms.weight_range import weight_range as search_weight_range
+from jaxq import range_search
 from jaxq.granularity import PerChannel
 from jaxq.quantize import dequantize
 from jaxq.quantize import fake_quant
@@ -110,8 +111,9 @@ ENABLED = "enabled"  # A switchable layer's on/off flag.
 WEIGHT_RANGE = "weight_range"
 ACT_SMOOTH = "act_smooth"
 FIXED_NAMES = (WEIGHT_RANGE, ACT_SMOOTH)
-# The calibrations a weight's range supports.
-WEIGHT_CALIBRATIONS = ("max", "percentile", "mse")
+# The calibrations a weight's range (and a dynamic act's) supports: those
+# one array's values decide.
+WEIGHT_CALIBRATIONS = range_search.ARRAY_CALIBRATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +236,12 @@ def layer_quant(path: str, module: object, rule: Any | None,
 
   Returns None for float layers (no rule, or a skip rule). Embedding tables
   get `embed_spec` and no act spec (lookups are weight-only). Raises a
-  ValueError naming the layer when the weight spec cannot apply.
+  ValueError naming the layer and the field when a spec cannot apply: a
+  weight spec that does not fit the weight or whose calibration needs
+  calibration data (``"entropy"``), a dynamic act spec whose calibration
+  needs it too (its range comes from each batch alone), or
+  ``rounding="stochastic"``, which needs a key per call that layers do not
+  draw.
   """
   check_switchable(switchable, mode, int8_forward)
   if rule is None or rule.skip:
@@ -256,6 +263,22 @@ def layer_quant(path: str, module: object, rule: Any | None,
           f"jaxq: the weight spec of {path!r} ({quant.module_type}) has "
           f"calibration={weight.calibration!r}, which describes activations; "
           f"a weight's range supports {WEIGHT_CALIBRATIONS}.")
+  act = quant.act
+  if (act is not None and act.dynamic and act.learn is None and
+      act.calibration not in WEIGHT_CALIBRATIONS):
+    raise ValueError(
+        f"jaxq: the act spec of {path!r} ({quant.module_type}) is dynamic "
+        f"(its range comes from each batch alone) with "
+        f"calibration={act.calibration!r}, which chooses a static range from "
+        f"a histogram of calibration batches: pass dynamic=False for a "
+        f"calibrated range, or a calibration in {WEIGHT_CALIBRATIONS}.")
+  for what, spec in (("weight", weight), ("act", act)):
+    if spec is not None and spec.rounding != "nearest":
+      raise ValueError(
+          f"jaxq: the {what} spec of {path!r} ({quant.module_type}) has "
+          f"rounding={spec.rounding!r}; quantized layers round to nearest "
+          f"(stochastic rounding needs a PRNG key per call: use "
+          f"jaxq.quantize(..., key=) directly).")
   return quant
 
 
@@ -266,8 +289,9 @@ def weight_range(layer: LayerQuant, w: jax.Array,
                  stored: ActRange | None = None
                  ) -> tuple[jax.Array | None, jax.Array | None]:
   """``(amin, amax)`` of the layer's weight: the ``stored`` range when given
-  (checked against the scale shape), else the spec's ``calibration``;
-  ``(None, None)`` for ``"max"``, which `jaxq.quantize` computes itself."""
+  (checked against the scale shape), else ``(None, None)``: `jaxq.quantize`
+  and `jaxq.fake_quant` compute it from the weight as the spec's
+  ``calibration`` asks."""
   spec = layer.weight
   if stored is not None:
     shape = granularity_lib.scale_shape(spec.granularity, tuple(w.shape))
@@ -280,9 +304,7 @@ def weight_range(layer: LayerQuant, w: jax.Array,
           f"but its weight spec {spec} on shape {tuple(w.shape)} needs "
           f"{tuple(shape)}{'' if spec.symmetric else ' and an amin'}.")
     return amin, amax
-  if spec.calibration == "max":
-    return None, None
-  return search_weight_range(jax.lax.stop_gradient(w), spec)
+  return None, None
 
 
 def transform_weight(layer: LayerQuant, w: jax.Array | QArray,
