@@ -80,15 +80,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import warnings
 from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxq import calibration
 from jaxq import granularity as granularity_lib
 from jaxq import learned
 from jaxq import range_search
+from jaxq.calibration import histogram
 from jaxq.granularity import PerChannel
 from jaxq.quantize import dequantize
 from jaxq.quantize import fake_quant
@@ -423,16 +426,46 @@ def observe_act(layer: LayerQuant, state: Any | None, x: jax.Array,
   return new
 
 
-def finalize_range(observer: calibration.Observer, state: Any) -> ActRange:
-  """The static range ``{"amax"[, "amin"]}`` an observer state picks.
+def _warn_unresolved(path: str, state: Any, chosen: Any) -> None:
+  """Warns, naming the layer, when a histogram range was chosen inside the
+  histogram's first bin: its bins, grown to hold an outlier far beyond the
+  other values, cannot tell those values apart, so the range (and every
+  ordinary input's quantized value) is off by up to its own size."""
+  if not isinstance(state, histogram.HistogramState) or (
+      isinstance(chosen, tuple) or isinstance(chosen, jax.core.Tracer)):
+    return
+  chosen = np.asarray(chosen, np.float32)
+  width = np.asarray(state.bin_width, np.float32)
+  unresolved = (chosen > 0) & (chosen < np.asarray(state.amax)) & (
+      chosen <= width)
+  if np.any(unresolved):
+    i = np.flatnonzero(unresolved.ravel())[0]
+    warnings.warn(
+        f"jaxq: the static range of {path!r} ({chosen.ravel()[i]:.3g}) lies "
+        f"in the first bin of its histogram, whose bins are "
+        f"{width.ravel()[i]:.3g} wide to reach the largest input seen "
+        f"({float(np.asarray(state.amax).ravel()[i]):.3g}): the histogram "
+        f"cannot resolve the range asked for, and inputs below one bin "
+        f"width may all quantize to 0. Calibrate on batches without such "
+        f"outliers, or use calibration='max' for this layer.",
+        UserWarning, stacklevel=3)
+
+
+def finalize_range(observer: calibration.Observer, state: Any,
+                   path: str = "") -> ActRange:
+  """The static range ``{"amax"[, "amin"]}`` an observer state picks for
+  the layer at ``path``.
 
   A state stacked by ``nn.scan`` over layers (its scalar non-finite count
   gained leading axes, one per stack) is finalized per layer, giving
-  ranges with the same leading axes, ``(L, *scale_shape)``.
+  ranges with the same leading axes, ``(L, *scale_shape)``. A histogram
+  range chosen inside the histogram's first bin warns naming the layer
+  (`_warn_unresolved`).
   """
   if jnp.ndim(getattr(state, "nonfinite", 0)) > 0:
     return jax.vmap(lambda one: finalize_range(observer, one))(state)
   chosen = observer.finalize(state)
+  _warn_unresolved(path, state, chosen)
   if isinstance(chosen, tuple):
     amin, amax = chosen
     return {"amin": jnp.asarray(amin, jnp.float32),

@@ -239,7 +239,7 @@ def act_ranges(qmodel: "QuantizedLinen", stats: Any) -> dict[str, Any]:
     for name in path.split("/") if path else []:
       subtree = subtree.setdefault(name, {})
     subtree[core.ACT_STATS] = core.finalize_range(
-        qmodel.observer_for(info.act), node[core.ACT_STATS])
+        qmodel.observer_for(info.act), node[core.ACT_STATS], path)
   return ranges
 
 
