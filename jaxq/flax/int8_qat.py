@@ -27,6 +27,15 @@ The backward (``backward``, `BACKWARDS`), for a loss gradient ``g`` of
   ``dx_hat = g . w_hat^T``, ``dw = x_hat^T . g``: the gradient of the
   fake-quant forward. It needs the quantized operands (the int8 forward
   keeps their int values and scales; fake-quant its dequantized copies).
+  The layer's own gradients equal fake-quant's to float32 rounding, but a
+  non-smooth op after the layer may take another branch: the integer
+  matmul is exact, so an output whose int products cancel is exactly 0
+  (common with int4 and a zero bias, at initialisation), where fake-quant's
+  float accumulation leaves a few ulps of either sign; ``relu`` then passes
+  no gradient at 0 and the whole one at 1e-8. On such models the two
+  gradients differ by whole elements (tens of percent in norm on a small
+  int4 per-tensor MLP at init) while the losses agree to 1e-7: both are
+  correct subgradients.
 * ``"float"``: the backward matmuls take the float operands,
   ``dx_hat = g . w^T``, ``dw = x^T . g``, as Qwix's QtProvider and AQT's
   defaults do: no quantized residual, the float step's backward. Its
