@@ -195,3 +195,29 @@ def test_flax_layers_refuse_a_field_they_cannot_honour(dense, rule, match):
   model, variables = dense
   with pytest.raises(ValueError, match=match):
     _served(model, variables, rule, mode="qat")
+
+
+def test_int8_forward_honours_clipped_ranges_in_its_ste_gradient(dense):
+  """A clipped weight range (mse) and a clipped dynamic act range
+  (percentile): the int8 forward quantizes with them and its exact STE
+  gradient masks what they clip, as fake-quant does."""
+  model, variables = dense
+  rule = jaxq.Rule(".*", weight=QuantSpec("int4", PerChannel(-1),
+                                          calibration="mse"),
+                   act=QuantSpec("int8", calibration="percentile",
+                                 percentile=90.0))
+  cotangent = jax.random.normal(jax.random.key(5), (X.shape[0], 4))
+
+  def loss_and_grads(**options):
+    qmodel = jaxq.quantize_model(model, [rule], mode="qat", **options)
+    loss = lambda params, x: jnp.sum(cotangent * qmodel.apply(
+        {"params": params}, x))
+    return jax.value_and_grad(loss, argnums=(0, 1))(variables["params"], X)
+
+  (loss, grads), (loss8, grads8) = (
+      loss_and_grads(), loss_and_grads(int8_forward=True, backward="ste"))
+  np.testing.assert_allclose(loss8, loss, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(grads8), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # The masks do clip: some input element passes no gradient.
+  assert np.any(np.asarray(grads[1]) == 0.0)
