@@ -83,8 +83,9 @@ def weight_range(w: jax.Array, spec: QuantSpec, *,
       raise ValueError(f"weight_range: error_weight of shape "
                        f"{tuple(error_weight.shape)} does not broadcast to "
                        f"the weight's shape {tuple(w.shape)}.")
+  nearest = spec.replace(rounding="nearest")  # The search needs no key.
   round_trip = lambda amax, amin: fake_quant(
-      w, spec, amax=amax, amin=amin, range_from_data=True)
+      w, nearest, amax=amax, amin=amin, range_from_data=True)
   return range_search.mse_range(
       w, blocks, compute_range(w, spec.replace(calibration="max")),
       round_trip, num_ratios=num_ratios, min_ratio=min_ratio,
