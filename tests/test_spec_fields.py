@@ -190,6 +190,8 @@ def test_flax_layers_honour_every_range_field(dense):
      "weight spec of 'fc'.*rounding='stochastic'"),
     (jaxq.Rule(".*", weight=QuantSpec("int8", calibration="entropy")),
      "weight spec of 'fc'.*calibration='entropy'"),
+    (jaxq.Rule(".*", weight=QuantSpec("int8", dynamic=False)),
+     "weight spec of 'fc'.*dynamic=False"),
 ])
 def test_flax_layers_refuse_a_field_they_cannot_honour(dense, rule, match):
   model, variables = dense

@@ -240,8 +240,9 @@ def layer_quant(path: str, module: object, rule: Any | None,
   Returns None for float layers (no rule, or a skip rule). Embedding tables
   get `embed_spec` and no act spec (lookups are weight-only). Raises a
   ValueError naming the layer and the field when a spec cannot apply: a
-  weight spec that does not fit the weight or whose calibration needs
-  calibration data (``"entropy"``), a dynamic act spec whose calibration
+  weight spec that does not fit the weight, whose calibration needs
+  calibration data (``"entropy"``) or that says ``dynamic=False`` (a
+  weight's range is always its own), a dynamic act spec whose calibration
   needs it too (its range comes from each batch alone), or
   ``rounding="stochastic"``, which needs a key per call that layers do not
   draw.
@@ -266,6 +267,12 @@ def layer_quant(path: str, module: object, rule: Any | None,
           f"jaxq: the weight spec of {path!r} ({quant.module_type}) has "
           f"calibration={weight.calibration!r}, which describes activations; "
           f"a weight's range supports {WEIGHT_CALIBRATIONS}.")
+  if weight is not None and not weight.dynamic:
+    raise ValueError(
+        f"jaxq: the weight spec of {path!r} ({quant.module_type}) has "
+        f"dynamic=False, which applies to activations: a weight always uses "
+        f"its own range (or the one GPTQ/AWQ stored). Drop it from the "
+        f"weight spec.")
   act = quant.act
   if (act is not None and act.dynamic and act.learn is None and
       act.calibration not in WEIGHT_CALIBRATIONS):
