@@ -274,7 +274,7 @@ class CalibrationResult:
     observer = self.observers[method]
     adapter = jaxq_flax.adapt(self.model, what="CalibrationResult.ranges")
     return adapter.ranges_from({
-        path: core.finalize_range(observer, state)
+        path: core.finalize_range(observer, state, path)
         for path, state in adapter.act_states(self.stats).items()})
 
 

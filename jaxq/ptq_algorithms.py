@@ -89,6 +89,8 @@ from jaxq import algorithms
 from jaxq import ptq_layers
 from jaxq import flax as jaxq_flax
 from jaxq import granularity as granularity_lib
+from jaxq import range_search
+from jaxq.quantize import compute_range
 from jaxq.algorithms import smoothquant as smoothquant_lib
 from jaxq.flax import batch as batch_lib
 from jaxq.flax import core
@@ -310,24 +312,18 @@ def _act_range(view: ptq_layers.MatmulView, rows: jax.Array,
     raise ValueError(f"{what}: act_ranges needs a static act spec on "
                      f"{view.info.path!r}, whose rule has {spec}.")
   if not isinstance(spec.granularity, granularity_lib.PerTensor) or (
-      spec.calibration not in ("max", "percentile")):
+      spec.calibration not in range_search.ARRAY_CALIBRATIONS):
     raise ValueError(
-        f"{what}: act_ranges computes per-tensor 'max' or 'percentile' "
-        f"ranges, but {view.info.path!r} has {spec.granularity} with "
+        f"{what}: act_ranges computes per-tensor ranges from the captured "
+        f"inputs by calibration in {range_search.ARRAY_CALIBRATIONS}, but "
+        f"{view.info.path!r} has {spec.granularity} with "
         f"calibration={spec.calibration!r}; calibrate it with jaxq.calibrate.")
   shape = granularity_lib.scale_shape(spec.granularity, x_shape)
-  values = np.asarray(rows)
-  if spec.calibration == "max":
-    amax = np.max(values) if not spec.symmetric else np.max(np.abs(values))
-    amin = np.min(values)
-  else:
-    q = spec.percentile
-    amax = (np.percentile(np.abs(values), q) if spec.symmetric
-            else np.percentile(values, q))
-    amin = np.percentile(values, 100.0 - q)
-  out = {"amax": jnp.full(shape, amax, jnp.float32)}
+  # The rows are the inputs' real positions: their range is the tensor's.
+  amin, amax = compute_range(jnp.asarray(rows, jnp.float32), spec)
+  out = {"amax": jnp.broadcast_to(amax.reshape(()), shape)}
   if not spec.symmetric:
-    out["amin"] = jnp.full(shape, min(float(amin), 0.0), jnp.float32)
+    out["amin"] = jnp.broadcast_to(jnp.minimum(amin.reshape(()), 0.0), shape)
   return out
 
 

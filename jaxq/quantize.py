@@ -48,6 +48,12 @@ Numerics:
   ``range_from_data=True``: a zero range is then ``x`` being zero there.
 * Zero-size arrays quantize to zero-size values with unit scales (see
   `jaxq.granularity.scale_shape` for the scale shape).
+* A range not given is computed from ``x`` as ``spec.calibration`` asks
+  (`compute_range`): abs-max by default, a percentile of each block, or
+  the abs-max range clipped by the ratio of least squared error
+  (`jaxq.range_search`); ``"entropy"`` needs calibration data and raises.
+  Clipped ranges are the data's too: a zero range there is ``x`` being
+  (mostly) zero.
 * Ranges computed from data ignore NaN and +-inf, block by block, so one bad
   element never poisons the scale of another channel or group (nor of its
   own). The bad elements themselves follow `jaxq.formats.cast`: +inf
@@ -70,6 +76,7 @@ import numpy as np
 from jaxq import formats as formats_lib
 from jaxq import granularity as granularity_lib
 from jaxq import range_checks
+from jaxq import range_search
 from jaxq.spec import QArray, QuantSpec, check_qarray
 
 
@@ -115,17 +122,27 @@ def _finite_block_max(x: jax.Array, blocks: tuple[int, ...],
 
 def compute_range(x: jax.Array, spec: QuantSpec
                   ) -> tuple[jax.Array | None, jax.Array]:
-  """The data range of each block of ``x``, ignoring non-finite elements.
+  """The range of each block of ``x`` as ``spec.calibration`` asks,
+  ignoring non-finite elements: the range `quantize` and `fake_quant` use
+  when no ``amax`` is given.
 
   Returns:
-    ``(amin, amax)`` in float32 of the scale shape. Symmetric specs give
-    ``amin = None`` and ``amax = max |x|``, or, in the full integer range
-    (int4's default), ``max(max x, -min x / negative_reach)``, the smallest
-    range that holds both ends within half a step (see
-    `jaxq.formats.Format.negative_reach`); affine specs give the minimum
-    and maximum. A block with no finite element gives 0.
+    ``(amin, amax)`` in float32 of the scale shape; ``amin`` is None for
+    symmetric specs. ``calibration="max"``: symmetric specs give ``amax =
+    max |x|``, or, in the full integer range (int4's default), ``max(max x,
+    -min x / negative_reach)``, the smallest range that holds both ends
+    within half a step (see `jaxq.formats.Format.negative_reach`); affine
+    specs give the minimum and maximum. ``"percentile"`` and ``"mse"``: the
+    clipped ranges of `jaxq.range_search` (a percentile of each block, or
+    the abs-max range scaled by the clipping ratio of least squared error).
+    A block with no finite element gives 0.
+
+  Raises:
+    ValueError: for ``calibration="entropy"``, which needs a histogram of
+      calibration data, or a granularity that does not fit ``x``.
   """
   _check_float(x, "compute_range")
+  range_search.check_array_calibration(spec, "compute_range")
   if x.size == 0:  # Nothing to reduce: unit scales.
     zeros = jnp.zeros(granularity_lib.scale_shape(spec.granularity,
                                                   tuple(x.shape)), jnp.float32)
@@ -141,6 +158,18 @@ def _compute_range_compiled(x: jax.Array, spec: QuantSpec
   shape (as `quantize` is)."""
   blocks = spec.granularity.block_shape(tuple(x.shape))
   x = x.astype(jnp.float32)
+  if spec.calibration == "percentile":
+    return range_search.percentile_range(x, spec, blocks)
+  max_range = _max_range(x, spec, blocks)
+  if spec.calibration == "mse":
+    return range_search.mse_range(
+        x, blocks, max_range, functools.partial(_round_trip, x, spec))
+  return max_range
+
+
+def _max_range(x: jax.Array, spec: QuantSpec, blocks: tuple[int, ...]
+               ) -> tuple[jax.Array | None, jax.Array]:
+  """The abs-max range of float32 ``x`` (``calibration="max"``)."""
   if spec.symmetric:
     return None, _finite_block_max(x, blocks, spec.negative_reach)
   finite = jnp.isfinite(x)
@@ -149,6 +178,16 @@ def _compute_range_compiled(x: jax.Array, spec: QuantSpec
   amax = granularity_lib.block_reduce(jnp.where(finite, x, 0.0), blocks,
                                       jnp.max)
   return amin, amax
+
+
+def _round_trip(x: jax.Array, spec: QuantSpec, amax: jax.Array,
+                amin: jax.Array | None) -> jax.Array:
+  """``x`` fake-quantized with the range ``(amin, amax)`` computed from it:
+  what the mse search scores. Rounding is to nearest (a stochastic spec's
+  expected grid), so the search needs no key."""
+  spec = spec.replace(rounding="nearest")
+  scale, zero_point = _scale_from_range(spec, amax, amin)
+  return _fake_quant_values(x, spec, scale, zero_point, None)
 
 
 def scale_from_range(spec: QuantSpec, amax: jax.Array,
@@ -240,16 +279,18 @@ def _scale_from_range(spec: QuantSpec, amax: jax.Array,
 
 
 def _checked_range(x: jax.Array, spec: QuantSpec, amax, amin,
-                   range_from_data: bool
+                   range_from_data: bool, what: str
                    ) -> tuple[jax.Array | None, jax.Array | None]:
   """The given range broadcast to the scale shape and, when concrete,
-  checked now (`jaxq.check_range`); ``(None, None)`` to compute it from ``x``.
+  checked now (`jaxq.check_range`); ``(None, None)`` to compute it from ``x``
+  (`compute_range`, whose calibration ``what``, the caller, must allow).
   Raises for a granularity that does not fit ``x``."""
   shape = tuple(x.shape)
   expected = granularity_lib.scale_shape(spec.granularity, shape)
   if amax is None:
     if amin is not None:
       raise ValueError("amin was given without amax.")
+    range_search.check_array_calibration(spec, what)
     return None, None
   amax = _check_range_shape("amax", amax, expected, spec, shape)
   if spec.symmetric:
@@ -271,7 +312,8 @@ def _resolve_scale(x: jax.Array, spec: QuantSpec, amax, amin,
   """Scale and zero point from a range `_checked_range` passed, or from
   ``x`` itself."""
   if amax is None:
-    amin, amax = compute_range(x, spec)
+    # The range is a constant of the step, as a given one is.
+    amin, amax = compute_range(jax.lax.stop_gradient(x), spec)
   elif not range_from_data:
     # A traced static range of 0 gives NaN (a concrete one raised already).
     amax = range_checks.nan_if_zero(spec, amax, amin)
@@ -333,8 +375,10 @@ def quantize(x: jax.Array, spec: QuantSpec, *, amax: jax.Array | None = None,
     x: float array of any shape.
     spec: the quantizer.
     amax: optional static range (e.g. from calibration) of the scale shape,
-      or broadcastable to it; computed from ``x`` when omitted. Values outside
-      the range saturate.
+      or broadcastable to it. When omitted, `compute_range` computes it from
+      ``x`` as ``spec.calibration`` asks (abs-max, a percentile, or the mse
+      clipping search; ``"entropy"`` raises). Values outside the range
+      saturate.
     amin: the range's lower end, for affine specs with a static range.
     key: PRNG key, required when ``spec.rounding == "stochastic"``.
     range_from_data: True when ``amax``/``amin`` were computed from ``x``
@@ -350,14 +394,16 @@ def quantize(x: jax.Array, spec: QuantSpec, *, amax: jax.Array | None = None,
     ValueError: for integer input, when the granularity does not fit
       ``x.shape`` (axis out of range, an MX block size not dividing the
       axis; a group or block size that does not divide leaves a shorter
-      last group, see `jaxq.granularity`), or for
+      last group, see `jaxq.granularity`), for ``calibration="entropy"``
+      without ``amax``, or for
       an invalid concrete range (`jaxq.check_range`; a static range of 0
       everywhere raises a `ZeroRangeError`). Traced invalid ranges give
       NaN.
   """
   x = jnp.asarray(x)
   _check_float(x, "quantize")
-  amin, amax = _checked_range(x, spec, amax, amin, range_from_data)
+  amin, amax = _checked_range(x, spec, amax, amin, range_from_data,
+                              "quantize")
   return _quantize_compiled(x, spec, amax, amin, key, range_from_data)
 
 
@@ -472,8 +518,9 @@ def fake_quant(x: jax.Array, spec: QuantSpec, *,
   the incoming gradient unchanged. The range itself receives no gradient
   (learned ranges are separate quantizers, see `jaxq.learned`).
 
-  A range computed from ``x`` itself (no ``amax``; not MX, whose power-of-two
-  scales saturate by design) contains every finite element, so there the
+  An abs-max range computed from ``x`` itself (no ``amax``,
+  ``calibration="max"``; not MX, whose power-of-two scales saturate by
+  design) contains every finite element, so there the
   clipped estimator is the identity and is applied as such: no mask is
   computed and no residual kept (elements at the range's ends pass the
   gradient even when ``qmax * scale`` rounds an ulp below ``amax``, or,
@@ -488,7 +535,8 @@ def fake_quant(x: jax.Array, spec: QuantSpec, *,
   """
   x = jnp.asarray(x)
   _check_float(x, "fake_quant")
-  amin, amax = _checked_range(x, spec, amax, amin, range_from_data)
+  amin, amax = _checked_range(x, spec, amax, amin, range_from_data,
+                              "fake_quant")
   return _fake_quant_compiled(x, spec, amax, amin, key, range_from_data)
 
 
@@ -498,6 +546,7 @@ def _fake_quant_compiled(x: jax.Array, spec: QuantSpec,
                          key: jax.Array | None,
                          range_from_data: bool) -> jax.Array:
   """`fake_quant` after its checks, compiled as `_quantize_compiled` is."""
-  contains_x = amax is None and not spec.is_mx
+  # Only the abs-max range holds every element (a clipped one does not).
+  contains_x = amax is None and not spec.is_mx and spec.calibration == "max"
   scale, zero_point = _resolve_scale(x, spec, amax, amin, range_from_data)
   return _fake_quant(spec, x, scale, zero_point, key, contains_x)

@@ -36,6 +36,7 @@ from jaxq import granularity as granularity_lib
 CALIBRATIONS: tuple[str, ...] = ("max", "percentile", "entropy", "mse")
 STES: tuple[str, ...] = ("clipped", "identity")
 LEARNS: tuple[str, ...] = ("lsq", "pact")
+DEFAULT_PERCENTILE = 99.99
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,7 +58,8 @@ class QuantSpec:
       ``uint8`` is affine only; float formats and MX are symmetric only.
     calibration: how a static range is chosen from observed data: ``"max"``,
       ``"percentile"`` (at ``percentile``), ``"entropy"`` (KL) or ``"mse"``.
-    percentile: the percentile used when ``calibration == "percentile"``.
+    percentile: the percentile used when ``calibration == "percentile"``;
+      another value with another calibration raises (it would be ignored).
     narrow_range: signed integers use [-qmax, qmax] (e.g. [-127, 127]) when
       True, the full two's complement range [-qmax - 1, qmax] when False.
       None (the default) resolves per format when the spec is built
@@ -90,7 +92,7 @@ class QuantSpec:
   granularity: granularity_lib.GranularityLike = granularity_lib.PerTensor()
   symmetric: bool = True
   calibration: str = "max"
-  percentile: float = 99.99
+  percentile: float = DEFAULT_PERCENTILE
   narrow_range: bool | None = None
   rounding: formats_lib.Rounding = "nearest"
   ste: Literal["clipped", "identity"] = "clipped"
@@ -131,6 +133,11 @@ class QuantSpec:
     if not 0.0 < self.percentile <= 100.0:
       raise ValueError(f"QuantSpec: percentile must be in (0, 100], got "
                        f"{self.percentile}.")
+    if (self.percentile != DEFAULT_PERCENTILE and
+        self.calibration != "percentile"):
+      raise ValueError(f"QuantSpec: percentile={self.percentile} applies to "
+                       f"calibration='percentile' only, but calibration is "
+                       f"{self.calibration!r}.")
     if self.rounding not in formats_lib.ROUNDINGS:
       raise ValueError(f"QuantSpec: unknown rounding {self.rounding!r}; "
                        f"expected one of {formats_lib.ROUNDINGS}.")
@@ -174,10 +181,14 @@ class QuantSpec:
 
     A new ``format`` without ``narrow_range`` takes the new format's default
     range when this spec's range was a default, and keeps it when it was
-    given explicitly.
+    given explicitly. A ``calibration`` other than ``"percentile"`` without
+    ``percentile`` resets the percentile to its default.
     """
     if "narrow_range" not in changes and not self._narrow_range_given:
       changes["narrow_range"] = None  # Stays a default, for a later format.
+    if (changes.get("calibration", "percentile") != "percentile" and
+        "percentile" not in changes):
+      changes["percentile"] = DEFAULT_PERCENTILE
     return dataclasses.replace(self, **changes)
 
 

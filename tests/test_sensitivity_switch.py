@@ -91,16 +91,17 @@ def _ranges(adapter):
 
 
 class _Compilations(logging.Handler):
-  """Counts ``jit(apply)`` compilations logged while installed (the
-  jitted-function cache size depends on JAX's dispatch path; the log does
-  not)."""
+  """Counts compilations of ``prefix`` (``jit(apply)``, the model) logged
+  while installed (the jitted-function cache size depends on JAX's
+  dispatch path; the log does not)."""
 
-  def __init__(self):
+  def __init__(self, prefix: str = "Compiling jit(apply)"):
     super().__init__()
+    self.prefix = prefix
     self.count = 0
 
   def emit(self, record: logging.LogRecord) -> None:
-    if record.getMessage().startswith("Compiling jit(apply)"):
+    if record.getMessage().startswith(self.prefix):
       self.count += 1
 
   def run(self, fn, *args):
@@ -285,8 +286,9 @@ class Deep(nn.Module):
     return x
 
 
-def _traces(depth: int, mode: str = "qat") -> tuple[int, int]:
-  """Model traces of `jaxq.sensitivity` and of `jaxq.partial_quantize`."""
+def _traces(depth: int, mode: str = "qat") -> tuple[int, int, int, int]:
+  """Model traces of `jaxq.sensitivity` and of `jaxq.partial_quantize`,
+  then the compilations of the model (``jit(apply)``) by each."""
   model = Deep(depth)
   x = jax.random.normal(jax.random.key(0), (16, 6))
   variables = model.init(jax.random.key(1), x)
@@ -298,17 +300,22 @@ def _traces(depth: int, mode: str = "qat") -> tuple[int, int]:
   rules = (jaxq.Rule(r".*", weight=QuantSpec("int4", PerTensor()),
                      act=A8_STATIC),)
   TRACES[0] = 0
-  table = jaxq.sensitivity(model, variables, rules, eval_fn, [x],
-                           mode=mode, progress=False)
+  sensitivity_compiles = _Compilations()
+  table = sensitivity_compiles.run(
+      lambda: jaxq.sensitivity(model, variables, rules, eval_fn, [x],
+                               mode=mode, progress=False))
   assert len(table) == depth
   in_sensitivity = TRACES[0]
   TRACES[0] = 0
+  partial_compiles = _Compilations()
   with pytest.warns(UserWarning, match="only with every quantized layer"):
-    result = jaxq.partial_quantize(model, variables, rules, eval_fn, [x],
-                                   max_drop=0.0, table=table, mode=mode,
-                                   progress=False)
+    result = partial_compiles.run(
+        lambda: jaxq.partial_quantize(model, variables, rules, eval_fn, [x],
+                                      max_drop=0.0, table=table, mode=mode,
+                                      progress=False))
   assert len(result.history) == depth + 1  # Every configuration evaluated.
-  return in_sensitivity, TRACES[0]
+  return (in_sensitivity, TRACES[0], sensitivity_compiles.count,
+          partial_compiles.count)
 
 
 @pytest.mark.parametrize("mode", ["qat", "serve"])
@@ -318,6 +325,10 @@ def test_accuracy_tools_trace_the_model_a_fixed_number_of_times(mode):
   # partial_quantize, given the table's stats: the layer order and one
   # switchable model for every configuration.
   assert deep[1] <= 2
+  # Compilations of the model, in either mode: sensitivity's float model
+  # and its switchable one (every layer scored by flags); partial_quantize's
+  # switchable one, for every configuration.
+  assert deep[2:] == (2, 1)
 
 
 @pytest.mark.parametrize("api", ["linen", "nnx"])

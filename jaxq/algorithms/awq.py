@@ -118,11 +118,13 @@ def block_output_error(gram: jax.Array, diff: jax.Array,
 def _awq(kernel, abs_mean, gram, spec, num_exponents, clip_ratios, min_clip):
   kernel = kernel.astype(jnp.float32)
   exponents = jnp.linspace(0.0, 1.0, num_exponents, dtype=jnp.float32)
+  # The exponent is chosen at the abs-max range; clipping is searched after.
+  max_spec = spec.replace(calibration="max")
 
   def error(exponent):
     factors = awq_factors(abs_mean, exponent)
     w_s = kernel * factors[:, None]
-    w_q = fake_quant(w_s, spec)
+    w_q = fake_quant(w_s, max_spec)
     return output_error(gram, kernel - w_q / factors[:, None])
 
   errors = jax.lax.map(error, exponents)
@@ -141,7 +143,7 @@ def _awq(kernel, abs_mean, gram, spec, num_exponents, clip_ratios, min_clip):
 
   blocks = spec.granularity.block_shape(tuple(kernel.shape))
   gram_s = gram / (factors[:, None] * factors[None, :])
-  amin0, amax0 = compute_range(w_s, spec)
+  amin0, amax0 = compute_range(w_s, max_spec)
   ratios = jnp.linspace(1.0, min_clip, clip_ratios, dtype=jnp.float32)
 
   def clip_error(ratio):

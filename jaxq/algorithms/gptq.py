@@ -127,7 +127,8 @@ def _range(w: jax.Array, spec: QuantSpec, row_weight: jax.Array
   if spec.calibration == "mse":
     amin, amax = weight_range(w, spec, error_weight=row_weight[:, None])
     if unclipped:  # A search that chose not to clip: clip neither end.
-      amax = jnp.where(amax >= compute_range(w, spec)[1],
+      max_spec = spec.replace(calibration="max")
+      amax = jnp.where(amax >= compute_range(w, max_spec)[1],
                        _unclipped_amax(w, spec), amax)
     return amin, amax
   if spec.calibration == "max" and unclipped:
@@ -145,7 +146,8 @@ def _unclipped_amax(w: jax.Array, spec: QuantSpec) -> jax.Array:
   the calibration inputs only (an outlier input's weight is clipped most).
   """
   fmt = spec.fmt
-  amin, amax = compute_range(w, spec.replace(symmetric=False))
+  amin, amax = compute_range(w, spec.replace(symmetric=False,
+                                             calibration="max"))
   step = jnp.maximum(amax / fmt.qmax, amin / fmt.qmin)
   return step * jnp.float32(fmt.amax_level)
 

@@ -87,7 +87,9 @@ def smoothed_output_error(kernel: jax.Array, flat: jax.Array,
   """``||X W - Q(X / s) Q(W * s)||^2`` over the rows of ``flat`` (n, d_in)
   (masked rows are zero rows, which quantize to zero and add nothing)."""
   x_s = flat / factors
-  act_amin, act_amax = compute_range(x_s, act_spec)
+  # The smoothed inputs' own abs-max range, whatever the act spec's
+  # calibration (entropy needs a histogram of many batches).
+  act_amin, act_amax = compute_range(x_s, act_spec.replace(calibration="max"))
   x_q = fake_quant(x_s, act_spec, amax=act_amax, amin=act_amin,
                    range_from_data=True)
   w_s = kernel * factors[:, None]

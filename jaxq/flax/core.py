@@ -46,8 +46,9 @@ whose gradients train them); in serve mode it quantizes with them, and
 `jaxq.convert` builds the serving weights from them.
 
 Weight ranges honour the weight spec's ``calibration`` (`weight_range`):
-``"max"`` (the default: `jaxq.quantize`'s own abs-max), ``"percentile"`` or
-``"mse"`` (a jitted clipping search, `jaxq.algorithms.weight_range`), in
+``"max"`` (the default: abs-max), ``"percentile"`` or ``"mse"`` (a jitted
+clipping search), which `jaxq.quantize` and `jaxq.fake_quant` compute
+themselves (`jaxq.compute_range`, `jaxq.range_search`), in
 every mode that quantizes the weight: serve (on the fly), `jaxq.convert`,
 the starting value of a learned weight scale, and qat, which recomputes the
 range on every step from the current weight (a jitted grid; its gradient is
@@ -103,16 +104,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import warnings
 from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxq import calibration
 from jaxq import granularity as granularity_lib
 from jaxq import learned
+from jaxq import range_search
 from jaxq.algorithms import stats as stats_lib
 from jaxq.algorithms.weight_range import weight_range as search_weight_range
+from jaxq.calibration import histogram
 from jaxq.granularity import PerChannel
 from jaxq.quantize import dequantize
 from jaxq.quantize import fake_quant
@@ -137,8 +142,9 @@ ENABLED = "enabled"  # A switchable layer's on/off flag.
 WEIGHT_RANGE = "weight_range"
 ACT_SMOOTH = "act_smooth"
 FIXED_NAMES = (WEIGHT_RANGE, ACT_SMOOTH)
-# The calibrations a weight's range supports.
-WEIGHT_CALIBRATIONS = ("max", "percentile", "mse")
+# The calibrations a weight's range (and a dynamic act's) supports: those
+# one array's values decide.
+WEIGHT_CALIBRATIONS = range_search.ARRAY_CALIBRATIONS
 # Module types whose kernel, (..., d_in, d_out), contracts the input's last
 # axis (d_in) along its axis -2; a subclass's name ending so counts too.
 INPUT_MOMENT_TYPES = ("Dense", "Linear", "Conv")
@@ -264,7 +270,13 @@ def layer_quant(path: str, module: object, rule: Any | None,
 
   Returns None for float layers (no rule, or a skip rule). Embedding tables
   get `embed_spec` and no act spec (lookups are weight-only). Raises a
-  ValueError naming the layer when the weight spec cannot apply.
+  ValueError naming the layer and the field when a spec cannot apply: a
+  weight spec that does not fit the weight, whose calibration needs
+  calibration data (``"entropy"``) or that says ``dynamic=False`` (a
+  weight's range is always its own), a dynamic act spec whose calibration
+  needs it too (its range comes from each batch alone), or
+  ``rounding="stochastic"``, which needs a key per call that layers do not
+  draw.
   """
   check_switchable(switchable, mode, int8_forward)
   if rule is None or rule.skip:
@@ -286,6 +298,28 @@ def layer_quant(path: str, module: object, rule: Any | None,
           f"jaxq: the weight spec of {path!r} ({quant.module_type}) has "
           f"calibration={weight.calibration!r}, which describes activations; "
           f"a weight's range supports {WEIGHT_CALIBRATIONS}.")
+  if weight is not None and not weight.dynamic:
+    raise ValueError(
+        f"jaxq: the weight spec of {path!r} ({quant.module_type}) has "
+        f"dynamic=False, which applies to activations: a weight always uses "
+        f"its own range (or the one GPTQ/AWQ stored). Drop it from the "
+        f"weight spec.")
+  act = quant.act
+  if (act is not None and act.dynamic and act.learn is None and
+      act.calibration not in WEIGHT_CALIBRATIONS):
+    raise ValueError(
+        f"jaxq: the act spec of {path!r} ({quant.module_type}) is dynamic "
+        f"(its range comes from each batch alone) with "
+        f"calibration={act.calibration!r}, which chooses a static range from "
+        f"a histogram of calibration batches: pass dynamic=False for a "
+        f"calibrated range, or a calibration in {WEIGHT_CALIBRATIONS}.")
+  for what, spec in (("weight", weight), ("act", act)):
+    if spec is not None and spec.rounding != "nearest":
+      raise ValueError(
+          f"jaxq: the {what} spec of {path!r} ({quant.module_type}) has "
+          f"rounding={spec.rounding!r}; quantized layers round to nearest "
+          f"(stochastic rounding needs a PRNG key per call: use "
+          f"jaxq.quantize(..., key=) directly).")
   return quant
 
 
@@ -352,11 +386,12 @@ def weight_range(layer: LayerQuant, w: jax.Array,
                  moment: stats_lib.InputMoment | None = None
                  ) -> tuple[jax.Array | None, jax.Array | None]:
   """``(amin, amax)`` of the layer's weight: the ``stored`` range when given
-  (checked against the scale shape), else the spec's ``calibration``;
-  ``(None, None)`` for ``"max"``, which `jaxq.quantize` computes itself.
-  An ``"mse"`` search given the layer's input ``moment`` minimises the
-  output error (each squared weight error weighted by `input_error_weight`);
-  without it, the weight's own squared error."""
+  (checked against the scale shape); else, for an ``"mse"`` spec given the
+  layer's input ``moment``, the range minimising the output error (each
+  squared weight error weighted by `input_error_weight`); else ``(None,
+  None)``: `jaxq.quantize` and `jaxq.fake_quant` compute it from the weight
+  as the spec's ``calibration`` asks (an ``"mse"`` search then minimises the
+  weight's own squared error)."""
   spec = layer.weight
   if stored is not None:
     shape = granularity_lib.scale_shape(spec.granularity, tuple(w.shape))
@@ -369,11 +404,9 @@ def weight_range(layer: LayerQuant, w: jax.Array,
           f"but its weight spec {spec} on shape {tuple(w.shape)} needs "
           f"{tuple(shape)}{'' if spec.symmetric else ' and an amin'}.")
     return amin, amax
-  if spec.calibration == "max":
+  if moment is None or spec.calibration != "mse":
     return None, None
-  error_weight = None
-  if moment is not None and spec.calibration == "mse":
-    error_weight = input_error_weight(layer, tuple(w.shape), moment)
+  error_weight = input_error_weight(layer, tuple(w.shape), moment)
   return search_weight_range(jax.lax.stop_gradient(w), spec,
                              error_weight=error_weight)
 
@@ -494,16 +527,46 @@ def observe_act(layer: LayerQuant, state: Any | None, x: jax.Array,
   return new
 
 
-def finalize_range(observer: calibration.Observer, state: Any) -> ActRange:
-  """The static range ``{"amax"[, "amin"]}`` an observer state picks.
+def _warn_unresolved(path: str, state: Any, chosen: Any) -> None:
+  """Warns, naming the layer, when a histogram range was chosen inside the
+  histogram's first bin: its bins, grown to hold an outlier far beyond the
+  other values, cannot tell those values apart, so the range (and every
+  ordinary input's quantized value) is off by up to its own size."""
+  if not isinstance(state, histogram.HistogramState) or (
+      isinstance(chosen, tuple) or isinstance(chosen, jax.core.Tracer)):
+    return
+  chosen = np.asarray(chosen, np.float32)
+  width = np.asarray(state.bin_width, np.float32)
+  unresolved = (chosen > 0) & (chosen < np.asarray(state.amax)) & (
+      chosen <= width)
+  if np.any(unresolved):
+    i = np.flatnonzero(unresolved.ravel())[0]
+    warnings.warn(
+        f"jaxq: the static range of {path!r} ({chosen.ravel()[i]:.3g}) lies "
+        f"in the first bin of its histogram, whose bins are "
+        f"{width.ravel()[i]:.3g} wide to reach the largest input seen "
+        f"({float(np.asarray(state.amax).ravel()[i]):.3g}): the histogram "
+        f"cannot resolve the range asked for, and inputs below one bin "
+        f"width may all quantize to 0. Calibrate on batches without such "
+        f"outliers, or use calibration='max' for this layer.",
+        UserWarning, stacklevel=3)
+
+
+def finalize_range(observer: calibration.Observer, state: Any,
+                   path: str = "") -> ActRange:
+  """The static range ``{"amax"[, "amin"]}`` an observer state picks for
+  the layer at ``path``.
 
   A state stacked by ``nn.scan`` over layers (its scalar non-finite count
   gained leading axes, one per stack) is finalized per layer, giving
-  ranges with the same leading axes, ``(L, *scale_shape)``.
+  ranges with the same leading axes, ``(L, *scale_shape)``. A histogram
+  range chosen inside the histogram's first bin warns naming the layer
+  (`_warn_unresolved`).
   """
   if jnp.ndim(getattr(state, "nonfinite", 0)) > 0:
     return jax.vmap(lambda one: finalize_range(observer, one))(state)
   chosen = observer.finalize(state)
+  _warn_unresolved(path, state, chosen)
   if isinstance(chosen, tuple):
     amin, amax = chosen
     return {"amin": jnp.asarray(amin, jnp.float32),

@@ -20,13 +20,24 @@ head_dim) of its (batch, seq, heads, head_dim) input: give it
 ``PerToken(contraction_axis=(-2, -1))`` for one matmul).
 
 The backward (``backward``, `BACKWARDS`), for a loss gradient ``g`` of
-``y``; every mode then passes ``dx_hat`` through fake-quant's estimator
-(the identity, clipped for a static range; LSQ/PACT's for learned ones):
+``y``; every mode then passes ``dx_hat`` and ``dw`` through fake-quant's
+estimator (the identity for an operand's own abs-max range; clipped for a
+static range, a percentile or mse range, or MX; LSQ/PACT's for learned
+ones):
 
 * ``"ste"`` (default): the exact straight-through gradient,
   ``dx_hat = g . w_hat^T``, ``dw = x_hat^T . g``: the gradient of the
   fake-quant forward. It needs the quantized operands (the int8 forward
   keeps their int values and scales; fake-quant its dequantized copies).
+  The layer's own gradients equal fake-quant's to float32 rounding, but a
+  non-smooth op after the layer may take another branch: the integer
+  matmul is exact, so an output whose int products cancel is exactly 0
+  (common with int4 and a zero bias, at initialisation), where fake-quant's
+  float accumulation leaves a few ulps of either sign; ``relu`` then passes
+  no gradient at 0 and the whole one at 1e-8. On such models the two
+  gradients differ by whole elements (tens of percent in norm on a small
+  int4 per-tensor MLP at init) while the losses agree to 1e-7: both are
+  correct subgradients.
 * ``"float"``: the backward matmuls take the float operands,
   ``dx_hat = g . w^T``, ``dw = x^T . g``, as Qwix's QtProvider and AQT's
   defaults do: no quantized residual, the float step's backward. Its
@@ -86,6 +97,7 @@ from jaxq.flax.core import static_range
 from jaxq.quantize import fake_quant
 from jaxq.quantize import quantize
 from jaxq.spec import QArray
+from jaxq.spec import QuantSpec
 
 BACKWARDS: tuple[str, ...] = ("ste", "float", "int8")
 # The name of the linen rng collection of backward="int8".
@@ -369,6 +381,12 @@ def _int8_backward(matmul: _Matmul, qx: QArray,
 # The int8 forward and its backward modes.
 
 
+def _clips(spec: QuantSpec, amax: jax.Array | None) -> bool:
+  """Whether fake-quant's clipped estimator can stop some of an operand's
+  gradient: unless its range is its own abs-max (`jaxq.fake_quant`)."""
+  return amax is not None or spec.is_mx or spec.calibration != "max"
+
+
 def _int8_qat(quant_op: BilinearOp, float_op: BilinearOp,
               matmul: Callable[[], _Matmul], layer: LayerQuant,
               x: jax.Array, w: jax.Array, act_range: ActRange | None,
@@ -395,14 +413,15 @@ def _int8_qat(quant_op: BilinearOp, float_op: BilinearOp,
     if backward == "int8":
       matmul_2d.check(layer, qx, qw)
     # "float" keeps the float operands, the others the int values and
-    # scales, plus x when its range is static (the clipped estimator's mask
-    # needs it).
+    # scales, plus x and w where the range may not hold them (the clipped
+    # estimator's mask needs them).
     operands = (x, w) if backward == "float" else (qx, qw)
-    return quant_op(qx, qw), (operands, None if amax is None else x, amin,
-                              amax, key)
+    masked_x = x if _clips(layer.act, amax) else None
+    masked_w = w if _clips(layer.weight, None) else None
+    return quant_op(qx, qw), (operands, masked_x, masked_w, amin, amax, key)
 
   def bwd(residuals, g):
-    (a, b), x, amin, amax, key = residuals
+    (a, b), x, w, amin, amax, key = residuals
     if backward == "float":
       dx_hat, dw = jax.vjp(float_op, a, b)[1](g)
     elif backward == "int8":
@@ -420,14 +439,14 @@ def _int8_qat(quant_op: BilinearOp, float_op: BilinearOp,
       dx_hat, = jax.linear_transpose(lambda t: quant_op(t, b), a_like)(g)
       dw, = jax.linear_transpose(lambda t: quant_op(a, t), b_like)(g)
     dx_hat, dw = dx_hat.astype(x_dtype), dw.astype(w_dtype)
-    # fake_quant's estimator: the identity for a range of the operand's own
-    # (the weight's; a dynamic act's), else its clipped vjp at x.
-    if x is None:
-      dx = dx_hat
-    else:
-      dx = jax.vjp(lambda x: fake_quant(x, layer.act, amax=amax, amin=amin),
-                   x)[1](dx_hat)[0]
-    return dx, dw, *jax.tree.map(jnp.zeros_like, (amin, amax)), None
+    # fake_quant's estimator: the identity for an abs-max range of the
+    # operand's own, else its clipped vjp at the operand.
+    if x is not None:
+      dx_hat = jax.vjp(lambda x: fake_quant(x, layer.act, amax=amax,
+                                            amin=amin), x)[1](dx_hat)[0]
+    if w is not None:
+      dw = jax.vjp(lambda w: fake_quant(w, layer.weight), w)[1](dw)[0]
+    return dx_hat, dw, *jax.tree.map(jnp.zeros_like, (amin, amax)), None
 
   op.defvjp(fwd, bwd)
   return op(x, w, amin, amax, key)

@@ -47,6 +47,7 @@ from jaxq.flax.core import transform_act
 from jaxq.flax.core import transform_weight
 from jaxq.flax.core import weight_range
 from jaxq.quantize import compute_range
+from jaxq.range_search import ARRAY_CALIBRATIONS
 from jaxq.spec import QArray
 from jaxq.spec import QuantSpec
 
@@ -133,13 +134,17 @@ class LayerVariables(abc.ABC):
 
   def act_param(self, x: jax.Array) -> jax.Array:
     """The learned act parameter, created from the calibrated range when one
-    is loaded, else from ``x``'s."""
+    is loaded, else from ``x``'s (as the spec's calibration asks, abs-max
+    for ``"entropy"``, which needs calibration batches)."""
     spec = self.quant.act
     shape = learned_act_shape(self.quant, tuple(x.shape))
+    first_batch = (spec if spec.calibration in ARRAY_CALIBRATIONS else
+                   spec.replace(calibration="max"))
 
     def initial() -> jax.Array:
       act_range = self.get_range()
-      amax = (act_range["amax"] if act_range else compute_range(x, spec)[1])
+      amax = (act_range["amax"] if act_range else
+              compute_range(x, first_batch)[1])
       return learned.init_param(spec, jnp.reshape(amax, shape))
 
     return self._learned("act", spec, shape, initial)

@@ -168,7 +168,8 @@ class ScopeVariables(layer_variables.LayerVariables):
     quant = self.quant
     if (act_range is None and self.initializing and quant.static_act and
         quant.act.learn is None and quant.mode != "calibrate"):
-      amin, amax = compute_range(x, quant.act)
+      # A placeholder: x's abs-max, whatever the spec's calibration.
+      amin, amax = compute_range(x, quant.act.replace(calibration="max"))
       # A static range may not be 0 everywhere (init often runs on zeros):
       # where x's range is 0, x is 0, which a range of 1 keeps 0 as well.
       zero = (amax == 0) if amin is None else (amax == 0) & (amin == 0)
@@ -241,7 +242,7 @@ def act_ranges(qmodel: "QuantizedLinen", stats: Any) -> dict[str, Any]:
     for name in path.split("/") if path else []:
       subtree = subtree.setdefault(name, {})
     subtree[core.ACT_STATS] = core.finalize_range(
-        qmodel.observer_for(info.act), node[core.ACT_STATS])
+        qmodel.observer_for(info.act), node[core.ACT_STATS], path)
   return ranges
 
 

@@ -595,5 +595,6 @@ def act_ranges(qmodel: nnx.Module, stats: nnx.State) -> nnx.State:
                        f"which has a static act spec; run it in calibrate "
                        f"mode on at least one batch.{hint}")
     ranges[tuple(path) + ("jaxq_act_range",)] = QuantRange(
-        core.finalize_range(quant.observer_for(quant.act), state))
+        core.finalize_range(quant.observer_for(quant.act), state,
+                            quant.path))
   return nnx.from_flat_state(ranges)

@@ -373,7 +373,8 @@ def test_observer_for_picks_the_named_method():
       ("percentile", jaxq.observers.percentile(99.9)),
       ("entropy", jaxq.observers.entropy()),
       ("mse", jaxq.observers.mse())):
-    spec = QuantSpec("int8", PerTensor(), calibration=method, percentile=99.9)
+    spec = QuantSpec("int8", PerTensor(), calibration=method,
+                     **({"percentile": 99.9} if method == "percentile" else {}))
     obs = jaxq.observers.observer_for(spec)
     np.testing.assert_array_equal(obs.finalize(state),
                                   reference.finalize(state))
