@@ -30,6 +30,7 @@ from jaxq.flax import rules as rules_lib
 from jaxq.flax.batch import call_model
 from jaxq.flax.capture import LinenCapture
 from jaxq.flax.capture import LayerCall
+from jaxq.flax.capture import ModulePass
 from jaxq.flax.linen_variables import lookup
 from jaxq.flax.rules import LayerInfo
 
@@ -90,6 +91,37 @@ def _stacked_call(call: LayerCall, params: Any) -> bool:
   return len(seen) == len(stored) and all(
       len(b) == len(a) + 1 and b[1:] == tuple(a) and b[0] == stored[0][0]
       for a, b in zip(seen, stored))
+
+
+class _Host(nn.Module):
+  """Runs ``inner`` (an unbound copy of a submodule) as the submodule at
+  path ``names`` of a root: its layers keep their paths in the whole model
+  (so rules match and `Captured` keys read the same), and its variables are
+  the whole model's, restricted to that path."""
+
+  inner: nn.Module
+  names: tuple[str, ...]
+
+  @nn.compact
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    first, *rest = self.names
+    if not rest:
+      return self.inner.clone(parent=self, name=first)(*args, **kwargs)
+    return _Host(self.inner, tuple(rest), name=first)(*args, **kwargs)
+
+
+def _subtree(variables: Mapping[str, Any], path: str) -> dict[str, Any]:
+  """Each collection of ``variables`` restricted to the module at ``path``,
+  still nested under its names."""
+  out = {}
+  for collection, tree in variables.items():
+    node = lookup(tree, path)
+    if node is None:
+      continue
+    for name in reversed(path.split("/")):
+      node = {name: node}
+    out[collection] = node
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +245,27 @@ class LinenAdapter:
       return adapter_lib.replay(adapter_lib.stacked_apply(layer.apply), call,
                                 variables)
     return adapter_lib.replay(layer.apply, call, variables)
+
+  def run_module(self, path: str, call: LayerCall, paths: Collection[str]
+                 ) -> ModulePass:
+    """The module at ``path`` (``call.module``, an unbound copy) alone, as
+    the same submodule of a root (`_Host`), quantized as this model is."""
+    if not path:
+      raise ValueError("run_module: the root module is the whole model.")
+    host = _Host(call.module, tuple(path.split("/")))
+    # Its own layer record: the host's params would mark the model's other
+    # layers as not stacked.
+    runner = host if self.qmodel is None else dataclasses.replace(
+        self.qmodel, model=host, _layers={}, _warned=[True])
+    capture = LinenCapture(runner.apply, paths)
+
+    @jax.jit
+    def run(variables: Any, arrays: Sequence[jax.Array]) -> Any:
+      args, kwargs = call.arguments(arrays)
+      return capture.trace(variables, batch_lib.Batch(tuple(args), kwargs))
+
+    return ModulePass(lambda variables, arrays: run(
+        _subtree(variables, path), tuple(arrays)), capture)
 
   # Weights and other variables of a layer.
 

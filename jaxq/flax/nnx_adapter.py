@@ -30,6 +30,7 @@ from jaxq.flax import nnx as nnx_lib
 from jaxq.flax import rules as rules_lib
 from jaxq.flax.batch import call_model
 from jaxq.flax.capture import LayerCall
+from jaxq.flax.capture import ModulePass
 from jaxq.flax.capture import NnxCapture
 from jaxq.flax.capture import nnx_modules
 from jaxq.flax.rules import LayerInfo
@@ -231,6 +232,28 @@ class NnxAdapter:
     if info is not None and info.stacked:  # Inside nnx.scan over layers.
       apply = adapter_lib.stacked_apply(apply)
     return adapter_lib.replay(apply, call, state)
+
+  def run_module(self, path: str, call: LayerCall, paths: Collection[str]
+                 ) -> ModulePass:
+    """The module object at ``path``, called alone on its part of the
+    state (paths inside it are relative to it while it runs)."""
+    prefix = f"{path}/"
+    outside = sorted(p for p in paths if not p.startswith(prefix))
+    if outside:
+      raise ValueError(f"run_module: {outside} are not inside {path!r}.")
+    capture = NnxCapture(self._module(path),
+                         [p[len(prefix):] for p in paths])
+    key = _key(path)
+
+    @jax.jit
+    def run(state: nnx.State, arrays: Sequence[jax.Array]) -> Any:
+      args, kwargs = call.arguments(arrays)
+      out, captured = capture.trace(
+          state, batch_lib.Batch(tuple(args), kwargs))
+      return out, {prefix + p: c for p, c in captured.items()}
+
+    return ModulePass(lambda variables, arrays: run(
+        _lookup(variables, key), tuple(arrays)), capture, prefix)
 
   # Weights and other variables of a layer.
 
