@@ -13,7 +13,9 @@ embedding and head stay float) by `jaxq.gptq`, `jaxq.awq` and
   layer's inputs held; GPTQ runs the whole model once per layer).
 
 Each case runs in a fresh subprocess, once, compilation included (what a
-user waits for): ``median_s`` is that one wall time, ``peak_mb`` the
+user waits for): ``median_s`` is that one wall time, ``cpu_s`` the
+process's CPU time over all its threads (steadier than wall time on a
+machine shared with other work), ``peak_mb`` the
 process's peak resident memory over the run (``ru_maxrss``) and ``rise_mb``
 its rise over the resident memory before the algorithm started (model and
 batches built). ``ratio`` is the time over the ``jaxq-whole`` time of the
@@ -157,15 +159,15 @@ def _case(args: list[str]) -> None:
   sizes = [int(a) for a in args[3:]]
   cal, variables, data = _setup(*sizes, algorithm)
   before = _rss_mb()
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   result = jax.block_until_ready(_run(algorithm, cal, variables, data,
                                       blocks))
-  seconds = time.perf_counter() - start
+  seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   flat = {"/".join(map(str, k)): np.asarray(v) for k, v in
           jax.tree_util.tree_flatten_with_path(result)[0]}
   np.savez(out, **flat)
-  print(json.dumps({"seconds": seconds, "peak_mb": peak,
+  print(json.dumps({"seconds": seconds, "cpu_s": cpu, "peak_mb": peak,
                     "rise_mb": peak - before}))
 
 
@@ -224,6 +226,7 @@ def main() -> None:
       for blocks, m in measured.items():
         rows.append({"case": case, "impl": "jaxq" if blocks else "jaxq-whole",
                      "median_s": m["seconds"], "ratio": m["seconds"] / base,
+                     "cpu_s": m["cpu_s"],
                      "peak_mb": m["peak_mb"], "rise_mb": m["rise_mb"],
                      "max_diff": diff})
       for f in files.values():

@@ -88,6 +88,7 @@ ranges from the unmasked rows without a separate pass.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import jax
@@ -388,7 +389,7 @@ def _each_group(adapter: ModelAdapter, batches: Sequence[Any],
                  variables: Any) -> Any:
       # Inputs as the original model computes them, as the whole-model
       # capture has them (smoothing keeps each block's function).
-      for op, members in by_unit[id(unit)]:
+      for op, members in by_unit[unit.name]:
         variables = process(op, members, inputs.inputs(start), variables)
         bar.update()
       return variables
@@ -401,17 +402,20 @@ def _each_group(adapter: ModelAdapter, batches: Sequence[Any],
 
 def _groups_by_unit(the_plan: ptq_blocks.Plan,
                     groups: Sequence[tuple[str | None, list[LayerInfo]]]
-                    ) -> dict[int, list[tuple[str | None, list[LayerInfo]]]
+                    ) -> dict[str, list[tuple[str | None, list[LayerInfo]]]
                               ] | None:
-  """id(unit) -> the groups of its layers (in order), or None when a group
-  (layers folded into one op) spans several units."""
-  unit_of = {info.path: unit for unit in the_plan.units
+  """`Unit.name` -> the groups of its layers (in order), or None when a
+  group (layers folded into one op) spans several units."""
+  unit_of = {info.path: unit.name for unit in the_plan.units
              for info in unit.layers}
-  out: dict[int, list[tuple[str | None, list[LayerInfo]]]] = {
-      id(unit): [] for unit in the_plan.units}
+  out: dict[str, list[tuple[str | None, list[LayerInfo]]]] = {
+      unit.name: [] for unit in the_plan.units}
   for op, members in groups:
-    units = {id(unit_of[info.path]) for info in members}
+    units = {unit_of[info.path] for info in members}
     if len(units) != 1:
+      warnings.warn(f"fold_into folds layers of {sorted(units)} into one op "
+                    f"({op!r}); capturing with the whole model.",
+                    stacklevel=4)
       return None
     out[units.pop()].append((op, members))
   return out
@@ -562,8 +566,14 @@ def gptq(qmodel: Any, variables: Any, data: Iterable[Any], *,
       for info in unit.layers:
         if not all(inputs.shares_input(p, info.path) for p in since):
           under, since = variables, []
+        # Only what this layer and those on its input need: XLA drops the
+        # rest of the block from the run.
+        want = frozenset([info.path] + [
+            other.path for other in unit.layers
+            if inputs.shares_input(other.path, info.path) or
+            inputs.shares_input(info.path, other.path)])
         variables, layer_range = _gptq_layer(
-            adapter, variables, info, inputs.inputs(under), percdamp,
+            adapter, variables, info, inputs.inputs(under, want), percdamp,
             block_size, act_order, what)
         ranges[info.path] = [layer_range]
         since.append(info.path)

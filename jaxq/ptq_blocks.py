@@ -121,6 +121,11 @@ class Unit:
   call: LayerCall | None = None
   linked: bool = False
 
+  @property
+  def name(self) -> str:
+    """The block's path, or the path of the one layer outside blocks."""
+    return self.block if self.block is not None else self.layers[0].path
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -211,32 +216,47 @@ def plan(adapter: ModelAdapter, batches: Sequence[Any],
   return Plan(tuple(units))
 
 
+Want = frozenset[str] | None  # Layer paths to capture; None: all.
+
+
 @dataclasses.dataclass
 class UnitInputs:
   """The inputs of one unit's layers under given variables, memoized on the
-  last variables (one unit's inputs held at a time).
+  last run (one unit's inputs held at a time).
 
-  ``inputs(variables) -> LayerInputs``; ``shares_input(a, b)``: whether
-  layers ``a`` and ``b`` of a block are called on the very same array (so
-  quantizing ``a`` cannot change ``b``'s input: GPTQ skips a run).
+  ``inputs(variables, want=None) -> LayerInputs`` of the layers at ``want``
+  (all by default); ``outputs(variables)``: the block's output per batch;
+  ``shares_input(a, b)``: whether layers ``a`` and ``b`` of a block are
+  called on the very same array (so quantizing ``a`` cannot change ``b``'s
+  input: GPTQ skips a run).
+
+  Attributes:
+    run: ``(variables, want, output) -> (LayerInputs, outputs or None)``.
+    sharers: path -> the layers whose first argument is the same array.
   """
 
-  run: Callable[[Any], tuple[LayerInputs, list[Any] | None]]
+  run: Callable[[Any, Want, bool], tuple[LayerInputs, list[Any] | None]]
   sharers: Callable[[str], frozenset[str]] = lambda path: frozenset()
-  _last: tuple[Any, LayerInputs, list[Any] | None] | None = None
+  _last: tuple[Any, Want, LayerInputs, list[Any] | None] | None = None
 
-  def _get(self, variables: Any) -> tuple[LayerInputs, list[Any] | None]:
-    if self._last is None or self._last[0] is not variables:
+  def _get(self, variables: Any, want: Want, output: bool
+           ) -> tuple[LayerInputs, list[Any] | None]:
+    """The memo, else a run; ``output``: the block's output is needed."""
+    last = self._last
+    if not (last is not None and last[0] is variables and
+            (last[1] is None or (want is not None and want <= last[1])) and
+            (last[3] is not None or not output)):
       self._last = None  # Freed before the next run allocates.
-      inputs, outs = self.run(variables)
-      self._last = (variables, inputs, outs)
-    return self._last[1], self._last[2]
+      # A run of every layer computes the whole block: keep its output.
+      inputs, outs = self.run(variables, want, output or want is None)
+      self._last = last = (variables, want, inputs, outs)
+    return last[2], last[3]
 
-  def inputs(self, variables: Any) -> LayerInputs:
-    return self._get(variables)[0]
+  def inputs(self, variables: Any, want: Want = None) -> LayerInputs:
+    return self._get(variables, want, False)[0]
 
   def outputs(self, variables: Any) -> list[Any] | None:
-    return self._get(variables)[1]
+    return self._get(variables, frozenset(), True)[1]
 
   def shares_input(self, a: str, b: str) -> bool:
     return a in self.sharers(b)
@@ -291,8 +311,8 @@ def walk(adapter: ModelAdapter, batches: Sequence[Any], the_plan: Plan,
   outside_paths = [u.layers[0].path for u in the_plan.units
                    if u.block is None]
   outside_pass = model.capture(outside_paths) if outside_paths else None
-  outside = UnitInputs(lambda v: (_capture(model, batches, outside_paths, v,
-                                           outside_pass, what), None))
+  outside = UnitInputs(lambda v, want, output: (_capture(
+      model, batches, outside_paths, v, outside_pass, what), None))
   arrays: list[tuple[jax.Array, ...]] = []
   previous: UnitInputs | None = None  # The last block's.
   for unit in the_plan.units:
@@ -329,16 +349,20 @@ def _capture(model: ModelAdapter, batches: Sequence[Any], paths: list[str],
 
 def _block_run(module_pass: Any, arrays: Sequence[tuple[jax.Array, ...]],
                paths: Collection[str], masks: tuple[Any, ...]
-               ) -> Callable[[Any], tuple[LayerInputs, list[Any]]]:
-  """``variables -> (inputs of the block's layers, the block's output per
-  batch)``: the block alone on each batch's arguments."""
+               ) -> Callable[[Any, Want, bool],
+                             tuple[LayerInputs, list[Any] | None]]:
+  """``(variables, want, output) -> (inputs of the block's layers at
+  ``want``, the block's output per batch or None)``: the block alone on
+  each batch's arguments, computing only what is asked for."""
 
-  def run(variables: Any) -> tuple[LayerInputs, list[Any]]:
-    results = [module_pass(variables, a) for a in arrays]
-    captured = [c for _, c in results]
-    inputs = adapter_lib.collect_inputs(module_pass.calls, captured, paths,
-                                        masks) if paths else LayerInputs(
-                                            {}, {}, masks)
-    return inputs, [out for out, _ in results]
+  def run(variables: Any, want: Want, output: bool
+          ) -> tuple[LayerInputs, list[Any] | None]:
+    chosen = [p for p in paths if want is None or p in want]
+    results = [module_pass(variables, a, frozenset(chosen), output)
+               for a in arrays]
+    inputs = adapter_lib.collect_inputs(
+        module_pass.calls, [c for _, c in results], chosen,
+        masks) if chosen else LayerInputs({}, {}, masks)
+    return inputs, [out for out, _ in results] if output else None
 
   return run

@@ -195,3 +195,11 @@ def test_sensitivity(tmp_path):
       layers - 1)
   assert by_impl["partial", "jaxq"]["compiles"] == 1
   assert by_impl["partial", "jaxq-recompile"]["compiles"] == layers
+
+
+@pytest.mark.slow
+def test_ptq_depth(tmp_path):
+  rows = _run("ptq_depth", tmp_path, "--algorithms", "gptq")
+  assert {r["impl"] for r in rows} == {"jaxq", "jaxq-whole"}
+  # Block by block gives what the whole-model path gives.
+  assert all(r["max_diff"] < 1e-5 for r in rows), rows

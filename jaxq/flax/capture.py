@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax import traverse_util
 
+from jaxq.flax.batch import Batch
 from jaxq.flax.batch import batch_arguments
 
 CAPTURE = "jaxq_capture"
@@ -141,32 +142,67 @@ class ModulePass:
   """One submodule of a model run alone on a recorded call's arguments,
   recording the calls of layers inside it (`ModelAdapter.run_module`).
 
-  ``out, captured = module_pass(variables, arrays)``: ``variables`` the
-  whole model's (the pass reads the submodule's part), ``arrays`` the call's
-  array arguments (`LayerCall.arguments`), ``out`` the submodule's output
-  and ``captured`` the `Captured` of the layers, keyed by their full paths,
-  jitted (one compilation per pass for variables of one structure).
-  ``calls`` are the layers' `LayerCall`s by full path, after the first run.
+  ``out, captured = module_pass(variables, arrays, want=None, output=True)``:
+  ``variables`` the whole model's (the pass reads the submodule's part),
+  ``arrays`` the call's array arguments (`LayerCall.arguments`), ``out``
+  the submodule's output (None unless ``output``) and ``captured`` the
+  `Captured` of its layers, keyed by their full paths (only those in
+  ``want``, a frozenset of paths, when given). Jitted per ``(want,
+  output)``: XLA drops the part of the submodule that computes nothing
+  asked for (the layers after the last one wanted). ``calls`` are the
+  layers' `LayerCall`s by full path, after the first run.
 
   Attributes:
-    run: the pass, ``(variables, arrays) -> (output, Captured)``.
+    run: ``(variables, arrays, want, output) -> (output, Captured)`` with
+      paths as the capture names them.
     capture: the `LinenCapture` / `NnxCapture` inside it.
-    prefix: what the capture's paths lack of the full paths ("" or
-      ``"<submodule path>/"``).
+    renamed: ``(old, new)``: the capture's paths start with ``old`` where
+      the full paths start with ``new`` (nnx: ``("", "<submodule>/")``; a
+      pass shared by identical blocks: the first block's path and this
+      one's).
   """
 
-  run: Callable[[Any, Sequence[jax.Array]], tuple[Any, Captured]]
+  run: Callable[..., tuple[Any, Captured]]
   capture: Any
-  prefix: str = ""
+  renamed: tuple[str, str] = ("", "")
 
-  def __call__(self, variables: Any, arrays: Sequence[jax.Array]
+  def __call__(self, variables: Any, arrays: Sequence[jax.Array],
+               want: frozenset[str] | None = None, output: bool = True
                ) -> tuple[Any, Captured]:
-    return self.run(variables, arrays)
+    old, new = self.renamed
+    if want is not None:
+      want = frozenset(rename(dict.fromkeys(want), new, old))
+    out, captured = self.run(variables, tuple(arrays), want, output)
+    return out, rename(captured, old, new)
 
   @property
   def calls(self) -> dict[str, list[LayerCall]]:
-    return {self.prefix + path: calls
-            for path, calls in self.capture.calls.items()}
+    return rename(self.capture.calls, *self.renamed)
+
+
+def traced_pass(capture: Any, call: LayerCall) -> Callable[..., Any]:
+  """The jitted ``(variables, arrays, want, output) -> (output, Captured)``
+  of a `ModulePass`: ``capture.trace`` on ``call``'s arguments rebuilt from
+  ``arrays``, keeping what ``want`` and ``output`` ask for."""
+
+  @functools.partial(jax.jit, static_argnames=("want", "output"))
+  def run(variables: Any, arrays: tuple[jax.Array, ...],
+          want: frozenset[str] | None, output: bool) -> Any:
+    args, kwargs = call.arguments(arrays)
+    out, captured = capture.trace(variables, Batch(tuple(args), kwargs))
+    if want is not None:
+      captured = {p: c for p, c in captured.items() if p in want}
+    return (out if output else None), captured
+
+  return run
+
+
+def rename(by_path: Mapping[str, Any], old: str, new: str) -> dict[str, Any]:
+  """``by_path`` with the prefix ``old`` of its keys replaced by ``new``."""
+  if old == new:
+    return dict(by_path)
+  return {new + path[len(old):] if path.startswith(old) else path: value
+          for path, value in by_path.items()}
 
 
 class LinenCapture:

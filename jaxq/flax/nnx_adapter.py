@@ -33,6 +33,7 @@ from jaxq.flax.capture import LayerCall
 from jaxq.flax.capture import ModulePass
 from jaxq.flax.capture import NnxCapture
 from jaxq.flax.capture import nnx_modules
+from jaxq.flax.capture import traced_pass
 from jaxq.flax.rules import LayerInfo
 
 _WHAT = "jaxq"
@@ -244,16 +245,10 @@ class NnxAdapter:
     capture = NnxCapture(self._module(path),
                          [p[len(prefix):] for p in paths])
     key = _key(path)
-
-    @jax.jit
-    def run(state: nnx.State, arrays: Sequence[jax.Array]) -> Any:
-      args, kwargs = call.arguments(arrays)
-      out, captured = capture.trace(
-          state, batch_lib.Batch(tuple(args), kwargs))
-      return out, {prefix + p: c for p, c in captured.items()}
-
-    return ModulePass(lambda variables, arrays: run(
-        _lookup(variables, key), tuple(arrays)), capture, prefix)
+    run = traced_pass(capture, call)
+    return ModulePass(
+        lambda variables, *rest: run(_lookup(variables, key), *rest),
+        capture, ("", prefix))
 
   # Weights and other variables of a layer.
 
