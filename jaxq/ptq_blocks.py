@@ -18,12 +18,13 @@ quantized block ``i``. So this module walks the model block by block:
    (``x = block(x, positions, mask)``), which the trace shows directly.
 2. `walk` captures the first block's call arguments of each linked chain
    with one pass of the whole model (XLA drops everything after the block),
-   then, per block: runs the block alone on them (`ModelAdapter.run_module`,
-   compiled once per block) for its layers' inputs, as often as the
-   algorithm asks (GPTQ: before each layer whose input the layers just
-   quantized could change), and once more for its outputs, from which the
-   next block's arguments are picked. Only one block's arguments and its
-   layers' inputs are held.
+   then, per block: runs the block alone on them (`ModelAdapter.run_module`;
+   identical blocks share one compiled pass) for its layers' inputs, as
+   often as the algorithm asks (GPTQ: before each layer whose input the
+   layers just quantized could change, computing the block only up to the
+   layers it asks for), and once more for its outputs, from which the next
+   block's arguments are picked. Only one block's arguments and its layers'
+   inputs are held.
 
 Layers outside any block (an input projection, a head) are captured by
 whole-model passes, as before; a model with no blocks, with stacked layers
