@@ -223,6 +223,7 @@ def main() -> None:
         measured[False] = _measure(algorithm, False, sizes, files[False])
       diff = _max_diff(files[True], files[False]) if both else "-"
       base = measured[False]["seconds"] if both else measured[True]["seconds"]
+      print(f"{case}: {measured}", file=sys.stderr, flush=True)
       for blocks, m in measured.items():
         rows.append({"case": case, "impl": "jaxq" if blocks else "jaxq-whole",
                      "median_s": m["seconds"], "ratio": m["seconds"] / base,
