@@ -70,6 +70,24 @@ own inputs (`jaxq.ptq_layers.LayerSlice`), its kernel and fixed variables
 written to its slice, as for the unrolled model; GPTQ runs a scanned block
 layer by layer (``(a, 0), (b, 0), (a, 1), ...``), capturing before each.
 
+Depth (``blocks=``): a deep model repeats one block (``layers_0`` ...
+``layers_29``, linen; ``layers/0`` ..., nnx). Capturing through the whole
+model holds every layer's inputs and, for GPTQ, runs the whole model once
+per layer: time quadratic in depth. By default the algorithms walk such a
+model block by block, as the GPTQ paper's code does (`jaxq.ptq_blocks`):
+the first block's call arguments (``x``, positions, masks...) come from one
+whole-model pass, each block runs alone on its arguments
+(`jaxq.flax.ModelAdapter.run_module`) for its layers' inputs, and its
+outputs are the next block's ``x``. GPTQ reruns a block before each layer
+whose input the layers just quantized could change (once for q, k, v on
+one input) and takes the next block's input from the quantized block; AWQ
+and SmoothQuant take every input from the original block, as the
+whole-model capture does. Time is linear in depth and memory one block's
+inputs; the results equal the whole-model path (``blocks=False``) up to
+float rounding of the separately compiled blocks. Models without blocks,
+or whose blocks do not feed each other directly (checked on the trace),
+or with scanned stacks, take the whole-model path.
+
 Static activation ranges: `jaxq.calibrate` on the same masked batches
 leaves the padding out too; ``smoothquant(..., act_ranges=True)`` writes
 ranges from the unmasked rows without a separate pass.
@@ -86,6 +104,7 @@ import numpy as np
 import tqdm
 
 from jaxq import algorithms
+from jaxq import ptq_blocks
 from jaxq import ptq_layers
 from jaxq import flax as jaxq_flax
 from jaxq import granularity as granularity_lib
@@ -289,8 +308,8 @@ def _check_folds(adapter: ModelAdapter, variables: Any,
       f"fewer of them.")
 
 
-def _bar(items: Sequence[Any], what: str, progress: bool) -> Iterable[Any]:
-  return tqdm.tqdm(items, desc=f"jaxq {what}", unit="layer",
+def _progress(total: int, what: str, progress: bool) -> tqdm.tqdm:
+  return tqdm.tqdm(total=total, desc=f"jaxq {what}", unit="layer",
                    disable=None if progress else True)
 
 
@@ -333,6 +352,7 @@ def smoothquant(qmodel: Any, variables: Any, data: Iterable[Any], *,
                 fold_into: Mapping[str, str] | None = None,
                 layers: Collection[str] | None = None,
                 act_ranges: bool = False,
+                blocks: ptq_blocks.Blocks = True,
                 progress: bool = True) -> Any:
   """SmoothQuant (Xiao et al., 2023) on every quantized matmul layer.
 
@@ -359,6 +379,10 @@ def smoothquant(qmodel: Any, variables: Any, data: Iterable[Any], *,
       unmasked rows of ``X / s``, so `jaxq.convert` needs no further
       calibration and padding enters no range (`jaxq.calibrate` observes
       every position).
+    blocks: how to walk the model (see "Depth" in the module docstring):
+      True finds its repeated blocks (``layers_<i>``, ``layers/<i>``) and
+      captures block by block, a regex names the block module paths, False
+      captures with the whole model. The results are the same.
     progress: a tqdm bar per layer group.
 
   Returns:
@@ -377,13 +401,11 @@ def smoothquant(qmodel: Any, variables: Any, data: Iterable[Any], *,
     smoothquant_lib.check_alpha(a, what)
   adapter, batches, targets, variables = _setup(qmodel, variables, data,
                                                 layers, what)
-  captured = ptq_layers.capture(adapter, batches, [i.path for i in targets],
-                                variables, what)
   ranges: dict[str, list[core.ActRange]] = {}
   stacked_paths: set[str] = set()
-  groups = _groups(targets, fold_into, what)
-  _check_folds(adapter, variables, groups, captured, batches[0], what)
-  for op, members in _bar(groups, what, progress):
+
+  def process(op: str | None, members: list[LayerInfo], captured: Any,
+              variables: Any) -> Any:
     stacked = ptq_layers.stack_of(adapter, members, op, variables, what)
     stacked_paths.update(stacked)
     # A stack of scanned layers: each layer on its own inputs.
@@ -418,6 +440,10 @@ def smoothquant(qmodel: Any, variables: Any, data: Iterable[Any], *,
           ranges.setdefault(view.info.path, []).append(_act_range(
               view, smoothed,
               tuple(part_captured.inputs[view.info.path][0][0].shape), what))
+    return variables
+
+  variables = _each_group(adapter, batches, targets, variables, fold_into,
+                          blocks, process, what, progress)
   if act_ranges:
     variables = adapter.with_variables(variables).with_ranges({
         path: _stack(layer_ranges) if path in stacked_paths
@@ -426,10 +452,77 @@ def smoothquant(qmodel: Any, variables: Any, data: Iterable[Any], *,
   return variables
 
 
+def _each_group(adapter: ModelAdapter, batches: Sequence[Any],
+                targets: Sequence[LayerInfo], variables: Any,
+                fold_into: Mapping[str, str] | None, blocks: ptq_blocks.Blocks,
+                process: Any, what: str, progress: bool) -> Any:
+  """``process(op, members, captured, variables) -> variables`` on each
+  group of layers sharing one set of factors, in model order, ``captured``
+  the inputs the original model (``variables`` as given) feeds them: from
+  one whole-model capture, or block by block (`jaxq.ptq_blocks`), holding
+  one block's inputs at a time."""
+  groups = _groups(targets, fold_into, what)
+  the_plan = ptq_blocks.plan(adapter, batches, targets, blocks, what)
+  by_unit = None if the_plan is None else _groups_by_unit(the_plan, groups)
+  if by_unit is None:
+    captured = ptq_layers.capture(adapter, batches, [i.path for i in targets],
+                                  variables, what)
+    _check_folds(adapter, variables, groups, captured, batches[0], what)
+  else:
+    folded = [i.path for op, members in groups if op is not None
+              for i in members]
+    if folded:  # The check needs the folded layers' input shapes only.
+      _check_folds(adapter, variables, groups, ptq_layers.capture(
+          adapter, batches[:1], folded, variables, what), batches[0], what)
+  bar = _progress(len(groups), what, progress)
+  if by_unit is None:
+    for op, members in groups:
+      variables = process(op, members, captured, variables)
+      bar.update()
+  else:
+    start = variables
+
+    def one_unit(unit: ptq_blocks.Unit, inputs: ptq_blocks.UnitInputs,
+                 variables: Any) -> Any:
+      # Inputs as the original model computes them, as the whole-model
+      # capture has them (smoothing keeps each block's function).
+      for op, members in by_unit[unit.name]:
+        variables = process(op, members, inputs.inputs(start), variables)
+        bar.update()
+      return variables
+
+    variables = ptq_blocks.walk(adapter, batches, the_plan, variables,
+                                one_unit, sequential=False, what=what)
+  bar.close()
+  return variables
+
+
+def _groups_by_unit(the_plan: ptq_blocks.Plan,
+                    groups: Sequence[tuple[str | None, list[LayerInfo]]]
+                    ) -> dict[str, list[tuple[str | None, list[LayerInfo]]]
+                              ] | None:
+  """`Unit.name` -> the groups of its layers (in order), or None when a
+  group (layers folded into one op) spans several units."""
+  unit_of = {info.path: unit.name for unit in the_plan.units
+             for info in unit.layers}
+  out: dict[str, list[tuple[str | None, list[LayerInfo]]]] = {
+      unit.name: [] for unit in the_plan.units}
+  for op, members in groups:
+    units = {unit_of[info.path] for info in members}
+    if len(units) != 1:
+      warnings.warn(f"fold_into folds layers of {sorted(units)} into one op "
+                    f"({op!r}); capturing with the whole model.",
+                    stacklevel=4)
+      return None
+    out[units.pop()].append((op, members))
+  return out
+
+
 def awq(qmodel: Any, variables: Any, data: Iterable[Any], *,
         num_exponents: int = 20, clip_ratios: int = 20, min_clip: float = 0.5,
         fold_into: Mapping[str, str] | None = None,
         layers: Collection[str] | None = None,
+        blocks: ptq_blocks.Blocks = True,
         progress: bool = True) -> Any:
   """AWQ (Lin et al., 2024) on every quantized matmul layer.
 
@@ -440,7 +533,8 @@ def awq(qmodel: Any, variables: Any, data: Iterable[Any], *,
   ``act_smooth``).
 
   Args:
-    qmodel, variables, data, fold_into, layers, progress: as `smoothquant`.
+    qmodel, variables, data, fold_into, layers, blocks, progress: as
+      `smoothquant`.
     num_exponents: grid of the factors' exponent over [0, 1].
     clip_ratios: grid of the clipping search (0: the spec's calibration).
     min_clip: the smallest clipping ratio.
@@ -451,18 +545,19 @@ def awq(qmodel: Any, variables: Any, data: Iterable[Any], *,
   what = "awq"
   adapter, batches, targets, variables = _setup(qmodel, variables, data,
                                                 layers, what)
-  captured = ptq_layers.capture(adapter, batches, [i.path for i in targets],
-                                variables, what)
-  groups = _groups(targets, fold_into, what)
-  _check_folds(adapter, variables, groups, captured, batches[0], what)
-  for op, members in _bar(groups, what, progress):
+
+  def process(op: str | None, members: list[LayerInfo], captured: Any,
+              variables: Any) -> Any:
     stacked = ptq_layers.stack_of(adapter, members, op, variables, what)
     # A stack of scanned layers: each layer on its own inputs.
     for part in ptq_layers.parts(adapter, stacked):
       variables = _awq_group(part, variables, op, members,
                              part.inputs(captured) if stacked else captured,
                              num_exponents, clip_ratios, min_clip, what)
-  return variables
+    return variables
+
+  return _each_group(adapter, batches, targets, variables, fold_into, blocks,
+                     process, what, progress)
 
 
 def _awq_group(adapter: ModelAdapter | ptq_layers.LayerSlice, variables: Any,
@@ -528,7 +623,7 @@ def _stack(layer_ranges: Sequence[core.ActRange]) -> core.ActRange:
 def gptq(qmodel: Any, variables: Any, data: Iterable[Any], *,
          percdamp: float = 0.1, block_size: int = 128,
          act_order: bool = True, layers: Collection[str] | None = None,
-         progress: bool = True) -> Any:
+         blocks: ptq_blocks.Blocks = True, progress: bool = True) -> Any:
   """GPTQ (Frantar et al., 2023), layer by layer in model order.
 
   Each layer's Hessian ``2 X^T X`` comes from its unmasked inputs captured
@@ -542,7 +637,7 @@ def gptq(qmodel: Any, variables: Any, data: Iterable[Any], *,
   grid).
 
   Args:
-    qmodel, variables, data, layers, progress: as `smoothquant`.
+    qmodel, variables, data, layers, blocks, progress: as `smoothquant`.
     percdamp: dampening as a fraction of the mean Hessian diagonal.
     block_size: rows per lazy update.
     act_order: process input channels by decreasing Hessian diagonal.
@@ -562,24 +657,56 @@ def gptq(qmodel: Any, variables: Any, data: Iterable[Any], *,
   what = "gptq"
   adapter, batches, targets, variables = _setup(qmodel, variables, data,
                                                 layers, what)
-  # One compiled capture of every target for the whole loop: the loop
-  # writes only kernels (same shapes), and the weight ranges at the end, so
-  # the variables keep their structure and the capture compiles once.
-  capturing = adapter.with_variables(variables)
-  paths = [info.path for info in targets]
-  capture_pass = capturing.capture(paths)
   ranges: dict[str, list[core.ActRange]] = {}
-  for info, index in _bar(_sequence(targets), what, progress):
-    # Layer ``index`` of a stack: a slice of the stacked variables.
-    part = adapter if index is None else ptq_layers.LayerSlice(
-        adapter, {info.path: info.stacked}, index)
-    captured = ptq_layers.capture(capturing, batches, paths, variables,
-                                  what, capture_pass)
-    variables, layer_range = _gptq_layer(
-        part, variables, info,
-        captured if index is None else part.inputs(captured), percdamp,
-        block_size, act_order, what)
-    ranges.setdefault(info.path, []).append(layer_range)
+  the_plan = ptq_blocks.plan(adapter, batches, targets, blocks, what)
+  bar = _progress(len(_sequence(targets)), what, progress)
+  if the_plan is None:
+    # One compiled capture of every target for the whole loop: the loop
+    # writes only kernels (same shapes), and the weight ranges at the end,
+    # so the variables keep their structure and the capture compiles once.
+    capturing = adapter.with_variables(variables)
+    paths = [info.path for info in targets]
+    capture_pass = capturing.capture(paths)
+    for info, index in _sequence(targets):
+      # Layer ``index`` of a stack: a slice of the stacked variables.
+      part = adapter if index is None else ptq_layers.LayerSlice(
+          adapter, {info.path: info.stacked}, index)
+      captured = ptq_layers.capture(capturing, batches, paths, variables,
+                                    what, capture_pass)
+      variables, layer_range = _gptq_layer(
+          part, variables, info,
+          captured if index is None else part.inputs(captured), percdamp,
+          block_size, act_order, what)
+      ranges.setdefault(info.path, []).append(layer_range)
+      bar.update()
+  else:
+
+    def one_unit(unit: ptq_blocks.Unit, inputs: ptq_blocks.UnitInputs,
+                 variables: Any) -> Any:
+      # Inputs captured under ``under``; ``since``: the layers quantized
+      # since. A layer called on the very array they were called on sees
+      # the same input, so it needs no new run (q, k and v; gate and up).
+      under, since = variables, []
+      for info in unit.layers:
+        if not all(inputs.shares_input(p, info.path) for p in since):
+          under, since = variables, []
+        # Only what this layer and those on its input need: XLA drops the
+        # rest of the block from the run.
+        want = frozenset([info.path] + [
+            other.path for other in unit.layers
+            if inputs.shares_input(other.path, info.path) or
+            inputs.shares_input(info.path, other.path)])
+        variables, layer_range = _gptq_layer(
+            adapter, variables, info, inputs.inputs(under, want), percdamp,
+            block_size, act_order, what)
+        ranges[info.path] = [layer_range]
+        since.append(info.path)
+        bar.update()
+      return variables
+
+    variables = ptq_blocks.walk(adapter, batches, the_plan, variables,
+                                one_unit, sequential=True, what=what)
+  bar.close()
   for info in targets:  # Written at the end: the capture compiles once.
     layer_ranges = ranges[info.path]
     value = _stack(layer_ranges) if info.stacked else layer_ranges[0]

@@ -207,3 +207,11 @@ def test_kvcache(tmp_path):
   for better in ("int4 kivi-g32", "int4 token+hadamard"):
     assert rows[better]["attn_rel_err"] < 0.6 * rows["int4 token"][
         "attn_rel_err"]
+
+
+@pytest.mark.slow
+def test_ptq_depth(tmp_path):
+  rows = _run("ptq_depth", tmp_path, "--algorithms", "gptq")
+  assert {r["impl"] for r in rows} == {"jaxq", "jaxq-whole"}
+  # Block by block gives what the whole-model path gives.
+  assert all(r["max_diff"] < 1e-5 for r in rows), rows

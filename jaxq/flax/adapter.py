@@ -50,6 +50,13 @@ called on ``x`` of shape ``(*lead, in)``):
   ``(*lead, out)``; ``masks[b]`` the batch's padding mask or None.
 * ``capture(paths) -> LinenCapture | NnxCapture``: the lower-level pass of
   `jaxq.flax.capture`, with every argument of every call.
+* ``run_module(path, call, paths) -> ModulePass``: the module at ``path``
+  (a block of layers, say) alone, on the arguments of one of its recorded
+  calls (a `LayerCall` of a `capture` pass at ``path``), with this model's
+  quantization of its layers, recording the calls of the layers at
+  ``paths`` inside it: a jitted ``(variables, arrays) -> (output,
+  captured)`` over the whole model's variables, so a workflow walks a deep
+  model block by block (`jaxq.ptq_blocks`) without running it whole.
 * ``get_weight(path, variables=None) -> (kernel, bias)``: the layer's float
   weight (``kernel`` ``(in, out)``; ``embedding`` ``(vocab, features)``
   for embeddings) and bias ``(out,)`` or None.
@@ -221,6 +228,11 @@ class ModelAdapter(Protocol):
     """``arrays -> output``: the layer at ``path`` alone on a captured
     call (a `jaxq.flax.capture.LayerCall`)."""
 
+  def run_module(self, path: str, call: Any, paths: Collection[str]
+                 ) -> Any:
+    """The module at ``path`` alone on ``call``'s arguments, recording the
+    layers at ``paths`` inside it (a `jaxq.flax.capture.ModulePass`)."""
+
   # Weights and other variables.
 
   def get_weight(self, path: str, variables: Any | None = None
@@ -296,13 +308,24 @@ def capture_inputs(adapter: ModelAdapter, batches: Sequence[Any],
                      f"layers are {sorted(known)}.")
   if capture is None:
     capture = adapter.capture(paths)
+  captured = [capture(variables, batch) for batch in batches]
+  return collect_inputs(capture.calls, captured, paths,
+                        tuple(batch_lib.batch_mask(b) for b in batches))
+
+
+def collect_inputs(calls: Mapping[str, Sequence[Any]],
+                   captured: Sequence[Mapping[str, Any]],
+                   paths: Collection[str],
+                   masks: tuple[jax.Array | None, ...]) -> LayerInputs:
+  """`LayerInputs` of the layers at ``paths`` from one `Captured` per batch
+  and the passes' ``calls`` (`jaxq.flax.capture.LayerCall`s by path): each
+  call's input activation (its first argument) and output."""
   inputs: dict[str, list[list[jax.Array]]] = {}
   outputs: dict[str, list[list[Any]]] = {}
-  for batch in batches:
-    captured = capture(variables, batch)
+  for one in captured:
     for path in paths:
-      for i, (call, (arrays, out)) in enumerate(zip(capture.calls.get(path, ()),
-                                                    captured.get(path, ()))):
+      for i, (call, (arrays, out)) in enumerate(zip(calls.get(path, ()),
+                                                    one.get(path, ()))):
         args, kwargs = call.arguments(arrays)
         x = args[0] if args else next(iter(kwargs.values()))
         calls_in = inputs.setdefault(path, [])
@@ -317,9 +340,9 @@ def capture_inputs(adapter: ModelAdapter, batches: Sequence[Any],
     raise ValueError(f"capture_inputs: the model never called {missing} on "
                      f"these batches.")
   return LayerInputs(
-      inputs={p: tuple(map(tuple, calls)) for p, calls in inputs.items()},
-      outputs={p: tuple(map(tuple, calls)) for p, calls in outputs.items()},
-      masks=tuple(batch_lib.batch_mask(b) for b in batches))
+      inputs={p: tuple(map(tuple, c)) for p, c in inputs.items()},
+      outputs={p: tuple(map(tuple, c)) for p, c in outputs.items()},
+      masks=masks)
 
 
 def unknown_layer(path: str, known: Collection[str], what: str) -> ValueError:

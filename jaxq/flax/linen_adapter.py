@@ -31,6 +31,8 @@ from jaxq.flax import rules as rules_lib
 from jaxq.flax.batch import call_model
 from jaxq.flax.capture import LinenCapture
 from jaxq.flax.capture import LayerCall
+from jaxq.flax.capture import ModulePass
+from jaxq.flax.capture import traced_pass
 from jaxq.flax.linen_variables import lookup
 from jaxq.flax.rules import LayerInfo
 
@@ -117,6 +119,39 @@ def _counting(qmodel: linen_lib.QuantizedLinen,
       _layers=qmodel._layers, _warned=qmodel._warned)  # pylint: disable=protected-access
 
 
+class _Host(nn.Module):
+  """Runs ``inner`` (an unbound copy of a submodule) as the submodule at
+  path ``names`` of a root: its layers keep their paths in the whole model
+  (so rules match and `Captured` keys read the same), and its variables are
+  the whole model's, restricted to that path."""
+
+  inner: nn.Module
+  names: tuple[str, ...]
+
+  @nn.compact
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    first, *rest = self.names
+    if not rest:
+      return self.inner.clone(parent=self, name=first)(*args, **kwargs)
+    return _Host(self.inner, tuple(rest), name=first)(*args, **kwargs)
+
+
+def _subtree(variables: Mapping[str, Any], path: str, nest: str
+             ) -> dict[str, Any]:
+  """Each collection of ``variables`` restricted to the module at ``path``,
+  nested under the names of ``nest`` (``path``, or the path of an identical
+  module whose compiled pass it borrows)."""
+  out = {}
+  for collection, tree in variables.items():
+    node = lookup(tree, path)
+    if node is None:
+      continue
+    for name in reversed(nest.split("/")):
+      node = {name: node}
+    out[collection] = node
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class LinenAdapter:
   """A linen module (float, or its `QuantizedLinen`) and its variables.
@@ -130,6 +165,10 @@ class LinenAdapter:
   model: nn.Module
   variables: Mapping[str, Any]
   qmodel: linen_lib.QuantizedLinen | None = None
+  # `run_module`'s compiled passes, by what makes two blocks' programs
+  # equal (see `_module_key`): path and jitted ``(variables, arrays)``.
+  _module_passes: dict[Any, tuple[str, Any, LinenCapture]] = (
+      dataclasses.field(default_factory=dict, compare=False, repr=False))
 
   @property
   def quantized(self) -> bool:
@@ -174,7 +213,7 @@ class LinenAdapter:
     qmodel = linen_lib.quantize_linen(self.model, tuple(rules), mode, "raise",
                                       calibration.observer_for,
                                       switchable=switchable)
-    return dataclasses.replace(self, qmodel=qmodel)
+    return dataclasses.replace(self, qmodel=qmodel, _module_passes={})
 
   def set_enabled(self, enabled: Mapping[str, bool],
                   variables: Any | None = None) -> dict[str, Any]:
@@ -253,6 +292,59 @@ class LinenAdapter:
       return adapter_lib.replay(adapter_lib.stacked_apply(layer.apply), call,
                                 variables)
     return adapter_lib.replay(layer.apply, call, variables)
+
+  def run_module(self, path: str, call: LayerCall, paths: Collection[str]
+                 ) -> ModulePass:
+    """The module at ``path`` (``call.module``, an unbound copy) alone, as
+    the same submodule of a root (`_Host`), quantized as this model is.
+
+    Identical blocks (`_module_key`: the same module, call structure and
+    layers with the same rules) share one compiled pass: a later block runs
+    under the first one's path, on its own variables."""
+    if not path:
+      raise ValueError("run_module: the root module is the whole model.")
+    key = self._module_key(path, call, paths)
+    if key is None or key not in self._module_passes:
+      host = _Host(call.module, tuple(path.split("/")))
+      # Its own layer record: the host's params would mark the model's
+      # other layers as not stacked.
+      runner = host if self.qmodel is None else dataclasses.replace(
+          self.qmodel, model=host, _layers={}, _warned=[True])
+      capture = LinenCapture(runner.apply, paths)
+      first, run = path, traced_pass(capture, call)
+      if key is not None:
+        self._module_passes[key] = (first, run, capture)
+    else:
+      first, run, capture = self._module_passes[key]
+    renamed = ("", "") if first == path else (f"{first}/", f"{path}/")
+    return ModulePass(
+        lambda variables, *rest: run(_subtree(variables, path, first), *rest),
+        capture, renamed)
+
+  def _module_key(self, path: str, call: LayerCall, paths: Collection[str]
+                  ) -> Any:
+    """What makes the passes of two modules compile to one program: the
+    module (name aside), the call's structure and static arguments, and
+    each layer inside it by relative path, with its rule and specs; None
+    (no sharing) when unhashable or a layer holds a mask."""
+    prefix = f"{path}/"
+    inside = {p[len(prefix):]: info for p, info in self.layers().items()
+              if p.startswith(prefix)}
+    if any(info.mask is not None for info in inside.values()) or not all(
+        p.startswith(prefix) for p in paths):
+      return None
+    key = (call.module.clone(parent=None, name="block"), call.treedef,
+           call.static, repr(call.param_shapes),
+           tuple(sorted(p[len(prefix):] for p in paths)),
+           tuple(sorted(
+               (rel, info.module_type, info.weight_shape, info.weight_name,
+                info.rule, info.weight, info.act, info.stacked)
+               for rel, info in inside.items())))
+    try:
+      hash(key)
+    except TypeError:
+      return None
+    return key
 
   # Weights and other variables of a layer.
 

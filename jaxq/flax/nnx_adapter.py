@@ -31,8 +31,10 @@ from jaxq.flax import nnx as nnx_lib
 from jaxq.flax import rules as rules_lib
 from jaxq.flax.batch import call_model
 from jaxq.flax.capture import LayerCall
+from jaxq.flax.capture import ModulePass
 from jaxq.flax.capture import NnxCapture
 from jaxq.flax.capture import nnx_modules
+from jaxq.flax.capture import traced_pass
 from jaxq.flax.rules import LayerInfo
 
 _WHAT = "jaxq"
@@ -124,6 +126,10 @@ class NnxAdapter:
 
   model: nnx.Module
   variables: nnx.State
+  # `run_module`'s compiled passes, by what makes two blocks' programs
+  # equal (see `_module_key`).
+  _module_passes: dict[Any, tuple[Any, NnxCapture]] = dataclasses.field(
+      default_factory=dict, compare=False, repr=False)
 
   @functools.cached_property
   def _modules(self) -> dict[str, nnx.Module]:
@@ -265,6 +271,52 @@ class NnxAdapter:
     if info is not None and info.stacked:  # Inside nnx.scan over layers.
       apply = adapter_lib.stacked_apply(apply)
     return adapter_lib.replay(apply, call, state)
+
+  def run_module(self, path: str, call: LayerCall, paths: Collection[str]
+                 ) -> ModulePass:
+    """The module object at ``path``, called alone on its part of the
+    state (paths inside it are relative to it while it runs).
+
+    Identical blocks (`_module_key`: the same graph, layers' paths aside,
+    and call structure) share one compiled pass, run on each one's state."""
+    prefix = f"{path}/"
+    outside = sorted(p for p in paths if not p.startswith(prefix))
+    if outside:
+      raise ValueError(f"run_module: {outside} are not inside {path!r}.")
+    relative = [p[len(prefix):] for p in paths]
+    key = self._module_key(path, call, relative)
+    if key is None or key not in self._module_passes:
+      capture = NnxCapture(self._module(path), relative)
+      run = traced_pass(capture, call)
+      if key is not None:
+        self._module_passes[key] = (run, capture)
+    else:
+      run, capture = self._module_passes[key]
+    state_key = _key(path)
+    return ModulePass(
+        lambda variables, *rest: run(_lookup(variables, state_key), *rest),
+        capture, ("", prefix))
+
+  def _module_key(self, path: str, call: LayerCall, relative: Sequence[str]
+                  ) -> Any:
+    """What makes the passes of two modules compile to one program: the
+    module's graph with its layers' paths blanked (their `LayerQuant` and
+    `LayerInfo` otherwise equal), the call's structure and static
+    arguments, and the recorded layers; None (no sharing) when unhashable.
+    A shared pass names the first block's layers in its error messages."""
+    blank = nnx.clone(self._module(path))
+    for module in _quantized_layers(blank):
+      for name in ("jaxq_layer", "jaxq_info"):  # `jaxq.flax.nnx`'s records.
+        if hasattr(module, name):
+          object.__setattr__(module, name, dataclasses.replace(
+              getattr(module, name), path=""))
+    key = (nnx.graphdef(blank), call.treedef, call.static,
+           tuple(sorted(relative)))
+    try:
+      hash(key)
+    except TypeError:
+      return None
+    return key
 
   # Weights and other variables of a layer.
 
