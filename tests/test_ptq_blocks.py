@@ -28,7 +28,7 @@ D, H, L = 8, 16, 2
 RULES = (jaxq.Rule(".*", weight=QuantSpec("int4", PerChannel(-1)),
                    act=QuantSpec("int8", PerTensor(), dynamic=False)),)
 FOLD = {f"layers_{i}/{n}": f"layers_{i}/norm" for i in range(L)
-        for n in ("q", "v")}
+        for n in ("q", "k", "v")}
 
 
 def _attend(q, k, v, pos):
@@ -37,13 +37,14 @@ def _attend(q, k, v, pos):
 
 
 class Block(nn.Module):
-  """q and v on one normed input, attention with positions, o, an MLP."""
+  """q, k and v on one normed input, attention with positions, o, an MLP."""
 
   @nn.compact
   def __call__(self, x, pos, *, scale=1.0):
     h = nn.RMSNorm(name="norm")(x)
-    q, v = nn.Dense(D, name="q")(h), nn.Dense(D, name="v")(h)
-    x = x + nn.Dense(D, name="o")(_attend(q, h, v, pos))
+    q, k = nn.Dense(D, name="q")(h), nn.Dense(D, name="k")(h)
+    v = nn.Dense(D, name="v")(h)
+    x = x + nn.Dense(D, name="o")(_attend(q, k, v, pos))
     return x + scale * nn.Dense(D, name="down")(
         nn.silu(nn.Dense(H, name="up")(x)))
 
@@ -71,6 +72,7 @@ class NnxBlock(nnx.Module):
   def __init__(self, rngs):
     self.norm = nnx.RMSNorm(D, rngs=rngs)
     self.q = nnx.Linear(D, D, rngs=rngs)
+    self.k = nnx.Linear(D, D, rngs=rngs)
     self.v = nnx.Linear(D, D, rngs=rngs)
     self.o = nnx.Linear(D, D, rngs=rngs)
     self.up = nnx.Linear(D, H, rngs=rngs)
@@ -78,7 +80,7 @@ class NnxBlock(nnx.Module):
 
   def __call__(self, x, pos, *, scale=1.0):
     h = self.norm(x)
-    x = x + self.o(_attend(self.q(h), h, self.v(h), pos))
+    x = x + self.o(_attend(self.q(h), self.k(h), self.v(h), pos))
     return x + scale * self.down(nnx.silu(self.up(x)))
 
 
@@ -169,7 +171,7 @@ def test_nnx_blocks_equal_the_whole_model_path(algorithm, monkeypatch):
   model = NnxDecoder(nnx.Rngs(0))
   cal = jaxq.quantize_model(model, RULES, mode="calibrate")
   fold = {f"layers/{i}/{n}": f"layers/{i}/norm" for i in range(L)
-          for n in ("q", "v")}
+          for n in ("q", "k", "v")}
   whole = _run(algorithm, cal, None, blocks=False, fold=fold)
   ran = _counting(monkeypatch, nnx_adapter.NnxAdapter)
   walked = _run(algorithm, cal, None, blocks=True, fold=fold)
