@@ -215,3 +215,18 @@ def test_ptq_depth(tmp_path):
   assert {r["impl"] for r in rows} == {"jaxq", "jaxq-whole"}
   # Block by block gives what the whole-model path gives.
   assert all(r["max_diff"] < 1e-5 for r in rows), rows
+
+
+@pytest.mark.slow
+def test_decode(tmp_path):
+  # One weight configuration, two caches: every column is filled in.
+  rows = {row["cache"]: row for row in _run(
+      "decode", tmp_path, "--weights", "w8a8", "--caches", "float", "int8")}
+  assert set(rows) == {"float", "int8"}
+  for row in rows.values():
+    assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0
+    assert row["peak_bytes"] is None or row["peak_bytes"] > 0
+  # int8 weights (embedding int8 per row): about a quarter of float32.
+  assert rows["int8"]["weight_bytes"] < 0.3 * 4 * 36e6
+  # An int8 cache: values at 1 byte plus a float32 scale per token-head.
+  assert rows["int8"]["cache_bytes"] < 0.3 * rows["float"]["cache_bytes"]
