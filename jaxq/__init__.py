@@ -11,8 +11,8 @@ from jaxq import kvcache
 from jaxq import learned
 from jaxq import observers
 from jaxq import qat
-from jaxq.checkpoint import load
-from jaxq.checkpoint import save
+from jaxq.io.checkpoint import load
+from jaxq.io.checkpoint import save
 from jaxq.convert import ConvertReport
 from jaxq.convert import convert
 from jaxq.flax import Rule

@@ -11,7 +11,7 @@ import pytest
 import jaxq
 from jaxq import formats
 from jaxq import kvcache
-from jaxq.checkpoint_tensors import _pack_nibbles
+from jaxq.io.tensors import _pack_nibbles
 
 B, T, H_KV, H_Q, D = 2, 32, 2, 4, 16
 

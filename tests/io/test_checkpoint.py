@@ -1,4 +1,4 @@
-"""Tests for `jaxq.save` / `jaxq.load` (`jaxq.checkpoint`).
+"""Tests for `jaxq.save` / `jaxq.load` (`jaxq.io.checkpoint`).
 
 Round trips are compared on raw bits (every array viewed as uint8), plus
 dtype, shape, spec and tree structure. The on-disk layout is checked with an
@@ -30,7 +30,7 @@ from flax import nnx
 import jaxq
 from jaxq import MX, PerBlock, PerChannel, PerGroup, PerTensor, PerToken
 from jaxq import QuantSpec
-from jaxq.checkpoint import CheckpointError, CheckpointNotFoundError
+from jaxq.io.checkpoint import CheckpointError, CheckpointNotFoundError
 
 
 def _bits(x: Any) -> np.ndarray:
@@ -215,7 +215,7 @@ def test_dtypes_safetensors_lacks_are_stored_as_bits(tmp_path):
                "int2": np.array([-2, -1, 0, 1] * 3, ml_dtypes.int2)}
   _, loaded = _round_trip(tmp_path, variables)
   _assert_same(variables, loaded.variables)
-  manifest = jaxq.checkpoint.read_manifest(tmp_path / "model.safetensors")
+  manifest = jaxq.io.checkpoint.read_manifest(tmp_path / "model.safetensors")
   assert {e["encoding"] for e in manifest["tensors"].values()} == {"bits"}
   header, _ = _read_container(tmp_path / "model.safetensors")
   assert header["e3m4"]["dtype"] == "U8"
@@ -493,7 +493,7 @@ def test_corrupted_manifest_fails_its_digest(saved):
 
 def test_newer_format_version(saved):
   def bump(manifest):
-    manifest["format_version"] = jaxq.checkpoint.FORMAT_VERSION + 1
+    manifest["format_version"] = jaxq.io.checkpoint.FORMAT_VERSION + 1
   _rewrite_manifest(saved, bump)
   with pytest.raises(CheckpointError,
                      match="format version 2.*reads up to version 1.*Upgrade"):

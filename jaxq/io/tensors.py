@@ -8,7 +8,7 @@ stores natively, ``"nibbles"`` for int4, uint4 and float4_e2m1fn (packed two
 per byte into a flat uint8 tensor of ``ceil(size / 2)`` bytes, element ``2i``
 in the low nibble of byte ``i``), and ``"bits"`` for any other dtype, stored
 as the unsigned integers of its width. Also the checkpoint errors, which every
-layer of `jaxq.checkpoint` raises.
+layer of `jaxq.io.checkpoint` raises.
 """
 
 from __future__ import annotations

@@ -55,8 +55,8 @@ fit its arrays (values dtype, scale shape for the granularity, zero points)
 all raise a `CheckpointError` (a ``ValueError``) naming the file, the tensor
 or the key path.
 
-The tensor encodings live in `jaxq.checkpoint_tensors`, the manifest (specs,
-rules, the tree and its header) in `jaxq.checkpoint_manifest`; this module
+The tensor encodings live in `jaxq.io.tensors`, the manifest (specs,
+rules, the tree and its header) in `jaxq.io.manifest`; this module
 writes and reads the file.
 """
 
@@ -72,20 +72,20 @@ from typing import Any
 
 import jaxq
 from jaxq import flax as jaxq_flax
-from jaxq.checkpoint_manifest import _decode_tree
-from jaxq.checkpoint_manifest import _Encoder
-from jaxq.checkpoint_manifest import _manifest
-from jaxq.checkpoint_manifest import _rule_from_json
-from jaxq.checkpoint_manifest import _rule_to_json
-from jaxq.checkpoint_manifest import check_qarray
-from jaxq.checkpoint_manifest import DIGEST_KEY
-from jaxq.checkpoint_manifest import FORMAT_VERSION
-from jaxq.checkpoint_manifest import MANIFEST_KEY
-from jaxq.checkpoint_manifest import SEPARATOR
-from jaxq.checkpoint_tensors import _decode
-from jaxq.checkpoint_tensors import _safetensors
-from jaxq.checkpoint_tensors import CheckpointError
-from jaxq.checkpoint_tensors import CheckpointNotFoundError
+from jaxq.io.manifest import _decode_tree
+from jaxq.io.manifest import _Encoder
+from jaxq.io.manifest import _manifest
+from jaxq.io.manifest import _rule_from_json
+from jaxq.io.manifest import _rule_to_json
+from jaxq.io.manifest import check_qarray
+from jaxq.io.manifest import DIGEST_KEY
+from jaxq.io.manifest import FORMAT_VERSION
+from jaxq.io.manifest import MANIFEST_KEY
+from jaxq.io.manifest import SEPARATOR
+from jaxq.io.tensors import _decode
+from jaxq.io.tensors import _safetensors
+from jaxq.io.tensors import CheckpointError
+from jaxq.io.tensors import CheckpointNotFoundError
 from jaxq.flax.rules import Rule
 from jaxq.flax.rules import check_rules
 

@@ -3,7 +3,7 @@
 The manifest is what makes a safetensors file a jaxq checkpoint: the format
 version, the tree of the saved variables (nested ``{"type": "dict", "items":
 [[key, node], ...]}`` nodes with ``"array"``, ``"qarray"`` and ``"none"``
-leaves), every tensor's entry (see `jaxq.checkpoint_tensors`), the rules and
+leaves), every tensor's entry (see `jaxq.io.tensors`), the rules and
 the metadata. This module turns `QuantSpec`s and `Rule`s into JSON and back,
 walks a variables tree into stored tensors (`_Encoder`) and back
 (`_decode_tree`), checks a QArray's arrays against its spec (`check_qarray`),
@@ -28,9 +28,9 @@ import numpy as np
 
 import jaxq
 from jaxq import granularity as granularity_lib
-from jaxq.checkpoint_tensors import _dtype
-from jaxq.checkpoint_tensors import _encode
-from jaxq.checkpoint_tensors import CheckpointError
+from jaxq.io.tensors import _dtype
+from jaxq.io.tensors import _encode
+from jaxq.io.tensors import CheckpointError
 from jaxq.flax.rules import Rule
 from jaxq.spec import QArray
 from jaxq.spec import QuantSpec

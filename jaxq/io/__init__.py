@@ -1,0 +1,14 @@
+"""Reading and writing quantized weights.
+
+* `jaxq.io.checkpoint`: jaxq's own format (`jaxq.save` / `jaxq.load`), one
+  safetensors file with a JSON manifest, bit-exact; its tensor encodings
+  are `jaxq.io.tensors`, its manifest `jaxq.io.manifest`.
+"""
+
+from jaxq.io.checkpoint import CheckpointError
+from jaxq.io.checkpoint import CheckpointNotFoundError
+from jaxq.io.checkpoint import Loaded
+from jaxq.io.checkpoint import SaveReport
+from jaxq.io.checkpoint import load
+from jaxq.io.checkpoint import read_manifest
+from jaxq.io.checkpoint import save
