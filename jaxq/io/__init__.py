@@ -3,7 +3,12 @@
 * `jaxq.io.checkpoint`: jaxq's own format (`jaxq.save` / `jaxq.load`), one
   safetensors file with a JSON manifest, bit-exact; its tensor encodings
   are `jaxq.io.tensors`, its manifest `jaxq.io.manifest`.
+* `jaxq.io.compressed_tensors`: the compressed-tensors format that vLLM and
+  transformers load (``save``: jaxq serving variables to a Hugging Face
+  model directory; ``load``: back, still quantized, with the rules).
 """
+
+from jaxq.io import compressed_tensors
 
 from jaxq.io.checkpoint import CheckpointError
 from jaxq.io.checkpoint import CheckpointNotFoundError
