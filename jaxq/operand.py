@@ -69,6 +69,16 @@ def _operand(op: str, side: str, x: Operand) -> _Operand:
   """Converts a QArray or a float array into an `_Operand`."""
   if isinstance(x, QArray):
     check_qarray(x, op, side)
+    if x.zero_point is not None and not jnp.issubdtype(x.zero_point.dtype,
+                                                       jnp.integer):
+      # An offset off the integer grid (GGUF Q4_1's minimum) has no integer
+      # path: the operand is its dequantized weight, weight-only.
+      shape = tuple(x.values.shape)
+      blocks = x.spec.granularity.block_shape(shape)
+      values = ((x.values.astype(jnp.float32) -
+                 _broadcast_blocks(x.zero_point, blocks, shape)) *
+                _broadcast_blocks(x.scale.astype(jnp.float32), blocks, shape))
+      return _Operand(values, None, None, "float", x.spec.format, None)
     values = x.values
     zero_point = (None if x.zero_point is None
                   else x.zero_point.astype(jnp.int32))

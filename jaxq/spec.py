@@ -204,7 +204,12 @@ class QArray:
     values: the quantized elements, shape ``shape``, in ``spec.fmt.dtype``.
     scale: float32 (e8m0 for MX) of the keepdims scale shape of
       ``spec.granularity`` for ``shape``.
-    zero_point: int32 of the scale's shape, or None when symmetric.
+    zero_point: int32 of the scale's shape, or None when symmetric. A
+      float32 zero point holds an offset that is not on the integer grid
+      (GGUF ``Q4_1``'s per-group minimum ``m``: ``values = q - 8``,
+      ``zero_point = -m / scale - 8``, see `jaxq.io.gguf`); such a weight
+      dequantizes as usual and serves weight-only (dequantized before the
+      matmul).
     spec: the `QuantSpec` that produced it (static).
     dtype: the float dtype that `dequantize` returns (static).
   """
@@ -290,9 +295,12 @@ def check_qarray(qa: QArray, op: str, name: str = "qa") -> None:
     if zero_shape != expected:
       raise ValueError(f"{where} has a zero_point of shape {zero_shape}, but "
                        f"its scale shape is {expected}.")
-    if not np.issubdtype(np.dtype(qa.zero_point.dtype), np.integer):
+    zero_dtype = np.dtype(qa.zero_point.dtype)
+    if not (np.issubdtype(zero_dtype, np.integer) or
+            zero_dtype == np.float32):
       raise ValueError(f"{where} has a zero_point of dtype "
-                       f"{qa.zero_point.dtype}; zero points are integers.")
+                       f"{qa.zero_point.dtype}; zero points are integers "
+                       f"(or float32 offsets off the integer grid).")
   if fmt.kind == "int" and _is_concrete(qa.values) and qa.values.size:
     values = np.asarray(qa.values).astype(np.int32)
     low, high = int(values.min()), int(values.max())

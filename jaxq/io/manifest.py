@@ -111,7 +111,8 @@ def check_qarray(values: Any, scale: Any, zero_point: Any,
   The values must be in the spec's storage dtype, the scale must have the
   granularity's scale shape for the values' shape (e8m0 for MX, a float
   dtype otherwise), the zero point must be present exactly when the spec is
-  affine, with the scale's shape and an integer dtype, and ``dtype`` must be
+  affine, with the scale's shape and an integer dtype (or float32, an
+  offset off the integer grid), and ``dtype`` must be
   a float dtype.
   """
   values_dtype, shape = np.dtype(values.dtype), tuple(values.shape)
@@ -138,8 +139,10 @@ def check_qarray(values: Any, scale: Any, zero_point: Any,
     raise ValueError(f"the spec is {kind} but the zero point is {state}.")
   if zero_point is not None and (
       tuple(zero_point.shape) != expected or
-      not jnp.issubdtype(zero_point.dtype, jnp.integer)):
-    raise ValueError(f"zero point must be integers of the scale's shape "
+      not (jnp.issubdtype(zero_point.dtype, jnp.integer) or
+           np.dtype(zero_point.dtype) == np.float32)):
+    raise ValueError(f"zero point must be integers (or float32) of the "
+                     f"scale's shape "
                      f"{expected}, got {np.dtype(zero_point.dtype)} "
                      f"{tuple(zero_point.shape)}.")
   if not jnp.issubdtype(dtype, jnp.floating):
