@@ -192,3 +192,25 @@ def test_greedy_generation_ragged_batch_equals_recompute(two_blocks):
       ids.append(int(jnp.argmax(logits[0, -1])))
     want = two_blocks.tokenizer.decode(ids[-5:])
     assert text == want
+
+
+def test_gguf_blocks_served_directly_equal_the_dequantized_model(pretrained):
+  """Q4_1/Q8_0 blocks served still quantized (`quantized_params_from_gguf`)
+  give the dequantized reference's logits within float rounding."""
+  small = pretrained.truncated(2)
+  params, rules = smollm.quantized_params_from_gguf(
+      smollm.read_gguf(smollm.gguf_path()), small.config)
+  kernel = params["layers_1"]["self_attn"]["q_proj"]["kernel"]
+  assert isinstance(kernel, jaxq.QArray) and kernel.spec.format == "int4"
+  assert params["embed_tokens"]["embedding"].spec.format == "int8"
+  # Kernels equal the reference's dequantized (Q/K rows unpermuted) ones.
+  np.testing.assert_allclose(
+      jaxq.dequantize(kernel),
+      small.variables["params"]["layers_1"]["self_attn"]["q_proj"]["kernel"],
+      rtol=0, atol=1e-6)
+  serve = jaxq.quantize_model(small.model, rules, "serve")
+  tokens = jnp.asarray(smollm.evaluation_windows(64, 1))
+  want = small.model.apply(small.variables, tokens)
+  got = serve.apply({"params": params}, tokens)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  assert np.mean(np.argmax(got, -1) == np.argmax(want, -1)) == 1.0
