@@ -63,7 +63,7 @@ from jaxq.flax.kv_cache import KVCacheAttention
 from jaxq.flax.kv_cache import NnxKVCacheAttention
 from jaxq.flax.core import Mode
 from jaxq.flax.linen import QuantizedLinen
-from jaxq.flax.linen import SCAN_AXES
+from jaxq.flax.linen_variables import SCAN_AXES
 from jaxq.flax.linen_adapter import LinenAdapter
 from jaxq.flax.nnx import QuantFixed
 from jaxq.flax.nnx import QuantRange
