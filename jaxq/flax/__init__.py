@@ -59,16 +59,16 @@ from jaxq.flax import rules as rules_lib
 from jaxq.flax.adapter import ModelAdapter
 from jaxq.flax.batch import Batch
 from jaxq.flax.core import LayerQuant
+from jaxq.flax.core import Mode
 from jaxq.flax.kv_cache import KVCacheAttention
 from jaxq.flax.kv_cache import NnxKVCacheAttention
-from jaxq.flax.core import Mode
 from jaxq.flax.linen import QuantizedLinen
-from jaxq.flax.linen_variables import SCAN_AXES
 from jaxq.flax.linen_adapter import LinenAdapter
-from jaxq.flax.nnx import QuantFixed
-from jaxq.flax.nnx import QuantRange
+from jaxq.flax.linen_variables import SCAN_AXES
 from jaxq.flax.nnx_adapter import NnxAdapter
-from jaxq.flax.nnx import QuantStat
+from jaxq.flax.nnx_variables import QuantFixed
+from jaxq.flax.nnx_variables import QuantRange
+from jaxq.flax.nnx_variables import QuantStat
 from jaxq.flax.rules import LayerInfo
 from jaxq.flax.rules import Rule
 
