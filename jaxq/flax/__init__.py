@@ -29,8 +29,9 @@ Modes (see `jaxq.flax.core` for what each does to weights and inputs):
 Static activation ranges (act specs with ``dynamic=False``) come from
 calibration: `act_ranges` finalizes them from the stats with the observers'
 ``finalize``; `jaxq.convert` includes them in the serving variables. The
-per-module docstrings of `jaxq.flax.linen` and `jaxq.flax.nnx` list the
-covered layers and the variable collections.
+docstrings of `jaxq.flax.linen_intercept` and `jaxq.flax.nnx_layers` list
+the covered layers, those of `jaxq.flax.linen` and `jaxq.flax.nnx_variables`
+the variable collections.
 
 A rule's ``kv_cache`` gives matching attention modules a quantized KV cache
 (`jaxq.flax.kv_cache`): Flax's ``MultiHeadDotProductAttention(decode=True)``
