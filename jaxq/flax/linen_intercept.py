@@ -67,7 +67,6 @@ def module_path(module: nn.Module) -> str:
   return "/".join(module.path)
 
 
-
 @contextlib.contextmanager
 def _attributes(module: nn.Module, **values: Any) -> Iterator[None]:
   """Sets attributes of a (frozen) module for the duration of one call."""

@@ -118,10 +118,9 @@ def _hooks(module: nnx.Module, hooks: dict[str, Any]) -> Iterator[None]:
     _HOOKS.reset(token)
 
 
-
 def weight_name(module: nnx.Module) -> str:
+  """The name of the layer's weight ``Param``."""
   return "embedding" if isinstance(module, nnx.Embed) else "kernel"
-
 
 
 class _QuantizedLayer:

@@ -67,7 +67,6 @@ class QuantFixed(nnx.Variable):
   ``{"amax": ...[, "amin": ...]}`` or input smoothing factors."""
 
 
-
 class ModuleVariables(layer_variables.LayerVariables):
   """One call of one quantized nnx layer; variables kept as its attributes."""
 
