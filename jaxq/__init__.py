@@ -50,4 +50,4 @@ from jaxq.spec import QArray
 from jaxq.spec import QuantSpec
 from jaxq.spec import check_qarray
 
-__version__ = "0.1.0"
+from jaxq.version import __version__

@@ -70,7 +70,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jaxq
+from jaxq.version import __version__
 from jaxq import flax as jaxq_flax
 from jaxq.io.manifest import _decode_tree
 from jaxq.io.manifest import _Encoder
@@ -180,7 +180,7 @@ def save(path: str | os.PathLike, serving_variables: Mapping[Any, Any],
   manifest = {
       "format": "jaxq",
       "format_version": FORMAT_VERSION,
-      "jaxq_version": jaxq.__version__,
+      "jaxq_version": __version__,
       "tree": tree,
       "tensors": encoder.entries,
       "rules": None if rules is None else [

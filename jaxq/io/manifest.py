@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-import jaxq
+from jaxq.version import __version__
 from jaxq import granularity as granularity_lib
 from jaxq.io.tensors import _dtype
 from jaxq.io.tensors import _encode
@@ -277,6 +277,6 @@ def _manifest(data: bytes) -> dict[str, Any]:
   if version > FORMAT_VERSION:
     raise CheckpointError(
         f"written by jaxq {manifest.get('jaxq_version', '?')} in format "
-        f"version {version}; this jaxq ({jaxq.__version__}) reads up to "
+        f"version {version}; this jaxq ({__version__}) reads up to "
         f"version {FORMAT_VERSION}. Upgrade jaxq to load it.")
   return manifest
