@@ -5,7 +5,9 @@
   are `jaxq.io.tensors`, its manifest `jaxq.io.manifest`.
 * `jaxq.io.compressed_tensors`: the compressed-tensors format that vLLM and
   transformers load (``save``: jaxq serving variables to a Hugging Face
-  model directory; ``load``: back, still quantized, with the rules).
+  model directory; ``load``: back, still quantized, with the rules); its
+  layout (packing, spec <-> scheme) in `jaxq.io.compressed_tensors_schemes`,
+  the reader in `jaxq.io.compressed_tensors_load`.
 """
 
 from jaxq.io import compressed_tensors
