@@ -67,9 +67,9 @@ from jaxq.hlo import KINDS
 from jaxq.hlo import Matmul
 from jaxq.hlo import parse_hlo
 from jaxq.hlo import parse_stablehlo
-
-# Platforms that jax.export lowers for.
-EXPORT_PLATFORMS: tuple[str, ...] = ("cpu", "cuda", "rocm", "tpu")
+from jaxq.lowering import EXPORT_PLATFORMS  # noqa: F401 (re-exported)
+from jaxq.lowering import export
+from jaxq.lowering import export_platforms
 COMPILED_SOURCE = "optimized HLO: the device compiler's output"
 EXPORTED_SOURCE = ("StableHLO from jax.export: what the program asks the "
                    "platform's compiler for, not that compiler's output")
@@ -215,20 +215,8 @@ def inspect(fn: Callable[..., Any], *args: Any, model: Any = None,
     text = jitted.lower(*args, **kwargs).compile().as_text()
     results.append((platform, COMPILED_SOURCE, parse_hlo(text, platform)))
   else:
-    if isinstance(platforms, str):
-      platforms = (platforms,)
-    platforms = tuple(dict.fromkeys(platforms))  # Each named once, in order.
-    if not platforms:
-      raise ValueError("jaxq.inspect: platforms is empty; give names from "
-                       f"{list(EXPORT_PLATFORMS)} or None for the current "
-                       "backend.")
-    unknown = [p for p in platforms if p not in EXPORT_PLATFORMS]
-    if unknown:
-      raise ValueError(f"jaxq.inspect: unknown platform(s) {unknown}; "
-                       f"jax.export lowers for {list(EXPORT_PLATFORMS)}.")
-    for platform in platforms:
-      exported = jax.export.export(jitted, platforms=[platform])(*args,
-                                                                  **kwargs)
+    for platform in export_platforms(platforms, "jaxq.inspect"):
+      exported = export(jitted, [platform], *args, **kwargs)
       results.append((platform, EXPORTED_SOURCE,
                       parse_stablehlo(exported.mlir_module(), platform)))
   # linen records its layers while tracing: read them after lowering.
