@@ -8,9 +8,16 @@
   model directory; ``load``: back, still quantized, with the rules); its
   layout (packing, spec <-> scheme) in `jaxq.io.compressed_tensors_schemes`,
   the reader in `jaxq.io.compressed_tensors_load`.
+* `jaxq.io.gguf`: llama.cpp's GGUF tensors as QArrays, still quantized
+  (K-quant layouts in `jaxq.io.gguf_kquants`, the checked tensor index in
+  `jaxq.io.gguf_file`).
+* `jaxq.io.exported`: a served model as a serialized ``jax.export``
+  program for several platforms, reloaded and run without the model code.
 """
 
 from jaxq.io import compressed_tensors
+from jaxq.io import exported
+from jaxq.io import gguf
 
 from jaxq.io.checkpoint import CheckpointError
 from jaxq.io.checkpoint import CheckpointNotFoundError
