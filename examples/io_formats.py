@@ -1,0 +1,205 @@
+"""Quantized weights in and out of jaxq on real models: compressed-tensors
+export and reload, SmolLM2 served from its GGUF blocks.
+
+* MiniLM (all-MiniLM-L6-v2, `examples/minilm.py`): its 36 Dense layers as
+  W8A8 (int8 per output channel, dynamic int8 per-token activations:
+  compressed-tensors' ``int-quantized``) and W4A16 (int4 groups of 32:
+  ``pack-quantized``), written with `jaxq.io.compressed_tensors.save` under
+  the Hugging Face names of the original checkpoint, read back with
+  ``load`` and served: the reloaded model's embeddings equal the exported
+  model's bit for bit.
+* SmolLM2-135M (`examples/smollm.py`): its 210 Dense layers W4A16 g32 by
+  GPTQ, exported, reloaded, perplexity served from the reloaded files equal
+  to the exported model's.
+* SmolLM2 served from its GGUF file's Q4_1 / Q8_0 blocks, not dequantized
+  (`smollm.quantized_params_from_gguf`): held-out perplexity against the
+  dequantized float reference, and the bytes each holds.
+
+Every row prints the file's bytes beside the same parameters in float32.
+
+Run: python examples/io_formats.py --out /tmp/jaxq_io [--sections minilm
+smollm gguf] [--windows N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+import jaxq
+import minilm
+import smollm
+from jaxq import PerChannel, PerGroup, PerToken, QuantSpec
+from jaxq.convert import tree_bytes
+from jaxq.io import compressed_tensors as ct
+
+MINILM_DENSE = r"layers_\d+/(attention/(query|key|value|output)|ffn_in|ffn_out)"
+SMOLLM_DENSE = r"layers_\d+/(self_attn|mlp)/\w+_proj"
+W8A8 = (QuantSpec("int8", PerChannel(axis=-1)), QuantSpec("int8", PerToken()))
+W4A16_G32 = (QuantSpec("int4", PerGroup(axis=0, size=32)), None)
+
+
+def minilm_names(config: minilm.BertConfig) -> dict[str, str]:
+  """MiniLM layer path -> the Hugging Face module name of its checkpoint."""
+  return {"/".join(path[:-1]): name.rsplit(".", 1)[0]
+          for path, name in minilm.checkpoint_names(config).items()}
+
+
+def smollm_hf_config(config: smollm.LlamaConfig) -> dict[str, Any]:
+  """The Hugging Face ``config.json`` fields of a SmolLM2 config."""
+  return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+          "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+          "intermediate_size": config.intermediate_size,
+          "num_hidden_layers": config.num_layers,
+          "num_attention_heads": config.num_heads,
+          "num_key_value_heads": config.num_kv_heads,
+          "head_dim": config.head_dim, "rope_theta": config.rope_theta,
+          "rms_norm_eps": config.rms_norm_eps,
+          "max_position_embeddings": config.max_length,
+          "tie_word_embeddings": True, "hidden_act": "silu",
+          "torch_dtype": "float32"}
+
+
+def _row(name: str, report: ct.ExportReport, seconds: float,
+         quality: str) -> str:
+  return (f"| {name} | {report.file_bytes / 1e6:.1f} | "
+          f"{report.float_bytes / 1e6:.1f} | {report.ratio:.2f}x | "
+          f"{quality} | {seconds:.0f} |")
+
+
+def minilm_section(out: pathlib.Path) -> list[str]:
+  """MiniLM W8A8 and W4A16 g32: export, reload, embeddings compared."""
+  pretrained = minilm.load_pretrained()
+  config = pretrained.model.config
+  hf_config = json.loads((minilm.model_dir() / "config.json").read_text())
+  sentences = minilm.read_sentences(minilm.SENTENCES_FILE)
+  reference = minilm.embed(pretrained, sentences)
+  names = minilm_names(config)
+  rows = []
+  for label, (weight, act) in {"MiniLM W8A8 int8": W8A8,
+                               "MiniLM W4A16 g32": W4A16_G32}.items():
+    start = time.perf_counter()
+    rules = [jaxq.Rule(MINILM_DENSE, weight=weight, act=act)]
+    serve = jaxq.quantize_model(pretrained.model, rules, "serve")
+    # One abstract trace tells linen's wrapper its layers (no calibration:
+    # abs-max weights, dynamic or no activation quantization).
+    jax.eval_shape(serve.apply, pretrained.variables,
+                   *minilm.tokenize(pretrained.tokenizer, sentences[:2]))
+    serving, _ = jaxq.convert(serve, pretrained.variables)
+    directory = out / re.sub(r"\W+", "_", label.lower())
+    report = ct.save(directory, serving, names, rules=rules, config=hf_config)
+    loaded = ct.load(directory, names, pretrained.variables["params"])
+    reloaded = jaxq.quantize_model(pretrained.model, loaded.rules, "serve")
+    exported = minilm.embed(pretrained, sentences, variables=serving,
+                            apply_fn=serve.apply)
+    back = minilm.embed(pretrained, sentences, variables=loaded.variables,
+                        apply_fn=reloaded.apply)
+    seconds = time.perf_counter() - start
+    if not np.array_equal(exported, back):
+      raise AssertionError(f"{label}: the reloaded model's embeddings differ "
+                           f"from the exported model's.")
+    cosine = float(np.mean(np.sum(exported * reference, axis=-1)))
+    print(f"{report}\n  reloaded == exported (bit-exact); mean cosine to "
+          f"float {cosine:.5f}", flush=True)
+    rows.append(_row(label, report, seconds, f"cosine {cosine:.5f}, "
+                     f"reloaded bit-exact"))
+  return rows
+
+
+def smollm_section(out: pathlib.Path, windows: np.ndarray,
+                   calibration: int) -> list[str]:
+  """SmolLM2 W4A16 g32 GPTQ: export, reload, perplexity compared."""
+  pretrained = smollm.load_pretrained()
+  config = pretrained.config
+  start = time.perf_counter()
+  weight, _ = W4A16_G32
+  rules = [jaxq.Rule(SMOLLM_DENSE, weight=weight)]
+  cal = jaxq.quantize_model(pretrained.model, rules, "calibrate")
+  batches = list(smollm.calibration_windows(256, calibration).reshape(
+      -1, 4, 256))
+  variables = jaxq.gptq(cal, pretrained.variables, batches, progress=False)
+  result = jaxq.calibrate(cal, variables, batches, progress=False)
+  serve = cal.with_mode("serve")
+  serving, _ = jaxq.convert(serve, variables, result.stats)
+  names = smollm.hf_names(config)
+  directory = out / "smollm2_w4a16_g32_gptq"
+  report = ct.save(directory, serving, names, rules=rules,
+                   config=smollm_hf_config(config))
+  loaded = ct.load(directory, names, pretrained.variables["params"])
+  reloaded = jaxq.quantize_model(pretrained.model, loaded.rules, "serve")
+  seconds = time.perf_counter() - start
+  tokens = windows[:1]
+  if not np.array_equal(jax.jit(serve.apply)(serving, tokens),
+                        jax.jit(reloaded.apply)(loaded.variables, tokens)):
+    raise AssertionError("SmolLM2: the reloaded model's logits differ from "
+                         "the exported model's.")
+  float_ppl = smollm.perplexity(pretrained.model.apply, pretrained.variables,
+                                windows)
+  ppl = smollm.perplexity(reloaded.apply, loaded.variables, windows)
+  print(f"{report}\n  reloaded == exported (bit-exact logits); perplexity "
+        f"{ppl:.3f} (float {float_ppl:.3f})", flush=True)
+  return [_row("SmolLM2 W4A16 g32 GPTQ", report, seconds,
+               f"perplexity {ppl:.3f} (float {float_ppl:.3f}), reloaded "
+               f"bit-exact")]
+
+
+def gguf_section(windows: np.ndarray) -> list[str]:
+  """SmolLM2 served from its GGUF blocks vs the dequantized reference."""
+  pretrained = smollm.load_pretrained()
+  start = time.perf_counter()
+  params, rules = smollm.quantized_params_from_gguf(
+      smollm.read_gguf(smollm.gguf_path()), pretrained.config)
+  serve = jaxq.quantize_model(pretrained.model, rules, "serve")
+  seconds = time.perf_counter() - start
+  served = smollm.perplexity(serve.apply, {"params": params}, windows)
+  reference = smollm.perplexity(pretrained.model.apply, pretrained.variables,
+                                windows)
+  held, float_bytes = tree_bytes(params), tree_bytes(pretrained.variables)
+  file_bytes = os.path.getsize(smollm.gguf_path())
+  print(f"SmolLM2 GGUF blocks served: perplexity {served:.4f}, dequantized "
+        f"reference {reference:.4f}; {held / 1e6:.1f} MB held "
+        f"({held / float_bytes:.2f}x the float32 {float_bytes / 1e6:.1f} MB; "
+        f"file {file_bytes / 1e6:.1f} MB)", flush=True)
+  return [f"| SmolLM2 GGUF Q4_1/Q8_0, served as loaded | "
+          f"{file_bytes / 1e6:.1f} (file), {held / 1e6:.1f} (held) | "
+          f"{float_bytes / 1e6:.1f} | {float_bytes / held:.2f}x | "
+          f"perplexity {served:.4f} (dequantized float {reference:.4f}) | "
+          f"{seconds:.0f} |"]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", type=pathlib.Path, required=True,
+                      help="directory for the compressed-tensors exports")
+  parser.add_argument("--sections", nargs="*", default=["minilm", "smollm",
+                                                        "gguf"],
+                      choices=["minilm", "smollm", "gguf"])
+  parser.add_argument("--windows", type=int, default=8,
+                      help="held-out windows of 256 tokens for perplexity")
+  parser.add_argument("--calibration-windows", type=int, default=16,
+                      help="GPTQ calibration windows of 256 (a multiple "
+                           "of 4)")
+  args = parser.parse_args(argv)
+  windows = smollm.evaluation_windows(256, args.windows)
+  rows = ["| model, scheme | file MB | float32 MB | smaller | quality | "
+          "s |", "| --- | --- | --- | --- | --- | --- |"]
+  if "minilm" in args.sections:
+    rows += minilm_section(args.out)
+  if "smollm" in args.sections:
+    rows += smollm_section(args.out, windows, args.calibration_windows)
+  if "gguf" in args.sections:
+    rows += gguf_section(windows)
+  print("\n".join(rows))
+
+
+if __name__ == "__main__":
+  main()
