@@ -44,6 +44,23 @@ def _kernel(quantized, layer):
 # ------------------------------------------------------------ round trips
 
 
+def test_name_map_as_a_dict(quantized, tmp_path):
+  """A user's table of names: only the layers it names are written/read."""
+  names = {"w8a8": "encoder.block.3.mlp", "head": "classifier"}
+  serving = {"params": {k: quantized.serving["params"][k] for k in names}}
+  report = ct.save(tmp_path / "out", serving, names, rules=quantized.rules)
+  assert report.quantized == ("encoder.block.3.mlp",)
+  assert report.ignored == ("classifier",)
+  stored = _tensors(tmp_path / "out")
+  assert {"encoder.block.3.mlp.weight", "encoder.block.3.mlp.weight_scale",
+          "classifier.weight", "classifier.bias"} <= set(stored)
+  loaded = ct.load(tmp_path / "out", names, quantized.variables)
+  assert set(loaded.variables["params"]) == set(names)
+  np.testing.assert_array_equal(
+      loaded.variables["params"]["w8a8"]["kernel"].values,
+      _kernel(quantized, "w8a8").values)
+
+
 def test_round_trip_is_bit_exact(quantized, exported):
   directory, _ = exported
   loaded = ct.load(directory, hf_name, quantized.variables)
