@@ -312,10 +312,12 @@ def gguf_path() -> pathlib.Path:
   return path
 
 
+@functools.lru_cache(maxsize=2)
 def read_gguf(path: pathlib.Path) -> Any:
   """A `gguf.GGUFReader` of ``path``, its tensor index checked first
   (`jaxq.io.gguf.read`: a truncated or inconsistent file raises naming the
-  tensor), with a clear error if gguf is absent."""
+  tensor), with a clear error if gguf is absent. Cached: parsing the
+  metadata (the vocabulary) takes seconds, and the reader is read-only."""
   if importlib.util.find_spec("gguf") is None:
     raise ModuleNotFoundError(f"Reading GGUF needs the 'gguf' package: "
                               f"{INSTALL_COMMAND}", name="gguf")

@@ -210,7 +210,7 @@ def test_gguf_blocks_served_directly_equal_the_dequantized_model(pretrained):
       rtol=0, atol=1e-6)
   serve = jaxq.quantize_model(small.model, rules, "serve")
   tokens = jnp.asarray(smollm.evaluation_windows(64, 1))
-  want = small.model.apply(small.variables, tokens)
-  got = serve.apply({"params": params}, tokens)
+  want = jax.jit(small.model.apply)(small.variables, tokens)
+  got = jax.jit(serve.apply)({"params": params}, tokens)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   assert np.mean(np.argmax(got, -1) == np.argmax(want, -1)) == 1.0

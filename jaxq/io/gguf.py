@@ -295,7 +295,8 @@ def take_rows(qa: QArray, index: np.ndarray) -> QArray:
   """The QArray's rows (axis 0) ``index`` (a permutation of output rows),
   with their scales and zero points: exact for groups along axis 1."""
   index = np.asarray(index)
-  take = lambda a: None if a is None else jnp.take(a, index, axis=0)
+  take = lambda a: None if a is None else jnp.asarray(
+      np.take(np.asarray(a), index, axis=0))  # NumPy: no compile per shape
   return dataclasses.replace(qa, values=take(qa.values), scale=take(qa.scale),
                              zero_point=take(qa.zero_point))
 
@@ -308,7 +309,8 @@ def to_kernel(qa: QArray) -> QArray:
     raise ValueError(f"to_kernel: expected groups along axis 1, got {g}.")
   spec = qa.spec.replace(granularity=granularity_lib.PerGroup(
       axis=0, size=g.size))
-  t = lambda a: None if a is None else jnp.asarray(a).T
+  t = lambda a: None if a is None else jnp.asarray(
+      np.ascontiguousarray(np.asarray(a).T))  # NumPy: no compile per shape
   return QArray(values=t(qa.values), scale=t(qa.scale),
                 zero_point=t(qa.zero_point), spec=spec, dtype=qa.dtype)
 

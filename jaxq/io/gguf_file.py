@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import mmap
 import os
 import struct
 
@@ -71,7 +72,7 @@ class TensorInfo:
 class _Cursor:
   """Reads little-endian values from bytes, raising on a short read."""
 
-  def __init__(self, data: bytes, path: str):
+  def __init__(self, data: bytes | mmap.mmap, path: str):
     self.data, self.pos, self.path = data, 0, path
 
   def take(self, n: int, what: str) -> bytes:
@@ -129,7 +130,18 @@ def read_index(path: str | os.PathLike) -> tuple[TensorInfo, ...]:
   if not os.path.exists(path):
     raise CheckpointError(f"gguf: {path!r} is missing.")
   with open(path, "rb") as f:
-    data = f.read()
+    if os.fstat(f.fileno()).st_size == 0:
+      raise CheckpointError(f"gguf: {path!r} is empty.")
+    # Mapped, not read: only the header's pages are touched.
+    data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+  try:
+    return _read_index(data, path)
+  finally:
+    data.close()
+
+
+def _read_index(data: mmap.mmap, path: str) -> tuple[TensorInfo, ...]:
+  """`read_index` on the mapped file ``data``."""
   cur = _Cursor(data, path)
   if cur.take(4, "the magic") != MAGIC:
     raise CheckpointError(f"gguf: {path!r} is not a GGUF file (no GGUF "
