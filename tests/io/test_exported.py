@@ -4,9 +4,12 @@ lowered for cpu, cuda and tpu, serialized, reloaded and run on this CPU."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+import jaxq
 from jaxq.io import exported as je
 
 pytest.importorskip("flatbuffers")  # jax.export's serialization needs it
@@ -49,3 +52,29 @@ def test_baked_weights_and_errors(quantized, tmp_path):
     je.call(program, {"params": {"head": q.serving["params"]["head"]}}, q.x)
   with pytest.raises(ValueError, match=r"unknown platform.*'gpu'"):
     je.export(q.serve.apply, q.serving, q.x, platforms=("cpu", "gpu"))
+
+
+def test_nnx_served_model(tmp_path):
+  """An nnx model: its split state is the weights argument."""
+  class MLP(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+      self.up = nnx.Linear(64, 128, rngs=rngs)
+      self.down = nnx.Linear(128, 8, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+      return self.down(jax.nn.relu(self.up(x)))
+
+  model = MLP(nnx.Rngs(0))
+  rules = [jaxq.Rule(".*", weight=jaxq.QuantSpec("int4", jaxq.PerGroup(
+      axis=0, size=32)), act=None)]
+  serve = jaxq.quantize_model(model, rules, "serve")
+  state, _ = jaxq.convert(serve, nnx.state(model))
+  nnx.update(serve, state)
+  graph, state = nnx.split(serve)
+  assert any(leaf.dtype == jnp.int4 for leaf in jax.tree.leaves(state))
+  apply = lambda s, x: nnx.merge(graph, s)(x)
+  x = jax.random.normal(jax.random.key(1), (2, 64))
+  program = je.export(apply, state, x, platforms=("cpu", "cuda", "tpu"))
+  je.save(tmp_path / "nnx.jaxexport", program)
+  got = je.call(je.load(tmp_path / "nnx.jaxexport"), state, x)
+  np.testing.assert_array_equal(got, jax.jit(apply)(state, x))
