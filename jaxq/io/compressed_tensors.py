@@ -4,7 +4,9 @@
 the compressed-tensors format that llm-compressor writes (``model.safetensors``
 plus ``config.json`` with a ``quantization_config``); ``load`` reads such a
 directory back into jaxq serving variables, still quantized, with the
-`Rule`s that reproduce them.
+`Rule`s that reproduce them. This module writes; the reader is `jaxq.io.compressed_tensors_load`
+(re-exported here), the packing and the spec <-> scheme mapping both use
+are `jaxq.io.compressed_tensors_schemes`.
 
 ```python
 report = jaxq.io.compressed_tensors.save(
