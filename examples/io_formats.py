@@ -14,6 +14,9 @@ export and reload, SmolLM2 served from its GGUF blocks.
 * The reloaded MiniLM models through ``jax.export`` (`jaxq.io.exported`)
   for cpu, cuda and tpu, reloaded and run on the CPU: equal to the live
   model.
+* With ``--sections transformers`` (torch, transformers, compressed-tensors
+  installed): the SmolLM2 export loaded by Hugging Face transformers, its
+  logits against jaxq's.
 * SmolLM2 served from its GGUF file's Q4_1 / Q8_0 blocks, not dequantized
   (`smollm.quantized_params_from_gguf`): held-out perplexity against the
   dequantized float reference, and the bytes each holds.
@@ -175,6 +178,70 @@ def smollm_section(out: pathlib.Path, windows: np.ndarray,
                f"bit-exact")]
 
 
+def transformers_section(out: pathlib.Path, windows: np.ndarray) -> list[str]:
+  """The SmolLM2 export loaded by Hugging Face transformers (PyTorch, its
+  compressed-tensors integration): logits against jaxq serving the same
+  directory. Needs torch, transformers and compressed-tensors."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  directory = out / "smollm2_w4a16_g32_gptq"
+  pretrained = smollm.load_pretrained()
+  names = smollm.hf_names(pretrained.config)
+  loaded = ct.load(directory, names, pretrained.variables["params"])
+  serve = jaxq.quantize_model(pretrained.model, loaded.rules, "serve")
+  tokens = windows[:1, :64]
+  ours = np.asarray(jax.jit(serve.apply)(loaded.variables, tokens))
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      directory, dtype=torch.float32)
+  with torch.no_grad():
+    theirs = model(torch.tensor(np.asarray(tokens), dtype=torch.long)
+                   ).logits.numpy()
+  diff = float(np.max(np.abs(ours - theirs)))
+  agree = float(np.mean(ours.argmax(-1) == theirs.argmax(-1)))
+  print(f"transformers {transformers.__version__} on {directory}: max |logit "
+        f"difference| {diff:.2e} (logits up to "
+        f"{float(np.max(np.abs(theirs))):.1f}), argmax agreement "
+        f"{agree:.3f} over {tokens.shape[1]} tokens", flush=True)
+  rows = [f"| SmolLM2 W4A16 g32 GPTQ loaded by transformers | | | | max "
+          f"logit difference {diff:.1e} vs jaxq, argmax agreement "
+          f"{agree:.3f} | |"]
+  return rows + minilm_transformers(out, torch, transformers)
+
+
+def minilm_transformers(out: pathlib.Path, torch: Any,
+                        transformers: Any) -> list[str]:
+  """The MiniLM exports loaded by transformers: mean-pooled embeddings
+  against jaxq serving the same directories."""
+  pretrained = minilm.load_pretrained()
+  sentences = minilm.read_sentences(minilm.SENTENCES_FILE)[:16]
+  names = minilm_names(pretrained.model.config)
+  batch = minilm.tokenize(pretrained.tokenizer, sentences)
+  mask = batch.attention_mask[..., None].astype(np.float32)
+  rows = []
+  for label in ("MiniLM W8A8 int8", "MiniLM W4A16 g32"):
+    directory = out / re.sub(r"\W+", "_", label.lower())
+    loaded = ct.load(directory, names, pretrained.variables["params"])
+    serve = jaxq.quantize_model(pretrained.model, loaded.rules, "serve")
+    ours = minilm.embed(pretrained, sentences, variables=loaded.variables,
+                        apply_fn=serve.apply)
+    model = transformers.AutoModel.from_pretrained(directory,
+                                                   dtype=torch.float32)
+    with torch.no_grad():
+      hidden = model(**{k: torch.tensor(np.asarray(v), dtype=torch.long)
+                        for k, v in batch._asdict().items()}
+                     ).last_hidden_state.numpy()
+    theirs = (hidden * mask).sum(1) / mask.sum(1)
+    theirs /= np.linalg.norm(theirs, axis=-1, keepdims=True)
+    diff = float(np.max(np.abs(ours - theirs)))
+    cosine = float(np.min(np.sum(ours * theirs, axis=-1)))
+    print(f"transformers on {directory}: max |embedding difference| "
+          f"{diff:.2e}, min cosine {cosine:.5f}", flush=True)
+    rows.append(f"| {label} loaded by transformers | | | | max embedding "
+                f"difference {diff:.1e} vs jaxq, min cosine {cosine:.5f} "
+                f"| |")
+  return rows
+
+
 def gguf_section(windows: np.ndarray) -> list[str]:
   """SmolLM2 served from its GGUF blocks vs the dequantized reference."""
   pretrained = smollm.load_pretrained()
@@ -205,7 +272,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="directory for the compressed-tensors exports")
   parser.add_argument("--sections", nargs="*", default=["minilm", "smollm",
                                                         "gguf"],
-                      choices=["minilm", "smollm", "gguf"])
+                      choices=["minilm", "smollm", "transformers", "gguf"],
+                      help="transformers (torch, transformers and "
+                           "compressed-tensors installed) loads the smollm "
+                           "section's export")
   parser.add_argument("--windows", type=int, default=8,
                       help="held-out windows of 256 tokens for perplexity")
   parser.add_argument("--calibration-windows", type=int, default=16,
@@ -219,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows += minilm_section(args.out)
   if "smollm" in args.sections:
     rows += smollm_section(args.out, windows, args.calibration_windows)
+  if "transformers" in args.sections:
+    rows += transformers_section(args.out, windows)
   if "gguf" in args.sections:
     rows += gguf_section(windows)
   print("\n".join(rows))
