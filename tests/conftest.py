@@ -15,6 +15,15 @@ import os
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# One persistent compilation cache for the run: the workers, and the examples
+# and benchmarks they start as subprocesses, compile many identical programs
+# (the same test models, the same --quick paths); each is compiled once.
+# A fresh clone starts with it empty; `rm -rf .jax_cache` empties it.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                 ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import hypothesis  # noqa: E402
 
