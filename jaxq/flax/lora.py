@@ -194,8 +194,12 @@ def combine(adapters: Mapping[str, Any], frozen: Mapping[str, Any]
 
 def trainable_mask(params: Mapping[str, Any]) -> Any:
   """A pytree of bools shaped like linen ``params`` (QArray bases are one
-  False leaf): True at the adapters, for ``optax.masked`` or
-  ``optax.multi_transform``."""
+  False leaf): True at the adapters. As labels for
+  ``optax.multi_transform({True: tx, False: optax.set_to_zero()}, mask)``
+  (``optax.masked(tx, mask)`` alone would pass the frozen leaves' raw
+  gradients through as their updates). For a float base only: a QArray
+  base's integer values take float0 gradients that optax cannot apply;
+  train `partition`'s adapters instead."""
   return jax.tree_util.tree_map_with_path(
       lambda path, _: getattr(path[-1], "key", None) in core.ADAPTER_NAMES,
       params, is_leaf=lambda x: isinstance(x, QArray))

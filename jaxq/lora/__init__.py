@@ -13,8 +13,9 @@ is not kept) and gains ``A`` (in, r) and ``B`` (r, out), B = 0 at the start:
 
 Training, linen: ``adapters, frozen = jaxq.lora.partition(params)``;
 differentiate with respect to ``adapters`` only and run any optax
-transformation on them (`trainable_mask` gives the same split as a mask for
-``optax.masked`` / ``multi_transform``); ``lora.model.apply(combine(adapters,
+transformation on them (or label the whole tree with `trainable_mask` for
+``optax.multi_transform({True: tx, False: optax.set_to_zero()}, mask)``;
+``optax.masked`` alone passes the frozen leaves' gradients through); ``lora.model.apply(combine(adapters,
 frozen) ...)``. nnx: ``nnx.Optimizer(lora.model, tx, wrt=LoraParam)`` and
 ``nnx.grad(..., argnums=nnx.DiffState(0, LoraParam))``.
 
