@@ -17,19 +17,11 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from jaxq.checkpoint_tensors import _safetensors
 from jaxq.lora import core
 
 FORMAT_VERSION = 1
 _METADATA_KEY = "jaxq_lora"
-
-
-def _safetensors_numpy():
-  try:
-    import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError("jaxq.lora.save_adapters needs safetensors: pip "
-                      "install safetensors") from e
-  return safetensors.numpy
 
 
 def save(path: str | os.PathLike, adapters: Mapping[str, Mapping[str, object]],
@@ -47,7 +39,7 @@ def save(path: str | os.PathLike, adapters: Mapping[str, Mapping[str, object]],
     meta[layer_path] = {"rank": layer.rank, "alpha": layer.alpha}
   metadata = {_METADATA_KEY: json.dumps({"version": FORMAT_VERSION,
                                          "layers": meta})}
-  _safetensors_numpy().save_file(tensors, os.fspath(path), metadata=metadata)
+  _safetensors().numpy.save_file(tensors, os.fspath(path), metadata=metadata)
   return os.path.getsize(path)
 
 
@@ -64,9 +56,8 @@ def load(path: str | os.PathLike, layers: Mapping[str, core.LoraLayer]
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"jaxq.lora.load_adapters: no file {path!r}.")
-  st = _safetensors_numpy()
-  import safetensors  # pylint: disable=g-import-not-at-top
-  with safetensors.safe_open(path, framework="numpy") as f:
+  st = _safetensors()
+  with st.safe_open(path, framework="numpy") as f:
     metadata = f.metadata() or {}
   where = f"jaxq.lora.load_adapters({path!r})"
   if _METADATA_KEY not in metadata:
@@ -88,7 +79,7 @@ def load(path: str | os.PathLike, layers: Mapping[str, core.LoraLayer]
             f"adapters in the file",
             extra and f"the file's layers {extra[:4]} are not LoRA layers "
             f"of the model"])) + ".")
-  tensors = st.load_file(path)
+  tensors = st.numpy.load_file(path)
   out = {}
   for layer_path, layer in layers.items():
     entry = saved[layer_path]
