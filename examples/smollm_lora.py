@@ -16,11 +16,16 @@ data, batches and number of steps, side by side in one run:
 * ``qlora-int4-g64``: the base in int4, per group of 64: ``INT4_G64``.
 
 For each: held-out perplexity before and after; the bytes of the frozen
-LoRA-layer bases against the same kernels in bf16; optimizer state bytes;
-median step time (after compilation). Then, per adapter run, what merging
-costs: ``W + A B alpha / r`` merged into float kernels and, for the
-quantized bases, quantized again with the base's own spec (RTN, the serve
-mode), against base + adapters.
+LoRA-layer bases, stored (packed) and in memory, against the same kernels
+in bf16; optimizer state bytes; the median step time during training and,
+since the machine may be shared, the median of the runs' compiled steps
+timed in turn at the end (`interleaved_step_times`, what the ratios use).
+Then, per adapter run, what merging costs: ``W + A B alpha / r`` merged
+into float kernels and, for the quantized bases, quantized again with the
+base's own spec (RTN, the serve mode) or by GPTQ on a few training windows
+(`gptq_ppl`), and the adapters merged onto the original float kernels
+instead, each against base + adapters. The issue's goals are printed met
+or not met.
 
 Run: python examples/smollm_lora.py [--quick] [--steps N] [--json PATH]
 """
