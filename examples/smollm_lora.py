@@ -56,7 +56,8 @@ import jaxq  # noqa: E402  pylint: disable=g-import-not-at-top
 TARGETS = r".*/(q|k|v|o|gate|up|down)_proj"
 RANK, ALPHA = 8, 16.0
 BASES: dict[str, Any] = {"lora": None, "qlora-nf4-dq": jaxq.lora.NF4_DQ,
-                         "qlora-int4-g64": jaxq.lora.INT4_G64}
+                         "qlora-int4-g64": jaxq.lora.INT4_G64,
+                         "qlora-nf4": jaxq.lora.NF4}  # The last: --runs only.
 LEARNING_RATES = {"full": 3e-5, "adapters": 1e-3}
 # Run name -> one more training step, for `interleaved_step_times`.
 TIMERS: dict[str, Callable[[], None]] = {}
