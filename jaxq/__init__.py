@@ -9,6 +9,7 @@ from jaxq import formats
 from jaxq import granularity
 from jaxq import kvcache
 from jaxq import learned
+from jaxq import lora
 from jaxq import observers
 from jaxq import qat
 from jaxq.io.checkpoint import load

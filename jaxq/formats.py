@@ -18,7 +18,18 @@ name                kind       range                   notes
 ``float8_e4m3fn``   float      [-448, 448]             saturating cast
 ``float8_e5m2``     float      [-57344, 57344]         saturating cast
 ``float4_e2m1fn``   float      [-6, 6]                 saturating cast
+``nf4``             lut        [-1, 1]                 16 NormalFloat levels
+                                                       (QLoRA), stored as
+                                                       uint4 codes
 ==================  =========  ======================  =====================
+
+``nf4`` is a *lookup* format (kind ``"lut"``): its 16 levels (`NF4_LEVELS`,
+Dettmers et al., 2023) are the quantiles of a standard normal scaled into
+[-1, 1], with an exact 0; a value divided by its scale is stored as the
+code (0..15, uint4) of the nearest level, and `decode` turns codes back
+into levels. Symmetric, round-to-nearest only; its ``amax_level`` is 1, so
+the scale of a block is its abs-max (QLoRA's absmax blocks of 64 are
+``QuantSpec("nf4", PerGroup(axis=0, size=64))`` on a (in, out) kernel).
 
 Signed integers of at most 4 bits default to the full two's complement
 range, wider ones to the narrow range (`default_narrow_range`). Symmetric
@@ -72,7 +83,8 @@ class Format:
   Attributes:
     name: canonical name, equal to the storage dtype's name.
     dtype: the numpy/ml_dtypes storage dtype.
-    kind: ``"int"`` or ``"float"``.
+    kind: ``"int"``, ``"float"`` or ``"lut"`` (values are codes of the
+      ``levels`` table, e.g. NF4).
     qmin: the smallest representable value, in scaled units.
     qmax: the largest representable value, in scaled units.
     emax: exponent of the largest power of two not above ``qmax``
@@ -84,18 +96,19 @@ class Format:
 
   name: str
   dtype: np.dtype
-  kind: Literal["int", "float"]
+  kind: Literal["int", "float", "lut"]
   qmin: float
   qmax: float
   emax: int
   mantissa_bits: int = 0
   min_normal_exponent: int = 0
   has_nan: bool = False
+  levels: tuple[float, ...] | None = None
 
   @property
   def bits(self) -> int:
     """Bits per stored element."""
-    return int(ml_dtypes.iinfo(self.dtype).bits if self.kind == "int"
+    return int(ml_dtypes.iinfo(self.dtype).bits if self.kind in ("int", "lut")
                else ml_dtypes.finfo(self.dtype).bits)
 
   @property
@@ -148,7 +161,19 @@ _FLOAT_DTYPES = {
     "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
     "float4_e2m1fn": np.dtype(ml_dtypes.float4_e2m1fn),
 }
-FORMAT_NAMES: tuple[str, ...] = tuple(_INT_DTYPES) + tuple(_FLOAT_DTYPES)
+# The 16 NF4 levels of QLoRA (Dettmers et al., 2023, appendix E): 8
+# positive and 7 negative quantiles of N(0, 1) at evenly spaced
+# probabilities from 0.5 to 0.9677, each half normalised to end at +-1,
+# and 0. `tests/test_formats.py` rebuilds them from that definition.
+NF4_LEVELS: tuple[float, ...] = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+    0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0)
+_LUT_LEVELS = {"nf4": NF4_LEVELS}
+FORMAT_NAMES: tuple[str, ...] = (tuple(_INT_DTYPES) + tuple(_FLOAT_DTYPES) +
+                                 tuple(_LUT_LEVELS))
 
 E8M0_DTYPE = np.dtype(ml_dtypes.float8_e8m0fnu)
 # e8m0 itself spans 2**-127 .. 2**127; we stop at 2**-126 so that the scale
@@ -207,6 +232,11 @@ def get_format(fmt: str | np.dtype | type, *,
   name = canonical_name(fmt)
   if narrow_range is None:
     narrow_range = default_narrow_range(name)
+  if name in _LUT_LEVELS:
+    levels = _LUT_LEVELS[name]
+    return Format(name=name, dtype=np.dtype(ml_dtypes.uint4), kind="lut",
+                  qmin=float(levels[0]), qmax=float(levels[-1]), emax=0,
+                  levels=levels)
   if name in _INT_DTYPES:
     dtype = _INT_DTYPES[name]
     info = ml_dtypes.iinfo(dtype)
@@ -295,6 +325,11 @@ def cast(x: jax.Array, fmt: Format, *, rounding: Rounding = "nearest",
   _check_rounding(rounding, key)
   x = x.astype(jnp.float32)
   is_nan = jnp.isnan(x)
+  if fmt.kind == "lut":
+    if rounding != "nearest":
+      raise ValueError(f"{fmt.name} rounds to the nearest level only, not "
+                       f"{rounding!r}.")
+    return lut_encode(x, fmt)
   if fmt.kind == "int":
     x = jnp.clip(round_to_integer(x, rounding, key), fmt.qmin, fmt.qmax)
     return jnp.where(is_nan, 0.0, x).astype(fmt.dtype)
@@ -306,6 +341,93 @@ def cast(x: jax.Array, fmt: Format, *, rounding: Rounding = "nearest",
   if not fmt.has_nan:
     x = jnp.where(is_nan, 0.0, x)
   return x.astype(fmt.dtype)
+
+
+def lut_encode(x: jax.Array, fmt: Format) -> jax.Array:
+  """Codes of the levels of a lookup format nearest to scaled ``x``.
+
+  ``x`` (float32, already divided by its scale) is compared with the 15
+  midpoints between consecutive levels: the code is how many midpoints lie
+  below it (ties go to the lower level), so values beyond the end levels
+  saturate (+-inf included) and NaN, which compares false, is stored as
+  the code of the level nearest 0.
+  """
+  levels = np.asarray(fmt.levels, np.float64)
+  midpoints = np.float32((levels[1:] + levels[:-1]) / 2)
+  codes = jnp.sum(x[..., None] > midpoints, axis=-1, dtype=jnp.int32)
+  zero_code = int(np.argmin(np.abs(levels)))
+  codes = jnp.where(jnp.isnan(x), zero_code, codes)
+  return codes.astype(jnp.uint8).astype(fmt.dtype)
+
+
+def decode(values: jax.Array, fmt: Format) -> jax.Array:
+  """Stored values as float32 scaled values: the levels of a lookup
+  format's codes, the values themselves otherwise."""
+  if fmt.kind == "lut":
+    table = jnp.asarray(np.asarray(fmt.levels, np.float32))
+    return table[values.astype(jnp.int32)]
+  return values.astype(jnp.float32)
+
+
+def double_quantize_scale(scale: jax.Array, block_size: int
+                          ) -> tuple[jax.Array, jax.Array]:
+  """Double quantization: positive float32 scales as 8-bit codes.
+
+  The scales, flattened in C order, are cut into blocks of ``block_size``
+  (the last one shorter); each block shares a power-of-two step ``2**e``,
+  the smallest with ``max(block) / 2**e <= 255``, and each scale is stored
+  as ``code = clip(round(scale / 2**e), 1, 255)`` (uint8; never 0, so no
+  block of values loses its scale). The step is stored as e8m0.
+
+  Because the step is a power of two, ``code * 2**e`` is exact in float32
+  and quantizing the dequantized scales again gives the same codes and
+  steps: `double_dequantize_scale(*double_quantize_scale(s))` is a fixed
+  point, which `jaxq.save` relies on to store only the codes.
+
+  Args:
+    scale: float32 scales of any shape, positive (NaN propagates to its
+      block).
+    block_size: scales per second-level step (QLoRA: 256).
+
+  Returns:
+    ``(codes, steps)``: uint8 codes of ``scale.shape`` and e8m0 steps of
+    shape ``(ceil(scale.size / block_size),)``.
+  """
+  flat = jnp.ravel(jnp.asarray(scale, jnp.float32))
+  blocks = -(-flat.size // block_size)
+  padded = jnp.pad(flat, (0, blocks * block_size - flat.size))
+  padded = padded.reshape(blocks, block_size)
+  peak = jnp.max(padded, axis=1)
+  # The smallest e with peak / 2**e <= 255: ceil(log2(peak / 255)), exact
+  # from the float32 exponent (floor_log2 of the next float down, + 1).
+  exponent = floor_log2(jnp.nextafter(peak / np.float32(255.0),
+                                      np.float32(0.0))) + 1
+  exponent = jnp.where(peak > 0, exponent, E8M0_MIN_EXPONENT)
+  exponent = jnp.clip(exponent, E8M0_MIN_EXPONENT, E8M0_MAX_EXPONENT)
+  step = pow2(exponent)
+  step = jnp.where(jnp.isnan(peak), jnp.nan, step)
+  codes = jnp.clip(jnp.round(padded / step[:, None]), 1, 255)
+  codes = codes.reshape(-1)[:flat.size].reshape(jnp.shape(scale))
+  return codes.astype(jnp.uint8), step.astype(E8M0_DTYPE)
+
+
+def double_dequantize_scale(codes: jax.Array, steps: jax.Array,
+                            block_size: int) -> jax.Array:
+  """Inverse of `double_quantize_scale`: float32 scales of ``codes``' shape,
+  ``code * step`` of its block (exact)."""
+  flat = jnp.ravel(codes).astype(jnp.float32)
+  step = jnp.repeat(jnp.asarray(steps).astype(jnp.float32), block_size)
+  return (flat * step[:flat.size]).reshape(jnp.shape(codes))
+
+
+def double_quantized(scale: jax.Array, block_size: int) -> jax.Array:
+  """``scale`` on the double-quantization grid (`double_quantize_scale`),
+  in float32; NaN entries make their block NaN."""
+  codes, steps = double_quantize_scale(scale, block_size)
+  out = double_dequantize_scale(codes, steps, block_size)
+  bad = jnp.repeat(jnp.isnan(steps.astype(jnp.float32)),
+                   block_size)[:out.size].reshape(out.shape)
+  return jnp.where(bad, jnp.nan, out)
 
 
 def floor_log2(x: jax.Array) -> jax.Array:

@@ -26,6 +26,7 @@ import ml_dtypes
 import numpy as np
 from jax import lax
 
+from jaxq import formats as formats_lib
 from jaxq.spec import QArray, check_qarray
 
 Array = jax.Array
@@ -88,7 +89,10 @@ def _operand(op: str, side: str, x: Operand) -> _Operand:
       zero_point = zero_point - _UINT8_SHIFT
     values = values.astype(_COMPUTE_DTYPE.get(np.dtype(values.dtype),
                                               values.dtype))
-    kind = "int" if x.spec.fmt.kind == "int" else "fp8"
+    if x.spec.fmt.kind == "lut":
+      # Levels (NF4) multiply as floats: decoded, the scale kept for after.
+      values = formats_lib.decode(x.values, x.spec.fmt)
+    kind = {"int": "int", "float": "fp8", "lut": "lut"}[x.spec.fmt.kind]
     return _Operand(values, x.scale.astype(jnp.float32), zero_point, kind,
                     x.spec.format,
                     x.spec.granularity.block_shape(tuple(x.shape)))
@@ -146,9 +150,12 @@ def _resolve_kinds(op: str, lhs: _Operand, rhs: _Operand,
                    lhs_constant: Sequence[int], rhs_constant: Sequence[int]
                    ) -> tuple[_Operand, _Operand]:
   """Makes the two operands computable together; refuses int x fp8."""
-  if "float" in (lhs.kind, rhs.kind):
+  if "float" in (lhs.kind, rhs.kind) or "lut" in (lhs.kind, rhs.kind):
+    # A lookup format (NF4) has no low-bit partner: its decoded levels
+    # multiply in float, as a weight-only operand does.
     dtype = functools.reduce(jnp.promote_types, [
-        o.values.dtype for o in (lhs, rhs) if o.kind == "float"])
+        o.values.dtype for o in (lhs, rhs) if o.kind == "float"] or
+        [np.dtype(np.float32)])
     lhs = _as_float(lhs, dtype, lhs_constant) if lhs.kind != "float" else lhs
     rhs = _as_float(rhs, dtype, rhs_constant) if rhs.kind != "float" else rhs
     return (dataclasses.replace(lhs, values=lhs.values.astype(dtype)),

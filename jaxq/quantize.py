@@ -256,6 +256,12 @@ def _scale_from_range(spec: QuantSpec, amax: jax.Array,
     scale = formats_lib.pow2(exponent - fmt.emax)
     return jnp.where(valid & (amax >= 0), scale, jnp.nan), None
   if spec.symmetric:
+    if spec.double_quant is not None:
+      # A zero range takes its block's smallest code: its block of values
+      # is zero, and a scale of 1 would coarsen the other scales' step.
+      scale = jnp.where(amax > 0, amax * _reciprocal(fmt.amax_level), 0.0)
+      scale = jnp.where(valid & (amax >= 0), scale, jnp.nan)
+      return formats_lib.double_quantized(scale, spec.double_quant), None
     scale = jnp.maximum(
         jnp.where(amax > 0, amax * _reciprocal(fmt.amax_level), 1.0), tiny)
     return jnp.where(valid & (amax >= 0), scale, jnp.nan), None
@@ -344,7 +350,8 @@ def _dequantize_values(values: jax.Array, scale: jax.Array,
                        zero_point: jax.Array | None, spec: QuantSpec,
                        dtype) -> jax.Array:
   blocks = spec.granularity.block_shape(tuple(values.shape))
-  v = granularity_lib.split_blocks(values.astype(jnp.float32), blocks)
+  v = granularity_lib.split_blocks(formats_lib.decode(values, spec.fmt),
+                                   blocks)
   if zero_point is not None:
     v = v - granularity_lib.split_scale(zero_point, values.shape,
                                         blocks).astype(jnp.float32)

@@ -86,6 +86,14 @@ class QuantSpec:
       round-to-nearest only. A learned range is a parameter, so ``dynamic``
       does not apply: a learned activation range starts from calibration
       (or from the first batch) and is then trained.
+    double_quant: None keeps the scales in float32; an integer ``n``
+      *double-quantizes* them (QLoRA): every scale is rounded to an 8-bit
+      code times a power-of-two step shared by ``n`` consecutive scales
+      (flattened in C order; QLoRA's 256), `jaxq.formats.double_quantize_scale`.
+      The QArray's ``scale`` holds those dequantized float32 scales, so
+      every op uses them unchanged; `QArray.nbytes` and `jaxq.save` count
+      and store one byte per scale plus one per block. Symmetric, non-MX
+      specs without ``learn`` only (it rounds a computed scale).
   """
 
   format: str | np.dtype | type = "int8"
@@ -98,6 +106,7 @@ class QuantSpec:
   ste: Literal["clipped", "identity"] = "clipped"
   dynamic: bool = True
   learn: Literal["lsq", "pact"] | None = None
+  double_quant: int | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "format", formats_lib.canonical_name(self.format))
@@ -118,7 +127,7 @@ class QuantSpec:
                        f"(PerTensor, PerChannel, ...), got {self.granularity!r}.")
     fmt = self.fmt
     is_mx = isinstance(self.granularity, granularity_lib.MX)
-    if not self.symmetric and fmt.kind == "float":
+    if not self.symmetric and fmt.kind != "int":
       raise ValueError(f"QuantSpec: affine (symmetric=False) quantization is "
                        f"for integer formats, not {self.format}.")
     if self.symmetric and not fmt.is_signed:
@@ -144,6 +153,31 @@ class QuantSpec:
     if self.ste not in STES:
       raise ValueError(f"QuantSpec: unknown ste {self.ste!r}; expected one of "
                        f"{STES}.")
+    if fmt.kind == "lut":
+      if is_mx:
+        raise ValueError(f"QuantSpec: {self.format} has no MX form; use "
+                         f"PerGroup (QLoRA: PerGroup(axis=0, size=64)).")
+      if self.rounding != "nearest":
+        raise ValueError(f"QuantSpec: {self.format} rounds to the nearest of "
+                         f"its levels; rounding={self.rounding!r} is not "
+                         f"supported.")
+      if self.calibration == "entropy":
+        raise ValueError(f"QuantSpec: calibration='entropy' scores integer "
+                         f"and float grids, not the levels of "
+                         f"{self.format}; use 'max', 'percentile' or 'mse'.")
+    if self.double_quant is not None:
+      if (isinstance(self.double_quant, bool) or
+          not isinstance(self.double_quant, (int, np.integer)) or
+          self.double_quant < 1):
+        raise ValueError(f"QuantSpec: double_quant must be None or a "
+                         f"positive block size (QLoRA: 256), got "
+                         f"{self.double_quant!r}.")
+      object.__setattr__(self, "double_quant", int(self.double_quant))
+      if is_mx or not self.symmetric or self.learn is not None:
+        raise ValueError(f"QuantSpec: double_quant={self.double_quant} "
+                         f"rounds a symmetric float32 scale; it does not "
+                         f"apply with granularity {self.granularity}, "
+                         f"symmetric={self.symmetric}, learn={self.learn!r}.")
     if self.learn is not None:
       if self.learn not in LEARNS:
         raise ValueError(f"QuantSpec: unknown learn {self.learn!r}; expected "
@@ -232,7 +266,11 @@ class QArray:
   def nbytes(self) -> int:
     """Bytes of values (sub-byte formats packed), scales and zero points."""
     total = formats_lib.storage_bytes(self.spec.fmt, math.prod(self.shape))
-    total += math.prod(self.scale.shape) * np.dtype(self.scale.dtype).itemsize
+    num_scales = math.prod(self.scale.shape)
+    if self.spec.double_quant is not None:  # uint8 codes + e8m0 steps.
+      total += num_scales + -(-num_scales // self.spec.double_quant)
+    else:
+      total += num_scales * np.dtype(self.scale.dtype).itemsize
     if self.zero_point is not None:
       total += (math.prod(self.zero_point.shape) *
                 np.dtype(self.zero_point.dtype).itemsize)

@@ -15,7 +15,7 @@ NOTEBOOKS = sorted(p.name for p in EXAMPLES.glob("*.ipynb"))
 
 def test_notebooks_exist():
   assert {"quickstart.ipynb", "ptq.ipynb", "minilm_ptq.ipynb",
-          "smollm.ipynb"} <= set(NOTEBOOKS)
+          "smollm.ipynb", "smollm_lora.ipynb"} <= set(NOTEBOOKS)
 
 
 @pytest.mark.slow

@@ -146,6 +146,8 @@ def _unclipped_amax(w: jax.Array, spec: QuantSpec) -> jax.Array:
   the calibration inputs only (an outlier input's weight is clipped most).
   """
   fmt = spec.fmt
+  if fmt.kind == "lut":  # Levels reach +-1 exactly: the abs-max.
+    return compute_range(w, spec.replace(calibration="max"))[1]
   amin, amax = compute_range(w, spec.replace(symmetric=False,
                                              calibration="max"))
   step = jnp.maximum(amax / fmt.qmax, amin / fmt.qmin)
@@ -349,6 +351,11 @@ def gptq(kernel: jax.Array, hessian: jax.Array, spec: QuantSpec, *,
     raise ValueError(f"gptq: Hessian of shape {tuple(hessian.shape)} does not "
                      f"match a kernel of shape {tuple(kernel.shape)}; it must "
                      f"be ({d_in}, {d_in}).")
+  if spec.double_quant is not None:
+    raise ValueError(f"gptq: double_quant={spec.double_quant} rounds the "
+                     f"scales of the whole kernel together, which GPTQ's "
+                     f"row-by-row ranges cannot reproduce; run GPTQ with "
+                     f"spec.replace(double_quant=None).")
   if percdamp < 0 or block_size < 1:
     raise ValueError(f"gptq: need percdamp >= 0 and block_size >= 1, got "
                      f"{percdamp} and {block_size}.")

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jaxq.version import __version__
+from jaxq import formats as formats_lib
 from jaxq import granularity as granularity_lib
 from jaxq.io.tensors import _dtype
 from jaxq.io.tensors import _encode
@@ -34,6 +34,7 @@ from jaxq.io.tensors import CheckpointError
 from jaxq.flax.rules import Rule
 from jaxq.spec import QArray
 from jaxq.spec import QuantSpec
+from jaxq.version import __version__
 
 FORMAT_VERSION = 1
 SEPARATOR = "/"
@@ -196,8 +197,22 @@ class _Encoder:
       except ValueError as e:
         raise ValueError(f"jaxq.save: QArray at {name!r}: {e}") from None
       for field in _QARRAY_FIELDS:
-        if getattr(node, field) is not None:
-          self.add(f"{name}.{field}", getattr(node, field))
+        value = getattr(node, field)
+        if value is None:
+          continue
+        if field == "scale" and node.spec.double_quant is not None:
+          # Double-quantized scales are stored as their codes and steps
+          # (a fixed point of the double quantization: read back exactly).
+          codes, steps = formats_lib.double_quantize_scale(
+              value, node.spec.double_quant)
+          if not np.array_equal(np.asarray(formats_lib.double_dequantize_scale(
+              codes, steps, node.spec.double_quant)), np.asarray(value)):
+            raise ValueError(f"jaxq.save: QArray at {name!r}: its scale is "
+                             f"not on the double_quant grid of its spec.")
+          self.add(f"{name}.scale_codes", codes)
+          self.add(f"{name}.scale_steps", steps)
+          continue
+        self.add(f"{name}.{field}", value)
       self.num_qarrays += 1
       self.float_bytes += math.prod(node.shape) * np.dtype(node.dtype).itemsize
       return {"type": "qarray", "name": name,
@@ -232,6 +247,12 @@ def _decode_tree(node: Mapping[str, Any], arrays: dict[str, np.ndarray]
     spec, dtype = _spec_from_json(node["spec"]), _dtype(node["dtype"])
     values, scale, zero_point = (arrays.pop(f"{name}.{f}", None)
                                  for f in _QARRAY_FIELDS)
+    codes = arrays.pop(f"{name}.scale_codes", None)
+    steps = arrays.pop(f"{name}.scale_steps", None)
+    if scale is None and codes is not None and steps is not None and (
+        spec.double_quant is not None):
+      scale = np.asarray(formats_lib.double_dequantize_scale(
+          jnp.asarray(codes), jnp.asarray(steps), spec.double_quant))
     if values is None or scale is None:
       raise CheckpointError(f"QArray at {name!r}: values or scale missing.")
     try:

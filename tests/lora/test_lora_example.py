@@ -1,0 +1,55 @@
+"""examples/smollm_lora.py --quick end to end on the real SmolLM2-135M
+weights (2 blocks, short windows, 4 steps): every run and column is made,
+and the numbers that must hold at any size do."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import smollm  # noqa: E402
+import smollm_lora  # noqa: E402
+
+
+@pytest.mark.slow
+def test_quick_path_runs_every_configuration(tmp_path, capsys):
+  try:
+    smollm.load_pretrained()  # cached: the run below reuses it
+  except ModuleNotFoundError as error:
+    message = str(error)
+  else:
+    message = None
+  if message:
+    pytest.fail(message, pytrace=False)
+  runs = smollm_lora.main(["--quick", "--json", str(tmp_path / "r.json")])
+  by = {r.name: r for r in runs}
+  assert list(by) == ["full", "lora", "qlora-nf4-dq", "qlora-int4-g64"]
+  full, lora, nf4 = by["full"], by["lora"], by["qlora-nf4-dq"]
+  # B = 0: LoRA on the float base starts at the float model's perplexity.
+  np.testing.assert_allclose(lora.ppl_before, full.ppl_before, rtol=1e-5)
+  assert nf4.ppl_before != lora.ppl_before  # the NF4 base is another model
+  for r in runs:
+    assert len(r.losses) == smollm_lora.QUICK.steps
+    assert np.isfinite(r.ppl_after) and r.step_interleaved_s > 0
+  # Adapters only: a small fraction of the parameters and of Adam's state.
+  assert lora.trainable == nf4.trainable < full.trainable / 100
+  assert nf4.optimizer_bytes < full.optimizer_bytes / 100
+  # Frozen bases: NF4 + DQ packed 4.127 bits per weight, float32 32.
+  assert 0.25 < nf4.base_bytes / nf4.base_bf16_bytes < 0.26
+  assert lora.base_bytes == 2 * lora.base_bf16_bytes
+  # Merging onto a float base computes what base + adapters computed.
+  np.testing.assert_allclose(lora.merged["ppl"], lora.ppl_after, rtol=1e-3)
+  for r in (nf4, by["qlora-int4-g64"]):
+    assert {"ppl", "ppl_gptq", "ppl_onto_float"} <= set(r.merged)
+    assert r.merged["adapter_file_bytes"] < 4 * r.trainable + 16384
+  saved = json.loads((tmp_path / "r.json").read_text())
+  assert set(saved["goals"]) >= {"nf4_dq_ppl_vs_lora", "nf4_dq_base_vs_bf16",
+                                 "nf4_dq_step_vs_lora"}
+  out = capsys.readouterr().out
+  assert "| qlora-nf4-dq |" in out and "goal <= 1.3x" in out
