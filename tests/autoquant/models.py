@@ -1,0 +1,55 @@
+"""Tiny linen and nnx twins for the auto_quantize tests: a pre-norm block
+(q, k, v from one LayerNorm, o, an MLP) with group-friendly widths."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+D, H = 64, 128
+
+
+class Linen(nn.Module):
+  """x -> LN -> q, k, v -> o(q * sigmoid(k) + v) -> up -> down, residuals."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.LayerNorm(name="ln")(x)
+    q = nn.Dense(D, name="q")(h)
+    k = nn.Dense(D, name="k")(h)
+    v = nn.Dense(D, name="v")(h)
+    x = x + nn.Dense(D, name="o")(q * jax.nn.sigmoid(k) + v)
+    return x + nn.Dense(D, name="down")(jax.nn.gelu(nn.Dense(H, name="up")(x)))
+
+
+class Nnx(nnx.Module):
+  """The same model in nnx."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.ln = nnx.LayerNorm(D, rngs=rngs)
+    self.q = nnx.Linear(D, D, rngs=rngs)
+    self.k = nnx.Linear(D, D, rngs=rngs)
+    self.v = nnx.Linear(D, D, rngs=rngs)
+    self.o = nnx.Linear(D, D, rngs=rngs)
+    self.up = nnx.Linear(D, H, rngs=rngs)
+    self.down = nnx.Linear(H, D, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.ln(x)
+    x = x + self.o(self.q(h) * jax.nn.sigmoid(self.k(h)) + self.v(h))
+    return x + self.down(jax.nn.gelu(self.up(x)))
+
+
+def inputs(seed: int, batch: int = 4, length: int = 8) -> jax.Array:
+  """Unit-normal inputs with two outlier channels."""
+  scale = jnp.ones((D,)).at[3].set(10.0).at[40].set(5.0)
+  return jax.random.normal(jax.random.key(seed), (batch, length, D)) * scale
+
+
+def linen_model():
+  model = Linen()
+  return model, model.init(jax.random.key(0), inputs(0))
+
+
+def nnx_model():
+  return Nnx(nnx.Rngs(0))
