@@ -105,9 +105,11 @@ def solve_table(cost: np.ndarray, score: np.ndarray, capacity: float,
         max(capacity, 1e-300) / units)
   units = int(math.floor(capacity / unit + 1e-9))
   groups, options = cost.shape
-  weights = np.where(np.isfinite(cost),
-                     np.ceil(cost / unit - 1e-9), units + 1).astype(np.int64)
-  weights = np.maximum(weights, 0)
+  with np.errstate(over="ignore", invalid="ignore"):
+    rounded = np.ceil(cost / unit - 1e-9)
+  # Costs beyond the capacity (or inf) can never be taken: units + 1.
+  weights = np.where(np.isfinite(rounded) & (rounded <= units),
+                     np.maximum(rounded, 0), units + 1).astype(np.int64)
   best = np.zeros(units + 1)
   choice = np.zeros((groups, units + 1), np.int16)
   for g in range(groups):

@@ -137,14 +137,13 @@ class Scorer:
     return self.counter[0]
 
 
-def fisher_diagonals(adapter: ModelAdapter, loss_fn: LossFn,
-                     batches: Sequence[Any], references: Sequence[Any],
-                     paths: Sequence[str], counter: list[int]
-                     ) -> dict[str, jax.Array]:
-  """``sum_b (d loss_b / d kernel)^2`` per layer at ``paths``, from one
-  compiled backward pass per batch (``counter[0]`` counts its traces)."""
-  apply_fn = adapter.apply_fn()
-  base = adapter.variables
+def fisher_diagonals(scorer: Scorer, loss_fn: LossFn, paths: Sequence[str],
+                     counter: list[int]) -> dict[str, jax.Array]:
+  """``sum_b (d loss_b / d kernel)^2`` per layer at ``paths``, in the
+  scorer's model at its base variables, from one compiled backward pass
+  per batch (``counter[0]`` counts its traces)."""
+  adapter, base, apply_fn = scorer.adapter, scorer.base, scorer.apply_fn
+  batches, references = scorer.batches, scorer.references
 
   def loss(kernels: Mapping[str, jax.Array], batch: Any, reference: Any
            ) -> jax.Array:
@@ -161,7 +160,7 @@ def fisher_diagonals(adapter: ModelAdapter, loss_fn: LossFn,
     grads = jax.grad(loss)(kernels, batch, reference)
     return jax.tree.map(lambda g: jnp.square(g.astype(jnp.float32)), grads)
 
-  kernels = {p: adapter.get_weight(p)[0] for p in paths}
+  kernels = {p: adapter.get_weight(p, base)[0] for p in paths}
   total = None
   for batch, reference in zip(batches, references):
     squares = squared_grads(kernels, batch, reference)

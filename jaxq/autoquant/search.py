@@ -147,8 +147,9 @@ class AutoQuantResult:
       each one's bytes (and at the budget), by bytes.
     predicted_front: ``(nbytes, predicted score)`` of the whole solved
       front (unverified).
-    compilations: traces of the scoring program (1 for same-shaped
-      batches: the count a test asserts).
+    compilations: traces of the scoring program: the loss pass
+      (``"loss"``) or the gradient pass (``"fisher"``); 1 for same-shaped
+      batches, the count a test asserts.
     seconds: time per phase (``"candidates"``, ``"scores"``, ``"solve"``,
       ``"verify"``, ``"search"`` = candidates + scores + solve).
     proxy: ``"loss"`` or ``"fisher"``.
@@ -521,35 +522,26 @@ def auto_quantize(model: Any, variables: Any, data: Iterable[Any],
   t0 = time.perf_counter()
   act_paths = tuple(p for p, cs in per_layer.items()
                     if any(c.act is not None for c in cs))
-  scored_adapter = adapter
-  if act_paths:
-    if proxy == "fisher":
-      raise ValueError(f"{WHAT}: proxy='fisher' scores weights only; the "
-                       f"candidates of {act_paths[0]!r} quantize "
-                       f"activations (use proxy='loss').")
-    act_rules = []
-    for p in act_paths:
-      specs = {c.act for c in per_layer[p] if c.act is not None}
-      if len(specs) != 1:
-        raise ValueError(f"{WHAT}: the candidates of {p!r} have "
-                         f"{len(specs)} different act specs; one per layer "
-                         f"is supported.")
-      act_rules.append(Rule(re.escape(p), act=specs.pop()))
-    calibrated = analysis.calibrate_layers(adapter, act_rules, batches,
-                                          what=WHAT)
-    scored_adapter = analysis.switched(adapter, act_rules, calibrated,
-                                       "qat").adapter
+  if act_paths and proxy == "fisher":
+    raise ValueError(f"{WHAT}: proxy='fisher' scores weights only; the "
+                     f"candidates of {act_paths[0]!r} quantize activations "
+                     f"(use proxy='loss').")
+  scored_adapter = _scored_model(adapter, batches, per_layer,
+                                 act_paths, tuple(base_rules))
   references = scoring.outputs(adapter, batches)
   scorer = scoring.Scorer.create(scored_adapter, loss_fn, batches,
                                  references, act_paths)
-  base_loss = scoring.check_finite(scorer.measure(scorer.base),
-                                   "calibration loss of the float model")
+  # The measured proxy's zero (and the metric without an eval_fn); the
+  # Fisher proxy needs no forward-only pass.
+  base_loss = (scoring.check_finite(scorer.measure(scorer.base),
+                                    "calibration loss of the float model")
+               if proxy == "loss" or eval_fn is None else math.nan)
   score = np.zeros_like(cost)
   fisher = None
   fisher_counter = [0]
   if proxy == "fisher":
-    fisher = scoring.fisher_diagonals(adapter, loss_fn, batches, references,
-                                      list(infos), fisher_counter)
+    fisher = scoring.fisher_diagonals(scorer, loss_fn, list(infos),
+                                      fisher_counter)
   bar = tqdm.tqdm(total=sum(len(c) for c in group_cands),
                   desc=f"{WHAT}: scores", unit="score",
                   disable=not progress)
@@ -674,8 +666,35 @@ def auto_quantize(model: Any, variables: Any, data: Iterable[Any],
       metric=chosen.metric, served_metric=served, float_metric=float_metric,
       higher_is_better=higher_is_better, front=tuple(front),
       predicted_front=predicted_front,
-      compilations=scorer.compilations + fisher_counter[0],
+      compilations=(scorer.compilations if proxy == "loss"
+                    else fisher_counter[0]),
       seconds=seconds, proxy=proxy)
+
+
+def _scored_model(adapter: ModelAdapter, batches: Sequence[Any],
+                  per_layer: Mapping[str, Sequence[Candidate]],
+                  act_paths: Sequence[str], base_rules: tuple[Rule, ...]
+                  ) -> ModelAdapter:
+  """The model every configuration runs in: float, or quantized (qat mode)
+  by act-only switchable rules for the layers with act candidates and by
+  ``base_rules`` for the layers not searched (searched layers skip them:
+  their kernels are the candidates')."""
+  if not act_paths and not base_rules:
+    return adapter
+  rules = []
+  for p in per_layer:
+    if p in act_paths:
+      specs = {c.act for c in per_layer[p] if c.act is not None}
+      if len(specs) != 1:
+        raise ValueError(f"{WHAT}: the candidates of {p!r} have "
+                         f"{len(specs)} different act specs; one per layer "
+                         f"is supported.")
+      rules.append(Rule(re.escape(p), act=specs.pop()))
+    else:
+      rules.append(Rule(re.escape(p), skip=True))
+  rules = tuple(rules) + base_rules
+  calibrated = analysis.calibrate_layers(adapter, rules, batches, what=WHAT)
+  return analysis.switched(adapter, rules, calibrated, "qat").adapter
 
 
 def _materialize(adapter: ModelAdapter,

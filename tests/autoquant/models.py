@@ -53,3 +53,34 @@ def linen_model():
 
 def nnx_model():
   return Nnx(nnx.Rngs(0))
+
+
+L = 3
+
+
+class Block(nn.Module):
+  """A residual MLP block for a scan: ``x + down(gelu(up(x)))``."""
+
+  @nn.compact
+  def __call__(self, x, _):
+    h = jax.nn.gelu(nn.Dense(H, name="up")(x))
+    return x + nn.Dense(D, name="down")(h), None
+
+
+class Scanned(nn.Module):
+  """``inp``, then ``L`` blocks as one ``nn.scan`` (stacked kernels)."""
+
+  @nn.compact
+  def __call__(self, x):
+    import jaxq  # The scan axes of jaxq's collections.
+    x = nn.Dense(D, name="inp")(x)
+    stack = nn.scan(Block, variable_axes={"params": 0,
+                                          **jaxq.flax.SCAN_AXES},
+                    split_rngs={"params": True}, length=L)
+    x, _ = stack(name="layers")(x, None)
+    return x
+
+
+def scanned_model():
+  model = Scanned()
+  return model, model.init(jax.random.key(0), inputs(0))
