@@ -29,8 +29,9 @@ Modes (see `jaxq.flax.core` for what each does to weights and inputs):
 Static activation ranges (act specs with ``dynamic=False``) come from
 calibration: `act_ranges` finalizes them from the stats with the observers'
 ``finalize``; `jaxq.convert` includes them in the serving variables. The
-per-module docstrings of `jaxq.flax.linen` and `jaxq.flax.nnx` list the
-covered layers and the variable collections.
+docstrings of `jaxq.flax.linen_intercept` and `jaxq.flax.nnx_layers` list
+the covered layers, those of `jaxq.flax.linen` and `jaxq.flax.nnx_variables`
+the variable collections.
 
 A rule's ``kv_cache`` gives matching attention modules a quantized KV cache
 (`jaxq.flax.kv_cache`): Flax's ``MultiHeadDotProductAttention(decode=True)``
@@ -59,16 +60,16 @@ from jaxq.flax import rules as rules_lib
 from jaxq.flax.adapter import ModelAdapter
 from jaxq.flax.batch import Batch
 from jaxq.flax.core import LayerQuant
+from jaxq.flax.core import Mode
 from jaxq.flax.kv_cache import KVCacheAttention
 from jaxq.flax.kv_cache import NnxKVCacheAttention
-from jaxq.flax.core import Mode
 from jaxq.flax.linen import QuantizedLinen
-from jaxq.flax.linen import SCAN_AXES
 from jaxq.flax.linen_adapter import LinenAdapter
-from jaxq.flax.nnx import QuantFixed
-from jaxq.flax.nnx import QuantRange
+from jaxq.flax.linen_variables import SCAN_AXES
 from jaxq.flax.nnx_adapter import NnxAdapter
-from jaxq.flax.nnx import QuantStat
+from jaxq.flax.nnx_variables import QuantFixed
+from jaxq.flax.nnx_variables import QuantRange
+from jaxq.flax.nnx_variables import QuantStat
 from jaxq.flax.rules import LayerInfo
 from jaxq.flax.rules import Rule
 

@@ -47,7 +47,7 @@ from jaxq.flax.batch import Batch
 from jaxq.flax.batch import batch_arguments
 
 CAPTURE = "jaxq_capture"
-STATS = "quant_stats"  # `jaxq.flax.linen.STATS` (linen imports this module).
+STATS = "quant_stats"  # `jaxq.flax.linen_variables.STATS` (which imports this).
 ApplyFn = Callable[..., Any]
 
 _ARRAY = object()  # Marks where a captured call argument was an array.

@@ -106,7 +106,7 @@ BilinearOp = Callable[[Any, Any], jax.Array]
 
 
 class QatLayer(Protocol):
-  """What the qat op needs of a layer's variables (linen and nnx `_Layer`)."""
+  """What the qat op needs of a layer's variables (`LayerVariables`)."""
 
   quant: LayerQuant
 

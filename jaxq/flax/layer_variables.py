@@ -5,7 +5,7 @@ observer states (calibrate mode), its static activation range, the PTQ
 algorithms' fixed variables (weight range, smoothing factors), its learned
 ranges and a switchable layer's on/off flag. Linen keeps them in
 collections of the module's scope (`jaxq.flax.linen_variables`), nnx as
-attributes of the module (`jaxq.flax.nnx`); a subclass says how to read and
+attributes of the module (`jaxq.flax.nnx_variables`); a subclass says how to read and
 write them, and this class applies the layer's `LayerQuant` to its operands
 (``weight``, ``act``, ``embed``) with them.
 
@@ -89,7 +89,7 @@ class LayerVariables(abc.ABC):
 
   def range_for(self, x: jax.Array) -> ActRange | None:
     """The static range to quantize ``x`` with: the loaded one (linen's
-    ``init`` falls back to ``x``'s own, see `jaxq.flax.linen`)."""
+    ``init`` falls back to ``x``'s own, see `jaxq.flax.linen_variables`)."""
     del x
     return self.get_range()
 

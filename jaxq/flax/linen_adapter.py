@@ -33,7 +33,12 @@ from jaxq.flax.capture import LinenCapture
 from jaxq.flax.capture import LayerCall
 from jaxq.flax.capture import ModulePass
 from jaxq.flax.capture import traced_pass
+from jaxq.flax.linen_variables import FIXED
+from jaxq.flax.linen_variables import LEARNED
+from jaxq.flax.linen_variables import RANGES
+from jaxq.flax.linen_variables import STATS
 from jaxq.flax.linen_variables import lookup
+from jaxq.flax.linen_variables import with_enabled
 from jaxq.flax.rules import LayerInfo
 
 _WHAT = "jaxq"
@@ -204,7 +209,7 @@ class LinenAdapter:
     """`layers` after tracing ``batch`` (abstractly), in call order."""
     jax.eval_shape(lambda v: call_model(
         lambda *a, **k: self._runner.apply(
-            v, *a, mutable=[linen_lib.STATS], **k), batch),
+            v, *a, mutable=[STATS], **k), batch),
                    self.without_stats(self.variables))
     return self.layers()
 
@@ -226,7 +231,7 @@ class LinenAdapter:
     if unknown:
       raise ValueError(f"set_enabled: no quantized layer at {unknown}; the "
                        f"model's quantized layers are {sorted(known)}.")
-    return linen_lib.with_enabled(
+    return with_enabled(
         self.variables if variables is None else variables, enabled)
 
   def with_variables(self, variables: Any) -> "LinenAdapter":
@@ -237,7 +242,7 @@ class LinenAdapter:
     """The adapter with ``ranges`` (path -> act range) loaded."""
     variables = self.without_stats(self.variables)
     if ranges:
-      variables[linen_lib.RANGES] = self.ranges_from(ranges)
+      variables[RANGES] = self.ranges_from(ranges)
     return self.with_variables(variables)
 
   def apply(self, batch: Any, variables: Any | None = None) -> Any:
@@ -256,7 +261,7 @@ class LinenAdapter:
     counting = _counting(self.qmodel)
 
     def apply(variables: Any, *args: Any, **kwargs: Any) -> Any:
-      return counting.apply(variables, *args, mutable=[linen_lib.STATS],
+      return counting.apply(variables, *args, mutable=[STATS],
                             **kwargs)[0]
 
     return apply
@@ -361,14 +366,14 @@ class LinenAdapter:
     variables = self.variables if variables is None else variables
     self._known(path, variables)
     if name in core.FIXED_NAMES:  # The PTQ algorithms' fixed variables.
-      node = lookup(variables.get(linen_lib.FIXED, {}), path)
+      node = lookup(variables.get(FIXED, {}), path)
       return node.get(name) if isinstance(node, Mapping) else None
     node = lookup(variables.get("params", {}), path)
     if not isinstance(node, Mapping):
       return None
     if name in node:
       return node[name]
-    return node.get(linen_lib.LEARNED, {}).get(name)
+    return node.get(LEARNED, {}).get(name)
 
   def get_weight(self, path: str, variables: Any | None = None
                  ) -> tuple[jax.Array, jax.Array | None]:
@@ -387,7 +392,7 @@ class LinenAdapter:
             variables: Any | None = None) -> dict[str, Any]:
     variables = self.variables if variables is None else variables
     params = dict(variables["params"])
-    fixed = dict(variables.get(linen_lib.FIXED, {}))
+    fixed = dict(variables.get(FIXED, {}))
     for (path, name), value in values.items():
       self._known(path, variables)
       if name in core.FIXED_NAMES:
@@ -395,11 +400,11 @@ class LinenAdapter:
         continue
       node = _mutable_node(params, path)
       if name not in node and name in adapter_lib.LEARNED_NAMES:
-        node[linen_lib.LEARNED] = dict(node.get(linen_lib.LEARNED, {}))
-        node = node[linen_lib.LEARNED]
+        node[LEARNED] = dict(node.get(LEARNED, {}))
+        node = node[LEARNED]
       node[name] = value
     if fixed:
-      return {**variables, "params": params, linen_lib.FIXED: fixed}
+      return {**variables, "params": params, FIXED: fixed}
     return {**variables, "params": params}
 
   def set_kernel(self, path: str, kernel: jax.Array,
@@ -422,11 +427,11 @@ class LinenAdapter:
     if stats is not None and (not isinstance(stats, Mapping)
                               or isinstance(stats, nnx.State)):
       raise ValueError(f"{what}: for a linen model, stats must be the "
-                       f"{linen_lib.STATS!r} collection (e.g. a sensitivity "
+                       f"{STATS!r} collection (e.g. a sensitivity "
                        f"table's stats), got {type(stats).__name__}.")
 
   def without_stats(self, variables: Any) -> dict[str, Any]:
-    return {k: v for k, v in variables.items() if k != linen_lib.STATS}
+    return {k: v for k, v in variables.items() if k != STATS}
 
   def calibration_pass(self, batch: Any, forward: adapter_lib.Forward,
                        observer_for: core.ObserverFor
@@ -436,15 +441,15 @@ class LinenAdapter:
     # The step returns the NaN/inf counts; `jaxq.calibrate` raises on them.
     model = _counting(qmodel, observer_for)
     variables = {k: v for k, v in self.variables.items()
-                 if k not in (linen_lib.STATS, linen_lib.RANGES)}
+                 if k not in (STATS, RANGES)}
 
     def run(variables: Any, stats: Any, batch: Any) -> Any:
       current = [stats]
 
       def apply(*args, **kwargs):
-        out, updated = model.apply({**variables, linen_lib.STATS: current[0]},
-                                   *args, mutable=[linen_lib.STATS], **kwargs)
-        current[0] = updated[linen_lib.STATS]
+        out, updated = model.apply({**variables, STATS: current[0]},
+                                   *args, mutable=[STATS], **kwargs)
+        current[0] = updated[STATS]
         return out
 
       # The batch's padding mask reaches the layers' act observers.
@@ -517,13 +522,13 @@ class LinenAdapter:
     """``variables`` without ``quant_stats``, with the act ranges: ``ranges``,
     else finalized from ``stats``, else the ``quant_ranges`` they hold."""
     serving = self.without_stats(variables)
-    if ranges is None and stats is None and linen_lib.RANGES in variables:
-      ranges = variables[linen_lib.RANGES]  # Finalized already (e.g. QAT's).
+    if ranges is None and stats is None and RANGES in variables:
+      ranges = variables[RANGES]  # Finalized already (e.g. QAT's).
     elif ranges is None:
       ranges = self.act_ranges(stats or {})
     if ranges:
       self._check_ranges("convert", self.ranges_by_path(ranges))
-      serving[linen_lib.RANGES] = ranges
+      serving[RANGES] = ranges
     return serving
 
   def check_convertible(self, variables: Any) -> None:

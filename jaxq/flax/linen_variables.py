@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -27,9 +27,6 @@ from jaxq.flax import layer_variables
 from jaxq.flax import int8_qat
 from jaxq.quantize import compute_range
 from jaxq.spec import QArray
-
-if TYPE_CHECKING:
-  from jaxq.flax.linen import QuantizedLinen
 
 STATS = "quant_stats"
 RANGES = "quant_ranges"
@@ -220,30 +217,6 @@ def with_enabled(variables: Mapping[str, Any], enabled: Mapping[str, Any]
       node = node.setdefault(name, {})
     node[core.ENABLED] = jnp.asarray(on, jnp.bool_)
   return {**variables, ENABLED: flags}
-
-
-def act_ranges(qmodel: "QuantizedLinen", stats: Any) -> dict[str, Any]:
-  """The ``quant_ranges`` collection finalized from a ``quant_stats`` tree."""
-  ranges: dict[str, Any] = {}
-  for path, info in qmodel.layers().items():
-    if info.act is None or info.module_type == "Embed":
-      continue
-    if info.act.dynamic and info.act.learn is None:
-      continue
-    node = lookup(stats, path)
-    if info.act.learn is not None and (node is None or
-                                       core.ACT_STATS not in node):
-      continue  # A learned range may start from its first batch instead.
-    if node is None or core.ACT_STATS not in node:
-      raise ValueError(f"jaxq: no activation statistics for {path!r}, which "
-                       f"has a static act spec; run it in calibrate mode on "
-                       f"at least one batch.")
-    subtree = ranges
-    for name in path.split("/") if path else []:
-      subtree = subtree.setdefault(name, {})
-    subtree[core.ACT_STATS] = core.finalize_range(
-        qmodel.observer_for(info.act), node[core.ACT_STATS], path)
-  return ranges
 
 
 def lookup(tree: Any, path: str) -> Any:

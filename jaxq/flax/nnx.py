@@ -8,52 +8,13 @@ subclass of its own class (``QuantizedLinear`` for ``nnx.Linear``, and so on)
 by swapping its class in place: it keeps the very same attributes and
 ``nnx.Param`` variables, and every path to it (shared layers). Paths do not
 change, so ``nnx.state(model)`` loads into ``qmodel`` with ``nnx.update`` and
-``nnx.state(qmodel, nnx.Param)`` has the original's tree. The quantized
-layers run the original ``__call__`` with a quantizing ``promote_dtype`` and,
-in serve mode, `jaxq.dot_general` / `jaxq.einsum` / `jaxq.conv` as their
-``dot_general`` / ``einsum_op`` / ``conv_general_dilated`` (in qat mode with
-``int8_forward=True`` or a non-STE ``backward``, the Linear/LinearGeneral/
-Einsum ops are the qat ops of `jaxq.flax.int8_qat`); ``nnx.ConvTranspose``,
-whose ``lax.conv_transpose`` takes no op, serves through
-`jaxq.flax.serve_ops.serve_conv_transpose` (its ``__call__`` with `jaxq.conv`,
-shared with linen); embeddings look
-up quantized rows (`jaxq.flax.core.embed_lookup`) and ``attend`` multiplies
-by the quantized table. Everything works under ``nnx.jit``, ``nnx.grad``
-and any method of the model.
+``nnx.state(qmodel, nnx.Param)`` has the original's tree.
 
-Each quantized layer also carries:
-
-* ``jaxq_layer``: its `LayerQuant` (static), or None when a skip rule or no
-  rule applies; ``jaxq_info``: its `LayerInfo`, whose ``serve_fallback`` is
-  decided at quantize time from the specs and the kernel shape, as linen
-  decides it (`jaxq.flax.serve_ops.layer_fallback_reason`).
-* ``jaxq_rngs``: with ``backward="int8"``, the ``nnx.Rngs`` given to
-  `quantize_model` (one object shared by the layers), whose key rounds the
-  gradient.
-* ``jaxq_weight_stats``, ``jaxq_act_stats``, ``jaxq_input_moment_stats``:
-  `QuantStat` variables holding observer states (the last an "mse"
-  weight's `InputMoment`, see `jaxq.flax.core`), created by the first
-  calibrate-mode call (``nnx.state(qmodel, QuantStat)`` collects them).
-* ``jaxq_act_range``: a `QuantRange` variable ``{"amax": ...}`` for a static
-  act spec, loaded with ``nnx.update(qmodel, jaxq.flax.act_ranges(...))`` or
-  from `jaxq.convert`'s state.
-* ``jaxq_weight_range``, ``jaxq_act_smooth``: `QuantFixed` variables, what
-  the PTQ algorithms (`jaxq.gptq`, `jaxq.awq`, `jaxq.smoothquant`) fixed
-  (see `jaxq.flax.core.FIXED_NAMES`), never trained.
-* ``jaxq_weight_scale``, ``jaxq_act_scale`` (``jaxq_weight_clip``,
-  ``jaxq_act_clip`` for PACT): ``nnx.Param`` learned ranges of specs with
-  ``learn`` set (see `jaxq.flax.core`), created by the first qat-mode call
-  (run the model once, e.g. `jaxq.qat.init_learned`, before building the
-  optimizer so that it sees them), an activation's from ``jaxq_act_range``
-  when loaded. `jaxq.convert`'s state carries them to the serve model.
-
-Serving weights: after `jaxq.convert`, a quantized layer's ``kernel`` (or
-``embedding``) ``Param`` holds a `QArray`; float weights are quantized on the
-fly. A masked ``Conv``/``ConvTranspose`` kernel is quantized as
-``kernel * mask`` (in QAT and by `jaxq.convert`), so serve mode does not
-multiply a `QArray` kernel by the mask again. A ``transpose_kernel=True``
-ConvTranspose kernel is ``(*window, out, in)``: its integer path needs
-scales per output channel, ``PerChannel(axis=-2)``, or per tensor.
+This module owns the surgery and the queries on its result (`layers`,
+`unmatched_rules`, `act_ranges`). What a quantized layer runs per call is
+`jaxq.flax.nnx_layers`; the variables it carries (`QuantStat`,
+`QuantRange`, `QuantFixed`, `QuantEnabled`, learned ranges) are
+`jaxq.flax.nnx_variables`.
 
 Shared layers: a layer reachable by several paths (``self.b = self.a``, the
 same layer twice in a list) is one quantized layer, quantized at every use,
@@ -61,9 +22,9 @@ as linen quantizes every call of a shared submodule. Its class is swapped
 in place, so every path reaches it; `layers` lists it once, at its first
 path in nnx's traversal order (sorted attribute names: ``dec`` before
 ``enc``), the path where ``nnx.state`` keeps its parameters and
-`jaxq.convert` stores its QArray; calibration records every call into its one observer
-state. Rules that would treat its paths differently raise a ValueError
-naming both paths.
+`jaxq.convert` stores its QArray; calibration records every call into its
+one observer state. Rules that would treat its paths differently raise a
+ValueError naming both paths.
 
 Scan over layers (Flax's way of stacking ``L`` blocks: created by
 ``nnx.vmap`` over split rngs, run by ``nnx.scan`` over the stacked state):
@@ -79,14 +40,6 @@ switchable stack holds ``(L,)`` flags, set together for its path);
 more leading axes (nested stacks) raises naming the layer. This needs
 ``nnx.scan``'s default graph updates, which hand out the new variables.
 
-Threads: a qat or serve call never changes the layer's attributes. The
-per-call hooks (the quantizing ``promote_dtype``, the serve ops, the
-QArray kernel) live in a `contextvars.ContextVar` keyed by the layer, and
-the quantized classes read those attribute names through it, so one model
-may be called from several threads at once. Calibrate mode writes its
-`QuantStat` variables, and the first qat call of a learned spec creates its
-parameters, in place, as nnx modules do: run those from one thread.
-
 Checks: `quantize_model` refuses a quantized weight holding NaN or inf
 (naming the layer and parameter), and so does an eager serve call that
 quantizes float weights on the fly; a static range read in an eager call
@@ -99,298 +52,28 @@ NaN output and loss.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import functools
 from typing import Any, Iterator, Sequence
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxq.flax import checks
 from jaxq.flax import core
-from jaxq.flax import layer_variables
 from jaxq.flax import int8_qat
 from jaxq.flax import kv_cache
 from jaxq.flax import rules as rules_lib
 from jaxq.flax import serve_ops
-from jaxq.spec import QArray
+from jaxq.flax.nnx_layers import is_quantized
+from jaxq.flax.nnx_layers import quantized_class
+from jaxq.flax.nnx_layers import weight_name
+from jaxq.flax.nnx_variables import ENABLED_ATTR
+from jaxq.flax.nnx_variables import QuantEnabled
+from jaxq.flax.nnx_variables import QuantRange
 
 _LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv,
            nnx.ConvTranspose, nnx.Embed)
-_OPS = {nnx.Conv: ("conv_general_dilated", serve_ops.serve_conv),
-        nnx.Einsum: ("einsum_op", serve_ops.serve_einsum),
-        nnx.Linear: ("dot_general", serve_ops.serve_dot_general),
-        nnx.LinearGeneral: ("dot_general", serve_ops.serve_dot_general)}
-_QAT_OPS = {nnx.Einsum: ("einsum_op", int8_qat.qat_einsum),
-            nnx.Linear: ("dot_general", int8_qat.qat_dot_general),
-            nnx.LinearGeneral: ("dot_general", int8_qat.qat_dot_general)}
 _MASKED = (nnx.Conv, nnx.ConvTranspose)  # Their kernel is ``kernel * mask``.
 _RULES_ATTR = "jaxq_rules"
-ENABLED_ATTR = "jaxq_enabled"  # A `QuantEnabled` of switchable layers.
-
-
-class QuantStat(nnx.Variable):
-  """An observer state recorded by calibrate mode."""
-
-
-class QuantRange(nnx.Variable):
-  """A static activation range ``{"amax": ...[, "amin": ...]}``."""
-
-
-class QuantEnabled(nnx.Variable):
-  """A switchable layer's on/off flag, a boolean scalar (``switchable``)."""
-
-
-class QuantFixed(nnx.Variable):
-  """A PTQ algorithm's fixed per-layer variable: a weight range
-  ``{"amax": ...[, "amin": ...]}`` or input smoothing factors."""
-
-
-class _Held:
-  """Stands in for a weight ``Param`` whose value is a QArray for one call.
-
-  The nnx layers read ``self.kernel[...]``, which indexes the value; a QArray
-  is a pytree, not an array, so the quantized layer hands over this holder.
-  """
-
-  def __init__(self, value: QArray):
-    self.value = value
-
-  def __getitem__(self, index: Any) -> QArray:
-    del index  # Always ``...``: the whole weight.
-    return self.value
-
-
-# The hooks of the quantized layers being called in this thread (or task):
-# ``{id(module): {attribute: value}}``. A call never sets attributes of the
-# shared module (another thread may be calling it: it would see this call's
-# hooks, and restore them as the originals); the quantized classes read
-# these names through `_hooked`, which prefers the calling context's value.
-_HOOKS: contextvars.ContextVar[dict[int, dict[str, Any]]] = (
-    contextvars.ContextVar("jaxq_nnx_hooks", default={}))
-# The attributes a quantized layer may replace for one call.
-_HOOKED = ("promote_dtype", "dot_general", "dot_general_cls", "einsum_op",
-           "conv_general_dilated", "kernel", "mask")
-
-
-def _hooked(name: str) -> property:
-  """The attribute ``name``: this context's hook for the module, else the
-  module's own value (stored, as before, in its ``__dict__``)."""
-
-  def get(self: nnx.Module) -> Any:
-    hooks = _HOOKS.get().get(id(self))
-    if hooks is not None and name in hooks:
-      return hooks[name]
-    try:
-      return vars(self)[name]
-    except KeyError:
-      raise AttributeError(
-          f"{type(self).__name__!r} object has no attribute {name!r}"
-      ) from None
-
-  def set_(self: nnx.Module, value: Any) -> None:
-    vars(self)[name] = value
-
-  return property(get, set_)
-
-
-@contextlib.contextmanager
-def _hooks(module: nnx.Module, hooks: dict[str, Any]) -> Iterator[None]:
-  """Makes ``module`` see ``hooks`` in place of its attributes, in this
-  thread's (task's) context only, for the duration of one call."""
-  token = _HOOKS.set({**_HOOKS.get(), id(module): hooks})
-  try:
-    yield
-  finally:
-    _HOOKS.reset(token)
-
-
-class _Layer(layer_variables.LayerVariables):
-  """A quantized nnx layer's variables, kept as its attributes."""
-
-  def __init__(self, module: nnx.Module):
-    super().__init__(module.jaxq_layer)
-    self.module = module
-
-  def get_stats(self, name: str) -> Any | None:
-    stat = getattr(self.module, f"jaxq_{name}_stats", None)
-    return None if stat is None else stat.get_value()
-
-  def put_stats(self, name: str, state: Any) -> None:
-    attr = f"jaxq_{name}_stats"
-    if getattr(self.module, attr, None) is None:
-      setattr(self.module, attr, QuantStat(state))
-    else:
-      getattr(self.module, attr).set_value(state)
-
-  def get_range(self) -> core.ActRange | None:
-    held = getattr(self.module, "jaxq_act_range", None)
-    if held is None:
-      return None
-    act_range = held.get_value()
-    # Concrete (an eager call) ranges are checked here; under jit they are
-    # traced and were checked where they were made (act_ranges, convert).
-    checks.check_act_range("jaxq", self.quant.path, act_range,
-                           self.quant.act)
-    return act_range
-
-  def get_enabled(self) -> jax.Array | None:
-    flag = getattr(self.module, ENABLED_ATTR, None)
-    return None if flag is None else flag.get_value()
-
-  def get_fixed(self, name: str) -> Any | None:
-    held = getattr(self.module, f"jaxq_{name}", None)
-    return None if held is None else held.get_value()
-
-  def get_learned(self, name: str) -> jax.Array | None:
-    param = getattr(self.module, f"jaxq_{name}", None)
-    return None if param is None else param.get_value()
-
-  def backward_key(self) -> jax.Array | None:
-    """backward="int8"'s key: the next from the layer's ``jaxq_rngs`` (the
-    ``rngs`` given to `quantize_model`), its ``"jaxq"`` stream or default;
-    None without one (a forward needs none)."""
-    rngs = getattr(self.module, "jaxq_rngs", None)
-    return None if rngs is None else rngs.jaxq()
-
-  def missing_key_error(self) -> ValueError:
-    """What a gradient through the layer raises without a key."""
-    return ValueError(
-        f"jaxq qat backward='int8': {self.quant.path!r} "
-        f"({self.quant.module_type}) rounds its gradient stochastically "
-        f"and needs a PRNG key; pass rngs=nnx.Rngs({int8_qat.RNG_NAME}=seed)"
-        f" to quantize_model.")
-
-  def put_learned(self, name: str, value: jax.Array) -> None:
-    if self.quant.mode != "qat":
-      raise ValueError(
-          f"jaxq {self.quant.mode}: {self.quant.path!r} has a learned range "
-          f"but no 'jaxq_{name}' parameter; load the trained state from "
-          f"jaxq.convert (nnx.update(qmodel, serving)).")
-    setattr(self.module, f"jaxq_{name}", nnx.Param(value))
-
-
-def _weight_name(module: nnx.Module) -> str:
-  return "embedding" if isinstance(module, nnx.Embed) else "kernel"
-
-
-class _QuantizedLayer:
-  """Mixin of the quantized subclasses: runs the layer with quantizing hooks."""
-
-  __slots__ = ()  # The same layout as the layer's: its class is swapped.
-
-  def __call__(self, inputs, *args, **kwargs):
-    if self.jaxq_layer is None:
-      return self.jaxq_float_class.__call__(self, inputs, *args, **kwargs)
-    layer = _Layer(self)
-    original = self.promote_dtype
-    qat_kind = next((c for c in _QAT_OPS if isinstance(self, c)), None)
-    qat_op = qat_kind is not None and int8_qat.uses_qat_op(layer.quant)
-    # A switchable serve layer: float operands, a `SwitchedOp` as its op.
-    switched_serve = layer.quant.mode == "serve" and layer.quant.switchable
-
-    def promote_dtype(arrays, /, *, dtype=None, inexact=True):
-      x, w, bias = arrays
-      if isinstance(w, QArray):  # Serving weights: promote the rest.
-        dtype = dtype or jnp.result_type(
-            w.dtype, *(a for a in (x, bias) if a is not None))
-        x, _, bias = original((x, None, bias), dtype=dtype, inexact=inexact)
-        w = serve_ops.computing_in(w, x.dtype)
-      else:
-        x, w, bias = original((x, w, bias), dtype=dtype, inexact=inexact)
-      if switched_serve:
-        return x, w, bias  # The switched op quantizes them.
-      if qat_op:
-        if int8_qat.uses_int8_forward(layer.quant):
-          layer.check_int8_forward()
-        return x, w, bias  # The qat op quantizes (and smooths) them.
-      return layer.act(x), layer.weight(w), bias
-
-    hooks: dict[str, Any] = {"promote_dtype": promote_dtype}
-    if qat_op:
-      name, op = _QAT_OPS[qat_kind]
-      hooks[name] = functools.partial(op, layer)
-      if qat_kind is not nnx.Einsum:
-        hooks["dot_general_cls"] = None
-    if layer.quant.mode == "serve" and isinstance(self, nnx.ConvTranspose):
-      # Its __call__ runs lax.conv_transpose, which takes no op.
-      bias = None if self.bias is None else self.bias.get_value()
-      return serve_ops.serve_conv_transpose(
-          layer.quant.path, serve_ops.ConvTransposeConfig.of(self), inputs,
-          self.kernel.get_value(), bias,
-          lambda x, w, b: promote_dtype((x, w, b), dtype=self.dtype),
-          layer_variables.SwitchedOp([layer], serve_ops.serve_conv,
-                                     jax.lax.conv_general_dilated)
-          if switched_serve else serve_ops.serve_conv)
-    if layer.quant.mode == "serve":
-      kind = next((c for c in _OPS if isinstance(self, c)), None)
-      if kind is None:
-        raise ValueError(
-            f"jaxq serve: {layer.quant.path!r} is a {layer.quant.module_type}"
-            f", which takes no injectable op; skip it with a Rule(..., "
-            f"skip=True).")
-      name, op = _OPS[kind]
-      if switched_serve:  # The low-bit op or the layer's own, by its flag.
-        own = (self.dot_general_cls() if name == "dot_general" and
-               getattr(self, "dot_general_cls", None) else getattr(self, name))
-        op = layer_variables.SwitchedOp([layer], op, own,
-                                        subscripts=kind is nnx.Einsum)
-      hooks[name] = op
-      if kind in (nnx.Linear, nnx.LinearGeneral):
-        hooks["dot_general_cls"] = None
-      kernel = self.kernel.get_value()
-      if layer.quant.weight is not None:  # Quantized on the fly (eager).
-        checks.check_finite_weight("jaxq serve", layer.quant.path, "kernel",
-                                   kernel)
-      if isinstance(kernel, QArray):
-        hooks["kernel"] = _Held(kernel)
-        hooks["mask"] = None  # jaxq.convert quantized kernel * mask.
-    with _hooks(self, {k: v for k, v in hooks.items() if k in vars(self)}), \
-        jax.named_scope(layer.quant.path):  # For op names (jaxq.inspect).
-      return self.jaxq_float_class.__call__(self, inputs, *args, **kwargs)
-
-
-class _QuantizedEmbed:
-  """Mixin of the quantized ``nnx.Embed``: row lookups and ``attend``."""
-
-  __slots__ = ()
-
-  def __call__(self, inputs, *args, **kwargs):
-    if self.jaxq_layer is None or self.jaxq_layer.weight is None:
-      return self.jaxq_float_class.__call__(self, inputs, *args, **kwargs)
-    if not jnp.issubdtype(inputs.dtype, jnp.integer):
-      raise ValueError(f"jaxq: {self.jaxq_layer.path!r} (Embed) needs integer "
-                       f"ids, got dtype {inputs.dtype}.")
-    table = self.embedding.get_value()
-    dtype = self.dtype or table.dtype
-    return _Layer(self).embed(table, inputs).astype(dtype)
-
-  def attend(self, query, *args, **kwargs):
-    if self.jaxq_layer is None or self.jaxq_layer.weight is None:
-      return self.jaxq_float_class.attend(self, query, *args, **kwargs)
-    layer = _Layer(self)
-    table = self.embedding.get_value()
-    dtype = self.dtype or table.dtype
-    return layer.attend(query, table, dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def quantized_class(cls: type) -> type:
-  """The quantized subclass of an nnx layer class (cached, so jit-stable)."""
-  mixin = _QuantizedEmbed if issubclass(cls, nnx.Embed) else _QuantizedLayer
-  # The layer's class comes first, so that the layout is the layer's and an
-  # instance's class can be swapped in place (see `quantize_nnx`); the
-  # mixin's methods are copied in so that they still take precedence.
-  namespace = {"__module__": __name__, "__slots__": (),
-               "__qualname__": f"Quantized{cls.__name__}",
-               "jaxq_float_class": cls, "__call__": mixin.__call__}
-  if mixin is _QuantizedEmbed:
-    namespace["attend"] = mixin.attend
-  else:
-    namespace.update({name: _hooked(name) for name in _HOOKED})
-  return type(f"Quantized{cls.__name__}", (cls, mixin), namespace)
 
 
 def _path(path: tuple[Any, ...]) -> str:
@@ -423,7 +106,7 @@ def _stacked(path: str, module: nnx.Module, stored: tuple[int, ...]
     return shape, stored[0]
   raise ValueError(
       f"quantize_model: the nnx layer {path!r} ({type(module).__name__}) "
-      f"stores its {_weight_name(module)!r} with shape {stored}, but one "
+      f"stores its {weight_name(module)!r} with shape {stored}, but one "
       f"layer's is {shape}. jaxq supports one stack axis in front (layers "
       f"made with nnx.vmap and run with nnx.scan over layers, weight "
       f"(L, *{shape})); nested stacks are not supported: stack the layers "
@@ -494,18 +177,18 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
         kv_cache.use_nnx_cache(module, rule.kv_cache)
         kv_rules.append(rule)
       continue
-    if isinstance(module, (_QuantizedLayer, _QuantizedEmbed)):
+    if is_quantized(module):
       raise ValueError(f"quantize_model: {_path(path)!r} is already quantized; "
                        f"quantize the original float model instead.")
     if not isinstance(module, _LAYERS):
       continue
-    weight = getattr(module, _weight_name(module)).get_value()
+    weight = getattr(module, weight_name(module)).get_value()
     path_str = _path(path)
     shape, stacked = _stacked(path_str, module, tuple(weight.shape))
     rule = rules_lib.match(rules, path_str, module)
     if rule is not None and not rule.skip and rule.weight is not None:
       checks.check_finite_weight("quantize_model", path_str,
-                                 _weight_name(module), weight)
+                                 weight_name(module), weight)
     _check_aliases(rules, path_str,
                    [_path(p) for p in all_paths.get(id(module), ())
                     if tuple(p) != tuple(path)], module, rule)
@@ -516,7 +199,7 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
         switchable=switchable)
     info = rules_lib.LayerInfo(
         path=path_str, module_type=type(module).__name__, rule=rule,
-        weight_shape=shape, weight_name=_weight_name(module),
+        weight_shape=shape, weight_name=weight_name(module),
         weight=quant and quant.weight, act=quant and quant.act,
         mask=module.mask if isinstance(module, _MASKED) else None,
         serve_fallback=None if quant is None or isinstance(
@@ -547,7 +230,7 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
 def _quantized_layers(qmodel: nnx.Module
                       ) -> Iterator[tuple[tuple[Any, ...], nnx.Module]]:
   for path, module in nnx.iter_graph(qmodel):
-    if isinstance(module, (_QuantizedLayer, _QuantizedEmbed)):
+    if is_quantized(module):
       yield path, module
 
 

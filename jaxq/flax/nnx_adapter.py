@@ -5,9 +5,9 @@ never modified) and its ``nnx.State``, the variables. A layer's weight is
 the ``Param`` at ``(*path, "kernel")`` (``"embedding"`` for embeddings), its
 learned ranges ``(*path, "jaxq_weight_scale")``..., its observer states
 `QuantStat` variables ``(*path, "jaxq_act_stats")`` and its static range a
-`QuantRange` ``(*path, "jaxq_act_range")``; see `jaxq.flax.nnx`. Methods
-that change variables return a new ``State`` (``nnx.update`` it into a
-model, or pass it back to the adapter).
+`QuantRange` ``(*path, "jaxq_act_range")``; see `jaxq.flax.nnx_variables`.
+Methods that change variables return a new ``State`` (``nnx.update`` it
+into a model, or pass it back to the adapter).
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ from jaxq.flax.capture import ModulePass
 from jaxq.flax.capture import NnxCapture
 from jaxq.flax.capture import nnx_modules
 from jaxq.flax.capture import traced_pass
+from jaxq.flax.nnx_variables import ENABLED_ATTR
+from jaxq.flax.nnx_variables import QuantEnabled
+from jaxq.flax.nnx_variables import QuantFixed
+from jaxq.flax.nnx_variables import QuantRange
+from jaxq.flax.nnx_variables import QuantStat
 from jaxq.flax.rules import LayerInfo
 
 _WHAT = "jaxq"
@@ -197,18 +202,18 @@ class NnxAdapter:
     """A new ``State`` with the `QuantEnabled` flags of switchable layers."""
     variables = self.variables if variables is None else variables
     flat = dict(nnx.to_flat_state(variables))
-    keys = {path: _key(path) + (nnx_lib.ENABLED_ATTR,) for path in enabled}
+    keys = {path: _key(path) + (ENABLED_ATTR,) for path in enabled}
     unknown = sorted(p for p, k in keys.items() if k not in flat)
     if unknown:
       switchable = sorted(p for p, m in self._modules.items()
-                          if hasattr(m, nnx_lib.ENABLED_ATTR))
+                          if hasattr(m, ENABLED_ATTR))
       raise ValueError(f"set_enabled: no switchable layer at {unknown}; the "
                        f"model's are {switchable} (quantize it with "
                        f"switchable=True).")
     for path, on in enabled.items():
       # A stacked layer (nnx.scan over layers) holds one flag per layer:
       # the path switches the whole stack.
-      flat[keys[path]] = nnx_lib.QuantEnabled(jnp.broadcast_to(
+      flat[keys[path]] = QuantEnabled(jnp.broadcast_to(
           jnp.asarray(on, jnp.bool_), jnp.shape(flat[keys[path]].get_value())))
     return nnx.from_flat_state(flat)
 
@@ -359,7 +364,7 @@ class NnxAdapter:
       self._module(path)
       key = _key(path) + (name,)
       if name in core.FIXED_NAMES:  # The PTQ algorithms' fixed variables.
-        flat[_key(path) + (f"jaxq_{name}",)] = nnx_lib.QuantFixed(value)
+        flat[_key(path) + (f"jaxq_{name}",)] = QuantFixed(value)
         continue
       if key not in flat and name in adapter_lib.LEARNED_NAMES:
         key = _key(path) + (f"jaxq_{name}",)
@@ -394,7 +399,7 @@ class NnxAdapter:
   def without_stats(self, variables: Any) -> nnx.State:
     return nnx.from_flat_state({
         p: v for p, v in nnx.to_flat_state(variables)
-        if not isinstance(v, nnx_lib.QuantStat)})
+        if not isinstance(v, QuantStat)})
 
   def calibration_pass(self, batch: Any, forward: adapter_lib.Forward,
                        observer_for: core.ObserverFor
@@ -410,14 +415,14 @@ class NnxAdapter:
 
     # The abstract model has the QuantStat variables the first batch creates.
     graphdef, stats, _ = nnx.split(nnx.eval_shape(record, model, batch),
-                                   nnx_lib.QuantStat, ...)
-    rest = nnx.state(model, nnx.Not(nnx_lib.QuantStat))
+                                   QuantStat, ...)
+    rest = nnx.state(model, nnx.Not(QuantStat))
     paths = tuple(_act_states(stats))
 
     @jax.jit
     def step(rest: nnx.State, stats: nnx.State, batch: Any):
       module = record(nnx.merge(graphdef, stats, rest), batch)
-      stats = nnx.state(module, nnx_lib.QuantStat)
+      stats = nnx.state(module, QuantStat)
       return stats, _nonfinite_counts(stats, paths)
 
     return adapter_lib.CalibrationPass(
@@ -438,7 +443,7 @@ class NnxAdapter:
     """A ``State`` of `QuantRange` variables from path -> act range."""
     self._check_ranges(_WHAT, ranges)
     return nnx.from_flat_state({
-        _key(path) + (_ACT_RANGE,): nnx_lib.QuantRange(act_range)
+        _key(path) + (_ACT_RANGE,): QuantRange(act_range)
         for path, act_range in ranges.items()})
 
   def ranges_by_path(self, ranges: Any) -> dict[str, core.ActRange]:
@@ -461,7 +466,7 @@ class NnxAdapter:
       flat.update(nnx.to_flat_state(ranges))
     self._check_ranges("convert", {
         "/".join(map(str, p[:-1])): v.get_value() for p, v in flat.items()
-        if isinstance(v, nnx_lib.QuantRange)})
+        if isinstance(v, QuantRange)})
     return nnx.from_flat_state(flat)
 
   def check_convertible(self, variables: Any) -> None:
