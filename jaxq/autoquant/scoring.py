@@ -177,7 +177,7 @@ def fisher_score(fisher: jax.Array, kernel: jax.Array, approx: jax.Array
   return 0.5 * jnp.sum(fisher * jnp.square(diff))
 
 
-def _evaluate(eval_fn: Callable[[Any, Any], Any], apply_fn: Any,
+def evaluate(eval_fn: Callable[[Any, Any], Any], apply_fn: Any,
               variables: Any) -> float:
   value = eval_fn(apply_fn, variables)
   try:
