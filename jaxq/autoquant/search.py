@@ -247,7 +247,7 @@ def auto_quantize(model: Any, variables: Any, data: Iterable[Any],
                   for g in range(len(problem.groups))]
   rules, result_model, result_variables = verify_lib.materialize(
       adapter, problem.groups, chosen_cands, built, problem.infos,
-      tuple(base_rules))
+      tuple(base_rules), batches[0])
   served = None
   if verify and eval_fn is not None:
     served = scoring.check_finite(

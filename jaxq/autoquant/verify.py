@@ -63,10 +63,12 @@ def materialize(adapter: ModelAdapter,
                  group_list: Sequence[tuple[str, tuple[str, ...]]],
                  chosen: Sequence[Candidate],
                  built: Mapping[tuple[str, str], LayerWeight],
-                 infos: Mapping[str, LayerInfo], base_rules: tuple[Rule, ...]
-                 ) -> tuple[tuple[Rule, ...], Any, Any]:
-  """The rules of a choice, and the variables of the model they quantize in
-  calibrate mode (GPTQ/AWQ kernels and fixed variables written)."""
+                 infos: Mapping[str, LayerInfo], base_rules: tuple[Rule, ...],
+                 batch: Any) -> tuple[tuple[Rule, ...], Any, Any]:
+  """The rules of a choice, the model they quantize in calibrate mode
+  (linen: traced abstractly on ``batch``, so `jaxq.convert` knows its
+  layers) and its variables (GPTQ/AWQ kernels and fixed variables
+  written; bf16 kernels rounded to bf16)."""
   rules = []
   for (_, paths), c in zip(group_list, chosen):
     regex = "|".join(re.escape(p) for p in paths)
@@ -75,6 +77,7 @@ def materialize(adapter: ModelAdapter,
                  else Rule(regex, weight=c.weight, act=c.act))
   rules = tuple(rules) + base_rules
   calibrating = adapter.quantize(rules, "calibrate")
+  calibrating.ordered_layers(batch)
   variables = calibrating.variables
   for (_, paths), c in zip(group_list, chosen):
     for p in paths:

@@ -84,3 +84,16 @@ class Scanned(nn.Module):
 def scanned_model():
   model = Scanned()
   return model, model.init(jax.random.key(0), inputs(0))
+
+
+def nnx_twin(variables):
+  """`Nnx` holding the weights of `Linen`'s ``variables``."""
+  model = nnx_model()
+  params = variables["params"]
+  for name in ("q", "k", "v", "o", "up", "down"):
+    layer = getattr(model, name)
+    layer.kernel[...] = params[name]["kernel"]
+    layer.bias[...] = params[name]["bias"]
+  model.ln.scale[...] = params["ln"]["scale"]
+  model.ln.bias[...] = params["ln"]["bias"]
+  return model
