@@ -1,7 +1,8 @@
 """The searched layers, their groups, candidates and input statistics.
 
 * `searched_layers`: the model's matmul layers (Dense, DenseGeneral, Einsum;
-  nnx Linear, LinearGeneral, Einsum) whose path matches a regex, with their
+  nnx Linear, LinearGeneral, Einsum) and convolutions (Conv: round to
+  nearest and float candidates) whose path matches a regex, with their
   `LayerInfo` (a scanned stack is one path, ``stacked = L``).
 * `group_layers`: layers that must share a format: those matching one regex
   with the same captured groups (``r"(layers_\\d+)/attn/[qkv]"``: q, k and v of
@@ -34,13 +35,16 @@ from jaxq.spec import QuantSpec
 
 Candidates = Sequence[Candidate] | Mapping[str, Sequence[Candidate]]
 WHAT = "auto_quantize"
+# Convolutions: searched with round-to-nearest and float candidates.
+CONV_TYPES = ("Conv",)
 
 
 def searched_layers(adapter: ModelAdapter, batch: Any, layers: str | None
                     ) -> dict[str, LayerInfo]:
-  """The searched layers, in model order: matmul layers matching
-  ``layers`` (their LayerInfo from an act-only probe, which changes no
-  weight)."""
+  """The searched layers, in model order: matmul and convolution layers
+  matching ``layers`` (their LayerInfo from an act-only probe, which
+  changes no weight). GPTQ and AWQ candidates take matmul layers only (a
+  convolution's raises naming it); round to nearest and float take both."""
   probe = adapter.quantize([Rule(r".*", act=QuantSpec("int8", PerToken()))],
                            "calibrate")
   every = probe.ordered_layers(batch)
@@ -48,14 +52,15 @@ def searched_layers(adapter: ModelAdapter, batch: Any, layers: str | None
   for path, info in every.items():
     if layers is not None and re.fullmatch(layers, path) is None:
       continue
-    matmul = info.module_type in ptq_layers.MATMUL_TYPES or any(
-        info.module_type.endswith(t) for t in ptq_layers.MATMUL_TYPES)
-    if matmul:
+    kinds = ptq_layers.MATMUL_TYPES + CONV_TYPES
+    if info.module_type in kinds or any(info.module_type.endswith(t)
+                                        for t in kinds):
       chosen[path] = info
   if not chosen:
-    raise ValueError(f"{WHAT}: no matmul layer (Dense, DenseGeneral, Einsum, "
-                     f"Linear, LinearGeneral) matches layers={layers!r}; the "
-                     f"model's layers are {sorted(every)}.")
+    raise ValueError(f"{WHAT}: no matmul or convolution layer (Dense, "
+                     f"DenseGeneral, Einsum, Linear, LinearGeneral, Conv) "
+                     f"matches layers={layers!r}; the model's layers are "
+                     f"{sorted(every)}.")
   return chosen
 
 

@@ -123,8 +123,14 @@ def make_problem(every: Mapping[str, LayerInfo],
                          f"their candidates; {paths[0]!r} and {p!r} differ.")
     group_cands.append(cands)
   for path, cands in per_layer.items():
+    conv = infos[path].module_type.endswith(layers_lib.CONV_TYPES)
     for c in cands:
       cand_lib.check_fits(c, path, tuple(infos[path].weight_shape))
+      if conv and c.algorithm != "rtn":
+        raise ValueError(f"{WHAT}: candidate {c.name!r} does not fit layer "
+                         f"{path!r}: {c.algorithm} takes matmul layers, not "
+                         f"a {infos[path].module_type} (use round to "
+                         f"nearest there).")
   numel = {p: math.prod(i.weight_shape) * (i.stacked or 1)
            for p, i in infos.items()}
   weights = sum(numel.values())

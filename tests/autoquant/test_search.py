@@ -174,13 +174,20 @@ def test_fisher_proxy_compiles_one_gradient_pass():
     del reference, batch
     return jnp.mean(jnp.square(output - target))
 
+  # A latency budget: cost per weight from a table (W4 g32 twice as fast).
+  table = {"W8 rtn": 2.0, "W4 g32 rtn": 1.0}
+  weights = 4 * models.D * models.D + 2 * models.D * models.H
   result = jaxq.auto_quantize(
       model, variables, BATCHES, task_loss,
       candidates=(autoquant.w8(), autoquant.w4(32)), proxy="fisher",
-      bits_per_weight=6.0, progress=False, verify_uniform=False)
+      latency=1.5 * weights, latency_table=table, progress=False,
+      verify_uniform=False)
   assert result.compilations == 1
   for choice in result.choices:
     assert 0 < choice.scores["W8 rtn"] < choice.scores["W4 g32 rtn"]
+  spent = sum(c.costs[c.candidate.name] for c in result.choices)
+  assert spent <= 1.5 * weights
+  assert {c.candidate.name for c in result.choices} == set(table)
 
 
 def test_budget_that_nothing_meets_names_budget_and_least():
