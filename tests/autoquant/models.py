@@ -97,3 +97,39 @@ def nnx_twin(variables):
   model.ln.scale[...] = params["ln"]["scale"]
   model.ln.bias[...] = params["ln"]["bias"]
   return model
+
+
+class NnxBlock(nnx.Module):
+  """`Block` in nnx."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.up = nnx.Linear(D, H, rngs=rngs)
+    self.down = nnx.Linear(H, D, rngs=rngs)
+
+  def __call__(self, x):
+    return x + self.down(jax.nn.gelu(self.up(x)))
+
+
+class NnxScanned(nnx.Module):
+  """`Scanned` in nnx: blocks made by ``nnx.vmap``, run by ``nnx.scan``."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.inp = nnx.Linear(D, D, rngs=rngs)
+
+    @nnx.split_rngs(splits=L)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs: nnx.Rngs) -> NnxBlock:
+      return NnxBlock(rngs)
+
+    self.layers = create(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def forward(x, block):
+      return block(x)
+
+    return forward(self.inp(x), self.layers)
+
+
+def nnx_scanned_model():
+  return NnxScanned(nnx.Rngs(0))

@@ -150,13 +150,20 @@ def test_nnx_equals_linen(linen):
   assert got.served_metric == pytest.approx(result.served_metric, abs=1e-5)
 
 
-def test_scanned_stack_is_one_choice():
-  model, variables = models.scanned_model()
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_scanned_stack_is_one_choice(api):
+  if api == "linen":
+    model, variables = models.scanned_model()
+    float_apply, float_variables = model.apply, variables
+  else:
+    model, variables = models.nnx_scanned_model(), None
+    float_apply = jaxq.flax.adapt(model, None).apply_fn()
+    float_variables = jaxq.flax.adapt(model, None).variables
   result = jaxq.auto_quantize(
       model, variables, BATCHES, autoquant.mse_loss,
       candidates=(autoquant.w8(), autoquant.w4(32)),
       bits_per_weight=6.0, progress=False,
-      eval_fn=cosine_eval(model.apply, variables))
+      eval_fn=cosine_eval(float_apply, float_variables))
   assert result.compilations == 1
   groups = {c.name: c for c in result.choices}
   assert set(groups) == {"inp", "layers/up", "layers/down"}
