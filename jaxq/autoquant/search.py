@@ -3,9 +3,10 @@
 ``result = jaxq.auto_quantize(model, variables, batches, loss_fn,
 bits_per_weight=4.5, eval_fn=eval_fn)``:
 
-1. Layers and groups. The searched layers are the model's matmul layers
-   (Dense, DenseGeneral, Einsum; nnx Linear, LinearGeneral, Einsum) whose
-   path matches ``layers``; ``groups`` (regexes) tie layers that must share
+1. Layers and groups (`jaxq.autoquant.layers`, `problem`). The searched
+   layers are the model's matmul layers (Dense, DenseGeneral, Einsum; nnx
+   Linear, LinearGeneral, Einsum) and convolutions (round to nearest and
+   float candidates) whose path matches ``layers``; ``groups`` (regexes) tie layers that must share
    a format: layers matching one regex with the same captured groups form
    one group (``r"(layers_\\d+)/self_attn/[qkv]_proj"``: q, k and v of each
    block). A scanned stack (linen ``nn.scan``, nnx ``nnx.scan``) is one
@@ -20,11 +21,12 @@ bits_per_weight=4.5, eval_fn=eval_fn)``:
 4. Solve (`jaxq.autoquant.knapsack`): the multiple-choice knapsack by
    dynamic programming, exact for the discretised costs, which also gives
    the predicted Pareto front.
-5. Verify: ``eval_fn(apply_fn, variables)`` (the real metric, on held-out
-   data: perplexity, mean cosine...) of the chosen configuration, of the
+5. Verify (`jaxq.autoquant.verify`): ``eval_fn(apply_fn, variables)`` (the
+   real metric, on held-out data: perplexity, mean cosine...) of the
+   ``verify_top`` best solved configurations within the budget, of the
    mixture at each uniform configuration's bytes and of the uniform
-   configurations themselves, all on the same compiled program; then the
-   chosen rules end to end as any rules are used (`jaxq.calibrate` for
+   configurations themselves, all on the same compiled program; the best
+   measured within the budget is returned; then its rules end to end as any rules are used (`jaxq.calibrate` for
    static act ranges, `jaxq.convert`, the serve-mode model).
 
 The result's ``rules`` (a `jaxq.Rule` per group, float groups as skip rules,
@@ -101,7 +103,8 @@ def auto_quantize(model: Any, variables: Any, data: Iterable[Any],
       candidates (first match; layers matching none stay float and are not
       searched). Default: `default_candidates()` (bf16, W8, W4 g32/g64/
       per-channel with GPTQ).
-    layers: a regex restricting the searched matmul layers (None: all).
+    layers: a regex restricting the searched matmul and convolution layers
+      (None: all).
     groups: regexes of layers that must share a format (see the module
       docstring); other layers are groups of one.
     budget_bytes, bits_per_weight, latency: the budget, exactly one: the
