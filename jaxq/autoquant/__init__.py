@@ -8,6 +8,7 @@ the exact solve.
 from jaxq.autoquant import candidates
 from jaxq.autoquant import knapsack
 from jaxq.autoquant import losses
+from jaxq.autoquant import results
 from jaxq.autoquant import scoring
 from jaxq.autoquant.candidates import BF16
 from jaxq.autoquant.candidates import Candidate

@@ -13,6 +13,9 @@ from typing import Any, Mapping
 from jaxq.autoquant.candidates import Candidate
 from jaxq.flax.rules import Rule
 
+# The label of a configuration tried at the budget and not chosen.
+TRIED = "mixture (tried)"
+
 @dataclasses.dataclass(frozen=True)
 class GroupChoice:
   """One group's row of the report.
@@ -41,7 +44,9 @@ class FrontPoint:
   """One configuration on the bytes-vs-metric plane.
 
   Attributes:
-    label: ``"mixture"`` or the uniform candidate's name (or ``"float"``).
+    label: ``"mixture"`` (the solved configuration at these bytes),
+      `TRIED` (one of the few best at the budget, measured and not
+      chosen) or the uniform candidate's name.
     nbytes: weight bytes of the searched layers.
     bits_per_weight: ``8 * nbytes / weights``.
     predicted: the summed proxy score.
@@ -162,12 +167,16 @@ class AutoQuantResult:
     fig = None
     if ax is None:
       fig, ax = plt.subplots(figsize=(6, 4))
-    uniform = [p for p in self.front if p.label != "mixture"
+    uniform = [p for p in self.front if p.label not in ("mixture", TRIED)
                and p.metric is not None]
     mixed = sorted((p for p in self.front if p.label == "mixture"
                     and p.metric is not None), key=lambda p: p.nbytes)
+    tried = [p for p in self.front if p.label == TRIED]
     ax.plot([p.bits_per_weight for p in mixed], [p.metric for p in mixed],
             "o-", label="auto_quantize mixture")
+    if tried:
+      ax.plot([p.bits_per_weight for p in tried], [p.metric for p in tried],
+              ".", color="gray", label="tried at the budget")
     for p in uniform:
       ax.plot(p.bits_per_weight, p.metric, "s")
       ax.annotate(p.label, (p.bits_per_weight, p.metric), fontsize=7,

@@ -38,6 +38,7 @@ to `jaxq.calibrate`, `jaxq.convert`, `jaxq.save`/`load` like any others.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
@@ -59,6 +60,7 @@ from jaxq.autoquant.problem import make_problem
 from jaxq.autoquant.results import AutoQuantResult
 from jaxq.autoquant.results import FrontPoint
 from jaxq.autoquant.results import GroupChoice
+from jaxq.autoquant.results import TRIED
 from jaxq.flax import batch as batch_lib
 from jaxq.flax.adapter import ModelAdapter
 from jaxq.flax.rules import Rule
@@ -244,6 +246,10 @@ def auto_quantize(model: Any, variables: Any, data: Iterable[Any],
         except ValueError:
           pass
   chosen = min(options, key=lambda p: (sign * p.metric, p.nbytes))
+  # The other configurations tried at the budget stay in the table, named.
+  front = [dataclasses.replace(p, label=TRIED) if p.label == "mixture"
+           and p is not chosen and any(p is o for o in options) else p
+           for p in front]
   picks = np.asarray(chosen.choice)
   front.sort(key=lambda p: (p.nbytes, p.label))
   chosen_cands = [problem.candidate(g, picks[g])
