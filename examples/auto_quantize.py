@@ -15,8 +15,11 @@ uniform configurations (and the mixture at each one's bytes):
   ``data/sentences_eval.txt``.
 * SmolLM2-135M-Instruct (`examples/smollm.py`): the 210 ``*_proj`` layers
   (q/k/v of a block, and gate/up, sharing one format: 120 groups), scored
-  by the Fisher proxy from the next-token NLL on 8 calibration windows of
-  256 tokens; metric: perplexity on 8 held-out windows of 256 tokens.
+  by the Fisher proxy from the next-token NLL on ``--windows`` (8)
+  calibration windows of 256 tokens; metric: perplexity on as many
+  held-out windows. The Fisher proxy needs one backward pass per window
+  for all 120 x 5 scores, where the measured loss would need 600 forward
+  passes over the calibration windows.
   The tied embedding / LM head stays float in every configuration.
 
 Bytes and bits are those of the searched layers' weights as `jaxq.convert`
@@ -24,7 +27,7 @@ stores them (int4 packed, float32 scales). Each model's Pareto plot
 (``--plots DIR``) puts the mixtures beside the uniform configurations.
 
 Run: python examples/auto_quantize.py [--model minilm|smollm|all]
-     [--bits 4.5] [--plots DIR] [--quick]
+     [--bits 4.5] [--plots DIR] [--windows 8] [--quick]
 """
 
 from __future__ import annotations
@@ -57,9 +60,11 @@ def candidates(quick: bool) -> tuple[autoquant.Candidate, ...]:
   return autoquant.default_candidates("rtn" if quick else "gptq")
 
 
-def minilm_search(bits: float, quick: bool, progress: bool
+def minilm_search(bits: float, quick: bool, progress: bool, windows: int = 8
                   ) -> autoquant.AutoQuantResult:
-  """MiniLM: measured cosine-loss scores, mean cosine on held-out sentences."""
+  """MiniLM: measured cosine-loss scores, mean cosine on held-out sentences
+  (``windows`` is SmolLM2's)."""
+  del windows
   pretrained = minilm.load_pretrained()
   calibration = minilm.read_sentences(minilm.SENTENCES_FILE)
   evaluation = minilm.read_sentences(EVAL_SENTENCES_FILE)
@@ -84,11 +89,12 @@ def minilm_search(bits: float, quick: bool, progress: bool
       eval_fn=eval_fn, progress=progress)
 
 
-def smollm_search(bits: float, quick: bool, progress: bool
+def smollm_search(bits: float, quick: bool, progress: bool, windows: int = 8
                   ) -> autoquant.AutoQuantResult:
-  """SmolLM2: Fisher scores from the NLL, held-out perplexity."""
+  """SmolLM2: Fisher scores from the NLL on ``windows`` calibration
+  windows of 256 tokens, perplexity on as many held-out ones."""
   pretrained = smollm.load_pretrained()
-  window, count = (64, 2) if quick else (256, 8)
+  window, count = (64, 2) if quick else (256, windows)
   if quick:
     pretrained = pretrained.truncated(2)
   calibration = smollm.calibration_windows(window, count)
@@ -129,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--quick", action="store_true",
                       help="one block of each model, a few sentences/"
                            "windows, round-to-nearest candidates: seconds")
+  parser.add_argument("--windows", type=int, default=8,
+                      help="SmolLM2: calibration and held-out windows of "
+                           "256 tokens (each)")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   searches = {"minilm": ("all-MiniLM-L6-v2 (mean cosine, higher is better)",
@@ -140,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   for key in chosen:
     title, search = searches[key]
     start, cpu = time.perf_counter(), time.process_time()
-    result = search(args.bits, args.quick, not args.no_progress)
+    result = search(args.bits, args.quick, not args.no_progress,
+                    args.windows)
     results[key] = result
     print(summary(title, result))
     print(f"total {time.perf_counter() - start:.0f} s wall, "
