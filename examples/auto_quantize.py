@@ -60,11 +60,11 @@ def candidates(quick: bool) -> tuple[autoquant.Candidate, ...]:
   return autoquant.default_candidates("rtn" if quick else "gptq")
 
 
-def minilm_search(bits: float, quick: bool, progress: bool, windows: int = 8
-                  ) -> autoquant.AutoQuantResult:
+def minilm_search(bits: float, quick: bool, progress: bool, windows: int = 8,
+                  proxy: str = "loss") -> autoquant.AutoQuantResult:
   """MiniLM: measured cosine-loss scores, mean cosine on held-out sentences
-  (``windows`` is SmolLM2's)."""
-  del windows
+  (``windows`` and ``proxy`` are SmolLM2's)."""
+  del windows, proxy
   pretrained = minilm.load_pretrained()
   calibration = minilm.read_sentences(minilm.SENTENCES_FILE)
   evaluation = minilm.read_sentences(EVAL_SENTENCES_FILE)
@@ -89,8 +89,8 @@ def minilm_search(bits: float, quick: bool, progress: bool, windows: int = 8
       eval_fn=eval_fn, progress=progress)
 
 
-def smollm_search(bits: float, quick: bool, progress: bool, windows: int = 8
-                  ) -> autoquant.AutoQuantResult:
+def smollm_search(bits: float, quick: bool, progress: bool, windows: int = 8,
+                  proxy: str = "fisher") -> autoquant.AutoQuantResult:
   """SmolLM2: Fisher scores from the NLL on ``windows`` calibration
   windows of 256 tokens, perplexity on as many held-out ones."""
   pretrained = smollm.load_pretrained()
@@ -104,11 +104,16 @@ def smollm_search(bits: float, quick: bool, progress: bool, windows: int = 8
   def eval_fn(apply_fn: Any, variables: Any) -> float:
     return smollm.perplexity(apply_fn, variables, evaluation)
 
+  if proxy == "fisher":
+    loss_fn, score_data = autoquant.nll_loss, None
+  else:  # Measured: the KL to float on the first window's first half.
+    loss_fn, score_data = autoquant.kl_loss, [calibration[:1, :window // 2]]
   return jaxq.auto_quantize(
-      pretrained.model, pretrained.variables, batches, autoquant.nll_loss,
+      pretrained.model, pretrained.variables, batches, loss_fn,
       candidates=candidates(quick), layers=SMOLLM_LAYERS,
-      groups=SMOLLM_GROUPS, bits_per_weight=bits, proxy="fisher",
-      eval_fn=eval_fn, higher_is_better=False, progress=progress)
+      groups=SMOLLM_GROUPS, bits_per_weight=bits, proxy=proxy,
+      score_data=score_data, eval_fn=eval_fn, higher_is_better=False,
+      progress=progress)
 
 
 def summary(name: str, result: autoquant.AutoQuantResult) -> str:
@@ -138,6 +143,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--windows", type=int, default=8,
                       help="SmolLM2: calibration and held-out windows of "
                            "256 tokens (each)")
+  parser.add_argument("--proxy", choices=("fisher", "loss"),
+                      default="fisher",
+                      help="SmolLM2's proxy: Fisher from the NLL, or the "
+                           "measured KL to float on 128 calibration tokens")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   searches = {"minilm": ("all-MiniLM-L6-v2 (mean cosine, higher is better)",
@@ -150,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     title, search = searches[key]
     start, cpu = time.perf_counter(), time.process_time()
     result = search(args.bits, args.quick, not args.no_progress,
-                    args.windows)
+                    args.windows, args.proxy)
     results[key] = result
     print(summary(title, result))
     print(f"total {time.perf_counter() - start:.0f} s wall, "

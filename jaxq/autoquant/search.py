@@ -87,6 +87,7 @@ def auto_quantize(model: Any, variables: Any, data: Iterable[Any],
                   verify: bool = True,
                   verify_uniform: bool = True,
                   verify_top: int = 3,
+                  score_data: Iterable[Any] | None = None,
                   units: int = 20000,
                   progress: bool = True) -> AutoQuantResult:
   """Chooses a format per layer (group) to minimise the loss under a budget.
@@ -131,6 +132,9 @@ def auto_quantize(model: Any, variables: Any, data: Iterable[Any],
       is measured; the best measured is returned. The proxy's optimum is
       exact for the proxy, not for the metric: this is where the metric
       decides among the few best.
+    score_data: the batches the scores (and, without ``eval_fn``, the
+      metric) are computed on, when fewer than ``data`` (whose statistics
+      GPTQ and AWQ candidates are built from) are enough; default ``data``.
     units: cost units of the knapsack (see `jaxq.autoquant.knapsack`).
     progress: progress bars.
 
@@ -171,10 +175,12 @@ def auto_quantize(model: Any, variables: Any, data: Iterable[Any],
   seconds["candidates"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
+  scored = (batches if score_data is None
+            else batch_lib.check_batches(score_data, WHAT))
   scorer = scoring.Scorer.create(
       verify_lib.scored_model(adapter, batches, problem.per_layer, act_paths,
                               tuple(base_rules)),
-      loss_fn, batches, scoring.outputs(adapter, batches), act_paths)
+      loss_fn, scored, scoring.outputs(adapter, scored), act_paths)
   # The measured proxy's zero (and the metric without an eval_fn).
   base_loss = (scoring.check_finite(scorer.measure(scorer.base),
                                     "calibration loss of the float model")

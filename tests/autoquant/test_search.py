@@ -234,3 +234,17 @@ def test_nan_loss_and_metric_name_what_gave_them():
            candidates=small)
   with pytest.raises(ValueError, match="exactly one of budget_bytes"):
     search(model, variables, budget_bytes=1e6)
+
+
+def test_score_data_scores_on_its_own_batches():
+  model, variables = models.linen_model()
+  kwargs = dict(candidates=(autoquant.w8(), autoquant.w4(32)),
+                bits_per_weight=6.0, progress=False, verify=False,
+                verify_uniform=False)
+  apart = jaxq.auto_quantize(model, variables, BATCHES, autoquant.mse_loss,
+                             score_data=BATCHES[1:], **kwargs)
+  alone = jaxq.auto_quantize(model, variables, BATCHES[1:],
+                             autoquant.mse_loss, **kwargs)
+  assert apart.compilations == 1
+  for a, b in zip(apart.choices, alone.choices):
+    assert a.scores == pytest.approx(b.scores, rel=1e-5)
