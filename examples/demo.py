@@ -22,7 +22,11 @@ Each step is one function below, in the order `main` runs them:
 3. `sensitivity_and_partial`: at W4A8, where PTQ loses accuracy, ranks the
    layers by the accuracy each loses quantized alone (`jaxq.sensitivity`)
    and leaves the most sensitive in float until the model is within 1% of
-   float (`jaxq.partial_quantize`).
+   float (`jaxq.partial_quantize`). Then `auto_quantize_row`: the formats
+   per layer chosen under a budget (`jaxq.auto_quantize`: float32, W8 or
+   W4 per channel, weight-only, within 6 bits per weight; scored by the KL
+   to the float logits with one compilation, solved exactly, verified on
+   test accuracy), served.
 4. `qat`: fine-tunes the full W4A8 model with the `jaxq.qat` recipe.
 5. `save_reload_serve`: converts the QAT model (`jaxq.convert`), saves it
    (`jaxq.save`), reloads it (`jaxq.load`: variables and rules) and serves
@@ -69,7 +73,7 @@ import tqdm
 
 import jaxq
 import jaxq.qat
-from jaxq import MX, PerChannel, PerGroup, PerTensor, QuantSpec
+from jaxq import MX, PerChannel, PerGroup, PerTensor, QuantSpec, autoquant
 from jaxq.sensitivity import PartialQuantization, SensitivityTable
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -344,6 +348,35 @@ def sensitivity_and_partial(folded: Variables, result: jaxq.CalibrationResult,
                                              seconds=row.seconds + seconds)
 
 
+AUTO_BITS = 6.0  # auto_quantize's budget, bits per weight (scales counted).
+AUTO_CANDIDATES = (autoquant.FLOAT32, autoquant.w8(), autoquant.w4())
+
+
+def auto_quantize_row(folded: Variables, batches: Sequence[jax.Array],
+                      data: digits_cnn.Digits, settings: Settings
+                      ) -> tuple[autoquant.AutoQuantResult, Row]:
+  """`jaxq.auto_quantize` over every conv and the head: float32, W8 or W4
+  per channel (weight-only, round to nearest) within ``AUTO_BITS`` bits
+  per weight, scored by the KL to the float logits on the calibration
+  batches, verified on test accuracy; the chosen rules served."""
+  timer = Timer()
+
+  def eval_fn(apply_fn: Callable[..., jax.Array], variables: Variables
+              ) -> float:
+    return digits_cnn.evaluate(apply_fn, variables, data.x_test, data.y_test)
+
+  auto = jaxq.auto_quantize(MODEL, folded, batches, autoquant.kl_loss,
+                            candidates=AUTO_CANDIDATES,
+                            bits_per_weight=AUTO_BITS, eval_fn=eval_fn,
+                            progress=settings.progress)
+  seconds = timer()
+  chosen = ", ".join(f"{c.name} {c.candidate.name.split(' ')[0]}"
+                     for c in auto.choices)
+  row = serve_row(f"auto_quantize within {AUTO_BITS:g} bits/weight: "
+                  f"{chosen}", auto.rules, folded, data)
+  return auto, dataclasses.replace(row, seconds=row.seconds + seconds)
+
+
 # Step 4.
 
 
@@ -530,6 +563,8 @@ def main(argv: Sequence[str] | None = None) -> Summary:
   table, partial, partial_row = sensitivity_and_partial(
       folded, result, batches, data, settings)
   rows.append(partial_row)
+  auto, auto_row = auto_quantize_row(folded, batches, data, settings)
+  rows.append(auto_row)
 
   model, tuned, qat_accuracy, qat_seconds = qat(
       folded, result.ranges(STUDY_METHOD), data, settings)
@@ -542,6 +577,8 @@ def main(argv: Sequence[str] | None = None) -> Summary:
 
   print(f"\nsensitivity of W4A8 (test accuracy, one layer quantized):\n"
         f"{table}\n\n{partial}\n")
+  print(f"auto_quantize (test accuracy; bytes of the searched weights):\n"
+        f"{auto.report()}\n{auto.front_table()}\n")
   print(f"one calibration pass, {len(batches)} batches, "
         f"{sum(b.shape[0] for b in batches)} images, methods "
         f"{', '.join(result.methods)}: {calibration_seconds:.1f} s")

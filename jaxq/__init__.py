@@ -4,6 +4,7 @@ Fake-quant for QAT, jit-compiled calibration for PTQ, and real low-bit
 ``dot_general`` for serving. See ``DESIGN.md`` in the README for the layers.
 """
 
+from jaxq import autoquant
 from jaxq import calibration
 from jaxq import formats
 from jaxq import granularity
@@ -12,6 +13,7 @@ from jaxq import learned
 from jaxq import lora
 from jaxq import observers
 from jaxq import qat
+from jaxq.autoquant import auto_quantize
 from jaxq.io.checkpoint import load
 from jaxq.io.checkpoint import save
 from jaxq.convert import ConvertReport

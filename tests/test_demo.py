@@ -31,7 +31,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
   printed = capsys.readouterr().out
   rows = {row.setting: row for row in summary.rows}
 
-  # Every step's rows, in order: float, folded, the sweep, partial, QAT.
+  # Every step's rows, in order: float, folded, the sweep, partial,
+  # auto_quantize, QAT.
   settings = [row.setting for row in summary.rows]
   assert settings[0] == "float32 (trained, 2 epochs)"
   assert settings[1] == "float32, BatchNorm folded"
@@ -39,9 +40,10 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
            for method in demo.METHODS]
   weight_only = [f"PTQ {name} (weight-only)" for name in demo.WEIGHT_ONLY]
   assert settings[2:2 + len(sweep) + len(weight_only)] == sweep + weight_only
-  assert settings[-2].startswith(f"partial W4A8 C, {demo.STUDY_METHOD}: ")
+  assert settings[-3].startswith(f"partial W4A8 C, {demo.STUDY_METHOD}: ")
+  assert settings[-2].startswith("auto_quantize within 6 bits/weight: ")
   assert settings[-1].startswith("QAT W4A8 C")
-  assert len(settings) == 2 + len(sweep) + len(weight_only) + 2
+  assert len(settings) == 2 + len(sweep) + len(weight_only) + 3
   for setting in settings:
     assert setting in printed
 
@@ -55,6 +57,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert rows[f"PTQ W8A8 C, {method}"].accuracy > float_accuracy - 0.03
   for row in summary.rows:
     assert 0.0 <= row.accuracy <= 1.0 and row.seconds >= 0.0
+  auto = summary.rows[-2]
+  assert auto.accuracy > float_accuracy - 0.03
+  assert auto.model_bytes < summary.rows[1].model_bytes
   # Bytes: int8 about a quarter of float32 (plus scales, biases, ranges),
   # int4 less than int8.
   assert rows["PTQ W8A8 C, max"].model_bytes < 0.5 * summary.rows[0].model_bytes
