@@ -145,6 +145,10 @@ def weight_configs() -> dict[str, Prepare]:
     configs[f"W4 {name}, AWQ"] = rtn(spec, algorithm="awq")
     configs[f"W4 {name}, GPTQ"] = rtn(spec, algorithm="gptq")
     configs[f"W4 {name}, GPTQ mse"] = rtn(mse, algorithm="gptq")
+    # Scale and zero point per group: the GPTQ paper's own default.
+    affine = QuantSpec("int4", granularity, symmetric=False)
+    configs[f"W4 {name} affine, RTN max"] = rtn(affine)
+    configs[f"W4 {name} affine, GPTQ"] = rtn(affine, algorithm="gptq")
   return configs
 
 
