@@ -44,6 +44,9 @@ CHANGES = {
     "rounding": (BASE.replace(rounding="stochastic"),
                  ("quantize", "fake_quant")),
     "ste": (BASE.replace(ste="identity"), ("fake_quant_grad",)),
+    # The scales themselves on an 8-bit grid; the range is not theirs.
+    "double_quant": (BASE.replace(granularity=PerChannel(-1), double_quant=4),
+                     ("quantize", "fake_quant")),
 }
 # field -> why the primitives take no notice of it (it says where a layer's
 # range comes from; the primitives take the range as an argument).
@@ -55,6 +58,7 @@ NOT_PRIMITIVE = {
 # coarse grid makes clipping the outlier pay (int8's mse keeps the max);
 # the default percentile.
 REFERENCE = {"calibration": BASE.replace(format="int4"),
+             "double_quant": BASE.replace(granularity=PerChannel(-1)),
              "percentile": BASE.replace(calibration="percentile")}
 
 
