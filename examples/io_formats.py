@@ -24,7 +24,9 @@ export and reload, SmolLM2 served from its GGUF blocks.
 Every row prints the file's bytes beside the same parameters in float32.
 
 Run: python examples/io_formats.py --out /tmp/jaxq_io [--sections minilm
-smollm gguf] [--windows N]
+smollm gguf] [--windows N]; ``--quick`` runs every section on a sliver (8
+sentences, SmolLM2 cut after 2 blocks, 64-token windows) to check the
+mechanics, not the numbers (`tests/io/test_io_formats_example.py`).
 """
 
 from __future__ import annotations
@@ -83,12 +85,14 @@ def _row(name: str, report: ct.ExportReport, seconds: float,
           f"{quality} | {seconds:.0f} |")
 
 
-def minilm_section(out: pathlib.Path) -> list[str]:
-  """MiniLM W8A8 and W4A16 g32: export, reload, embeddings compared."""
+def minilm_section(out: pathlib.Path, num_sentences: int | None = None
+                   ) -> list[str]:
+  """MiniLM W8A8 and W4A16 g32: export, reload, embeddings compared (on the
+  first ``num_sentences`` sentences, all by default)."""
   pretrained = minilm.load_pretrained()
   config = pretrained.model.config
   hf_config = json.loads((minilm.model_dir() / "config.json").read_text())
-  sentences = minilm.read_sentences(minilm.SENTENCES_FILE)
+  sentences = minilm.read_sentences(minilm.SENTENCES_FILE)[:num_sentences]
   reference = minilm.embed(pretrained, sentences)
   names = minilm_names(config)
   rows = []
@@ -141,17 +145,28 @@ def jax_export_check(apply: Any, variables: Any, args: Sequence[Any],
   return size
 
 
-def smollm_section(out: pathlib.Path, windows: np.ndarray,
-                   calibration: int) -> list[str]:
-  """SmolLM2 W4A16 g32 GPTQ: export, reload, perplexity compared."""
+def _smollm(num_layers: int | None) -> smollm.Pretrained:
   pretrained = smollm.load_pretrained()
+  return pretrained if num_layers is None else pretrained.truncated(
+      num_layers)
+
+
+def smollm_section(out: pathlib.Path, windows: np.ndarray, calibration: int,
+                   num_layers: int | None = None) -> list[str]:
+  """SmolLM2 W4A16 g32 GPTQ: export, reload, perplexity compared.
+
+  ``calibration`` windows of the evaluation windows' length, in batches of
+  4; ``num_layers`` cuts the model after its first blocks (`--quick`).
+  """
+  pretrained = _smollm(num_layers)
   config = pretrained.config
   start = time.perf_counter()
   weight, _ = W4A16_G32
   rules = [jaxq.Rule(SMOLLM_DENSE, weight=weight)]
   cal = jaxq.quantize_model(pretrained.model, rules, "calibrate")
-  batches = list(smollm.calibration_windows(256, calibration).reshape(
-      -1, 4, 256))
+  length = windows.shape[1]
+  batches = list(smollm.calibration_windows(length, calibration).reshape(
+      -1, 4, length))
   variables = jaxq.gptq(cal, pretrained.variables, batches, progress=False)
   result = jaxq.calibrate(cal, variables, batches, progress=False)
   serve = cal.with_mode("serve")
@@ -178,14 +193,15 @@ def smollm_section(out: pathlib.Path, windows: np.ndarray,
                f"bit-exact")]
 
 
-def transformers_section(out: pathlib.Path, windows: np.ndarray) -> list[str]:
+def transformers_section(out: pathlib.Path, windows: np.ndarray,
+                         num_layers: int | None = None) -> list[str]:
   """The SmolLM2 export loaded by Hugging Face transformers (PyTorch, its
   compressed-tensors integration): logits against jaxq serving the same
   directory. Needs torch, transformers and compressed-tensors."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   directory = out / "smollm2_w4a16_g32_gptq"
-  pretrained = smollm.load_pretrained()
+  pretrained = _smollm(num_layers)
   names = smollm.hf_names(pretrained.config)
   loaded = ct.load(directory, names, pretrained.variables["params"])
   serve = jaxq.quantize_model(pretrained.model, loaded.rules, "serve")
@@ -242,9 +258,11 @@ def minilm_transformers(out: pathlib.Path, torch: Any,
   return rows
 
 
-def gguf_section(windows: np.ndarray) -> list[str]:
-  """SmolLM2 served from its GGUF blocks vs the dequantized reference."""
-  pretrained = smollm.load_pretrained()
+def gguf_section(windows: np.ndarray, num_layers: int | None = None
+                 ) -> list[str]:
+  """SmolLM2 served from its GGUF blocks vs the dequantized reference (the
+  first ``num_layers`` blocks only, with `--quick`)."""
+  pretrained = _smollm(num_layers)
   start = time.perf_counter()
   params, rules = smollm.quantized_params_from_gguf(
       smollm.read_gguf(smollm.gguf_path()), pretrained.config)
@@ -281,18 +299,26 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--calibration-windows", type=int, default=16,
                       help="GPTQ calibration windows of 256 (a multiple "
                            "of 4)")
+  parser.add_argument("--quick", action="store_true",
+                      help="a sliver of each section: 8 MiniLM sentences, "
+                           "SmolLM2 cut after 2 blocks, 64-token windows")
   args = parser.parse_args(argv)
-  windows = smollm.evaluation_windows(256, args.windows)
+  if args.quick:
+    windows = smollm.evaluation_windows(64, 1)
+    calibration, sentences, num_layers = 4, 8, 2
+  else:
+    windows = smollm.evaluation_windows(256, args.windows)
+    calibration, sentences, num_layers = args.calibration_windows, None, None
   rows = ["| model, scheme | file MB | float32 MB | smaller | quality | "
           "s |", "| --- | --- | --- | --- | --- | --- |"]
   if "minilm" in args.sections:
-    rows += minilm_section(args.out)
+    rows += minilm_section(args.out, sentences)
   if "smollm" in args.sections:
-    rows += smollm_section(args.out, windows, args.calibration_windows)
+    rows += smollm_section(args.out, windows, calibration, num_layers)
   if "transformers" in args.sections:
-    rows += transformers_section(args.out, windows)
+    rows += transformers_section(args.out, windows, num_layers)
   if "gguf" in args.sections:
-    rows += gguf_section(windows)
+    rows += gguf_section(windows, num_layers)
   print("\n".join(rows))
 
 
