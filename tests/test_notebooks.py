@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import nbclient
@@ -18,15 +17,15 @@ def test_notebooks_exist():
           "smollm.ipynb", "smollm_lora.ipynb"} <= set(NOTEBOOKS)
 
 
-@pytest.mark.slow
+# After the other tests: the kernels inherit the suite's XLA flags and
+# compilation cache (conftest.py), so the programs the examples' own tests
+# compiled (the same models at the same quick sizes) are loaded, not compiled
+# again. The flags are part of the cache key: the kernel keeps all of them,
+# the 8 host devices included (the notebooks print ``jax.devices()``).
+@pytest.mark.reuses_compiled
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, monkeypatch):
   monkeypatch.setenv("JAXQ_NOTEBOOK_QUICK", "1")
-  # The kernel must not inherit the suite's 8 fake host devices, only its
-  # compile-time flags (conftest.py).
-  flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
-           if not flag.startswith("--xla_force_host_platform_device_count")]
-  monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
   notebook = nbformat.read(EXAMPLES / name, as_version=4)
   client = nbclient.NotebookClient(notebook, timeout=600,
                                    kernel_name="python3",
