@@ -211,7 +211,9 @@ def test_kvcache(tmp_path):
 
 @pytest.mark.slow
 def test_ptq_depth(tmp_path):
-  rows = _run("ptq_depth", tmp_path, "--algorithms", "gptq")
+  # One depth: each (algorithm, depth, way) is a process of its own, and the
+  # two ways agree at any depth.
+  rows = _run("ptq_depth", tmp_path, "--algorithms", "gptq", "--depths", "2")
   assert {r["impl"] for r in rows} == {"jaxq", "jaxq-whole"}
   # Block by block gives what the whole-model path gives.
   assert all(r["max_diff"] < 1e-5 for r in rows), rows
