@@ -52,7 +52,6 @@ from jaxq.autoquant import knapsack
 from jaxq.autoquant import layers as layers_lib
 from jaxq.autoquant import scoring
 from jaxq.autoquant import verify as verify_lib
-from jaxq.autoquant.candidates import Candidate
 from jaxq.autoquant.candidates import LayerWeight
 from jaxq.autoquant.layers import Candidates
 from jaxq.autoquant.problem import Problem

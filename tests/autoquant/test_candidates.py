@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxq
-from jaxq import MX, PerChannel, PerGroup, QuantSpec, algorithms
+from jaxq import MX, PerGroup, QuantSpec, algorithms
 from jaxq.autoquant import candidates as cand_lib
 from jaxq.flax.rules import LayerInfo
 
