@@ -294,21 +294,22 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="transformers (torch, transformers and "
                            "compressed-tensors installed) loads the smollm "
                            "section's export")
-  parser.add_argument("--windows", type=int, default=8,
-                      help="held-out windows of 256 tokens for perplexity")
-  parser.add_argument("--calibration-windows", type=int, default=16,
-                      help="GPTQ calibration windows of 256 (a multiple "
-                           "of 4)")
+  parser.add_argument("--windows", type=int, default=None,
+                      help="held-out windows for perplexity (default 8; "
+                           "--quick: 1)")
+  parser.add_argument("--calibration-windows", type=int, default=None,
+                      help="GPTQ calibration windows, a multiple of 4 "
+                           "(default 16; --quick: 4)")
   parser.add_argument("--quick", action="store_true",
                       help="a sliver of each section: 8 MiniLM sentences, "
                            "SmolLM2 cut after 2 blocks, 64-token windows")
   args = parser.parse_args(argv)
-  if args.quick:
-    windows = smollm.evaluation_windows(64, 1)
-    calibration, sentences, num_layers = 4, 8, 2
-  else:
-    windows = smollm.evaluation_windows(256, args.windows)
-    calibration, sentences, num_layers = args.calibration_windows, None, None
+  # --quick shrinks the defaults; windows asked for explicitly still count.
+  length, sentences, num_layers = (64, 8, 2) if args.quick else (256, None,
+                                                                 None)
+  windows = smollm.evaluation_windows(
+      length, args.windows or (1 if args.quick else 8))
+  calibration = args.calibration_windows or (4 if args.quick else 16)
   rows = ["| model, scheme | file MB | float32 MB | smaller | quality | "
           "s |", "| --- | --- | --- | --- | --- | --- |"]
   if "minilm" in args.sections:

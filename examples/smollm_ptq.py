@@ -150,7 +150,8 @@ def weight_configs() -> dict[str, Prepare]:
     configs[f"W4 {name} affine, RTN max"] = rtn(affine)
     configs[f"W4 {name} affine, GPTQ"] = rtn(affine, algorithm="gptq")
     configs[f"W4 {name} affine, GPTQ mse"] = rtn(
-        dataclasses.replace(affine, calibration="mse"), algorithm="gptq")
+        QuantSpec("int4", granularity, symmetric=False, calibration="mse"),
+        algorithm="gptq")
   return configs
 
 
