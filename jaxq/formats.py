@@ -116,6 +116,17 @@ class Format:
     return self.qmin < 0
 
   @property
+  def zero_point_dtype(self) -> np.dtype:
+    """The dtype an affine zero point is stored in: the smallest byte-wide
+    integer holding ``[qmin, qmax]`` (zero points are clipped to it), so
+    int4 g32 pays 1 byte per group for its zero point, not 4."""
+    for dtype in (np.int8, np.uint8, np.int16, np.uint16):
+      info = np.iinfo(dtype)
+      if info.min <= self.qmin and self.qmax <= info.max:
+        return np.dtype(dtype)
+    return np.dtype(np.int32)
+
+  @property
   def is_full_range(self) -> bool:
     """Whether a signed integer format spans all of two's complement,
     ``[-qmax - 1, qmax]``."""

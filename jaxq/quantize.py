@@ -208,7 +208,8 @@ def scale_from_range(spec: QuantSpec, amax: jax.Array,
 
   Returns:
     ``scale`` as float32 (already rounded to a power of two for MX) and
-    ``zero_point`` as int32, or None when symmetric. Finite and positive
+    ``zero_point`` in ``fmt.zero_point_dtype`` (int8 for int4 and int8,
+    uint8 for uint8), or None when symmetric. Finite and positive
     for every valid range; zero entries of a range get ``scale = 1``
     (``2**-126`` for MX).
 
@@ -281,7 +282,7 @@ def _scale_from_range(spec: QuantSpec, amax: jax.Array,
   # A NaN zero point would cast to an arbitrary integer: 0 instead (the
   # NaN scale already poisons every output).
   zero_point = jnp.where(valid, zero_point, 0.0)
-  return scale, zero_point.astype(jnp.int32)
+  return scale, zero_point.astype(fmt.zero_point_dtype)
 
 
 def _checked_range(x: jax.Array, spec: QuantSpec, amax, amin,

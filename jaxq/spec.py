@@ -238,7 +238,9 @@ class QArray:
     values: the quantized elements, shape ``shape``, in ``spec.fmt.dtype``.
     scale: float32 (e8m0 for MX) of the keepdims scale shape of
       ``spec.granularity`` for ``shape``.
-    zero_point: int32 of the scale's shape, or None when symmetric. A
+    zero_point: integers of the scale's shape (in the format's
+      ``zero_point_dtype``, int8 for int4/int8, when `quantize` made them;
+      any integer dtype is accepted), or None when symmetric. A
       float32 zero point holds an offset that is not on the integer grid
       (GGUF ``Q4_1``'s per-group minimum ``m``: ``values = q - 8``,
       ``zero_point = -m / scale - 8``, see `jaxq.io.gguf`); such a weight

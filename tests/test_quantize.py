@@ -404,7 +404,9 @@ def _check_round_trip(x: np.ndarray, spec: QuantSpec, blocks: Shape) -> None:
   if spec.symmetric:
     assert qa.zero_point is None
   else:
-    assert qa.zero_point.dtype == jnp.int32
+    # The narrowest byte-wide integer holding [qmin, qmax]: int8 for int4
+    # and int8, uint8 for uint8.
+    assert qa.zero_point.dtype == (jnp.uint8 if fmt.qmin >= 0 else jnp.int8)
     np.testing.assert_array_equal(np.asarray(qa.zero_point), want_zero_point)
 
   # Stored values lie in [qmin, qmax].

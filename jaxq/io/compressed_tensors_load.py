@@ -266,6 +266,10 @@ def _decompress(local: Mapping[str, np.ndarray], args: Mapping[str, Any],
     if fmt == "pack-quantized":
       zero = unpack_int32(zero, bits, out, axis=0)
     zero = zero.astype(np.int32).reshape(scale_shape[::-1]).T
+    narrow = spec.fmt.zero_point_dtype  # As `jaxq.quantize` stores them.
+    if zero.size and np.iinfo(narrow).min <= zero.min() <= zero.max() <= (
+        np.iinfo(narrow).max):
+      zero = zero.astype(narrow)
   if "weight_g_idx" in local:
     g_idx = np.asarray(local["weight_g_idx"]).reshape(-1)
     size = args.get("group_size") or d_in
