@@ -23,7 +23,8 @@ without multiplying by it again (a float kernel is still masked there).
 
 A weight's range is the one `jaxq.flax.core.weight_range` gives: a range
 stored by GPTQ or AWQ (linen ``quant_fixed/<layer>/weight_range``, nnx
-``jaxq_weight_range``), else its spec's ``calibration`` (``"max"``,
+``jaxq_weight_range``; the serving variables drop it, as the QArray's
+scales and zero points hold it), else its spec's ``calibration`` (``"max"``,
 ``"percentile"`` or the ``"mse"`` clipping search of
 `jaxq.algorithms.weight_range`), as the serve and qat modes do, with one
 difference: given ``stats`` from `jaxq.calibrate`, an ``"mse"`` weight's
@@ -188,12 +189,15 @@ def _serving_weights(adapter: ModelAdapter, variables: Any,
     if info.weight.learn is not None:
       learned_param = adapter.read(
           info.path, core.learned_name("weight", info.weight), variables)
+    stored_range = adapter.read(info.path, core.WEIGHT_RANGE, variables)
     qa = _quantize_stacked(info, value, learned_param,
-                           adapter.mask(info.path, variables),
-                           adapter.read(info.path, core.WEIGHT_RANGE, variables),
+                           adapter.mask(info.path, variables), stored_range,
                            moments.get(info.path))
     report.append(LayerBytes(info.path, tree_bytes(value), qa.nbytes))
     quantized[(info.path, info.weight_name)] = qa
+    if stored_range is not None:
+      # The QArray's scales (and zero points) now hold it.
+      quantized[(info.path, core.WEIGHT_RANGE)] = None
   if missing:
     raise ValueError(f"convert: the params lack the weights of quantized "
                      f"layers: {missing}; were they made by another model?")

@@ -249,7 +249,8 @@ class ModelAdapter(Protocol):
 
   def write(self, values: Mapping[tuple[str, str], Any],
             variables: Any | None = None) -> Any:
-    """New variables with ``{(path, name): value}`` written."""
+    """New variables with ``{(path, name): value}`` written; a fixed
+    variable (`jaxq.flax.core.FIXED_NAMES`) given None is removed."""
 
   def mask(self, path: str, variables: Any | None = None) -> Any:
     """The kernel mask of a masked convolution, or None."""

@@ -63,6 +63,18 @@ def _mutable_node(tree: dict, path: str) -> dict:
   return node
 
 
+def _without_empty(tree: dict) -> dict:
+  """``tree`` without the dicts that (recursively) hold nothing."""
+  pruned = {}
+  for name, node in tree.items():
+    if isinstance(node, Mapping):
+      node = _without_empty(dict(node))
+      if not node:
+        continue
+    pruned[name] = node
+  return pruned
+
+
 def _layer_states(stats: Any, name: str, kinds: tuple[type, ...]
                   ) -> dict[str, Any]:
   """"/"-joined path -> the state ``name`` (of a type in ``kinds``) of each
@@ -396,16 +408,22 @@ class LinenAdapter:
     for (path, name), value in values.items():
       self._known(path, variables)
       if name in core.FIXED_NAMES:
-        _mutable_node(fixed, path)[name] = value
+        node = _mutable_node(fixed, path)
+        if value is None:
+          node.pop(name, None)
+        else:
+          node[name] = value
         continue
       node = _mutable_node(params, path)
       if name not in node and name in adapter_lib.LEARNED_NAMES:
         node[LEARNED] = dict(node.get(LEARNED, {}))
         node = node[LEARNED]
       node[name] = value
+    fixed = _without_empty(fixed)
+    rest = {k: v for k, v in variables.items() if k != FIXED}
     if fixed:
-      return {**variables, "params": params, FIXED: fixed}
-    return {**variables, "params": params}
+      return {**rest, "params": params, FIXED: fixed}
+    return {**rest, "params": params}
 
   def set_kernel(self, path: str, kernel: jax.Array,
                  variables: Any | None = None) -> dict[str, Any]:

@@ -364,7 +364,10 @@ class NnxAdapter:
       self._module(path)
       key = _key(path) + (name,)
       if name in core.FIXED_NAMES:  # The PTQ algorithms' fixed variables.
-        flat[_key(path) + (f"jaxq_{name}",)] = QuantFixed(value)
+        if value is None:
+          flat.pop(_key(path) + (f"jaxq_{name}",), None)
+        else:
+          flat[_key(path) + (f"jaxq_{name}",)] = QuantFixed(value)
         continue
       if key not in flat and name in adapter_lib.LEARNED_NAMES:
         key = _key(path) + (f"jaxq_{name}",)
