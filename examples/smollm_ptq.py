@@ -97,7 +97,8 @@ Prepare = Callable[[smollm.Pretrained, list[np.ndarray]],
 
 
 def rtn(weight: QuantSpec, act: QuantSpec | None = None, *,
-        algorithm: str | None = None) -> Prepare:
+        algorithm: str | None = None,
+        alpha: float = SMOOTHQUANT_ALPHA) -> Prepare:
   """A configuration: rules for every Dense, an optional PTQ algorithm,
   then `jaxq.calibrate` (each rule's own calibration) and `jaxq.convert`."""
 
@@ -109,7 +110,7 @@ def rtn(weight: QuantSpec, act: QuantSpec | None = None, *,
     fold = fold_map(pretrained.config.num_layers)
     if algorithm == "smoothquant":
       variables = jaxq.smoothquant(cal, variables, batches,
-                                   alpha=SMOOTHQUANT_ALPHA, fold_into=fold,
+                                   alpha=alpha, fold_into=fold,
                                    progress=False)
     elif algorithm == "awq":
       variables = jaxq.awq(cal, variables, batches, fold_into=fold,
@@ -130,7 +131,12 @@ def weight_configs() -> dict[str, Prepare]:
   """The weight/activation rows, in table order."""
   int8 = QuantSpec("int8", PerChannel(-1))
   configs = {
+      "W8 per channel, weight-only": rtn(int8),
       "W8A8 dynamic per token": rtn(int8, QuantSpec("int8", PerToken())),
+      # Outlier input channels moved into the weights, then per token.
+      "W8A8 dynamic per token, SmoothQuant 0.5": rtn(
+          int8, QuantSpec("int8", PerToken()), algorithm="smoothquant",
+          alpha=0.5),
       "W8A8 static per-tensor (max)": rtn(
           int8, QuantSpec("int8", PerTensor(), dynamic=False)),
       "W8A8 static per-tensor, SmoothQuant 0.8": rtn(
@@ -215,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   if args.quick:
     pretrained = pretrained.truncated(2)
     calibration, evaluation = calibration[:2, :64], evaluation[:2, :64]
-    rows = r"KV int8 per|W8A8 dynamic|W4 g128, (RTN max|GPTQ)$"
+    # GPTQ on these 2 blocks runs in tests/io's io_formats --quick.
+    rows = r"KV int8 per|W8A8 dynamic per token$|W4 g128, RTN max$"
   print(f"SmolLM2-135M: {pretrained.config.num_layers} blocks; calibration "
         f"{calibration.shape[0]} x {calibration.shape[1]} tokens, evaluation "
         f"{evaluation.shape[0]} x {evaluation.shape[1]} (held out)")

@@ -214,3 +214,28 @@ def test_gguf_blocks_served_directly_equal_the_dequantized_model(pretrained):
   got = jax.jit(serve.apply)({"params": params}, tokens)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   assert np.mean(np.argmax(got, -1) == np.argmax(want, -1)) == 1.0
+
+
+def test_ptq_quick_table(pretrained, capsys):
+  """examples/smollm_ptq.py --quick (2 blocks, 2 x 64 tokens) prints every
+  row it chose, served, with finite perplexities and the bytes of each
+  format. (Two blocks of thirty are no language model: their perplexity is
+  near 1e8, and quantization may move it either way.)"""
+  import smollm_ptq  # pylint: disable=import-outside-toplevel
+  smollm_ptq.main(["--quick"])
+  lines = [line for line in capsys.readouterr().out.splitlines()
+           if line.startswith("| ")
+           and not line.startswith(("| config", "| ---"))]
+  rows = {cells[0]: cells[1:] for cells in (
+      [c.strip() for c in line.strip("|").split("|")] for line in lines)}
+  assert list(rows) == ["float32", "KV int8 per token-head",
+                        "W8A8 dynamic per token", "W4 g128, RTN max"]
+  ppl = {name: float(cells[0]) for name, cells in rows.items()}
+  megabytes = {name: float(cells[2]) for name, cells in rows.items()
+               if cells[2]}
+  assert all(np.isfinite(p) and p > 1 for p in ppl.values())
+  assert abs(ppl["KV int8 per token-head"] / ppl["float32"] - 1) < 0.01
+  assert abs(ppl["W8A8 dynamic per token"] / ppl["float32"] - 1) < 0.1
+  # int4 packed (+ scales) < int8 per channel < float32, embedding int8.
+  assert (megabytes["W4 g128, RTN max"] < megabytes["W8A8 dynamic per token"]
+          < megabytes["float32"] / 2)
