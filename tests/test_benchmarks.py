@@ -3,10 +3,11 @@ the convention in DESIGN.md promises: ``{"benchmark", "device", "rows"}``,
 each row with ``case``, ``impl``, ``median_s`` and ``ratio``. Speed itself
 is never asserted here; what the rows say about correctness is.
 
-``gpu.py --quick`` runs ``matmul.py`` and ``qat_overhead.py`` with the quick
-arguments their own tests want, so one module-scoped run of it (kept whole on
-one xdist worker by tests/conftest.py) serves all three tests: it keeps each
-script's JSON (``--script-json``) and passes each script's stdout through."""
+``gpu.py --quick`` runs ``matmul.py``, ``qat_overhead.py`` and ``decode.py``
+with the quick arguments their own tests want, so one module-scoped run of it
+(kept whole on one xdist worker by tests/conftest.py) serves all four tests:
+it keeps each script's JSON (``--script-json``) and passes each script's
+stdout through."""
 
 from __future__ import annotations
 
@@ -144,7 +145,7 @@ def test_gpu(gpu_run):
   assert result["skipped"] == {} and result["failed"] == {}
   sections = {r["section"] for r in rows}
   # The MiniLM wheel is a test dependency (README), so nothing is skipped.
-  assert sections == {"matmul", "qat_overhead", "minilm"}, sections
+  assert sections == {"matmul", "qat_overhead", "minilm", "decode"}, sections
   by = {(r["section"], r.get("variant", ""), r.get("act", ""), r["impl"]): r
         for r in rows}
   # jaxq.inspect of each matmul variant: int8 runs int8 on every backend.
@@ -220,10 +221,14 @@ def test_ptq_depth(tmp_path):
 
 
 @pytest.mark.slow
-def test_decode(tmp_path):
-  # One weight configuration, two caches: every column is filled in.
-  rows = {row["cache"]: row for row in _run(
-      "decode", tmp_path, "--weights", "w8a8", "--caches", "float", "int8")}
+def test_decode(gpu_run):
+  # gpu.py ran decode.py --quick on one weight configuration and two
+  # caches: every column is filled in.
+  stdout, tmp = gpu_run
+  assert ("/decode.py --quick --weights w8a8 --caches float int8 --json "
+          in stdout)
+  rows = {row["cache"]: row for row in _check(
+      "decode", stdout, tmp / "scripts" / "decode.json")}
   assert set(rows) == {"float", "int8"}
   for row in rows.values():
     assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0
