@@ -14,8 +14,9 @@ the perplexity and its change relative to the float model in the same run:
   rotated.
 * Weights and activations on the 210 Dense layers (q, k, v, o, gate, up,
   down of 30 blocks), served (`jaxq.convert`, serve mode), the tied
-  embedding / LM head int8 per row in every row: W8A8 with dynamic per-token
-  activations; W8A8 with static per-tensor activation ranges (max) and with
+  embedding / LM head int8 per row in every row: W8 weight-only; W8A8 with
+  dynamic per-token activations, alone and after SmoothQuant (alpha 0.5,
+  and each layer's alpha searched); W8A8 with static per-tensor activation ranges (max) and with
   SmoothQuant (alpha 0.8) first; W4 weight-only per channel, per group of
   128 (576 = 4 x 128 + 64: a ragged last group), 64 and 32, each by RTN
   (abs-max, and the "mse" range search weighted by the calibration inputs),
@@ -98,7 +99,7 @@ Prepare = Callable[[smollm.Pretrained, list[np.ndarray]],
 
 def rtn(weight: QuantSpec, act: QuantSpec | None = None, *,
         algorithm: str | None = None,
-        alpha: float = SMOOTHQUANT_ALPHA) -> Prepare:
+        alpha: float | None = SMOOTHQUANT_ALPHA) -> Prepare:
   """A configuration: rules for every Dense, an optional PTQ algorithm,
   then `jaxq.calibrate` (each rule's own calibration) and `jaxq.convert`."""
 
@@ -137,6 +138,10 @@ def weight_configs() -> dict[str, Prepare]:
       "W8A8 dynamic per token, SmoothQuant 0.5": rtn(
           int8, QuantSpec("int8", PerToken()), algorithm="smoothquant",
           alpha=0.5),
+      # Each layer's alpha by its W8A8 output error on calibration data.
+      "W8A8 dynamic per token, SmoothQuant searched": rtn(
+          int8, QuantSpec("int8", PerToken()), algorithm="smoothquant",
+          alpha=None),
       "W8A8 static per-tensor (max)": rtn(
           int8, QuantSpec("int8", PerTensor(), dynamic=False)),
       "W8A8 static per-tensor, SmoothQuant 0.8": rtn(
