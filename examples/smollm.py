@@ -39,7 +39,15 @@ docstrings (`module_docstrings`): calibration text from `CALIBRATION_MODULES`,
 evaluation text from the disjoint `EVALUATION_MODULES`.
 
 Checked by hand (not in CI): greedy answers to a few chat prompts are
-coherent English (``python examples/smollm.py``).
+coherent English (``python examples/smollm.py``); and against Hugging Face
+transformers 5.25 (PyTorch 2.13 CPU, float32), which reads the same GGUF
+file itself (``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)``,
+its own dequantization and un-permutation; it needs ``accelerate``): on the
+three `EXAMPLE_PROMPTS` in the chat template (37, 37 and 39 tokens) the
+logits differ by at most 1.3e-4 (3.1e-6 of the largest logit, 40.2) and the
+argmax agrees at all 113 positions (2026-12-07). In CI,
+tests/test_example_smollm.py checks the logits against an independent
+float64 numpy forward written from the GGUF tensors in llama.cpp's layout.
 
 Run: python examples/smollm.py [--prompt TEXT] [--max-new-tokens N]
 """
