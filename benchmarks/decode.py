@@ -153,6 +153,8 @@ def main() -> None:
                       choices=WEIGHTS)
   parser.add_argument("--caches", nargs="*", default=list(CACHES),
                       choices=list(CACHES))
+  parser.add_argument("--batches", nargs="*", type=int, default=None,
+                      help="batch sizes (default 1 and 8; --quick: 1)")
   args = parser.parse_args()
   pretrained = smollm.load_pretrained()
   if args.quick:
@@ -160,6 +162,8 @@ def main() -> None:
     batches, prompt_length, new_tokens, repeats = (1,), 24, 8, 2
   else:
     batches, prompt_length, new_tokens, repeats = (1, 8), 256, 128, 3
+  if args.batches:
+    batches = tuple(args.batches)
   features = cpu_int8_features()
   print(f"device: {_harness.device_name()} ({features}); "
         f"{pretrained.config.num_layers} blocks, prefill {prompt_length}, "
