@@ -74,7 +74,8 @@ def test_qarray_is_a_pytree_with_static_spec_and_dtype():
   spec = QuantSpec("uint8", PerChannel(), symmetric=False)
   qa = jaxq.quantize(jnp.linspace(-1.0, 3.0, 32).reshape(8, 4), spec)
   leaves, treedef = jax.tree_util.tree_flatten(qa)
-  assert [leaf.dtype for leaf in leaves] == [jnp.uint8, jnp.float32, jnp.int32]
+  # The zero point in the format's zero_point_dtype: uint8 for uint8.
+  assert [leaf.dtype for leaf in leaves] == [jnp.uint8, jnp.float32, jnp.uint8]
   rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
   assert rebuilt.spec == spec and rebuilt.dtype == jnp.float32
   # Symmetric QArrays carry no zero point leaf.
@@ -96,7 +97,12 @@ def test_qarray_shape_and_nbytes():
   assert mx.scale.dtype == ml_dtypes.float8_e8m0fnu
   assert mx.nbytes == 64 * 32 // 2 + 64 * 1  # one e8m0 byte per 32 elements
   affine = jaxq.quantize(x, QuantSpec("uint8", PerTensor(), symmetric=False))
-  assert affine.nbytes == 64 * 32 + 4 + 4
+  assert affine.nbytes == 64 * 32 + 4 + 1  # f32 scale, uint8 zero point
+  affine4 = jaxq.quantize(x, QuantSpec("int4", PerGroup(axis=0, size=32),
+                                       symmetric=False))
+  # Per group of 32: a f32 scale and an int8 zero point, 2 x 32 of each.
+  assert affine4.zero_point.dtype == jnp.int8
+  assert affine4.nbytes == 64 * 32 // 2 + 2 * 32 * (4 + 1)
 
 
 @pytest.mark.parametrize("name,narrow", [("int8", True), ("int4", False),

@@ -38,7 +38,9 @@ from jaxq.flax.linen_variables import LEARNED
 from jaxq.flax.linen_variables import RANGES
 from jaxq.flax.linen_variables import STATS
 from jaxq.flax.linen_variables import lookup
+from jaxq.flax.linen_variables import mutable_node
 from jaxq.flax.linen_variables import with_enabled
+from jaxq.flax.linen_variables import without_empty
 from jaxq.flax.rules import LayerInfo
 
 _WHAT = "jaxq"
@@ -52,27 +54,6 @@ def check_variables(variables: Any, what: str) -> None:
            if isinstance(variables, Mapping) else type(variables).__name__)
     raise ValueError(f"{what}: a linen model needs its variables "
                      f"{{'params': ...}}, got {got}.")
-
-
-def _mutable_node(tree: dict, path: str) -> dict:
-  """The dict at ``path``, copying the dicts on the way (no aliasing)."""
-  node = tree
-  for name in path.split("/") if path else []:
-    node[name] = dict(node.get(name, {}))
-    node = node[name]
-  return node
-
-
-def _without_empty(tree: dict) -> dict:
-  """``tree`` without the dicts that (recursively) hold nothing."""
-  pruned = {}
-  for name, node in tree.items():
-    if isinstance(node, Mapping):
-      node = _without_empty(dict(node))
-      if not node:
-        continue
-    pruned[name] = node
-  return pruned
 
 
 def _layer_states(stats: Any, name: str, kinds: tuple[type, ...]
@@ -408,18 +389,18 @@ class LinenAdapter:
     for (path, name), value in values.items():
       self._known(path, variables)
       if name in core.FIXED_NAMES:
-        node = _mutable_node(fixed, path)
+        node = mutable_node(fixed, path)
         if value is None:
           node.pop(name, None)
         else:
           node[name] = value
         continue
-      node = _mutable_node(params, path)
+      node = mutable_node(params, path)
       if name not in node and name in adapter_lib.LEARNED_NAMES:
         node[LEARNED] = dict(node.get(LEARNED, {}))
         node = node[LEARNED]
       node[name] = value
-    fixed = _without_empty(fixed)
+    fixed = without_empty(fixed)
     rest = {k: v for k, v in variables.items() if k != FIXED}
     if fixed:
       return {**rest, "params": params, FIXED: fixed}

@@ -226,3 +226,24 @@ def lookup(tree: Any, path: str) -> Any:
       return None
     tree = tree[name]
   return tree
+
+
+def mutable_node(tree: dict, path: str) -> dict:
+  """The dict at ``path``, copying the dicts on the way (no aliasing)."""
+  node = tree
+  for name in path.split("/") if path else []:
+    node[name] = dict(node.get(name, {}))
+    node = node[name]
+  return node
+
+
+def without_empty(tree: dict) -> dict:
+  """``tree`` without the dicts that (recursively) hold nothing."""
+  pruned = {}
+  for name, node in tree.items():
+    if isinstance(node, Mapping):
+      node = without_empty(dict(node))
+      if not node:
+        continue
+    pruned[name] = node
+  return pruned

@@ -281,3 +281,22 @@ def act_ranges(qmodel: nnx.Module, stats: nnx.State) -> nnx.State:
         core.finalize_range(quant.observer_for(quant.act), state,
                             quant.path))
   return nnx.from_flat_state(ranges)
+
+
+def state_entry(variables: nnx.State, key: tuple[Any, ...]) -> Any | None:
+  """The entry of ``variables`` at ``key``, or None; read through the nested
+  state each time (no cache: a state mutated in place between reads, or
+  read from several threads, is read as it is now), O(depth)."""
+  node: Any = variables
+  for part in key:
+    try:
+      node = node[part]
+    except (KeyError, TypeError, IndexError):
+      return None
+  return node
+
+
+def state_key(path: str) -> tuple[Any, ...]:
+  """The state key of a "/"-joined path (list indices as ints)."""
+  return tuple(int(p) if p.isdigit() else p for p in path.split("/")
+               ) if path else ()

@@ -97,25 +97,6 @@ def _nonfinite_counts(stats: nnx.State, paths: Sequence[str]) -> jax.Array:
                       for p in paths], jnp.int32).reshape(len(paths))
 
 
-def _lookup(variables: nnx.State, key: tuple[Any, ...]) -> Any | None:
-  """The entry of ``variables`` at ``key``, or None; read through the nested
-  state each time (no cache: a state mutated in place between reads, or
-  read from several threads, is read as it is now), O(depth)."""
-  node: Any = variables
-  for part in key:
-    try:
-      node = node[part]
-    except (KeyError, TypeError, IndexError):
-      return None
-  return node
-
-
-def _key(path: str) -> tuple[Any, ...]:
-  """The state key of a "/"-joined path (list indices as ints)."""
-  return tuple(int(p) if p.isdigit() else p for p in path.split("/")
-               ) if path else ()
-
-
 @dataclasses.dataclass(frozen=True)
 class NnxAdapter:
   """An nnx module (float, or from `jaxq.quantize_model`) and its state.
@@ -202,7 +183,7 @@ class NnxAdapter:
     """A new ``State`` with the `QuantEnabled` flags of switchable layers."""
     variables = self.variables if variables is None else variables
     flat = dict(nnx.to_flat_state(variables))
-    keys = {path: _key(path) + (ENABLED_ATTR,) for path in enabled}
+    keys = {path: nnx_lib.state_key(path) + (ENABLED_ATTR,) for path in enabled}
     unknown = sorted(p for p, k in keys.items() if k not in flat)
     if unknown:
       switchable = sorted(p for p, m in self._modules.items()
@@ -297,9 +278,9 @@ class NnxAdapter:
         self._module_passes[key] = (run, capture)
     else:
       run, capture = self._module_passes[key]
-    state_key = _key(path)
+    state_key = nnx_lib.state_key(path)
     return ModulePass(
-        lambda variables, *rest: run(_lookup(variables, state_key), *rest),
+        lambda variables, *rest: run(nnx_lib.state_entry(variables, state_key), *rest),
         capture, ("", prefix))
 
   def _module_key(self, path: str, call: LayerCall, relative: Sequence[str]
@@ -337,10 +318,10 @@ class NnxAdapter:
            ) -> Any | None:
     self._module(path)
     variables = self.variables if variables is None else variables
-    key = _key(path)
-    held = _lookup(variables, key + (name,))
+    key = nnx_lib.state_key(path)
+    held = nnx_lib.state_entry(variables, key + (name,))
     if held is None:
-      held = _lookup(variables, key + (f"jaxq_{name}",))
+      held = nnx_lib.state_entry(variables, key + (f"jaxq_{name}",))
     if held is None:
       return None
     return held.get_value() if hasattr(held, "get_value") else held
@@ -362,15 +343,15 @@ class NnxAdapter:
     flat = dict(nnx.to_flat_state(variables))
     for (path, name), value in values.items():
       self._module(path)
-      key = _key(path) + (name,)
+      key = nnx_lib.state_key(path) + (name,)
       if name in core.FIXED_NAMES:  # The PTQ algorithms' fixed variables.
-        if value is None:
-          flat.pop(_key(path) + (f"jaxq_{name}",), None)
-        else:
-          flat[_key(path) + (f"jaxq_{name}",)] = QuantFixed(value)
+        fixed = nnx_lib.state_key(path) + (f"jaxq_{name}",)
+        flat.pop(fixed, None)  # None removes it.
+        if value is not None:
+          flat[fixed] = QuantFixed(value)
         continue
       if key not in flat and name in adapter_lib.LEARNED_NAMES:
-        key = _key(path) + (f"jaxq_{name}",)
+        key = nnx_lib.state_key(path) + (f"jaxq_{name}",)
       if key in flat:
         flat[key] = flat[key].replace(value)
       else:
@@ -446,7 +427,7 @@ class NnxAdapter:
     """A ``State`` of `QuantRange` variables from path -> act range."""
     self._check_ranges(_WHAT, ranges)
     return nnx.from_flat_state({
-        _key(path) + (_ACT_RANGE,): QuantRange(act_range)
+        nnx_lib.state_key(path) + (_ACT_RANGE,): QuantRange(act_range)
         for path, act_range in ranges.items()})
 
   def ranges_by_path(self, ranges: Any) -> dict[str, core.ActRange]:
@@ -502,7 +483,7 @@ class NnxAdapter:
     """The layer's mask: the state's (a mask is nnx data, a plain array
     leaf), the one the serve model will hold; else the model's."""
     variables = self.variables if variables is None else variables
-    held = _lookup(variables, _key(path) + ("mask",))
+    held = nnx_lib.state_entry(variables, nnx_lib.state_key(path) + ("mask",))
     if held is None or isinstance(held, nnx.State):
       return self.layers()[path].mask
     return held.get_value() if hasattr(held, "get_value") else held
