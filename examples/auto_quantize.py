@@ -26,8 +26,12 @@ Bytes and bits are those of the searched layers' weights as `jaxq.convert`
 stores them (int4 packed, float32 scales). Each model's Pareto plot
 (``--plots DIR``) puts the mixtures beside the uniform configurations.
 
+``--affine`` adds three candidates: W4 g32, g64 and per channel with a
+zero point per group (int8) and each group's range by the "mse" search,
+by GPTQ.
+
 Run: python examples/auto_quantize.py [--model minilm|smollm|all]
-     [--bits 4.5] [--plots DIR] [--windows 8] [--quick]
+     [--bits 4.5] [--plots DIR] [--windows 8] [--quick] [--affine]
 """
 
 from __future__ import annotations
@@ -55,13 +59,20 @@ SMOLLM_GROUPS = (r"(layers_\d+)/self_attn/[qkv]_proj",
                  r"(layers_\d+)/mlp/(?:gate|up)_proj")
 
 
-def candidates(quick: bool) -> tuple[autoquant.Candidate, ...]:
-  """The five candidates (round to nearest only with ``quick``)."""
-  return autoquant.default_candidates("rtn" if quick else "gptq")
+def candidates(quick: bool, affine: bool = False
+               ) -> tuple[autoquant.Candidate, ...]:
+  """The five candidates (round to nearest only with ``quick``); with
+  ``affine`` also W4 g32, g64 and per channel with zero points and the
+  "mse" range search."""
+  algorithm = "rtn" if quick else "gptq"
+  extra = tuple(autoquant.w4(group, algorithm, affine_mse=True)
+                for group in (32, 64, None)) if affine else ()
+  return autoquant.default_candidates(algorithm) + extra
 
 
 def minilm_search(bits: float, quick: bool, progress: bool, windows: int = 8,
-                  proxy: str = "loss") -> autoquant.AutoQuantResult:
+                  proxy: str = "loss", affine: bool = False
+                  ) -> autoquant.AutoQuantResult:
   """MiniLM: measured cosine-loss scores, mean cosine on held-out sentences
   (``windows`` and ``proxy`` are SmolLM2's)."""
   del windows, proxy
@@ -84,13 +95,14 @@ def minilm_search(bits: float, quick: bool, progress: bool, windows: int = 8,
 
   return jaxq.auto_quantize(
       pretrained.model, pretrained.variables, batches,
-      autoquant.cosine_loss, candidates=candidates(quick), layers=layers,
+      autoquant.cosine_loss, candidates=candidates(quick, affine), layers=layers,
       groups=MINILM_GROUPS, bits_per_weight=bits, proxy="loss",
       eval_fn=eval_fn, progress=progress)
 
 
 def smollm_search(bits: float, quick: bool, progress: bool, windows: int = 8,
-                  proxy: str = "fisher") -> autoquant.AutoQuantResult:
+                  proxy: str = "fisher", affine: bool = False
+                  ) -> autoquant.AutoQuantResult:
   """SmolLM2: Fisher scores from the NLL on ``windows`` calibration
   windows of 256 tokens, perplexity on as many held-out ones."""
   pretrained = smollm.load_pretrained()
@@ -110,7 +122,7 @@ def smollm_search(bits: float, quick: bool, progress: bool, windows: int = 8,
     loss_fn, score_data = autoquant.kl_loss, [calibration[:1, :window // 2]]
   return jaxq.auto_quantize(
       pretrained.model, pretrained.variables, batches, loss_fn,
-      candidates=candidates(quick), layers=SMOLLM_LAYERS,
+      candidates=candidates(quick, affine), layers=SMOLLM_LAYERS,
       groups=SMOLLM_GROUPS, bits_per_weight=bits, proxy=proxy,
       score_data=score_data, eval_fn=eval_fn, higher_is_better=False,
       progress=progress)
@@ -147,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       default="fisher",
                       help="SmolLM2's proxy: Fisher from the NLL, or the "
                            "measured KL to float on 128 calibration tokens")
+  parser.add_argument("--affine", action="store_true",
+                      help="three more candidates: W4 g32, g64 and per "
+                           "channel affine (int8 zero points), mse ranges")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   searches = {"minilm": ("all-MiniLM-L6-v2 (mean cosine, higher is better)",
@@ -159,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     title, search = searches[key]
     start, cpu = time.perf_counter(), time.process_time()
     result = search(args.bits, args.quick, not args.no_progress,
-                    args.windows, args.proxy)
+                    args.windows, args.proxy, args.affine)
     results[key] = result
     print(summary(title, result))
     print(f"total {time.perf_counter() - start:.0f} s wall, "

@@ -129,12 +129,18 @@ def w8a8(algorithm: Algorithm = "rtn") -> Candidate:
                    act=QuantSpec("int8", PerToken()), algorithm=algorithm)
 
 
-def w4(group: int | None = None, algorithm: Algorithm = "rtn") -> Candidate:
+def w4(group: int | None = None, algorithm: Algorithm = "rtn", *,
+       affine_mse: bool = False) -> Candidate:
   """Int4 weights per group of ``group`` input channels (None: one scale per
-  output channel), weight-only."""
+  output channel), weight-only; ``affine_mse``: a scale and an int8 zero
+  point per group, each group's range by the ``"mse"`` clipping search."""
   granularity = (PerChannel(axis=-1) if group is None
                  else PerGroup(axis=0, size=group))
   label = "per-channel" if group is None else f"g{group}"
+  if affine_mse:
+    return Candidate(f"W4 {label} affine mse {algorithm}",
+                     QuantSpec("int4", granularity, symmetric=False,
+                               calibration="mse"), algorithm=algorithm)
   return Candidate(f"W4 {label} {algorithm}", QuantSpec("int4", granularity),
                    algorithm=algorithm)
 

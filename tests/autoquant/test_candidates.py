@@ -23,7 +23,8 @@ def _info(shape=SHAPE):
 
 
 @pytest.mark.parametrize("candidate", cand_lib.default_candidates("rtn") +
-                         (cand_lib.FLOAT32, cand_lib.w8a8()))
+                         (cand_lib.FLOAT32, cand_lib.w8a8(),
+                          cand_lib.w4(32, affine_mse=True)))
 def test_bytes_are_what_quantize_stores(candidate):
   kernel = _kernel()
   expected = (kernel.size * jnp.dtype(candidate.float_dtype).itemsize
@@ -35,6 +36,12 @@ def test_bytes_are_what_quantize_stores(candidate):
 
 def test_w4_g64_is_four_and_a_half_bits():
   assert cand_lib.nbytes(cand_lib.w4(64), SHAPE) * 8 / (64 * 32) == 4.5
+  # Affine: an int8 zero point per group besides the float32 scale.
+  affine = cand_lib.w4(64, "gptq", affine_mse=True)
+  assert affine.name == "W4 g64 affine mse gptq"
+  assert (not affine.weight.symmetric and affine.weight.calibration == "mse"
+          and affine.algorithm == "gptq")
+  assert cand_lib.nbytes(affine, SHAPE) * 8 / (64 * 32) == 4.625
 
 
 def test_candidates_that_do_not_fit_name_layer_axis_and_size():
