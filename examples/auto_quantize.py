@@ -95,7 +95,8 @@ def minilm_search(bits: float, quick: bool, progress: bool, windows: int = 8,
 
   return jaxq.auto_quantize(
       pretrained.model, pretrained.variables, batches,
-      autoquant.cosine_loss, candidates=candidates(quick, affine), layers=layers,
+      autoquant.cosine_loss, candidates=candidates(quick, affine),
+      layers=layers,
       groups=MINILM_GROUPS, bits_per_weight=bits, proxy="loss",
       eval_fn=eval_fn, progress=progress)
 

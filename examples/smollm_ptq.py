@@ -16,9 +16,10 @@ the perplexity and its change relative to the float model in the same run:
   down of 30 blocks), served (`jaxq.convert`, serve mode), the tied
   embedding / LM head int8 per row in every row: W8 weight-only; W8A8 with
   dynamic per-token activations, alone and after SmoothQuant (alpha 0.5,
-  and each layer's alpha searched); W8A8 with static per-tensor activation ranges (max) and with
-  SmoothQuant (alpha 0.8) first; W4 weight-only per channel, per group of
-  128 (576 = 4 x 128 + 64: a ragged last group), 64 and 32, each by RTN
+  and each layer's alpha searched); W8A8 with static per-tensor activation
+  ranges (max) and with SmoothQuant (alpha 0.8) first; W4 weight-only per
+  channel, per group of 128 (576 = 4 x 128 + 64: a ragged last group), 64
+  and 32, each by RTN
   (abs-max, and the "mse" range search weighted by the calibration inputs),
   AWQ and GPTQ.
 

@@ -117,9 +117,9 @@ class Format:
 
   @property
   def zero_point_dtype(self) -> np.dtype:
-    """The dtype an affine zero point is stored in: the smallest byte-wide
-    integer holding ``[qmin, qmax]`` (zero points are clipped to it), so
-    int4 g32 pays 1 byte per group for its zero point, not 4."""
+    """The dtype an affine zero point is stored in: the narrowest integer
+    dtype holding ``[qmin, qmax]`` (zero points are clipped to it), so int4
+    g32 pays 1 byte per group for its zero point, not 4."""
     for dtype in (np.int8, np.uint8, np.int16, np.uint16):
       info = np.iinfo(dtype)
       if info.min <= self.qmin and self.qmax <= info.max:

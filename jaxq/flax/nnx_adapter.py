@@ -280,7 +280,8 @@ class NnxAdapter:
       run, capture = self._module_passes[key]
     state_key = nnx_lib.state_key(path)
     return ModulePass(
-        lambda variables, *rest: run(nnx_lib.state_entry(variables, state_key), *rest),
+        lambda variables, *rest: run(
+            nnx_lib.state_entry(variables, state_key), *rest),
         capture, ("", prefix))
 
   def _module_key(self, path: str, call: LayerCall, relative: Sequence[str]
