@@ -6,10 +6,8 @@ the flag once, so it must be set before JAX initialises its backends.
 Under xdist (`-n auto`, `--dist loadgroup` in pyproject.toml), the tests of
 a module that builds a module-scoped fixture run on one worker, so the
 fixture (a trained model, a loaded checkpoint) is built once, not once per
-worker; the `slow` end-to-end tests are queued first, so the two workers
-do not wait on one long test at the end; and the `reuses_compiled` ones (the
-notebooks, which run the examples' quick paths again) last, when the
-persistent compilation cache holds what the examples' tests compiled.
+worker; and the `slow` end-to-end tests are queued first, so the two
+workers do not wait on one long test at the end.
 """
 
 import os
@@ -62,11 +60,8 @@ def pytest_collection_modifyitems(config: pytest.Config,
       # Every test of the module, not only those using the fixture, so the
       # module's tests stay together.
       item.add_marker(pytest.mark.xdist_group(module))
-  # Stable: the slow end-to-end tests first, the rest in collection order,
-  # then those that reuse what the others compiled (the notebooks).
+  # Stable: the slow end-to-end tests first, the rest in collection order.
   def order(item: pytest.Item) -> int:
-    if item.get_closest_marker("reuses_compiled") is not None:
-      return 2
     return 0 if item.get_closest_marker("slow") is not None else 1
 
   items.sort(key=order)

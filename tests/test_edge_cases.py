@@ -99,17 +99,20 @@ def test_traced_static_range_of_zero_is_nan(spec):
   # output NaN, as any invalid traced range does; a valid one does not.
   x = jnp.linspace(-1.0, 1.0, 16).reshape(2, 8)
   zero = _zero_range(spec, x)
-  for fn in (jaxq.fake_quant, lambda *a, **k: jaxq.dequantize(
-      jaxq.quantize(*a, **k))):
-    out = jax.jit(lambda x, r: fn(x, spec, **r))(x, zero)  # noqa: B023
-    assert np.all(np.isnan(np.asarray(out)))
-  scale, _ = jax.jit(lambda r: jaxq.scale_from_range(spec, **r))(zero)
-  assert np.all(np.isnan(np.asarray(scale, np.float32)))
+  # fake_quant, dequantize(quantize) and scale_from_range in one program,
+  # run on the zero range and on a valid one.
+  traced = jax.jit(lambda x, r: (
+      jaxq.fake_quant(x, spec, **r),
+      jaxq.dequantize(jaxq.quantize(x, spec, **r)),
+      jaxq.scale_from_range(spec, **r)[0]))
+  for out in traced(x, zero):
+    assert np.all(np.isnan(np.asarray(out, np.float32)))
   ones = jax.tree.map(lambda a: a + 1.0, zero)
   ones = {**ones, "amin": -ones["amin"]} if "amin" in ones else ones
-  out = jax.jit(lambda x, r: jaxq.fake_quant(x, spec, **r))(x, ones)
+  out, _, scale = traced(x, ones)
   np.testing.assert_array_equal(np.asarray(out),
                                 np.asarray(jaxq.fake_quant(x, spec, **ones)))
+  assert not np.any(np.isnan(np.asarray(scale, np.float32)))
   checked = jax.jit(lambda r: jaxq.check_range(spec, where="fc/act", **r))
   with pytest.raises(Exception, match=r"'fc/act'.* 0 in every"):
     jax.block_until_ready(checked(zero))
@@ -143,21 +146,24 @@ def test_ranges_from_data_may_be_zero(spec):
   # and under jit.
   x = jnp.zeros((2, 8), jnp.float32)
   zero = _zero_range(spec, x)
-  for fn in (lambda x: jaxq.fake_quant(x, spec),
-             lambda x: jaxq.fake_quant(x, spec, range_from_data=True, **zero),
-             lambda x: jaxq.dequantize(jaxq.quantize(x, spec)),
-             lambda x: jaxq.dequantize(jaxq.quantize(
-                 x, spec, range_from_data=True, **zero))):
-    for f in (fn, jax.jit(fn)):
-      out = np.asarray(f(x))
-      np.testing.assert_array_equal(out, np.zeros_like(out))
+  fns = (lambda x: jaxq.fake_quant(x, spec),
+         lambda x: jaxq.fake_quant(x, spec, range_from_data=True, **zero),
+         lambda x: jaxq.dequantize(jaxq.quantize(x, spec)),
+         lambda x: jaxq.dequantize(jaxq.quantize(
+             x, spec, range_from_data=True, **zero)))
+  # Eager, then all under one jit (one program, not one per function), with
+  # scale_from_range of the zero range.
+  jitted = jax.jit(lambda x, r: ([fn(x) for fn in fns],
+                                 jaxq.scale_from_range(
+                                     spec, range_from_data=True, **r)[0]))
+  outs, jitted_scale = jitted(x, zero)
+  for out in [fn(x) for fn in fns] + outs:
+    out = np.asarray(out)
+    np.testing.assert_array_equal(out, np.zeros_like(out))
   qa = jaxq.quantize(x, spec)
-  scale = np.asarray(qa.scale).astype(np.float32)
-  assert np.all(np.isfinite(scale) & (scale > 0))
-  scale, _ = jax.jit(lambda r: jaxq.scale_from_range(
-      spec, range_from_data=True, **r))(zero)
-  scale = np.asarray(scale).astype(np.float32)
-  assert np.all(np.isfinite(scale) & (scale > 0))
+  for scale in (qa.scale, jitted_scale):
+    scale = np.asarray(scale).astype(np.float32)
+    assert np.all(np.isfinite(scale) & (scale > 0))
 
 
 def test_invalid_traced_range_is_nan_not_garbage():

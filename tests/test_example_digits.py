@@ -4,6 +4,9 @@ Training runs a couple of epochs on the real digits (one compiled step,
 shared by every test here through the jit cache): an accuracy floor far below
 what the run reaches, bit-identical parameters across runs with one seed, and
 the structure that BatchNorm folding and quantization rules rely on.
+
+examples/ptq.ipynb runs last, in this process: its quick mode trains with
+the same configuration, so it reuses the compiled training step.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jaxq
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "examples"))
 import digits_cnn  # noqa: E402
+import notebook_runner  # noqa: E402
 
 QUICK = digits_cnn.TrainConfig(epochs=2, seed=0)
 
@@ -262,3 +266,18 @@ def test_qat_recovers_what_4_bit_ptq_loses(quantized, trained):
 def test_qat_config_rejects_bad_values(field, value):
   with pytest.raises(ValueError, match=f"QatConfig.{field}"):
     digits_cnn.QatConfig(**{field: value})
+
+
+# Last: the notebook reuses what the tests above compiled.
+def test_ptq_notebook_quick_run(trained):
+  notebook = notebook_runner.run_notebook("ptq.ipynb")
+  variables, accuracy = trained
+  # Its float model is this module's, trained deterministically (QUICK).
+  assert digits_cnn.TrainConfig(epochs=notebook["EPOCHS"]) == QUICK
+  assert notebook["float_accuracy"] == accuracy
+  chex.assert_trees_all_equal(notebook["variables"], variables)
+  # Every calibration method served, at the histograms' and the
+  # sensitivity table's end.
+  assert notebook["result"].methods == notebook["METHODS"]
+  assert (notebook["PLOTS"] / "histograms.png").stat().st_size > 0
+  assert (notebook["PLOTS"] / "sensitivity.png").stat().st_size > 0

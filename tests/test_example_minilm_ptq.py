@@ -7,6 +7,10 @@ the two layers of the quick study (the token-type embedding and
 layers_0/attention/output, int8 per-channel weights and static per-tensor
 activations: drops of 5e-5 and 1.5e-5 on their own) a mean cosine above
 0.9995.
+
+examples/minilm_ptq.ipynb runs here too (in this process: the notebook's
+quick mode uses the same sentences, so it reuses this module's compiled
+programs), and its PTQ algorithms table is the one checked below.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 import minilm  # noqa: E402
 import minilm_ptq  # noqa: E402
+import notebook_runner  # noqa: E402
 
-SENTENCES = 4
+SENTENCES = 4  # the notebook's NUM_SENTENCES in quick mode
 
 
 @pytest.fixture(scope="module")
@@ -86,21 +91,37 @@ def test_quick_study_runs_end_to_end(tmp_path, capsys):
   assert float(reached.group(1)) > 0.9995
 
 
+@pytest.fixture(scope="module")
+def notebook(setup) -> dict:
+  """examples/minilm_ptq.ipynb, run once in quick mode: its namespace."""
+  del setup  # without the wheel, that fixture fails with the pip command
+  return notebook_runner.run_notebook("minilm_ptq.ipynb")
+
+
 @pytest.mark.slow
-def test_ptq_algorithms_quick_table(setup):
+def test_notebook_runs_on_the_tested_sentences(notebook, setup):
+  _, sentences, reference = setup
+  assert notebook["QUICK"] and notebook["sentences"] == sentences
+  assert notebook["calibration"] == sentences
+  kc = {row.name: row for row in notebook["rows"]}["W8A8 K-C"]
+  assert kc.min_cosine > 0.99
+  assert (notebook["reference"] == reference).all()
+
+
+@pytest.mark.slow
+def test_ptq_algorithms_quick_table(notebook):
   # Section 3 on the first block only, 4 calibration and 4 other held-out
-  # sentences: every row runs, stays close to float, and SmoothQuant beats
-  # the plain static per-tensor W8A8 (quick run: 0.9967 against 0.9941).
-  pretrained, calibration, _ = setup
-  evaluation = minilm.read_sentences(
-      minilm_ptq.EVAL_SENTENCES_FILE)[:SENTENCES]
+  # sentences (the notebook's quick run): every row runs, stays close to
+  # float, and SmoothQuant beats the plain static per-tensor W8A8 (quick
+  # run: 0.9967 against 0.9941).
+  calibration, evaluation = notebook["calibration"], notebook["evaluation"]
+  assert len(calibration) == len(evaluation) == SENTENCES
   assert not set(evaluation) & set(
       minilm.read_sentences(minilm.SENTENCES_FILE))
-  reference = minilm.embed(pretrained, evaluation)
-  rows = minilm_ptq.algorithm_rows(
-      pretrained, calibration, evaluation, reference, ["W4 per-channel"],
-      minilm_ptq.QUICK_ALGORITHM_LAYERS, ("max", "SmoothQuant"),
-      ("RTN max", "AWQ", "GPTQ"))
+  assert notebook["methods"] == ("RTN max", "AWQ", "GPTQ")
+  assert notebook["layers"] == minilm_ptq.QUICK_ALGORITHM_LAYERS
+  float_row, *rows = notebook["algorithm_rows"]
+  assert float_row.name == "float32"
   by_name = {row.name: row for row in rows}
   assert len(by_name) == 5
   assert all(row.min_cosine > 0.98 for row in rows), rows

@@ -5,6 +5,10 @@ it these tests fail with the install command. The Flax model is checked
 against an independent float64 numpy forward pass written here from the GGUF
 tensors as llama.cpp lays them out (Q/K rows permuted, interleaved RoPE), so
 the example's un-permutation and rotate-half RoPE are checked too.
+
+examples/smollm.ipynb runs last, in this process: in quick mode it uses
+the two blocks and the 64-token windows the tests below use, so it reuses
+their loaded weights and compiled programs.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ from jaxq import PerChannel, QuantSpec, kvcache
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
+import notebook_runner  # noqa: E402
 import smollm  # noqa: E402
+
+WINDOW = 64  # the notebook's quick window, so that it reuses our programs
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +175,7 @@ def test_truncated_checks_its_argument(pretrained):
 
 
 def test_decode_through_float_cache_equals_causal_pass(two_blocks):
-  windows = smollm.evaluation_windows(256, 2)[:, :40]
+  windows = smollm.evaluation_windows(256, 2)[:, :WINDOW]
   apply_fn, variables = two_blocks.model.apply, two_blocks.variables
   causal = smollm.perplexity(apply_fn, variables, windows)
   decoded = smollm.perplexity(apply_fn, variables, windows,
@@ -239,3 +246,30 @@ def test_ptq_quick_table(pretrained, capsys):
   # int4 packed (+ scales) < int8 per channel < float32, embedding int8.
   assert (megabytes["W4 g128, RTN max"] < megabytes["W8A8 dynamic per token"]
           < megabytes["float32"] / 2)
+
+
+# Last: the notebook reuses what the tests above compiled.
+@pytest.fixture(scope="module")
+def notebook(two_blocks) -> dict:
+  """examples/smollm.ipynb, run once in quick mode: its namespace."""
+  del two_blocks  # loaded (or failed with the pip command) by the fixture
+  return notebook_runner.run_notebook("smollm.ipynb")
+
+
+def test_notebook_quick_run(notebook, two_blocks):
+  assert notebook["QUICK"] and notebook["WINDOW"] == WINDOW
+  assert notebook["pretrained"].config == two_blocks.config
+  # Its float perplexity is the causal pass above, on the same windows.
+  windows = smollm.evaluation_windows(256, 2)[:, :WINDOW]
+  np.testing.assert_array_equal(notebook["evaluation"], windows)
+  float_ppl = smollm.perplexity(two_blocks.model.apply,
+                                two_blocks.variables, windows)
+  rows = dict(notebook["rows"])
+  assert rows["float32"] == float_ppl
+  assert abs(rows["int8 KV cache"] / float_ppl - 1) < 0.01
+  assert np.isfinite(rows["int4 KIVI KV cache"])
+  # W4 g32 weights: served, another model, a fraction of the bytes.
+  assert np.isfinite(notebook["w4_ppl"]) and notebook["w4_ppl"] != float_ppl
+  report = notebook["report"]
+  assert report.quantized_bytes < 0.5 * report.float_bytes
+  assert notebook["low"] < notebook["bf16"]

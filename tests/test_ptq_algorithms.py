@@ -67,6 +67,7 @@ def _linen():
 
 
 def _nnx_twin():
+  """A fresh nnx twin of `_linen`'s model and its calibrate-mode model."""
   _, _, params = _linen()
   model = Nnx(nnx.Rngs(0))
   p = params["params"]
@@ -99,6 +100,15 @@ def _linen_result(algorithm: str):
   return _run(algorithm, cal, params)
 
 
+@functools.lru_cache(maxsize=None)
+def _nnx_result(algorithm: str):
+  """``(calibrate-mode twin, its variables after `_run`)``, computed once
+  for the tests of this module and of test_ptq_algorithms_hostile.py (the
+  runs are the costly part; the results are only read)."""
+  _, ncal = _nnx_twin()
+  return ncal, _run(algorithm, ncal, None)
+
+
 def _read_all(adapter, variables):
   names = ("kernel", "bias", "weight_range", "act_smooth")
   out = {}
@@ -128,7 +138,11 @@ def _serve_vs_fake_quant(cal, variables):
 # Weight ranges honour the spec's calibration.
 
 
+@functools.lru_cache(maxsize=None)
 def _dense_weight_error(calibration: str):
+  """The kernel, its dequantized converted weights, and the outputs served
+  on the fly, served converted and fake-quantized; cached, as "max" is the
+  reference of two tests."""
   model = nn.Dense(8)
   x = jnp.ones((2, 64))
   params = model.init(jax.random.key(0), x)
@@ -178,8 +192,7 @@ def test_entropy_weight_calibration_raises_naming_layer():
 def test_linen_and_nnx_twins_give_the_same_variables(algorithm):
   _, cal, params = _linen()
   linen_vars = _linen_result(algorithm)
-  _, ncal = _nnx_twin()
-  nnx_vars = _run(algorithm, ncal, None)
+  ncal, nnx_vars = _nnx_result(algorithm)
   linen_read = _read_all(jaxq.flax.adapt(cal, linen_vars), linen_vars)
   nnx_read = _read_all(jaxq.flax.adapt(ncal, nnx_vars), nnx_vars)
   assert linen_read.keys() == nnx_read.keys()
@@ -271,8 +284,7 @@ def test_stored_ranges_survive_save_and_load(tmp_path):
 
 
 def test_nnx_stored_ranges_survive_save_and_load(tmp_path):
-  _, ncal = _nnx_twin()
-  variables = _run("awq", ncal, None)
+  ncal, variables = _nnx_result("awq")
   result = jaxq.calibrate(ncal, variables, _batches(), progress=False)
   serve = jaxq.quantize_model(_nnx_twin()[0], RULES, mode="serve")
   serving, _ = jaxq.convert(serve, variables, result.stats)
@@ -299,16 +311,20 @@ def test_nnx_stored_ranges_survive_save_and_load(tmp_path):
 
 @pytest.mark.parametrize("algorithm", ["gptq", "awq", "smoothquant"])
 def test_masked_rows_change_nothing(algorithm):
+  # Only at masked positions (MASK keeps [:, :4]): huge values, which a
+  # mask that weighs rows by 0 would stop, and NaN, which only a mask that
+  # selects rows out of every statistic stops (valid input: a NaN at
+  # padding is no error). The same variables as on clean data.
   _, cal, params = _linen()
-  huge = _inputs(0).at[:, 4:].set(1e6)  # Only at masked positions.
+  padded = _inputs(0).at[:, 4].set(1e6).at[:, 5].set(jnp.nan)
   reference = _linen_result(algorithm)
   if algorithm == "gptq":
-    got = jaxq.gptq(cal, params, _batches(huge), progress=False)
+    got = jaxq.gptq(cal, params, _batches(padded), progress=False)
   elif algorithm == "awq":
-    got = jaxq.awq(cal, params, _batches(huge), fold_into=FOLD,
+    got = jaxq.awq(cal, params, _batches(padded), fold_into=FOLD,
                    num_exponents=5, clip_ratios=5, progress=False)
   else:
-    got = jaxq.smoothquant(cal, params, _batches(huge), alpha=None,
+    got = jaxq.smoothquant(cal, params, _batches(padded), alpha=None,
                            alphas=(0.3, 0.6, 0.9), fold_into=FOLD,
                            progress=False)
   jax.tree.map(np.testing.assert_array_equal, got, reference)
@@ -401,15 +417,27 @@ def test_calibrate_mode_is_required():
     jaxq.gptq(cal.with_mode("qat"), params, _batches(), progress=False)
 
 
-def test_smoothquant_act_ranges_skip_padding_and_serve():
+def _smooth_with_act_ranges(x: jax.Array | None = None):
+  """`_linen`'s variables smoothed (alpha 0.5) with static act ranges."""
   _, cal, params = _linen()
-  run = lambda x: jaxq.smoothquant(cal, params, _batches(x), alpha=0.5,
-                                   fold_into=FOLD, act_ranges=True,
-                                   progress=False)
-  smoothed = run(None)
+  return jaxq.smoothquant(cal, params, _batches(x), alpha=0.5, fold_into=FOLD,
+                          act_ranges=True, progress=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _smoothed_with_act_ranges():
+  """`_smooth_with_act_ranges` on the clean batches, run once for the two
+  tests that read it."""
+  return _smooth_with_act_ranges()
+
+
+def test_smoothquant_act_ranges_skip_padding_and_serve():
+  _, cal, _ = _linen()
+  smoothed = _smoothed_with_act_ranges()
   # Huge values at padding positions change no range.
   jax.tree.map(np.testing.assert_array_equal,
-               run(_inputs(0).at[:, 4:].set(1e6)), smoothed)
+               _smooth_with_act_ranges(_inputs(0).at[:, 4:].set(1e6)),
+               smoothed)
   assert set(smoothed["quant_ranges"]) == set(PATHS)
   # down's range is the max of its unmasked inputs divided by its factors.
   captured = jaxq.flax.adapt(cal, smoothed).capture_inputs(_batches(),
@@ -457,10 +485,8 @@ def test_dense_general_and_einsum_kernels_reshape_to_2d(algorithm):
 
 
 def test_nnx_smoothquant_act_ranges_match_linen():
-  _, cal, params = _linen()
-  linen_vars = jaxq.smoothquant(cal, params, _batches(), alpha=0.5,
-                                fold_into=FOLD, act_ranges=True,
-                                progress=False)
+  _, cal, _ = _linen()
+  linen_vars = _smoothed_with_act_ranges()
   model, ncal = _nnx_twin()
   nnx_vars = jaxq.smoothquant(ncal, None, _batches(), alpha=0.5,
                               fold_into=FOLD, act_ranges=True, progress=False)

@@ -364,16 +364,23 @@ def test_int8_dot_general_is_fake_quant_matmul(lhs_shape, rhs_shape, dims,
     return (jaxq.fake_quant(lhs2, QuantSpec("int8", PerToken())) @
             jaxq.fake_quant(rhs2, QuantSpec("int8", PerChannel(-1))))
 
-  # Jitted: one compilation each instead of one per eager op.
-  out = jax.jit(jaxq.qat.int8_dot_general, static_argnums=2)(lhs, rhs, dims)
-  np.testing.assert_allclose(out, jax.jit(reference)(lhs, rhs), rtol=1e-5,
-                             atol=1e-5)
-  cotangent = jax.random.normal(jax.random.key(7), out.shape)
-  grads = jax.jit(jax.grad(lambda a, b: jnp.sum(
-      jaxq.qat.int8_dot_general(a, b, dims) * cotangent), argnums=(0, 1)))(
-          lhs, rhs)
-  expected = jax.jit(jax.grad(lambda a, b: jnp.sum(
-      reference(a, b) * cotangent), argnums=(0, 1)))(lhs, rhs)
+  def forward_and_vjp(fn):
+    """``fn(lhs, rhs)`` and its gradients for ``cotangent``, jitted: one
+    compilation for both instead of one each (or one per eager op)."""
+
+    @jax.jit
+    def run(lhs, rhs, cotangent):
+      out, vjp = jax.vjp(fn, lhs, rhs)
+      return out, vjp(cotangent)
+
+    return run
+
+  shape = jax.eval_shape(reference, lhs, rhs).shape
+  cotangent = jax.random.normal(jax.random.key(7), shape)
+  out, grads = forward_and_vjp(
+      lambda a, b: jaxq.qat.int8_dot_general(a, b, dims))(lhs, rhs, cotangent)
+  want_out, expected = forward_and_vjp(reference)(lhs, rhs, cotangent)
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
   for got, want in zip(grads, expected):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   jaxpr = jax.make_jaxpr(jax.grad(lambda a, b: jnp.sum(

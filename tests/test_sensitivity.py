@@ -8,6 +8,7 @@ numpy forward pass with numpy fake-quantization.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -260,13 +261,25 @@ class SharedAndEinsum(nn.Module):
     return nn.Einsum((8, 4), name="ein")(h, einsum_str="bi,ij->bj")
 
 
-def test_output_sqnr_of_a_shared_layer_and_a_call_argument():
+@functools.lru_cache(maxsize=None)
+def shared_and_einsum():
+  """``(x, variables, eval_fn, table)``: `SharedAndEinsum`'s weight-only
+  table on ``x``, computed once; test_sensitivity_nnx.py checks its nnx
+  twin's table against this one (same ``eval_fn``)."""
   model = SharedAndEinsum()
   x = jax.random.normal(jax.random.key(3), (16, 8))
   variables = model.init(jax.random.key(4), x)
-  table = jaxq.sensitivity(model, variables, WEIGHT_ONLY,
-                           lambda f, v: float(f(v, x).sum()), [x],
+
+  def eval_fn(apply_fn, v):
+    return float(apply_fn(v, x).sum())
+
+  table = jaxq.sensitivity(model, variables, WEIGHT_ONLY, eval_fn, [x],
                            progress=False)
+  return x, variables, eval_fn, table
+
+
+def test_output_sqnr_of_a_shared_layer_and_a_call_argument():
+  x, variables, _, table = shared_and_einsum()
   rows = {r.path: r for r in table.rows}
   assert set(rows) == {"shared", "ein"}
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])

@@ -24,7 +24,7 @@ from jaxq.flax import QuantStat
 
 from test_report import D, RULES as REPORT_RULES, SEQ, VOCAB, Tiny
 from test_sensitivity import (LAYERS, MLP, OUTLIER, W8_T, WEIGHT_ONLY,
-                              SharedAndEinsum, fake_quant_np)
+                              fake_quant_np, shared_and_einsum)
 
 A8_STATIC = QuantSpec("int8", PerTensor(), dynamic=False)
 STATIC = (jaxq.Rule(r"fc[12]", weight=W8_T, act=A8_STATIC),
@@ -117,12 +117,34 @@ def mlp():
 
 
 @pytest.fixture(scope="module")
-def tables(mlp):
+def spied(mlp):
+  """``(table, seen, kernel)``: the nnx weight-only table, computed once
+  with an ``eval_fn`` that records the variables it is given (``seen``),
+  and the model's fc2 kernel before the run. It is also the nnx
+  weight-only table of `tables`."""
+  _, _, model, state, calib, eval_fn = mlp
+  kernel = np.array(model.fc2.kernel.get_value())
+  seen = []
+
+  def spy(apply_fn, v):
+    seen.append(v)
+    return eval_fn(apply_fn, v)
+
+  table = jaxq.sensitivity(model, state, WEIGHT_ONLY, spy, calib,
+                           progress=False)
+  return table, seen, kernel
+
+
+@pytest.fixture(scope="module")
+def tables(mlp, spied):
+  """``{rules: (linen table, nnx table)}`` for both rule sets, computed
+  once for the module's tests (each table is a sensitivity run)."""
   linen, variables, model, state, calib, eval_fn = mlp
+  nnx_tables = {WEIGHT_ONLY: spied[0],
+                STATIC: jaxq.sensitivity(model, state, STATIC, eval_fn, calib,
+                                         progress=False)}
   return {rules: (jaxq.sensitivity(linen, variables, rules, eval_fn, calib,
-                                   progress=False),
-                  jaxq.sensitivity(model, state, rules, eval_fn, calib,
-                                   progress=False))
+                                   progress=False), nnx_tables[rules])
           for rules in (WEIGHT_ONLY, STATIC)}
 
 
@@ -156,17 +178,9 @@ def test_static_ranges_are_calibrated_once_and_reusable(mlp, tables):
     assert a == b
 
 
-def test_eval_fn_gets_an_nnx_state_and_the_model_is_untouched(mlp):
-  _, _, model, state, calib, eval_fn = mlp
-  kernel = np.array(model.fc2.kernel.get_value())
-  seen = []
-
-  def spy(apply_fn, v):
-    seen.append(v)
-    return eval_fn(apply_fn, v)
-
-  table = jaxq.sensitivity(model, state, WEIGHT_ONLY, spy, calib,
-                           progress=False)
+def test_eval_fn_gets_an_nnx_state_and_the_model_is_untouched(mlp, spied):
+  _, _, model, state, _, _ = mlp
+  table, seen, kernel = spied
   assert all(isinstance(v, nnx.State) for v in seen)
   assert len(seen) == 1 + len(table)  # Float, then one per layer.
   np.testing.assert_array_equal(model.fc2.kernel.get_value(), kernel)
@@ -188,13 +202,20 @@ def test_variables_none_uses_the_models_own_state(mlp, tables):
 @pytest.mark.parametrize("rules", [WEIGHT_ONLY, STATIC],
                          ids=["weight_only", "static_acts"])
 def test_partial_quantize_equals_linen(mlp, tables, rules):
+  """Weight-only, the nnx run builds its own table (equal to linen's); with
+  static acts it is given its table, as the linen runs are."""
   linen, variables, model, state, calib, eval_fn = mlp
   linen_table, nnx_table = tables[rules]
+  builds_its_own = rules == WEIGHT_ONLY
   kwargs = dict(max_drop=1e-2, relative=False, progress=False)
   linen_result = jaxq.partial_quantize(linen, variables, rules, eval_fn,
                                        calib, table=linen_table, **kwargs)
-  nnx_result = jaxq.partial_quantize(model, state, rules, eval_fn, calib,
-                                     table=nnx_table, **kwargs)
+  nnx_result = jaxq.partial_quantize(
+      model, state, rules, eval_fn, calib,
+      table=None if builds_its_own else nnx_table, **kwargs)
+  if builds_its_own:
+    assert nnx_result.skipped == ("fc2",)
+    assert_tables_equal(nnx_result.table, linen_table)
   assert nnx_result.skipped == linen_result.skipped
   assert nnx_result.skipped[0] == "fc2"
   assert nnx_result.rules == linen_result.rules
@@ -207,15 +228,6 @@ def test_partial_quantize_equals_linen(mlp, tables, rules):
   nnx.update(qmodel, jaxq.act_ranges(qmodel, nnx_table.stats))
   assert eval_fn(lambda _, x: qmodel(x), None) == pytest.approx(
       nnx_result.metric, rel=1e-5)
-
-
-def test_partial_quantize_builds_its_own_table(mlp, tables):
-  _, _, model, state, calib, eval_fn = mlp
-  result = jaxq.partial_quantize(model, state, WEIGHT_ONLY, eval_fn, calib,
-                                 max_drop=1e-2, relative=False,
-                                 progress=False)
-  assert result.skipped == ("fc2",)
-  assert_tables_equal(result.table, tables[WEIGHT_ONLY][0])
 
 
 def test_serve_mode_agrees_with_qat(mlp, tables):
@@ -231,19 +243,15 @@ def test_serve_mode_agrees_with_qat(mlp, tables):
 
 
 def test_shared_layer_is_measured_call_by_call():
-  linen = SharedAndEinsum()
-  x = jax.random.normal(jax.random.key(3), (16, 8))
-  params = linen.init(jax.random.key(4), x)["params"]
+  # The linen table (test_sensitivity's, computed once there) and its
+  # eval_fn, the same for both APIs.
+  x, variables, eval_fn, linen_table = shared_and_einsum()
+  params = variables["params"]
   model = NnxSharedAndEinsum(nnx.Rngs(0))
   state = state_of(model, params)
-
-  def eval_fn(apply_fn, v):
-    return float(apply_fn(v, x).sum())
-
   table = jaxq.sensitivity(model, state, WEIGHT_ONLY, eval_fn, [x],
                            progress=False)
-  assert_tables_equal(table, jaxq.sensitivity(
-      linen, {"params": params}, WEIGHT_ONLY, eval_fn, [x], progress=False))
+  assert_tables_equal(table, linen_table)
   # And directly: each call of the shared layer on its own float input.
   w, b = (np.asarray(params["shared"][k], np.float64)
           for k in ("kernel", "bias"))

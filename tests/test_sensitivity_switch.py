@@ -14,6 +14,7 @@ modes.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import re
@@ -90,6 +91,16 @@ def _ranges(adapter):
   return calibrating.ranges_by_path(calibrating.act_ranges(stats))
 
 
+@functools.lru_cache(maxsize=None)
+def _calibrated(api: str) -> tuple[jaxq_flax.ModelAdapter, dict, np.ndarray]:
+  """``(float adapter, its act ranges by path, its float output on IDS)``
+  of ``api``'s model, built and calibrated once for every test of the
+  module: the tests quantize it into new adapters and only read these."""
+  adapter = _adapter(api)
+  float_out = np.asarray(adapter.apply_fn()(adapter.variables, IDS))
+  return adapter, _ranges(adapter), float_out
+
+
 class _Compilations(logging.Handler):
   """Counts compilations of ``prefix`` (``jit(apply)``, the model) logged
   while installed (the jitted-function cache size depends on JAX's
@@ -117,12 +128,10 @@ class _Compilations(logging.Handler):
 
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 def test_every_subset_equals_its_own_model_from_one_compilation(api):
-  adapter = _adapter(api)
-  ranges = _ranges(adapter)
+  adapter, ranges, float_out = _calibrated(api)
   switched = adapter.quantize(RULES, "qat", switchable=True).with_ranges(
       ranges)
   apply_fn, compilations = switched.apply_fn(), _Compilations()
-  float_out = np.asarray(adapter.apply_fn()(adapter.variables, IDS))
   # None, each alone (sensitivity's), all but the first (partial_quantize's).
   subsets = [()] + [(p,) for p in QUANTIZED] + [QUANTIZED[1:]]
   for subset in subsets:
@@ -153,12 +162,10 @@ def test_every_served_subset_equals_its_converted_model(api):
   """Serve mode: the flag picks the low-bit op (the weight quantized on the
   fly, as convert quantizes it) or the float op, by lax.cond; both are the
   ops the separately served models run, so the outputs are bit-exact."""
-  adapter = _adapter(api)
-  ranges = _ranges(adapter)
+  adapter, ranges, float_out = _calibrated(api)
   switched = adapter.quantize(RULES, "serve", switchable=True).with_ranges(
       ranges)
   apply_fn, compilations = switched.apply_fn(), _Compilations()
-  float_out = np.asarray(adapter.apply_fn()(adapter.variables, IDS))
   subsets = [()] + [(p,) for p in QUANTIZED] + [QUANTIZED[1:], QUANTIZED]
   for subset in subsets:
     variables = switched.set_enabled({p: p in subset for p in QUANTIZED})
@@ -191,8 +198,7 @@ def test_a_switchable_serve_layer_runs_one_op(api):
   """One cond more per matmul/conv layer (its two branches: the low-bit op,
   the float op) than without the switch; the embedding lookup selects
   rows."""
-  adapter = _adapter(api)
-  ranges = _ranges(adapter)
+  adapter, ranges, _ = _calibrated(api)
   plain = adapter.quantize(RULES, "serve").with_ranges(ranges)
   switched = adapter.quantize(RULES, "serve", switchable=True).with_ranges(
       ranges)
@@ -204,8 +210,7 @@ def test_a_switchable_serve_layer_runs_one_op(api):
 
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 def test_a_switchable_serve_model_refuses_converted_weights(api):
-  adapter = _adapter(api)
-  ranges = _ranges(adapter)
+  adapter, ranges, _ = _calibrated(api)
   _, serving = _converted(adapter, QUANTIZED, ranges)
   switched = adapter.quantize(RULES, "serve", switchable=True).with_ranges(
       ranges)
@@ -231,8 +236,7 @@ def _flag_selects(jaxpr) -> int:
 
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 def test_a_model_without_the_switch_traces_as_before(api):
-  adapter = _adapter(api)
-  ranges = _ranges(adapter)
+  adapter, ranges, _ = _calibrated(api)
 
   def jaxpr(quantized, variables):
     return jax.make_jaxpr(quantized.apply_fn())(variables, IDS).jaxpr
@@ -255,7 +259,7 @@ def test_a_model_without_the_switch_traces_as_before(api):
 
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 def test_switch_errors(api):
-  adapter = _adapter(api)
+  adapter, ranges, _ = _calibrated(api)
   with pytest.raises(ValueError, match="switchable layers need mode='qat'"):
     adapter.quantize(RULES, "calibrate", switchable=True)
   with pytest.raises(ValueError, match="without int8_forward"):
@@ -264,7 +268,7 @@ def test_switch_errors(api):
   with pytest.raises(ValueError, match="switchable"):
     adapter.quantize(RULES, "qat").set_enabled({"conv": False})
   switched = adapter.quantize(RULES, "qat", switchable=True).with_ranges(
-      _ranges(adapter))
+      ranges)
   switched.apply(IDS)  # linen learns its layers by tracing.
   with pytest.raises(ValueError, match=r"\['head'\]"):  # A float layer.
     switched.set_enabled({"head": True})
@@ -336,8 +340,7 @@ def test_serve_mode_tools_equal_the_per_configuration_path(api, monkeypatch):
   """jaxq.sensitivity and partial_quantize in serve mode give what they gave
   when they compiled a served model per configuration and each layer alone:
   the same metrics and skipped layers, and the same SQNR and MSE."""
-  adapter = _adapter(api)
-  reference = np.asarray(adapter.apply_fn()(adapter.variables, IDS))
+  adapter, _, reference = _calibrated(api)
 
   def eval_fn(apply_fn, variables):
     return -float(np.mean((np.asarray(apply_fn(variables, IDS)) -

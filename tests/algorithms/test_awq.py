@@ -72,7 +72,9 @@ def test_factors_are_normalised_and_finite():
 ])
 def test_awq_beats_rounding(spec):
   x, w = salient_problem()
-  result = awq(w, stats_of(x), spec, num_exponents=11)
+  # The grid of test_clipping_never_loses_per_scale's plain search: one
+  # compiled search for both (got / rtn measured at most 0.85, MX).
+  result = awq(w, stats_of(x), spec, num_exponents=5)
   rtn = output_error(x, w, jaxq.fake_quant(jnp.asarray(w), spec))
   got = output_error(x, w, awq_kernel(w, result, spec))
   # The grid holds exponent 0 (no scaling), so AWQ can only tie or win;
@@ -160,8 +162,9 @@ def test_masked_rows_change_nothing():
   spec = QuantSpec("int4", PerGroup(axis=0, size=16))
   padded = np.concatenate([x, np.full((3, x.shape[1]), 1e9, np.float32)])
   mask = np.arange(len(padded)) < len(x)
-  a = awq(w, stats_of(x), spec, num_exponents=5, clip_ratios=4)
-  b = awq(w, stats_of(padded, mask), spec, num_exponents=5, clip_ratios=4)
+  # test_clipping_never_loses_per_scale's grids: its compiled search.
+  a = awq(w, stats_of(x), spec, num_exponents=5, clip_ratios=10)
+  b = awq(w, stats_of(padded, mask), spec, num_exponents=5, clip_ratios=10)
   np.testing.assert_allclose(a.factors, b.factors, rtol=1e-6)
   np.testing.assert_allclose(a.amax, b.amax, rtol=1e-6)
 

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,13 +35,20 @@ def mha_setup():
   return mha, x, variables
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _step(model: nn.Module, params: Any, cache: Any, tokens: jax.Array
+          ) -> tuple[jax.Array, Any]:
+  """One decode step of ``model`` (static: linen modules hash by their
+  fields), compiled once per model and chunk size across the tests."""
+  return model.apply({"params": params, "cache": cache}, tokens,
+                     mutable=["cache"])
+
+
 def _decode(model, params, cache, tokens, steps):
   """Feeds ``tokens`` ``(B, n, F)`` in chunks of ``steps`` tokens, jitted."""
-  step = jax.jit(lambda c, t: model.apply({"params": params, "cache": c}, t,
-                                          mutable=["cache"]))
   outs, start = [], 0
   for size in steps:
-    out, mutated = step(cache, tokens[:, start:start + size])
+    out, mutated = _step(model, params, cache, tokens[:, start:start + size])
     cache, start = mutated["cache"], start + size
     outs.append(out)
   return jnp.concatenate(outs, 1), cache

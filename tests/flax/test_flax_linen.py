@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import chex
 import flax.linen as nn
 import jax
@@ -18,7 +21,11 @@ import flax_models as fm
 KEY = jax.random.key(0)
 
 
-def _setup(name: str):
+@functools.cache
+def _setup(name: str) -> tuple[nn.Module, dict[str, Any], jax.Array]:
+  """The model, its variables and an input, built once per model for all
+  the tests (initializing compiles a program of random draws); the tests
+  only read them."""
   model_cls, make_input = fm.LINEN[name]
   model = model_cls()
   x = make_input(jax.random.key(1))
@@ -47,15 +54,14 @@ def test_guarantees(name):
   """Skip-all QAT is the float model; serve equals QAT; grads reach all."""
   model, variables, x = _setup(name)
   skipped = jaxq.quantize_model(model, fm.SKIP_RULES, "qat")
-  # Fewer compilations: the float and skip-all passes in one program, and
-  # the QAT output from the gradient's program.
-  float_out, skipped_out = jax.jit(lambda v, x: (
-      model.apply(v, x), skipped.apply(v, x)))(variables, x)
-  np.testing.assert_array_equal(skipped_out, float_out)
-
   cal = jaxq.quantize_model(model, fm.STATIC_RULES, "calibrate")
-  _, stats = jax.jit(lambda v, x: cal.apply(v, x, mutable=["quant_stats"]))(
-      variables, x)
+  # Fewer compilations: the float, skip-all and calibration passes in one
+  # program, and the QAT output from the gradient's program.
+  float_out, skipped_out, (cal_out, stats) = jax.jit(lambda v, x: (
+      model.apply(v, x), skipped.apply(v, x),
+      cal.apply(v, x, mutable=["quant_stats"])))(variables, x)
+  np.testing.assert_array_equal(skipped_out, float_out)
+  np.testing.assert_array_equal(cal_out, float_out)
   stats = stats["quant_stats"]
   ranges = jaxq.act_ranges(cal, stats)
   qat = cal.with_mode("qat")

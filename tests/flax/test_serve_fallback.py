@@ -63,7 +63,7 @@ def test_per_tensor_convs_keep_the_integer_op():
   variables = model.init(jax.random.key(0), x)
   rules = (jaxq.Rule(r".*", weight=fm.W8, act=QuantSpec("int8")),)
   qat = jaxq.quantize_model(model, rules, "qat")
-  qat.apply(variables, x)
+  jax.eval_shape(qat.apply, variables, x)  # Traces the layers.
   assert all(info.serve_fallback is None
              for info in jaxq.layers(qat).values())
   serving, _ = jaxq.convert(qat, variables)
@@ -124,9 +124,10 @@ def _linen_and_nnx_fallbacks(rules) -> tuple[list, list]:
   the nnx CNN (the same layers); nnx's is known before any call."""
   model = fm.LinenCNN()
   x = fm.cnn_input(jax.random.key(1))
-  variables = model.init(jax.random.key(0), x)
+  # Abstract: tracing the layers decides their fallbacks, nothing compiles.
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
   qat = jaxq.quantize_model(model, rules, "qat")
-  qat.apply(variables, x)
+  jax.eval_shape(qat.apply, variables, x)
   linen = [jaxq.layers(qat)[p].serve_fallback for p in CONVS + ("Dense_0",)]
   nnx_q = jaxq.quantize_model(fm.NnxCNN(nnx.Rngs(0)), rules, "serve")
   nnx_layers = jaxq.layers(nnx_q)
@@ -173,7 +174,9 @@ def test_nnx_conv_transpose_fallback_matches_linen():
   for transpose_kernel in (False, True):
     model = nn.ConvTranspose(4, (3, 3), transpose_kernel=transpose_kernel)
     qat = jaxq.quantize_model(model, rules, "qat")
-    qat.apply(model.init(jax.random.key(0), x), x)
+    # Abstract: tracing the layer decides its fallback, nothing compiles.
+    jax.eval_shape(qat.apply, jax.eval_shape(model.init, jax.random.key(0), x),
+                   x)
     layer = nnx.ConvTranspose(3, 4, (3, 3), transpose_kernel=transpose_kernel,
                               rngs=nnx.Rngs(0))
     nnx_q = jaxq.quantize_model(layer, rules, "qat")

@@ -132,11 +132,16 @@ def test_linen_optax_trains_the_adapters_only(base):
   assert not jnp.any(base_grad)
   assert jnp.any(full["blocks_0"]["q_proj"]["lora_a"]) or jnp.any(
       full["blocks_0"]["q_proj"]["lora_b"])
-  losses = []
-  for _ in range(5):
+
+  @jax.jit  # One program instead of one per eager op of each step.
+  def step(adapters, opt_state, frozen):
     value, grads = jax.value_and_grad(loss)(adapters, frozen)
     updates, opt_state = tx.update(grads, opt_state, adapters)
-    adapters = optax.apply_updates(adapters, updates)
+    return optax.apply_updates(adapters, updates), opt_state, value
+
+  losses = []
+  for _ in range(5):
+    adapters, opt_state, value = step(adapters, opt_state, frozen)
     losses.append(float(value))
   assert losses[-1] < losses[0]
   # trainable_mask labels the full tree for optax.multi_transform: the
