@@ -33,7 +33,7 @@ for int8 at 2048 bins): about 2 ms per channel on a CPU.
   of a run the run's mean over its non-zero bins, and leaves empty bins
   empty. ``KL(P || Q)`` of the normalised pair is computed for all
   candidates at once, level by level from prefix sums of ``c log c``
-  (compensated, so float32 keeps the small differences; see
+  (split on power-of-two grids, so float32 keeps the small differences; see
   `_entropy_one`), and the last minimiser ``i`` gives ``amax = i * width``
   (a ``P > 0`` where ``Q == 0`` makes the divergence infinite).
 * `mse_amax`: the amax among the bin edges ``i * width`` (``i`` in
@@ -60,6 +60,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxq import formats as formats_lib
 
@@ -92,25 +93,31 @@ def percentile_amax(counts: jax.Array, width: jax.Array, amax: jax.Array,
   return jnp.where(total > 0, jnp.minimum(estimate, amax), 0.0)
 
 
-def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``a + b`` as ``(s, e)`` with ``s + e`` exact (Knuth's TwoSum)."""
-  s = a + b
-  b_part = s - a
-  return s, (a - (s - b_part)) + (b - b_part)
-
-
-def _compensated_cumsum(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Prefix sums of float32 ``x`` as ``(hi, lo)``, ``hi + lo`` to ~2**-44.
+def _prefix_sums(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Prefix sums of float32 ``x`` ``(n,)`` as ``(hi, lo)``: differences of
+  ``hi`` are exact, those of ``lo`` within about ``n * 2**-48`` of
+  ``sum(|x|)``.
 
   Differences of plain float32 prefix sums lose the small ones to
-  cancellation; the (hi, lo) pairs keep them to float32 precision.
+  cancellation. So ``x`` is cut on two power-of-two grids, ``x = hi1 +
+  hi2 + rest``: ``hi1`` on the grid ``q1 = 2**(e - 23)`` (``2**e >=
+  sum(|x|)``), whose prefix sums are integer multiples of ``q1`` below
+  ``2**24 q1``, exact in float32; ``hi2`` likewise on the grid ``q2`` of
+  the remainders (each within ``q1 / 2``); the rest, each within ``q2 /
+  2``, summed plainly. Each cut is exact (a remainder is a whole number of
+  ``x``'s ulps, fewer than ``2**24``). Three plain cumsums compile in a
+  third of the time of a compensated (TwoSum) associative scan. (Here
+  ``x`` is ``c log c`` of counts, 0 or above 1, so the grids stay far from
+  float32's subnormals.)
   """
-
-  def combine(u, v):
-    s, e = _two_sum(u[0], v[0])
-    return _two_sum(s, e + u[1] + v[1])
-
-  return jax.lax.associative_scan(combine, (x, jnp.zeros_like(x)))
+  _, exponent = jnp.frexp(jnp.sum(jnp.abs(x)))
+  q1 = jnp.ldexp(jnp.float32(1), exponent - 23)
+  hi1 = jnp.round(x / q1) * q1
+  rest = x - hi1
+  # sum(|rest|) <= n * q1 / 2 <= 2**(bits - 1) * q1: q2's own headroom.
+  q2 = q1 * np.float32(2.0 ** (max(x.shape[0] - 1, 1).bit_length() - 24))
+  hi2 = jnp.round(rest / q2) * q2
+  return jnp.cumsum(hi1), jnp.cumsum(hi2) + jnp.cumsum(rest - hi2)
 
 
 def _entropy_one(counts: jax.Array, width: jax.Array, *, num_levels: int,
@@ -120,7 +127,7 @@ def _entropy_one(counts: jax.Array, width: jax.Array, *, num_levels: int,
   ``O(candidates * num_levels)``: within a level every non-zero bin of
   ``Q`` holds the level's mean ``m = S / N`` (``S`` its count, ``N`` its
   non-zero bins), so the level adds ``sum(c log c) - S log m`` to
-  ``total * KL``, with ``sum(c log c)`` a difference of compensated prefix
+  ``total * KL``, with ``sum(c log c)`` a difference of exact prefix
   sums. With ``prefix = counts[:i].sum()`` and ``o`` the outliers, which
   join bin ``i - 1`` (count ``c``, level mean ``m``)::
 
@@ -140,7 +147,7 @@ def _entropy_one(counts: jax.Array, width: jax.Array, *, num_levels: int,
   count_f = counts.astype(jnp.float32)
   c_log_c = count_f * jnp.log(jnp.where(counts > 0, count_f, 1.0))
   c_log_c_hi, c_log_c_lo = (jnp.concatenate([jnp.zeros(1), part])
-                            for part in _compensated_cumsum(c_log_c))
+                            for part in _prefix_sums(c_log_c))
   total = prefix[-1]
 
   # Level l of candidate i spans bins [ceil(l i / L), ceil((l + 1) i / L)).

@@ -13,6 +13,7 @@ import pytest
 
 import jaxq
 from jaxq import calibration
+from jaxq.calibration import thresholds
 from jaxq import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 
 INT8 = QuantSpec("int8", calibration="entropy")
@@ -169,6 +170,26 @@ def test_entropy_per_channel_equals_numpy_kl_search_on_varied_data():
     expected = min(best_bin * float(state.range[0, c]) / 2048,
                    float(state.amax[0, c]))
     np.testing.assert_allclose(amax[c], expected, rtol=1e-6, err_msg=str(c))
+
+
+def test_entropy_prefix_sums_keep_small_differences():
+  """The ``sum(c log c)`` of a few bins far out in the tail, as a
+  difference of prefix sums: plain float32 cumsums lose it to cancellation,
+  the split sums keep it to float32's precision of the total mass."""
+  rng = np.random.default_rng(3)
+  counts = np.concatenate([rng.integers(10**6, 10**7, 1024),
+                           rng.integers(0, 3, 1024)]).astype(np.float32)
+  x = counts * np.log(np.maximum(counts, 1.0))  # c log c, as the search
+  hi, lo = jax.jit(thresholds._prefix_sums)(jnp.asarray(x))
+  exact = np.concatenate([[0.0], np.cumsum(x.astype(np.float64))])[1:]
+  got = np.asarray(hi, np.float64) + np.asarray(lo, np.float64)
+  start, stop = rng.integers(1024, 2048, (2, 200))
+  want = exact[stop] - exact[start]
+  err = np.abs((got[stop] - got[start]) - want) / exact[-1]
+  assert err.max() < 2.0**-40
+  plain = np.cumsum(x)  # float32: the tail's sums are lost
+  plain_err = np.abs((plain[stop].astype(np.float64) - plain[start]) - want)
+  assert plain_err.max() / exact[-1] > 2.0**-30
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "float8_e4m3fn"])
