@@ -90,7 +90,6 @@ def test_value_hadamard_attention_is_float_attention_for_a_float_format(qkv):
 def test_float_residual_attends_to_the_last_group_in_float(qkv):
   query, key, value = qkv
   tokens = 13  # Groups [0, 8) quantized, [8, 13) the residual.
-  zeros = jnp.zeros((B,), jnp.int32)
   cache = _fill(RESIDUAL, key, value, tokens)
   np.testing.assert_array_equal(cache.key_residual_group, [1, 1])
   np.testing.assert_array_equal(cache.value_residual[:, :5], value[:, 8:13])
