@@ -5,8 +5,8 @@ a Dense(16) head (default 4 x 1024 on a batch of 256; ``--quick``: 4 x 256
 on 64). For each observer (``max``, ``percentile`` (99.99), ``entropy``,
 ``mse``), every layer gets an int8 per-channel weight and a static int8
 per-tensor input activation calibrated by that observer, and the benchmark
-times the step
-`jaxq.calibrate` runs (`jaxq.ptq.calibration_step`: the float forward plus
+times the step `jaxq.calibrate` runs
+(`jaxq.ptq.calibration_pass.calibration_step`: the float forward plus
 every observer update, jitted) against ``jax.jit(model.apply)`` on the same
 batch. All variants are measured round-robin in one run; ``ratio`` is the
 step's median time over the float forward's. The targets are the issue's:
@@ -76,7 +76,8 @@ def step_rows(width: int, layers: int, batch: int, repeats: int
   timed = {"float": lambda: forward(variables, x)}
   for observer in OBSERVERS:
     qmodel = jaxq.quantize_model(model, _rules(observer), "calibrate")
-    step, stats = jaxq.ptq.calibration_step(qmodel, variables, x)
+    step, stats = jaxq.ptq.calibration_pass.calibration_step(qmodel,
+                                                             variables, x)
     stats, _ = step(stats, x)  # Histogram ranges set, as after batch one.
     timed[observer] = (lambda step, stats: lambda: step(stats, x))(step,
                                                                    stats)

@@ -8,7 +8,7 @@ embedding and head stay float) by `jaxq.gptq`, `jaxq.awq` and
 `jaxq.smoothquant` (alpha 0.5, W8A8), each two ways on the same batches:
 
 * ``jaxq``: the default ``blocks=True``, walking the model block by block
-  (`jaxq.ptq_blocks`): time and memory linear in depth;
+  (`jaxq.ptq.blocks`): time and memory linear in depth;
 * ``jaxq-whole``: ``blocks=False``, capturing with the whole model (every
   layer's inputs held; GPTQ runs the whole model once per layer).
 

@@ -34,11 +34,11 @@ from jaxq.inspect import inspect
 from jaxq.ops import conv
 from jaxq.ops import dot_general
 from jaxq.ops import einsum
-from jaxq.ptq import CalibrationResult
-from jaxq.ptq import calibrate
-from jaxq.ptq_algorithms import awq
-from jaxq.ptq_algorithms import gptq
-from jaxq.ptq_algorithms import smoothquant
+from jaxq.ptq.calibration_pass import CalibrationResult
+from jaxq.ptq.calibration_pass import calibrate
+from jaxq.ptq.algorithms import awq
+from jaxq.ptq.gptq import gptq
+from jaxq.ptq.algorithms import smoothquant
 from jaxq.quantize import compute_range
 from jaxq.quantize import dequantize
 from jaxq.quantize import fake_quant

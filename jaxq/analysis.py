@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxq import flax as jaxq_flax
-from jaxq import ptq
+from jaxq.ptq import calibration_pass
 from jaxq.flax import core
 from jaxq.flax.adapter import ModelAdapter
 from jaxq.flax.capture import LayerCall
@@ -109,7 +109,8 @@ def calibrate_layers(adapter: ModelAdapter, rules: Sequence[Rule],
   adapter.check_stats(stats, what)
   calibrating = adapter.quantize(rules, "calibrate")
   if stats is None:
-    stats = ptq.calibrate_adapter(calibrating, batches, progress=False).stats
+    stats = calibration_pass.calibrate_adapter(calibrating, batches,
+                                               progress=False).stats
   layers = calibrating.ordered_layers(batches[0])
   ranges = calibrating.act_ranges(stats)
   return Calibrated(layers=layers, stats=stats, ranges=ranges,

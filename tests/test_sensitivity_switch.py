@@ -86,7 +86,8 @@ def _restricted(subset) -> tuple[jaxq.Rule, ...]:
 
 def _ranges(adapter):
   calibrating = adapter.quantize(RULES, "calibrate")
-  stats = jaxq.ptq.calibrate_adapter(calibrating, [IDS], progress=False).stats
+  stats = jaxq.ptq.calibration_pass.calibrate_adapter(
+      calibrating, [IDS], progress=False).stats
   calibrating.ordered_layers(IDS)
   return calibrating.ranges_by_path(calibrating.act_ranges(stats))
 

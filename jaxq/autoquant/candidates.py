@@ -35,7 +35,7 @@ import numpy as np
 
 from jaxq import algorithms
 from jaxq import granularity as granularity_lib
-from jaxq import ptq_layers
+from jaxq.ptq import layers as ptq_layers
 from jaxq.flax import core
 from jaxq.flax.rules import LayerInfo
 from jaxq.granularity import PerChannel

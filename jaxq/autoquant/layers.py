@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 
 from jaxq import algorithms
-from jaxq import ptq_layers
+from jaxq.ptq import layers as ptq_layers
 from jaxq.autoquant.candidates import Candidate
 from jaxq.flax import adapter as adapter_lib
 from jaxq.flax import batch as batch_lib

@@ -18,7 +18,7 @@ import re
 from typing import Any, Callable, Mapping, Sequence
 
 from jaxq import analysis
-from jaxq import ptq
+from jaxq.ptq import calibration_pass
 from jaxq import flax as jaxq_flax
 from jaxq.autoquant import candidates as cand_lib
 from jaxq.autoquant import scoring
@@ -97,7 +97,8 @@ def served_metric(adapter: ModelAdapter, rules: Sequence[Rule],
   calibrated (static act ranges), converted, in serve mode."""
   calibrating = adapter.quantize(rules, "calibrate").with_variables(variables)
   static = any(r.act is not None and not r.act.dynamic for r in rules)
-  stats = (ptq.calibrate_adapter(calibrating, batches, progress=False).stats
+  stats = (calibration_pass.calibrate_adapter(calibrating, batches,
+                                              progress=False).stats
            if static else None)
   serve = adapter.quantize(rules, "serve")
   serve.ordered_layers(batches[0])  # Traced (abstractly): its layers known.

@@ -56,7 +56,7 @@ called on ``x`` of shape ``(*lead, in)``):
   quantization of its layers, recording the calls of the layers at
   ``paths`` inside it: a jitted ``(variables, arrays) -> (output,
   captured)`` over the whole model's variables, so a workflow walks a deep
-  model block by block (`jaxq.ptq_blocks`) without running it whole.
+  model block by block (`jaxq.ptq.blocks`) without running it whole.
 * ``get_weight(path, variables=None) -> (kernel, bias)``: the layer's float
   weight (``kernel`` ``(in, out)``; ``embedding`` ``(vocab, features)``
   for embeddings) and bias ``(out,)`` or None.

@@ -20,7 +20,7 @@ Batches follow `jaxq.flax.batch`; a `Batch`'s mask is not passed.
 ``LayerCall.sources`` says, for each array argument, which earlier
 recorded call handed the very same array on (an argument or an output
 leaf of it, the latest such call): the dataflow between the recorded
-modules, read off the trace (`jaxq.ptq_blocks` checks with it that a
+modules, read off the trace (`jaxq.ptq.blocks` checks with it that a
 model's blocks feed each other directly, and that layers share an input).
 `run_module` runs one submodule alone on a recorded call's arguments.
 A layer inside a scan over layers (linen ``nn.scan`` with

@@ -1,4 +1,4 @@
-"""Tests of `jaxq.smoothquant`, `jaxq.awq`, `jaxq.gptq` (jaxq/ptq_algorithms.py)
+"""Tests of `jaxq.smoothquant`, `jaxq.awq`, `jaxq.gptq` (jaxq/ptq/algorithms.py)
 and of weight ranges that honour ``calibration`` (convert, serve, qat)."""
 
 import functools
@@ -103,7 +103,7 @@ def _linen_result(algorithm: str):
 @functools.lru_cache(maxsize=None)
 def _nnx_result(algorithm: str):
   """``(calibrate-mode twin, its variables after `_run`)``, computed once
-  for the tests of this module and of test_ptq_algorithms_hostile.py (the
+  for the tests of this module and of test_algorithms_hostile.py (the
   runs are the costly part; the results are only read)."""
   _, ncal = _nnx_twin()
   return ncal, _run(algorithm, ncal, None)

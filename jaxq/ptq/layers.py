@@ -6,7 +6,7 @@ spec mapped onto that view (`spec_2d`); `capture` records the layers' inputs
 through the model adapter, and `input_rows` / `layer_rows` flatten them to
 ``(n, d_in)`` rows with the padding rows of a `jaxq.flax.Batch` mask
 dropped (and divided by the layer's stored smoothing factors), the input of
-every statistic of `jaxq.ptq_algorithms`.
+every statistic of `jaxq.ptq.algorithms`.
 
 Layers scanned over a stack of ``L`` (linen ``nn.scan`` with
 ``jaxq.flax.SCAN_AXES``) store ``(L, *kernel)`` weights and are captured

@@ -1,4 +1,4 @@
-"""`jaxq.gptq`, `jaxq.awq` and `jaxq.smoothquant` (jaxq/ptq_algorithms.py)
+"""`jaxq.gptq`, `jaxq.awq` and `jaxq.smoothquant` (jaxq/ptq/algorithms.py)
 under hostile input: NaN/inf in the calibration data (at real positions: a
 ValueError naming the layer; at padding only: valid), all-zero data (GPTQ
 rounds to nearest, warning), a per-tensor AWQ group, and folds that do not
@@ -13,7 +13,7 @@ import pytest
 import jaxq
 from jaxq import PerTensor, QuantSpec
 from jaxq.flax import Batch
-from test_ptq_algorithms import (A8, FOLD, MASK, RULES, W4, _inputs, _linen,
+from test_algorithms import (A8, FOLD, MASK, RULES, W4, _inputs, _linen,
                                  _nnx_result, _nnx_twin, _read_all)
 
 ALGORITHMS = ("gptq", "awq", "smoothquant")
@@ -46,7 +46,7 @@ def test_nonfinite_data_at_real_positions_names_the_layer(algorithm, api,
 
 
 # NaN at padding only is valid input, the same variables as on clean data:
-# for linen, test_ptq_algorithms.py's test_masked_rows_change_nothing (its
+# for linen, test_algorithms.py's test_masked_rows_change_nothing (its
 # padding holds NaN and huge values, for each algorithm).
 
 

@@ -1,4 +1,4 @@
-"""Tests of the block-by-block walk of the PTQ algorithms (jaxq/ptq_blocks.py).
+"""Tests of the block-by-block walk of the PTQ algorithms (jaxq/ptq/blocks.py).
 
 ``blocks=True`` (the default) must give what the whole-model path
 (``blocks=False``) gives, for GPTQ, AWQ and SmoothQuant, on linen and nnx
@@ -19,7 +19,7 @@ from flax import nnx
 
 import jaxq
 from jaxq import PerChannel, PerTensor, QuantSpec
-from jaxq import ptq_blocks
+from jaxq.ptq import blocks as ptq_blocks
 from jaxq.flax import Batch
 from jaxq.flax import linen_adapter
 from jaxq.flax import nnx_adapter
