@@ -344,15 +344,15 @@ class NnxAdapter:
     flat = dict(nnx.to_flat_state(variables))
     for (path, name), value in values.items():
       self._module(path)
-      key = nnx_lib.state_key(path) + (name,)
+      module_key = nnx_lib.state_key(path)
+      key, jaxq_key = module_key + (name,), module_key + (f"jaxq_{name}",)
       if name in core.FIXED_NAMES:  # The PTQ algorithms' fixed variables.
-        fixed = nnx_lib.state_key(path) + (f"jaxq_{name}",)
-        flat.pop(fixed, None)  # None removes it.
+        flat.pop(jaxq_key, None)  # None removes it.
         if value is not None:
-          flat[fixed] = QuantFixed(value)
+          flat[jaxq_key] = QuantFixed(value)
         continue
       if key not in flat and name in adapter_lib.LEARNED_NAMES:
-        key = nnx_lib.state_key(path) + (f"jaxq_{name}",)
+        key = jaxq_key
       if key in flat:
         flat[key] = flat[key].replace(value)
       else:
