@@ -158,6 +158,8 @@ class Attention(nn.Module):
     token_positions = positions[:, None] + jnp.arange(length)
     q = rope(q, token_positions, c.rope_theta)
     k = rope(k, token_positions, c.rope_theta)
+    # Recorded only when "intermediates" is mutable (`static_kv_ranges`).
+    self.sow("intermediates", "kv", (k, v))
     if cache is None:
       out = causal_attention(q, k, v)
     else:
@@ -232,20 +234,64 @@ class SmolLM(nn.Module):
 
 
 def init_caches(config: LlamaConfig, spec: Any, batch: int, max_length: int,
-                dtype: Any = jnp.float32) -> tuple[Any, ...]:
+                dtype: Any = jnp.float32,
+                static_ranges: Sequence[Mapping[str, Any]] | None = None
+                ) -> tuple[Any, ...]:
   """One empty `jaxq.kvcache.KVCache` per block, by ``spec`` (None: float).
 
   ``max_length`` is rounded up to whole token groups for KIVI-style specs
-  (``key_granularity="channel"``), whose cache holds whole groups.
+  (``key_granularity="channel"``), whose cache holds whole groups. A spec
+  with static per-head ranges (``"head"`` granularity) takes them from
+  ``static_ranges``, one ``{"key_amax": ..., "value_amax": ...}`` per block
+  (`static_kv_ranges`).
   """
   spec = kvcache.KVCacheSpec(format=None) if spec is None else spec
   if spec.key_granularity == "channel":
     max_length = -(-max_length // spec.group_size) * spec.group_size
+  ranges = static_ranges or [{}] * config.num_layers
   return tuple(
       kvcache.init(spec, batch=batch, max_length=max_length,
                    num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                   dtype=dtype)
-      for _ in range(config.num_layers))
+                   dtype=dtype, **ranges[i])
+      for i in range(config.num_layers))
+
+
+def static_kv_ranges(model: nn.Module, variables: Params, windows: np.ndarray,
+                     spec: Any, batch_size: int = 8
+                     ) -> tuple[dict[str, jax.Array], ...]:
+  """Static per-head KV ranges for ``spec``'s ``"head"`` parts, calibrated on
+  ``windows`` (N, L): per block, the running max of ``|k|`` (``|v|``) per KV
+  head over every token, in the basis the cache stores (`jaxq.observers.max`
+  on `jaxq.kvcache.stored_basis`, one jitted pass per batch), as the
+  ``init_caches(..., static_ranges=...)`` keywords. The post-RoPE keys and
+  the values come from the whole-sequence pass (``sow``); the cache writes
+  the same ones, token by token.
+  """
+  observer = jaxq.observers.max()
+  parts = spec.static_parts
+
+  @jax.jit
+  def update(states, tokens):
+    _, recorded = model.apply(variables, tokens, mutable=["intermediates"])
+    kv = recorded["intermediates"]
+    out = []
+    for i, block_states in enumerate(states):
+      key, value = kv[f"layers_{i}"]["self_attn"]["kv"][0]
+      out.append({part: observer.update(
+          block_states[part], kvcache.stored_basis(spec, part, x))
+                  for part, x in (("key", key), ("value", value))
+                  if part in parts})
+    return tuple(out)
+
+  config = model.config
+  shape = (1, 1, config.num_kv_heads, config.head_dim)
+  states = tuple(
+      {part: observer.init(jnp.zeros(shape), spec.part_quant_spec(part))
+       for part in parts} for _ in range(config.num_layers))
+  for start in range(0, len(windows), batch_size):
+    states = update(states, jnp.asarray(windows[start:start + batch_size]))
+  return tuple({f"{part}_amax": observer.finalize(state)
+                for part, state in block.items()} for block in states)
 
 
 # --------------------------------------------------------------------------
@@ -624,14 +670,17 @@ def _decode_nll(apply_fn: Any, variables: Params, tokens: jax.Array,
 
 def perplexity(apply_fn: Any, variables: Params, windows: np.ndarray, *,
                batch_size: int = 8, cache_spec: Any = None,
-               config: LlamaConfig = LlamaConfig()) -> float:
+               config: LlamaConfig = LlamaConfig(),
+               static_ranges: Sequence[Mapping[str, Any]] | None = None
+               ) -> float:
   """exp(mean next-token NLL) over the windows (N, L): N (L - 1) predictions.
 
   ``apply_fn(variables, tokens) -> logits`` is the float or a quantized
   model's apply function. Without ``cache_spec`` each window runs as one
   causal pass; with a `jaxq.kvcache.KVCacheSpec` it runs as generation
   does, teacher-forced through the jitted decode loop: each token is
-  written into the (quantized) caches and the next one predicted from them.
+  written into the (quantized) caches and the next one predicted from them
+  (``static_ranges``: as `init_caches` takes them).
   """
   total = 0.0
   for start in range(0, len(windows), batch_size):
@@ -640,7 +689,7 @@ def perplexity(apply_fn: Any, variables: Params, windows: np.ndarray, *,
       nll = _jit_nll(apply_fn)(variables, batch)
     else:
       caches = init_caches(config, cache_spec, batch.shape[0],
-                           batch.shape[1])
+                           batch.shape[1], static_ranges=static_ranges)
       nll = _decode_nll(apply_fn, variables, batch, caches)
     total += float(jnp.sum(nll))
   return float(np.exp(total / (windows.shape[0] * (windows.shape[1] - 1))))

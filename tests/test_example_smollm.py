@@ -188,6 +188,36 @@ def test_decode_through_float_cache_equals_causal_pass(two_blocks):
   assert int8 != decoded and abs(int8 / decoded - 1) < 0.01
 
 
+def test_static_kv_ranges_calibrated_on_other_windows(two_blocks):
+  """Per-head ranges from calibration windows: each block's max |k| (after
+  RoPE) and |v| per KV head, which an int8 static cache then decodes the
+  evaluation windows with."""
+  spec = kvcache.KVCacheSpec("int8", key_granularity="head",
+                             value_granularity="head")
+  calibration = smollm.calibration_windows(256, 2)[:, :WINDOW]
+  ranges = smollm.static_kv_ranges(two_blocks.model, two_blocks.variables,
+                                   calibration, spec, batch_size=1)
+  _, recorded = two_blocks.model.apply(two_blocks.variables,
+                                       jnp.asarray(calibration),
+                                       mutable=["intermediates"])
+  for i, block in enumerate(ranges):
+    key, value = recorded["intermediates"][f"layers_{i}"]["self_attn"]["kv"][0]
+    for name, x in (("key_amax", key), ("value_amax", value)):
+      np.testing.assert_allclose(np.asarray(block[name]).reshape(-1),
+                                 np.abs(np.asarray(x)).max(axis=(0, 1, 3)),
+                                 rtol=1e-6)
+  windows = smollm.evaluation_windows(256, 2)[:, :WINDOW]
+  apply_fn, variables = two_blocks.model.apply, two_blocks.variables
+  config = two_blocks.config
+  decoded = smollm.perplexity(apply_fn, variables, windows)
+  static = smollm.perplexity(apply_fn, variables, windows, cache_spec=spec,
+                             config=config, static_ranges=ranges)
+  assert static != decoded and abs(static / decoded - 1) < 0.02
+  with pytest.raises(ValueError, match="needs key_amax"):
+    smollm.perplexity(apply_fn, variables, windows, cache_spec=spec,
+                      config=config)
+
+
 def test_greedy_generation_ragged_batch_equals_recompute(two_blocks):
   prompts = ["The capital of France is", "def f(x):\n    return"]
   batched = smollm.generate(two_blocks, prompts, max_new_tokens=5)

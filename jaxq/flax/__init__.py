@@ -35,8 +35,10 @@ the variable collections.
 
 A rule's ``kv_cache`` gives matching attention modules a quantized KV cache
 (`jaxq.flax.kv_cache`): Flax's ``MultiHeadDotProductAttention(decode=True)``
-in linen, ``nnx.MultiHeadAttention`` decoding in nnx, and jaxq's `KVCacheAttention` (linen) / `NnxKVCacheAttention`
-(nnx) for a model's own attention.
+in linen, ``nnx.MultiHeadAttention`` decoding in nnx, and jaxq's
+`KVCacheAttention` (linen) / `NnxKVCacheAttention` (nnx) for a model's own
+attention. Static per-head cache ranges are calibrated with the act ranges
+(`jaxq.flax.kv_ranges`).
 
 Workflows reach a model through ``adapt(model, variables)``, a
 `ModelAdapter` (`jaxq.flax.adapter`): the one place that tells linen from

@@ -275,13 +275,18 @@ class ModelAdapter(Protocol):
     weight (`jaxq.flax.core.INPUT_MOMENT`); {} for None."""
 
   def act_ranges(self, stats: Any) -> Any:
-    """The ranges container, finalized by each layer's rule."""
+    """The ranges container, finalized by each layer's rule (and the
+    static KV cache ranges, by max)."""
+
+  def with_kv_ranges(self, ranges: Any, stats: Any) -> Any:
+    """``ranges`` with the static KV cache ranges finalized from
+    ``stats`` (`jaxq.flax.kv_cache`)."""
 
   def ranges_from(self, ranges: Mapping[str, core.ActRange]) -> Any:
     """A ranges container from path -> act range."""
 
   def ranges_by_path(self, ranges: Any) -> dict[str, core.ActRange]:
-    """Path -> act range of a ranges container."""
+    """Path -> act range of a ranges container (no KV cache ranges)."""
 
   def without_stats(self, variables: Any) -> Any:
     """``variables`` without observer states."""

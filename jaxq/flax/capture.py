@@ -113,6 +113,18 @@ class LayerCall:
   param_shapes: Any = None
   sources: tuple[Source | None, ...] = ()
 
+  def stacked_in(self, params: Any) -> bool:
+    """Whether the stored ``params`` of the captured layer are this call's
+    params stacked along one leading axis (``nn.scan`` over layers)."""
+    if not self.param_shapes or params is None:
+      return False
+    seen = jax.tree.leaves(self.param_shapes,
+                           is_leaf=lambda x: isinstance(x, tuple))
+    stored = [tuple(jnp.shape(a)) for a in jax.tree.leaves(dict(params))]
+    return len(seen) == len(stored) and all(
+        len(b) == len(a) + 1 and b[1:] == tuple(a) and b[0] == stored[0][0]
+        for a, b in zip(seen, stored))
+
   @classmethod
   def of(cls, module: nn.Module | None, args: tuple[Any, ...],
          kwargs: Mapping[str, Any], param_shapes: Any = None,

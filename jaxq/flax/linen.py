@@ -95,6 +95,7 @@ from jaxq.flax.linen_variables import FIXED
 from jaxq.flax.linen_variables import RANGES
 from jaxq.flax.linen_variables import STATS
 from jaxq.flax.linen_variables import lookup
+from jaxq.kvcache.spec import KVCacheSpec
 
 __all__ = ["QuantizedLinen", "act_ranges", "quantize_linen"]
 
@@ -159,6 +160,11 @@ class QuantizedLinen:
   def layers(self) -> dict[str, rules_lib.LayerInfo]:
     """Path -> `LayerInfo` of every quantizable layer traced so far."""
     return dict(self._layers)
+
+  def kv_specs(self) -> dict[str, KVCacheSpec]:
+    """Path -> the `KVCacheSpec` of every attention module traced so far
+    that a rule gave a KV cache."""
+    return {path: rule.kv_cache for path, rule in self._kv_caches.items()}
 
   def unmatched_rules(self) -> tuple[rules_lib.Rule, ...]:
     """The rules that no traced layer (or KV cache) got."""

@@ -26,6 +26,7 @@ from jaxq.flax import batch as batch_lib
 from jaxq.flax import calibration_mask
 from jaxq.flax import checks
 from jaxq.flax import core
+from jaxq.flax import kv_ranges
 from jaxq.flax import linen as linen_lib
 from jaxq.flax import rules as rules_lib
 from jaxq.flax.batch import call_model
@@ -87,19 +88,6 @@ def _nonfinite_counts(stats: Any, paths: Sequence[str]) -> jax.Array:
                      jnp.int32).reshape(len(paths))
 
 
-def _stacked_call(call: LayerCall, params: Any) -> bool:
-  """Whether the stored ``params`` of a captured layer are its call's
-  params stacked along one leading axis (``nn.scan`` over layers)."""
-  if not call.param_shapes or params is None:
-    return False
-  seen = jax.tree.leaves(call.param_shapes, is_leaf=lambda x: isinstance(
-      x, tuple))
-  stored = [tuple(jnp.shape(a)) for a in jax.tree.leaves(dict(params))]
-  return len(seen) == len(stored) and all(
-      len(b) == len(a) + 1 and b[1:] == tuple(a) and b[0] == stored[0][0]
-      for a, b in zip(seen, stored))
-
-
 def _counting(qmodel: linen_lib.QuantizedLinen,
               observer_for: core.ObserverFor | None = None
               ) -> linen_lib.QuantizedLinen:
@@ -114,7 +102,9 @@ def _counting(qmodel: linen_lib.QuantizedLinen,
   return dataclasses.replace(
       qmodel, on_nonfinite="count",
       observer_for=observer_for or qmodel.observer_for,
-      _layers=qmodel._layers, _warned=qmodel._warned)  # pylint: disable=protected-access
+      # pylint: disable-next=protected-access
+      _layers=qmodel._layers, _kv_caches=qmodel._kv_caches,
+      _warned=qmodel._warned)
 
 
 class _Host(nn.Module):
@@ -285,7 +275,7 @@ class LinenAdapter:
       node = lookup(tree, path) if path else tree
       if node is not None:
         variables[collection] = node
-    if _stacked_call(call, variables.get("params")):
+    if call.stacked_in(variables.get("params")):
       # Inside nn.scan over layers: the layer saw one slice of its params.
       return adapter_lib.replay(adapter_lib.stacked_apply(layer.apply), call,
                                 variables)
@@ -494,12 +484,16 @@ class LinenAdapter:
     return out
 
   def ranges_by_path(self, ranges: Any) -> dict[str, core.ActRange]:
-    """Path -> act range of a ``quant_ranges`` collection."""
+    """Path -> act range of a ``quant_ranges`` collection (no KV's)."""
     flat = traverse_util.flatten_dict(dict(ranges or {}))
     out: dict[str, core.ActRange] = {}
     for key, value in flat.items():  # (*path, "act", "amax")
-      out.setdefault("/".join(key[:-2]), {})[key[-1]] = value
+      if key[-2] != kv_ranges.LINEN_NAME:
+        out.setdefault("/".join(key[:-2]), {})[key[-1]] = value
     return out
+
+  def with_kv_ranges(self, ranges: Any, stats: Any) -> dict[str, Any]:
+    return kv_ranges.with_linen_ranges(ranges, self.qmodel.kv_specs(), stats)
 
   def act_ranges(self, stats: Any) -> dict[str, Any]:
     """The ``quant_ranges`` finalized from ``stats``; raises when the model
@@ -514,7 +508,7 @@ class LinenAdapter:
           f"needed), or run qmodel.init / qmodel.apply once.")
     ranges = linen_lib.act_ranges(self.qmodel, stats)
     self._check_ranges("act_ranges", self.ranges_by_path(ranges))
-    return ranges
+    return self.with_kv_ranges(ranges, stats)
 
   def serving(self, variables: Any, stats: Any | None, ranges: Any | None
               ) -> dict[str, Any]:
@@ -525,6 +519,8 @@ class LinenAdapter:
       ranges = variables[RANGES]  # Finalized already (e.g. QAT's).
     elif ranges is None:
       ranges = self.act_ranges(stats or {})
+    elif stats is not None:
+      ranges = self.with_kv_ranges(ranges, stats)
     if ranges:
       self._check_ranges("convert", self.ranges_by_path(ranges))
       serving[RANGES] = ranges

@@ -137,8 +137,8 @@ class Interceptor:
       hooks = dict(spec=rule.kv_cache)
     else:  # Flax's own: its projections, jaxq's cache and attention.
       hooks = dict(decode=False, attention_fn=kv_cache.linen_attention_fn(
-          module, rule.kv_cache))
-    with _attributes(module, **hooks):
+          module, rule.kv_cache, self.model.mode))
+    with _attributes(module, **hooks), kv_cache.linen_mode(self.model.mode):
       return next_fun(*args, **kwargs)
 
   def _promoting(self, module: nn.Module, next_fun, args, kwargs) -> Any:

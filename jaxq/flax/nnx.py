@@ -174,7 +174,7 @@ def quantize_nnx(model: nnx.Module, rules: Sequence[rules_lib.Rule],
     if isinstance(module, _ATTENTION):
       rule = rules_lib.match_kv_cache(rules, _path(path), module)
       if rule is not None and not rule.skip:
-        kv_cache.use_nnx_cache(module, rule.kv_cache)
+        kv_cache.use_nnx_cache(module, rule.kv_cache, mode)
         kv_rules.append(rule)
       continue
     if is_quantized(module):

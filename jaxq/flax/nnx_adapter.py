@@ -27,6 +27,7 @@ from jaxq.flax import batch as batch_lib
 from jaxq.flax import calibration_mask
 from jaxq.flax import checks
 from jaxq.flax import core
+from jaxq.flax import kv_ranges
 from jaxq.flax import nnx as nnx_lib
 from jaxq.flax import rules as rules_lib
 from jaxq.flax.batch import call_model
@@ -433,12 +434,16 @@ class NnxAdapter:
 
   def ranges_by_path(self, ranges: Any) -> dict[str, core.ActRange]:
     return {"/".join(map(str, path[:-1])): var.get_value()
-            for path, var in nnx.to_flat_state(ranges)}
+            for path, var in nnx.to_flat_state(ranges)
+            if isinstance(var, QuantRange)}
+
+  def with_kv_ranges(self, ranges: Any, stats: Any) -> nnx.State:
+    return kv_ranges.with_nnx_ranges(ranges, self.model, stats)
 
   def act_ranges(self, stats: Any) -> nnx.State:
     ranges = nnx_lib.act_ranges(self.model, stats)
     self._check_ranges("act_ranges", self.ranges_by_path(ranges))
-    return ranges
+    return self.with_kv_ranges(ranges, stats)
 
   def serving(self, variables: Any, stats: Any | None, ranges: Any | None
               ) -> nnx.State:
@@ -447,6 +452,8 @@ class NnxAdapter:
     flat = dict(nnx.to_flat_state(self.without_stats(variables)))
     if ranges is None and stats is not None:
       ranges = self.act_ranges(stats)
+    elif stats is not None:
+      ranges = self.with_kv_ranges(ranges, stats)
     if ranges is not None:
       flat.update(nnx.to_flat_state(ranges))
     self._check_ranges("convert", {

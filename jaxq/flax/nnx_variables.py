@@ -33,6 +33,10 @@ Each quantized layer (`jaxq.flax.nnx_layers`) carries, as attributes:
   when loaded. `jaxq.convert`'s state carries them to the serve model.
 * ``jaxq_enabled``: a switchable layer's `QuantEnabled` flag (on), read on
   every call.
+
+Attention modules with a KV cache rule whose spec has static per-head
+ranges carry ``jaxq_kv_stats`` (a `QuantStat`, calibrate mode) and
+``jaxq_kv_range`` (a `QuantKVRange`), see `jaxq.flax.kv_cache`.
 """
 
 from __future__ import annotations
@@ -56,6 +60,11 @@ class QuantStat(nnx.Variable):
 
 class QuantRange(nnx.Variable):
   """A static activation range ``{"amax": ...[, "amin": ...]}``."""
+
+
+class QuantKVRange(nnx.Variable):
+  """A KV cache's static per-head ranges ``{"key": amax, "value": amax}``
+  (`jaxq.flax.kv_cache`), each ``(1, 1, H, 1)``."""
 
 
 class QuantEnabled(nnx.Variable):

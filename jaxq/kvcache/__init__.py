@@ -10,6 +10,7 @@ cache = kvcache.update(cache, key, value, positions)  # (B, S, H_kv, D), (B,)
 out = kvcache.attend(cache, query, positions)         # (B, S, H_q, D)
 key, value = kvcache.read(cache)                      # (B, T, H_kv, D)
 kvcache.nbytes(cache)                                 # values + scales
+cache = kvcache.with_ranges(cache, key_amax=a, value_amax=b)  # "head" specs
 ```
 
 The cache is a pytree (`KVCache`) of one layer; a model keeps one per
@@ -18,9 +19,10 @@ Flax here: `jaxq.flax.kv_cache` fits it to Flax attention by rules.
 
 Modules: `spec` (`KVCacheSpec`: format, key/value granularity, KIVI group
 size, value channel groups, Hadamard keys and values, KIVI's float
-residual), `cache` (`KVCache`, `init`, `update`, `read`, `nbytes`),
-`attention` (`attend`, block-by-block online softmax; `reference_attention`),
-`hadamard` (the orthonormal rotation).
+residual), `cache` (`KVCache`, `init`, `update`, `read`, `nbytes`,
+`with_ranges`, `stored_basis`), `attention` (`attend`, block-by-block
+online softmax; `reference_attention`), `hadamard` (the orthonormal
+rotation).
 """
 
 from jaxq.kvcache.attention import attend
@@ -29,7 +31,9 @@ from jaxq.kvcache.cache import KVCache
 from jaxq.kvcache.cache import init
 from jaxq.kvcache.cache import nbytes
 from jaxq.kvcache.cache import read
+from jaxq.kvcache.cache import stored_basis
 from jaxq.kvcache.cache import update
+from jaxq.kvcache.cache import with_ranges
 from jaxq.kvcache.hadamard import hadamard_matrix
 from jaxq.kvcache.spec import FORMATS
 from jaxq.kvcache.spec import KVCacheSpec

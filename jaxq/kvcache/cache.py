@@ -123,24 +123,24 @@ def _storage_dtype(spec: KVCacheSpec, dtype: np.dtype) -> np.dtype:
 
 
 def _static_amax(name: str, amax: jax.Array | None, spec: KVCacheSpec,
-                 granularity: str, num_kv_heads: int) -> jax.Array | None:
+                 granularity: str, num_kv_heads: int,
+                 what: str = "kvcache.init") -> jax.Array | None:
   """A ``"head"`` range reshaped to ``(1, 1, H, 1)``, checked; else None."""
+  part = name.split("_")[0]
   if granularity != "head" or not spec.quantized:
     if amax is not None:
-      raise ValueError(f"kvcache.init: {name} is only for "
-                       f"{name.split('_')[0]}_granularity='head' with a "
-                       f"quantized format, but the spec has format "
-                       f"{spec.format!r} and {name.split('_')[0]}_granularity"
-                       f"={granularity!r}.")
+      raise ValueError(f"{what}: {name} is only for {part}_granularity="
+                       f"'head' with a quantized format, but the spec has "
+                       f"format {spec.format!r} and {part}_granularity="
+                       f"{granularity!r}.")
     return None
   if amax is None:
-    raise ValueError(f"kvcache.init: {name.split('_')[0]}_granularity='head' "
-                     f"needs {name}, a static range of shape "
-                     f"({num_kv_heads},) (one per KV head, e.g. from "
-                     f"jaxq.calibrate).")
+    raise ValueError(f"{what}: {part}_granularity='head' needs {name}, a "
+                     f"static range of shape ({num_kv_heads},) (one per KV "
+                     f"head, e.g. from jaxq.calibrate).")
   amax = jnp.asarray(amax, jnp.float32)
   if amax.size != num_kv_heads:
-    raise ValueError(f"kvcache.init: {name} has shape {tuple(amax.shape)}, "
+    raise ValueError(f"{what}: {name} has shape {tuple(amax.shape)}, "
                      f"expected ({num_kv_heads},), one per KV head.")
   return amax.reshape(1, 1, num_kv_heads, 1)
 
@@ -217,6 +217,42 @@ def init(spec: KVCacheSpec, *, batch: int, max_length: int,
                  key_residual=residual, key_residual_group=residual_group,
                  overflowed=jnp.zeros((batch,), bool), spec=spec,
                  dtype=dtype, value_residual=value_residual)
+
+
+def with_ranges(cache: KVCache, *, key_amax: jax.Array | None = None,
+                value_amax: jax.Array | None = None) -> KVCache:
+  """``cache`` with new static ranges (and the static scales they give).
+
+  For a cache made before its calibrated ranges were known (a Flax model's
+  ``init``): each range given replaces the ``"head"`` range of that part,
+  which must have one (``spec.static_parts``); tokens already stored are
+  read with the new scale. Works under ``jit``.
+
+  Raises:
+    ValueError: for a range the spec has no place for, or one of another
+      size than ``num_kv_heads`` (naming it).
+  """
+  spec = cache.spec
+  out = {}
+  for part, amax in (("key", key_amax), ("value", value_amax)):
+    if amax is None:
+      continue
+    granularity = spec.key_granularity if part == "key" else (
+        spec.value_granularity)
+    amax = _static_amax(f"{part}_amax", amax, spec, granularity,
+                        cache.num_kv_heads, what="kvcache.with_ranges")
+    scale, _ = scale_from_range(spec.part_quant_spec(part), amax)
+    out.update({f"{part}_amax": amax, f"{part}_scale": scale})
+  return dataclasses.replace(cache, **out)
+
+
+def stored_basis(spec: KVCacheSpec, part: str, x: jax.Array) -> jax.Array:
+  """Keys (``part="key"``) or values ``(B, S, H, D)`` in the basis the
+  cache quantizes them in: Hadamard-rotated with ``spec.hadamard`` (keys)
+  or ``spec.value_hadamard`` (values), else as given. Static ranges are
+  ranges of these (what calibration observes)."""
+  rotated = spec.hadamard if part == "key" else spec.value_hadamard
+  return hadamard.rotate(x) if rotated else x
 
 
 def _empty_scale(quant_spec, shape: tuple[int, ...],
@@ -330,14 +366,10 @@ def _granularity(spec: KVCacheSpec, which: str) -> str:
   return spec.key_granularity if which == "key" else spec.value_granularity
 
 
-def _quant_spec(spec: KVCacheSpec, which: str):
-  return spec.key_quant_spec() if which == "key" else spec.value_quant_spec()
-
-
 def _as_qarray(spec: KVCacheSpec, which: str, stored: jax.Array,
                scale: jax.Array) -> QArray:
   return QArray(values=_decode(stored, spec), scale=scale, zero_point=None,
-                spec=_quant_spec(spec, which), dtype=np.dtype(np.float32))
+                spec=spec.part_quant_spec(which), dtype=np.dtype(np.float32))
 
 
 def _dequantize(spec: KVCacheSpec, which: str, stored: jax.Array,
@@ -355,7 +387,7 @@ def _update_token_scaled(cache: KVCache, which: str, x: jax.Array,
   if not spec.quantized:
     return {which: _write_rows(getattr(cache, which), x, positions)}
   amax = getattr(cache, f"{which}_amax")
-  qa = quantize(x, _quant_spec(spec, which), amax=amax)
+  qa = quantize(x, spec.part_quant_spec(which), amax=amax)
   out = {which: _write_rows(getattr(cache, which), _encode(qa.values, spec),
                             positions)}
   if amax is None:  # Dynamic per-token scales are written with the tokens.
@@ -468,10 +500,8 @@ def _update_compiled(cache: KVCache, key: jax.Array, value: jax.Array,
                      positions: jax.Array) -> KVCache:
   positions = positions.astype(jnp.int32)
   tokens = key.shape[1]
-  if cache.spec.hadamard:
-    key = hadamard.rotate(key)
-  if cache.spec.value_hadamard:
-    value = hadamard.rotate(value)
+  key = stored_basis(cache.spec, "key", key)
+  value = stored_basis(cache.spec, "value", value)
   out = {}
   if cache.spec.quantized and cache.spec.key_granularity == "channel":
     out.update(_update_channel_keys(cache, key, value, positions))

@@ -176,6 +176,20 @@ class KVCacheSpec:
     return min(block, max_length)
 
   @property
+  def static_parts(self) -> tuple[str, ...]:
+    """``"key"`` and/or ``"value"``: the parts written with a static
+    per-head range (``"head"`` granularity), which calibration measures."""
+    if not self.quantized:
+      return ()
+    return tuple(part for part, granularity in (
+        ("key", self.key_granularity), ("value", self.value_granularity))
+                 if granularity == "head")
+
+  def part_quant_spec(self, part: str) -> QuantSpec:
+    """`key_quant_spec` (``part="key"``) or `value_quant_spec`."""
+    return self.key_quant_spec() if part == "key" else self.value_quant_spec()
+
+  @property
   def quantized(self) -> bool:
     """Whether keys and values are stored low-bit (False: a float cache)."""
     return self.format is not None

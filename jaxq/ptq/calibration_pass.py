@@ -264,7 +264,9 @@ class CalibrationResult:
     Returns:
       What `jaxq.act_ranges` returns: linen, a ``"quant_ranges"`` collection;
       nnx, a ``State`` of `jaxq.flax.QuantRange` variables (for
-      ``nnx.update``). Pass it to ``jaxq.convert(..., ranges=...)``.
+      ``nnx.update``). Pass it to ``jaxq.convert(..., ranges=...)``. Static
+      KV cache ranges (`jaxq.flax.kv_cache`) are there too, by max for
+      every method.
     """
     if method is None:
       return jaxq_flax.act_ranges(self.model, self.stats)
@@ -273,9 +275,10 @@ class CalibrationResult:
                        f"this pass has {self.methods}.")
     observer = self.observers[method]
     adapter = jaxq_flax.adapt(self.model, what="CalibrationResult.ranges")
-    return adapter.ranges_from({
+    return adapter.with_kv_ranges(adapter.ranges_from({
         path: core.finalize_range(observer, state, path)
-        for path, state in adapter.act_states(self.stats).items()})
+        for path, state in adapter.act_states(self.stats).items()}),
+                                  self.stats)
 
 
 def _first(batches: Iterable[Any]) -> tuple[Any, Iterator[Any]]:

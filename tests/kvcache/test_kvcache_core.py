@@ -3,6 +3,7 @@ KIVI and Hadamard, ragged batches, GQA and sizes."""
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -221,6 +222,13 @@ def test_static_per_head_ranges(qkv):
                 value_amax=value_amax)
   read_key, _ = kvcache.read(small)
   assert float(jnp.max(jnp.abs(read_key[:, :, 0]))) <= key_amax[0] / 4 + 1e-6
+  # Ranges given later (a Flax model's cache made in init) write the same.
+  later = kvcache.init(spec, batch=B, max_length=T, num_kv_heads=H_KV,
+                       head_dim=D, key_amax=np.ones(H_KV),
+                       value_amax=np.ones(H_KV))
+  later = kvcache.with_ranges(later, key_amax=key_amax, value_amax=value_amax)
+  later = kvcache.update(later, key, value, positions)
+  chex.assert_trees_all_equal(later, cache)
 
 
 def test_read_dequantizes_and_rotates_back(qkv):

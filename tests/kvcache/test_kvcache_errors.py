@@ -62,6 +62,18 @@ def test_bad_init(spec, kwargs, match):
     kvcache.init(spec, **args)
 
 
+@pytest.mark.parametrize("spec,kwargs,match", [
+    (kvcache.KVCacheSpec("int8"), dict(key_amax=np.ones(H_KV)),
+     "with_ranges: key_amax is only for key_granularity='head'"),
+    (kvcache.KVCacheSpec("int8", key_granularity="head"),
+     dict(key_amax=np.ones(H_KV + 1)), r"expected \(2,\)"),
+])
+def test_bad_with_ranges(spec, kwargs, match):
+  static = dict(key_amax=np.ones(H_KV)) if spec.static_parts else {}
+  with pytest.raises(ValueError, match=match):
+    kvcache.with_ranges(_cache(spec, **static), **kwargs)
+
+
 def test_mismatched_shapes_name_the_sizes():
   cache = _cache()
   positions = jnp.zeros((B,), jnp.int32)
