@@ -310,7 +310,7 @@ def memory_table(runs: list[Run]) -> str:
   """Bytes of what each adapter run keeps frozen (markdown): the LoRA
   layers' bases packed as stored (sub-byte values two per byte, DQ scales
   one byte each: `QArray.nbytes`, what `jaxq.save` writes) and as buffers
-  in memory (XLA holds uint4 one byte per element on CPU, DQ scales as
+  in memory (4-bit values two per byte, `jaxq.PackedQArray`; DQ scales as
   float32), against the same kernels in bf16; and every frozen array
   (embedding and norms included, float32) against the whole model in
   bf16."""

@@ -49,6 +49,7 @@ from jaxq.range_checks import ZeroRangeError
 from jaxq.report import report
 from jaxq.sensitivity import partial_quantize
 from jaxq.sensitivity import sensitivity
+from jaxq.spec import PackedQArray
 from jaxq.spec import QArray
 from jaxq.spec import QuantSpec
 from jaxq.spec import check_qarray

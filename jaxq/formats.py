@@ -61,7 +61,7 @@ the fp8 formats.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -478,31 +478,36 @@ def storage_bytes(fmt: Format, num_elements: int) -> int:
   return (num_elements * fmt.bits + 7) // 8
 
 
-NIBBLE_DTYPES: tuple[np.dtype, ...] = (np.dtype(ml_dtypes.int4),)
+# 4-bit storage dtypes, which `pack_nibbles` stores two per byte.
+NIBBLE_DTYPES: tuple[np.dtype, ...] = (
+    np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4),
+    np.dtype(ml_dtypes.float4_e2m1fn))
 
 
 def pack_nibbles(values: jax.Array) -> jax.Array:
-  """Packs int4 ``values`` two per byte along the last axis.
+  """Packs 4-bit ``values`` (int4, uint4, fp4) two per byte, last axis.
 
-  ``(..., 2n)`` int4 -> ``(..., n)`` uint8, element ``2i`` in the low
-  nibble of byte ``i`` (the order `jaxq.save` stores). A bitcast: no
-  arithmetic, works under ``jit``.
+  ``(..., 2n)`` -> ``(..., n)`` uint8, element ``2i`` in the low nibble of
+  byte ``i`` (the order `jaxq.save` stores). A bitcast: no arithmetic,
+  works under ``jit``.
 
   Raises:
-    ValueError: if ``values`` is not int4 or its last axis is odd.
+    ValueError: if ``values`` is not 4-bit or its last axis is odd.
   """
   if np.dtype(values.dtype) not in NIBBLE_DTYPES or values.shape[-1] % 2:
-    raise ValueError(f"pack_nibbles: expected int4 values with an even last "
-                     f"axis, got dtype {values.dtype} and shape "
+    raise ValueError(f"pack_nibbles: expected 4-bit values with an even "
+                     f"last axis, got dtype {values.dtype} and shape "
                      f"{tuple(values.shape)}.")
   pairs = values.reshape(*values.shape[:-1], values.shape[-1] // 2, 2)
   return jax.lax.bitcast_convert_type(pairs, jnp.uint8)
 
 
-def unpack_nibbles(packed: jax.Array) -> jax.Array:
-  """Inverse of `pack_nibbles`: ``(..., n)`` uint8 -> ``(..., 2n)`` int4."""
-  if np.dtype(packed.dtype) != np.uint8:
-    raise ValueError(f"unpack_nibbles: expected uint8 bytes, got dtype "
-                     f"{packed.dtype}.")
-  pairs = jax.lax.bitcast_convert_type(packed, jnp.int4)
+def unpack_nibbles(packed: jax.Array, dtype: Any = jnp.int4) -> jax.Array:
+  """Inverse of `pack_nibbles`: ``(..., n)`` uint8 -> ``(..., 2n)`` of the
+  4-bit ``dtype``."""
+  if np.dtype(packed.dtype) != np.uint8 or np.dtype(dtype) not in (
+      NIBBLE_DTYPES):
+    raise ValueError(f"unpack_nibbles: expected uint8 bytes and a 4-bit "
+                     f"dtype, got {packed.dtype} and {np.dtype(dtype)}.")
+  pairs = jax.lax.bitcast_convert_type(packed, dtype)
   return pairs.reshape(*packed.shape[:-1], packed.shape[-1] * 2)

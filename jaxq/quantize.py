@@ -77,7 +77,7 @@ from jaxq import formats as formats_lib
 from jaxq import granularity as granularity_lib
 from jaxq import range_checks
 from jaxq import range_search
-from jaxq.spec import QArray, QuantSpec, check_qarray
+from jaxq.spec import PackedQArray, QArray, QuantSpec, check_qarray
 
 
 def _check_float(x: jax.Array, what: str) -> None:
@@ -432,13 +432,16 @@ def _quantize_compiled(x: jax.Array, spec: QuantSpec,
                 dtype=np.dtype(x.dtype))
 
 
-def dequantize(qa: QArray) -> jax.Array:
-  """``(values - zero_point) * scale`` in the original float dtype.
+def dequantize(qa: QArray | PackedQArray) -> jax.Array:
+  """``(values - zero_point) * scale`` in the original float dtype (a
+  `PackedQArray` unpacked first).
 
   Raises:
-    TypeError: unless ``qa`` is a `QArray`.
+    TypeError: unless ``qa`` is a `QArray` or a `PackedQArray`.
     ValueError: when ``qa`` does not match its spec (`check_qarray`).
   """
+  if isinstance(qa, PackedQArray):
+    qa = qa.unpack()
   check_qarray(qa, "dequantize", "qa")
   return _dequantize_compiled(qa.values, qa.scale, qa.zero_point, qa.spec,
                               qa.dtype)

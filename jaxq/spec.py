@@ -267,16 +267,80 @@ class QArray:
   @property
   def nbytes(self) -> int:
     """Bytes of values (sub-byte formats packed), scales and zero points."""
-    total = formats_lib.storage_bytes(self.spec.fmt, math.prod(self.shape))
-    num_scales = math.prod(self.scale.shape)
-    if self.spec.double_quant is not None:  # uint8 codes + e8m0 steps.
-      total += num_scales + -(-num_scales // self.spec.double_quant)
-    else:
-      total += num_scales * np.dtype(self.scale.dtype).itemsize
-    if self.zero_point is not None:
-      total += (math.prod(self.zero_point.shape) *
-                np.dtype(self.zero_point.dtype).itemsize)
-    return total
+    return _stored_bytes(self.spec, self.shape, self.scale, self.zero_point)
+
+
+def _stored_bytes(spec: QuantSpec, shape: tuple[int, ...], scale: jax.Array,
+                  zero_point: jax.Array | None) -> int:
+  total = formats_lib.storage_bytes(spec.fmt, math.prod(shape))
+  num_scales = math.prod(scale.shape)
+  if spec.double_quant is not None:  # uint8 codes + e8m0 steps.
+    total += num_scales + -(-num_scales // spec.double_quant)
+  else:
+    total += num_scales * np.dtype(scale.dtype).itemsize
+  if zero_point is not None:
+    total += (math.prod(zero_point.shape) *
+              np.dtype(zero_point.dtype).itemsize)
+  return total
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["packed", "scale", "zero_point"],
+    meta_fields=["spec", "dtype"])
+@dataclasses.dataclass(frozen=True)
+class PackedQArray:
+  """A 4-bit `QArray` held two values per byte in memory.
+
+  XLA keeps an int4 / uint4 / fp4 array one byte per element on some
+  backends (the CPU); a frozen weight that is only ever dequantized (a
+  LoRA base) takes half the memory this way, at the cost of a bitcast per
+  use. `jaxq.dequantize` and `jaxq.save` take it as its `unpack`ed QArray
+  (`jaxq.load` gives the QArray back).
+
+  Attributes:
+    packed: ``(..., n / 2)`` uint8, `jaxq.formats.pack_nibbles` of the
+      values ``(..., n)``.
+    scale, zero_point, spec, dtype: the QArray's.
+  """
+
+  packed: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array | None
+  spec: QuantSpec
+  dtype: np.dtype
+
+  @classmethod
+  def of(cls, qa: QArray) -> PackedQArray:
+    """``qa`` packed; raises unless its values are 4-bit with an even last
+    axis (see `packable`)."""
+    if not packable(qa):
+      raise ValueError(f"PackedQArray.of: expected 4-bit values with an "
+                       f"even last axis, got {qa.values.dtype} of shape "
+                       f"{qa.shape}.")
+    return cls(formats_lib.pack_nibbles(qa.values), qa.scale, qa.zero_point,
+               qa.spec, qa.dtype)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.packed.shape[:-1]) + (2 * self.packed.shape[-1],)
+
+  @property
+  def nbytes(self) -> int:
+    """`QArray.nbytes`: what it stores (and now holds in memory)."""
+    return _stored_bytes(self.spec, self.shape, self.scale, self.zero_point)
+
+  def unpack(self) -> QArray:
+    """The `QArray` (values one per element), a bitcast."""
+    values = formats_lib.unpack_nibbles(self.packed, self.spec.fmt.dtype)
+    return QArray(values, self.scale, self.zero_point, self.spec, self.dtype)
+
+
+def packable(qa: QArray) -> bool:
+  """Whether `PackedQArray.of` takes ``qa``: 4-bit values (int4, nf4's
+  uint4 codes, fp4), an even last axis."""
+  return (np.dtype(qa.values.dtype) in formats_lib.NIBBLE_DTYPES and
+          qa.ndim > 0 and qa.shape[-1] % 2 == 0)
 
 
 def _is_concrete(x) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -136,3 +137,30 @@ def test_spec_replace_format_resolves_a_default_range_again():
   assert not QuantSpec("int4", narrow_range=False).replace(
       format="int8").narrow_range
   assert w8.replace(format="int4", narrow_range=True).fmt.qmin == -7
+
+
+@pytest.mark.parametrize("spec", [
+    QuantSpec("int4", PerChannel(axis=-1)),
+    QuantSpec("nf4", PerGroup(axis=0, size=8), double_quant=4),
+    QuantSpec("float4_e2m1fn", PerGroup(axis=-1, size=4))],
+                         ids=["int4", "nf4-dq", "fp4"])
+def test_packed_qarray_holds_two_values_per_byte(spec, tmp_path):
+  w = jax.random.normal(jax.random.key(0), (16, 8))
+  qa = jaxq.quantize(w, spec)
+  packed = jaxq.PackedQArray.of(qa)
+  assert packed.packed.dtype == jnp.uint8 and packed.packed.shape == (16, 4)
+  assert packed.shape == qa.shape and packed.nbytes == qa.nbytes
+  chex.assert_trees_all_equal(packed.unpack(), qa)
+  np.testing.assert_array_equal(jaxq.dequantize(packed), jaxq.dequantize(qa))
+  # Saved as its QArray, loaded as that QArray.
+  jaxq.save(tmp_path / "p.safetensors", {"w": packed})
+  chex.assert_trees_all_equal(
+      jaxq.load(tmp_path / "p.safetensors").variables["w"], qa)
+
+
+def test_packed_qarray_refuses_what_it_cannot_pack():
+  w = jax.random.normal(jax.random.key(0), (4, 6))
+  with pytest.raises(ValueError, match="4-bit values with an even last axis"):
+    jaxq.PackedQArray.of(jaxq.quantize(w, QuantSpec("int8")))
+  with pytest.raises(ValueError, match=r"shape \(4, 5\)"):
+    jaxq.PackedQArray.of(jaxq.quantize(w[:, :5], QuantSpec("int4")))

@@ -4,7 +4,8 @@ Everything that differs between the two APIs lives here, so that
 `jaxq.lora` has no linen/nnx branch:
 
 * linen: the chosen ``nn.Dense`` layers' ``params`` hold ``kernel`` (the
-  frozen base, a `QArray` or float array), ``lora_a``, ``lora_b`` (and
+  frozen base, a `QArray` (`PackedQArray` for 4-bit formats) or float
+  array), ``lora_a``, ``lora_b`` (and
   ``bias`` as before). `LinenLora.apply` runs the model under
   ``flax.linen.intercept_methods``: a chosen Dense's ``__call__`` becomes
   `jaxq.lora.core.lora_dense` on those variables. Dropout is on when the
@@ -33,13 +34,15 @@ from flax import nnx
 from flax import traverse_util
 
 from jaxq.lora import core
+from jaxq.spec import PackedQArray
 from jaxq.spec import QArray
 
 Adapters = dict[str, dict[str, jax.Array]]
 
 
 class LoraBase(nnx.Variable):
-  """The frozen base kernel of an nnx `LoraLinear` (a `QArray` or float)."""
+  """The frozen base kernel of an nnx `LoraLinear` (a `QArray`, a
+  `PackedQArray` or float)."""
 
 
 class LoraParam(nnx.Param):
@@ -193,8 +196,8 @@ def combine(adapters: Mapping[str, Any], frozen: Mapping[str, Any]
 
 
 def trainable_mask(params: Mapping[str, Any]) -> Any:
-  """A pytree of bools shaped like linen ``params`` (QArray bases are one
-  False leaf): True at the adapters. As labels for
+  """A pytree of bools shaped like linen ``params`` (quantized bases are
+  one False leaf): True at the adapters. As labels for
   ``optax.multi_transform({True: tx, False: optax.set_to_zero()}, mask)``
   (``optax.masked(tx, mask)`` alone would pass the frozen leaves' raw
   gradients through as their updates). For a float base only: a QArray
@@ -202,7 +205,7 @@ def trainable_mask(params: Mapping[str, Any]) -> Any:
   train `partition`'s adapters instead."""
   return jax.tree_util.tree_map_with_path(
       lambda path, _: getattr(path[-1], "key", None) in core.ADAPTER_NAMES,
-      params, is_leaf=lambda x: isinstance(x, QArray))
+      params, is_leaf=lambda x: isinstance(x, (QArray, PackedQArray)))
 
 
 # ------------------------------------------------------------------ nnx
@@ -360,7 +363,8 @@ def set_adapters(lora: Lora, adapters: Adapters, variables: Any = None
 
 
 def get_bases(lora: Lora, variables: Any = None) -> dict[str, core.Base]:
-  """path -> the frozen base (QArray or float kernel) of each layer."""
+  """path -> the frozen base (QArray, PackedQArray or float kernel) of
+  each layer."""
   if lora.is_linen:
     return _linen_bases(lora.model, _vars(lora, variables))
   return {path: m.base.get_value()

@@ -11,8 +11,8 @@ nnx.replace_by_pure_dict(state, loaded.variables)   # nnx
 
 What is saved: a nested mapping (linen collections such as
 ``{"params": {...}}``, or an ``nnx.State``, saved as
-``nnx.to_pure_dict(state)``) whose leaves are arrays, `QArray`s or None,
-the `Rule`s that produced it, and a JSON-serialisable ``metadata`` dict.
+``nnx.to_pure_dict(state)``) whose leaves are arrays, `QArray`s (a
+`PackedQArray` is saved as its QArray) or None, the `Rule`s that produced it, and a JSON-serialisable ``metadata`` dict.
 `load` gives back plain nested dicts with the same keys in the same order
 (str and int keys; an int key stays an int), the same leaves bit for bit
 (NaN payloads included), QArrays with their spec and float dtype, and jax

@@ -32,6 +32,7 @@ from jaxq.io.tensors import _dtype
 from jaxq.io.tensors import _encode
 from jaxq.io.tensors import CheckpointError
 from jaxq.flax.rules import Rule
+from jaxq.spec import PackedQArray
 from jaxq.spec import QArray
 from jaxq.spec import QuantSpec
 from jaxq.version import __version__
@@ -190,6 +191,8 @@ class _Encoder:
       return {"type": "dict", "items": items}
     if node is None:
       return {"type": "none"}
+    if isinstance(node, PackedQArray):  # Stored as any QArray (packed).
+      node = node.unpack()
     if isinstance(node, QArray):
       try:
         check_qarray(node.values, node.scale, node.zero_point, node.spec,

@@ -6,7 +6,8 @@ and nnx, trained with optax.
     lora = jaxq.lora.attach(model, variables, rules, key=jax.random.key(0))
 
 Each chosen layer (linen ``nn.Dense``, nnx ``nnx.Linear``) keeps its (in,
-out) kernel frozen and stored by ``rule.base`` (a `QArray`; the float kernel
+out) kernel frozen and stored by ``rule.base`` (a `QArray`; for 4-bit
+formats a `PackedQArray`, two values per byte in memory; the float kernel
 is not kept) and gains ``A`` (in, r) and ``B`` (r, out), B = 0 at the start:
 ``y = x @ dequantize(W_q) + (x @ A) @ B * alpha / r (+ bias)``
 (`jaxq.lora.core.lora_dense`).
@@ -23,7 +24,8 @@ After training: serve base + adapters as they are, or `merge` them into
 float kernels ``W + A B alpha / r`` and quantize again (``jaxq.quantize_model``
 in serve mode: RTN; ``jaxq.gptq``: GPTQ). `save_adapters` / `load_adapters`
 write and read the adapters alone; ``jaxq.save`` writes linen variables with
-the base (QArray leaves) as any other.
+the base (QArray leaves; PackedQArrays saved as QArrays, which
+`jaxq.load` gives back and the LoRA layers take as well) as any other.
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ def set_adapters(lora: Lora, new: dict[str, dict[str, Any]],
 
 
 def bases(lora: Lora, variables: Any = None) -> dict[str, Any]:
-  """path -> the frozen base of each LoRA layer (`QArray` or float)."""
+  """path -> the frozen base of each LoRA layer (`QArray`, `PackedQArray`
+  or float)."""
   return _flax_lora.get_bases(lora, variables)
 
 

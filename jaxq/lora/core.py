@@ -1,7 +1,8 @@
 """LoRA on one layer, no Flax: rules, adapter init, the forward, the merge.
 
 A LoRA layer keeps its base kernel ``W`` (in, out) frozen, stored low-bit
-as a `QArray` (or in float for LoRA on a float base), and adds two
+as a `QArray` (a `PackedQArray`, two values per byte, for 4-bit formats;
+or in float for LoRA on a float base), and adds two
 trainable matrices ``A`` (in, rank) and ``B`` (rank, out)::
 
     y = x @ dequantize(W) + (dropout(x) @ A) @ B * (alpha / rank)  (+ bias)
@@ -25,7 +26,7 @@ import numpy as np
 
 from jaxq.granularity import PerChannel, PerGroup
 from jaxq.quantize import dequantize, quantize
-from jaxq.spec import QArray, QuantSpec
+from jaxq.spec import PackedQArray, QArray, QuantSpec, packable
 
 # Base formats of QLoRA and its usual alternatives, for (in, out) kernels.
 NF4_DQ = QuantSpec("nf4", PerGroup(axis=0, size=64), double_quant=256)
@@ -36,7 +37,7 @@ FP8_CHANNEL = QuantSpec("float8_e4m3fn", PerChannel(axis=-1))
 
 ADAPTER_NAMES: tuple[str, str] = ("lora_a", "lora_b")
 
-Base = QArray | jax.Array
+Base = PackedQArray | QArray | jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,15 +154,19 @@ def init_adapter(key: jax.Array, layer: LoraLayer,
 
 def quantize_base(kernel: jax.Array, spec: QuantSpec | None) -> Base:
   """The frozen base of an (in, out) kernel: a `QArray` by ``spec`` (RTN,
-  its calibration's range), or the kernel itself when ``spec`` is None."""
+  its calibration's range), a `PackedQArray` when its values are 4-bit
+  (NF4, int4, fp4; ``out`` even: two per byte in memory, where XLA would
+  hold one per byte), or the kernel itself when ``spec`` is None."""
   if spec is None:
     return kernel
-  return quantize(jnp.asarray(kernel, jnp.float32), spec)
+  qa = quantize(jnp.asarray(kernel, jnp.float32), spec)
+  return PackedQArray.of(qa) if packable(qa) else qa
 
 
 def base_kernel(base: Base, dtype=None) -> jax.Array:
   """The base's float (in, out) kernel (dequantized), without gradient."""
-  kernel = dequantize(base) if isinstance(base, QArray) else base
+  quantized = isinstance(base, (QArray, PackedQArray))
+  kernel = dequantize(base) if quantized else base
   kernel = jax.lax.stop_gradient(kernel)
   return kernel if dtype is None else kernel.astype(dtype)
 
@@ -169,7 +174,7 @@ def base_kernel(base: Base, dtype=None) -> jax.Array:
 def base_bytes(base: Base) -> int:
   """Bytes the frozen base takes stored: `QArray.nbytes` (sub-byte values
   packed, double-quantized scales one byte each) or the array's."""
-  if isinstance(base, QArray):
+  if isinstance(base, (QArray, PackedQArray)):
     return base.nbytes
   return int(np.prod(base.shape)) * np.dtype(base.dtype).itemsize
 

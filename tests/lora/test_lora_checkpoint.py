@@ -16,6 +16,8 @@ from flax import nnx
 import jaxq
 from jaxq import lora
 
+QUANTIZED = (jaxq.QArray, jaxq.PackedQArray)
+
 
 class Tiny(nn.Module):
   width: int = 16
@@ -146,8 +148,8 @@ def test_linen_base_and_adapters_together_with_jaxq_save(tmp_path):
   # variables with float32 bases, the file saves the bases' bytes but for
   # their manifest entries (under 4 kB).
   float_bases = jax.tree.map(
-      lambda a: jaxq.dequantize(a) if isinstance(a, jaxq.QArray) else a,
-      variables, is_leaf=lambda a: isinstance(a, jaxq.QArray))
+      lambda a: jaxq.dequantize(a) if isinstance(a, QUANTIZED) else a,
+      variables, is_leaf=lambda a: isinstance(a, QUANTIZED))
   floats = jaxq.save(tmp_path / "float.safetensors", float_bases)
   base_float_bytes = 4 * 2 * 32 * 256
   # up (32, 256): one group of 32 rows, 256 scales; down (256, 32): 4 x 32.

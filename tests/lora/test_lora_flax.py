@@ -14,6 +14,8 @@ from flax import nnx
 import jaxq
 from jaxq import lora
 
+QUANTIZED = (jaxq.QArray, jaxq.PackedQArray)
+
 TARGETS = r".*(q|down)_proj"
 
 
@@ -62,8 +64,8 @@ X = jax.random.normal(jax.random.key(0), (4, 32))
 
 def _dequantized(tree):
   return jax.tree.map(
-      lambda a: jaxq.dequantize(a) if isinstance(a, jaxq.QArray) else a,
-      tree, is_leaf=lambda a: isinstance(a, jaxq.QArray))
+      lambda a: jaxq.dequantize(a) if isinstance(a, QUANTIZED) else a,
+      tree, is_leaf=lambda a: isinstance(a, QUANTIZED))
 
 
 def _linen(base=None, rank=4, dropout=0.0):
@@ -95,7 +97,11 @@ def test_linen_fresh_adapters_compute_the_base_model(base):
   assert sorted(lo.layers) == ["blocks_0/down_proj", "blocks_0/q_proj",
                                "blocks_1/down_proj", "blocks_1/q_proj"]
   kernel = lo.variables["params"]["blocks_0"]["q_proj"]["kernel"]
-  assert isinstance(kernel, jaxq.QArray) == (base is not None)
+  # NF4 codes held two per byte: (in, out) -> (in, out / 2) uint8.
+  assert isinstance(kernel, jaxq.PackedQArray) == (base is not None)
+  if base is not None:
+    assert kernel.packed.dtype == jnp.uint8
+    assert kernel.packed.shape[-1] * 2 == kernel.shape[-1]
   # The caller's variables are untouched, the head is not a LoRA layer.
   assert not isinstance(variables["params"]["blocks_0"]["q_proj"]["kernel"],
                         jaxq.QArray)
