@@ -218,3 +218,51 @@ def test_nnx_multi_head_attention_static_ranges():
   np.testing.assert_allclose(
       serve.jaxq_kv_cache.get_value().key_amax.reshape(-1), _head_amax(key),
       rtol=1e-6)
+
+
+class _ScanBlock(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, positions):
+    return x + _LinenAttention(name="attn")(x, positions), None
+
+
+class _Stack(nn.Module):
+  """Two attention blocks scanned over layers (``nn.scan``)."""
+
+  @nn.compact
+  def __call__(self, x, positions):
+    scanned = nn.scan(_ScanBlock, variable_axes={
+        "params": 0, "cache": 0, **jaxq.flax.SCAN_AXES},
+                      split_rngs={"params": True}, in_axes=nn.broadcast,
+                      length=2)
+    return scanned(name="layers")(x, positions)[0]
+
+
+def test_linen_scanned_layers_take_a_range_each():
+  model = _Stack()
+  x = jax.random.normal(jax.random.key(6), (B, T, F))
+  start = jnp.zeros((B,), jnp.int32)
+  params = model.init(jax.random.key(7), x, start)["params"]
+  rules = [jaxq.Rule(r".*kv", kv_cache=STATIC)]
+  cal = jaxq.quantize_model(model, rules, mode="calibrate")
+  result = jaxq.calibrate(cal, {"params": params}, [(x, start)],
+                          progress=False)
+  serving, _ = jaxq.convert(cal, {"params": params}, result.stats)
+  kv = serving["quant_ranges"]["layers"]["attn"]["kv"]["jaxq_kv_cache"]
+  assert kv["key"].shape == (2, 1, 1, HEADS, 1)  # One range per layer.
+  # The first layer's keys, by hand.
+  k = np.einsum("btf,fhd->bthd", x,
+                params["layers"]["attn"]["k"]["kernel"][0]) + (
+                    params["layers"]["attn"]["k"]["bias"][0])
+  np.testing.assert_allclose(kv["key"][0].reshape(-1), _head_amax(k),
+                             rtol=1e-5)
+  assert not np.allclose(kv["key"][0], kv["key"][1])
+  serve = cal.with_mode("serve")
+  cache = serve.init(jax.random.key(7), x, start)["cache"]
+  out, mutated = serve.apply({**serving, "cache": cache}, x, start,
+                             mutable=["cache"])
+  expected = model.apply({"params": params}, x, start, mutable=["cache"])[0]
+  assert 1e-5 < _rel(out, expected) < 0.02
+  held = mutated["cache"]["layers"]["attn"]["kv"]["jaxq_kv_cache"].key_amax
+  np.testing.assert_allclose(held, kv["key"], rtol=1e-6)

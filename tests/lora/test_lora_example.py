@@ -61,6 +61,8 @@ def test_quick_path_runs_every_configuration(quick_run):
   assert nf4.optimizer_bytes < full.optimizer_bytes / 100
   # Frozen bases: NF4 + DQ packed 4.127 bits per weight, float32 32.
   assert 0.25 < nf4.base_bytes / nf4.base_bf16_bytes < 0.26
+  # In memory: codes two per byte (PackedQArray), scales float32: 4.5 bits.
+  assert 0.28 < nf4.base_memory_bytes / nf4.base_bf16_bytes < 0.29
   assert lora.base_bytes == 2 * lora.base_bf16_bytes
   # Merging onto a float base computes what base + adapters computed.
   np.testing.assert_allclose(lora.merged["ppl"], lora.ppl_after, rtol=1e-3)
