@@ -40,6 +40,7 @@ from flax import traverse_util
 
 from jaxq import calibration
 from jaxq import kvcache
+from jaxq import range_checks
 from jaxq.flax import calibration_mask
 from jaxq.flax import core
 from jaxq.flax.linen_variables import RANGES
@@ -78,7 +79,8 @@ def observed(spec: KVCacheSpec, path: str, states: Any | None,
 def finalized(states: Any, path: str) -> dict[str, jax.Array]:
   """The ``{part: amax}`` ranges of `observed` states (stacked states, of
   a scan over layers, give stacked ranges); warns, naming the module, when
-  the observers skipped NaN or inf keys or values."""
+  the observers skipped NaN or inf keys or values, and raises for a range
+  of 0 (`jaxq.check_range`: calibration never saw a non-zero key)."""
   counts = {part: calibration.nonfinite_count(state)
             for part, state in states.items()}
   if not any(isinstance(n, jax.core.Tracer) for n in counts.values()):
@@ -88,8 +90,13 @@ def finalized(states: Any, path: str) -> dict[str, jax.Array]:
       warnings.warn(f"jaxq: the KV cache of {path!r} saw non-finite "
                     f"(NaN or inf) {' and '.join(skipped)} in calibration, "
                     f"left out of its static ranges.", stacklevel=2)
-  return {part: core.finalize_range(_OBSERVER, state, path)["amax"]
-          for part, state in states.items()}
+  ranges = {part: core.finalize_range(_OBSERVER, state, path)["amax"]
+            for part, state in states.items()}
+  for part, amax in ranges.items():
+    if not isinstance(amax, jax.core.Tracer):  # A range of 0 raises.
+      range_checks.check_range(states[part].spec, amax,
+                               where=f"the KV cache of {path!r} ({part}s)")
+  return ranges
 
 
 def _missing(path: str, spec: KVCacheSpec, where: str) -> ValueError:

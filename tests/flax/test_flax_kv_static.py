@@ -175,6 +175,11 @@ def test_nnx_cache_module_static_ranges_from_calibrate():
                     r"16 keys and 16 values"):
     nan_kv = nan.ranges()["kv"]["jaxq_kv_range"].get_value()
   assert np.all(np.isfinite(nan_kv["key"]))
+  # Keys and values never other than 0 (zero inputs, zero biases): refused.
+  zeros = jaxq.calibrate(cal, None, [(jnp.zeros_like(x), start)],
+                         progress=False)
+  with pytest.raises(ValueError, match=r"KV cache of 'kv' \(keys\).*is 0"):
+    zeros.ranges()
 
   serve = jaxq.quantize_model(model, rules, mode="serve")
   with pytest.raises(ValueError, match="'jaxq_kv_range' attribute holds "
