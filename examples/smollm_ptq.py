@@ -11,7 +11,8 @@ the perplexity and its change relative to the float model in the same run:
   channel in groups of 32 tokens, values per token), with and without a
   Hadamard rotation of keys and queries, and `INT4_KV`: KIVI with the
   unfinished last group of 32 tokens kept in float and keys and values
-  rotated.
+  rotated; int8 and fp8 with one static range per KV head, calibrated on
+  the calibration windows (`smollm.static_kv_ranges`).
 * Weights and activations on the 210 Dense layers (q, k, v, o, gate, up,
   down of 30 blocks), served (`jaxq.convert`, serve mode), the tied
   embedding / LM head int8 per row in every row: W8 weight-only; W8A8 with
@@ -67,6 +68,14 @@ KV_CACHES = {
     "KV int4 KIVI + Hadamard": kvcache.KVCacheSpec(
         "int4", key_granularity="channel", group_size=32, hadamard=True),
     "KV int4 KIVI + float residual + Hadamard K and V": INT4_KV,
+    # One range per KV head for every token, calibrated (`static_kv_ranges`).
+    "KV int8 static per head": kvcache.KVCacheSpec(
+        "int8", key_granularity="head", value_granularity="head"),
+    "KV int8 static per head + Hadamard K and V": kvcache.KVCacheSpec(
+        "int8", key_granularity="head", value_granularity="head",
+        hadamard=True, value_hadamard=True),
+    "KV fp8 e4m3 static per head": kvcache.KVCacheSpec(
+        "float8_e4m3fn", key_granularity="head", value_granularity="head"),
 }
 
 W4 = {"per-channel": PerChannel(-1), "g128": PerGroup(0, 128),
@@ -183,8 +192,13 @@ def study(pretrained: smollm.Pretrained, calibration: np.ndarray,
   for name, spec in KV_CACHES.items():
     if not select.search(name):
       continue
+    ranges = None
+    if spec.static_parts:
+      ranges = smollm.static_kv_ranges(pretrained.model, pretrained.variables,
+                                       calibration, spec, batch_size)
     ppl = smollm.perplexity(pretrained.model.apply, pretrained.variables,
-                            evaluation, cache_spec=spec, config=config)
+                            evaluation, cache_spec=spec, config=config,
+                            static_ranges=ranges)
     table.append(Row(name, ppl, ppl / float_ppl - 1, None, 0.0))
     log(f"{name}: {ppl:.3f} ({100 * table[-1].relative:+.2f}%)")
   for name, prepare in weight_configs().items():
