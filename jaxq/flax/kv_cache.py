@@ -123,7 +123,7 @@ class KVCacheAttention(nn.Module):
         **kv_ranges.placeholder(self.spec, key.shape[2])))
     _check_spec(path, cache.value, self.spec)
     current = (cache.value if ranges is None else
-               kv_ranges.into_cache(cache.value, ranges))
+               kv_ranges.into_cache(cache.value, ranges, path))
     updated = kvcache.update(current, key, value, positions)
     if not initializing:  # init keeps the cache empty.
       cache.value = updated
@@ -186,7 +186,7 @@ def linen_attention_fn(module: nn.Module, spec: KVCacheSpec,
     index = module.variable(CACHE, "cache_index")
     _check_spec(path, cache.value, spec)
     current = (cache.value if ranges is None else
-               kv_ranges.into_cache(cache.value, ranges))
+               kv_ranges.into_cache(cache.value, ranges, path))
     positions = jnp.full((key.shape[0],), index.value, jnp.int32)
     cache.value = kvcache.update(current, key, value, positions)
     index.value = index.value + key.shape[1]
@@ -264,7 +264,7 @@ class NnxKVCacheAttention(nnx.Module):
     _check_spec(type(self).__name__, cache, self.spec)
     ranges = kv_ranges.module_ranges_nnx(self, self.spec)
     if ranges is not None:
-      cache = kv_ranges.into_cache(cache, ranges)
+      cache = kv_ranges.into_cache(cache, ranges, type(self).__name__)
     cache = kvcache.update(cache, key, value, positions)
     self.cache.set_value(cache)
     return kvcache.attend(cache, query, positions, scale=self.scale)
@@ -295,7 +295,7 @@ def _nnx_attention_fn(query: jax.Array, key: jax.Array, value: jax.Array,
   cache = module.jaxq_kv_cache.get_value()
   ranges = kv_ranges.module_ranges_nnx(module, module.jaxq_kv_spec)
   if ranges is not None:
-    cache = kv_ranges.into_cache(cache, ranges)
+    cache = kv_ranges.into_cache(cache, ranges, type(module).__name__)
   positions = jnp.full((key.shape[0],), module.cache_index.get_value(),
                        jnp.int32)
   cache = kvcache.update(cache, key, value, positions)

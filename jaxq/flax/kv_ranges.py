@@ -109,11 +109,17 @@ def _missing(path: str, spec: KVCacheSpec, where: str) -> ValueError:
       f"use the variables jaxq.convert returns (or jaxq.act_ranges).")
 
 
-def into_cache(cache: kvcache.KVCache, ranges: Mapping[str, jax.Array]
-               ) -> kvcache.KVCache:
-  """``cache`` with the ``{part: amax}`` ``ranges`` as its static ones."""
-  return kvcache.with_ranges(cache, **{f"{part}_amax": amax
-                                       for part, amax in ranges.items()})
+def into_cache(cache: kvcache.KVCache, ranges: Mapping[str, jax.Array],
+               path: str) -> kvcache.KVCache:
+  """``cache`` with the ``{part: amax}`` ``ranges`` of the module at
+  ``path`` as its static ones; raises naming the module for ranges of
+  another model (another number of KV heads)."""
+  try:
+    return kvcache.with_ranges(cache, **{f"{part}_amax": amax
+                                         for part, amax in ranges.items()})
+  except ValueError as error:
+    raise ValueError(f"jaxq: the KV cache of {path!r}: its loaded static "
+                     f"ranges do not fit: {error}") from None
 
 
 def placeholder(spec: KVCacheSpec, num_kv_heads: int

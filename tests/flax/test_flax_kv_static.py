@@ -136,6 +136,12 @@ def test_linen_cache_module_static_keys_rotated_and_masked():
   expected = model.apply({"params": params},
                          x, start, mutable=["cache"])[0]
   assert 1e-5 < _rel(out, expected) < 0.03
+  # Ranges of another model (3 KV heads) name the module.
+  other = {"kv": {"jaxq_kv_cache": {"key": jnp.ones((1, 1, 3, 1))}}}
+  with pytest.raises(ValueError, match=r"KV cache of 'kv': its loaded "
+                     r"static ranges do not fit: .*expected \(2,\)"):
+    serve.apply({**serving, "quant_ranges": other, "cache": cache}, x, start,
+                mutable=["cache"])
 
 
 class _NnxAttention(nnx.Module):
