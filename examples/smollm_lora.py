@@ -76,7 +76,7 @@ class Settings:
   timing_rounds: int = 5  # Of `interleaved_step_times`.
 
 
-QUICK = Settings(num_layers=2, window=32, batch_size=2, steps=4,
+QUICK = Settings(num_layers=1, window=32, batch_size=2, steps=4,
                  eval_windows=2, calibration_windows=2, timed_from=1,
                  timing_rounds=3)
 
@@ -361,7 +361,7 @@ def goals(runs: list[Run]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> list[Run]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
-                      help="2 blocks, short windows, a few steps")
+                      help="1 block, short windows, a few steps")
   parser.add_argument("--steps", type=int, default=None)
   parser.add_argument("--runs", default="full,lora,qlora-nf4-dq,"
                       "qlora-int4-g64", help="comma-separated runs")

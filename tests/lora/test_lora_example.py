@@ -1,5 +1,5 @@
 """examples/smollm_lora.py --quick end to end on the real SmolLM2-135M
-weights (2 blocks, short windows, 4 steps): every run and column is made,
+weights (1 block, short windows, 4 steps): every run and column is made,
 and the numbers that must hold at any size do. examples/smollm_lora.ipynb
 runs after it in this process, on the same quick settings, so it reuses the
 run's loaded weights and compiled programs."""
