@@ -124,9 +124,9 @@ def into_cache(cache: kvcache.KVCache, ranges: Mapping[str, jax.Array],
 
 def placeholder(spec: KVCacheSpec, num_kv_heads: int
                 ) -> dict[str, jax.Array]:
-  """The ``init`` keyword ranges a linen cache is made with in ``init``,
-  before calibrated ones exist; every later call replaces them
-  (`module_ranges_linen`, `into_cache`)."""
+  """Ranges of 1 (as `jaxq.kvcache.init` keywords) for a linen cache made
+  by the model's ``init``, before calibrated ones exist; every later call
+  replaces them (`module_ranges_linen`, `into_cache`)."""
   return {f"{part}_amax": jnp.ones((num_kv_heads,), jnp.float32)
           for part in spec.static_parts}
 
