@@ -321,19 +321,21 @@ def _build(adapter: ModelAdapter, batch: Any,
   if settings.mode != "calibrate":
     raise ValueError(f"calibrate: expected a model from jaxq.quantize_model("
                      f"..., mode='calibrate'), got mode {settings.mode!r}.")
-  observer_for = settings.observer_for
+  observer_for: core.ObserverFor = settings.observer_for
   if observers:
     recorder = _recording_observer(observers)
     histogram = isinstance(recorder.init(_PROBE_INPUT, _PROBE_SPEC),
                            calibration.HistogramState)
 
-    def observer_for(spec: QuantSpec) -> calibration.Observer:
+    def shared_observer(spec: QuantSpec) -> calibration.Observer:
       # Layers that cannot keep the shared state record a max state for
       # now, so that `_check_recorded` can name them.
       if histogram and (not spec.symmetric or not isinstance(
           spec.granularity, (PerTensor, PerChannel))):
         return calibration.max()
       return recorder
+
+    observer_for = shared_observer
 
   calibration_pass = adapter.calibration_pass(batch, forward, observer_for)
   _check_weights(adapter, "calibrate")  # The layers are known now (linen).
