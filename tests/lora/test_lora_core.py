@@ -126,6 +126,11 @@ def test_dropout_is_inverted_and_only_on_the_adapter_input():
 def test_base_bytes_packed_and_check_adapter():
   base = core.quantize_base(jnp.ones((128, 64)), core.NF4_DQ)
   assert core.base_bytes(base) == 128 * 64 // 2 + 2 * 64 + 1
+  # Held two codes per byte; an odd output width stays one per byte.
+  assert isinstance(base, jaxq.PackedQArray)
+  assert base.packed.nbytes == 128 * 64 // 2
+  odd = core.quantize_base(jnp.ones((64, 33)), core.INT4_G64)
+  assert isinstance(odd, jaxq.QArray) and odd.shape == (64, 33)
   assert core.base_bytes(jnp.ones((4, 8), jnp.bfloat16)) == 64
   with pytest.raises(ValueError, match=r"lora_b of layer 'l' has shape "
                      r"\(4, 25\).*needs \(4, 24\)"):
