@@ -18,6 +18,9 @@ spec (storage dtype, scale and zero-point shapes, and for concrete values
 the format's range), and `jaxq.dequantize` and the ops call it, so a
 hand-built QArray that does not match its spec raises instead of being
 used as it is.
+
+A `PackedQArray` holds a 4-bit QArray's values two per byte, the form a
+frozen weight takes in memory (`PackedQArray.of`, `PackedQArray.unpack`).
 """
 
 from __future__ import annotations
