@@ -17,12 +17,12 @@ the perplexity and its change relative to the float model in the same run:
   down of 30 blocks), served (`jaxq.convert`, serve mode), the tied
   embedding / LM head int8 per row in every row: W8 weight-only; W8A8 with
   dynamic per-token activations, alone and after SmoothQuant (alpha 0.5,
-  and each layer's alpha searched); W8A8 with static per-tensor activation
-  ranges (max) and with SmoothQuant (alpha 0.8) first; W4 weight-only per
-  channel, per group of 128 (576 = 4 x 128 + 64: a ragged last group), 64
-  and 32, each by RTN
-  (abs-max, and the "mse" range search weighted by the calibration inputs),
-  AWQ and GPTQ.
+  and each layer's alpha searched), and with int8 weights per group of 64
+  inputs after SmoothQuant (0.8, searched); W8A8 with static per-tensor
+  activation ranges (max) and with SmoothQuant (alpha 0.8) first; W4
+  weight-only per channel, per group of 128 (576 = 4 x 128 + 64: a ragged
+  last group), 64 and 32, each by RTN (abs-max, and the "mse" range search
+  weighted by the calibration inputs), AWQ and GPTQ.
 
 SmoothQuant and AWQ fold the factors of q/k/v into ``input_layernorm`` and
 of gate/up into ``post_attention_layernorm`` (pre-norm: a norm's output
@@ -152,6 +152,14 @@ def weight_configs() -> dict[str, Prepare]:
       "W8A8 dynamic per token, SmoothQuant searched": rtn(
           int8, QuantSpec("int8", PerToken()), algorithm="smoothquant",
           alpha=None),
+      # Weights per group of 64 inputs: SmoothQuant's larger input
+      # factors widen one group's step, not a whole output channel's.
+      "W8 g64 A8 dynamic per token, SmoothQuant 0.8": rtn(
+          QuantSpec("int8", PerGroup(0, 64)), QuantSpec("int8", PerToken()),
+          algorithm="smoothquant", alpha=0.8),
+      "W8 g64 A8 dynamic per token, SmoothQuant searched": rtn(
+          QuantSpec("int8", PerGroup(0, 64)), QuantSpec("int8", PerToken()),
+          algorithm="smoothquant", alpha=None),
       "W8A8 static per-tensor (max)": rtn(
           int8, QuantSpec("int8", PerTensor(), dynamic=False)),
       "W8A8 static per-tensor, SmoothQuant 0.8": rtn(
