@@ -46,6 +46,7 @@ from jaxq.flax import core
 from jaxq.flax.linen_variables import RANGES
 from jaxq.flax.linen_variables import STATS
 from jaxq.flax.linen_variables import lookup
+from jaxq.flax.linen_variables import mutable_node
 from jaxq.flax.nnx_variables import QuantKVRange
 from jaxq.flax.nnx_variables import QuantStat
 from jaxq.kvcache.spec import KVCacheSpec
@@ -171,10 +172,8 @@ def linen_ranges(kv_specs: Mapping[str, KVCacheSpec], stats: Any
       raise ValueError(f"jaxq: no KV statistics for {path!r}, whose cache "
                        f"has static per-head ranges; run it in calibrate "
                        f"mode on at least one batch.")
-    subtree = ranges
-    for name in path.split("/") if path else []:
-      subtree = subtree.setdefault(name, {})
-    subtree[LINEN_NAME] = finalized(node[LINEN_NAME], path)
+    mutable_node(ranges, path)[LINEN_NAME] = finalized(node[LINEN_NAME],
+                                                       path)
   return ranges
 
 
